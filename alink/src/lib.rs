@@ -1,0 +1,3 @@
+//! # xenft-alink: availability links
+//!
+//! (Being written: see issue 2.)
