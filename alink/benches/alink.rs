@@ -59,9 +59,9 @@ async fn link_mib_s(n: usize) -> f64 {
     n as f64 / secs
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+/// The value at `per_mille`/1000 of a sorted sample.
+fn percentile(sorted: &[f64], per_mille: usize) -> f64 {
+    sorted[(sorted.len() - 1) * per_mille / 1000]
 }
 
 /// Ping-pong on the Heartbeat channel, optionally while 1 MiB checkpoint messages flow.
@@ -140,9 +140,9 @@ fn main() {
         println!("1 MiB messages: alink {ours:.0} MiB/s, raw TCP {raw:.0} MiB/s");
         let (idle, _) = heartbeat_rtts(300, false).await;
         let (loaded, bulk_rate) = heartbeat_rtts(300, true).await;
-        let idle_p99 = percentile(&idle, 0.99);
-        let p50 = percentile(&loaded, 0.5);
-        let p99 = percentile(&loaded, 0.99);
+        let idle_p99 = percentile(&idle, 990);
+        let p50 = percentile(&loaded, 500);
+        let p99 = percentile(&loaded, 990);
         let max = loaded[loaded.len() - 1];
         println!(
             "heartbeat channel round trip: idle p99 {idle_p99:.3} ms; under a {bulk_rate:.0} MiB/s \

@@ -785,14 +785,22 @@ async fn heartbeat_loop(sh: Arc<Shared>) {
         let mut silent = Vec::new();
         {
             let mut st = sh.lock();
-            for (i, p) in st.conns.iter_mut().enumerate() {
+            // A path's liveness is its urgent lane's: heartbeats there never queue behind bulk
+            // data, whereas a bulk lane's reply can wait behind megabytes in socket buffers on
+            // a busy host. A silent urgent lane takes its path's bulk lane down with it.
+            for path in 0..st.conns.len() / LANES {
+                let (urgent, bulk) = (path * LANES, path * LANES + 1);
+                let p = &mut st.conns[urgent];
                 if !p.up {
                     continue;
                 }
                 if p.last_seen
                     .is_some_and(|s| now.duration_since(s) > sh.cfg.path_timeout)
                 {
-                    silent.push((i, p.generation));
+                    silent.push((urgent, p.generation));
+                    if st.conns[bulk].up {
+                        silent.push((bulk, st.conns[bulk].generation));
+                    }
                     continue;
                 }
                 p.urgent.push_back(control_frame(
@@ -1091,9 +1099,9 @@ async fn run_connection(
     peer_session: u64,
 ) {
     let generation = sh.conn_up(conn, peer_session);
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let wake = sh.lock().conns[conn].wake.clone();
-    let writer = {
+    let mut writer = {
         let sh = sh.clone();
         let key = key.clone();
         tokio::spawn(async move {
@@ -1101,26 +1109,48 @@ async fn run_connection(
             sh.conn_down(conn, generation, &reason);
         })
     };
+    // The reader runs as its own task: reading a frame is not cancel-safe, so it must never be
+    // a branch of a select that another branch can win half-way through a frame.
+    let mut reader = {
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let reason = read_loop(&sh, conn, generation, rd, &key).await;
+            sh.conn_down(conn, generation, &reason);
+        })
+    };
     let mut stop = sh.shutdown.subscribe();
-    let mut writer = writer;
     let mut check = tokio::time::interval(sh.cfg.heartbeat_interval);
-    let reason = loop {
-        let f = tokio::select! {
-            f = read_frame(&mut rd, &key) => f,
-            _ = stop.wait_for(|s| *s) => break "link shut down".to_string(),
-            // The writer ends when the connection is declared down or replaced; a cut cable
-            // never makes a read fail, so the reader must stop with it.
-            _ = &mut writer => break "connection closed".to_string(),
-            // A writer blocked on a full socket of a cut cable never sees that the connection
-            // was declared down: look, and abort it below.
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                sh.conn_down(conn, generation, "link shut down");
+                break;
+            }
+            // Either side ending ends the connection.
+            _ = &mut writer => break,
+            _ = &mut reader => break,
+            // A writer blocked on the full socket of a cut cable, or a reader waiting on it,
+            // never sees that the connection was declared down: look, and abort them below.
             _ = check.tick() => {
                 if sh.lock().conns[conn].generation != generation {
-                    break "connection declared down".to_string();
+                    break;
                 }
-                continue;
             }
-        };
-        match f {
+        }
+    }
+    writer.abort();
+    reader.abort();
+}
+
+async fn read_loop(
+    sh: &Shared,
+    conn: usize,
+    generation: u64,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    key: &FrameMac,
+) -> String {
+    loop {
+        match read_frame(&mut rd, key).await {
             Ok(f) => {
                 bump(&sh.counters.frames_received, 1);
                 bump(
@@ -1128,18 +1158,16 @@ async fn run_connection(
                     (HEADER_LEN + f.payload.len() + MAC_LEN) as u64,
                 );
                 if let Err(e) = sh.on_frame(conn, generation, f) {
-                    break e.to_string();
+                    return e.to_string();
                 }
             }
             Err(ReadError::Frame(e)) => {
-                sh.reject(conn, &e);
-                break format!("rejected frame: {e}");
+                sh.reject(conn / LANES, &e);
+                return format!("rejected frame: {e}");
             }
-            Err(ReadError::Io(e)) => break format!("read: {e}"),
+            Err(ReadError::Io(e)) => return format!("read: {e}"),
         }
-    };
-    sh.conn_down(conn, generation, &reason);
-    writer.abort();
+    }
 }
 
 /// What the writer takes next: a link-internal frame of this connection, else (when it is its
