@@ -31,8 +31,9 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 20;
 /// Size of the trailing MAC.
 pub const MAC_LEN: usize = 32;
-/// Largest payload of one Data frame; larger messages are split into fragments.
-pub const MAX_FRAGMENT: usize = 256 * 1024;
+/// Largest payload of one Data frame; larger messages are split into fragments. Data frames
+/// only travel on authenticated connections (the handshake accepts control-sized frames only).
+pub const MAX_FRAGMENT: usize = 1024 * 1024;
 /// Largest payload of a link-internal frame (handshake, acks, heartbeats).
 pub const MAX_CONTROL_PAYLOAD: usize = 1024;
 /// Flag: this Data fragment is followed by another of the same message.

@@ -10,12 +10,15 @@
 //!   payload and an HMAC-SHA256 under the pool secret (per-connection keys after the
 //!   handshake). Bad magic, unknown versions, impossible lengths, bad MACs and truncated frames
 //!   are rejected, counted and logged at most once a minute; lengths are capped from the header
-//!   before any allocation, so an unauthenticated peer cannot make us allocate more than one
-//!   256 KiB fragment.
+//!   before any allocation: the handshake accepts only 1 KiB control frames, so a peer that
+//!   fails authentication cannot make us allocate more than that; authenticated data frames
+//!   are capped at 1 MiB.
 //! - Five [`Channel`]s are multiplexed on a link, each reliable and ordered: control,
-//!   heartbeat, disk, checkpoint, net. Messages up to 64 MiB are cut into 256 KiB fragments
-//!   and the writer serves channels by priority, so a large checkpoint never holds up a
-//!   heartbeat or a disk write for more than one fragment.
+//!   heartbeat, disk, checkpoint, net. Messages up to 64 MiB are cut into 1 MiB fragments.
+//!   Each path has two TCP connections: an urgent lane (link heartbeats, acks, Control and
+//!   Heartbeat channels) and a bulk lane (Disk, Checkpoint, Net) whose writer serves channels by
+//!   priority, so a large checkpoint never holds up a heartbeat and holds up a disk write for at
+//!   most one fragment.
 //! - Losing a path loses nothing: unacknowledged fragments are resent on a surviving path and
 //!   the receiver drops duplicates by sequence number. A path that comes back is used again
 //!   without operator action.

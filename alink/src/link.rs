@@ -938,13 +938,22 @@ fn conn_key(secret: &[u8], nonce_d: &[u8; 16], nonce_a: &[u8; 16]) -> FrameMac {
     keyed(&k)
 }
 
+/// Reads one frame. `max_len` caps the payload from the header alone (the handshake allows
+/// only control-sized frames, so an unauthenticated peer cannot make us allocate a fragment).
 async fn read_frame(
     stream: &mut (impl AsyncReadExt + Unpin),
     key: &FrameMac,
+    max_len: usize,
 ) -> Result<Frame, ReadError> {
     let mut h = [0u8; HEADER_LEN];
     stream.read_exact(&mut h).await.map_err(ReadError::Io)?;
     let header = decode_header(&h).map_err(ReadError::Frame)?;
+    if header.len > max_len {
+        return Err(ReadError::Frame(FrameError::TooLong {
+            len: u32::try_from(header.len).unwrap_or(u32::MAX),
+            max: max_len,
+        }));
+    }
     let mut body = BytesMut::zeroed(header.len + MAC_LEN);
     stream.read_exact(&mut body).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -999,12 +1008,14 @@ async fn handshake_dial(sh: &Shared, conn: usize, mut s: TcpStream) -> Result<Ha
         s.write_all(&frame::encode(&sh.secret_key, &hello))
             .await
             .map_err(|e| e.to_string())?;
-        let f = read_frame(&mut s, &sh.secret_key).await.map_err(|e| {
-            if let ReadError::Frame(fe) = &e {
-                sh.reject(path, fe);
-            }
-            e.to_string()
-        })?;
+        let f = read_frame(&mut s, &sh.secret_key, frame::MAX_CONTROL_PAYLOAD)
+            .await
+            .map_err(|e| {
+                if let ReadError::Frame(fe) = &e {
+                    sh.reject(path, fe);
+                }
+                e.to_string()
+            })?;
         if f.kind != Kind::HelloAck {
             return Err(format!("expected HelloAck, got {:?}", f.kind));
         }
@@ -1034,12 +1045,14 @@ async fn handshake_accept(
 ) -> Result<(TcpStream, FrameMac, u64, usize), String> {
     let _ = s.set_nodelay(true);
     let work = async {
-        let f = read_frame(&mut s, &sh.secret_key).await.map_err(|e| {
-            if let ReadError::Frame(fe) = &e {
-                sh.reject(path, fe);
-            }
-            e.to_string()
-        })?;
+        let f = read_frame(&mut s, &sh.secret_key, frame::MAX_CONTROL_PAYLOAD)
+            .await
+            .map_err(|e| {
+                if let ReadError::Frame(fe) = &e {
+                    sh.reject(path, fe);
+                }
+                e.to_string()
+            })?;
         if f.kind != Kind::Hello {
             return Err(format!("expected Hello, got {:?}", f.kind));
         }
@@ -1150,7 +1163,7 @@ async fn read_loop(
     key: &FrameMac,
 ) -> String {
     loop {
-        match read_frame(&mut rd, key).await {
+        match read_frame(&mut rd, key, MAX_FRAGMENT).await {
             Ok(f) => {
                 bump(&sh.counters.frames_received, 1);
                 bump(
