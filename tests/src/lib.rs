@@ -11,3 +11,4 @@
 //!   trivially only when not root, which CI never is).
 
 pub mod netns;
+pub mod xapi_server;

@@ -1,0 +1,2 @@
+//! `xenft`: the xe-style command line (see `xenft_xapi::cli`).
+fn main() {}
