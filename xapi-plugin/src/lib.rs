@@ -10,12 +10,21 @@
 //! - [`client::XenApi`]: sessions, the `Status`/`Value`/`ErrorDescription` envelope,
 //!   re-login on `SESSION_INVALID`; [`api`] adds typed calls and records and [`api::EventStream`]
 //!   (`event.from` with `EVENTS_LOST` recovery);
-//! - [`error::XapiError`]: typed errors keeping XenAPI codes and parameters.
+//! - [`error::XapiError`]: typed errors keeping XenAPI codes and parameters;
+//! - [`registry`]: the protection registry in pool/VM `other_config` (checked writes);
+//! - [`ops`]: protect/unprotect with admission control, status, pool-init, compat check,
+//!   migrate: what the CLI, the host plugin and the watcher call;
+//! - [`customfields`]: XenCenter custom field definitions and the watcher acting on them;
+//! - [`cli`]: the xe-style `xenft` command line; [`plugin`]: the xapi host plugin.
 
 pub mod api;
+pub mod cli;
 pub mod client;
+pub mod customfields;
 pub mod error;
 pub mod jsonrpc;
+pub mod ops;
+pub mod registry;
 pub mod transport;
 pub mod xmlrpc;
 
