@@ -24,6 +24,7 @@ pub mod customfields;
 pub mod error;
 pub mod jsonrpc;
 pub mod ops;
+pub mod plugin;
 pub mod registry;
 pub mod transport;
 pub mod xmlrpc;
