@@ -192,7 +192,21 @@ pub struct Protected {
 }
 
 /// Protects `vm` at `level` with `secondary` as the standby host, after admission control.
+/// Runs under the pool's registry lock, so two admissions onto one host cannot both pass on
+/// the same free memory.
 pub async fn protect(
+    api: &XenApi,
+    vm: &str,
+    level: Level,
+    secondary: &str,
+) -> Result<Protected, OpError> {
+    registry::with_pool_lock(api, async || {
+        protect_locked(api, vm, level, secondary).await
+    })
+    .await
+}
+
+async fn protect_locked(
     api: &XenApi,
     vm: &str,
     level: Level,
@@ -329,6 +343,10 @@ async fn set_vm_key(
 /// Removes `vm`'s protection (level and secondary) and marks it `unprotected`.
 /// Returns false if it was not protected.
 pub async fn unprotect(api: &XenApi, vm: &str) -> Result<bool, OpError> {
+    registry::with_pool_lock(api, async || unprotect_locked(api, vm).await).await
+}
+
+async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
     let vms = api.vm_get_all_records().await?;
     let (vm_ref, rec) = resolve_vm(&vms, vm)?;
     let oc = &rec.other_config;

@@ -8,12 +8,16 @@
 //! Every XenAPI client (XenCenter, `xe`, scripts) sees and may edit these. So:
 //! - a malformed value or an unknown `format_version` is reported ([`RegistryError`]) and never
 //!   overwritten blindly;
-//! - writes are read-modify-write with a check ([`checked_set`]): the key must still hold the
-//!   value we read, the add must not hit `MAP_DUPLICATE_KEY` (someone added it after our
-//!   remove), and a re-read must show our value. XenAPI has no compare-and-swap, so two writers
-//!   acting in the same few milliseconds can still interleave; the re-read turns that into a
-//!   [`RegistryError::Conflict`] for one of them rather than a silent loss, except when both
-//!   re-reads happen before the second write lands (a window of one round trip).
+//! - xenft writers serialise on a pool lock ([`with_pool_lock`]): the key
+//!   `other_config["xenft.lock"]` on the pool, taken with `pool.add_to_other_config`, which xapi
+//!   makes atomic (it fails with `MAP_DUPLICATE_KEY` when the key exists). The value names the
+//!   holder and a time; a lock older than [`LOCK_STALE_SECS`] is broken (holder crashed).
+//! - every write is also a read-modify-write with a check ([`checked_set`]): the key must still
+//!   hold the value we read, the add must not hit `MAP_DUPLICATE_KEY` (someone added it after
+//!   our remove), and a re-read must show our value. This catches writers that do not take the
+//!   lock (an admin with `xe pool-param-set`): XenAPI has no compare-and-swap, so such a writer
+//!   acting within one round trip of ours can still be lost; everything else becomes a
+//!   [`RegistryError::Conflict`], never a silent loss.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +41,12 @@ pub const HOST_COMPAT: &str = "xenft.compat";
 pub const FORMAT_VERSION: u64 = 1;
 /// Retries of a read-modify-write after a conflict.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// Pool key of the writers' lock.
+pub const LOCK_KEY: &str = "xenft.lock";
+/// A lock older than this is considered abandoned.
+pub const LOCK_STALE_SECS: u64 = 30;
+/// How long to wait for the lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What can be wrong with the registry.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +86,14 @@ pub enum RegistryError {
         expected: Option<String>,
         /// What is there now.
         found: Option<String>,
+    },
+    /// Another xenft client holds the pool lock for too long.
+    #[error("registry is locked by {holder} (waited {waited_secs} s); try again")]
+    Locked {
+        /// The lock value (holder and time).
+        holder: String,
+        /// How long we waited.
+        waited_secs: u64,
     },
     /// The pool has no `xenft.pool` yet.
     #[error("this pool is not initialised for xenft (run `xenft pool-init`)")]
@@ -287,6 +305,90 @@ pub async fn checked_set(
     Ok(())
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs `f` holding the pool's xenft writers' lock (see the module docs).
+pub async fn with_pool_lock<T, E>(
+    api: &XenApi,
+    f: impl AsyncFnOnce() -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<RegistryError>,
+{
+    let (pool, _) = api.the_pool().await.map_err(RegistryError::from)?;
+    let token: u64 = rand::random();
+    let mine = format!("{token:016x}@{}", now_secs());
+    let started = std::time::Instant::now();
+    loop {
+        match api
+            .add_to_map(Class::Pool, &pool, "other_config", LOCK_KEY, &mine)
+            .await
+        {
+            Ok(()) => break,
+            Err(e) if e.is(codes::MAP_DUPLICATE_KEY) => {
+                let held = api
+                    .get_map(Class::Pool, &pool, "other_config")
+                    .await
+                    .map_err(RegistryError::from)?
+                    .get(LOCK_KEY)
+                    .cloned();
+                let Some(held) = held else { continue };
+                let since = held
+                    .rsplit_once('@')
+                    .and_then(|(_, t)| t.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if now_secs().saturating_sub(since) > LOCK_STALE_SECS {
+                    tracing::warn!(holder = %held, "breaking an abandoned registry lock");
+                    checked_set(
+                        api,
+                        Class::Pool,
+                        &pool,
+                        "other_config",
+                        LOCK_KEY,
+                        Some(&held),
+                        None,
+                    )
+                    .await
+                    .or_else(|e| match e {
+                        RegistryError::Conflict { .. } => Ok(()),
+                        e => Err(e),
+                    })?;
+                    continue;
+                }
+                if started.elapsed() > LOCK_WAIT {
+                    return Err(RegistryError::Locked {
+                        holder: held,
+                        waited_secs: LOCK_WAIT.as_secs(),
+                    }
+                    .into());
+                }
+                let jitter = u64::from(rand::random::<u8>() % 50);
+                tokio::time::sleep(std::time::Duration::from_millis(20 + jitter)).await;
+            }
+            Err(e) => return Err(RegistryError::from(e).into()),
+        }
+    }
+    let r = f().await;
+    // Release only our own lock.
+    match api.get_map(Class::Pool, &pool, "other_config").await {
+        Ok(m) if m.get(LOCK_KEY) == Some(&mine) => {
+            if let Err(e) = api
+                .remove_from_map(Class::Pool, &pool, "other_config", LOCK_KEY)
+                .await
+            {
+                tracing::warn!("cannot release the registry lock: {e}");
+            }
+        }
+        Ok(_) => tracing::warn!("registry lock was broken while held"),
+        Err(e) => tracing::warn!("cannot release the registry lock: {e}"),
+    }
+    r
+}
+
 /// Reads the pool's registry: `(pool ref, config or None, raw value)`.
 pub async fn read_pool_config(
     api: &XenApi,
@@ -301,9 +403,21 @@ pub async fn read_pool_config(
     }
 }
 
-/// Read-modify-write of `xenft.pool`, retried on conflict. `f` gets the current config (None
-/// if absent) and returns the new one. Malformed or unknown-version values stop the update.
-pub async fn update_pool_config<F>(api: &XenApi, mut f: F) -> Result<PoolConfig, RegistryError>
+/// Read-modify-write of `xenft.pool` under the pool lock, retried on conflict. `f` gets the
+/// current config (None if absent) and returns the new one. Malformed or unknown-version values
+/// stop the update.
+pub async fn update_pool_config<F>(api: &XenApi, f: F) -> Result<PoolConfig, RegistryError>
+where
+    F: FnMut(Option<PoolConfig>) -> Result<PoolConfig, RegistryError>,
+{
+    with_pool_lock(api, async || update_pool_config_locked(api, f).await).await
+}
+
+/// [`update_pool_config`] for a caller that already holds the pool lock.
+pub async fn update_pool_config_locked<F>(
+    api: &XenApi,
+    mut f: F,
+) -> Result<PoolConfig, RegistryError>
 where
     F: FnMut(Option<PoolConfig>) -> Result<PoolConfig, RegistryError>,
 {

@@ -203,3 +203,148 @@ async fn start_on_and_migrate_check_memory_and_power_state() {
     let e = api.vm_pool_migrate(&vm, &h2, &opts).await.unwrap_err();
     assert!(e.is(codes::HOST_NOT_ENOUGH_FREE_MEMORY), "{e}");
 }
+
+#[tokio::test]
+async fn checked_write_detects_a_concurrent_change_instead_of_overwriting_it() {
+    use xenft_xapi::registry::{checked_set, RegistryError};
+    let srv = pool();
+    let api = client(&srv, Protocol::XmlRpc);
+    let pool_ref = srv.pool_ref();
+    srv.set_map_key(&pool_ref, "other_config", "xenft.pool", Some("A"));
+    // We read "A"; another admin writes "B" before our write.
+    srv.set_map_key(&pool_ref, "other_config", "xenft.pool", Some("B"));
+    let e = checked_set(
+        &api,
+        Class::Pool,
+        &pool_ref,
+        "other_config",
+        "xenft.pool",
+        Some("A"),
+        Some("C"),
+    )
+    .await
+    .unwrap_err();
+    match e {
+        RegistryError::Conflict {
+            expected, found, ..
+        } => {
+            assert_eq!(expected.as_deref(), Some("A"));
+            assert_eq!(found.as_deref(), Some("B"));
+        }
+        e => panic!("{e}"),
+    }
+    assert_eq!(
+        srv.map_field(&pool_ref, "other_config")["xenft.pool"],
+        "B",
+        "B survives"
+    );
+    // Someone adds the key between our remove and our add: MAP_DUPLICATE_KEY → conflict.
+    srv.fail_next(
+        "pool.add_to_other_config",
+        "MAP_DUPLICATE_KEY",
+        &["pool", "other_config", &pool_ref, "xenft.pool"],
+    );
+    let e = checked_set(
+        &api,
+        Class::Pool,
+        &pool_ref,
+        "other_config",
+        "xenft.pool",
+        Some("B"),
+        Some("C"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, RegistryError::Conflict { .. }), "{e}");
+    // With the right expectation the write goes through.
+    srv.set_map_key(&pool_ref, "other_config", "xenft.pool", Some("B"));
+    checked_set(
+        &api,
+        Class::Pool,
+        &pool_ref,
+        "other_config",
+        "xenft.pool",
+        Some("B"),
+        Some("C"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(srv.map_field(&pool_ref, "other_config")["xenft.pool"], "C");
+}
+
+#[tokio::test]
+async fn concurrent_pool_updates_both_land() {
+    use xenft_xapi::registry::{update_pool_config, Policy, PoolConfig, FORMAT_VERSION};
+    let srv = pool();
+    let a = client(&srv, Protocol::XmlRpc);
+    let b = client(&srv, Protocol::XmlRpc);
+    let add = |api: &'static XenApi, q: &'static str| async move {
+        update_pool_config(api, |cur| {
+            let mut c = cur.unwrap_or(PoolConfig {
+                format_version: FORMAT_VERSION,
+                hosts: BTreeMap::new(),
+                quorum_servers: vec![],
+                policy: Policy::default(),
+                secret_uuid: None,
+            });
+            c.quorum_servers.push(q.to_string());
+            Ok(c)
+        })
+        .await
+    };
+    let a: &'static XenApi = Box::leak(Box::new(a));
+    let b: &'static XenApi = Box::leak(Box::new(b));
+    let (ra, rb) = tokio::join!(add(a, "10.0.0.8:7100"), add(b, "10.0.0.9:7100"));
+    // Both writers serialise on the pool lock: both changes land, none is lost.
+    ra.unwrap();
+    rb.unwrap();
+    let raw = &srv.map_field(&srv.pool_ref(), "other_config")["xenft.pool"];
+    let c = xenft_xapi::registry::parse_pool_config(raw, "pool").unwrap();
+    assert_eq!(c.quorum_servers.len(), 2, "{c:?}");
+}
+
+#[tokio::test]
+async fn concurrent_protects_cannot_both_take_the_same_free_memory() {
+    use xenft_xapi::registry::Level;
+    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1, _) = srv.add_host("host1", "10.0.0.1", 32 * GIB);
+    srv.add_host("host2", "10.0.0.2", 6 * GIB);
+    srv.add_vm("a", 4 * GIB, Some(&h1));
+    srv.add_vm("b", 4 * GIB, Some(&h1));
+    let api_a = client(&srv, Protocol::XmlRpc);
+    let api_b = client(&srv, Protocol::XmlRpc);
+    let (ra, rb) = tokio::join!(
+        xenft_xapi::ops::protect(&api_a, "a", Level::Restart, "host2"),
+        xenft_xapi::ops::protect(&api_b, "b", Level::Restart, "host2"),
+    );
+    let refused = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Err(xenft_xapi::ops::OpError::Refused(_))))
+        .count();
+    assert_eq!(refused, 1, "{ra:?} {rb:?}");
+    assert!(ra.is_ok() || rb.is_ok());
+    assert!(
+        !srv.map_field(&srv.pool_ref(), "other_config")
+            .contains_key("xenft.lock"),
+        "lock released"
+    );
+}
+
+#[tokio::test]
+async fn an_abandoned_registry_lock_is_broken() {
+    use xenft_xapi::registry::Level;
+    let srv = pool();
+    srv.set_map_key(
+        &srv.pool_ref(),
+        "other_config",
+        "xenft.lock",
+        Some("dead@1000"),
+    );
+    let api = client(&srv, Protocol::XmlRpc);
+    xenft_xapi::ops::protect(&api, "web01", Level::Restart, "host2")
+        .await
+        .unwrap();
+    assert!(!srv
+        .map_field(&srv.pool_ref(), "other_config")
+        .contains_key("xenft.lock"));
+}
