@@ -21,7 +21,9 @@
 //! password from `--password-file` / `XENFT_PASSWORD_FILE` / `password_file=`, or prompted
 //! without echo on a terminal. Never from the command line. The config file is `--config` /
 //! `XENFT_CONFIG`, else `~/.config/xenft/config`, else `/etc/xenft/xenft.conf`: `key = value`
-//! lines with keys `url`, `user`, `password_file`, `ca_file`.
+//! lines with keys `url`, `user`, `password_file`, `ca_file`, `pin_sha256`. TLS trust:
+//! system roots by default, `--ca-file`, or `--pin-sha256` (xapi's self-signed certificate);
+//! `--insecure` only when given, and logged.
 //!
 //! Exit codes ([`exit`]): 0 success; 1 XenAPI or other failure; 2 usage error; 3 cannot connect
 //! or log in; 4 no such object (or ambiguous name); 5 refused by admission control or the
@@ -85,6 +87,9 @@ pub struct Args {
     /// PEM file of trusted certificates (pin xapi's certificate by putting it here).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Accept only xapi's certificate with this SHA-256 fingerprint.
+    #[arg(long, env = "XENFT_PIN_SHA256")]
+    pub pin_sha256: Option<String>,
     /// Do not verify xapi's TLS certificate (dangerous; logged).
     #[arg(long)]
     pub insecure: bool,
@@ -249,6 +254,8 @@ pub struct FileConfig {
     pub password_file: Option<PathBuf>,
     /// `ca_file`.
     pub ca_file: Option<PathBuf>,
+    /// `pin_sha256`.
+    pub pin_sha256: Option<String>,
 }
 
 /// Parses a config file's text.
@@ -272,6 +279,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<FileConfig, CliError> {
             "user" => c.user = Some(v),
             "password_file" => c.password_file = Some(v.into()),
             "ca_file" => c.ca_file = Some(v.into()),
+            "pin_sha256" => c.pin_sha256 = Some(v),
             "password" => {
                 return Err(CliError::usage(format!(
                     "{}:{}: passwords do not go in the config file; use password_file",
@@ -281,7 +289,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<FileConfig, CliError> {
             }
             other => {
                 return Err(CliError::usage(format!(
-                    "{}:{}: unknown key '{other}' (url, user, password_file, ca_file)",
+                    "{}:{}: unknown key '{other}' (url, user, password_file, ca_file, pin_sha256)",
                     path.display(),
                     i + 1
                 )))
@@ -377,6 +385,7 @@ pub fn connect_options(a: &Args) -> Result<ConnectOptions, CliError> {
     let mut o = ConnectOptions::new(endpoint, Credentials { user, password });
     o.tls = TlsOptions {
         ca_file: a.ca_file.clone().or(file.ca_file),
+        pin_sha256: a.pin_sha256.clone().or(file.pin_sha256),
         insecure: a.insecure,
     };
     if a.jsonrpc {
