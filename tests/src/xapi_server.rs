@@ -12,7 +12,8 @@
 //!   `get_all_records`, `get_record` (`HANDLE_INVALID [class, ref]`), `get_by_uuid`
 //!   (`UUID_INVALID [class, uuid]`), `get_by_name_label`, `get_<field>`, `set_<field>` for
 //!   writable fields, `add_to_<map>` (`MAP_DUPLICATE_KEY [class, field, ref, key]`) and
-//!   `remove_from_<map>` (silent when the key is absent);
+//!   `remove_from_<map>` (silent when the key is absent); `secret.create` and the generic
+//!   calls on `secret` (`get_by_uuid`, `get_value`, `get_uuid`);
 //! - `VM.start_on`, `VM.pool_migrate` (power-state and memory checks),
 //!   `host.compute_free_memory`, `host.call_plugin` (runs a plugin executable from a directory
 //!   with the XML-RPC methodCall in argv[1], as xapi does with `/etc/xapi.d/plugins`);
@@ -686,6 +687,7 @@ fn api_class(name: &str) -> Option<&'static str> {
         "VM" => Some("VM"),
         "host" => Some("host"),
         "pool" => Some("pool"),
+        "secret" => Some("secret"),
         _ => None,
     }
 }
@@ -821,6 +823,35 @@ async fn dispatch(sh: &Arc<Shared>, method: &str, params: Vec<Value>) -> ApiResu
             o.fields.insert("resident_on".into(), Value::str(host));
             db.emit(&sh.event_tx, limit, vm, "mod");
             Ok(Value::str(""))
+        }
+        ("secret", "create") => {
+            check_count(method, &params, 2)?;
+            let rec = args[0]
+                .as_struct()
+                .ok_or_else(|| fail("FIELD_TYPE_ERROR", &["args"]))?;
+            let value = rec
+                .get("value")
+                .and_then(Value::as_str)
+                .ok_or_else(|| fail("FIELD_TYPE_ERROR", &["value"]))?;
+            let r = new_ref();
+            let mut f = BTreeMap::new();
+            f.insert("uuid".into(), Value::str(new_uuid()));
+            f.insert("value".into(), Value::str(value));
+            f.insert(
+                "other_config".into(),
+                rec.get("other_config")
+                    .cloned()
+                    .unwrap_or_else(|| Value::Struct(BTreeMap::new())),
+            );
+            db.objects.insert(
+                r.clone(),
+                Obj {
+                    class: "secret",
+                    fields: f,
+                },
+            );
+            db.emit(&sh.event_tx, limit, &r, "add");
+            Ok(Value::String(r))
         }
         ("host", "compute_free_memory") => {
             check_count(method, &params, 2)?;

@@ -28,6 +28,8 @@ pub enum Class {
     Host,
     /// `pool`.
     Pool,
+    /// `secret`: a value readable only by authenticated pool admins.
+    Secret,
 }
 
 impl Class {
@@ -37,6 +39,7 @@ impl Class {
             Class::Vm => "VM",
             Class::Host => "host",
             Class::Pool => "pool",
+            Class::Secret => "secret",
         }
     }
 
@@ -46,6 +49,7 @@ impl Class {
             Class::Vm => "vm",
             Class::Host => "host",
             Class::Pool => "pool",
+            Class::Secret => "secret",
         }
     }
 }
@@ -453,6 +457,31 @@ impl XenApi {
             }
         }
         Ok(())
+    }
+
+    /// `secret.create({value})` → the new secret's uuid.
+    pub async fn secret_create(&self, value: &str) -> Result<String, XapiError> {
+        let mut rec = BTreeMap::new();
+        rec.insert("value".to_string(), Value::str(value));
+        rec.insert("other_config".to_string(), Value::Struct(BTreeMap::new()));
+        let r = self.call("secret.create", vec![Value::Struct(rec)]).await?;
+        let r = r
+            .as_str()
+            .ok_or_else(|| XapiError::type_err("secret ref", &r))?
+            .to_string();
+        let u = self.call("secret.get_uuid", vec![Value::str(&r)]).await?;
+        u.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| XapiError::type_err("secret uuid", &u))
+    }
+
+    /// The value of the secret with this uuid.
+    pub async fn secret_value(&self, uuid: &str) -> Result<String, XapiError> {
+        let r = self.get_by_uuid(Class::Secret, uuid).await?;
+        let v = self.call("secret.get_value", vec![Value::str(&r)]).await?;
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| XapiError::type_err("secret value", &v))
     }
 
     /// `VM.start_on(vm, host, start_paused, force)`.

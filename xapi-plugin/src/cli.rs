@@ -170,6 +170,7 @@ const COMMANDS: &[(&str, &[&str])] = &[
             "alink:*",
             "quorum",
             "secret-uuid",
+            "secret-file",
             "heartbeat-ms",
             "failover",
             "force",
@@ -675,6 +676,17 @@ async fn dispatch(
                 secret_uuid: p.get("secret-uuid").map(str::to_string),
                 ..Default::default()
             };
+            if let Some(f) = p.get("secret-file") {
+                let v = std::fs::read_to_string(f)
+                    .map_err(|e| CliError::usage(format!("cannot read secret-file {f}: {e}")))?;
+                let v = v.trim().to_string();
+                if v.len() < 16 || v.len() > 4096 {
+                    return Err(CliError::usage(
+                        "secret-file must hold 16 to 4096 characters",
+                    ));
+                }
+                req.secret_value = Some(v);
+            }
             for (k, v) in &p.0 {
                 if let Some(host) = k.strip_prefix("alink:") {
                     let addrs: Vec<String> = v

@@ -541,10 +541,21 @@ pub struct PoolInit {
     pub quorum_servers: Vec<String>,
     /// uuid of an existing xapi secret with the A-link key.
     pub secret_uuid: Option<String>,
+    /// A new A-link key to store as a xapi secret.
+    pub secret_value: Option<String>,
     /// Policy (defaults if None).
     pub policy: Option<Policy>,
     /// Replace an existing registry (never a malformed or newer one).
     pub force: bool,
+}
+
+fn already_initialised() -> RegistryError {
+    RegistryError::Conflict {
+        key: registry::POOL_KEY.into(),
+        object: "pool".into(),
+        expected: None,
+        found: Some("an existing configuration (use force=true to replace)".into()),
+    }
 }
 
 /// Writes the pool registry and the XenCenter custom field definitions.
@@ -575,24 +586,36 @@ pub async fn pool_init(api: &XenApi, req: &PoolInit) -> Result<PoolConfig, OpErr
             )));
         }
     }
+    // The A-link key lives in a xapi `secret` (readable by pool admins only), never in
+    // other_config. Given, or kept from the previous init, or generated.
+    let current = registry::read_pool_config(api).await?.1;
+    if current.is_some() && !req.force {
+        return Err(already_initialised().into());
+    }
+    let existing = current.and_then(|c| c.secret_uuid);
+    let secret_uuid = match (&req.secret_uuid, &req.secret_value, existing) {
+        (Some(u), _, _) => {
+            api.get_by_uuid(Class::Secret, u).await?;
+            u.clone()
+        }
+        (None, Some(v), _) => api.secret_create(v).await?,
+        (None, None, Some(u)) => u,
+        (None, None, None) => {
+            let key: [u8; 32] = rand::random();
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            api.secret_create(&hex).await?
+        }
+    };
     let cfg = registry::update_pool_config(api, |current| {
         if current.is_some() && !req.force {
-            return Err(RegistryError::Conflict {
-                key: registry::POOL_KEY.into(),
-                object: "pool".into(),
-                expected: None,
-                found: Some("an existing configuration (use force=true to replace)".into()),
-            });
+            return Err(already_initialised());
         }
         Ok(PoolConfig {
             format_version: registry::FORMAT_VERSION,
             hosts: links.clone(),
             quorum_servers: req.quorum_servers.clone(),
             policy: req.policy.clone().unwrap_or_default(),
-            secret_uuid: req
-                .secret_uuid
-                .clone()
-                .or_else(|| current.and_then(|c| c.secret_uuid)),
+            secret_uuid: Some(secret_uuid.clone()),
         })
     })
     .await?;

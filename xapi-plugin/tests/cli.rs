@@ -238,6 +238,24 @@ fn pool_init_writes_registry_and_keeps_existing_custom_fields() {
         vec!["owner", "xenft-level", "xenft-secondary", "xenft-status"]
     );
 
+    // The A-link key went into a xapi secret, not into other_config.
+    let secret_uuid = cfg.secret_uuid.clone().expect("pool-init stores a secret");
+    let api = xenft_xapi::XenApi::new(xenft_xapi::ConnectOptions::new(
+        xenft_xapi::transport::Endpoint::parse(&p.srv.url()).unwrap(),
+        xenft_xapi::Credentials {
+            user: p.srv.user().into(),
+            password: p.srv.password().into(),
+        },
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = rt.block_on(api.secret_value(&secret_uuid)).unwrap();
+    assert_eq!(key.len(), 64, "a generated 256-bit key");
+    assert!(!raw.contains(&key), "the key is not in other_config");
+
     // A second init does not silently replace the first.
     let o = xenft(&p, &["pool-init", "quorum=10.0.0.8:7100"]);
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
@@ -255,6 +273,26 @@ fn pool_init_writes_registry_and_keeps_existing_custom_fields() {
     )))
     .unwrap();
     assert_eq!(compat[0]["levels"], serde_json::json!([1, 2, 3]));
+    // force=true replaces it and keeps the key; secret-file= brings one's own.
+    ok(&xenft(
+        &p,
+        &["pool-init", "quorum=10.0.0.8:7100", "force=true"],
+    ));
+    let raw2 = &p.srv.map_field(&pool_ref, "other_config")["xenft.pool"];
+    let cfg2 = xenft_xapi::registry::parse_pool_config(raw2, "pool").unwrap();
+    assert_eq!(cfg2.secret_uuid.as_deref(), Some(secret_uuid.as_str()));
+    std::fs::write(p.dir.path().join("key"), "0123456789abcdef0123\n").unwrap();
+    let keyfile = format!("secret-file={}", p.dir.path().join("key").display());
+    ok(&xenft(
+        &p,
+        &["pool-init", "quorum=10.0.0.8:7100", "force=true", &keyfile],
+    ));
+    let raw3 = &p.srv.map_field(&pool_ref, "other_config")["xenft.pool"];
+    let cfg3 = xenft_xapi::registry::parse_pool_config(raw3, "pool").unwrap();
+    let key = rt
+        .block_on(api.secret_value(cfg3.secret_uuid.as_deref().unwrap()))
+        .unwrap();
+    assert_eq!(key, "0123456789abcdef0123");
 }
 
 #[test]
