@@ -217,3 +217,61 @@ print(json.dumps({"res": res, "missing": missing}))
         serde_json::json!(["XENAPI_MISSING_PLUGIN", "nope"])
     );
 }
+
+#[test]
+fn sdk_relogs_in_on_session_invalid_from_our_server() {
+    let (srv, _, vm) = pool();
+    srv.fail_next("VM.get_all", "SESSION_INVALID", &["OpaqueRef:expired"]);
+    let r = run_sdk(
+        &srv,
+        r#"
+s = XenAPI.Session(url)
+s.xenapi.login_with_password(user, pw, "1.0", "t")
+print(json.dumps({"vms": s.xenapi.VM.get_all()}))
+"#,
+    );
+    assert_eq!(r["vms"], serde_json::json!([vm]));
+    assert_eq!(
+        srv.calls("session.login_with_password"),
+        2,
+        "the SDK recognised our SESSION_INVALID envelope and logged in again"
+    );
+}
+
+#[test]
+fn sdk_reads_protection_written_by_xenft() {
+    let (srv, _, vm) = pool();
+    let api = xenft_xapi::XenApi::new(xenft_xapi::ConnectOptions::new(
+        xenft_xapi::transport::Endpoint::parse(&srv.url()).unwrap(),
+        xenft_xapi::Credentials {
+            user: srv.user().into(),
+            password: srv.password().into(),
+        },
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(xenft_xapi::ops::protect(
+        &api,
+        "web01",
+        xenft_xapi::registry::Level::Component,
+        "host2",
+    ))
+    .unwrap();
+    let r = run_sdk(
+        &srv,
+        r#"
+s = XenAPI.Session(url)
+s.xenapi.login_with_password(user, pw, "1.0", "t")
+vm = s.xenapi.VM.get_by_name_label("web01")[0]
+oc = s.xenapi.VM.get_other_config(vm)
+sec = s.xenapi.host.get_record(s.xenapi.host.get_by_uuid(oc["xenft.secondary"]))
+print(json.dumps({"vm": vm, "level": oc["xenft.level"], "secondary": sec["name_label"]}))
+"#,
+    );
+    assert_eq!(r["vm"], vm.as_str());
+    assert_eq!(r["level"], "2");
+    assert_eq!(r["secondary"], "host2");
+}

@@ -365,3 +365,33 @@ fn migrate_moves_the_vm_but_not_onto_its_secondary() {
         serde_json::from_str(&ok(&xenft(&p, &["vm-status", "vm=web01", "--json"]))).unwrap();
     assert_eq!(status["host"], "host3");
 }
+
+#[test]
+fn event_list_streams_changes_as_json_lines() {
+    let p = pool(16 * GIB);
+    let child = Command::new(env!("CARGO_BIN_EXE_xenft"))
+        .args(["event-list", "classes=vm", "timeout=3", "--json"])
+        .env("XENFT_URL", p.srv.url())
+        .env("XENFT_PASSWORD_FILE", p.dir.path().join("pw"))
+        .env("XENFT_CONFIG", p.dir.path().join("config"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for i in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        p.srv
+            .set_map_key(&p.web, "other_config", "tick", Some(&i.to_string()));
+    }
+    let out = ok(&child.wait_with_output().unwrap());
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!events.is_empty(), "no events in {out:?}");
+    for e in &events {
+        assert_eq!(e["class"], "vm");
+        assert_eq!(e["operation"], "mod");
+        assert_eq!(e["ref"], p.web.as_str());
+        assert_eq!(e["name"], "web01");
+    }
+}
