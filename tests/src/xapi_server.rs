@@ -40,6 +40,8 @@ const MAX_BODY: usize = 16 << 20;
 const MAX_HEAD: usize = 64 << 10;
 /// Longest `event.from` wait honoured.
 const MAX_EVENT_WAIT: f64 = 60.0;
+/// Pseudo-method counted by [`FakeXapi::calls`] for every JSON-RPC request.
+pub const JSONRPC_REQUESTS: &str = "<jsonrpc>";
 /// Refs of nothing.
 pub const NULL_REF: &str = "OpaqueRef:NULL";
 
@@ -601,6 +603,10 @@ where
         if method != "POST" {
             respond(&mut s, 405, "text/plain", b"POST only", close).await?;
         } else if path == "/jsonrpc" {
+            *sh.lock()
+                .calls
+                .entry(JSONRPC_REQUESTS.to_string())
+                .or_default() += 1;
             let reply = match xenft_xapi::jsonrpc::decode_request(&body) {
                 Ok((m, params, id)) => {
                     let r = dispatch(&sh, &m, params).await;

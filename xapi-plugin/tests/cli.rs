@@ -395,3 +395,39 @@ fn event_list_streams_changes_as_json_lines() {
         assert_eq!(e["name"], "web01");
     }
 }
+
+#[test]
+fn jsonrpc_transport_gives_the_same_results() {
+    let p = pool(16 * GIB);
+    ok(&xenft(
+        &p,
+        &[
+            "--jsonrpc",
+            "vm-protect",
+            "vm=web01",
+            "level=3",
+            "secondary=host2",
+        ],
+    ));
+    let status: serde_json::Value = serde_json::from_str(&ok(&xenft(
+        &p,
+        &["--jsonrpc", "vm-status", "vm=web01", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(status["level"], 3);
+    assert!(
+        p.srv.calls(xenft_tests::xapi_server::JSONRPC_REQUESTS) >= 4,
+        "went over /jsonrpc"
+    );
+    let o = xenft(
+        &p,
+        &[
+            "--jsonrpc",
+            "vm-protect",
+            "vm=web02",
+            "level=3",
+            "secondary=host2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4));
+}
