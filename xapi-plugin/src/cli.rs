@@ -561,9 +561,9 @@ async fn dispatch(
             let names: Vec<String> = match p.get("host") {
                 Some(h) => vec![h.to_string()],
                 None => {
-                    let mut v: Vec<String> = hosts.values().map(|h| h.uuid.clone()).collect();
-                    v.sort();
-                    v
+                    let mut v: Vec<_> = hosts.values().collect();
+                    v.sort_by(|a, b| a.name_label.cmp(&b.name_label));
+                    v.into_iter().map(|h| h.uuid.clone()).collect()
                 }
             };
             let local = ops::LocalFacts::gather();
@@ -614,6 +614,9 @@ async fn dispatch(
                         .map_err(io_err)?;
                         for reason in &r.reasons {
                             writeln!(out, "  - {reason}").map_err(io_err)?;
+                        }
+                        for fact in &r.facts {
+                            writeln!(out, "  · {fact}").map_err(io_err)?;
                         }
                     }
                 }

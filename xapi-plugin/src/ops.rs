@@ -168,8 +168,11 @@ pub struct CompatReport {
     pub host: String,
     /// Levels this host can run.
     pub levels: Vec<u8>,
-    /// Why the others cannot, and facts gathered.
+    /// Why the missing levels cannot run.
     pub reasons: Vec<String>,
+    /// Facts gathered (Xen version, A-links, memory, quorum, local machine).
+    #[serde(default)]
+    pub facts: Vec<String>,
     /// Whether local facts (this machine is that host) were included.
     pub local_facts: bool,
 }
@@ -632,6 +635,8 @@ pub struct LocalFacts {
     pub privcmd: bool,
     /// This machine's hostname.
     pub hostname: String,
+    /// A libxenctrl shared object was found (needed for dirty-page tracking, level 3).
+    pub libxenctrl: bool,
 }
 
 impl LocalFacts {
@@ -644,6 +649,17 @@ impl LocalFacts {
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_default(),
+            libxenctrl: [
+                "/usr/lib",
+                "/usr/lib64",
+                "/usr/lib/x86_64-linux-gnu",
+                "/usr/local/lib",
+            ]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("libxenctrl.so")),
         }
     }
 }
@@ -665,15 +681,39 @@ pub async fn compat_check(
     let (host_ref, h) = resolve_host(&hosts, host)?;
     let cfg = registry::read_pool_config(api).await?.1;
     let mut reasons = Vec::new();
+    let mut facts = Vec::new();
     let mut levels = Vec::new();
     let is_local = !local.hostname.is_empty() && local.hostname == h.hostname;
+    let free = api.host_compute_free_memory(&host_ref).await?;
+    facts.push(format!("free memory for guests: {}", gib(free)));
+    if let Some(x) = h.software_version.get("xen") {
+        facts.push(format!("Xen {x}"));
+    }
+    if let Some(c) = &cfg {
+        facts.push(format!(
+            "{} quorum server(s) configured",
+            c.quorum_servers.len()
+        ));
+    }
     let mut ok1 = h.enabled;
     if !h.enabled {
         reasons.push("host is disabled".to_string());
     }
-    if is_local && !(local.xen && local.privcmd) {
-        ok1 = false;
-        reasons.push("this machine is not a Xen dom0 with /dev/xen/privcmd".into());
+    if is_local {
+        facts.push(format!(
+            "this machine: Xen {}, /dev/xen/privcmd {}, libxenctrl {}",
+            if local.xen { "present" } else { "absent" },
+            if local.privcmd { "present" } else { "absent" },
+            if local.libxenctrl {
+                "found"
+            } else {
+                "not found"
+            },
+        ));
+        if !(local.xen && local.privcmd) {
+            ok1 = false;
+            reasons.push("this machine is not a Xen dom0 with /dev/xen/privcmd".into());
+        }
     }
     if ok1 {
         levels.push(1);
@@ -682,6 +722,7 @@ pub async fn compat_check(
         .as_ref()
         .and_then(|c| c.hosts.get(&h.uuid))
         .map_or(0, |l| l.alinks.len());
+    facts.push(format!("{alinks} A-link(s) in the registry"));
     let ok2 = ok1 && alinks >= 1;
     if ok1 && alinks == 0 {
         reasons.push("no A-link configured for this host (pool-init alinks)".into());
@@ -691,7 +732,9 @@ pub async fn compat_check(
     }
     match xen_version(h) {
         Some(v) if v >= (4, 14) => {
-            if ok2 && alinks >= 2 {
+            if is_local && !local.libxenctrl {
+                reasons.push("level 3 needs libxenctrl (dirty-page tracking); not found".into());
+            } else if ok2 && alinks >= 2 {
                 levels.push(3);
             } else if ok2 {
                 reasons.push("level 3 needs two A-links".into());
@@ -706,6 +749,7 @@ pub async fn compat_check(
         host: h.uuid.clone(),
         levels,
         reasons,
+        facts,
         local_facts: is_local,
     };
     let raw = serde_json::to_string(&report).unwrap_or_default();

@@ -389,6 +389,46 @@ where
     r
 }
 
+/// Every guest with xenft keys, for the agent: `(ref, record, protection or why it is
+/// malformed)`. VMs without any `xenft.level` are left out.
+pub async fn protected_vms(
+    api: &XenApi,
+) -> Result<
+    Vec<(
+        String,
+        crate::api::VmRecord,
+        Result<VmProtection, RegistryError>,
+    )>,
+    XapiError,
+> {
+    Ok(api
+        .vm_get_all_records()
+        .await?
+        .into_iter()
+        .filter(|(_, v)| v.is_guest() && v.other_config.contains_key(VM_LEVEL))
+        .map(|(r, v)| {
+            let p = VmProtection::from_other_config(&v.other_config, &v.name_label);
+            (r, v, p)
+        })
+        .collect())
+}
+
+/// Sets a VM's `xenft.state` (the agent reports progress: `protecting`, `protected`,
+/// `degraded: ...`, `failed-over`, ...). A checked write against the value read just before.
+pub async fn set_vm_state(api: &XenApi, vm_ref: &str, state: &str) -> Result<(), RegistryError> {
+    let current = api.get_map(Class::Vm, vm_ref, "other_config").await?;
+    checked_set(
+        api,
+        Class::Vm,
+        vm_ref,
+        "other_config",
+        VM_STATE,
+        current.get(VM_STATE).map(String::as_str),
+        Some(state),
+    )
+    .await
+}
+
 /// Reads the pool's registry: `(pool ref, config or None, raw value)`.
 pub async fn read_pool_config(
     api: &XenApi,

@@ -348,3 +348,39 @@ async fn an_abandoned_registry_lock_is_broken() {
         .map_field(&srv.pool_ref(), "other_config")
         .contains_key("xenft.lock"));
 }
+
+#[tokio::test]
+async fn agent_helpers_list_protected_vms_and_report_state() {
+    use xenft_xapi::registry::{protected_vms, set_vm_state, Level};
+    let srv = pool();
+    let h1 = srv.record(&srv.pool_ref()).unwrap()["master"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (bad, _) = srv.add_vm("bad", GIB, Some(&h1));
+    srv.set_map_key(&bad, "other_config", "xenft.level", Some("9"));
+    let api = client(&srv, Protocol::XmlRpc);
+    assert_eq!(
+        protected_vms(&api).await.unwrap().len(),
+        1,
+        "only the malformed one so far"
+    );
+    xenft_xapi::ops::protect(&api, "web01", Level::Component, "host2")
+        .await
+        .unwrap();
+    let list = protected_vms(&api).await.unwrap();
+    assert_eq!(list.len(), 2);
+    let (web, _, p) = list
+        .iter()
+        .find(|(_, v, _)| v.name_label == "web01")
+        .unwrap();
+    assert_eq!(p.as_ref().unwrap().level, Some(Level::Component));
+    assert!(list
+        .iter()
+        .any(|(_, v, p)| v.name_label == "bad" && p.is_err()));
+    set_vm_state(&api, web, "protected").await.unwrap();
+    assert_eq!(
+        srv.map_field(web, "other_config")["xenft.state"],
+        "protected"
+    );
+}
