@@ -448,6 +448,15 @@ impl FakeXapi {
             .unwrap_or_default()
     }
 
+    /// Destroys an object (as `VM.destroy` would), with a `del` event.
+    pub fn destroy(&self, r: &str) {
+        let mut db = self.shared.lock();
+        let limit = self.shared.cfg.event_history;
+        db.emit(&self.shared.event_tx, limit, r, "del");
+        db.objects.remove(r);
+        db.host_memory_total.remove(r);
+    }
+
     /// Invalidates every session (as a xapi restart does).
     pub fn expire_sessions(&self) {
         self.shared.lock().sessions.clear();

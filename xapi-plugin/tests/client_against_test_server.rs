@@ -384,3 +384,20 @@ async fn agent_helpers_list_protected_vms_and_report_state() {
         "protected"
     );
 }
+
+#[tokio::test]
+async fn deleted_objects_come_as_del_events_without_snapshot() {
+    let srv = pool();
+    let api = client(&srv, Protocol::XmlRpc);
+    let mut stream = EventStream::new(&["vm"]);
+    let first = stream.next(&api, Duration::ZERO).await.unwrap();
+    let vm = first.events[0].obj_ref.clone();
+    srv.destroy(&vm);
+    let b = stream.next(&api, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(b.events.len(), 1);
+    assert_eq!(b.events[0].operation, xenft_xapi::api::EventOp::Del);
+    assert_eq!(b.events[0].obj_ref, vm);
+    assert!(b.events[0].snapshot.is_none());
+    let e = api.get_record_raw(Class::Vm, &vm).await.unwrap_err();
+    assert!(e.is(codes::HANDLE_INVALID));
+}
