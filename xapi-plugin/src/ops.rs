@@ -215,6 +215,11 @@ async fn protect_locked(
     level: Level,
     secondary: &str,
 ) -> Result<Protected, OpError> {
+    // A registry we cannot read (malformed, or written by a newer xenft) stops here: its
+    // writer may give the VM keys another meaning.
+    if registry::read_pool_config(api).await?.1.is_none() {
+        tracing::warn!("pool not initialised for xenft (run `xenft pool-init`)");
+    }
     let vms = api.vm_get_all_records().await?;
     let hosts = api.host_get_all_records().await?;
     let (vm_ref, rec) = resolve_vm(&vms, vm)?;

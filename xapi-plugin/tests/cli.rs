@@ -199,6 +199,16 @@ fn malformed_registry_is_reported_and_left_untouched() {
         assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
         let o = xenft(&p, &["pool-init", "quorum=10.0.0.9:7100", "force=true"]);
         assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+        let o = xenft(
+            &p,
+            &["vm-protect", "vm=web01", "level=1", "secondary=host2"],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(6),
+            "protect stops too: {}",
+            stderr(&o)
+        );
         assert_eq!(
             p.srv.map_field(&pool_ref, "other_config")["xenft.pool"],
             bad
