@@ -1,0 +1,4 @@
+//! The NBD front: protocol constants ([`proto`]) and the server ([`server`]).
+
+pub mod proto;
+pub mod server;
