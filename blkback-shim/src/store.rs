@@ -182,6 +182,9 @@ impl Store for FileStore {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
         let len = buf.len() as u64;
+        // One fstat per operation (about a microsecond) catches a file deleted or truncated
+        // under us, which the kernel would otherwise serve as silent zeroes.
+        self.check_backing(StoreOp::Read, offset, len)?;
         let mut done = 0usize;
         while done < buf.len() {
             let n = self
@@ -200,6 +203,7 @@ impl Store for FileStore {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
+        self.check_backing(StoreOp::Write, offset, buf.len() as u64)?;
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.err(StoreOp::Write, offset, buf.len() as u64, e))

@@ -114,3 +114,86 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+use xenft_blkback::mirror::bitmap::{DirtyBitmap, DEFAULT_CHUNK};
+use xenft_blkback::mirror::primary::{MirrorConfig, PeerLink, Primary};
+use xenft_blkback::mirror::secondary::Secondary;
+use xenft_blkback::mirror::transport::{memory_pair, MemoryConnector, PeerSession};
+
+/// A primary and a secondary joined by in-memory sessions, each on its own file.
+pub struct MirrorPair {
+    pub dir: tempfile::TempDir,
+    pub pdisk: PathBuf,
+    pub sdisk: PathBuf,
+    pub primary: Arc<Primary>,
+    pub secondary: Arc<Secondary>,
+    pub volume: Arc<Volume>,
+    sessions: tokio::sync::mpsc::UnboundedSender<PeerSession>,
+    pub secondary_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MirrorPair {
+    /// Must be called inside a tokio runtime. `pstore` lets tests wrap the primary's store.
+    pub fn new(size: u64, wrap: impl FnOnce(FileStore) -> Arc<dyn Store>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pdisk = dir.path().join("primary.img");
+        let sdisk = dir.path().join("secondary.img");
+        let pstore = wrap(FileStore::open(&pdisk, Some(size)).unwrap());
+        let sstore: Arc<dyn Store> = Arc::new(FileStore::open(&sdisk, Some(size)).unwrap());
+        let bm = DirtyBitmap::open(&dir.path().join("bitmap"), size, DEFAULT_CHUNK).unwrap();
+        let cfg = MirrorConfig {
+            reconnect_interval: std::time::Duration::from_millis(20),
+            ..MirrorConfig::default()
+        };
+        let primary = Primary::new(pstore.clone(), bm, cfg);
+        let secondary = Secondary::new(sstore, dir.path().join("secondary.state"));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(primary.clone().run(MemoryConnector { sessions: rx }));
+        let volume = Volume::mirrored(pstore, primary.clone());
+        Self {
+            dir,
+            pdisk,
+            sdisk,
+            primary,
+            secondary,
+            volume,
+            sessions: tx,
+            secondary_task: None,
+        }
+    }
+
+    /// Connects the secondary (a new session).
+    pub fn connect(&mut self) {
+        let (p, s) = memory_pair();
+        self.sessions.send(p).unwrap();
+        self.secondary_task = Some(tokio::spawn(self.secondary.clone().run_session(s)));
+    }
+
+    /// Kills the secondary's session (as if its process died).
+    pub async fn kill_secondary(&mut self) {
+        if let Some(t) = self.secondary_task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        self.wait_for(|l| l == PeerLink::Degraded).await;
+    }
+
+    /// Waits (up to 20 s) until the primary's link state satisfies `f`.
+    pub async fn wait_for(&self, f: impl Fn(PeerLink) -> bool) {
+        for _ in 0..2000 {
+            if f(self.primary.status().peer) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("timeout; status {:?}", self.primary.status());
+    }
+
+    pub async fn wait_in_sync(&self) {
+        self.wait_for(|l| l == PeerLink::InSync).await;
+    }
+
+    pub fn files_identical(&self) -> bool {
+        std::fs::read(&self.pdisk).unwrap() == std::fs::read(&self.sdisk).unwrap()
+    }
+}
