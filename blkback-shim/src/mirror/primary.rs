@@ -571,6 +571,15 @@ impl Primary {
             st.tx = Some(session.tx.clone());
             st.peer_disk = Some(peer_state);
             let full = peer_state == PeerDiskState::Fresh || !st.bitmap.peer_synced();
+            // Reported as resyncing from the first moment: nothing is in sync before the
+            // resync's end marker is acknowledged.
+            st.resync = Some((
+                Instant::now(),
+                ResyncProgress {
+                    full,
+                    ..ResyncProgress::default()
+                },
+            ));
             (st.gen, full)
         };
         info!(gen, ?peer_state, full, "peer session up");

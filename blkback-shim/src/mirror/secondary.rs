@@ -11,7 +11,9 @@
 //! Level-3 epoch mode ([`Secondary::set_epoch_mode`]): writes are held per epoch in memory and
 //! applied only when their epoch commits ([`PeerMsg::EpochCommit`] from the primary, or
 //! [`Secondary::commit_epoch`] called locally); [`Secondary::discard_uncommitted`] drops them on
-//! failover (Remus/COLO disk semantics).
+//! failover (Remus/COLO disk semantics). Resync traffic is never held: epoch mode is meant to
+//! be switched on once the copy is consistent (the primary reports `in_sync`); a resync while
+//! in epoch mode brings the copy to the primary's current content.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
