@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
 
+use crate::mirror::alink::{AlinkAcceptor, AlinkConnector};
 use crate::mirror::bitmap::{BitmapError, DirtyBitmap, DEFAULT_CHUNK};
 use crate::mirror::primary::{MirrorConfig, Primary};
 use crate::mirror::secondary::Secondary;
@@ -18,22 +19,31 @@ use crate::status::Node;
 use crate::store::{FileStore, Store, StoreError};
 use crate::volume::Volume;
 
+/// How the two shims reach each other.
+#[derive(Debug, Clone)]
+pub enum PeerTransport {
+    /// One plain TCP connection: the primary dials this address, the secondary listens on it.
+    Tcp(SocketAddr),
+    /// An authenticated multi-path A-link (`Channel::Disk`); this process runs the link.
+    Alink(xenft_alink::LinkConfig),
+}
+
 /// What this process does.
 #[derive(Debug, Clone)]
 pub enum Role {
     /// Serve the disk over NBD, no peer.
     Local,
-    /// Serve the disk over NBD and mirror it to the secondary at `peer`.
+    /// Serve the disk over NBD and mirror it to the secondary.
     Primary {
-        /// Secondary's replication address.
-        peer: SocketAddr,
+        /// How to reach the secondary.
+        peer: PeerTransport,
         /// Dirty bitmap file.
         bitmap: PathBuf,
     },
-    /// Hold the copy; accept the primary on `listen`.
+    /// Hold the copy for the primary.
     Secondary {
-        /// Replication listen address.
-        listen: SocketAddr,
+        /// How the primary reaches us.
+        peer: PeerTransport,
         /// Consistency state file.
         state: PathBuf,
     },
@@ -69,6 +79,9 @@ pub enum DaemonError {
     /// Opening the bitmap.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
+    /// Starting the A-link.
+    #[error("a-link: {0}")]
+    Link(#[from] xenft_alink::LinkError),
     /// Binding or serving a socket.
     #[error("{what}: {source}")]
     Socket {
@@ -82,6 +95,12 @@ pub enum DaemonError {
 fn sock(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let what = what.into();
     move |source| DaemonError::Socket { what, source }
+}
+
+fn taken() -> DaemonError {
+    DaemonError::Link(xenft_alink::LinkError::Config(
+        "disk channel receiver already taken".into(),
+    ))
 }
 
 fn bind_unix(path: &PathBuf) -> Result<UnixListener, DaemonError> {
@@ -99,18 +118,36 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         Role::Primary { peer, bitmap } => {
             let bm = DirtyBitmap::open(bitmap, store.size(), DEFAULT_CHUNK)?;
             let p = Primary::new(store.clone(), bm, cfg.mirror.clone());
-            tasks.spawn(p.clone().run(TcpConnector { addr: *peer }));
+            match peer {
+                PeerTransport::Tcp(addr) => {
+                    tasks.spawn(p.clone().run(TcpConnector { addr: *addr }));
+                }
+                PeerTransport::Alink(lc) => {
+                    let link = xenft_alink::Link::start(lc.clone()).await?;
+                    let c = AlinkConnector::new(link).ok_or_else(taken)?;
+                    tasks.spawn(p.clone().run(c));
+                }
+            }
             (
                 Node::Primary(p.clone()),
                 Some(Volume::mirrored(store.clone(), p)),
             )
         }
-        Role::Secondary { listen, state } => {
+        Role::Secondary { peer, state } => {
             let s = Secondary::new(store.clone(), state.clone());
-            let listener = TcpListener::bind(listen)
-                .await
-                .map_err(sock(format!("bind {listen}")))?;
-            tasks.spawn(s.clone().serve(TcpAcceptor { listener }));
+            match peer {
+                PeerTransport::Tcp(listen) => {
+                    let listener = TcpListener::bind(listen)
+                        .await
+                        .map_err(sock(format!("bind {listen}")))?;
+                    tasks.spawn(s.clone().serve(TcpAcceptor { listener }));
+                }
+                PeerTransport::Alink(lc) => {
+                    let link = xenft_alink::Link::start(lc.clone()).await?;
+                    let a = AlinkAcceptor::new(link).ok_or_else(taken)?;
+                    tasks.spawn(s.clone().serve(a));
+                }
+            }
             (Node::Secondary(s), None)
         }
     };

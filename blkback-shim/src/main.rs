@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
-use xenft_blkback::daemon::{Config, Role};
+use xenft_alink::{LinkConfig, PathConfig};
+use xenft_blkback::daemon::{Config, PeerTransport, Role};
 use xenft_blkback::mirror::primary::MirrorConfig;
 use xenft_blkback::nbd::server::ExportConfig;
 
@@ -39,12 +40,24 @@ struct Args {
     /// Export name.
     #[arg(long, default_value = "xenft")]
     export: String,
-    /// Primary: the secondary's replication address.
+    /// Primary, plain TCP transport: the secondary's replication address.
     #[arg(long)]
     peer: Option<SocketAddr>,
-    /// Secondary: replication listen address.
+    /// Secondary, plain TCP transport: replication listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// A-link transport: one path as LOCAL_ADDR=PEER_ADDR (repeat for each path).
+    #[arg(long = "alink-path")]
+    alink_paths: Vec<String>,
+    /// A-link: this host's name.
+    #[arg(long)]
+    host: Option<String>,
+    /// A-link: the peer host's name.
+    #[arg(long)]
+    peer_host: Option<String>,
+    /// A-link: file holding the pool secret (at least 16 bytes).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
     /// Primary: dirty bitmap file (default: DISK.xenft-bitmap).
     #[arg(long)]
     bitmap: Option<PathBuf>,
@@ -79,17 +92,55 @@ fn config(a: Args) -> anyhow::Result<Config> {
         p.push(ext);
         PathBuf::from(p)
     };
+    let alink = if a.alink_paths.is_empty() {
+        None
+    } else {
+        let mut paths = Vec::new();
+        for p in &a.alink_paths {
+            let (l, r) = p
+                .split_once('=')
+                .with_context(|| format!("--alink-path {p:?}: expected LOCAL=PEER"))?;
+            paths.push(PathConfig {
+                local: l.parse().with_context(|| format!("bad address {l:?}"))?,
+                peer: r.parse().with_context(|| format!("bad address {r:?}"))?,
+            });
+        }
+        let secret_file = a
+            .secret_file
+            .as_ref()
+            .context("--alink-path needs --secret-file")?;
+        let secret = std::fs::read(secret_file)
+            .with_context(|| format!("reading {}", secret_file.display()))?;
+        let cfg = LinkConfig::new(
+            a.host.clone().context("--alink-path needs --host")?,
+            a.peer_host
+                .clone()
+                .context("--alink-path needs --peer-host")?,
+            secret,
+            paths,
+        );
+        cfg.validate().context("a-link configuration")?;
+        Some(PeerTransport::Alink(cfg))
+    };
     let role = match a.role {
         RoleArg::Local => Role::Local,
         RoleArg::Primary => Role::Primary {
-            peer: a.peer.context("--role primary needs --peer")?,
+            peer: match (alink.clone(), a.peer) {
+                (Some(l), None) => l,
+                (None, Some(p)) => PeerTransport::Tcp(p),
+                _ => bail!("--role primary needs exactly one of --peer or --alink-path"),
+            },
             bitmap: a
                 .bitmap
                 .clone()
                 .unwrap_or_else(|| with_ext(".xenft-bitmap")),
         },
         RoleArg::Secondary => Role::Secondary {
-            listen: a.listen.context("--role secondary needs --listen")?,
+            peer: match (alink, a.listen) {
+                (Some(l), None) => l,
+                (None, Some(p)) => PeerTransport::Tcp(p),
+                _ => bail!("--role secondary needs exactly one of --listen or --alink-path"),
+            },
             state: a.state.clone().unwrap_or_else(|| with_ext(".xenft-state")),
         },
     };

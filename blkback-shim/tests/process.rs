@@ -37,7 +37,9 @@ fn free_port() -> u16 {
 struct Setup {
     dir: tempfile::TempDir,
     port: u16,
+    port2: u16,
     size: u64,
+    alink: bool,
 }
 
 impl Setup {
@@ -45,8 +47,53 @@ impl Setup {
         Self {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
+            port2: free_port(),
             size,
+            alink: false,
         }
+    }
+    /// Mirror over a two-path A-link instead of plain TCP.
+    fn over_alink(size: u64) -> Self {
+        let s = Self {
+            alink: true,
+            ..Self::new(size)
+        };
+        std::fs::write(s.p("secret"), b"blkback process test pool secret").unwrap();
+        s
+    }
+    /// Transport arguments; the primary is host-a (dials), the secondary host-b (accepts).
+    fn peer_args(&self, primary: bool) -> Vec<String> {
+        if !self.alink {
+            return if primary {
+                vec!["--peer".into(), format!("127.0.0.1:{}", self.port)]
+            } else {
+                vec!["--listen".into(), format!("127.0.0.1:{}", self.port)]
+            };
+        }
+        let mut a = vec![
+            "--secret-file".to_string(),
+            self.p("secret").display().to_string(),
+        ];
+        let (me, peer) = if primary {
+            ("host-a", "host-b")
+        } else {
+            ("host-b", "host-a")
+        };
+        a.extend([
+            "--host".into(),
+            me.into(),
+            "--peer-host".into(),
+            peer.into(),
+        ]);
+        for port in [self.port, self.port2] {
+            a.push("--alink-path".into());
+            a.push(if primary {
+                format!("127.0.0.1:0=127.0.0.1:{port}")
+            } else {
+                format!("127.0.0.1:{port}=127.0.0.1:0")
+            });
+        }
+        a
     }
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -67,36 +114,36 @@ impl Setup {
         )
     }
     fn secondary(&self) -> Proc {
-        let s = self.spawn(&[
+        let mut args: Vec<String> = vec![
             "--role".into(),
             "secondary".into(),
             "--disk".into(),
             self.p("secondary.img").display().to_string(),
             "--size".into(),
             self.size.to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", self.port),
             "--control".into(),
             self.p("secondary.ctl").display().to_string(),
-        ]);
+        ];
+        args.extend(self.peer_args(false));
+        let s = self.spawn(&args);
         wait_for_status(&self.p("secondary.ctl"), |_| true);
         s
     }
     fn primary(&self) -> Proc {
-        let p = self.spawn(&[
+        let mut args: Vec<String> = vec![
             "--role".into(),
             "primary".into(),
             "--disk".into(),
             self.p("primary.img").display().to_string(),
             "--size".into(),
             self.size.to_string(),
-            "--peer".into(),
-            format!("127.0.0.1:{}", self.port),
             "--nbd-unix".into(),
             self.p("nbd.sock").display().to_string(),
             "--control".into(),
             self.p("primary.ctl").display().to_string(),
-        ]);
+        ];
+        args.extend(self.peer_args(true));
+        let p = self.spawn(&args);
         wait_for_status(&self.p("primary.ctl"), |_| true);
         p
     }
@@ -151,7 +198,15 @@ fn files_identical(a: &Path, b: &Path) -> bool {
 
 #[test]
 fn qemu_io_pattern_through_primary_is_byte_identical_on_secondary_after_flush() {
-    let s = Setup::new(64 * MIB);
+    pattern_identical_after_flush(&Setup::new(64 * MIB));
+}
+
+#[test]
+fn over_alink_qemu_io_pattern_is_byte_identical_on_secondary_after_flush() {
+    pattern_identical_after_flush(&Setup::over_alink(64 * MIB));
+}
+
+fn pattern_identical_after_flush(s: &Setup) {
     let _sec = s.secondary();
     let _pri = s.primary();
     wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
@@ -186,7 +241,15 @@ fn qemu_io_pattern_through_primary_is_byte_identical_on_secondary_after_flush() 
 
 #[test]
 fn secondary_killed_mid_stream_then_restarted_resyncs_only_dirty_regions() {
-    let s = Setup::new(64 * MIB);
+    kill_and_restart_secondary(&Setup::new(64 * MIB));
+}
+
+#[test]
+fn over_alink_secondary_killed_and_restarted_resyncs_only_dirty_regions() {
+    kill_and_restart_secondary(&Setup::over_alink(64 * MIB));
+}
+
+fn kill_and_restart_secondary(s: &Setup) {
     let mut sec = s.secondary();
     let _pri = s.primary();
     wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");

@@ -6,6 +6,7 @@
 //! - [`primary`]: the primary engine (mirrored writes, degraded mode, resync, remote mode);
 //! - [`secondary`]: the secondary applier (in-order apply, acks, epoch mode).
 
+pub mod alink;
 pub mod bitmap;
 pub mod primary;
 pub mod secondary;
