@@ -144,7 +144,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
                 PeerTransport::Alink(lc) => {
                     let link = xenft_alink::Link::start(lc.clone()).await?;
-                    let a = AlinkAcceptor::new(link).ok_or_else(taken)?;
+                    let a = AlinkAcceptor::new(&link).ok_or_else(taken)?;
                     tasks.spawn(s.clone().serve(a));
                 }
             }

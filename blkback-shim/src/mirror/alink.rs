@@ -143,7 +143,7 @@ pub struct AlinkAcceptor {
 
 impl AlinkAcceptor {
     /// Takes the link's disk-channel receiver (`None` if already taken).
-    pub fn new(link: Link) -> Option<Self> {
+    pub fn new(link: &Link) -> Option<Self> {
         let mut rx = link.receiver(Channel::Disk)?;
         let route: Route = Arc::new(Mutex::new(None));
         let (stx, sessions) = mpsc::channel(4);
@@ -156,11 +156,10 @@ impl AlinkAcceptor {
                 };
                 let current = lock(&r).as_ref().map(|(cur, tx)| (*cur, tx.clone()));
                 match current {
-                    Some((cur, tx)) if cur == id => {
-                        if tx.send(body).await.is_err() {
-                            lock(&r).take();
-                        }
+                    Some((cur, tx)) if cur == id && tx.send(body.clone()).await.is_err() => {
+                        lock(&r).take();
                     }
+                    Some((cur, _)) if cur == id => {}
                     _ if body.is_empty() => {
                         // Session opener: replaces any current session.
                         let (btx, brx) = mpsc::channel(1024);
@@ -175,7 +174,7 @@ impl AlinkAcceptor {
             }
             lock(&r).take();
         });
-        watch_restarts(&link, route, false);
+        watch_restarts(link, route, false);
         Some(Self { sessions })
     }
 }
