@@ -4,6 +4,8 @@
 //! - `status` → the node's status (role, link state, dirty bytes, resync progress with bytes
 //!   left / rate / ETA, local store failure cause, counters);
 //! - `resync-rate <bytes/s>` → sets the resync rate limit (0 = unlimited);
+//! - `verify [block]` (primary) → online verify by block checksums (default 64 KiB blocks):
+//!   `{"verify":{"bytes_checked","differing":[[offset,len],..],"differing_bytes"}}`;
 //! - `epoch <n>` (primary) → stamps subsequent writes with epoch `n`;
 //! - `commit <n>` (primary) → commits epoch `n` on the secondary, replies when applied;
 //! - `epoch-mode on|off` (secondary) → hold writes per epoch;
@@ -60,6 +62,13 @@ impl Node {
                 }
                 None => err("resync-rate needs bytes per second"),
             },
+            ("verify", Self::Primary(p)) => {
+                let block = num().unwrap_or(64 * 1024);
+                match p.verify(block).await {
+                    Ok(r) => json!({"ok": true, "verify": r}),
+                    Err(e) => err(&e.to_string()),
+                }
+            }
             ("epoch", Self::Primary(p)) => match num() {
                 Some(n) => {
                     p.set_epoch(n);

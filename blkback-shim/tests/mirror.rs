@@ -307,3 +307,30 @@ fn truncated_backing_file_switches_to_remote_mode_and_data_stays_correct() {
         assert!(cause.contains("truncated"), "{cause}");
     });
 }
+
+#[test]
+fn online_verify_reports_exactly_the_differing_blocks() {
+    let rt = Rt::new();
+    rt.block_on(async {
+        let mut m = MirrorPair::new(8 * MIB, |s| Arc::new(s));
+        m.connect();
+        m.wait_in_sync().await;
+        m.volume
+            .write(0, Bytes::from(pseudo_random(8 * MIB as usize, 9)), false)
+            .await
+            .unwrap();
+        let r = m.primary.verify(4096).await.unwrap();
+        assert_eq!(r.bytes_checked, 8 * MIB);
+        assert!(r.differing.is_empty(), "{r:?}");
+        // Corrupt the secondary behind the mirror's back: two adjacent blocks and one far away.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&m.sdisk)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 5000], 3 * MIB + 4096).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1], 7 * MIB).unwrap();
+        let r = m.primary.verify(4096).await.unwrap();
+        assert_eq!(r.differing, vec![(3 * MIB + 4096, 8192), (7 * MIB, 4096)]);
+        assert_eq!(r.differing_bytes, 12288);
+    });
+}

@@ -27,7 +27,9 @@ use tracing::{info, warn};
 
 use super::bitmap::DirtyBitmap;
 use super::transport::{PeerConnector, PeerSession};
-use super::wire::{PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION};
+use super::wire::{
+    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+};
 use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
 use crate::store::{Store, StoreError};
 
@@ -120,6 +122,36 @@ pub struct PrimaryStatus {
     pub epoch: u64,
 }
 
+/// Result of an online verify ([`Primary::verify`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Bytes compared.
+    pub bytes_checked: u64,
+    /// Checksum block size.
+    pub block: u64,
+    /// Differing ranges `(offset, length)`, adjacent blocks merged.
+    pub differing: Vec<(u64, u64)>,
+    /// Total bytes in differing ranges.
+    pub differing_bytes: u64,
+}
+
+/// Why a verify could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// No session with the secondary.
+    #[error("no peer session")]
+    NoPeer,
+    /// Block size zero or over 32 MiB.
+    #[error("invalid verify block size {0}")]
+    BadBlock(u64),
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Local(String),
+    /// The secondary could not checksum a range, or the session ended.
+    #[error("secondary did not checksum offset {0}")]
+    Peer(u64),
+}
+
 /// Completion of a mirrored operation: `Ok` or an NBD errno.
 pub type Ticket = oneshot::Receiver<Result<(), u32>>;
 
@@ -144,6 +176,7 @@ struct State {
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
     reads: HashMap<u64, oneshot::Sender<Option<Bytes>>>,
+    verifies: HashMap<u64, oneshot::Sender<Vec<u64>>>,
     next_read: u64,
     bitmap: DirtyBitmap,
     peer_disk: Option<PeerDiskState>,
@@ -185,6 +218,7 @@ impl Primary {
                 next_seq: 1,
                 pending: BTreeMap::new(),
                 reads: HashMap::new(),
+                verifies: HashMap::new(),
                 next_read: 1,
                 bitmap,
                 peer_disk: None,
@@ -458,6 +492,85 @@ impl Primary {
         }
     }
 
+    /// Online verify (like `drbdadm verify`): compares both copies by checksums of `block`-byte
+    /// blocks, window by window, while client I/O continues. Each window is read locally and
+    /// checksummed by the secondary at the same point of the write sequence, so concurrent
+    /// writes do not produce false differences.
+    pub async fn verify(self: &Arc<Self>, block: u64) -> Result<VerifyReport, VerifyError> {
+        const WINDOW: u64 = 4 << 20;
+        let block32 = u32::try_from(block)
+            .ok()
+            .filter(|b| *b > 0 && u64::from(*b) <= WINDOW)
+            .ok_or(VerifyError::BadBlock(block))?;
+        let size = self.size();
+        let mut report = VerifyReport {
+            block,
+            ..VerifyReport::default()
+        };
+        let mut off = 0u64;
+        while off < size {
+            let len = (size - off).min(WINDOW);
+            let me = self.clone();
+            let (local, rx) =
+                tokio::task::spawn_blocking(move || me.verify_window(off, len, block32))
+                    .await
+                    .map_err(|_| VerifyError::Local("verify task failed".into()))??;
+            let remote = rx.await.map_err(|_| VerifyError::Peer(off))?;
+            if remote.len() != local.len() {
+                return Err(VerifyError::Peer(off));
+            }
+            for (i, (a, b)) in local.iter().zip(&remote).enumerate() {
+                if a != b {
+                    let start = off + i as u64 * block;
+                    let l = block.min(size - start);
+                    report.differing_bytes += l;
+                    match report.differing.last_mut() {
+                        Some((o, ol)) if *o + *ol == start => *ol += l,
+                        _ => report.differing.push((start, l)),
+                    }
+                }
+            }
+            report.bytes_checked += len;
+            off += len;
+        }
+        Ok(report)
+    }
+
+    fn verify_window(
+        &self,
+        offset: u64,
+        len: u64,
+        block: u32,
+    ) -> Result<(Vec<u64>, oneshot::Receiver<Vec<u64>>), VerifyError> {
+        let len32 = u32::try_from(len).map_err(|_| VerifyError::BadBlock(len))?;
+        let mut buf = vec![0u8; len32 as usize];
+        let rx = {
+            let _o = lock(&self.order);
+            self.store
+                .read_at(&mut buf, offset)
+                .map_err(|e| VerifyError::Local(e.to_string()))?;
+            let mut st = lock(&self.state);
+            let tx = st.tx.clone().ok_or(VerifyError::NoPeer)?;
+            let id = st.next_read;
+            st.next_read += 1;
+            let (done, rx) = oneshot::channel();
+            st.verifies.insert(id, done);
+            let req = PeerMsg::VerifyReq {
+                id,
+                offset,
+                len: len32,
+                block,
+            };
+            if tx.send(req.encode()).is_err() {
+                st.verifies.remove(&id);
+                return Err(VerifyError::NoPeer);
+            }
+            rx
+        };
+        let sums = buf.chunks(block as usize).map(block_checksum).collect();
+        Ok((sums, rx))
+    }
+
     fn on_ack(&self, gen: u64, seq: u64) {
         let mut st = lock(&self.state);
         if st.gen != gen {
@@ -513,6 +626,7 @@ impl Primary {
         }
         let local_ok = st.local_failure.is_none();
         st.reads.clear();
+        st.verifies.clear();
         drop(st);
         for w in waiters.into_iter().flatten() {
             let r = if persisted.is_ok() && local_ok {
@@ -594,6 +708,11 @@ impl Primary {
                         Ok(PeerMsg::ReadResp { id, ok, data }) => {
                             if let Some(w) = lock(&self.state).reads.remove(&id) {
                                 let _ = w.send(ok.then_some(data));
+                            }
+                        }
+                        Ok(PeerMsg::VerifyResp { id, sums }) => {
+                            if let Some(w) = lock(&self.state).verifies.remove(&id) {
+                                let _ = w.send(sums);
                             }
                         }
                         Ok(PeerMsg::Fail { seq, reason }) => {

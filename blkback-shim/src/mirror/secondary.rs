@@ -24,7 +24,9 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::transport::{PeerAcceptor, PeerSession};
-use super::wire::{PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION};
+use super::wire::{
+    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+};
 use crate::store::{Store, StoreError};
 
 /// A held (not yet applied) mutation of epoch mode.
@@ -324,6 +326,23 @@ impl Secondary {
                     && self.store.read_at(&mut buf, offset).is_ok();
                 let data = if ok { Bytes::from(buf) } else { Bytes::new() };
                 let _ = tx.send(PeerMsg::ReadResp { id, ok, data }.encode());
+                Ok(None)
+            }
+            PeerMsg::VerifyReq {
+                id,
+                offset,
+                len,
+                block,
+            } => {
+                let mut buf = vec![0u8; len as usize];
+                let sums = if self.in_range(offset, u64::from(len))
+                    && self.store.read_at(&mut buf, offset).is_ok()
+                {
+                    buf.chunks(block as usize).map(block_checksum).collect()
+                } else {
+                    Vec::new()
+                };
+                let _ = tx.send(PeerMsg::VerifyResp { id, sums }.encode());
                 Ok(None)
             }
             other => Err(format!("unexpected message {other:?}")),

@@ -130,6 +130,33 @@ pub enum PeerMsg {
         /// The bytes.
         data: Bytes,
     },
+    /// Primary → secondary: checksum `[offset, offset+len)` in blocks of `block` bytes
+    /// (online verify; ordered with writes like everything else).
+    VerifyReq {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length (≤ [`MAX_DATA`]).
+        len: u32,
+        /// Block size (> 0).
+        block: u32,
+    },
+    /// Secondary → primary: one checksum per block; empty on failure.
+    VerifyResp {
+        /// Request id.
+        id: u64,
+        /// Checksums.
+        sums: Vec<u64>,
+    },
+}
+
+/// The checksum used by online verify: the first 8 bytes of SHA-256.
+#[must_use]
+pub fn block_checksum(data: &[u8]) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(data);
+    u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
 }
 
 /// Why a frame could not be decoded.
@@ -166,6 +193,8 @@ const T_ACK: u8 = 8;
 const T_FAIL: u8 = 9;
 const T_READ_REQ: u8 = 10;
 const T_READ_RESP: u8 = 11;
+const T_VERIFY_REQ: u8 = 12;
+const T_VERIFY_RESP: u8 = 13;
 
 impl PeerMsg {
     /// Encodes into one frame.
@@ -255,6 +284,26 @@ impl PeerMsg {
                 b.put_u64(*id);
                 b.put_u8(u8::from(*ok));
                 b.put_slice(data);
+            }
+            Self::VerifyReq {
+                id,
+                offset,
+                len,
+                block,
+            } => {
+                b.put_u8(T_VERIFY_REQ);
+                b.put_u64(*id);
+                b.put_u64(*offset);
+                b.put_u32(*len);
+                b.put_u32(*block);
+            }
+            Self::VerifyResp { id, sums } => {
+                b.reserve(sums.len() * 8 + 16);
+                b.put_u8(T_VERIFY_RESP);
+                b.put_u64(*id);
+                for s in sums {
+                    b.put_u64(*s);
+                }
             }
         }
         b.freeze()
@@ -390,6 +439,39 @@ impl PeerMsg {
                 data_cap(&f)?;
                 Self::ReadResp { id, ok, data: f }
             }
+            T_VERIFY_REQ => {
+                need(&f, 24)?;
+                let id = f.get_u64();
+                let offset = f.get_u64();
+                let len = f.get_u32();
+                let block = f.get_u32();
+                done(&f)?;
+                if len as usize > MAX_DATA {
+                    return Err(WireError::TooLarge(u64::from(len)));
+                }
+                if block == 0 {
+                    return Err(WireError::BadField(t));
+                }
+                Self::VerifyReq {
+                    id,
+                    offset,
+                    len,
+                    block,
+                }
+            }
+            T_VERIFY_RESP => {
+                need(&f, 8)?;
+                let id = f.get_u64();
+                data_cap(&f)?;
+                if !f.remaining().is_multiple_of(8) {
+                    return Err(WireError::Trailing(f.remaining() % 8, t));
+                }
+                let mut sums = Vec::with_capacity(f.remaining() / 8);
+                while f.has_remaining() {
+                    sums.push(f.get_u64());
+                }
+                Self::VerifyResp { id, sums }
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         Ok(msg)
@@ -451,6 +533,16 @@ mod tests {
             (any::<u64>(), "[a-z ]{0,64}").prop_map(|(seq, reason)| PeerMsg::Fail { seq, reason }),
             (any::<u64>(), any::<u64>(), 0u32..=32 * 1024 * 1024)
                 .prop_map(|(id, offset, len)| PeerMsg::ReadReq { id, offset, len }),
+            (any::<u64>(), any::<u64>(), 0u32..=32 * 1024 * 1024, 1u32..).prop_map(
+                |(id, offset, len, block)| PeerMsg::VerifyReq {
+                    id,
+                    offset,
+                    len,
+                    block
+                }
+            ),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..64))
+                .prop_map(|(id, sums)| PeerMsg::VerifyResp { id, sums }),
             (any::<u64>(), any::<bool>(), data).prop_map(|(id, ok, data)| PeerMsg::ReadResp {
                 id,
                 ok,
@@ -473,7 +565,7 @@ mod tests {
         #[test]
         fn truncated_fixed_messages_are_rejected(m in arb_msg(), cut in 1usize..8) {
             let enc = m.encode();
-            let fixed = !matches!(m, PeerMsg::Write { .. } | PeerMsg::ReadResp { .. } | PeerMsg::Fail { .. });
+            let fixed = !matches!(m, PeerMsg::Write { .. } | PeerMsg::ReadResp { .. } | PeerMsg::Fail { .. } | PeerMsg::VerifyResp { .. });
             if fixed && cut < enc.len() {
                 prop_assert!(PeerMsg::decode(enc.slice(..enc.len() - cut)).is_err());
             }
