@@ -3,6 +3,7 @@
 //! (Module docs are completed with the engine API below.)
 
 pub mod domain;
+pub mod engine;
 pub mod local;
 #[allow(unsafe_code)]
 mod sys;
