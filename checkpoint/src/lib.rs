@@ -7,6 +7,7 @@ pub mod engine;
 pub mod local;
 #[allow(unsafe_code)]
 mod sys;
+pub mod testing;
 pub mod wire;
 pub mod workload;
 pub mod xen;
