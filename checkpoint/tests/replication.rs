@@ -165,7 +165,11 @@ fn corrupt_truncated_and_lost_frames_are_refused_then_resent() {
         i if i % 37 == 0 => Fault::Drop,
         _ => Fault::Pass,
     });
-    let (mut stopped, s, p, sink) = protect(start, 8, config(80), Some(plan));
+    let cfg = PrimaryConfig {
+        resend_after: Duration::from_millis(200),
+        ..config(80)
+    };
+    let (mut stopped, s, p, sink) = protect(start, 8, cfg, Some(plan));
     assert!(s.rejected_epochs > 0, "{s:?}");
     assert!(p.resent_epochs > 0, "{p:?}");
     eprintln!("damaged link: {s:?}\n{p:?}");

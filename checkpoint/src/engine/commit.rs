@@ -26,8 +26,8 @@ pub enum SinkEvent {
     Commit(u64),
 }
 
-/// A sink that records every call, optionally appending `commit N` lines to a file too (so a
-/// test can see what a killed process released).
+/// A sink that records every call, optionally appending `checkpoint N` / `commit N` lines to a
+/// file too (so a test can see what a killed process released).
 #[derive(Default)]
 pub struct RecordingSink {
     events: Mutex<Vec<SinkEvent>>,
@@ -40,7 +40,7 @@ impl RecordingSink {
         Self::default()
     }
 
-    /// A recorder that also appends `commit N\n` to `file` before returning from `commit`.
+    /// A recorder that also appends `checkpoint N` / `commit N` lines to `file`.
     pub fn with_log(file: std::fs::File) -> Self {
         Self {
             events: Mutex::new(Vec::new()),
@@ -70,6 +70,10 @@ impl RecordingSink {
 
 impl CommitSink for RecordingSink {
     fn checkpoint(&self, epoch: u64) {
+        if let Some(f) = &self.log {
+            let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = writeln!(f, "checkpoint {epoch}");
+        }
         self.events
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

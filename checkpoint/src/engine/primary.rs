@@ -78,7 +78,7 @@ impl Default for PrimaryConfig {
             window: 4,
             verify_memory_digest: false,
             max_checkpoints: None,
-            resend_after: Duration::from_millis(300),
+            resend_after: Duration::from_secs(1),
         }
     }
 }
