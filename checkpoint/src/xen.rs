@@ -1,5 +1,5 @@
 //! Xen backend of [`Domain`]: a domain on this host driven through libxenctrl and
-//! libxenforeignmemory (loaded at run time, see [`crate::sys::xen`]).
+//! libxenforeignmemory (loaded at run time, see `sys::xen`).
 //!
 //! Dirty tracking is Xen's log-dirty mode (`XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY`, read and
 //! cleared with `..._CLEAN`); pages are copied through foreign mappings; vCPU state is

@@ -3,7 +3,7 @@
 //! Implementations: [`memory_pair`] (in-process, for tests and the benchmark),
 //! [`unix_stream`] (length-prefixed frames over a Unix stream socket, used between processes),
 //! [`FaultInjector`] (wraps a sender to drop, corrupt or truncate chosen frames) and, in
-//! [`crate::alink`], the A-link `Channel::Checkpoint`.
+//! the alink adapter, the A-link `Channel::Checkpoint`.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
