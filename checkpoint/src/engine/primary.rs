@@ -47,6 +47,28 @@ pub enum EpochPolicy {
     },
 }
 
+impl EpochPolicy {
+    /// Length of the next epoch, given the current one and the pause just measured.
+    pub fn next_interval(&self, current: Duration, pause: Duration) -> Duration {
+        match *self {
+            EpochPolicy::Fixed(d) => d,
+            EpochPolicy::Adaptive {
+                min,
+                max,
+                max_pause_share,
+                max_pause,
+            } => {
+                let share = max_pause_share.clamp(0.001, 1.0);
+                let mut want = pause.div_f64(share);
+                if pause > max_pause && !pause.is_zero() {
+                    want = want.min(current.mul_f64(max_pause.as_secs_f64() / pause.as_secs_f64()));
+                }
+                want.clamp(min, max.max(min))
+            }
+        }
+    }
+}
+
 /// Settings of the primary.
 #[derive(Clone, Debug)]
 pub struct PrimaryConfig {
@@ -498,21 +520,8 @@ fn checkpoint_loop(
             lock(&shared.stats).phase = Phase::Stopped;
             return Ok(());
         }
-        if let EpochPolicy::Adaptive {
-            min,
-            max,
-            max_pause_share,
-            max_pause,
-        } = cfg.epoch
-        {
-            let share = max_pause_share.clamp(0.001, 1.0);
-            let mut want = pause.div_f64(share);
-            if pause > max_pause && !pause.is_zero() {
-                want = want.min(interval.mul_f64(max_pause.as_secs_f64() / pause.as_secs_f64()));
-            }
-            interval = want.clamp(min, max);
-            debug!(epoch, dirty, ?pause, ?interval, "adaptive epoch");
-        }
+        interval = cfg.epoch.next_interval(interval, pause);
+        debug!(epoch, dirty, ?pause, ?interval, "checkpoint taken");
         // Fixed cadence from the previous deadline, unless we fell behind.
         next = (next + interval).max(Instant::now());
     }
@@ -650,5 +659,57 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
             Ok(_) => warn!("unexpected frame from the secondary"),
             Err(e) => warn!(error = %e, "undecodable frame from the secondary"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn adaptive() -> EpochPolicy {
+        EpochPolicy::Adaptive {
+            min: 5 * MS,
+            max: 25 * MS,
+            max_pause_share: 0.1,
+            max_pause: 5 * MS,
+        }
+    }
+
+    #[test]
+    fn cheap_checkpoints_run_at_the_shortest_epoch() {
+        assert_eq!(adaptive().next_interval(25 * MS, MS / 5), 5 * MS);
+    }
+
+    #[test]
+    fn pauses_are_held_to_their_share_of_time() {
+        // 1.5 ms pause at 10 % -> 15 ms epochs.
+        assert_eq!(adaptive().next_interval(5 * MS, MS * 3 / 2), 15 * MS);
+    }
+
+    #[test]
+    fn a_pause_above_the_bound_shortens_the_next_epoch() {
+        // 10 ms pause after a 20 ms epoch: halve the epoch (bounded by min).
+        assert_eq!(adaptive().next_interval(20 * MS, 10 * MS), 10 * MS);
+        assert_eq!(adaptive().next_interval(6 * MS, 20 * MS), 5 * MS);
+    }
+
+    #[test]
+    fn fixed_epochs_ignore_the_pause() {
+        assert_eq!(
+            EpochPolicy::Fixed(25 * MS).next_interval(MS, 9 * MS),
+            25 * MS
+        );
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(|i| i * MS).collect();
+        let m = Millis::of(&v);
+        assert_eq!(
+            (m.p50.round(), m.p99.round(), m.max.round()),
+            (51.0, 99.0, 100.0)
+        );
     }
 }

@@ -290,13 +290,19 @@ fn control_loop(shared: &Shared, control: &mut UnixStream) -> Result<(), GuestEr
                 c.pause_requested = true;
                 shared.pause_flag.store(true, Ordering::Release);
                 shared.cv.notify_all();
-                while !c.parked {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !c.parked && Instant::now() < deadline {
                     c = shared
                         .cv
-                        .wait(c)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        .wait_timeout(c, Duration::from_millis(100))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
                 }
-                Ok(Vec::new())
+                if c.parked {
+                    Ok(Vec::new())
+                } else {
+                    Err("workload did not reach a safe point within 5 s".to_string())
+                }
             }
             OP_RESUME => {
                 let mut c = lock(&shared.ctl);
