@@ -22,14 +22,14 @@
 //! - [`wire`]: epoch wire format, encoder (zero / XOR + LZ4 / raw) and assembler.
 //! - [`engine`]: primary ([`engine::primary`]), secondary ([`engine::secondary`]), transport
 //!   trait and implementations ([`engine::transport`]), commit hook ([`engine::commit`]).
+//! - [`alink`]: the engine's channel over the A-link (`Channel::Checkpoint`).
 //! - [`testing`]: in-memory domain for tests.
 //!
 //! # API for the agent
 //!
 //! **Start protection (primary host).** Open the domain, get an endpoint to the secondary
-//! (with the A-link, the `alink` adapter once it lands,
-//! any [`engine::transport::FrameSender`]/[`engine::transport::FrameReceiver`] pair
-//! otherwise), and a [`engine::commit::CommitSink`] that releases net output / applies disk
+//! (over the A-link: [`alink::endpoint`]`(&link, runtime_handle)`; or any
+//! [`engine::transport::FrameSender`]/[`engine::transport::FrameReceiver`] pair), and a [`engine::commit::CommitSink`] that releases net output / applies disk
 //! writes per epoch:
 //! ```no_run
 //! # use std::sync::Arc;
@@ -77,6 +77,7 @@
 //! Pre-copy chunks and checkpoints share one epoch sequence (1, 2, ...); only checkpoints
 //! carry vCPU state, are passed to [`engine::commit::CommitSink`] and can be resumed from.
 
+pub mod alink;
 pub mod domain;
 pub mod engine;
 pub mod local;

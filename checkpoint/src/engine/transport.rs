@@ -2,8 +2,8 @@
 //!
 //! Implementations: [`memory_pair`] (in-process, for tests and the benchmark),
 //! [`unix_stream`] (length-prefixed frames over a Unix stream socket, used between processes),
-//! [`FaultInjector`] (wraps a sender to drop, corrupt or truncate chosen frames) and, in
-//! the alink adapter, the A-link `Channel::Checkpoint`.
+//! [`FaultInjector`] (wraps a sender to drop, corrupt or truncate chosen frames) and
+//! [`crate::alink::endpoint`] (the A-link `Channel::Checkpoint`).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -26,6 +26,9 @@ pub enum TransportError {
     /// I/O error on the underlying socket.
     #[error("checkpoint channel I/O: {0}")]
     Io(#[from] io::Error),
+    /// The peer process restarted and lost the stream: protection must start afresh.
+    #[error("checkpoint peer restarted; the stream must start afresh")]
+    PeerRestarted,
     /// A frame above [`MAX_FRAME`].
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     TooLarge(usize),
