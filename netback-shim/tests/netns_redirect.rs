@@ -1,0 +1,183 @@
+//! Uplink redirect, for real: the primary's uplink loses carrier; the VM's frames go through the
+//! tunnel to the secondary's shim and out of its uplink, replies come back the same way; an
+//! open TCP connection survives; traffic returns to the local path when the uplink is back.
+//! Privileged (root): builds and removes its own namespaces.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
+use xenft_netback::tunnel::memory_pair;
+use xenft_netback::{Mode, Shim};
+use xenft_tests::netns::require_root;
+
+const PORT: u16 = 7100;
+
+/// Hands what arrives in `inbox` to `shim` until `stop`.
+fn pump(
+    inbox: Receiver<Bytes>,
+    shim: Arc<Shim>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(m) = inbox.recv_timeout(Duration::from_millis(50)) {
+                shim.on_tunnel_message(&m);
+            }
+        }
+    })
+}
+
+fn exchange(conn: &mut TcpStream, round: u32) -> R<()> {
+    let mut msg = [0u8; 200];
+    msg[..4].copy_from_slice(&round.to_be_bytes());
+    conn.write_all(&msg)?;
+    let mut back = [0u8; 200];
+    conn.read_exact(&mut back)?;
+    assert_eq!(back, msg, "echo of round {round}");
+    Ok(())
+}
+
+#[test]
+fn open_tcp_connection_survives_uplink_loss_through_the_tunnel_and_returns_local() -> R<()> {
+    if !require_root("uplink redirect") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let primary = Arc::new(start_shim(&pool.host_a, shim_config())?);
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
+    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+    primary.set_tunnel(Arc::new(a_tx));
+    secondary.set_tunnel(Arc::new(b_tx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pumps = [
+        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
+        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
+    ];
+
+    // Echo server in the client namespace.
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+
+    let result = (|| -> R<()> {
+        let mut conn = pool
+            .vm_a
+            .spawn(|| {
+                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
+            })?
+            .join()
+            .map_err(|_| "connect panicked")??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        assert_eq!(conn.local_addr()?.ip(), VM_IP);
+        for round in 0..5 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+
+        // Cable cut between the primary and the switch.
+        pool.sw.ip(&["link", "set", "pa", "down"])?;
+        assert!(
+            wait_until(Duration::from_secs(2), || primary
+                .counters()
+                .redirect
+                .redirecting),
+            "the primary redirects when its uplink loses carrier"
+        );
+        for round in 5..25 {
+            exchange(&mut conn, round)?;
+        }
+        let (p, s) = (primary.counters(), secondary.counters());
+        assert!(
+            p.tunnel_out_frames >= 20 && p.tunnel_in_frames >= 20,
+            "{p:?}"
+        );
+        assert!(s.redirect.serving_peer && s.tunnel_in_frames >= 20, "{s:?}");
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
+        assert_eq!(
+            s.to_vm_frames, 0,
+            "the standby copy of the VM received nothing"
+        );
+
+        // Cable back: traffic returns to the local path.
+        pool.sw.ip(&["link", "set", "pa", "up"])?;
+        assert!(
+            wait_until(Duration::from_secs(3), || !primary
+                .counters()
+                .redirect
+                .redirecting),
+            "the primary stops redirecting when its uplink is back"
+        );
+        let tunnelled = primary.counters().tunnel_out_frames;
+        for round in 25..30 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(
+            primary.counters().tunnel_out_frames,
+            tunnelled,
+            "local path again"
+        );
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+        assert!(wait_until(Duration::from_secs(2), || !secondary
+            .counters()
+            .redirect
+            .serving_peer));
+        drop(conn);
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for p in pumps {
+        let _ = p.join();
+    }
+    let served = server.join().map_err(|_| "server panicked")?;
+    result?;
+    served?;
+    Ok(())
+}
+
+#[test]
+fn garbage_on_the_tunnel_is_dropped_and_counted() -> R<()> {
+    if !require_root("tunnel garbage") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let other = xenft_netback::frame::MacAddr([2, 0, 0, 0, 0, 9]);
+    for msg in [
+        Bytes::from_static(b""),
+        Bytes::from_static(b"garbage!garbage!"),
+        xenft_netback::tunnel::TunnelMsg::RedirectStart(other).encode(),
+        // A frame for the VM while no redirect is active: unexpected, not delivered.
+        xenft_netback::tunnel::TunnelMsg::ToVm(VM_MAC, Bytes::from(vec![0u8; 60])).encode(),
+    ] {
+        shim.on_tunnel_message(&msg);
+    }
+    let c = shim.counters();
+    assert_eq!(c.dropped.tunnel_garbage, 3);
+    assert_eq!(c.dropped.tunnel_unexpected, 1);
+    assert_eq!(c.to_vm_frames, 0);
+    assert!(!c.redirect.serving_peer);
+    Ok(())
+}
