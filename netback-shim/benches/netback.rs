@@ -1,2 +1,213 @@
-//! Benchmark placeholder replaced below.
-fn main() {}
+//! `scripts/bench netback`: relay throughput (iperf3 TCP, vm → client) and added round-trip
+//! latency (UDP ping-pong, vm → client → vm), side by side for
+//! - `direct`: the kernel path a vif normally takes (vif and uplink ports of a Linux bridge in
+//!   the host namespace) — the baseline;
+//! - `passthrough`: the shim relaying in pass-through mode;
+//! - `epochs`: the shim in buffered mode with 25 ms epochs, each committed as soon as it ends
+//!   (an instantly acknowledging secondary), so the figure is the shim's own cost.
+//!
+//! Same namespaces, offload settings (off, as the shim requires) and MTU in all three. Needs
+//! root and iperf3. The last line printed is a JSON object.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{shim_config, start_shim, Line, CLIENT_IP, R, VM_IP};
+use xenft_netback::{Mode, Shim};
+
+const EPOCH: Duration = Duration::from_millis(25);
+const IPERF_SECS: &str = "3";
+const PINGS: usize = 400;
+const UDP_PORT: u16 = 7300;
+
+/// The baseline: vif0 and up0 bridged by the host kernel.
+fn bridge_host(line: &Line) -> R<()> {
+    line.host.ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"])?;
+    line.host.ip(&["link", "set", "vif0", "master", "br0"])?;
+    line.host.ip(&["link", "set", "up0", "master", "br0"])?;
+    line.host.ip(&["link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+fn iperf_mbps(line: &Line) -> R<f64> {
+    let mut server = line
+        .client
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &CLIENT_IP.to_string(), "-p", "5299"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = line
+        .vm
+        .command("iperf3")
+        .args(["-c", &CLIENT_IP.to_string(), "-p", "5299", "-t", IPERF_SECS, "-J"])
+        .output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| format!("iperf3 gave no figure: {}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok(bps / 1e6)
+}
+
+/// Round-trip times in ms of `PINGS` UDP requests from the VM, echoed by the client.
+fn rtts_ms(line: &Line) -> R<Vec<f64>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let echo = line.client.spawn(move || -> std::io::Result<()> {
+        let s = UdpSocket::bind((CLIENT_IP, UDP_PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let mut buf = [0u8; 64];
+        while !stop2.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                s.send_to(&buf[..n], from)?;
+            }
+        }
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(100));
+    let pinger = line.vm.spawn(|| -> std::io::Result<Vec<f64>> {
+        let s = UdpSocket::bind((VM_IP, 0))?;
+        s.connect((CLIENT_IP, UDP_PORT))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut out = Vec::with_capacity(PINGS);
+        let mut buf = [0u8; 64];
+        // Warm-up: resolves neighbours.
+        s.send(&[0; 8])?;
+        let _ = s.recv(&mut buf);
+        for i in 0..PINGS {
+            let seq = u64::try_from(i).unwrap_or(0).to_be_bytes();
+            let t = Instant::now();
+            s.send(&seq)?;
+            loop {
+                let n = s.recv(&mut buf)?;
+                if n == 8 && buf[..8] == seq {
+                    break;
+                }
+            }
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+            // An irregular gap, so requests land at every phase of an epoch.
+            std::thread::sleep(Duration::from_micros(1000 + (i as u64 * 7919) % 3000));
+        }
+        Ok(out)
+    })?;
+    let r = pinger.join().map_err(|_| "pinger panicked")?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    Ok(r?)
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = (p / 100.0 * (s.len() as f64 - 1.0)).round();
+    s[(rank as usize).min(s.len() - 1)]
+}
+
+/// Drives epochs on an absolute 25 ms schedule: begin N+1, commit N.
+fn epoch_driver(shim: Arc<Shim>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut n = 1;
+        let _ = shim.begin_epoch(n);
+        let mut next = Instant::now() + EPOCH;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            next += EPOCH;
+            let _ = shim.begin_epoch(n + 1);
+            let _ = shim.commit(n);
+            n += 1;
+        }
+        n
+    })
+}
+
+struct Figures {
+    mbps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+fn measure(line: &Line) -> R<Figures> {
+    let mbps = iperf_mbps(line)?;
+    let r = rtts_ms(line)?;
+    Ok(Figures {
+        mbps,
+        p50: pct(&r, 50.0),
+        p99: pct(&r, 99.0),
+    })
+}
+
+fn main() -> R<()> {
+    if !xenft_tests::netns::require_root("netback bench") {
+        return Ok(());
+    }
+    let direct = {
+        let line = Line::new()?;
+        bridge_host(&line)?;
+        measure(&line)?
+    };
+    eprintln!("direct: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms", direct.mbps, direct.p50, direct.p99);
+    let (pass, pass_counters) = {
+        let line = Line::new()?;
+        let shim = start_shim(&line.host, shim_config())?;
+        let f = measure(&line)?;
+        (f, shim.counters())
+    };
+    eprintln!("passthrough: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms", pass.mbps, pass.p50, pass.p99);
+    let (ep, ep_counters) = {
+        let line = Line::new()?;
+        let mut cfg = shim_config();
+        cfg.mode = Mode::Buffered;
+        let shim = Arc::new(start_shim(&line.host, cfg)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = epoch_driver(Arc::clone(&shim), Arc::clone(&stop));
+        let f = measure(&line);
+        stop.store(true, Ordering::Relaxed);
+        let _ = driver.join();
+        (f?, shim.counters())
+    };
+    eprintln!("epochs: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms", ep.mbps, ep.p50, ep.p99);
+    let drops = |c: &xenft_netback::Counters| {
+        let d = &c.dropped;
+        d.runt + d.oversize + d.spoofed_source + d.standby + d.discarded + d.send_failed
+    };
+    let epoch_ms = EPOCH.as_secs_f64() * 1e3;
+    let ratio = pass.mbps / direct.mbps;
+    let minus_epoch = ep.p99 - direct.p99 - epoch_ms;
+    let json = serde_json::json!({
+        "bench": "netback",
+        "passthrough_vs_direct": ratio,
+        "added_latency_p99_ms_minus_epoch": minus_epoch,
+        "epoch_ms": epoch_ms,
+        "direct_mbps": direct.mbps,
+        "passthrough_mbps": pass.mbps,
+        "epochs_mbps": ep.mbps,
+        "direct_rtt_p50_ms": direct.p50,
+        "direct_rtt_p99_ms": direct.p99,
+        "passthrough_rtt_p50_ms": pass.p50,
+        "passthrough_rtt_p99_ms": pass.p99,
+        "epochs_rtt_p50_ms": ep.p50,
+        "epochs_rtt_p99_ms": ep.p99,
+        "added_latency_passthrough_p50_ms": pass.p50 - direct.p50,
+        "added_latency_passthrough_p99_ms": pass.p99 - direct.p99,
+        "added_latency_epochs_p50_ms": ep.p50 - direct.p50,
+        "added_latency_epochs_p99_ms": ep.p99 - direct.p99,
+        "passthrough_drops": drops(&pass_counters),
+        "epochs_drops": drops(&ep_counters),
+        "epochs_early_checkpoints": ep_counters.early_checkpoint_requests,
+        "target_passthrough_ge_0_8": ratio >= 0.8,
+        "target_added_latency_le_epoch_plus_1ms": minus_epoch <= 1.0,
+    });
+    println!("{json}");
+    Ok(())
+}
