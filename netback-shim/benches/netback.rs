@@ -27,7 +27,8 @@ const UDP_PORT: u16 = 7300;
 
 /// The baseline: vif0 and up0 bridged by the host kernel.
 fn bridge_host(line: &Line) -> R<()> {
-    line.host.ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"])?;
+    line.host
+        .ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"])?;
     line.host.ip(&["link", "set", "vif0", "master", "br0"])?;
     line.host.ip(&["link", "set", "up0", "master", "br0"])?;
     line.host.ip(&["link", "set", "br0", "up"])?;
@@ -45,7 +46,15 @@ fn iperf_mbps(line: &Line) -> R<f64> {
     let out = line
         .vm
         .command("iperf3")
-        .args(["-c", &CLIENT_IP.to_string(), "-p", "5299", "-t", IPERF_SECS, "-J"])
+        .args([
+            "-c",
+            &CLIENT_IP.to_string(),
+            "-p",
+            "5299",
+            "-t",
+            IPERF_SECS,
+            "-J",
+        ])
         .output();
     let _ = server.kill();
     let _ = server.wait();
@@ -53,7 +62,12 @@ fn iperf_mbps(line: &Line) -> R<f64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .ok_or_else(|| format!("iperf3 gave no figure: {}", String::from_utf8_lossy(&out.stdout)))?;
+        .ok_or_else(|| {
+            format!(
+                "iperf3 gave no figure: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
     Ok(bps / 1e6)
 }
 
@@ -104,11 +118,12 @@ fn rtts_ms(line: &Line) -> R<Vec<f64>> {
     Ok(r?)
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
+/// The `p`th percentile (nearest rank) of a non-empty sample.
+fn pct(v: &[f64], p: usize) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let rank = (p / 100.0 * (s.len() as f64 - 1.0)).round();
-    s[(rank as usize).min(s.len() - 1)]
+    let rank = (p * (s.len() - 1) + 50) / 100;
+    s[rank.min(s.len() - 1)]
 }
 
 /// Drives epochs on an absolute 25 ms schedule: begin N+1, commit N.
@@ -142,8 +157,8 @@ fn measure(line: &Line) -> R<Figures> {
     let r = rtts_ms(line)?;
     Ok(Figures {
         mbps,
-        p50: pct(&r, 50.0),
-        p99: pct(&r, 99.0),
+        p50: pct(&r, 50),
+        p99: pct(&r, 99),
     })
 }
 
@@ -156,14 +171,20 @@ fn main() -> R<()> {
         bridge_host(&line)?;
         measure(&line)?
     };
-    eprintln!("direct: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms", direct.mbps, direct.p50, direct.p99);
+    eprintln!(
+        "direct: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms",
+        direct.mbps, direct.p50, direct.p99
+    );
     let (pass, pass_counters) = {
         let line = Line::new()?;
         let shim = start_shim(&line.host, shim_config())?;
         let f = measure(&line)?;
         (f, shim.counters())
     };
-    eprintln!("passthrough: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms", pass.mbps, pass.p50, pass.p99);
+    eprintln!(
+        "passthrough: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms",
+        pass.mbps, pass.p50, pass.p99
+    );
     let (ep, ep_counters) = {
         let line = Line::new()?;
         let mut cfg = shim_config();
@@ -176,7 +197,10 @@ fn main() -> R<()> {
         let _ = driver.join();
         (f?, shim.counters())
     };
-    eprintln!("epochs: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms", ep.mbps, ep.p50, ep.p99);
+    eprintln!(
+        "epochs: {:.0} Mbit/s, rtt p50 {:.3} ms p99 {:.3} ms",
+        ep.mbps, ep.p50, ep.p99
+    );
     let drops = |c: &xenft_netback::Counters| {
         let d = &c.dropped;
         d.runt + d.oversize + d.spoofed_source + d.standby + d.discarded + d.send_failed

@@ -24,15 +24,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::epoch::{EpochBuffer, EpochError, PushOutcome, DEFAULT_LIMIT_BYTES};
 use crate::frame::{self, FrameError, Learned, MacAddr};
-use crate::sys::PacketSocket;
+use crate::sys::{self, PacketSocket, RecvBatch};
 use crate::tunnel::{TunnelMsg, TunnelTransport};
 
 /// At most this many addresses of each family are remembered per VM.
 const MAX_LEARNED: usize = 32;
 /// How long blocking receives wait before checking for shutdown.
 const RECV_TIMEOUT: Duration = Duration::from_millis(100);
-/// Receive buffer: large enough to measure (and refuse) offloaded super-frames.
-const RECV_BUF: usize = 65_536 + 64;
+/// Frames taken per receive call (and sent per send call).
+const BATCH: usize = 32;
 
 /// What the shim does with the VM's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +64,9 @@ pub struct ShimConfig {
     pub mode: Mode,
     /// How often the uplink carrier is checked.
     pub monitor_interval: Duration,
+    /// Run the two forwarding threads under `SCHED_FIFO` at this priority (needs
+    /// `CAP_SYS_NICE`); `None` keeps the default scheduler.
+    pub realtime_priority: Option<u8>,
 }
 
 impl ShimConfig {
@@ -78,6 +81,7 @@ impl ShimConfig {
             buffer_limit: DEFAULT_LIMIT_BYTES,
             mode: Mode::Passthrough,
             monitor_interval: Duration::from_millis(50),
+            realtime_priority: None,
         }
     }
 }
@@ -276,40 +280,49 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Sends a VM frame towards the network: local uplink, or the tunnel while redirecting.
-    fn egress(&self, st: &mut State, frame: &Bytes) {
+    /// Sends VM frames towards the network, in order: local uplink, or the tunnel while
+    /// redirecting.
+    fn egress(&self, st: &mut State, frames: &[&[u8]]) {
+        if frames.is_empty() {
+            return;
+        }
         if st.c.redirect.redirecting {
-            let Some(t) = st.tunnel.clone() else {
-                st.c.dropped.no_tunnel += 1;
+            let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) else {
+                st.c.dropped.no_tunnel += frames.len() as u64;
                 return;
             };
-            let Some(mac) = st.vm_mac else { return };
-            match t.send(TunnelMsg::FromVm(mac, frame.clone()).encode()) {
-                Ok(()) => st.c.tunnel_out_frames += 1,
-                Err(_) => st.c.dropped.send_failed += 1,
+            for f in frames {
+                match t.send(TunnelMsg::FromVm(mac, Bytes::copy_from_slice(f)).encode()) {
+                    Ok(()) => st.c.tunnel_out_frames += 1,
+                    Err(_) => st.c.dropped.send_failed += 1,
+                }
             }
             return;
         }
-        match self.uplink.send(frame) {
-            Ok(()) => {
-                st.c.to_uplink_frames += 1;
-                st.c.to_uplink_bytes += frame.len() as u64;
-            }
+        let sent = match self.uplink.send_batch(frames) {
+            Ok(n) => n,
             Err(e) => {
-                st.c.dropped.send_failed += 1;
                 tracing::debug!(error = %e, "uplink send failed");
+                0
             }
-        }
+        };
+        st.c.to_uplink_frames += sent as u64;
+        st.c.to_uplink_bytes += frames
+            .iter()
+            .take(sent)
+            .map(|f| f.len() as u64)
+            .sum::<u64>();
+        st.c.dropped.send_failed += (frames.len() - sent) as u64;
     }
 
-    fn release(&self, st: &mut State, frames: Vec<Bytes>) -> usize {
-        let n = frames.len();
-        for f in frames {
-            st.c.released_frames += 1;
-            st.c.released_bytes += f.len() as u64;
-            self.egress(st, &f);
+    fn release(&self, st: &mut State, frames: &[Bytes]) -> usize {
+        st.c.released_frames += frames.len() as u64;
+        st.c.released_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        for chunk in frames.chunks(BATCH) {
+            let refs: Vec<&[u8]> = chunk.iter().map(|f| &f[..]).collect();
+            self.egress(st, &refs);
         }
-        n
+        frames.len()
     }
 
     /// Gratuitous ARP per IPv4 address, unsolicited NA per IPv6 address, and one relearn
@@ -334,49 +347,82 @@ impl Inner {
         sent
     }
 
+    fn enter_realtime(&self) {
+        if let Some(p) = self.cfg.realtime_priority {
+            if let Err(e) = sys::set_realtime_priority(p) {
+                tracing::warn!(error = %e, priority = p, "cannot run the relay thread real-time");
+            }
+        }
+    }
+
     fn vm_rx_loop(&self) {
-        let mut buf = vec![0u8; RECV_BUF];
+        self.enter_realtime();
+        let mut batch = RecvBatch::new(BATCH, self.max_frame + 1);
         while !self.stop.load(Ordering::Relaxed) {
-            let n = match self.vif.recv(&mut buf) {
-                Ok(Some(n)) => n,
-                Ok(None) => continue,
+            match self.vif.recv_batch(&mut batch) {
+                Ok(0) => continue,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, vif = %self.cfg.vif, "vif receive failed");
                     std::thread::sleep(RECV_TIMEOUT);
                     continue;
                 }
-            };
-            self.handle_vm_frame(&buf, n);
+            }
+            let mut st = self.lock();
+            let mut out: Vec<&[u8]> = Vec::with_capacity(BATCH);
+            let mut early = Vec::new();
+            for (data, len) in batch.frames() {
+                match self.handle_vm_frame(st, data, len, &mut out, &mut early) {
+                    Some(g) => st = g,
+                    None => return,
+                }
+            }
+            self.egress(&mut st, &out);
+            let hook = st.early_hook.clone();
+            drop(st);
+            if let Some(hook) = hook {
+                for epoch in early {
+                    hook(epoch);
+                }
+            }
         }
     }
 
-    fn handle_vm_frame(&self, buf: &[u8], n: usize) {
-        let mut st = self.lock();
-        match frame::check_len(n, self.max_frame) {
+    /// One frame from the VM. Pass-through frames for the local uplink are appended to `out`
+    /// (sent as one batch by the caller); everything else is handled here, after flushing `out`
+    /// so that order is kept. Returns `None` when the relay is stopping.
+    fn handle_vm_frame<'g, 'b>(
+        &'g self,
+        mut st: MutexGuard<'g, State>,
+        data: &'b [u8],
+        len: usize,
+        out: &mut Vec<&'b [u8]>,
+        early: &mut Vec<u64>,
+    ) -> Option<MutexGuard<'g, State>> {
+        match frame::check_len(len, self.max_frame) {
             Ok(()) => {}
             Err(FrameError::Runt) => {
                 st.c.dropped.runt += 1;
-                return;
+                return Some(st);
             }
             Err(FrameError::Oversize) => {
                 st.c.dropped.oversize += 1;
-                return;
+                return Some(st);
             }
         }
-        let data = &buf[..n];
         let Some(src) = frame::src_mac(data) else {
             st.c.dropped.runt += 1;
-            return;
+            return Some(st);
         };
         match st.vm_mac {
             Some(mac) if mac != src => {
                 st.c.dropped.spoofed_source += 1;
-                return;
+                return Some(st);
             }
             Some(_) => {}
             None if src.is_group() => {
                 st.c.dropped.spoofed_source += 1;
-                return;
+                return Some(st);
             }
             None => {
                 tracing::info!(mac = %src, "learned the VM's MAC from its traffic");
@@ -385,27 +431,43 @@ impl Inner {
         }
         st.learn(data);
         st.c.from_vm_frames += 1;
-        st.c.from_vm_bytes += n as u64;
-        let frame = Bytes::copy_from_slice(data);
+        st.c.from_vm_bytes += len as u64;
         match st.mode {
             Mode::Standby => st.c.dropped.standby += 1,
-            Mode::Passthrough => self.egress(&mut st, &frame),
+            Mode::Passthrough if !st.c.redirect.redirecting => out.push(data),
+            Mode::Passthrough => {
+                self.egress(&mut st, out);
+                out.clear();
+                self.egress(&mut st, &[data]);
+            }
             Mode::Buffered => {
+                self.egress(&mut st, out);
+                out.clear();
+                let frame = Bytes::copy_from_slice(data);
                 let mut stalled = false;
                 loop {
                     match st.buffer.push(frame.clone()) {
                         PushOutcome::Held => break,
                         PushOutcome::HeldRequestEarlyCheckpoint => {
                             st.c.early_checkpoint_requests += 1;
-                            let epoch = st.buffer.current_epoch();
-                            if let Some(hook) = st.early_hook.clone() {
-                                drop(st);
-                                hook(epoch);
-                                st = self.lock();
-                            }
+                            // The hook is called once the batch is done and the lock released.
+                            early.push(st.buffer.current_epoch());
                             break;
                         }
                         PushOutcome::Full => {
+                            // Ask for the early checkpoint now: the commit it brings is what
+                            // will make room.
+                            if !early.is_empty() {
+                                let hook = st.early_hook.clone();
+                                drop(st);
+                                for epoch in early.drain(..) {
+                                    if let Some(h) = &hook {
+                                        h(epoch);
+                                    }
+                                }
+                                st = self.lock();
+                                continue;
+                            }
                             if !stalled {
                                 stalled = true;
                                 st.c.overflow_stalls += 1;
@@ -418,67 +480,83 @@ impl Inner {
                                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                                 .0;
                             if self.stop.load(Ordering::Relaxed) {
-                                return;
+                                return None;
                             }
                             if st.mode != Mode::Buffered {
                                 if st.mode == Mode::Passthrough {
-                                    self.egress(&mut st, &frame);
+                                    self.egress(&mut st, &[data]);
                                 } else {
                                     st.c.dropped.standby += 1;
                                 }
-                                return;
+                                return Some(st);
                             }
                         }
                     }
                 }
                 st.c.held_frames_total += 1;
-                st.c.held_bytes_total += n as u64;
+                st.c.held_bytes_total += len as u64;
             }
         }
+        Some(st)
     }
 
     fn uplink_rx_loop(&self) {
-        let mut buf = vec![0u8; RECV_BUF];
+        self.enter_realtime();
+        let mut batch = RecvBatch::new(BATCH, self.max_frame + 1);
         while !self.stop.load(Ordering::Relaxed) {
-            let n = match self.uplink.recv(&mut buf) {
-                Ok(Some(n)) => n,
-                Ok(None) => continue,
+            match self.uplink.recv_batch(&mut batch) {
+                Ok(0) => continue,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, uplink = %self.cfg.uplink, "uplink receive failed");
                     std::thread::sleep(RECV_TIMEOUT);
                     continue;
                 }
-            };
-            self.handle_uplink_frame(&buf, n);
+            }
+            let mut st = self.lock();
+            let mut to_vm: Vec<&[u8]> = Vec::with_capacity(BATCH);
+            for (data, len) in batch.frames() {
+                if self.handle_uplink_frame(&mut st, data, len) {
+                    to_vm.push(data);
+                }
+            }
+            drop(st);
+            if to_vm.is_empty() {
+                continue;
+            }
+            let sent = self.vif.send_batch(&to_vm).unwrap_or(0);
+            let mut st = self.lock();
+            st.c.to_vm_frames += sent as u64;
+            st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| f.len() as u64).sum::<u64>();
+            st.c.dropped.send_failed += (to_vm.len() - sent) as u64;
         }
     }
 
-    fn handle_uplink_frame(&self, buf: &[u8], n: usize) {
-        let mut st = self.lock();
-        match frame::check_len(n, self.max_frame) {
+    /// One frame from the uplink; true when it is to be delivered to the VM.
+    fn handle_uplink_frame(&self, st: &mut State, data: &[u8], len: usize) -> bool {
+        match frame::check_len(len, self.max_frame) {
             Ok(()) => {}
             Err(FrameError::Runt) => {
                 st.c.dropped.runt += 1;
-                return;
+                return false;
             }
             Err(FrameError::Oversize) => {
                 st.c.dropped.oversize += 1;
-                return;
+                return false;
             }
         }
-        let data = &buf[..n];
         let (Some(dst), Some(src)) = (frame::dst_mac(data), frame::src_mac(data)) else {
-            return;
+            return false;
         };
         if let Some(mac) = st.vm_mac {
             if src == mac {
                 // The VM's own MAC seen on the uplink: the other host's copy (we are standby)
                 // or our own frame reflected. Learn from it, never deliver it.
                 st.learn(data);
-                return;
+                return false;
             }
             if dst != mac && !dst.is_group() {
-                return;
+                return false;
             }
             if st.c.redirect.serving_peer {
                 if let Some(t) = st.tunnel.clone() {
@@ -489,19 +567,7 @@ impl Inner {
                 }
             }
         }
-        if st.mode == Mode::Standby {
-            return;
-        }
-        drop(st);
-        let sent = self.vif.send(data);
-        let mut st = self.lock();
-        match sent {
-            Ok(()) => {
-                st.c.to_vm_frames += 1;
-                st.c.to_vm_bytes += n as u64;
-            }
-            Err(_) => st.c.dropped.send_failed += 1,
-        }
+        st.mode != Mode::Standby
     }
 
     fn monitor_loop(&self) {
@@ -751,7 +817,7 @@ impl Shim {
             });
         }
         let frames = st.buffer.commit(n)?;
-        let released = self.inner.release(&mut st, frames);
+        let released = self.inner.release(&mut st, &frames);
         drop(st);
         self.inner.space.notify_all();
         Ok(released)
@@ -774,7 +840,7 @@ impl Shim {
         if st.mode == Mode::Buffered && mode != Mode::Buffered {
             if mode == Mode::Passthrough {
                 let frames = st.buffer.drain_all();
-                self.inner.release(&mut st, frames);
+                self.inner.release(&mut st, &frames);
             } else {
                 let (frames, _) = st.buffer.discard();
                 st.c.dropped.discarded += frames as u64;

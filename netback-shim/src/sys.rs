@@ -19,6 +19,8 @@ fn eth_p_all_be() -> u16 {
 
 /// `PACKET_IGNORE_OUTGOING` (linux/if_packet.h, Linux ≥ 4.20).
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// `PACKET_QDISC_BYPASS` (linux/if_packet.h): transmit straight to the driver.
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
 /// `PACKET_ADD_MEMBERSHIP` (linux/if_packet.h).
 const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 /// `PACKET_MR_PROMISC` (linux/if_packet.h).
@@ -110,6 +112,9 @@ impl PacketSocket {
             mr_address: [0; 8],
         };
         setsockopt(&fd, libc::SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mreq)?;
+        // The relay is the only sender on these interfaces and keeps its own order: skip the
+        // qdisc layer (its locks and queue) on transmit.
+        setsockopt(&fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, &1_i32)?;
         // 4 MiB receive buffer: absorbs bursts while the relay thread is descheduled.
         setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(4_i32 << 20))?;
 
@@ -240,9 +245,155 @@ impl PacketSocket {
         Ok(flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0)
     }
 
+    /// Receives up to `batch.slots()` frames in one call: waits (up to the receive timeout)
+    /// for the first, then takes whatever else is already queued. Returns how many frames are
+    /// in `batch` (0 on timeout).
+    ///
+    /// # Errors
+    /// Any socket error other than a timeout or an interrupted call.
+    pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.count = 0;
+        let mut iovs: Vec<libc::iovec> = batch
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast::<libc::c_void>(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: an all-zero `mmsghdr` is a valid value (null name and control).
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let vlen = libc::c_uint::try_from(msgs.len()).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: `msgs` holds `vlen` headers, each pointing at one iovec of `iovs`, each
+        // pointing at a live buffer of `batch.bufs` of the stated length; all outlive the call
+        // and nothing else accesses them meanwhile. MSG_TRUNC makes `msg_len` the frame's real
+        // length but the kernel still writes at most `iov_len` bytes.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                vlen,
+                libc::MSG_TRUNC | libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(err),
+            };
+        }
+        let n = usize::try_from(n).unwrap_or(0).min(msgs.len());
+        for (len, m) in batch.lens.iter_mut().zip(&msgs).take(n) {
+            *len = usize::try_from(m.msg_len).unwrap_or(usize::MAX);
+        }
+        batch.count = n;
+        Ok(n)
+    }
+
+    /// Sends several whole frames in one call. Returns how many were sent (the rest failed).
+    ///
+    /// # Errors
+    /// When not even the first frame could be sent.
+    pub fn send_batch(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        if frames.is_empty() {
+            return Ok(0);
+        }
+        let mut iovs: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                // sendmmsg only reads through this pointer.
+                iov_base: f.as_ptr().cast_mut().cast::<libc::c_void>(),
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: an all-zero `mmsghdr` is a valid value (null name and control).
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let mut sent = 0;
+        while sent < msgs.len() {
+            let rest = &mut msgs[sent..];
+            let vlen = libc::c_uint::try_from(rest.len()).unwrap_or(libc::c_uint::MAX);
+            // SAFETY: `rest` holds `vlen` headers pointing at iovecs of `iovs`, which point
+            // at the caller's frames; all outlive the call and the kernel only reads them.
+            let n = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), rest.as_mut_ptr(), vlen, 0) };
+            if n <= 0 {
+                if sent == 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                break;
+            }
+            sent += usize::try_from(n).unwrap_or(0);
+        }
+        Ok(sent)
+    }
+
     /// The interface index the socket is bound to.
     #[must_use]
     pub fn ifindex(&self) -> i32 {
         self.ifindex
     }
+}
+
+/// Receive slots for [`PacketSocket::recv_batch`].
+#[derive(Debug)]
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    count: usize,
+}
+
+impl RecvBatch {
+    /// `slots` buffers of `slot_len` bytes each.
+    #[must_use]
+    pub fn new(slots: usize, slot_len: usize) -> Self {
+        RecvBatch {
+            bufs: vec![vec![0; slot_len.max(1)]; slots.max(1)],
+            lens: vec![0; slots.max(1)],
+            count: 0,
+        }
+    }
+
+    /// The frames of the last receive: `(captured bytes, real length on the wire)`. The real
+    /// length exceeds the captured bytes when the frame was larger than a slot.
+    pub fn frames(&self) -> impl Iterator<Item = (&[u8], usize)> {
+        self.bufs
+            .iter()
+            .zip(&self.lens)
+            .take(self.count)
+            .map(|(b, &len)| (&b[..len.min(b.len())], len))
+    }
+}
+
+/// Runs the calling thread under `SCHED_FIFO` at `priority` (1..=99), so that a relay thread
+/// is woken ahead of ordinary work on a busy host. Bounded by the kernel's real-time throttling.
+///
+/// # Errors
+/// When the caller lacks `CAP_SYS_NICE` or the priority is out of range.
+pub fn set_realtime_priority(priority: u8) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: libc::c_int::from(priority),
+    };
+    // SAFETY: `param` is a valid `sched_param` read by the kernel during the call; pid 0 is
+    // the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) };
+    check(rc)
 }

@@ -96,7 +96,10 @@ impl Line {
         let vm = Netns::new()?;
         let host = Netns::new()?;
         let client = Netns::new()?;
-        no_ipv6(&host)?;
+        // No IPv6 autoconfiguration: the tests count the VM's frames exactly.
+        for ns in [&vm, &host, &client] {
+            no_ipv6(ns)?;
+        }
         bare_veth(&vm, "eth0", &host, "vif0")?;
         bare_veth(&host, "up0", &client, "eth0")?;
         setup_vm(&vm)?;
