@@ -258,6 +258,11 @@ impl ControlServer {
                             let spawned = std::thread::Builder::new()
                                 .name("netback-control-conn".into())
                                 .spawn(move || {
+                                    if let Some(p) = shim.realtime_priority() {
+                                        if let Err(e) = crate::sys::set_realtime_priority(p) {
+                                            tracing::debug!(error = %e, "control thread stays on the default scheduler");
+                                        }
+                                    }
                                     if stream.set_nonblocking(false).is_ok() {
                                         if let Err(e) = serve_connection(&shim, stream, &subs) {
                                             tracing::debug!(error = %e, "control connection closed");

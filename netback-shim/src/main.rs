@@ -45,6 +45,9 @@ struct Args {
     /// Mode at start.
     #[arg(long, value_enum, default_value = "passthrough")]
     mode: ModeArg,
+    /// Run the relay threads under SCHED_FIFO at this priority (1-99; needs CAP_SYS_NICE).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    realtime_priority: Option<u8>,
     /// Path of the control socket.
     #[arg(long)]
     control: PathBuf,
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     let mut cfg = ShimConfig::new(&args.vif, &args.uplink);
     cfg.vm_mac = args.mac;
     cfg.mtu = usize::from(args.mtu);
+    cfg.realtime_priority = args.realtime_priority;
     cfg.buffer_limit = usize::try_from(args.buffer_bytes).context("--buffer-bytes too large")?;
     cfg.mode = match args.mode {
         ModeArg::Passthrough => Mode::Passthrough,

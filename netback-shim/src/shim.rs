@@ -571,6 +571,9 @@ impl Inner {
     }
 
     fn monitor_loop(&self) {
+        // It takes the state lock too: at a lower priority it could be preempted while holding
+        // it and stall the real-time forwarding threads (priority inversion).
+        self.enter_realtime();
         let mut up_polls = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
             let up = self.uplink.link_up().unwrap_or(false);
@@ -917,6 +920,14 @@ impl Shim {
     /// dropped.
     pub fn on_tunnel_message(&self, msg: &Bytes) {
         self.inner.on_tunnel(msg);
+    }
+
+    /// The real-time priority of the relay threads, if any. Threads that call into the shim
+    /// often (the agent's control connection) should run at it too, or a preempted caller
+    /// holding the state lock stalls forwarding.
+    #[must_use]
+    pub fn realtime_priority(&self) -> Option<u8> {
+        self.inner.cfg.realtime_priority
     }
 
     /// A snapshot of the counters.
