@@ -13,7 +13,8 @@
 //!   ([`Shim::begin_epoch`], [`Shim::commit`], [`Shim::discard`], [`Shim::set_mode`],
 //!   [`Shim::takeover`]) and its [`Counters`];
 //! - [`epoch::EpochBuffer`]: the bounded per-epoch output buffer (pure logic);
-//! - [`tunnel::TunnelMsg`] / [`tunnel::TunnelTransport`]: the peer tunnel used by the redirect;
+//! - [`tunnel::TunnelMsg`] / [`tunnel::TunnelTransport`]: the peer tunnel used by the redirect,
+//!   carried over the A-link's `Channel::Net` by [`alink_tunnel`] (in memory in unit tests);
 //! - [`control`]: the JSON-lines control socket of the `xenft-netback` binary;
 //! - [`frame`]: frame validation, address learning, announcement frames.
 //!
@@ -30,6 +31,7 @@
 //!
 //! All `unsafe` code lives in [`sys`].
 
+pub mod alink_tunnel;
 pub mod control;
 pub mod epoch;
 pub mod frame;

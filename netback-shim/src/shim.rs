@@ -31,6 +31,8 @@ use crate::tunnel::{TunnelMsg, TunnelTransport};
 const MAX_LEARNED: usize = 32;
 /// How long blocking receives wait before checking for shutdown.
 const RECV_TIMEOUT: Duration = Duration::from_millis(100);
+/// How often a redirecting relay repeats its request to the peer.
+const REDIRECT_REPEAT: Duration = Duration::from_secs(1);
 /// Frames taken per receive call (and sent per send call).
 const BATCH: usize = 32;
 
@@ -575,6 +577,7 @@ impl Inner {
         // it and stall the real-time forwarding threads (priority inversion).
         self.enter_realtime();
         let mut up_polls = 0u32;
+        let mut last_request = std::time::Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             let up = self.uplink.link_up().unwrap_or(false);
             let mut st = self.lock();
@@ -591,6 +594,15 @@ impl Inner {
                     if t.send(TunnelMsg::RedirectStart(mac).encode()).is_ok() {
                         st.c.redirect.redirecting = true;
                         st.c.redirect.redirects_started += 1;
+                        last_request = std::time::Instant::now();
+                    }
+                }
+            } else if !up && st.c.redirect.redirecting && last_request.elapsed() >= REDIRECT_REPEAT
+            {
+                // Repeat the request: a peer that restarted lost it with the link's session.
+                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
+                    if t.send(TunnelMsg::RedirectStart(mac).encode()).is_ok() {
+                        last_request = std::time::Instant::now();
                     }
                 }
             } else if up_polls >= 2 && st.c.redirect.redirecting {
@@ -628,9 +640,12 @@ impl Inner {
         st.vm_mac = Some(mac);
         match m {
             TunnelMsg::RedirectStart(_) => {
-                tracing::warn!(uplink = %self.cfg.uplink, "peer's uplink is down: carrying its VM's frames");
-                st.c.redirect.serving_peer = true;
-                self.announce(&mut st);
+                // Repeated every second by the peer while it redirects: act on the first only.
+                if !st.c.redirect.serving_peer {
+                    tracing::warn!(uplink = %self.cfg.uplink, "peer's uplink is down: carrying its VM's frames");
+                    st.c.redirect.serving_peer = true;
+                    self.announce(&mut st);
+                }
             }
             TunnelMsg::RedirectStop(_) => st.c.redirect.serving_peer = false,
             TunnelMsg::FromVm(_, f) => {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
+use xenft_netback::alink_tunnel::attach;
 use xenft_netback::tunnel::memory_pair;
 use xenft_netback::{Mode, Shim};
 use xenft_tests::netns::require_root;
@@ -45,16 +46,22 @@ fn exchange(conn: &mut TcpStream, round: u32) -> R<()> {
     Ok(())
 }
 
+/// Primary (pass-through) in host_a, secondary (standby) in host_b.
+fn shims(pool: &Pool) -> R<(Arc<Shim>, Arc<Shim>)> {
+    let primary = Arc::new(start_shim(&pool.host_a, shim_config())?);
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
+    Ok((primary, secondary))
+}
+
 #[test]
 fn open_tcp_connection_survives_uplink_loss_through_the_tunnel_and_returns_local() -> R<()> {
     if !require_root("uplink redirect") {
         return Ok(());
     }
     let pool = Pool::new()?;
-    let primary = Arc::new(start_shim(&pool.host_a, shim_config())?);
-    let mut cfg = shim_config();
-    cfg.mode = Mode::Standby;
-    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
+    let (primary, secondary) = shims(&pool)?;
     let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
     primary.set_tunnel(Arc::new(a_tx));
     secondary.set_tunnel(Arc::new(b_tx));
@@ -63,7 +70,41 @@ fn open_tcp_connection_survives_uplink_loss_through_the_tunnel_and_returns_local
         pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
         pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
     ];
+    let result = cut_and_restore_uplink(&pool, &primary, &secondary);
+    stop.store(true, Ordering::Relaxed);
+    for p in pumps {
+        let _ = p.join();
+    }
+    result
+}
 
+#[test]
+fn open_tcp_connection_survives_uplink_loss_over_the_alink() -> R<()> {
+    if !require_root("uplink redirect over the A-link") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let (primary, secondary) = shims(&pool)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Two loopback paths in the test's own namespace stand for the hosts' private links.
+    let (la, lb) = rt.block_on(xenft_alink::testing::loopback_pair(2))?;
+    assert!(rt.block_on(la.wait_connected(Duration::from_secs(5))));
+    let att_a = attach(Arc::clone(&primary), &la, rt.handle())?;
+    let att_b = attach(Arc::clone(&secondary), &lb, rt.handle())?;
+    let result = cut_and_restore_uplink(&pool, &primary, &secondary);
+    drop(att_a);
+    drop(att_b);
+    la.shutdown();
+    lb.shutdown();
+    result
+}
+
+/// The scenario: a TCP connection from the VM to the client, the primary's switch port goes
+/// down and comes back; every exchange succeeds, on the same connection.
+fn cut_and_restore_uplink(pool: &Pool, primary: &Shim, secondary: &Shim) -> R<()> {
     // Echo server in the client namespace.
     let listener = pool
         .client
@@ -147,10 +188,6 @@ fn open_tcp_connection_survives_uplink_loss_through_the_tunnel_and_returns_local
         drop(conn);
         Ok(())
     })();
-    stop.store(true, Ordering::Relaxed);
-    for p in pumps {
-        let _ = p.join();
-    }
     let served = server.join().map_err(|_| "server panicked")?;
     result?;
     served?;
@@ -179,5 +216,43 @@ fn garbage_on_the_tunnel_is_dropped_and_counted() -> R<()> {
     assert_eq!(c.dropped.tunnel_unexpected, 1);
     assert_eq!(c.to_vm_frames, 0);
     assert!(!c.redirect.serving_peer);
+    Ok(())
+}
+
+#[test]
+fn garbage_from_the_peer_on_the_alink_net_channel_is_dropped_and_counted() -> R<()> {
+    if !require_root("A-link garbage") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    let shim = Arc::new(start_shim(&line.host, shim_config())?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (la, lb) = rt.block_on(xenft_alink::testing::loopback_pair(1))?;
+    let att = attach(Arc::clone(&shim), &la, rt.handle())?;
+    rt.block_on(async {
+        lb.send(
+            xenft_alink::Channel::Net,
+            Bytes::from_static(b"\x01\x09not a tunnel message"),
+        )
+        .await?;
+        lb.send(xenft_alink::Channel::Net, Bytes::from_static(b"x"))
+            .await
+    })?;
+    assert!(
+        wait_until(Duration::from_secs(5), || shim
+            .counters()
+            .dropped
+            .tunnel_garbage
+            == 2),
+        "{:?}",
+        shim.counters().dropped
+    );
+    assert_eq!(shim.counters().to_vm_frames, 0);
+    drop(att);
+    la.shutdown();
+    lb.shutdown();
     Ok(())
 }
