@@ -339,6 +339,7 @@ struct VmRuntime {
     leases: Vec<LeaseView>,
     fence_epochs: Vec<Option<(u64, u64)>>,
     unfence_proof: bool,
+    never_synced: bool,
     refused: Option<String>,
     sync_id: u64,
     redirected: BTreeSet<Component>,
@@ -490,6 +491,7 @@ impl HostCore {
                 leases: vec![LeaseView::default(); n],
                 fence_epochs: vec![None; n],
                 unfence_proof: false,
+                never_synced: false,
                 refused: None,
                 sync_id: 0,
                 redirected: BTreeSet::new(),
@@ -1214,6 +1216,7 @@ impl HostCore {
 
     fn fence(&mut self, vm: &VmId, reason: &str) {
         let v = self.vms.get_mut(vm).expect("vm");
+        v.never_synced = matches!(v.rec.phase, Phase::Unprotected | Phase::Syncing);
         v.local = LocalCopy::Paused;
         v.fence_epochs = v.leases.iter().map(|l| l.epoch).collect();
         v.unfence_proof = false;
@@ -1243,7 +1246,15 @@ impl HostCore {
         let report = ps.reports.get(vm).cloned();
         match v.local {
             LocalCopy::Running => {
-                if self.cfg.quorum_servers > 0 && !self.any_grant(v) && !promise {
+                // Before the first sync completes the secondary holds no consistent replica and
+                // never takes over, so there is nothing to fence against yet.
+                let takeover_possible = v.rec.level == Level::L1
+                    || !matches!(v.rec.phase, Phase::Unprotected | Phase::Syncing);
+                if self.cfg.quorum_servers > 0
+                    && takeover_possible
+                    && !self.any_grant(v)
+                    && !promise
+                {
                     self.fence(
                         vm,
                         "no live quorum lease and no live promise from the peer: this side may be the isolated one",
@@ -1268,7 +1279,11 @@ impl HostCore {
                     let v = self.vms.get_mut(vm).expect("vm");
                     v.local = LocalCopy::Running;
                     v.unfence_proof = false;
-                    v.rec.phase = Phase::Degraded;
+                    v.rec.phase = if v.never_synced {
+                        Phase::Unprotected
+                    } else {
+                        Phase::Degraded
+                    };
                     self.dirty = true;
                     self.cmd(Command::ResumeVm { vm: vm.clone() });
                     self.decide(
@@ -1399,13 +1414,29 @@ impl HostCore {
         // Follow the primary's phase while it is heard.
         if !ps.silent {
             if let Some(r) = ps.reports.get(vm) {
-                if r.generation == v.rec.generation
-                    && r.primary == v.rec.primary
-                    && r.phase != v.rec.phase
-                {
+                if r.generation == v.rec.generation && r.primary == v.rec.primary {
+                    // The primary reaches `protected` only after the mirror confirmed both
+                    // copies identical, and stays there only while writes are synchronous; a
+                    // (re)sync in progress leaves the replica inconsistent. The disk mirror
+                    // also reports inconsistency directly (`Input::MirrorConsistent`) the
+                    // moment resync data starts to flow, closing the gap until this report.
+                    let consistent = match r.phase {
+                        Phase::Protected => Some(true),
+                        Phase::Syncing | Phase::Resyncing => Some(false),
+                        _ => None,
+                    };
                     let phase = r.phase;
-                    self.vms.get_mut(vm).expect("vm").rec.phase = phase;
-                    self.dirty = true;
+                    let v = self.vms.get_mut(vm).expect("vm");
+                    if v.rec.phase != phase {
+                        v.rec.phase = phase;
+                        self.dirty = true;
+                    }
+                    if let Some(c) = consistent {
+                        if v.rec.consistent != c {
+                            v.rec.consistent = c;
+                            self.dirty = true;
+                        }
+                    }
                 }
             }
             self.vms.get_mut(vm).expect("vm").refused = None;

@@ -26,10 +26,14 @@
 //! | (e) | not enough memory to start a VM | refuse |
 //! | — | primary without lease or peer promise | fence (pause its copy) |
 
+pub mod config;
 pub mod core;
 pub mod decision;
 pub mod ids;
 pub mod lifecycle;
 pub mod quorum;
+pub mod runtime;
+pub mod seams;
 pub mod sim;
+pub mod status;
 pub mod timing;

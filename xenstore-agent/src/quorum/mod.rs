@@ -1,6 +1,8 @@
 //! Quorum: who may run a VM when hosts cannot hear each other.
 //!
-//! - [`table`]: the lease table of one quorum server (pure).
+//! - [`table`]: the lease table of one quorum server (pure);
+//! - [`wire`]: the HMAC-authenticated, length-bounded frame;
+//! - [`server`] and [`client`]: the TCP server (`xenft-quorum`) and the hosts' client.
 //!
 //! ## Zero, one or two quorum servers
 //! - **One server**: a host must hold that server's lease to take a VM over; the running
@@ -28,4 +30,7 @@
 //! without their agent and a host watchdog resets a host whose agent hangs); otherwise a dead
 //! agent's VM would keep running after its leases expired.
 
+pub mod client;
+pub mod server;
 pub mod table;
+pub mod wire;
