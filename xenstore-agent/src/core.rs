@@ -303,6 +303,8 @@ pub enum LocalCopy {
 struct PathState {
     last: Millis,
     up: bool,
+    /// Highest sequence accepted on this path (replayed or reordered datagrams are dropped).
+    last_seq: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -421,9 +423,12 @@ impl HostCore {
                             .map(|&id| {
                                 (
                                     id,
+                                    // Paths start presumed up: a restarted agent does
+                                    // not degrade its VMs before the detection timeout.
                                     PathState {
                                         last: now,
-                                        up: false,
+                                        up: true,
+                                        last_seq: None,
                                     },
                                 )
                             })
@@ -455,7 +460,16 @@ impl HostCore {
             out: Vec::new(),
             dirty: false,
         };
-        for rec in records {
+        for mut rec in records {
+            // A sync in flight died with the previous agent: restart it (the mirror's
+            // persistent dirty bitmap makes the restart copy only what is still dirty).
+            if rec.primary == core.cfg.me {
+                match rec.phase {
+                    Phase::Syncing => rec.phase = Phase::Unprotected,
+                    Phase::Resyncing => rec.phase = Phase::Degraded,
+                    _ => {}
+                }
+            }
             let local = if running.contains(&rec.vm) {
                 LocalCopy::Running
             } else {
@@ -750,9 +764,9 @@ impl HostCore {
         let Some(ps) = self.peers.get_mut(&hb.from) else {
             return;
         };
-        let Some(pst) = ps.paths.get_mut(&path) else {
+        if !ps.paths.contains_key(&path) {
             return;
-        };
+        }
         let now = self.now;
         let mut events: Vec<(FaultClass, Option<PathId>, String)> = Vec::new();
         if ps.incarnation != Some(hb.incarnation) {
@@ -770,7 +784,15 @@ impl HostCore {
             ps.max_seq = None;
             ps.promise_until = 0;
             ps.reports.clear();
+            ps.paths.values_mut().for_each(|p| p.last_seq = None);
         }
+        let Some(pst) = ps.paths.get_mut(&path) else {
+            return;
+        };
+        if pst.last_seq.is_some_and(|l| hb.seq <= l) {
+            return; // replayed or reordered on this path
+        }
+        pst.last_seq = Some(hb.seq);
         let newest = ps.max_seq.is_none_or(|m| hb.seq >= m);
         pst.last = now;
         if !pst.up {
@@ -1517,5 +1539,345 @@ impl HostCore {
                 self.cfg.timing.peer_dead_ms
             ),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> HostId {
+        HostId::new(s).unwrap()
+    }
+    fn vm() -> VmId {
+        VmId::new("vm1").unwrap()
+    }
+
+    fn cfg(me: &str, servers: usize) -> CoreConfig {
+        CoreConfig {
+            me: h(me),
+            peers: vec![h("h1"), h("h2")],
+            alink_paths: 2,
+            mgmt_heartbeat: true,
+            storage_heartbeat: false,
+            quorum_servers: servers,
+            timing: Timing::default(),
+        }
+    }
+
+    fn rec(phase: Phase, consistent: bool) -> VmRecord {
+        VmRecord {
+            vm: vm(),
+            level: Level::L3,
+            primary: h("h1"),
+            secondary: h("h2"),
+            generation: 3,
+            phase,
+            consistent,
+            memory_mb: 512,
+        }
+    }
+
+    /// Drives one core against a scripted peer.
+    struct Rig {
+        core: HostCore,
+        now: Millis,
+        peer_seq: u64,
+        out: Vec<Output>,
+    }
+
+    impl Rig {
+        fn new(cfg: CoreConfig, recs: Vec<VmRecord>, running: &[VmId]) -> Self {
+            let (core, out) = HostCore::new(cfg, 1, 0, recs, running);
+            Self {
+                core,
+                now: 0,
+                peer_seq: 0,
+                out,
+            }
+        }
+
+        fn peer(&self) -> HostId {
+            if self.core.me() == &h("h1") {
+                h("h2")
+            } else {
+                h("h1")
+            }
+        }
+
+        fn last_own_seq(&self) -> Option<u64> {
+            self.core.sent_seqs.back().map(|(s, _)| *s)
+        }
+
+        /// Advances `ms`, with the peer's heartbeats arriving every 100 ms on `paths`.
+        fn run(&mut self, ms: Millis, paths: &[PathId], report: Option<VmReport>) {
+            let end = self.now + ms;
+            while self.now < end {
+                self.now += 10;
+                let out = self.core.step(self.now, Input::Tick);
+                self.out.extend(out);
+                if self.now % 100 == 0 && !paths.is_empty() {
+                    self.peer_seq += 1;
+                    let ack = self.last_own_seq().map(|seq| Ack {
+                        incarnation: 1,
+                        seq,
+                    });
+                    let hb = Heartbeat {
+                        from: self.peer(),
+                        to: self.core.me().clone(),
+                        incarnation: 7,
+                        seq: self.peer_seq,
+                        ack,
+                        vms: report.clone().into_iter().collect(),
+                    };
+                    for &path in paths {
+                        let out = self.core.step(
+                            self.now,
+                            Input::Heartbeat {
+                                path,
+                                hb: hb.clone(),
+                            },
+                        );
+                        self.out.extend(out);
+                    }
+                }
+            }
+        }
+
+        fn input(&mut self, i: Input) {
+            let out = self.core.step(self.now, i);
+            self.out.extend(out);
+        }
+
+        fn decisions(&self) -> Vec<(FaultClass, Action)> {
+            self.out
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Decision(d) => Some((d.class, d.action)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn commands(&self) -> Vec<Command> {
+            self.out
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Command(c) => Some(c.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    const ALL: [PathId; 3] = [PathId::Alink(0), PathId::Alink(1), PathId::Mgmt];
+
+    fn secondary_report(phase: Phase) -> VmReport {
+        VmReport {
+            vm: vm(),
+            generation: 3,
+            primary: h("h1"),
+            running: false,
+            phase,
+        }
+    }
+
+    #[test]
+    fn one_alink_path_down_is_only_logged() {
+        let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Protected, true)], &[vm()]);
+        let report = Some(secondary_report(Phase::Protected));
+        r.run(1000, &ALL, report.clone());
+        r.out.clear();
+        r.run(1000, &[PathId::Alink(1), PathId::Mgmt], report);
+        let d = r.decisions();
+        assert!(
+            d.contains(&(FaultClass::PathDown, Action::LogOnly)),
+            "{d:?}"
+        );
+        assert!(
+            !d.iter().any(|(c, _)| *c == FaultClass::AllAlinksDown),
+            "{d:?}"
+        );
+        assert_eq!(r.core.records()[0].phase, Phase::Protected);
+    }
+
+    #[test]
+    fn all_alinks_down_with_peer_alive_on_mgmt_degrades_without_failover() {
+        let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Protected, true)], &[vm()]);
+        let report = Some(secondary_report(Phase::Protected));
+        r.run(1000, &ALL, report.clone());
+        r.out.clear();
+        r.run(2000, &[PathId::Mgmt], report);
+        let d = r.decisions();
+        assert!(
+            d.contains(&(FaultClass::AllAlinksDown, Action::Degrade)),
+            "{d:?}"
+        );
+        assert!(
+            !d.iter()
+                .any(|(_, a)| matches!(a, Action::FailOver | Action::Fence)),
+            "{d:?}"
+        );
+        assert_eq!(r.core.records()[0].phase, Phase::Degraded);
+        assert!(r
+            .commands()
+            .contains(&Command::SuspendReplication { vm: vm() }));
+    }
+
+    #[test]
+    fn secondary_takes_over_a_silent_primary_without_quorum_server() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        let report = Some(VmReport {
+            running: true,
+            ..secondary_report(Phase::Protected)
+        });
+        r.run(1000, &ALL, report);
+        r.out.clear();
+        r.run(400, &[], None);
+        assert!(r.commands().is_empty(), "took over before the timeout");
+        r.run(200, &[], None);
+        assert!(r.commands().contains(&Command::StartVm {
+            vm: vm(),
+            mode: StartMode::ResumeCheckpoint
+        }));
+        let rec = &r.core.records()[0];
+        assert_eq!((rec.primary.as_str(), rec.generation), ("h2", 4));
+    }
+
+    #[test]
+    fn lack_of_memory_refuses_the_take_over() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        r.input(Input::Resources {
+            free_memory_mb: 100,
+        });
+        r.run(1000, &[], None);
+        let d = r.decisions();
+        assert!(
+            d.contains(&(FaultClass::LackOfResources, Action::Refuse)),
+            "{d:?}"
+        );
+        assert!(r.commands().is_empty());
+    }
+
+    #[test]
+    fn inconsistent_replica_refuses_the_take_over() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Resyncing, false)], &[]);
+        r.run(1000, &[], None);
+        assert!(r
+            .decisions()
+            .contains(&(FaultClass::PeerSilent, Action::Refuse)));
+        assert!(r.commands().is_empty());
+    }
+
+    #[test]
+    fn disk_fault_on_the_primary_is_redirected_through_the_peer() {
+        let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Protected, true)], &[vm()]);
+        r.run(500, &ALL, Some(secondary_report(Phase::Protected)));
+        r.input(Input::Component {
+            vm: Some(vm()),
+            component: Component::Disk,
+            ok: false,
+            detail: "EIO".into(),
+        });
+        assert!(r.decisions().contains(&(
+            FaultClass::ComponentFault,
+            Action::Redirect(Component::Disk)
+        )));
+        assert!(r.commands().contains(&Command::Redirect {
+            vm: vm(),
+            component: Component::Disk
+        }));
+        r.input(Input::Component {
+            vm: None,
+            component: Component::Disk,
+            ok: true,
+            detail: String::new(),
+        });
+        assert!(r.commands().contains(&Command::Restore {
+            vm: vm(),
+            component: Component::Disk
+        }));
+    }
+
+    #[test]
+    fn restart_mid_resync_resumes_the_resync_of_dirty_regions() {
+        let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Resyncing, true)], &[vm()]);
+        r.run(300, &ALL, Some(secondary_report(Phase::Resyncing)));
+        let syncs: Vec<Command> = r
+            .commands()
+            .into_iter()
+            .filter(|c| matches!(c, Command::StartSync { .. }))
+            .collect();
+        assert!(
+            matches!(syncs.as_slice(), [Command::StartSync { full: false, .. }]),
+            "{syncs:?}"
+        );
+        assert_eq!(r.core.records()[0].phase, Phase::Resyncing);
+    }
+
+    #[test]
+    fn primary_without_lease_or_promise_fences_and_unfences_on_continued_epoch() {
+        let mut r = Rig::new(cfg("h1", 1), vec![rec(Phase::Degraded, true)], &[]);
+        // Pretend the VM runs and holds a lease of epoch 5 (boot 9).
+        {
+            let v = r.core.vms.get_mut(&vm()).unwrap();
+            v.local = LocalCopy::Running;
+            v.leases[0] = LeaseView {
+                epoch: Some((9, 5)),
+                valid_until: 500,
+            };
+        }
+        r.run(1000, &[], None);
+        assert!(r.commands().contains(&Command::PauseVm { vm: vm() }));
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
+        // The server renews the very same epoch: nobody else was granted the VM.
+        let req_id = r
+            .out
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Output::Quorum { req, .. } => Some(req.req_id),
+                _ => None,
+            })
+            .unwrap();
+        r.input(Input::Quorum {
+            server: 0,
+            reply: QuorumResponse {
+                req_id,
+                server_boot: 9,
+                results: vec![ClaimResult::Granted {
+                    vm: vm(),
+                    epoch: 5,
+                    continued: true,
+                }],
+            },
+        });
+        assert!(r.commands().contains(&Command::ResumeVm { vm: vm() }));
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+    }
+
+    #[test]
+    fn replayed_heartbeats_do_not_keep_a_dead_peer_alive() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        r.run(1000, &ALL, None);
+        let old = Heartbeat {
+            from: h("h1"),
+            to: h("h2"),
+            incarnation: 7,
+            seq: 3,
+            ack: None,
+            vms: vec![],
+        };
+        // The peer dies; an attacker replays an old heartbeat every 100 ms.
+        for _ in 0..10 {
+            r.run(100, &[], None);
+            r.input(Input::Heartbeat {
+                path: PathId::Mgmt,
+                hb: old.clone(),
+            });
+        }
+        assert!(r
+            .decisions()
+            .contains(&(FaultClass::PeerSilent, Action::FailOver)));
     }
 }
