@@ -1610,13 +1610,13 @@ mod tests {
         }
 
         /// Advances `ms`, with the peer's heartbeats arriving every 100 ms on `paths`.
-        fn run(&mut self, ms: Millis, paths: &[PathId], report: Option<VmReport>) {
+        fn run(&mut self, ms: Millis, paths: &[PathId], report: Option<&VmReport>) {
             let end = self.now + ms;
             while self.now < end {
                 self.now += 10;
                 let out = self.core.step(self.now, Input::Tick);
                 self.out.extend(out);
-                if self.now % 100 == 0 && !paths.is_empty() {
+                if self.now.is_multiple_of(100) && !paths.is_empty() {
                     self.peer_seq += 1;
                     let ack = self.last_own_seq().map(|seq| Ack {
                         incarnation: 1,
@@ -1628,7 +1628,7 @@ mod tests {
                         incarnation: 7,
                         seq: self.peer_seq,
                         ack,
-                        vms: report.clone().into_iter().collect(),
+                        vms: report.cloned().into_iter().collect(),
                     };
                     for &path in paths {
                         let out = self.core.step(
@@ -1686,9 +1686,9 @@ mod tests {
     fn one_alink_path_down_is_only_logged() {
         let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Protected, true)], &[vm()]);
         let report = Some(secondary_report(Phase::Protected));
-        r.run(1000, &ALL, report.clone());
+        r.run(1000, &ALL, report.as_ref());
         r.out.clear();
-        r.run(1000, &[PathId::Alink(1), PathId::Mgmt], report);
+        r.run(1000, &[PathId::Alink(1), PathId::Mgmt], report.as_ref());
         let d = r.decisions();
         assert!(
             d.contains(&(FaultClass::PathDown, Action::LogOnly)),
@@ -1705,9 +1705,9 @@ mod tests {
     fn all_alinks_down_with_peer_alive_on_mgmt_degrades_without_failover() {
         let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Protected, true)], &[vm()]);
         let report = Some(secondary_report(Phase::Protected));
-        r.run(1000, &ALL, report.clone());
+        r.run(1000, &ALL, report.as_ref());
         r.out.clear();
-        r.run(2000, &[PathId::Mgmt], report);
+        r.run(2000, &[PathId::Mgmt], report.as_ref());
         let d = r.decisions();
         assert!(
             d.contains(&(FaultClass::AllAlinksDown, Action::Degrade)),
@@ -1731,7 +1731,7 @@ mod tests {
             running: true,
             ..secondary_report(Phase::Protected)
         });
-        r.run(1000, &ALL, report);
+        r.run(1000, &ALL, report.as_ref());
         r.out.clear();
         r.run(400, &[], None);
         assert!(r.commands().is_empty(), "took over before the timeout");
@@ -1772,7 +1772,7 @@ mod tests {
     #[test]
     fn disk_fault_on_the_primary_is_redirected_through_the_peer() {
         let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Protected, true)], &[vm()]);
-        r.run(500, &ALL, Some(secondary_report(Phase::Protected)));
+        r.run(500, &ALL, Some(&secondary_report(Phase::Protected)));
         r.input(Input::Component {
             vm: Some(vm()),
             component: Component::Disk,
@@ -1802,7 +1802,7 @@ mod tests {
     #[test]
     fn restart_mid_resync_resumes_the_resync_of_dirty_regions() {
         let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Resyncing, true)], &[vm()]);
-        r.run(300, &ALL, Some(secondary_report(Phase::Resyncing)));
+        r.run(300, &ALL, Some(&secondary_report(Phase::Resyncing)));
         let syncs: Vec<Command> = r
             .commands()
             .into_iter()
