@@ -37,3 +37,4 @@ pub mod seams;
 pub mod sim;
 pub mod status;
 pub mod timing;
+pub mod xenstore;
