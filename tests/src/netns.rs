@@ -210,7 +210,10 @@ pub fn veth(
     // Temporary names in the root namespace must be unique and at most 15 bytes.
     let ta = format!("xa{}_{k}", std::process::id() % 100_000);
     let tb = format!("xb{}_{k}", std::process::id() % 100_000);
-    run("ip", &["link", "add", &ta, "type", "veth", "peer", "name", &tb])?;
+    run(
+        "ip",
+        &["link", "add", &ta, "type", "veth", "peer", "name", &tb],
+    )?;
     let moved = run("ip", &["link", "set", &ta, "netns", a.name(), "name", a_if])
         .and_then(|_| run("ip", &["link", "set", &tb, "netns", b.name(), "name", b_if]));
     if let Err(e) = moved {
