@@ -1,0 +1,209 @@
+//! `xenft-lab`: the local two-host pool and its fire drill (see the crate docs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use xenft_lab::drill::{self, DrillConfig, Fault};
+use xenft_lab::node::{self, NodeConfig};
+use xenft_lab::pool::{self, UpConfig};
+use xenft_lab::state::{StateDir, DEFAULT_DIR};
+use xenft_lab::topology::{Host, SERVICE_IP, SERVICE_PORT};
+
+#[derive(Parser)]
+#[command(
+    name = "xenft-lab",
+    version,
+    about = "Local two-host xenft pool and fire drill (root)"
+)]
+struct Cli {
+    /// State directory.
+    #[arg(long, global = true, default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the pool and protect the VM at level 3.
+    Up {
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 16)]
+        memory_mib: u64,
+        /// Disk size, MiB.
+        #[arg(long, default_value_t = 64)]
+        disk_mib: u64,
+        /// Checkpoint epoch, ms.
+        #[arg(long, default_value_t = 100)]
+        epoch_ms: u64,
+        /// xenft-synthetic-guest (default: next to this binary).
+        #[arg(long)]
+        guest_binary: Option<PathBuf>,
+    },
+    /// Remove the pool (kills its processes, deletes its namespaces). Idempotent.
+    Down,
+    /// Show the pool.
+    Status,
+    /// Inject a fault and report: fault=host|alink|alinks|disk (local pool only).
+    Drill {
+        /// `fault=KIND` or `KIND`.
+        fault: String,
+        /// How long a cut A-link stays cut, ms.
+        #[arg(long, default_value_t = 3000)]
+        hold_ms: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) A host's node process.
+    #[command(hide = true)]
+    Node {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        guest_binary: PathBuf,
+        #[arg(long)]
+        memory_mib: u64,
+        #[arg(long)]
+        disk_mib: u64,
+        #[arg(long)]
+        epoch_ms: u64,
+    },
+    /// (internal) The client load generator.
+    #[command(hide = true)]
+    Client {
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
+    /// (internal) One request to the service; prints the answer.
+    #[command(hide = true)]
+    Ask {
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        #[arg(long)]
+        request: String,
+    },
+}
+
+fn mib(v: u64) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        (1..=4096).contains(&v),
+        "size {v} MiB out of range 1..=4096"
+    );
+    Ok(v << 20)
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let dir = StateDir::new(cli.dir);
+    let exe = std::env::current_exe().context("locating this binary")?;
+    match cli.cmd {
+        Cmd::Up {
+            memory_mib,
+            disk_mib,
+            epoch_ms,
+            guest_binary,
+        } => {
+            mib(memory_mib)?;
+            mib(disk_mib)?;
+            anyhow::ensure!(
+                (5..=10_000).contains(&epoch_ms),
+                "--epoch-ms out of range 5..=10000"
+            );
+            let cfg = UpConfig {
+                guest_binary: guest_binary
+                    .unwrap_or_else(|| exe.with_file_name("xenft-synthetic-guest")),
+                exe,
+                memory_mib,
+                disk_mib,
+                epoch_ms,
+                ready_timeout: Duration::from_secs(60),
+            };
+            pool::up(&dir, &cfg)?;
+            print!("{}", pool::status(&dir)?);
+            println!("lab up: vm1 protected at level 3 (host1 -> host2)");
+        }
+        Cmd::Down => {
+            pool::down(&dir)?;
+            println!("lab down");
+        }
+        Cmd::Status => print!("{}", pool::status(&dir)?),
+        Cmd::Drill {
+            fault,
+            hold_ms,
+            json,
+        } => {
+            let kind = fault.strip_prefix("fault=").unwrap_or(&fault);
+            let fault: Fault = kind.parse()?;
+            let report = drill::run(
+                &dir,
+                &DrillConfig {
+                    fault,
+                    exe,
+                    hold: Duration::from_millis(hold_ms.min(60_000)),
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.passed() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Node {
+            host,
+            guest_binary,
+            memory_mib,
+            disk_mib,
+            epoch_ms,
+        } => {
+            let host: Host = host.parse()?;
+            node::run(NodeConfig {
+                host,
+                dir,
+                guest_binary,
+                memory_bytes: mib(memory_mib)?,
+                disk_bytes: mib(disk_mib)?,
+                epoch_ms,
+                dirty_rate: 1 << 20,
+            })?;
+        }
+        Cmd::Client { interval_ms } => {
+            xenft_lab::client::run(&xenft_lab::client::ClientConfig {
+                addr: SocketAddr::from((SERVICE_IP, SERVICE_PORT)),
+                acks: dir.acks_file(),
+                interval: Duration::from_millis(interval_ms.clamp(1, 10_000)),
+                timeout: Duration::from_millis(300),
+            })?;
+        }
+        Cmd::Ask { addr, request } => {
+            let addr = addr.unwrap_or_else(|| SocketAddr::from((SERVICE_IP, SERVICE_PORT)));
+            let mut c = xenft_lab::service::Conn::connect(addr, Duration::from_secs(30))
+                .with_context(|| format!("connecting to {addr}"))?;
+            println!("{}", c.ask(&request)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xenft-lab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

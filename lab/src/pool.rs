@@ -1,0 +1,318 @@
+//! `up`, `down` and `status` of the local pool.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::RngCore;
+
+use crate::state::{NodeStatus, PoolRecord, StateDir};
+use crate::topology::{self, Host, NS_CLIENT};
+use crate::{now_ms, require_root, LabError};
+
+/// How `up` builds the pool.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// The `xenft-lab` binary (started inside the namespaces).
+    pub exe: PathBuf,
+    /// `xenft-synthetic-guest`.
+    pub guest_binary: PathBuf,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Disk, MiB.
+    pub disk_mib: u64,
+    /// Checkpoint epoch, ms.
+    pub epoch_ms: u64,
+    /// How long to wait for the VM to be protected and the client served.
+    pub ready_timeout: Duration,
+}
+
+fn spawn_in(
+    dir: &StateDir,
+    ns: &str,
+    exe: &Path,
+    args: &[String],
+    log: &str,
+) -> Result<std::process::Child, LabError> {
+    let log_path = dir.file(log);
+    let io = |source| LabError::Io {
+        path: log_path.clone(),
+        source,
+    };
+    let out = std::fs::File::create(&log_path).map_err(io)?;
+    let err = out.try_clone().map_err(io)?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|source| LabError::Spawn {
+            cmd: format!("ip netns exec {ns} {}", exe.display()),
+            source,
+        })?;
+    Ok(child)
+}
+
+fn pid_of(c: &std::process::Child) -> Result<i32, LabError> {
+    i32::try_from(c.id()).map_err(|_| LabError::WrongState("pid out of range".into()))
+}
+
+/// Builds the pool and waits until the VM is protected and the client's writes are
+/// acknowledged. On failure everything built is removed again.
+pub fn up(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
+    require_root()?;
+    if dir.pool_file().exists() || !topology::existing_namespaces()?.is_empty() {
+        return Err(LabError::WrongState(
+            "a lab pool exists already; run `xenft-lab down` first".into(),
+        ));
+    }
+    let r = build(dir, cfg);
+    if r.is_err() {
+        // Keep the logs for the error message's reader; forget the pool.
+        let _ = teardown(dir);
+        let _ = std::fs::remove_file(dir.pool_file());
+    }
+    r
+}
+
+fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
+    if !cfg.guest_binary.is_file() {
+        return Err(LabError::WrongState(format!(
+            "{} not found: build it with `cargo build -p xenft-checkpoint --bins`",
+            cfg.guest_binary.display()
+        )));
+    }
+    let _ = std::fs::remove_dir_all(dir.root());
+    dir.create()?;
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let sp = dir.file("secret");
+    let io = |source| LabError::Io {
+        path: sp.clone(),
+        source,
+    };
+    std::fs::write(&sp, secret).map_err(io)?;
+    std::fs::set_permissions(&sp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    topology::create()?;
+
+    let root = dir.root().display().to_string();
+    let node_args = |h: Host| -> Vec<String> {
+        vec![
+            "node".into(),
+            "--host".into(),
+            h.name().into(),
+            "--dir".into(),
+            root.clone(),
+            "--guest-binary".into(),
+            cfg.guest_binary.display().to_string(),
+            "--memory-mib".into(),
+            cfg.memory_mib.to_string(),
+            "--disk-mib".into(),
+            cfg.disk_mib.to_string(),
+            "--epoch-ms".into(),
+            cfg.epoch_ms.to_string(),
+        ]
+    };
+    let host2 = spawn_in(
+        dir,
+        Host::Host2.netns(),
+        &cfg.exe,
+        &node_args(Host::Host2),
+        "host2.log",
+    )?;
+    let host1 = spawn_in(
+        dir,
+        Host::Host1.netns(),
+        &cfg.exe,
+        &node_args(Host::Host1),
+        "host1.log",
+    )?;
+    let client = spawn_in(
+        dir,
+        NS_CLIENT,
+        &cfg.exe,
+        &["client".into(), "--dir".into(), root],
+        "client.log",
+    )?;
+    let rec = PoolRecord {
+        created_ms: now_ms(),
+        host1_pid: pid_of(&host1)?,
+        host2_pid: pid_of(&host2)?,
+        client_pid: pid_of(&client)?,
+    };
+    dir.write_json(&dir.pool_file(), &rec)?;
+    wait_ready(
+        dir,
+        &mut [("host1", host1), ("host2", host2), ("client", client)],
+        cfg.ready_timeout,
+    )?;
+    Ok(rec)
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// A host's current status file, if fresh (written in the last 2 s).
+pub fn node_status(dir: &StateDir, h: Host) -> Result<Option<NodeStatus>, LabError> {
+    let st: Option<NodeStatus> = dir.read_json(&dir.status_file(h))?;
+    Ok(st.filter(|s| now_ms().saturating_sub(s.updated_ms) < 2000))
+}
+
+/// True when host 1 protects the VM (checkpointing, disk in sync) and host 2 is receiving.
+pub fn protected(dir: &StateDir) -> Result<bool, LabError> {
+    let h1 = node_status(dir, Host::Host1)?;
+    let h2 = node_status(dir, Host::Host2)?;
+    Ok(matches!((h1, h2), (Some(a), Some(b))
+        if a.checkpoint.phase == "protected" && a.checkpoint.committed_epoch > 0
+            && a.disk_state == "in_sync" && a.serving
+            && b.checkpoint.committed_epoch > 0))
+}
+
+fn wait_ready(
+    dir: &StateDir,
+    procs: &mut [(&str, std::process::Child)],
+    timeout: Duration,
+) -> Result<(), LabError> {
+    let start = Instant::now();
+    loop {
+        for (name, child) in procs.iter_mut() {
+            if !matches!(child.try_wait(), Ok(None)) {
+                let log =
+                    std::fs::read_to_string(dir.file(&format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(LabError::WrongState(format!(
+                    "{name} process exited during start-up; last log lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )));
+            }
+        }
+        if protected(dir)? && dir.acks()?.len() >= 5 {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(LabError::Timeout(format!(
+                "the VM was not protected and serving within {timeout:?} (see {}/*.log)",
+                dir.root().display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn is_lab_process(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("xenft-"))
+        .unwrap_or(false)
+}
+
+/// Kills the lab's processes (recorded PIDs and anything inside lab namespaces), deletes the
+/// namespaces and the state directory. Idempotent.
+pub fn down(dir: &StateDir) -> Result<(), LabError> {
+    require_root()?;
+    teardown(dir)?;
+    match std::fs::remove_dir_all(dir.root()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LabError::Io {
+            path: dir.root().to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Kills the processes and deletes the namespaces, keeping the state directory.
+fn teardown(dir: &StateDir) -> Result<(), LabError> {
+    let mut pids: Vec<i32> = Vec::new();
+    if let Ok(Some(rec)) = dir.read_json::<PoolRecord>(&dir.pool_file()) {
+        pids.extend(
+            [rec.host1_pid, rec.host2_pid, rec.client_pid]
+                .into_iter()
+                .filter(|p| is_lab_process(*p)),
+        );
+    }
+    pids.extend(topology::pids_in_namespaces()?);
+    for p in &pids {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+    }
+    let t = Instant::now();
+    while pids.iter().any(|p| alive(*p) && is_lab_process(*p)) && t.elapsed().as_secs() < 5 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    topology::destroy()
+}
+
+/// A human-readable status of the pool.
+pub fn status(dir: &StateDir) -> Result<String, LabError> {
+    let Some(rec) = dir.read_json::<PoolRecord>(&dir.pool_file())? else {
+        return Ok("no lab pool (run `xenft-lab up`)\n".into());
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "pool: up {} s, state in {}",
+        now_ms().saturating_sub(rec.created_ms) / 1000,
+        dir.root().display()
+    );
+    for h in [Host::Host1, Host::Host2] {
+        match node_status(dir, h)? {
+            None => {
+                let _ = writeln!(out, "{}: DOWN (no status)", h.name());
+            }
+            Some(s) => {
+                let paths: Vec<String> = s
+                    .link
+                    .paths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        format!(
+                            "alink{}:{}{}",
+                            i + 1,
+                            if p.up { "up" } else { "DOWN" },
+                            p.rtt_ms.map(|r| format!("({r:.2}ms)")).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "{}: {:?} serving={} records={} checkpoint={} committed_epoch={} lag={}B disk={} {}",
+                    h.name(),
+                    s.role,
+                    s.serving,
+                    s.service_count,
+                    s.checkpoint.phase,
+                    s.checkpoint.committed_epoch,
+                    s.checkpoint.lag_bytes,
+                    s.disk_state,
+                    paths.join(" ")
+                );
+            }
+        }
+    }
+    let acks = dir.acks()?;
+    match acks.last() {
+        Some((n, t)) => {
+            let _ = writeln!(
+                out,
+                "client: {} writes acknowledged, last #{n} {} ms ago",
+                acks.len(),
+                now_ms().saturating_sub(*t)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "client: nothing acknowledged yet");
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,233 @@
+//! The lab's network: names, addresses, and building/removing it with `ip`.
+//!
+//! Four namespaces: `xftlab-host1`, `xftlab-host2`, `xftlab-client` and `xftlab-switch` (which
+//! holds the production bridge `br0`). Two veth pairs `alink1`/`alink2` join the hosts
+//! directly (the A-links); each of host1, host2 and client has a `prod0` port on the bridge.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::Command;
+
+use crate::LabError;
+
+/// Prefix of everything the lab creates.
+pub const PREFIX: &str = "xftlab-";
+/// Namespace of host 1.
+pub const NS_HOST1: &str = "xftlab-host1";
+/// Namespace of host 2.
+pub const NS_HOST2: &str = "xftlab-host2";
+/// Namespace of the client.
+pub const NS_CLIENT: &str = "xftlab-client";
+/// Namespace holding the production bridge.
+pub const NS_SWITCH: &str = "xftlab-switch";
+/// All namespaces, in creation order.
+pub const NAMESPACES: [&str; 4] = [NS_SWITCH, NS_HOST1, NS_HOST2, NS_CLIENT];
+
+/// The production interface in each host/client namespace.
+pub const PROD_IF: &str = "prod0";
+/// The A-link interfaces (same names on both hosts).
+pub const ALINK_IFS: [&str; 2] = ["alink1", "alink2"];
+
+/// Port of the A-link on both hosts.
+pub const ALINK_PORT: u16 = 7100;
+/// Port of the VM's service on the service address.
+pub const SERVICE_PORT: u16 = 7000;
+/// Port each node answers on its production address (used to tell a dead host from cut
+/// A-links).
+pub const ALIVE_PORT: u16 = 7001;
+
+/// The service (VM) address, owned by whichever host runs the VM.
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+/// The client's production address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+
+/// One of the two lab hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Host {
+    /// The first host (primary at `up`).
+    Host1,
+    /// The second host (secondary at `up`).
+    Host2,
+}
+
+impl Host {
+    /// `host1` / `host2`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Host1 => "host1",
+            Self::Host2 => "host2",
+        }
+    }
+
+    /// Its namespace.
+    #[must_use]
+    pub fn netns(self) -> &'static str {
+        match self {
+            Self::Host1 => NS_HOST1,
+            Self::Host2 => NS_HOST2,
+        }
+    }
+
+    /// The other host.
+    #[must_use]
+    pub fn peer(self) -> Self {
+        match self {
+            Self::Host1 => Self::Host2,
+            Self::Host2 => Self::Host1,
+        }
+    }
+
+    fn octet(self) -> u8 {
+        match self {
+            Self::Host1 => 1,
+            Self::Host2 => 2,
+        }
+    }
+
+    /// Its production address.
+    #[must_use]
+    pub fn prod_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, 0, self.octet())
+    }
+
+    /// Its address on A-link `path` (0 or 1).
+    #[must_use]
+    pub fn alink_ip(self, path: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, path + 1, self.octet())
+    }
+
+    /// Its A-link socket address on `path`.
+    #[must_use]
+    pub fn alink_addr(self, path: u8) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.alink_ip(path), ALINK_PORT))
+    }
+}
+
+impl std::str::FromStr for Host {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        match s {
+            "host1" => Ok(Self::Host1),
+            "host2" => Ok(Self::Host2),
+            _ => Err(LabError::WrongState(format!(
+                "unknown host {s:?} (host1 or host2)"
+            ))),
+        }
+    }
+}
+
+/// Runs a command and returns its stdout; a non-zero exit is an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(LabError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// `ip -n NS ARGS...`.
+pub fn ip_in(ns: &str, args: &[&str]) -> Result<String, LabError> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+/// Namespaces of the lab that exist now.
+pub fn existing_namespaces() -> Result<Vec<String>, LabError> {
+    let out = run("ip", &["netns", "list"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Creates the namespaces, the A-links and the production bridge. Fails if any lab
+/// namespace already exists.
+pub fn create() -> Result<(), LabError> {
+    let existing = existing_namespaces()?;
+    if !existing.is_empty() {
+        return Err(LabError::WrongState(format!(
+            "lab namespaces already exist ({}); run `xenft-lab down` first",
+            existing.join(", ")
+        )));
+    }
+    for ns in NAMESPACES {
+        run("ip", &["netns", "add", ns])?;
+        ip_in(ns, &["link", "set", "lo", "up"])?;
+    }
+    // The A-links: veth pairs straight between the hosts.
+    for (i, name) in ALINK_IFS.iter().enumerate() {
+        let path = u8::try_from(i).unwrap_or(0);
+        run(
+            "ip",
+            &[
+                "link", "add", name, "netns", NS_HOST1, "type", "veth", "peer", "name", name,
+                "netns", NS_HOST2,
+            ],
+        )?;
+        for h in [Host::Host1, Host::Host2] {
+            let addr = format!("{}/24", h.alink_ip(path));
+            ip_in(h.netns(), &["addr", "add", &addr, "dev", name])?;
+            ip_in(h.netns(), &["link", "set", name, "up"])?;
+        }
+    }
+    // The production network: a bridge in its own namespace.
+    ip_in(NS_SWITCH, &["link", "add", "br0", "type", "bridge"])?;
+    ip_in(NS_SWITCH, &["link", "set", "br0", "up"])?;
+    let ports = [
+        (NS_HOST1, "p-host1", Host::Host1.prod_ip()),
+        (NS_HOST2, "p-host2", Host::Host2.prod_ip()),
+        (NS_CLIENT, "p-client", CLIENT_IP),
+    ];
+    for (ns, port, ip) in ports {
+        run(
+            "ip",
+            &[
+                "link", "add", PROD_IF, "netns", ns, "type", "veth", "peer", "name", port, "netns",
+                NS_SWITCH,
+            ],
+        )?;
+        ip_in(NS_SWITCH, &["link", "set", port, "master", "br0"])?;
+        ip_in(NS_SWITCH, &["link", "set", port, "up"])?;
+        ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", PROD_IF])?;
+        ip_in(ns, &["link", "set", PROD_IF, "up"])?;
+    }
+    Ok(())
+}
+
+/// Deletes every lab namespace (their interfaces go with them). Idempotent.
+pub fn destroy() -> Result<(), LabError> {
+    for ns in existing_namespaces()? {
+        run("ip", &["netns", "del", &ns])?;
+    }
+    Ok(())
+}
+
+/// PIDs of every process inside lab namespaces.
+pub fn pids_in_namespaces() -> Result<Vec<i32>, LabError> {
+    let mut pids = Vec::new();
+    for ns in existing_namespaces()? {
+        let out = run("ip", &["netns", "pids", &ns])?;
+        pids.extend(out.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    Ok(pids)
+}
+
+/// Sets an interface of a namespace up or down.
+pub fn set_link(ns: &str, ifname: &str, up: bool) -> Result<(), LabError> {
+    ip_in(ns, &["link", "set", ifname, if up { "up" } else { "down" }]).map(|_| ())
+}
