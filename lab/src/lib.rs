@@ -34,8 +34,10 @@
 //! - [`client`]: the client load generator.
 //! - [`pool`]: `up` / `down` / `status`.
 //! - [`drill`]: the fire drill and its report.
+//! - [`demo`]: up, a series of drills, a summary table, down.
 
 pub mod client;
+pub mod demo;
 pub mod drill;
 pub mod node;
 pub mod pool;

@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::RngCore;
 
-use crate::state::{NodeStatus, PoolRecord, StateDir};
+use crate::state::{NodeRole, NodeStatus, PoolRecord, StateDir};
 use crate::topology::{self, Host, NS_CLIENT};
 use crate::{now_ms, require_root, LabError};
 
@@ -159,14 +159,25 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
     Ok(rec)
 }
 
-fn alive(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok()
+/// True while `pid` runs (a zombie is dead).
+#[must_use]
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
 }
 
 /// A host's current status file, if fresh (written in the last 2 s).
 pub fn node_status(dir: &StateDir, h: Host) -> Result<Option<NodeStatus>, LabError> {
     let st: Option<NodeStatus> = dir.read_json(&dir.status_file(h))?;
-    Ok(st.filter(|s| now_ms().saturating_sub(s.updated_ms) < 2000))
+    Ok(st.filter(|s| {
+        now_ms().saturating_sub(s.updated_ms) < 2000 && i32::try_from(s.pid).is_ok_and(alive)
+    }))
 }
 
 /// True when host 1 protects the VM (checkpointing, disk in sync) and host 2 is receiving.
@@ -174,7 +185,8 @@ pub fn protected(dir: &StateDir) -> Result<bool, LabError> {
     let h1 = node_status(dir, Host::Host1)?;
     let h2 = node_status(dir, Host::Host2)?;
     Ok(matches!((h1, h2), (Some(a), Some(b))
-        if a.checkpoint.phase == "protected" && a.checkpoint.committed_epoch > 0
+        if a.role == NodeRole::Primary && b.role == NodeRole::Secondary
+            && a.checkpoint.phase == "protected" && a.checkpoint.committed_epoch > 0
             && a.disk_state == "in_sync" && a.serving
             && b.checkpoint.committed_epoch > 0))
 }

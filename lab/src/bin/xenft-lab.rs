@@ -27,22 +27,49 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 16)]
+    memory_mib: u64,
+    /// Disk size, MiB.
+    #[arg(long, default_value_t = 64)]
+    disk_mib: u64,
+    /// Checkpoint epoch, ms.
+    #[arg(long, default_value_t = 100)]
+    epoch_ms: u64,
+    /// xenft-synthetic-guest (default: next to this binary).
+    #[arg(long)]
+    guest_binary: Option<PathBuf>,
+}
+
+impl UpArgs {
+    fn config(self, exe: PathBuf) -> anyhow::Result<UpConfig> {
+        mib(self.memory_mib)?;
+        mib(self.disk_mib)?;
+        anyhow::ensure!(
+            (5..=10_000).contains(&self.epoch_ms),
+            "--epoch-ms out of range 5..=10000"
+        );
+        Ok(UpConfig {
+            guest_binary: self
+                .guest_binary
+                .unwrap_or_else(|| exe.with_file_name("xenft-synthetic-guest")),
+            exe,
+            memory_mib: self.memory_mib,
+            disk_mib: self.disk_mib,
+            epoch_ms: self.epoch_ms,
+            ready_timeout: Duration::from_secs(60),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the pool and protect the VM at level 3.
     Up {
-        /// Guest memory, MiB.
-        #[arg(long, default_value_t = 16)]
-        memory_mib: u64,
-        /// Disk size, MiB.
-        #[arg(long, default_value_t = 64)]
-        disk_mib: u64,
-        /// Checkpoint epoch, ms.
-        #[arg(long, default_value_t = 100)]
-        epoch_ms: u64,
-        /// xenft-synthetic-guest (default: next to this binary).
-        #[arg(long)]
-        guest_binary: Option<PathBuf>,
+        #[command(flatten)]
+        up: UpArgs,
     },
     /// Remove the pool (kills its processes, deletes its namespaces). Idempotent.
     Down,
@@ -58,6 +85,18 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Build the pool, drill host, disk, alink and alinks (rebuilding as needed), print a
+    /// summary table, remove the pool. Exit status 1 unless every drill passed.
+    Demo {
+        #[command(flatten)]
+        up: UpArgs,
+        /// Faults to drill, in order.
+        #[arg(long, value_delimiter = ',', default_value = "host,disk,alink,alinks")]
+        faults: Vec<String>,
+        /// How long a cut A-link stays cut, ms.
+        #[arg(long, default_value_t = 3000)]
+        hold_ms: u64,
     },
     /// (internal) A host's node process.
     #[command(hide = true)]
@@ -102,30 +141,32 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let dir = StateDir::new(cli.dir);
     let exe = std::env::current_exe().context("locating this binary")?;
     match cli.cmd {
-        Cmd::Up {
-            memory_mib,
-            disk_mib,
-            epoch_ms,
-            guest_binary,
-        } => {
-            mib(memory_mib)?;
-            mib(disk_mib)?;
-            anyhow::ensure!(
-                (5..=10_000).contains(&epoch_ms),
-                "--epoch-ms out of range 5..=10000"
-            );
-            let cfg = UpConfig {
-                guest_binary: guest_binary
-                    .unwrap_or_else(|| exe.with_file_name("xenft-synthetic-guest")),
-                exe,
-                memory_mib,
-                disk_mib,
-                epoch_ms,
-                ready_timeout: Duration::from_secs(60),
-            };
+        Cmd::Up { up } => {
+            let cfg = up.config(exe)?;
             pool::up(&dir, &cfg)?;
             print!("{}", pool::status(&dir)?);
             println!("lab up: vm1 protected at level 3 (host1 -> host2)");
+        }
+        Cmd::Demo {
+            up,
+            faults,
+            hold_ms,
+        } => {
+            let faults = faults
+                .iter()
+                .map(|f| f.parse::<Fault>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let cfg = up.config(exe)?;
+            let reports = xenft_lab::demo::run(
+                &dir,
+                &cfg,
+                &faults,
+                Duration::from_millis(hold_ms.min(60_000)),
+                &mut |s| println!("{}", s.trim_end()),
+            )?;
+            if !reports.iter().all(drill::DrillReport::passed) {
+                return Ok(ExitCode::from(1));
+            }
         }
         Cmd::Down => {
             pool::down(&dir)?;
