@@ -185,7 +185,58 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("vm-list", &[]),
     ("vm-migrate", &["vm", "host", "live"]),
     ("event-list", &["classes", "timeout"]),
+    ("lab-up", &[]),
+    ("lab-down", &[]),
+    ("lab-status", &[]),
+    ("drill", &["vm", "fault"]),
 ];
+
+/// `lab-*` and `drill`: the local two-host pool of this machine, run by the `xenft-lab`
+/// binary installed next to this one (crate `xenft-lab`). `None` for every other command.
+fn local_lab(a: &Args, p: &Params) -> Option<Result<(), CliError>> {
+    let mut args: Vec<String> = match a.command.as_str() {
+        "lab-up" => vec!["up".into()],
+        "lab-down" => vec!["down".into()],
+        "lab-status" => vec!["status".into()],
+        "drill" => {
+            if a.url.is_some() {
+                return Some(Err(CliError::usage(
+                    "drills run on the local pool only (xenft lab-up); drills on a real pool \
+                     are not implemented",
+                )));
+            }
+            if p.get("vm").is_some_and(|v| v != "vm1") {
+                return Some(Err(CliError::usage("the local pool has one VM: vm1")));
+            }
+            let Some(fault) = p.get("fault") else {
+                return Some(Err(CliError::usage(
+                    "drill needs fault=host|alink|alinks|disk",
+                )));
+            };
+            vec!["drill".into(), format!("fault={fault}")]
+        }
+        _ => return None,
+    };
+    if a.json && a.command == "drill" {
+        args.push("--json".into());
+    }
+    let lab = std::env::current_exe()
+        .map(|e| e.with_file_name("xenft-lab"))
+        .unwrap_or_else(|_| PathBuf::from("xenft-lab"));
+    Some(
+        match std::process::Command::new(&lab).args(&args).status() {
+            Ok(st) if st.success() => Ok(()),
+            Ok(st) => Err(CliError {
+                code: exit::FAILURE,
+                message: format!("{} {}: {st}", lab.display(), args.join(" ")),
+            }),
+            Err(e) => Err(CliError {
+                code: exit::FAILURE,
+                message: format!("cannot run {}: {e}", lab.display()),
+            }),
+        },
+    )
+}
 
 /// Parsed `key=value` parameters, checked against the command's allowed keys.
 #[derive(Debug)]
@@ -430,6 +481,9 @@ fn gib(b: i64) -> String {
 pub async fn run(a: &Args, out: &mut dyn Write) -> Result<(), CliError> {
     let cmd = a.command.as_str();
     let p = Params::parse(cmd, &a.params)?;
+    if let Some(r) = local_lab(a, &p) {
+        return r;
+    }
     let fmt = match (a.json, a.minimal) {
         (true, true) => return Err(CliError::usage("--json and --minimal exclude each other")),
         (true, false) => Format::Json,
@@ -839,6 +893,24 @@ mod tests {
         assert!(Params::parse("vm-protect", &["level".into()]).is_err());
         let p = Params::parse("pool-init", &["alink:host1=1.2.3.4:5".into()]).unwrap();
         assert_eq!(p.get("alink:host1"), Some("1.2.3.4:5"));
+    }
+
+    #[test]
+    fn drill_refuses_a_real_pool_a_missing_fault_and_other_vms() {
+        use clap::Parser;
+        let run = |argv: &[&str]| {
+            let a = Args::parse_from(argv);
+            let p = Params::parse(&a.command, &a.params).unwrap();
+            local_lab(&a, &p).expect("a lab command").unwrap_err()
+        };
+        let e = run(&["xenft", "--url", "https://pool", "drill", "fault=host"]);
+        assert!(e.message.contains("local pool only"), "{}", e.message);
+        assert!(run(&["xenft", "drill"]).message.contains("fault="));
+        assert!(run(&["xenft", "drill", "fault=host", "vm=db"])
+            .message
+            .contains("vm1"));
+        let a = Args::parse_from(["xenft", "vm-list"]);
+        assert!(local_lab(&a, &Params::parse("vm-list", &[]).unwrap()).is_none());
     }
 
     #[test]
