@@ -362,3 +362,59 @@ fn block_for(i: u64) -> Vec<u8> {
     }
     b
 }
+
+#[test]
+fn truncating_the_primary_backing_file_mid_stream_switches_to_remote_mode_without_client_errors() {
+    let s = Setup::new(32 * MIB);
+    let _sec = s.secondary();
+    let _pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x31 0 16M",
+            "-c",
+            "flush",
+            &s.uri(),
+        ],
+    );
+    // A real local failure: the backing file loses its tail under the running primary.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.p("primary.img"))
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x31 4M 8M",
+            "-c",
+            "write -P 0x32 20M 2M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x32 20M 2M",
+            "-c",
+            "read -P 0x31 0 16M",
+            &s.uri(),
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let cause = v["primary"]["local_failure"]
+        .as_str()
+        .expect("failure reported")
+        .to_string();
+    assert!(cause.contains("truncated"), "{cause}");
+    // The secondary holds everything the client wrote.
+    let sec = std::fs::read(s.p("secondary.img")).unwrap();
+    assert!(sec[..16 << 20].iter().all(|&b| b == 0x31));
+    assert!(sec[20 << 20..22 << 20].iter().all(|&b| b == 0x32));
+}
