@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
-use super::bitmap::DirtyBitmap;
+use super::bitmap::{BitmapError, DirtyBitmap, AL_EXTENT, AL_MAX_EXTENTS};
 use super::transport::{PeerConnector, PeerSession};
 use super::wire::{
     block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
@@ -120,6 +120,10 @@ pub struct PrimaryStatus {
     pub sessions: u64,
     /// Current level-3 epoch stamped on writes.
     pub epoch: u64,
+    /// Activity-log extents currently active.
+    pub al_active_extents: usize,
+    /// Extents found active at start (unclean stop while connected), queued for resync.
+    pub al_recovered_extents: u64,
 }
 
 /// Result of an online verify ([`Primary::verify`]).
@@ -185,6 +189,11 @@ struct State {
     resync_inflight: u64,
     local_failure: Option<String>,
     sessions: u64,
+    /// Activity log: unacknowledged client writes per active extent.
+    al_inflight: HashMap<u64, u32>,
+    /// Activity log: active extents and when they were last used.
+    al_active: HashMap<u64, u64>,
+    al_tick: u64,
 }
 
 /// The primary's mirror engine for one disk.
@@ -227,6 +236,9 @@ impl Primary {
                 resync_inflight: 0,
                 local_failure: None,
                 sessions: 0,
+                al_inflight: HashMap::new(),
+                al_active: HashMap::new(),
+                al_tick: 0,
             }),
             cfg,
             rate,
@@ -302,6 +314,8 @@ impl Primary {
             writes_degraded: self.writes_degraded.load(Ordering::Relaxed),
             sessions: st.sessions,
             epoch: self.epoch.load(Ordering::Relaxed),
+            al_active_extents: st.al_active.len(),
+            al_recovered_extents: st.bitmap.recovered_extents(),
         }
     }
 
@@ -314,6 +328,15 @@ impl Primary {
         msg: impl FnOnce(u64) -> PeerMsg,
     ) -> Ticket {
         let (done, ticket) = oneshot::channel();
+        if st.tx.is_some() {
+            if let PendingKind::Client { offset, len } = kind {
+                if let Err(e) = Self::al_begin(st, offset, len) {
+                    warn!(error = %e, "cannot persist activity log");
+                    let _ = done.send(Err(NBD_EIO));
+                    return ticket;
+                }
+            }
+        }
         if let Some(tx) = &st.tx {
             let seq = st.next_seq;
             st.next_seq += 1;
@@ -351,6 +374,55 @@ impl Primary {
         };
         let _ = done.send(r);
         ticket
+    }
+
+    fn extents(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        if len == 0 {
+            #[allow(clippy::reversed_empty_ranges)] // deliberately empty
+            return 1..=0;
+        }
+        offset / AL_EXTENT..=(offset.saturating_add(len) - 1) / AL_EXTENT
+    }
+
+    /// Activity log: makes the extents of a mirrored write active (durably) before it is sent.
+    fn al_begin(st: &mut State, offset: u64, len: u64) -> Result<(), BitmapError> {
+        st.al_tick += 1;
+        let tick = st.al_tick;
+        let mut activate = Vec::new();
+        for e in Self::extents(offset, len) {
+            *st.al_inflight.entry(e).or_insert(0) += 1;
+            if st.al_active.insert(e, tick).is_none() {
+                activate.push(e);
+            }
+        }
+        if activate.is_empty() {
+            return Ok(());
+        }
+        let mut retire = Vec::new();
+        while st.al_active.len() > AL_MAX_EXTENTS {
+            let victim = st
+                .al_active
+                .iter()
+                .filter(|(e, _)| !st.al_inflight.contains_key(e))
+                .min_by_key(|(_, t)| **t)
+                .map(|(e, _)| *e);
+            let Some(v) = victim else { break };
+            st.al_active.remove(&v);
+            retire.push(v);
+        }
+        st.bitmap.al_update(&activate, &retire)
+    }
+
+    /// Activity log: a mirrored write was acknowledged.
+    fn al_end(st: &mut State, offset: u64, len: u64) {
+        for e in Self::extents(offset, len) {
+            if let Some(n) = st.al_inflight.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    st.al_inflight.remove(&e);
+                }
+            }
+        }
     }
 
     fn local_failed(&self, st: &mut State, e: &StoreError) {
@@ -580,8 +652,9 @@ impl Primary {
         let done = std::mem::replace(&mut st.pending, rest);
         for (_, p) in done {
             match p.kind {
-                PendingKind::Client { .. } => {
+                PendingKind::Client { offset, len } => {
                     self.writes_mirrored.fetch_add(1, Ordering::Relaxed);
+                    Self::al_end(&mut st, offset, len);
                 }
                 PendingKind::Resync { offset, len } => {
                     st.bitmap.clear(offset, len);
@@ -612,6 +685,8 @@ impl Primary {
             st.last_resync = Some(p);
         }
         let pending = std::mem::take(&mut st.pending);
+        // Unacknowledged writes go into the dirty bitmap below; their extents may retire.
+        st.al_inflight.clear();
         let mut waiters = Vec::new();
         for (_, p) in pending {
             if let PendingKind::Client { offset, len } = p.kind {
