@@ -40,6 +40,8 @@ struct Setup {
     port2: u16,
     size: u64,
     alink: bool,
+    /// Where the primary's disk lives (default: in the temp dir).
+    primary_disk: Option<PathBuf>,
 }
 
 impl Setup {
@@ -50,6 +52,7 @@ impl Setup {
             port2: free_port(),
             size,
             alink: false,
+            primary_disk: None,
         }
     }
     /// Mirror over a two-path A-link instead of plain TCP.
@@ -134,7 +137,13 @@ impl Setup {
             "--role".into(),
             "primary".into(),
             "--disk".into(),
-            self.p("primary.img").display().to_string(),
+            self.primary_disk
+                .clone()
+                .unwrap_or_else(|| self.p("primary.img"))
+                .display()
+                .to_string(),
+            "--bitmap".into(),
+            self.p("primary.bitmap").display().to_string(),
             "--size".into(),
             self.size.to_string(),
             "--nbd-unix".into(),
@@ -417,4 +426,60 @@ fn truncating_the_primary_backing_file_mid_stream_switches_to_remote_mode_withou
     let sec = std::fs::read(s.p("secondary.img")).unwrap();
     assert!(sec[..16 << 20].iter().all(|&b| b == 0x31));
     assert!(sec[20 << 20..22 << 20].iter().all(|&b| b == 0x32));
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_local_filesystem_switches_to_remote_mode_without_client_errors() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut s = Setup::new(32 * MIB);
+    let mnt = s.p("small-fs");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs");
+    let _fs = Tmpfs(mnt.clone());
+    s.primary_disk = Some(mnt.join("primary.img"));
+    let _sec = s.secondary();
+    let _pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    // 24 MiB of data on a filesystem of 8 MiB: the local store hits ENOSPC part way.
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 0 24M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x61 0 24M",
+            &s.uri(),
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let cause = v["primary"]["local_failure"]
+        .as_str()
+        .expect("failure reported")
+        .to_string();
+    assert!(cause.contains("No space left"), "{cause}");
+    let sec = std::fs::read(s.p("secondary.img")).unwrap();
+    assert!(sec[..24 << 20].iter().all(|&b| b == 0x61));
 }
