@@ -22,7 +22,8 @@ use crate::volume::Volume;
 /// How the two shims reach each other.
 #[derive(Debug, Clone)]
 pub enum PeerTransport {
-    /// One plain TCP connection: the primary dials this address, the secondary listens on it.
+    /// One plain TCP connection, unauthenticated (loopback and tests only): the primary dials
+    /// this address, the secondary listens on it.
     Tcp(SocketAddr),
     /// An authenticated multi-path A-link (`Channel::Disk`); this process runs the link.
     Alink(xenft_alink::LinkConfig),

@@ -40,10 +40,12 @@ struct Args {
     /// Export name.
     #[arg(long, default_value = "xenft")]
     export: String,
-    /// Primary, plain TCP transport: the secondary's replication address.
+    /// Primary, plain TCP transport (unauthenticated: loopback and tests only; use an A-link
+    /// between hosts): the secondary's replication address.
     #[arg(long)]
     peer: Option<SocketAddr>,
-    /// Secondary, plain TCP transport: replication listen address.
+    /// Secondary, plain TCP transport (unauthenticated: loopback and tests only): replication
+    /// listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// A-link transport: one path as LOCAL_ADDR=PEER_ADDR (repeat for each path).

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use xenft_alink::{Channel, Link, LinkEvent};
 
 use super::transport::{PeerAcceptor, PeerConnector, PeerSession};
+use super::wire::Frame;
 
 type Route = Arc<Mutex<Option<(u64, mpsc::Sender<Bytes>)>>>;
 
@@ -32,13 +33,15 @@ fn split(frame: &Bytes) -> Option<(u64, Bytes)> {
 
 /// Starts the per-session sender: frames from the session's `tx` are prefixed with `id` and
 /// sent on the link's disk channel in order.
-fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Bytes> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Frame> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
+            // One copy: session id, head and body into one link message.
             let mut b = BytesMut::with_capacity(m.len() + 8);
             b.put_u64(id);
-            b.put_slice(&m);
+            b.put_slice(&m.head);
+            b.put_slice(&m.body);
             if link.send(Channel::Disk, b.freeze()).await.is_err() {
                 break;
             }
@@ -130,7 +133,7 @@ impl PeerConnector for AlinkConnector {
         *lock(&self.route) = Some((id, btx));
         let tx = session_sender(self.link.clone(), id);
         // The empty frame opens the session on the secondary.
-        tx.send(Bytes::new())
+        tx.send(Frame::default())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
         Ok(PeerSession { tx, rx })
     }

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use super::bitmap::{BitmapError, DirtyBitmap, AL_EXTENT, AL_MAX_EXTENTS};
 use super::transport::{PeerConnector, PeerSession};
 use super::wire::{
-    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+    block_checksum, Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
 };
 use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
 use crate::store::{Store, StoreError};
@@ -175,7 +175,7 @@ struct Pending {
 }
 
 struct State {
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    tx: Option<mpsc::UnboundedSender<Frame>>,
     gen: u64,
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
@@ -340,7 +340,7 @@ impl Primary {
         if let Some(tx) = &st.tx {
             let seq = st.next_seq;
             st.next_seq += 1;
-            if tx.send(msg(seq).encode()).is_ok() {
+            if tx.send(msg(seq).frame()).is_ok() {
                 if let PendingKind::Resync { len, .. } = kind {
                     st.resync_inflight += len;
                 }
@@ -550,7 +550,7 @@ impl Primary {
             let (done, rx) = oneshot::channel();
             st.reads.insert(id, done);
             if tx
-                .send(PeerMsg::ReadReq { id, offset, len }.encode())
+                .send(PeerMsg::ReadReq { id, offset, len }.frame())
                 .is_err()
             {
                 st.reads.remove(&id);
@@ -633,7 +633,7 @@ impl Primary {
                 len: len32,
                 block,
             };
-            if tx.send(req.encode()).is_err() {
+            if tx.send(req.frame()).is_err() {
                 st.verifies.remove(&id);
                 return Err(VerifyError::NoPeer);
             }
@@ -880,7 +880,8 @@ impl Primary {
             let end = tokio::task::spawn_blocking(move || {
                 let _o = lock(&me.order);
                 let mut st = lock(&me.state);
-                if st.gen != gen || st.tx.is_none() {
+                if st.gen != gen || st.tx.is_none() || st.local_failure.is_some() {
+                    // Session over, or nothing left to copy from (remote mode).
                     return None;
                 }
                 if st.bitmap.dirty_chunks() > 0 {

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::transport::{PeerAcceptor, PeerSession};
 use super::wire::{
-    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+    block_checksum, Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
 };
 use crate::store::{Store, StoreError};
 
@@ -251,7 +251,7 @@ impl Secondary {
     fn apply(
         &self,
         msg: PeerMsg,
-        tx: &tokio::sync::mpsc::UnboundedSender<Bytes>,
+        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
     ) -> Result<Option<(u64, bool)>, String> {
         let epoch_mode = self.epoch_mode.load(Ordering::Relaxed);
         match msg {
@@ -325,7 +325,7 @@ impl Secondary {
                 let ok = self.in_range(offset, u64::from(len))
                     && self.store.read_at(&mut buf, offset).is_ok();
                 let data = if ok { Bytes::from(buf) } else { Bytes::new() };
-                let _ = tx.send(PeerMsg::ReadResp { id, ok, data }.encode());
+                let _ = tx.send(PeerMsg::ReadResp { id, ok, data }.frame());
                 Ok(None)
             }
             PeerMsg::VerifyReq {
@@ -342,7 +342,7 @@ impl Secondary {
                 } else {
                     Vec::new()
                 };
-                let _ = tx.send(PeerMsg::VerifyResp { id, sums }.encode());
+                let _ = tx.send(PeerMsg::VerifyResp { id, sums }.frame());
                 Ok(None)
             }
             other => Err(format!("unexpected message {other:?}")),
@@ -352,7 +352,7 @@ impl Secondary {
     fn applier_loop(
         self: Arc<Self>,
         rx: &std_mpsc::Receiver<PeerMsg>,
-        tx: &tokio::sync::mpsc::UnboundedSender<Bytes>,
+        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
     ) {
         while let Ok(first) = rx.recv() {
             let mut last = None;
@@ -374,7 +374,7 @@ impl Secondary {
                                 seq: seq_hint,
                                 reason,
                             }
-                            .encode(),
+                            .frame(),
                         );
                         return;
                     }
@@ -393,14 +393,14 @@ impl Secondary {
                             seq: last.unwrap_or(0),
                             reason,
                         }
-                        .encode(),
+                        .frame(),
                     );
                     return;
                 }
             }
             if let Some(seq) = last {
                 self.last_seq.store(seq, Ordering::Relaxed);
-                let _ = tx.send(PeerMsg::Ack { seq }.encode());
+                let _ = tx.send(PeerMsg::Ack { seq }.frame());
             }
         }
     }
@@ -418,7 +418,7 @@ impl Secondary {
             size: self.store.size(),
             state: disk,
         };
-        if session.tx.send(hello.encode()).is_err() {
+        if session.tx.send(hello.frame()).is_err() {
             return;
         }
         self.connected.store(true, Ordering::Relaxed);

@@ -287,9 +287,28 @@ impl NbdServer {
                 let Ok(permit) = budget.clone().acquire_many_owned(h.length.max(1)).await else {
                     break Ok(());
                 };
-                let mut data = BytesMut::zeroed(h.length as usize);
-                if let Err(e) = rd.read_exact(&mut data).await {
-                    break Err(e.into());
+                let want = h.length as usize;
+                let mut data = BytesMut::with_capacity(want);
+                let mut eof = false;
+                while data.len() < want {
+                    // read_buf fills spare capacity without zeroing it first.
+                    match (&mut rd)
+                        .take((want - data.len()) as u64)
+                        .read_buf(&mut data)
+                        .await
+                    {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                if eof || data.len() < want {
+                    break Err(NbdError::Protocol(
+                        "client went away inside a write payload".into(),
+                    ));
                 }
                 Some((data.freeze(), permit))
             } else {
