@@ -483,3 +483,19 @@ fn full_local_filesystem_switches_to_remote_mode_without_client_errors() {
     let sec = std::fs::read(s.p("secondary.img")).unwrap();
     assert!(sec[..24 << 20].iter().all(|&b| b == 0x61));
 }
+
+#[test]
+fn over_alink_idle_primary_goes_degraded_when_the_secondary_dies() {
+    let s = Setup::over_alink(16 * MIB);
+    let sec = s.secondary();
+    let _pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    drop(sec);
+    // No client traffic, so no acknowledgement can time out: the link itself must tell.
+    let v = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "degraded");
+    assert_eq!(v["primary"]["dirty_bytes"], 0);
+    // And a write now is recorded for resync.
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &s.uri()]);
+    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    assert_eq!(v["primary"]["dirty_bytes"], 65536);
+}

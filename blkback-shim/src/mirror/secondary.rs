@@ -358,7 +358,11 @@ impl Secondary {
             let mut last = None;
             let mut sync = false;
             let mut next = Some(first);
+            // A batch ends when the queue is empty, on a sync, or after a bounded amount of
+            // work, so acknowledgements keep flowing under a continuous stream.
+            let mut budget = 4u64 << 20;
             while let Some(msg) = next.take() {
+                budget = budget.saturating_sub(msg_cost(&msg));
                 let seq_hint = msg_seq(&msg);
                 match self.apply(msg, tx) {
                     Ok(Some((seq, s))) => {
@@ -379,7 +383,7 @@ impl Secondary {
                         return;
                     }
                 }
-                if sync {
+                if sync || budget == 0 {
                     break;
                 }
                 next = rx.try_recv().ok();
@@ -459,6 +463,14 @@ impl Secondary {
             }
             current = Some(tokio::spawn(self.clone().run_session(session)));
         }
+    }
+}
+
+/// Work estimate of a message for ack batching (bytes, at least one page).
+fn msg_cost(m: &PeerMsg) -> u64 {
+    match m {
+        PeerMsg::Write { data, .. } => (data.len() as u64).max(4096),
+        _ => 4096,
     }
 }
 
