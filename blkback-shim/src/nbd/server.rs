@@ -318,6 +318,7 @@ impl NbdServer {
                 cookie: h.cookie,
                 structured: structured && h.typ == NBD_CMD_READ,
                 result: Err(errno),
+                _budget: None,
             };
             let known_flags = match h.typ {
                 NBD_CMD_READ | NBD_CMD_FLUSH => 0,
@@ -401,9 +402,9 @@ impl NbdServer {
                         cookie: h.cookie,
                         structured: structured && h.typ == NBD_CMD_READ,
                         result: result.map(|d| d.map(|d| (h.offset, d))),
+                        _budget: permit,
                     })
                     .await;
-                drop(permit);
             });
         };
         // Soft or hard disconnect: let in-flight requests finish and their replies go out.
@@ -421,6 +422,9 @@ struct Reply {
     cookie: u64,
     structured: bool,
     result: Result<Option<(u64, Bytes)>, u32>,
+    /// Read data counts against the connection's in-flight budget until it is written out,
+    /// so a client that does not read its replies cannot make us buffer without limit.
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
