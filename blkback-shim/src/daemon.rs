@@ -114,6 +114,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&cfg.disk, cfg.create_size)?);
     info!(disk = %cfg.disk.display(), size = store.size(), role = ?cfg.role, "starting");
     let mut tasks = tokio::task::JoinSet::new();
+    let mut own_link = None;
     let (node, volume) = match &cfg.role {
         Role::Local => (Node::Local, Some(Volume::local(store.clone()))),
         Role::Primary { peer, bitmap } => {
@@ -125,6 +126,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
                 PeerTransport::Alink(lc) => {
                     let link = xenft_alink::Link::start(lc.clone()).await?;
+                    own_link = Some(link.clone());
                     let c = AlinkConnector::new(link).ok_or_else(taken)?;
                     tasks.spawn(p.clone().run(c));
                 }
@@ -145,6 +147,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
                 PeerTransport::Alink(lc) => {
                     let link = xenft_alink::Link::start(lc.clone()).await?;
+                    own_link = Some(link.clone());
                     let a = AlinkAcceptor::new(&link).ok_or_else(taken)?;
                     tasks.spawn(s.clone().serve(a));
                 }
@@ -175,7 +178,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let l = bind_unix(c)?;
         let n = node.clone();
         tasks.spawn(async move {
-            let _ = n.serve(l).await;
+            let _ = n.serve(l, own_link).await;
         });
     }
     info!("ready");
