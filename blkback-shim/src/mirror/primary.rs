@@ -110,6 +110,9 @@ pub struct PrimaryStatus {
     pub last_resync: Option<ResyncProgress>,
     /// Local store failure that switched the disk to remote mode (`None`: local store fine).
     pub local_failure: Option<String>,
+    /// Last failure the secondary reported (its store could not apply a message), or why the
+    /// last session ended.
+    pub peer_failure: Option<String>,
     /// Resync rate limit (bytes/s, 0 = unlimited).
     pub resync_rate_limit: u64,
     /// Client writes acknowledged by the secondary.
@@ -188,6 +191,7 @@ struct State {
     last_resync: Option<ResyncProgress>,
     resync_inflight: u64,
     local_failure: Option<String>,
+    peer_failure: Option<String>,
     sessions: u64,
     /// Activity log: unacknowledged client writes per active extent.
     al_inflight: HashMap<u64, u32>,
@@ -235,6 +239,7 @@ impl Primary {
                 last_resync: None,
                 resync_inflight: 0,
                 local_failure: None,
+                peer_failure: None,
                 sessions: 0,
                 al_inflight: HashMap::new(),
                 al_active: HashMap::new(),
@@ -309,6 +314,7 @@ impl Primary {
             resync,
             last_resync: st.last_resync.clone(),
             local_failure: st.local_failure.clone(),
+            peer_failure: st.peer_failure.clone(),
             resync_rate_limit: self.rate.load(Ordering::Relaxed),
             writes_mirrored: self.writes_mirrored.load(Ordering::Relaxed),
             writes_degraded: self.writes_degraded.load(Ordering::Relaxed),
@@ -678,6 +684,13 @@ impl Primary {
             return;
         }
         warn!(why, "peer session lost: degraded");
+        if st
+            .peer_failure
+            .as_deref()
+            .is_none_or(|f| !f.starts_with("secondary store"))
+        {
+            st.peer_failure = Some(format!("session ended: {why}"));
+        }
         st.tx = None;
         st.peer_disk = None;
         st.resync_inflight = 0;
@@ -792,6 +805,7 @@ impl Primary {
                         }
                         Ok(PeerMsg::Fail { seq, reason }) => {
                             warn!(seq, reason, "secondary failed to apply");
+                            lock(&self.state).peer_failure = Some(format!("secondary store: {reason}"));
                             break "secondary store failed";
                         }
                         Ok(other) => {
