@@ -334,3 +334,40 @@ fn online_verify_reports_exactly_the_differing_blocks() {
         assert_eq!(r.differing_bytes, 12288);
     });
 }
+
+#[test]
+fn failed_secondary_store_degrades_the_mirror_and_reports_the_cause() {
+    let rt = Rt::new();
+    rt.block_on(async {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let c2 = cell.clone();
+        let mut m = MirrorPair::with_stores(
+            4 * MIB,
+            |s| Arc::new(s),
+            move |s| {
+                let f = Arc::new(FaultyStore::new(s));
+                let _ = c2.set(f.clone());
+                f as Arc<dyn Store>
+            },
+        );
+        let faulty: Arc<FaultyStore<FileStore>> = cell.get().unwrap().clone();
+        m.connect();
+        m.wait_in_sync().await;
+        faulty.fail();
+        // The client never sees the secondary's failure.
+        m.volume
+            .write(0, Bytes::from(vec![5u8; 4096]), true)
+            .await
+            .unwrap();
+        m.volume
+            .write(MIB, Bytes::from(vec![6u8; 4096]), false)
+            .await
+            .unwrap();
+        let st = m.primary.status();
+        assert_eq!(st.peer, PeerLink::Degraded);
+        assert_eq!(st.dirty_bytes, 2 * DEFAULT_CHUNK);
+        let cause = st.peer_failure.expect("cause reported");
+        assert!(cause.contains("secondary store"), "{cause}");
+        assert!(m.secondary.status().failure.is_some());
+    });
+}
