@@ -499,3 +499,45 @@ fn over_alink_idle_primary_goes_degraded_when_the_secondary_dies() {
     let v = control(&s.p("primary.ctl"), "status").unwrap();
     assert_eq!(v["primary"]["dirty_bytes"], 65536);
 }
+
+#[test]
+fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
+    let s = Setup::new(64 * MIB);
+    let sec = s.secondary();
+    let _pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    drop(sec);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x44 0 32M", &s.uri()],
+    );
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "degraded");
+    // The resync (32 MiB dirty, rate-limited so it overlaps) races with a new write stream.
+    control(&s.p("primary.ctl"), "resync-rate 33554432").unwrap();
+    let uri = s.uri();
+    let stream = std::thread::spawn(move || {
+        let mut args = vec!["-f".to_string(), "raw".to_string()];
+        for i in 0..400u32 {
+            args.push("-c".into());
+            args.push(format!(
+                "write -P {} {}k 16k",
+                i % 200 + 1,
+                (i * 7919) % 60_000
+            ));
+        }
+        args.push(uri);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_ok("qemu-io", &a)
+    });
+    let _sec2 = s.secondary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "resyncing");
+    stream.join().unwrap();
+    control(&s.p("primary.ctl"), "resync-rate 0").unwrap();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
+    assert!(
+        files_identical(&s.p("primary.img"), &s.p("secondary.img")),
+        "{}",
+        s.log()
+    );
+}
