@@ -541,3 +541,54 @@ fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
         s.log()
     );
 }
+
+#[test]
+fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
+    let s = Setup::new(16 * MIB);
+    let _sec = s.secondary();
+    let _pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    let (pc, sc) = (s.p("primary.ctl"), s.p("secondary.ctl"));
+    assert_eq!(control(&sc, "epoch-mode on").unwrap()["ok"], true);
+    assert_eq!(control(&pc, "epoch 1").unwrap()["ok"], true);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x0e 0 1M",
+            "-c",
+            "flush",
+            &s.uri(),
+        ],
+    );
+    let sec = std::fs::read(s.p("secondary.img")).unwrap();
+    assert!(
+        sec[..1 << 20].iter().all(|&b| b == 0),
+        "epoch 1 applied before its commit"
+    );
+    let st = control(&sc, "status").unwrap();
+    assert_eq!(st["secondary"]["held_epochs"], serde_json::json!([1]));
+    assert_eq!(control(&pc, "commit 1").unwrap()["ok"], true);
+    let sec = std::fs::read(s.p("secondary.img")).unwrap();
+    assert!(
+        sec[..1 << 20].iter().all(|&b| b == 0x0e),
+        "committed epoch not applied"
+    );
+    // Epoch 2 never commits: failover discards it.
+    control(&pc, "epoch 2").unwrap();
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x0f 2M 1M", &s.uri()],
+    );
+    let d = control(&sc, "discard").unwrap();
+    assert_eq!(d["discarded"], 1, "{d}");
+    control(&sc, "commit-local 10").unwrap();
+    let sec = std::fs::read(s.p("secondary.img")).unwrap();
+    assert!(
+        sec[2 << 20..3 << 20].iter().all(|&b| b == 0),
+        "discarded epoch reached the store"
+    );
+    assert_eq!(control(&pc, "bogus").unwrap()["ok"], false);
+}

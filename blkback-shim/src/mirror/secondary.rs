@@ -29,6 +29,10 @@ use super::wire::{
 };
 use crate::store::{Store, StoreError};
 
+/// Held epoch data the secondary accepts at most; beyond it the session fails (the primary
+/// goes degraded) rather than the secondary running out of memory.
+pub const MAX_HELD_BYTES: u64 = 1 << 30;
+
 /// A held (not yet applied) mutation of epoch mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeldOp {
@@ -267,7 +271,14 @@ impl Secondary {
                 }
                 let resync = flags & FLAG_RESYNC != 0;
                 if epoch_mode && !resync {
-                    lock(&self.epochs).hold(epoch, HeldOp::Write { offset, data });
+                    let mut ep = lock(&self.epochs);
+                    if ep.bytes() + data.len() as u64 > MAX_HELD_BYTES {
+                        return Err(format!(
+                            "epoch buffer full ({} bytes held): commit epochs more often",
+                            ep.bytes()
+                        ));
+                    }
+                    ep.hold(epoch, HeldOp::Write { offset, data });
                     return Ok(Some((seq, false)));
                 }
                 if resync {
