@@ -166,7 +166,7 @@ fn writes_racing_with_a_rate_limited_resync_end_identical() {
                 .await
                 .unwrap();
         }
-        m.primary.set_resync_rate(8 * MIB);
+        m.primary.set_resync_rate(2 * MIB);
         m.connect();
         m.wait_for(|l| l == PeerLink::Resyncing).await;
         // Overwrite regions both before and after the resync cursor while it runs.

@@ -513,7 +513,7 @@ fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
     );
     wait_for_status(&s.p("primary.ctl"), |v| link(v) == "degraded");
     // The resync (32 MiB dirty, rate-limited so it overlaps) races with a new write stream.
-    control(&s.p("primary.ctl"), "resync-rate 33554432").unwrap();
+    control(&s.p("primary.ctl"), "resync-rate 8388608").unwrap();
     let uri = s.uri();
     let stream = std::thread::spawn(move || {
         let mut args = vec!["-f".to_string(), "raw".to_string()];
