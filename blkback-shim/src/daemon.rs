@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::mirror::alink::{AlinkAcceptor, AlinkConnector};
@@ -109,7 +109,7 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, DaemonError> {
     UnixListener::bind(path).map_err(sock(format!("bind {}", path.display())))
 }
 
-/// Runs the daemon until a listener fails.
+/// Runs the daemon until SIGTERM/SIGINT (clean stop) or until every task ended.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&cfg.disk, cfg.create_size)?);
     info!(disk = %cfg.disk.display(), size = store.size(), role = ?cfg.role, "starting");
@@ -182,7 +182,28 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         });
     }
     info!("ready");
-    while tasks.join_next().await.is_some() {}
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut term = signal(SignalKind::terminate()).map_err(sock("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(sock("SIGINT handler"))?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+    }
+    // Clean stop: durable local store, bitmap and activity log consistent.
+    if let Node::Primary(p) = &node {
+        let p = p.clone();
+        match tokio::task::spawn_blocking(move || p.shutdown_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "unclean stop"),
+            Err(_) => tracing::warn!("shutdown task failed"),
+        }
+    } else {
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.sync()).await;
+    }
+    tasks.abort_all();
+    for p in [&cfg.nbd_unix, &cfg.control].into_iter().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }

@@ -592,3 +592,30 @@ fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
     );
     assert_eq!(control(&pc, "bogus").unwrap()["ok"], false);
 }
+
+#[test]
+fn sigterm_stops_the_primary_cleanly_so_a_restart_resyncs_nothing() {
+    let s = Setup::new(32 * MIB);
+    let _sec = s.secondary();
+    let pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x21 0 8M", &s.uri()],
+    );
+    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    assert!(
+        v["primary"]["al_active_extents"].as_u64().unwrap() >= 2,
+        "{v}"
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pri.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut pri = pri;
+    let status = pri.0.wait().unwrap();
+    assert!(status.success(), "clean exit: {status:?}\n{}", s.log());
+    let _pri2 = s.primary();
+    let v = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    assert_eq!(v["primary"]["al_recovered_extents"], 0, "{v}");
+    assert_eq!(v["primary"]["last_resync"]["bytes_copied"], 0, "{v}");
+    assert!(files_identical(&s.p("primary.img"), &s.p("secondary.img")));
+}

@@ -543,6 +543,38 @@ impl Primary {
         }
     }
 
+    /// Blocking: clean stop. Holds the order lock (no write can start after it), syncs the
+    /// local store, records still-unacknowledged writes as dirty and retires every
+    /// activity-log extent, so the next start resyncs only what really may differ.
+    pub fn shutdown_blocking(&self) -> Result<(), String> {
+        let _o = lock(&self.order);
+        let synced = if lock(&self.state).local_failure.is_none() {
+            self.store.sync().map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        let mut st = lock(&self.state);
+        let pending: Vec<(u64, u64)> = st
+            .pending
+            .values()
+            .filter_map(|p| match p.kind {
+                PendingKind::Client { offset, len } => Some((offset, len)),
+                _ => None,
+            })
+            .collect();
+        for (offset, len) in pending {
+            st.bitmap.mark_volatile(offset, len);
+        }
+        let active: Vec<u64> = st.al_active.drain().map(|(e, _)| e).collect();
+        st.al_inflight.clear();
+        st.bitmap.persist().map_err(|e| e.to_string())?;
+        st.bitmap
+            .al_update(&[], &active)
+            .map_err(|e| e.to_string())?;
+        info!(retired = active.len(), "primary stopped cleanly");
+        synced
+    }
+
     fn on_ack(&self, gen: u64, seq: u64) {
         let mut st = lock(&self.state);
         if st.gen != gen {
