@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tracing::{info, warn};
@@ -362,10 +362,10 @@ impl Secondary {
 
     fn applier_loop(
         self: Arc<Self>,
-        rx: &std_mpsc::Receiver<PeerMsg>,
+        rx: &mut tokio::sync::mpsc::Receiver<PeerMsg>,
         tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
     ) {
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = rx.blocking_recv() {
             let mut last = None;
             let mut sync = false;
             let mut next = Some(first);
@@ -438,15 +438,17 @@ impl Secondary {
         }
         self.connected.store(true, Ordering::Relaxed);
         info!(?disk, "primary session up");
-        let (atx, arx) = std_mpsc::channel();
+        // Bounded: a primary faster than this disk is slowed down through the session instead
+        // of growing a queue here.
+        let (atx, mut arx) = tokio::sync::mpsc::channel(64);
         let me = self.clone();
         let tx = session.tx.clone();
-        let handle = std::thread::spawn(move || me.applier_loop(&arx, &tx));
+        let handle = std::thread::spawn(move || me.applier_loop(&mut arx, &tx));
         *self.applier.lock().await = Some(handle);
         while let Some(frame) = session.rx.recv().await {
             match PeerMsg::decode(frame) {
                 Ok(m) => {
-                    if atx.send(m).is_err() {
+                    if atx.send(m).await.is_err() {
                         break;
                     }
                 }

@@ -123,7 +123,7 @@ pub fn tcp_session(stream: TcpStream) -> PeerSession {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
     let (tx, mut urx) = mpsc::unbounded_channel::<Frame>();
-    let (btx, rx) = mpsc::channel::<Bytes>(1024);
+    let (btx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(1 << 20, wr);
         while let Some(m) = urx.recv().await {
