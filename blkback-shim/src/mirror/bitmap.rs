@@ -254,6 +254,13 @@ impl DirtyBitmap {
             .is_some_and(|byte| byte & (1 << (i % 8)) != 0)
     }
 
+    /// Whether any chunk covering `[offset, offset+len)` is dirty.
+    #[must_use]
+    pub fn any_dirty(&self, offset: u64, len: u64) -> bool {
+        self.chunks(offset, len)
+            .is_some_and(|(a, b)| (a..=b).any(|i| self.is_dirty(i)))
+    }
+
     /// Chunk range `[first, last]` covering `[offset, offset+len)`, clamped to the disk.
     fn chunks(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
         if len == 0 || offset >= self.size {

@@ -524,6 +524,10 @@ impl Primary {
             let Some(tx) = st.tx.clone() else {
                 return Err(NBD_EIO);
             };
+            if st.bitmap.any_dirty(offset, u64::from(len)) {
+                // The secondary's copy of this range is stale and the local one failed.
+                return Err(NBD_EIO);
+            }
             let id = st.next_read;
             st.next_read += 1;
             let (done, rx) = oneshot::channel();

@@ -451,6 +451,16 @@ async fn encode_reply<W: AsyncWrite + Unpin>(wr: &mut W, r: Reply) -> std::io::R
             }
         }
         (false, Err(errno)) => wr.write_all(&simple_reply(errno, r.cookie)).await?,
+        (true, Ok(Some((_, d)))) if d.is_empty() => {
+            // A zero-length read: an OFFSET_DATA chunk must carry data, so just finish.
+            wr.write_all(&structured_chunk(
+                NBD_REPLY_FLAG_DONE,
+                NBD_REPLY_TYPE_NONE,
+                r.cookie,
+                0,
+            ))
+            .await?;
+        }
         (true, Ok(Some((offset, d)))) => {
             let len = u32::try_from(d.len() + 8).unwrap_or(u32::MAX);
             wr.write_all(&structured_chunk(

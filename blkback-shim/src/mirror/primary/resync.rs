@@ -37,8 +37,9 @@ impl Primary {
         if !matches!(setup, Ok(true)) {
             return;
         }
-        let mut window_start = Instant::now();
-        let mut window_bytes = 0u64;
+        // Token bucket for the rate limit: bytes that may be sent now (negative: owed).
+        let mut allowance = 0f64;
+        let mut last_refill = Instant::now();
         let end = loop {
             let mut cursor = 0u64;
             loop {
@@ -46,26 +47,33 @@ impl Primary {
                 if !self.wait_acks(gen, self.cfg.resync_window).await {
                     return;
                 }
-                // Rate limit.
-                let rate = self.rate.load(Ordering::Relaxed);
-                if rate > 0 {
-                    let elapsed = window_start.elapsed().as_secs_f64();
-                    let allowed = rate as f64 * elapsed;
-                    if window_bytes as f64 > allowed {
-                        let wait = (window_bytes as f64 - allowed) / rate as f64;
-                        tokio::time::sleep(Duration::from_secs_f64(wait.min(1.0))).await;
+                // Rate limit (settable while running; 0 = unlimited).
+                loop {
+                    let rate = self.rate.load(Ordering::Relaxed) as f64;
+                    let now = Instant::now();
+                    if rate <= 0.0 {
+                        allowance = 0.0;
+                        last_refill = now;
+                        break;
                     }
-                    if elapsed > 1.0 {
-                        window_start = Instant::now();
-                        window_bytes = 0;
+                    let burst = rate.max(RESYNC_RUN as f64);
+                    allowance = (allowance + rate * (now - last_refill).as_secs_f64()).min(burst);
+                    last_refill = now;
+                    if allowance >= 0.0 {
+                        break;
                     }
+                    if self.resync_room(gen, u64::MAX).is_none() {
+                        return;
+                    }
+                    let wait = (-allowance / rate).min(0.2);
+                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                 }
                 let me = self.clone();
                 let step = tokio::task::spawn_blocking(move || me.resync_step(gen, cursor)).await;
                 match step {
                     Ok(Some((next, sent))) => {
                         cursor = next;
-                        window_bytes += sent;
+                        allowance -= sent as f64;
                     }
                     Ok(None) => break,
                     Err(_) => return,
