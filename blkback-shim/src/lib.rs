@@ -46,6 +46,15 @@
 //! [`mirror::primary::Primary::commit_epoch`], [`mirror::secondary::Secondary::commit_epoch`]
 //! and [`mirror::secondary::Secondary::discard_uncommitted`].
 //!
+//! ## Failover (what the agent does)
+//! 1. Level 3 only: `discard` on the secondary's control socket drops uncommitted epochs.
+//! 2. Stop the secondary shim (SIGTERM: its store is synced) and start `--role primary` on the
+//!    same disk with a new bitmap file; serve the VM from its NBD socket.
+//! 3. When the old primary's host returns, start it as `--role secondary`. The new primary's
+//!    bitmap has never seen a synced peer, so the first session is a full sync (holes and zero
+//!    chunks are not copied). There is no bitmap exchange yet: writes the old primary had in
+//!    flight when it died are overwritten by that full sync, not merged.
+//!
 //! ## Guarantees
 //! - A client write is acknowledged only when it is on the local store and the secondary
 //!   applied it (or, without a session, after its chunks are durably marked dirty).
