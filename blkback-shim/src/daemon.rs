@@ -197,6 +197,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             Ok(Err(e)) => tracing::warn!(error = %e, "unclean stop"),
             Err(_) => tracing::warn!("shutdown task failed"),
         }
+    } else if let Node::Secondary(sec) = &node {
+        let sec = sec.clone();
+        match tokio::task::spawn_blocking(move || sec.shutdown_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "unclean stop"),
+            Err(_) => tracing::warn!("shutdown task failed"),
+        }
     } else {
         let s = store.clone();
         let _ = tokio::task::spawn_blocking(move || s.sync()).await;

@@ -619,3 +619,32 @@ fn sigterm_stops_the_primary_cleanly_so_a_restart_resyncs_nothing() {
     assert_eq!(v["primary"]["last_resync"]["bytes_copied"], 0, "{v}");
     assert!(files_identical(&s.p("primary.img"), &s.p("secondary.img")));
 }
+
+#[test]
+fn secondary_from_a_previous_boot_without_clean_stop_gets_a_full_sync() {
+    let s = Setup::new(16 * MIB);
+    let sec = s.secondary();
+    let _pri = s.primary();
+    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x51 0 2M", &s.uri()],
+    );
+    drop(sec); // SIGKILL: acknowledged writes may sit in the page cache only
+    let state_file = s.p("secondary.img.xenft-state");
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    assert!(state.starts_with("consistent boot="), "{state}");
+    // Pretend the host rebooted: the page cache, and so possibly acked writes, are gone.
+    std::fs::write(
+        &state_file,
+        "consistent boot=00000000-0000-0000-0000-000000000000\n",
+    )
+    .unwrap();
+    let _sec2 = s.secondary();
+    let v = wait_for_status(&s.p("primary.ctl"), |v| {
+        link(v) == "in_sync" && v["primary"]["sessions"].as_u64() == Some(2)
+    });
+    assert_eq!(v["primary"]["last_resync"]["full"], true, "{v}");
+    assert_eq!(v["primary"]["last_resync"]["bytes_copied"], 2 * MIB, "{v}");
+    assert!(files_identical(&s.p("primary.img"), &s.p("secondary.img")));
+}

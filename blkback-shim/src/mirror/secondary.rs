@@ -159,11 +159,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Secondary {
     /// A secondary for `store`, remembering its consistency in `state_path`.
     pub fn new(store: Arc<dyn Store>, state_path: PathBuf) -> Arc<Self> {
-        let disk = match std::fs::read_to_string(&state_path) {
-            Ok(s) if s.trim() == "consistent" => PeerDiskState::Consistent,
-            Ok(_) => PeerDiskState::Inconsistent,
-            Err(_) => PeerDiskState::Fresh,
-        };
+        let disk = std::fs::read_to_string(&state_path)
+            .map_or(PeerDiskState::Fresh, |text| parse_state(&text, &boot_id()));
         Arc::new(Self {
             store,
             state_path,
@@ -177,6 +174,13 @@ impl Secondary {
             failure: Mutex::new(None),
             applier: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Clean stop: syncs the store and records the state as clean (valid across reboots).
+    pub fn shutdown_blocking(&self) -> Result<(), StoreError> {
+        self.store.sync()?;
+        self.write_state(true);
+        Ok(())
     }
 
     /// Turns level-3 epoch mode on or off (off: held writes stay held until committed).
@@ -220,9 +224,22 @@ impl Secondary {
 
     fn set_disk(&self, d: PeerDiskState) {
         *lock(&self.disk) = d;
-        let text = match d {
-            PeerDiskState::Consistent => "consistent\n",
-            _ => "inconsistent\n",
+        self.write_state(false);
+    }
+
+    /// Records the disk state with the current boot id (writes applied since may sit in the
+    /// page cache only), or `clean` after a sync on a clean stop.
+    fn write_state(&self, clean: bool) {
+        let d = *lock(&self.disk);
+        let word = match d {
+            PeerDiskState::Consistent => "consistent",
+            PeerDiskState::Inconsistent => "inconsistent",
+            PeerDiskState::Fresh => "fresh",
+        };
+        let text = if clean {
+            format!("{word} clean\n")
+        } else {
+            format!("{word} boot={}\n", boot_id())
         };
         let r = std::fs::File::create(&self.state_path).and_then(|mut f| {
             std::io::Write::write_all(&mut f, text.as_bytes())?;
@@ -436,6 +453,9 @@ impl Secondary {
         if session.tx.send(hello.frame()).is_err() {
             return;
         }
+        // From now on writes may be acknowledged before they are durable: tie the state to
+        // this boot, so a host crash (page cache lost) is detected at the next start.
+        self.write_state(false);
         self.connected.store(true, Ordering::Relaxed);
         info!(?disk, "primary session up");
         // Bounded: a primary faster than this disk is slowed down through the session instead
@@ -479,6 +499,29 @@ impl Secondary {
     }
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Interprets the state file. Acknowledged writes reach the page cache, not the disk, so a
+/// copy recorded during another boot without a clean stop may have lost writes the primary
+/// believes it has: it counts as fresh (full sync).
+fn parse_state(text: &str, boot: &str) -> PeerDiskState {
+    let mut words = text.split_whitespace();
+    let state = words.next().unwrap_or("");
+    let stamp = words.next().unwrap_or("");
+    let same_boot = stamp == "clean" || (!boot.is_empty() && stamp == format!("boot={boot}"));
+    match (state, same_boot) {
+        (_, false) => PeerDiskState::Fresh,
+        ("consistent", true) => PeerDiskState::Consistent,
+        ("inconsistent", true) => PeerDiskState::Inconsistent,
+        _ => PeerDiskState::Fresh,
+    }
+}
+
 /// Work estimate of a message for ack batching (bytes, at least one page).
 fn msg_cost(m: &PeerMsg) -> u64 {
     match m {
@@ -508,6 +551,33 @@ mod tests {
             offset,
             data: Bytes::from(vec![b; 4]),
         }
+    }
+
+    #[test]
+    fn state_from_another_boot_without_clean_stop_means_full_sync() {
+        assert_eq!(
+            parse_state("consistent boot=A\n", "A"),
+            PeerDiskState::Consistent
+        );
+        assert_eq!(
+            parse_state("consistent boot=A\n", "B"),
+            PeerDiskState::Fresh
+        );
+        assert_eq!(
+            parse_state("consistent clean\n", "B"),
+            PeerDiskState::Consistent
+        );
+        assert_eq!(
+            parse_state("inconsistent boot=A\n", "A"),
+            PeerDiskState::Inconsistent
+        );
+        assert_eq!(
+            parse_state("inconsistent clean\n", "B"),
+            PeerDiskState::Inconsistent
+        );
+        assert_eq!(parse_state("garbage", "A"), PeerDiskState::Fresh);
+        assert_eq!(parse_state("fresh boot=A", "A"), PeerDiskState::Fresh);
+        assert_eq!(parse_state("consistent\n", ""), PeerDiskState::Fresh);
     }
 
     #[test]
