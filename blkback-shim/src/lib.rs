@@ -61,6 +61,11 @@
 //! - FLUSH and FUA are durable on both copies before the reply.
 //! - Both copies apply overlapping writes in the same order (one sequence, assigned under the
 //!   lock that orders local writes).
+//! - The secondary acknowledges a write once applied (page cache), FLUSH/FUA once durable, as
+//!   DRBD does. Its state file carries the boot id: after a host crash (not a process crash)
+//!   without a clean stop it reports itself fresh and gets a full sync, since acknowledged
+//!   writes may have been lost with the page cache. The primary's activity log covers its own
+//!   crash while connected.
 //! - Bad NBD input gets the spec's error or a disconnect of that client; no write lands outside
 //!   the export; payloads are capped at 32 MiB per request and 128 MiB in flight per client.
 
