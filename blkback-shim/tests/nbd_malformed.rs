@@ -90,7 +90,8 @@ fn oversized_read_is_refused_and_oversized_write_disconnects_only_that_client() 
         };
         let st = c.stream_mut();
         st.write_all(&h.encode()).await.unwrap();
-        st.write_all(&[0u8; 4096]).await.unwrap();
+        // The server may already have hung up: a broken pipe here is fine.
+        let _ = st.write_all(&[0u8; 4096]).await;
         assert!(closed(st).await, "server must drop the connection");
         other.write(0, b"still here", true).await.unwrap();
         assert_eq!(&other.read(0, 10).await.unwrap()[..], b"still here");
