@@ -18,11 +18,11 @@ async fn client(s: &LocalServer) -> NbdClient<UnixStream> {
     NbdClient::connect_unix(&s.sock, "xenft").await.unwrap()
 }
 
-/// True when the server closed the connection (EOF or reset) within a second.
+/// True when the server closed the connection (EOF or reset) within five seconds.
 async fn closed(stream: &mut UnixStream) -> bool {
     let mut b = [0u8; 1];
     matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(1), stream.read(&mut b)).await,
+        tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut b)).await,
         Ok(Ok(0) | Err(_))
     )
 }
