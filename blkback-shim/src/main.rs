@@ -40,10 +40,12 @@ struct Args {
     /// Export name.
     #[arg(long, default_value = "xenft")]
     export: String,
-    /// Primary, plain TCP transport: the secondary's replication address.
+    /// Primary, plain TCP transport (unauthenticated: loopback and tests only; use an A-link
+    /// between hosts): the secondary's replication address.
     #[arg(long)]
     peer: Option<SocketAddr>,
-    /// Secondary, plain TCP transport: replication listen address.
+    /// Secondary, plain TCP transport (unauthenticated: loopback and tests only): replication
+    /// listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// A-link transport: one path as LOCAL_ADDR=PEER_ADDR (repeat for each path).
@@ -172,6 +174,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = config(Args::parse())?;
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
