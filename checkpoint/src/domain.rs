@@ -90,6 +90,14 @@ pub trait Domain: Send {
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), DomainError>;
     /// The vCPU state; the domain must be paused.
     fn vcpu_context(&mut self) -> Result<VcpuContext, DomainError>;
+    /// Pauses, then reads and clears the dirty log and reads the vCPU state: the start of
+    /// every checkpoint. Backends with a cheaper combined path override it.
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        self.pause()?;
+        let dirty = self.read_and_clear_dirty()?;
+        let ctx = self.vcpu_context()?;
+        Ok((dirty, ctx))
+    }
     /// Sets the vCPU state used by [`Domain::start_from_replica`].
     fn set_vcpu_context(&mut self, ctx: &VcpuContext) -> Result<(), DomainError>;
     /// Starts the replica running from the memory and vCPU state written so far (failover).

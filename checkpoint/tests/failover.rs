@@ -202,7 +202,13 @@ fn killed_before_sending_a_checkpoint_secondary_resumes_the_previous_one() {
 #[test]
 fn killed_in_the_middle_of_a_checkpoint_the_partial_epoch_is_discarded() {
     let o = run_crash(24, 15, "mid-stream");
-    assert_eq!(o.failover_epoch, o.kth(14));
+    assert_eq!(
+        o.failover_epoch,
+        o.kth(14),
+        "taken {:?} released {:?}",
+        o.taken,
+        o.released
+    );
 }
 
 #[test]

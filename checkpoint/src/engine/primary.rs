@@ -488,14 +488,12 @@ fn checkpoint_loop(
         }
         epoch += 1;
         let t0 = Instant::now();
-        domain.pause()?;
-        let mut pfns = domain.read_and_clear_dirty()?;
+        let (mut pfns, ctx) = domain.pause_and_collect()?;
         if !carry.is_empty() {
             pfns.append(&mut carry);
             pfns.sort_unstable();
             pfns.dedup();
         }
-        let ctx = domain.vcpu_context()?;
         let mut staged = stage(domain, epoch, pfns)?;
         staged.vcpu = Some(ctx);
         if cfg.verify_memory_digest {

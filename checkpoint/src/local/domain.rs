@@ -28,6 +28,8 @@ pub struct LocalGuestConfig {
 struct GuestProc {
     child: Child,
     ctl: UnixStream,
+    /// Responses not read yet (to `OP_RESUME`, which does not wait for its answer).
+    unread: u32,
 }
 
 /// A synthetic guest: running (primary, or a replica after failover) or a bare replica memory.
@@ -141,7 +143,11 @@ impl LocalDomain {
         let child = spawned.map_err(os("spawn synthetic guest"))?;
         ours.set_read_timeout(Some(Duration::from_secs(20)))
             .map_err(os("set_read_timeout"))?;
-        let mut g = GuestProc { child, ctl: ours };
+        let mut g = GuestProc {
+            child,
+            ctl: ours,
+            unread: 0,
+        };
         // The guest answers once memory is mapped and write-protected.
         let ready = read_response(&mut g.ctl, 4096);
         match ready {
@@ -173,8 +179,19 @@ impl LocalDomain {
             .guest
             .as_mut()
             .ok_or(DomainError::WrongState("no guest process running"))?;
-        let res = std::io::Write::write_all(&mut g.ctl, &[op])
-            .and_then(|()| read_response(&mut g.ctl, max));
+        let res = std::io::Write::write_all(&mut g.ctl, &[op]).and_then(|()| {
+            // Answers to earlier un-awaited requests come first.
+            while g.unread > 0 {
+                g.unread -= 1;
+                let (status, msg) = read_response(&mut g.ctl, max)?;
+                if status != STATUS_OK {
+                    return Err(std::io::Error::other(
+                        String::from_utf8_lossy(&msg).into_owned(),
+                    ));
+                }
+            }
+            read_response(&mut g.ctl, max)
+        });
         match res {
             Ok((STATUS_OK, p)) => Ok(p),
             Ok((_, msg)) => Err(DomainError::GuestProtocol(
@@ -188,6 +205,28 @@ impl LocalDomain {
                 }))
             }
         }
+    }
+
+    fn parse_pfns(&self, p: &[u8]) -> Result<Vec<u64>, DomainError> {
+        if !p.len().is_multiple_of(4) {
+            return Err(DomainError::GuestProtocol(
+                "dirty list not a multiple of 4".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(p.len() / 4);
+        for c in p.chunks_exact(4) {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(c);
+            let pfn = u64::from(u32::from_le_bytes(a));
+            if pfn >= self.pages {
+                return Err(DomainError::PfnOutOfRange {
+                    pfn,
+                    pages: self.pages,
+                });
+            }
+            out.push(pfn);
+        }
+        Ok(out)
     }
 
     fn runs(pfns: &[u64]) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -226,7 +265,26 @@ impl Domain for LocalDomain {
     }
 
     fn resume(&mut self) -> Result<(), DomainError> {
-        self.request(OP_RESUME).map(|_| ())
+        // Do not wait for the answer: the guest runs as soon as it reads the request, and the
+        // answer is checked with the next request.
+        let g = self
+            .guest
+            .as_mut()
+            .ok_or(DomainError::WrongState("no guest process running"))?;
+        std::io::Write::write_all(&mut g.ctl, &[OP_RESUME])
+            .map_err(|e| DomainError::GuestGone(e.to_string()))?;
+        g.unread += 1;
+        Ok(())
+    }
+
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        let p = self.request(OP_CHECKPOINT)?;
+        let bad = || DomainError::GuestProtocol("malformed checkpoint answer".into());
+        let len_bytes: [u8; 4] = p.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+        let len = usize::try_from(u32::from_le_bytes(len_bytes)).map_err(|_| bad())?;
+        let ctx = p.get(4..4 + len).ok_or_else(bad)?.to_vec();
+        let pfns = self.parse_pfns(p.get(4 + len..).ok_or_else(bad)?)?;
+        Ok((pfns, VcpuContext(ctx)))
     }
 
     fn enable_dirty_log(&mut self) -> Result<(), DomainError> {
@@ -235,27 +293,8 @@ impl Domain for LocalDomain {
 
     fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError> {
         let p = self.request(OP_READ_CLEAR_DIRTY)?;
-        if p.len() % 4 != 0 {
-            return Err(DomainError::GuestProtocol(
-                "dirty list not a multiple of 4".into(),
-            ));
-        }
-        let mut out = Vec::with_capacity(p.len() / 4);
-        for c in p.chunks_exact(4) {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(c);
-            let pfn = u64::from(u32::from_le_bytes(a));
-            if pfn >= self.pages {
-                return Err(DomainError::PfnOutOfRange {
-                    pfn,
-                    pages: self.pages,
-                });
-            }
-            out.push(pfn);
-        }
-        Ok(out)
+        self.parse_pfns(&p)
     }
-
     fn read_pages(&mut self, pfns: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
         check_pages(pfns, out.len(), self.pages)?;
         for (i, j) in Self::runs(pfns) {

@@ -275,6 +275,27 @@ pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
     result
 }
 
+/// Stops the workload at a safe point and waits until it is parked.
+fn pause(shared: &Shared) -> Result<(), String> {
+    let mut c = lock(&shared.ctl);
+    c.pause_requested = true;
+    shared.pause_flag.store(true, Ordering::Release);
+    shared.cv.notify_all();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.parked && Instant::now() < deadline {
+        c = shared
+            .cv
+            .wait_timeout(c, Duration::from_millis(100))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+    if c.parked {
+        Ok(())
+    } else {
+        Err("workload did not reach a safe point within 5 s".to_string())
+    }
+}
+
 fn control_loop(shared: &Shared, control: &mut UnixStream) -> Result<(), GuestError> {
     loop {
         let mut op = [0u8; 1];
@@ -285,25 +306,17 @@ fn control_loop(shared: &Shared, control: &mut UnixStream) -> Result<(), GuestEr
             Err(e) => return Err(e.into()),
         }
         let reply: Result<Vec<u8>, String> = match op[0] {
-            OP_PAUSE => {
-                let mut c = lock(&shared.ctl);
-                c.pause_requested = true;
-                shared.pause_flag.store(true, Ordering::Release);
-                shared.cv.notify_all();
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while !c.parked && Instant::now() < deadline {
-                    c = shared
-                        .cv
-                        .wait_timeout(c, Duration::from_millis(100))
-                        .map(|(g, _)| g)
-                        .unwrap_or_else(|p| p.into_inner().0);
-                }
-                if c.parked {
-                    Ok(Vec::new())
-                } else {
-                    Err("workload did not reach a safe point within 5 s".to_string())
-                }
-            }
+            OP_PAUSE => pause(shared).map(|()| Vec::new()),
+            OP_CHECKPOINT => pause(shared).and_then(|()| {
+                let ctx = lock(&shared.ctl).state.encode();
+                let dirty = shared.collect_dirty().map_err(|e| e.to_string())?;
+                let mut out = Vec::with_capacity(4 + ctx.len() + dirty.len() * 4);
+                let len = u32::try_from(ctx.len()).map_err(|_| "context size".to_string())?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&ctx);
+                out.extend(dirty.iter().flat_map(|p| p.to_le_bytes()));
+                Ok(out)
+            }),
             OP_RESUME => {
                 let mut c = lock(&shared.ctl);
                 c.pause_requested = false;
