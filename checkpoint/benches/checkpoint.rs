@@ -51,6 +51,7 @@ fn run(memory_mib: u64, rate_mb: u64, policy: EpochPolicy, seconds: u64) -> Run 
         binary: guest.clone(),
         memory_bytes: memory_mib << 20,
         workload,
+        tracking: Default::default(),
     })
     .expect("spawn guest");
     let replica = LocalDomain::replica(guest, memory_mib << 20).expect("replica");

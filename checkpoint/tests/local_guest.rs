@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use xenft_checkpoint::domain::Domain;
+use xenft_checkpoint::local::guest::Tracking;
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::workload::{replay, Pattern, WorkloadSpec, WorkloadState, PAGE_SIZE};
 
@@ -48,6 +49,7 @@ fn paused_guest_memory_matches_replay_of_its_progress_counter() {
         binary: guest_binary(),
         memory_bytes: 16 * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -65,7 +67,28 @@ fn paused_guest_memory_matches_replay_of_its_progress_counter() {
 }
 
 #[test]
-fn dirty_log_holds_every_changed_page_and_only_written_ones() {
+fn dirty_log_holds_every_changed_page_and_only_written_ones_async_tracking() {
+    dirty_log_is_exact(Tracking::Async);
+}
+
+#[test]
+fn dirty_log_holds_every_changed_page_and_only_written_ones_fault_tracking() {
+    dirty_log_is_exact(Tracking::Sync);
+}
+
+#[test]
+fn auto_tracking_picks_the_asynchronous_mode_on_this_kernel() {
+    let d = LocalDomain::spawn(&LocalGuestConfig {
+        binary: guest_binary(),
+        memory_bytes: MIB,
+        workload: workload(Pattern::Random, 1),
+        tracking: Tracking::Auto,
+    })
+    .unwrap();
+    assert_eq!(d.tracking(), Some(Tracking::Async));
+}
+
+fn dirty_log_is_exact(tracking: Tracking) {
     let start = workload(
         Pattern::HotSet {
             hot_pages: 64,
@@ -77,8 +100,10 @@ fn dirty_log_holds_every_changed_page_and_only_written_ones() {
         binary: guest_binary(),
         memory_bytes: 16 * MIB,
         workload: start,
+        tracking,
     })
     .unwrap();
+    assert_eq!(d.tracking(), Some(tracking));
     for round in 0..5 {
         d.pause().unwrap();
         let _ = d.read_and_clear_dirty().unwrap();
@@ -122,6 +147,7 @@ fn replica_started_from_checkpoint_continues_the_exact_sequence() {
         binary: guest_binary(),
         memory_bytes: 4 * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(50));

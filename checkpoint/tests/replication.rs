@@ -69,6 +69,7 @@ fn protect(
         binary: guest_binary(),
         memory_bytes: mib * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
     let replica = LocalDomain::replica(guest_binary(), mib * MIB).unwrap();

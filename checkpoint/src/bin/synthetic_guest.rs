@@ -4,7 +4,7 @@ use std::os::fd::{OwnedFd, RawFd};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use xenft_checkpoint::local::guest::{run_guest, GuestArgs};
+use xenft_checkpoint::local::guest::{run_guest, GuestArgs, Tracking};
 use xenft_checkpoint::workload::WorkloadState;
 
 /// Synthetic guest: runs a page-writing workload on a shared memory file.
@@ -25,6 +25,9 @@ struct Args {
     /// Stay paused until resumed.
     #[arg(long)]
     start_paused: bool,
+    /// Dirty tracking: auto, async or sync.
+    #[arg(long, default_value = "auto")]
+    tracking: String,
 }
 
 fn take_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
@@ -47,6 +50,9 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .context("--context is not hex")?;
     let state = WorkloadState::decode(&bytes)?;
+    let Some(tracking) = Tracking::from_name(&args.tracking) else {
+        bail!("--tracking must be auto, async or sync");
+    };
     let memory = std::fs::File::from(take_fd(args.memory_fd)?);
     let control = std::os::unix::net::UnixStream::from(take_fd(args.control_fd)?);
     run_guest(GuestArgs {
@@ -55,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         pages: args.pages,
         state,
         start_paused: args.start_paused,
+        tracking,
     })?;
     Ok(())
 }

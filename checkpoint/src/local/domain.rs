@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+use super::guest::Tracking;
 use super::protocol::*;
 use crate::domain::{check_pages, Domain, DomainError, VcpuContext};
 use crate::workload::{WorkloadState, PAGE_SIZE, PAGE_SIZE_U64};
@@ -23,6 +24,8 @@ pub struct LocalGuestConfig {
     pub memory_bytes: u64,
     /// Workload to run from.
     pub workload: WorkloadState,
+    /// Dirty tracking mode.
+    pub tracking: Tracking,
 }
 
 struct GuestProc {
@@ -42,6 +45,9 @@ pub struct LocalDomain {
     binary: PathBuf,
     guest: Option<GuestProc>,
     pending_ctx: Option<WorkloadState>,
+    tracking: Tracking,
+    /// Mode the running guest reported.
+    active_tracking: Option<Tracking>,
 }
 
 fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> DomainError {
@@ -91,12 +97,15 @@ impl LocalDomain {
             binary,
             guest: None,
             pending_ctx: None,
+            tracking: Tracking::Auto,
+            active_tracking: None,
         })
     }
 
     /// Creates guest memory and starts a running guest on it (a primary).
     pub fn spawn(cfg: &LocalGuestConfig) -> Result<Self, DomainError> {
         let mut d = Self::with_memory(cfg.binary.clone(), cfg.memory_bytes)?;
+        d.tracking = cfg.tracking;
         d.start_guest(cfg.workload)?;
         Ok(d)
     }
@@ -106,6 +115,17 @@ impl LocalDomain {
         Self::with_memory(binary, memory_bytes)
     }
 
+    /// Sets the dirty tracking mode for a guest started later (replica failover).
+    pub fn with_tracking(mut self, tracking: Tracking) -> Self {
+        self.tracking = tracking;
+        self
+    }
+
+    /// Dirty tracking mode the running guest uses (never `Auto`).
+    pub fn tracking(&self) -> Option<Tracking> {
+        self.active_tracking
+    }
+
     /// Pid of the guest process, if one runs.
     pub fn guest_pid(&self) -> Option<u32> {
         self.guest.as_ref().map(|g| g.child.id())
@@ -113,6 +133,7 @@ impl LocalDomain {
 
     /// Kills the guest process (as a host crash would) and forgets it.
     pub fn kill_guest(&mut self) {
+        self.active_tracking = None;
         if let Some(mut g) = self.guest.take() {
             let _ = g.child.kill();
             let _ = g.child.wait();
@@ -136,6 +157,8 @@ impl LocalDomain {
             .arg(self.pages.to_string())
             .arg("--context")
             .arg(ctx_hex)
+            .arg("--tracking")
+            .arg(self.tracking.name())
             .stdin(Stdio::null())
             .spawn();
         set_inheritable(&self.memory, false)?;
@@ -151,7 +174,18 @@ impl LocalDomain {
         // The guest answers once memory is mapped and write-protected.
         let ready = read_response(&mut g.ctl, 4096);
         match ready {
-            Ok((STATUS_OK, _)) => {
+            Ok((STATUS_OK, mode)) => {
+                let name = String::from_utf8_lossy(&mode).into_owned();
+                match Tracking::from_name(&name) {
+                    Some(t @ (Tracking::Async | Tracking::Sync)) => self.active_tracking = Some(t),
+                    _ => {
+                        let _ = g.child.kill();
+                        let _ = g.child.wait();
+                        return Err(DomainError::GuestProtocol(format!(
+                            "unknown tracking mode {name:?}"
+                        )));
+                    }
+                }
                 self.guest = Some(g);
                 Ok(())
             }

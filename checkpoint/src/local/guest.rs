@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::protocol::*;
-use crate::sys::uffd::{GuestMapping, WpTracker};
+use crate::sys::uffd::{GuestMapping, TrackMode, WpTracker};
 use crate::workload::{WorkloadState, PAGE_SIZE};
 
 /// Why the guest process stopped.
@@ -30,6 +30,36 @@ pub enum GuestError {
     Tracking(String),
 }
 
+/// Which dirty tracking the guest uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Tracking {
+    /// Asynchronous if the kernel supports it, else fault-driven.
+    #[default]
+    Auto,
+    /// `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN` (Linux 6.7+): no per-write round trip.
+    Async,
+    /// Write-protect faults resolved by a handler thread (QEMU background-snapshot style).
+    Sync,
+}
+
+impl Tracking {
+    /// Name used on the guest command line and in its ready message.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tracking::Auto => "auto",
+            Tracking::Async => "async",
+            Tracking::Sync => "sync",
+        }
+    }
+
+    /// Parses [`Tracking::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Tracking::Auto, Tracking::Async, Tracking::Sync]
+            .into_iter()
+            .find(|t| t.name() == s)
+    }
+}
+
 /// Everything the guest process needs.
 pub struct GuestArgs {
     /// The memory file (memfd), at least `pages` pages long.
@@ -42,6 +72,8 @@ pub struct GuestArgs {
     pub state: WorkloadState,
     /// Stay paused until the first resume.
     pub start_paused: bool,
+    /// Dirty tracking mode.
+    pub tracking: Tracking,
 }
 
 struct Dirty {
@@ -88,6 +120,11 @@ impl Shared {
     }
 
     fn collect_dirty(&self) -> std::io::Result<Vec<u32>> {
+        if self.tracker.mode() == TrackMode::Async {
+            let mut list = Vec::new();
+            self.tracker.scan_written(&mut list)?;
+            return Ok(list);
+        }
         let mut d = lock(&self.dirty);
         let mut list = std::mem::take(&mut d.list);
         for &p in &list {
@@ -193,6 +230,7 @@ pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
         pages,
         state,
         start_paused,
+        tracking,
     } = args;
     let setup = || -> Result<Arc<Shared>, GuestError> {
         let len = usize::try_from(pages)
@@ -210,8 +248,12 @@ pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
         }
         let mem =
             GuestMapping::map(&memory, len).map_err(|e| GuestError::Setup(format!("mmap: {e}")))?;
-        let tracker =
-            WpTracker::new(&mem).map_err(|e| GuestError::Setup(format!("userfaultfd: {e}")))?;
+        let tracker = match tracking {
+            Tracking::Auto => WpTracker::new(&mem),
+            Tracking::Async => WpTracker::with_mode(&mem, TrackMode::Async),
+            Tracking::Sync => WpTracker::with_mode(&mem, TrackMode::Sync),
+        }
+        .map_err(|e| GuestError::Setup(format!("userfaultfd: {e}")))?;
         let words = usize::try_from(pages.div_ceil(64)).unwrap_or(0);
         let shared = Arc::new(Shared {
             mem,
@@ -244,9 +286,13 @@ pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
         }
     };
     let fault_shared = Arc::clone(&shared);
+    let needs_handler = shared.tracker.mode() == TrackMode::Sync;
     let fault = std::thread::Builder::new()
         .name("uffd-faults".into())
         .spawn(move || {
+            if !needs_handler {
+                return;
+            }
             if let Err(e) = fault_loop(&fault_shared) {
                 // Without the fault handler the workload would hang forever: exit loudly.
                 eprintln!("xenft-synthetic-guest: {e}");
@@ -259,7 +305,11 @@ pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
         .name("workload".into())
         .spawn(move || workload(&wl_shared, state))
         .map_err(|e| GuestError::Setup(e.to_string()))?;
-    write_response(&mut control, STATUS_OK, &[])?;
+    let mode = match shared.tracker.mode() {
+        TrackMode::Async => Tracking::Async,
+        TrackMode::Sync => Tracking::Sync,
+    };
+    write_response(&mut control, STATUS_OK, mode.name().as_bytes())?;
 
     let result = control_loop(&shared, &mut control);
     shared.stop_flag.store(true, Ordering::Release);

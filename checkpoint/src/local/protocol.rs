@@ -1,6 +1,7 @@
 //! Control protocol between [`super::LocalDomain`] and the synthetic guest process.
 //!
-//! Requests are one opcode byte. The engine may send a request before reading the previous
+//! Once set up, the guest sends an unsolicited response whose payload names its dirty tracking
+//! mode (`async` or `sync`). Requests are one opcode byte. The engine may send a request before reading the previous
 //! response (it does so after `OP_RESUME`); responses come in request order. Every response (including the unsolicited one sent once the
 //! guest is ready) is `status:u8 len:u32le payload[len]`; status 0 = ok, 1 = error with a UTF-8
 //! message as payload.
