@@ -189,3 +189,48 @@ fn corrupt_truncated_and_lost_frames_are_refused_then_resent() {
     replay(&mut expect, &mut r, at.counter);
     assert!(all_memory(stopped.domain_mut()) == expect);
 }
+
+#[test]
+fn losing_the_secondary_fails_protection_and_leaves_the_guest_running() {
+    let start = workload(Pattern::Random, 3, 20);
+    let primary = LocalDomain::spawn(&LocalGuestConfig {
+        binary: guest_binary(),
+        memory_bytes: 8 * MIB,
+        workload: start,
+        tracking: Default::default(),
+    })
+    .unwrap();
+    let (a, b) = memory_pair();
+    let replica = LocalDomain::replica(guest_binary(), 8 * MIB).unwrap();
+    let secondary = start_secondary(replica, b, SecondaryConfig::default()).unwrap();
+    let p = start_protection(
+        primary,
+        a,
+        Arc::new(RecordingSink::new()),
+        PrimaryConfig {
+            epoch: EpochPolicy::Fixed(Duration::from_millis(5)),
+            ..PrimaryConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(p.wait_committed(10, Duration::from_secs(20)));
+    // The secondary host dies: its end of the channel goes away.
+    drop(secondary);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(p.status().phase, Phase::Failed(_)) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", p.status());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(p.is_finished());
+    let mut guest = p.stop().unwrap();
+    guest.pause().unwrap();
+    let c1 = WorkloadState::decode(&guest.vcpu_context().unwrap().0).unwrap();
+    guest.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    guest.pause().unwrap();
+    let c2 = WorkloadState::decode(&guest.vcpu_context().unwrap().0).unwrap();
+    assert!(
+        c2.counter > c1.counter,
+        "guest left stopped after protection failed"
+    );
+}

@@ -26,7 +26,7 @@ struct Args {
     #[arg(long)]
     start_paused: bool,
     /// Dirty tracking: auto, async or sync.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "sync")]
     tracking: String,
 }
 

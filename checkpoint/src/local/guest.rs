@@ -31,14 +31,20 @@ pub enum GuestError {
 }
 
 /// Which dirty tracking the guest uses.
+///
+/// The default is fault-driven: collecting its log costs O(dirty pages), while
+/// `PAGEMAP_SCAN` walks every page table entry of the guest (about 1 ms per GiB measured
+/// here), which dominated the pause at low dirty rates. Asynchronous tracking costs nothing
+/// per write, so it wins at high dirty rates on small guests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Tracking {
     /// Asynchronous if the kernel supports it, else fault-driven.
-    #[default]
     Auto,
-    /// `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN` (Linux 6.7+): no per-write round trip.
+    /// `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN` (Linux 6.7+): no per-write round trip; the
+    /// log is collected by scanning all of the guest's page tables.
     Async,
     /// Write-protect faults resolved by a handler thread (QEMU background-snapshot style).
+    #[default]
     Sync,
 }
 
