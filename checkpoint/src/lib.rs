@@ -73,6 +73,11 @@
 //! pre-copy. Every epoch whose output the primary released was acknowledged, hence applied,
 //! before the release.
 //!
+//! # Logging
+//! `tracing` levels: `info` for phase changes (pre-copy done, failover), `warn` for every
+//! refusal, re-send and failure with its reason, `debug` per checkpoint (dirty pages, pause,
+//! next epoch length). Fields: `epoch`, `expected`, `error`.
+//!
 //! # Epochs and numbering
 //! Pre-copy chunks and checkpoints share one epoch sequence (1, 2, ...); only checkpoints
 //! carry vCPU state, are passed to [`engine::commit::CommitSink`] and can be resumed from.

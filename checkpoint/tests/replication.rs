@@ -135,6 +135,11 @@ fn replica_memory_equals_primary_memory_at_every_committed_checkpoint() {
     replay(&mut expect, &mut r, at.counter);
     assert!(all_memory(stopped.domain_mut()) == expect, "seed {seed}");
     assert!(p.wire_bytes < p.raw_bytes, "{p:?}");
+    // The agent serves these snapshots as JSON.
+    let j = serde_json::to_value(&p).unwrap();
+    assert_eq!(j["phase"]["phase"], "stopped");
+    assert_eq!(j["committed_epoch"], p.committed_epoch);
+    assert_eq!(serde_json::to_value(&s).unwrap()["digest_mismatches"], 0);
 }
 
 #[test]

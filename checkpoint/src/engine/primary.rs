@@ -106,7 +106,8 @@ impl Default for PrimaryConfig {
 }
 
 /// Where protection stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "phase", content = "reason", rename_all = "snake_case")]
 pub enum Phase {
     /// Copying memory live before the first checkpoint.
     Precopy,
@@ -146,8 +147,8 @@ impl Millis {
     }
 }
 
-/// A snapshot of the primary's progress (what the agent shows).
-#[derive(Clone, Debug)]
+/// A snapshot of the primary's progress (what the agent shows; serialises to JSON).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct ProtectionStatus {
     /// Current phase.
     pub phase: Phase,
