@@ -36,11 +36,9 @@ fn take_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Die with the engine thread that started us.
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-        bail!("engine already gone");
-    }
+    // No PR_SET_PDEATHSIG: it fires when the spawning *thread* exits, which would kill a
+    // guest started from a short-lived thread. The guest exits when its control socket
+    // closes instead, which happens when the engine process dies.
     if args.context.len() % 2 != 0 || args.context.len() > 1024 {
         bail!("--context must be an even-length hex string");
     }

@@ -37,8 +37,8 @@ struct GuestProc {
 
 /// A synthetic guest: running (primary, or a replica after failover) or a bare replica memory.
 ///
-/// The guest process dies with this value (Drop kills it) and, through `PR_SET_PDEATHSIG`,
-/// with the thread that spawned it.
+/// The guest process dies with this value (Drop kills it), and exits by itself when the
+/// engine process dies (its control socket closes).
 pub struct LocalDomain {
     memory: File,
     pages: u64,

@@ -228,7 +228,8 @@ fn fault_loop(shared: &Shared) -> Result<(), GuestError> {
     Ok(())
 }
 
-/// Runs the guest until the engine disconnects or asks it to shut down.
+/// Runs the guest until the engine disconnects or asks it to shut down; the caller then
+/// exits the process (the worker threads are left to die with it).
 pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
     let GuestArgs {
         memory,
@@ -318,16 +319,16 @@ pub fn run_guest(args: GuestArgs) -> Result<(), GuestError> {
     write_response(&mut control, STATUS_OK, mode.name().as_bytes())?;
 
     let result = control_loop(&shared, &mut control);
+    // The engine is gone or asked us to stop: stop the threads without waiting for them (a
+    // write blocked on a protected page or a sleeping workload must not delay the exit; the
+    // process exits right after this returns).
     shared.stop_flag.store(true, Ordering::Release);
     {
         let mut c = lock(&shared.ctl);
         c.stop = true;
         shared.cv.notify_all();
     }
-    // The workload may be blocked on a protected page: drop all protection so it can finish.
-    let _ = shared.tracker.set_protection(0, pages, false);
-    let _ = wl.join();
-    let _ = fault.join();
+    drop((wl, fault));
     result
 }
 
