@@ -162,9 +162,9 @@ pub struct ProtectionStatus {
     pub last_commit_age: Option<Duration>,
     /// Checkpoints taken.
     pub checkpoints: u64,
-    /// Pause per checkpoint.
+    /// Pause per checkpoint (recent checkpoints).
     pub pause: Millis,
-    /// Checkpoint taken → acknowledged.
+    /// Checkpoint taken → acknowledged (recent checkpoints).
     pub commit_latency: Millis,
     /// Dirty page bytes of checkpoints (pages × 4096).
     pub raw_bytes: u64,
@@ -184,8 +184,8 @@ struct Stats {
     committed: u64,
     last_commit: Option<Instant>,
     checkpoints: u64,
-    pauses: Vec<Duration>,
-    commit_latency: Vec<Duration>,
+    pauses: VecDeque<Duration>,
+    commit_latency: VecDeque<Duration>,
     raw: u64,
     wire: u64,
     precopy_wire: u64,
@@ -194,7 +194,15 @@ struct Stats {
     protected_until: Option<Instant>,
 }
 
-const MAX_SAMPLES: usize = 200_000;
+/// Percentiles cover the most recent this-many checkpoints (about two minutes at 200/s).
+const MAX_SAMPLES: usize = 25_000;
+
+fn record(samples: &mut VecDeque<Duration>, d: Duration) {
+    if samples.len() >= MAX_SAMPLES {
+        samples.pop_front();
+    }
+    samples.push_back(d);
+}
 
 struct InFlight {
     epoch: u64,
@@ -274,8 +282,8 @@ pub fn start_protection<D: Domain + 'static>(
             committed: 0,
             last_commit: None,
             checkpoints: 0,
-            pauses: Vec::new(),
-            commit_latency: Vec::new(),
+            pauses: VecDeque::new(),
+            commit_latency: VecDeque::new(),
             raw: 0,
             wire: 0,
             precopy_wire: 0,
@@ -330,7 +338,7 @@ impl<D: Domain + 'static> Protection<D> {
     /// Current progress.
     pub fn status(&self) -> ProtectionStatus {
         let lag_bytes = lock(&self.shared.unacked).iter().map(|f| f.wire).sum();
-        let s = lock(&self.shared.stats);
+        let mut s = lock(&self.shared.stats);
         let protected_for = match (s.protected_since, s.protected_until) {
             (Some(a), Some(b)) => b.saturating_duration_since(a),
             (Some(a), None) => a.elapsed(),
@@ -343,8 +351,8 @@ impl<D: Domain + 'static> Protection<D> {
             lag_bytes,
             last_commit_age: s.last_commit.map(|t| t.elapsed()),
             checkpoints: s.checkpoints,
-            pause: Millis::of(&s.pauses),
-            commit_latency: Millis::of(&s.commit_latency),
+            pause: Millis::of(s.pauses.make_contiguous()),
+            commit_latency: Millis::of(s.commit_latency.make_contiguous()),
             raw_bytes: s.raw,
             wire_bytes: s.wire,
             precopy_wire_bytes: s.precopy_wire,
@@ -509,9 +517,7 @@ fn checkpoint_loop(
             let mut s = lock(&shared.stats);
             s.epoch = epoch;
             s.checkpoints = checkpoints;
-            if s.pauses.len() < MAX_SAMPLES {
-                s.pauses.push(pause);
-            }
+            record(&mut s.pauses, pause);
         }
         hand_over(shared, stage_tx, staged)?;
         if cfg.max_checkpoints.is_some_and(|m| checkpoints >= m) {
@@ -635,9 +641,7 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
                         let mut s = lock(&shared.stats);
                         s.committed = f.epoch;
                         s.last_commit = Some(now);
-                        if s.commit_latency.len() < MAX_SAMPLES {
-                            s.commit_latency.push(now - f.taken_at);
-                        }
+                        record(&mut s.commit_latency, now - f.taken_at);
                     }
                 }
                 drop(q);
