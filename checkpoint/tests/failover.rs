@@ -97,6 +97,9 @@ fn run(seed: u64, crash: &[&str], kill_after: Option<Duration>) -> Outcome {
         .args(["--commit-log", log_path.to_str().unwrap()])
         .args(crash)
         .stdout(Stdio::null())
+        // Its guest outlives it by a moment (it exits when the control socket closes): keep
+        // its output away from the test's pipes.
+        .stderr(std::fs::File::create(dir.path().join("primary.err")).unwrap())
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);

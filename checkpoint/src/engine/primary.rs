@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -217,8 +217,10 @@ struct Shared {
     sender_done: AtomicBool,
     stats: Mutex<Stats>,
     unacked: Mutex<VecDeque<InFlight>>,
+    /// Wakes the sender: window space freed, or a re-send requested.
     window_cv: Condvar,
-    tx: Mutex<Box<dyn FrameSender>>,
+    /// Re-send every unacknowledged epoch from this number (set by the acker).
+    resend_from: Mutex<Option<u64>>,
     sink: Arc<dyn CommitSink>,
 }
 
@@ -293,7 +295,7 @@ pub fn start_protection<D: Domain + 'static>(
         }),
         unacked: Mutex::new(VecDeque::new()),
         window_cv: Condvar::new(),
-        tx: Mutex::new(tx),
+        resend_from: Mutex::new(None),
         sink,
     });
     let (stage_tx, stage_rx) = sync_channel::<StagedEpoch>(1);
@@ -303,7 +305,7 @@ pub fn start_protection<D: Domain + 'static>(
     let resend_after = config.resend_after;
     let sender = std::thread::Builder::new()
         .name("ckpt-send".into())
-        .spawn(move || sender_loop(&s, encoder, &stage_rx, window))
+        .spawn(move || sender_loop(&s, encoder, &stage_rx, tx, window))
         .map_err(spawn_err)?;
     let s = Arc::clone(&shared);
     let acker = std::thread::Builder::new()
@@ -532,34 +534,94 @@ fn checkpoint_loop(
     }
 }
 
-fn sender_loop(shared: &Shared, encoder: EpochEncoder, rx: &Receiver<StagedEpoch>, window: usize) {
-    send_epochs(shared, encoder, rx, window);
+fn sender_loop(
+    shared: &Shared,
+    encoder: EpochEncoder,
+    rx: &Receiver<StagedEpoch>,
+    mut tx: Box<dyn FrameSender>,
+    window: usize,
+) {
+    if let Err(e) = send_epochs(shared, encoder, rx, tx.as_mut(), window) {
+        shared.fail(&e);
+    }
     shared.sender_done.store(true, Ordering::Release);
+    shared.window_cv.notify_all();
+    // Closing the channel only now: the acker must see `finished()` before the peer sees
+    // the close and closes its side.
+    drop(tx);
 }
 
+/// The only thread that sends: new epochs and re-sends, so frames of different epochs never
+/// interleave. It never holds the in-flight queue while blocked in `send`, so the acker can
+/// always drain acknowledgements (otherwise a full channel in each direction deadlocks).
 fn send_epochs(
     shared: &Shared,
     mut encoder: EpochEncoder,
     rx: &Receiver<StagedEpoch>,
+    tx: &mut dyn FrameSender,
     window: usize,
-) {
-    while let Ok(staged) = rx.recv() {
-        let encoded: EncodedEpoch = match encoder.encode(&staged) {
-            Ok(e) => e,
-            Err(e) => return shared.fail(&e.into()),
-        };
-        let taken_at = Instant::now();
-        let mut q = lock(&shared.unacked);
-        while q.len() >= window && !shared.stopped() {
-            q = shared
-                .window_cv
-                .wait_timeout(q, Duration::from_millis(50))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+) -> Result<(), EngineError> {
+    let mut pending: Option<EncodedEpoch> = None;
+    let mut producer_done = false;
+    loop {
         if shared.stopped() {
-            return;
+            return Ok(());
         }
+        let resend = lock(&shared.resend_from).take();
+        if let Some(from) = resend {
+            let (n, frames): (u64, Vec<Bytes>) = {
+                let q = lock(&shared.unacked);
+                let again: Vec<&InFlight> = q.iter().filter(|f| f.epoch >= from).collect();
+                (
+                    again.len() as u64,
+                    again
+                        .iter()
+                        .flat_map(|f| f.frames.iter().cloned())
+                        .collect(),
+                )
+            };
+            for f in frames {
+                tx.send(f)?;
+            }
+            lock(&shared.stats).resent += n;
+        }
+        if pending.is_none() && !producer_done {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(staged) => pending = Some(encoder.encode(&staged)?),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => producer_done = true,
+            }
+        }
+        if producer_done && pending.is_none() {
+            if lock(&shared.unacked).is_empty() {
+                return Ok(());
+            }
+            // Stay to serve re-sends until everything is acknowledged.
+            let q = lock(&shared.unacked);
+            let _ = shared.window_cv.wait_timeout(q, Duration::from_millis(10));
+            continue;
+        }
+        let Some(encoded) = pending.take() else {
+            continue;
+        };
+        let frames = {
+            let mut q = lock(&shared.unacked);
+            if q.len() >= window {
+                // Wait for an ack (or a re-send request), keeping the epoch for later.
+                pending = Some(encoded);
+                let _ = shared.window_cv.wait_timeout(q, Duration::from_millis(10));
+                continue;
+            }
+            let frames = encoded.frames.clone();
+            q.push_back(InFlight {
+                epoch: encoded.epoch,
+                checkpoint: encoded.checkpoint,
+                frames: encoded.frames,
+                wire: encoded.wire_bytes,
+                taken_at: Instant::now(),
+            });
+            frames
+        };
         {
             let mut s = lock(&shared.stats);
             if encoded.checkpoint {
@@ -569,41 +631,18 @@ fn send_epochs(
                 s.precopy_wire += encoded.wire_bytes;
             }
         }
-        let frames = encoded.frames.clone();
-        q.push_back(InFlight {
-            epoch: encoded.epoch,
-            checkpoint: encoded.checkpoint,
-            frames: encoded.frames,
-            wire: encoded.wire_bytes,
-            taken_at,
-        });
-        // Send while holding the queue so a re-send cannot interleave with a new epoch.
-        let mut tx = lock(&shared.tx);
         for f in frames {
-            if let Err(e) = tx.send(f) {
-                drop(tx);
-                drop(q);
-                return shared.fail(&e.into());
-            }
+            tx.send(f)?;
         }
     }
 }
 
-/// Re-sends every unacknowledged epoch numbered `from` or later; returns how many.
-fn resend(shared: &Shared, from: u64) -> Result<u64, TransportError> {
-    let q = lock(&shared.unacked);
-    let mut tx = lock(&shared.tx);
-    let mut n = 0;
-    for f in q.iter().filter(|f| f.epoch >= from) {
-        n += 1;
-        for fr in &f.frames {
-            tx.send(fr.clone())?;
-        }
-    }
-    drop(tx);
-    drop(q);
-    lock(&shared.stats).resent += n;
-    Ok(n)
+/// Asks the sender to re-send every unacknowledged epoch from `from`.
+fn request_resend(shared: &Shared, from: u64) {
+    let mut r = lock(&shared.resend_from);
+    *r = Some(r.map_or(from, |cur| cur.min(from)));
+    drop(r);
+    shared.window_cv.notify_all();
 }
 
 fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Duration) {
@@ -613,16 +652,14 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
     while !shared.finished() {
         if last_progress.elapsed() >= resend_after && !lock(&shared.unacked).is_empty() {
             warn!("no acknowledgement for {resend_after:?}; re-sending unacknowledged epochs");
-            if let Err(e) = resend(shared, 0) {
-                return shared.fail(&e.into());
-            }
+            request_resend(shared, 0);
             last_progress = Instant::now();
         }
         let frame = match rx.recv(Duration::from_millis(20)) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(TransportError::Closed) => {
-                if !shared.stopped() {
+                if !shared.finished() {
                     shared.fail(&EngineError::Transport(TransportError::Closed));
                 }
                 return;
@@ -654,9 +691,7 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
                 }
                 warn!(expected, ?reason, "secondary refused an epoch; re-sending");
                 last_nack = Some((expected, Instant::now()));
-                if let Err(e) = resend(shared, expected) {
-                    return shared.fail(&e.into());
-                }
+                request_resend(shared, expected);
                 last_progress = Instant::now();
             }
             Ok(_) => warn!("unexpected frame from the secondary"),

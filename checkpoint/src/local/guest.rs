@@ -360,6 +360,8 @@ fn control_loop(shared: &Shared, control: &mut UnixStream) -> Result<(), GuestEr
             Ok(0) => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // The engine died with answers unread: same as a clean close.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
             Err(e) => return Err(e.into()),
         }
         let reply: Result<Vec<u8>, String> = match op[0] {
