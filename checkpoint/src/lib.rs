@@ -73,6 +73,26 @@
 //! pre-copy. Every epoch whose output the primary released was acknowledged, hence applied,
 //! before the release.
 //!
+//! # Wiring the shims (agent)
+//! The sink's calls map onto the shims' epoch APIs as follows (epoch `n` = checkpoint `n`):
+//! ```text
+//! CommitSink::checkpoint(n)  (domain paused)  netback.begin_epoch(n + 1); blk_primary.set_epoch(n + 1)
+//! CommitSink::commit(n)      (secondary has n) netback.commit(n); blk_primary.commit_epoch(n)
+//! ```
+//! Output and writes issued before checkpoint `n` carry epoch `<= n` and are released /
+//! applied when `n` commits. `checkpoint` runs inside the pause: keep it short.
+//!
+//! **Failover must commit the disk up to the memory state it resumes**: the secondary can
+//! hold checkpoint `n` (applied and acked) while the primary died before committing it, so
+//! the blkback secondary never heard `commit_epoch(n)`. Resuming memory `n` with disk `n - 1`
+//! would lose writes the guest saw complete. So, on the secondary host:
+//! ```text
+//! let (domain, n) = secondary.failover()?;   // memory + vCPUs of checkpoint n
+//! blk_secondary.commit_epoch(n)?;            // disk writes of every epoch <= n
+//! blk_secondary.discard_uncommitted();       // only epochs after n are dropped
+//! ```
+//! (Better still: commit the disk first, then call `failover`, so the guest never runs ahead.)
+//!
 //! # Logging
 //! `tracing` levels: `info` for phase changes (pre-copy done, failover), `warn` for every
 //! refusal, re-send and failure with its reason, `debug` per checkpoint (dirty pages, pause,

@@ -383,7 +383,8 @@ impl<D: Domain + 'static> Protection<D> {
         false
     }
 
-    /// Stops checkpointing and returns the (running) domain.
+    /// Stops checkpointing and returns the (running) domain. Returns once a send in progress
+    /// completes: if the peer may be unresponsive, shut the channel down first.
     pub fn stop(mut self) -> Result<D, EngineError> {
         self.shutdown()
     }
