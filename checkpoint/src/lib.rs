@@ -87,11 +87,12 @@
 //! the blkback secondary never heard `commit_epoch(n)`. Resuming memory `n` with disk `n - 1`
 //! would lose writes the guest saw complete. So, on the secondary host:
 //! ```text
-//! let (domain, n) = secondary.failover()?;   // memory + vCPUs of checkpoint n
+//! let stopped = secondary.stop()?;           // no more epochs; replica holds checkpoint n
+//! let n = stopped.committed().map(|(n, _)| n).ok_or(NoCheckpointYet)?;
 //! blk_secondary.commit_epoch(n)?;            // disk writes of every epoch <= n
 //! blk_secondary.discard_uncommitted();       // only epochs after n are dropped
+//! let (domain, n) = stopped.failover()?;     // guest resumes with memory + vCPUs of n
 //! ```
-//! (Better still: commit the disk first, then call `failover`, so the guest never runs ahead.)
 //!
 //! # Logging
 //! `tracing` levels: `info` for phase changes (pre-copy done, failover), `warn` for every
