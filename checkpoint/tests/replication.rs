@@ -239,3 +239,51 @@ fn losing_the_secondary_fails_protection_and_leaves_the_guest_running() {
         "guest left stopped after protection failed"
     );
 }
+
+#[test]
+fn an_early_checkpoint_request_ends_a_long_epoch_at_once() {
+    let primary = LocalDomain::spawn(&LocalGuestConfig {
+        binary: guest_binary(),
+        memory_bytes: 4 * MIB,
+        workload: workload(Pattern::Random, 8, 5),
+        tracking: Default::default(),
+    })
+    .unwrap();
+    let (a, b) = memory_pair();
+    let replica = LocalDomain::replica(guest_binary(), 4 * MIB).unwrap();
+    let secondary = start_secondary(replica, b, SecondaryConfig::default()).unwrap();
+    let p = start_protection(
+        primary,
+        a,
+        Arc::new(RecordingSink::new()),
+        PrimaryConfig {
+            epoch: EpochPolicy::Fixed(Duration::from_secs(3600)),
+            ..PrimaryConfig::default()
+        },
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.status().phase != Phase::Protected {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(p.status().checkpoints, 0, "hour-long epoch");
+    for n in 1..=3u64 {
+        p.checkpoint_now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while p.status().checkpoints < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "early checkpoint {n} not taken"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let last = p.status().epoch;
+    assert!(p.wait_committed(last, Duration::from_secs(10)));
+    // Stop wakes the hour-long sleep too.
+    let t = std::time::Instant::now();
+    drop(p.stop().unwrap());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(secondary.status().committed_epoch, Some(last));
+}

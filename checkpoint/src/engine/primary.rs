@@ -221,6 +221,10 @@ struct Shared {
     window_cv: Condvar,
     /// Re-send every unacknowledged epoch from this number (set by the acker).
     resend_from: Mutex<Option<u64>>,
+    /// An early checkpoint was requested.
+    early: Mutex<bool>,
+    /// Wakes the checkpointer (stop or early checkpoint).
+    wake: Condvar,
     sink: Arc<dyn CommitSink>,
 }
 
@@ -237,8 +241,14 @@ impl Shared {
         }
         s.protected_until.get_or_insert_with(Instant::now);
         drop(s);
+        self.request_stop();
+    }
+
+    fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.window_cv.notify_all();
+        let _g = lock(&self.early);
+        self.wake.notify_all();
     }
 
     fn stopped(&self) -> bool {
@@ -296,6 +306,8 @@ pub fn start_protection<D: Domain + 'static>(
         unacked: Mutex::new(VecDeque::new()),
         window_cv: Condvar::new(),
         resend_from: Mutex::new(None),
+        early: Mutex::new(false),
+        wake: Condvar::new(),
         sink,
     });
     let (stage_tx, stage_rx) = sync_channel::<StagedEpoch>(1);
@@ -363,6 +375,13 @@ impl<D: Domain + 'static> Protection<D> {
         }
     }
 
+    /// Ends the current epoch now (e.g. the netback buffer crossed its high-water mark); the
+    /// next epoch then runs for the normal length.
+    pub fn checkpoint_now(&self) {
+        *lock(&self.shared.early) = true;
+        self.shared.wake.notify_all();
+    }
+
     /// Whether the engine stopped (by request, `max_checkpoints` or an error).
     pub fn is_finished(&self) -> bool {
         self.shared.finished()
@@ -390,8 +409,7 @@ impl<D: Domain + 'static> Protection<D> {
     }
 
     fn shutdown(&mut self) -> Result<D, EngineError> {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.window_cv.notify_all();
+        self.shared.request_stop();
         let res = match self.checkpointer.take().map(JoinHandle::join) {
             Some(Ok(Ok(d))) => Ok(d),
             Some(Ok(Err((_, e)))) => Err(e),
@@ -487,16 +505,26 @@ fn checkpoint_loop(
     let mut next = Instant::now() + interval;
     let mut checkpoints = 0u64;
     loop {
-        // Sleep until the epoch ends, waking for stop requests.
-        loop {
-            if shared.stopped() {
-                return Ok(());
+        // Sleep until the epoch ends, waking for stop and early-checkpoint requests.
+        {
+            let mut early = lock(&shared.early);
+            loop {
+                if shared.stopped() {
+                    return Ok(());
+                }
+                if std::mem::take(&mut *early) {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                early = shared
+                    .wake
+                    .wait_timeout(early, (next - now).min(Duration::from_millis(50)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
-            let now = Instant::now();
-            if now >= next {
-                break;
-            }
-            std::thread::sleep((next - now).min(Duration::from_millis(5)));
         }
         epoch += 1;
         let t0 = Instant::now();
