@@ -44,7 +44,8 @@
 //! **Status.** `protection.status()` returns [`engine::primary::ProtectionStatus`]: `phase`
 //! (Precopy / Protected / Stopped / Failed(reason)), `epoch` (last checkpoint taken),
 //! `committed_epoch`, `lag_bytes` (sent, not yet acknowledged), `last_commit_age`, pause and
-//! commit-latency percentiles, raw vs wire bytes. `protection.stop()` returns the running
+//! commit-latency percentiles, raw vs wire bytes. `protection.checkpoint_now()` ends the
+//! current epoch early (netback high-water mark). `protection.stop()` returns the running
 //! domain. Protection that fails (link lost, domain error) resumes the domain and reports
 //! `Phase::Failed`; it never leaves the VM paused.
 //! ```no_run
