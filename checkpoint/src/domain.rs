@@ -82,6 +82,11 @@ pub trait Domain: Send {
     fn resume(&mut self) -> Result<(), DomainError>;
     /// Starts (or restarts) dirty logging with an empty log.
     fn enable_dirty_log(&mut self) -> Result<(), DomainError>;
+    /// Stops dirty logging (protection ended). Backends where logging costs nothing keep
+    /// the default no-op.
+    fn disable_dirty_log(&mut self) -> Result<(), DomainError> {
+        Ok(())
+    }
     /// Returns the pfns written since the last call (sorted, unique) and empties the log.
     fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError>;
     /// Copies the given pages into `out` (`pfns.len() * PAGE_SIZE` bytes), in order.

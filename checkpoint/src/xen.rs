@@ -146,6 +146,10 @@ impl<X: XenOps> Domain for XenDomain<X> {
         self.read_and_clear_dirty().map(|_| ())
     }
 
+    fn disable_dirty_log(&mut self) -> Result<(), DomainError> {
+        self.ctrl.logdirty(self.domid, false)
+    }
+
     fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError> {
         let bytes = usize::try_from(self.pages.div_ceil(8))
             .map_err(|_| DomainError::WrongState("memory size"))?;
@@ -363,6 +367,10 @@ mod tests {
         );
         assert!(replica.started);
         assert!(primary.ops().runs >= 30);
+        assert!(
+            !primary.ops().log,
+            "log-dirty mode is switched off when protection stops"
+        );
     }
 
     #[test]

@@ -329,14 +329,18 @@ pub fn start_protection<D: Domain + 'static>(
         .name("ckpt-epochs".into())
         .spawn(move || {
             let mut domain = domain;
-            match checkpoint_loop(&s, &mut domain, &stage_tx, &config) {
+            let r = checkpoint_loop(&s, &mut domain, &stage_tx, &config);
+            if let Err(e) = &r {
+                s.fail(e);
+                // Never leave the VM paused because protection failed.
+                let _ = domain.resume();
+            }
+            if let Err(e) = domain.disable_dirty_log() {
+                warn!(error = %e, "could not switch dirty logging off");
+            }
+            match r {
                 Ok(()) => Ok(domain),
-                Err(e) => {
-                    s.fail(&e);
-                    // Never leave the VM paused because protection failed.
-                    let _ = domain.resume();
-                    Err((domain, e))
-                }
+                Err(e) => Err((domain, e)),
             }
         })
         .map_err(spawn_err)?;
