@@ -80,6 +80,10 @@ fn run(
         std::thread::sleep(Duration::from_millis(5));
     }
     let precopy_s = t0.elapsed().as_secs_f64();
+    // Measure lag once pre-copy's last chunks are acknowledged (a checkpoint committed).
+    while p.status().committed_epoch == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let end = Instant::now() + Duration::from_secs(seconds);
     let (mut lag_max, mut lag_sum, mut lag_n) = (0u64, 0u64, 0u64);
     while Instant::now() < end {
