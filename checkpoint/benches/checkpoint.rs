@@ -4,7 +4,9 @@
 //! lag; the last line is a JSON object.
 //!
 //! Options (after `--`): `--seconds N` per run (default 5), `--memory-mib N` (default 1024),
-//! `--rate MB` (one rate only), `--tracking sync|async|auto` (default sync).
+//! `--rate MB` (one rate only), `--tracking sync|async|auto` (default sync), `--write-len N`
+//! bytes of random data per page-dirtying write (default 1024; 4096 = whole pages of noise,
+//! the worst case for compression).
 
 // Figures are reported as floats; the casts only feed printing.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
@@ -22,6 +24,7 @@ use xenft_checkpoint::local::guest::Tracking;
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
 
+/// Default bytes of incompressible data per page-dirtying write (a quarter page).
 const WRITE_LEN: u32 = 1024;
 
 struct Run {
@@ -44,12 +47,13 @@ fn run(
     policy: EpochPolicy,
     seconds: u64,
     tracking: Tracking,
+    write_len: u32,
 ) -> Run {
     let guest = PathBuf::from(env!("CARGO_BIN_EXE_xenft-synthetic-guest"));
     let workload = WorkloadState::new(
         WorkloadSpec {
             pattern: Pattern::Random,
-            write_len: WRITE_LEN,
+            write_len,
             rate_bytes_per_s: rate_mb * 1_000_000,
         },
         rate_mb,
@@ -137,6 +141,9 @@ fn main() {
         r => vec![r],
     };
     let memory_mib = opt("--memory-mib", 1024);
+    let write_len = u32::try_from(opt("--write-len", u64::from(WRITE_LEN)))
+        .unwrap_or(WRITE_LEN)
+        .clamp(1, 4096);
     let adaptive = EpochPolicy::Adaptive {
         min: Duration::from_millis(5),
         max: Duration::from_millis(25),
@@ -146,12 +153,12 @@ fn main() {
     let remus = EpochPolicy::Fixed(Duration::from_millis(25));
     let mut out = Map::new();
     out.insert("memory_mib".into(), json!(memory_mib));
-    out.insert("write_bytes_per_dirtied_page".into(), json!(WRITE_LEN));
+    out.insert("write_bytes_per_dirtied_page".into(), json!(write_len));
     out.insert("seconds_per_run".into(), json!(seconds));
     out.insert("tracking".into(), json!(tracking.name()));
     for rate in rates {
-        let x = run(memory_mib, rate, adaptive, seconds, tracking);
-        let base = run(memory_mib, rate, remus, seconds, tracking);
+        let x = run(memory_mib, rate, adaptive, seconds, tracking, write_len);
+        let base = run(memory_mib, rate, remus, seconds, tracking, write_len);
         eprintln!(
             "{rate:>3} MB/s  xenft adaptive: {:.1} epochs/s, pause p50/p99/max {:.2}/{:.2}/{:.2} ms, \
              wire/raw {:.3}, dirty {:.1} MB/s, commit p50/p99 {:.1}/{:.1} ms, lag max {} B, pre-copy {:.1} s",
