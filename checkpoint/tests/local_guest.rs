@@ -38,6 +38,25 @@ fn all_memory(d: &mut LocalDomain) -> Vec<u8> {
     buf
 }
 
+/// Resumes `d` (running or paused) and returns its paused state once its workload has got
+/// past `from`; a loaded machine may not schedule the guest at once, so poll up to 10 s.
+fn run_past(d: &mut LocalDomain, from: u64) -> WorkloadState {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        d.pause().unwrap();
+        let st = WorkloadState::decode(&d.vcpu_context().unwrap().0).unwrap();
+        if st.counter > from {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest made no progress in 10 s"
+        );
+        d.resume().unwrap();
+    }
+}
+
 fn counter(d: &mut LocalDomain) -> WorkloadState {
     WorkloadState::decode(&d.vcpu_context().unwrap().0).unwrap()
 }
@@ -52,10 +71,7 @@ fn paused_guest_memory_matches_replay_of_its_progress_counter() {
         tracking: Default::default(),
     })
     .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    d.pause().unwrap();
-    let st = counter(&mut d);
-    assert!(st.counter > 0, "workload made no progress");
+    let st = run_past(&mut d, 0);
     let mut expect = vec![0u8; 16 * MIB as usize];
     let mut s = start;
     replay(&mut expect, &mut s, st.counter);
@@ -110,10 +126,10 @@ fn dirty_log_is_exact(tracking: Tracking) {
         let s1 = counter(&mut d);
         let m1 = all_memory(&mut d);
         d.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(20 + round * 10));
-        d.pause().unwrap();
+        std::thread::sleep(Duration::from_millis(10 * round));
+        let s2 = run_past(&mut d, s1.counter);
         let dirty: BTreeSet<u64> = d.read_and_clear_dirty().unwrap().into_iter().collect();
-        let s2 = counter(&mut d);
+        assert_eq!(counter(&mut d), s2);
         let m2 = all_memory(&mut d);
         d.resume().unwrap();
         let changed: BTreeSet<u64> = (0..m1.len() / PAGE_SIZE)
@@ -150,8 +166,7 @@ fn replica_started_from_checkpoint_continues_the_exact_sequence() {
         tracking: Default::default(),
     })
     .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    primary.pause().unwrap();
+    run_past(&mut primary, 0);
     let ctx = primary.vcpu_context().unwrap();
     let mem = all_memory(&mut primary);
     drop(primary);
@@ -161,11 +176,8 @@ fn replica_started_from_checkpoint_continues_the_exact_sequence() {
     replica.write_pages(&pfns, &mem).unwrap();
     replica.set_vcpu_context(&ctx).unwrap();
     replica.start_from_replica().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    replica.pause().unwrap();
-    let st = counter(&mut replica);
     let at_checkpoint = WorkloadState::decode(&ctx.0).unwrap();
-    assert!(st.counter > at_checkpoint.counter, "replica did not run");
+    let st = run_past(&mut replica, at_checkpoint.counter);
     let mut expect = vec![0u8; 4 * MIB as usize];
     let mut s = start;
     replay(&mut expect, &mut s, st.counter);
