@@ -86,7 +86,9 @@ pub struct PrimaryConfig {
     pub verify_memory_digest: bool,
     /// Stop after this many checkpoints (tests, benchmark).
     pub max_checkpoints: Option<u64>,
-    /// Re-send every unacknowledged epoch when no ack arrived for this long.
+    /// Re-send every unacknowledged epoch when no ack arrived for this long (default 5 s,
+    /// doubling while nothing progresses). Only lossy channels need it: the A-link and the
+    /// stream transports never lose frames, and refused epochs are re-sent on the nack.
     pub resend_after: Duration,
 }
 
@@ -100,7 +102,7 @@ impl Default for PrimaryConfig {
             window: 4,
             verify_memory_digest: false,
             max_checkpoints: None,
-            resend_after: Duration::from_secs(1),
+            resend_after: Duration::from_secs(5),
         }
     }
 }
@@ -680,13 +682,17 @@ fn request_resend(shared: &Shared, from: u64) {
 
 fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Duration) {
     let mut last_progress = Instant::now();
+    // Doubles after each timer re-send without progress: a secondary that is merely slow
+    // must not be buried under copies of what it is still working through.
+    let mut timeout = resend_after;
     // (expected, when) of the last nack-triggered re-send, to ignore duplicate nacks.
     let mut last_nack: Option<(u64, Instant)> = None;
     while !shared.finished() {
-        if last_progress.elapsed() >= resend_after && !lock(&shared.unacked).is_empty() {
-            warn!("no acknowledgement for {resend_after:?}; re-sending unacknowledged epochs");
+        if last_progress.elapsed() >= timeout && !lock(&shared.unacked).is_empty() {
+            warn!("no acknowledgement for {timeout:?}; re-sending unacknowledged epochs");
             request_resend(shared, 0);
             last_progress = Instant::now();
+            timeout = (timeout * 2).min(Duration::from_secs(60));
         }
         let frame = match rx.recv(Duration::from_millis(20)) {
             Ok(Some(f)) => f,
@@ -706,6 +712,7 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
                 while q.front().is_some_and(|f| f.epoch <= epoch) {
                     let Some(f) = q.pop_front() else { break };
                     last_progress = now;
+                    timeout = resend_after;
                     if f.checkpoint {
                         shared.sink.commit(f.epoch);
                         let mut s = lock(&shared.stats);
