@@ -102,6 +102,133 @@ fn open_tcp_connection_survives_uplink_loss_over_the_alink() -> R<()> {
     result
 }
 
+/// Kills the child on drop, so a failing test leaves no relay running.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Control-socket view of a relay run as the binary.
+fn counters(sock: &std::path::Path) -> R<xenft_netback::Counters> {
+    let mut conn = std::io::BufReader::new(std::os::unix::net::UnixStream::connect(sock)?);
+    let reply =
+        xenft_netback::control::request(&mut conn, &xenft_netback::control::Request::Counters)?;
+    Ok(*reply.counters.ok_or("no counters in reply")?)
+}
+
+#[test]
+fn binaries_joined_by_an_alink_between_the_hosts_carry_a_tcp_connection_over_an_uplink_cut() -> R<()>
+{
+    if !require_root("binary redirect over the A-link") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    // The hosts' private link: its own veth pair, separate from the switched network.
+    xenft_tests::netns::veth(
+        &pool.host_a,
+        "al0",
+        "10.99.0.1/24",
+        &pool.host_b,
+        "al0",
+        "10.99.0.2/24",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"netback test pool secret, 32 by")?;
+    let run = |ns: &xenft_tests::netns::Netns, me: &str, peer: &str, path: &str, mode: &str| {
+        let sock = dir.path().join(format!("{me}.sock"));
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_xenft-netback"))
+            .args([
+                "--vif",
+                "vif0",
+                "--uplink",
+                "up0",
+                "--mac",
+                &VM_MAC.to_string(),
+            ])
+            .args(["--mode", mode, "--alink-host", me, "--alink-peer", peer])
+            .arg("--alink-secret-file")
+            .arg(&secret)
+            .args(["--alink-path", path])
+            .arg("--control")
+            .arg(&sock)
+            .spawn()
+            .map(Child);
+        (sock, child)
+    };
+    let (sock_a, a) = run(
+        &pool.host_a,
+        "host-a",
+        "host-b",
+        "10.99.0.1:7020=10.99.0.2:7020",
+        "passthrough",
+    );
+    let _a = a?;
+    let (sock_b, b) = run(
+        &pool.host_b,
+        "host-b",
+        "host-a",
+        "10.99.0.2:7020=10.99.0.1:7020",
+        "standby",
+    );
+    let _b = b?;
+    assert!(wait_until(Duration::from_secs(5), || sock_a.exists()
+        && sock_b.exists()));
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let mut conn = pool
+        .vm_a
+        .spawn(|| TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5)))?
+        .join()
+        .map_err(|_| "connect panicked")??;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    for round in 0..5 {
+        exchange(&mut conn, round)?;
+    }
+    pool.sw.ip(&["link", "set", "pa", "down"])?;
+    assert!(
+        wait_until(Duration::from_secs(3), || counters(&sock_a)
+            .is_ok_and(|c| c.redirect.redirecting)),
+        "the primary binary redirects"
+    );
+    for round in 5..25 {
+        exchange(&mut conn, round)?;
+    }
+    let (ca, cb) = (counters(&sock_a)?, counters(&sock_b)?);
+    assert!(
+        ca.tunnel_out_frames >= 20 && ca.tunnel_in_frames >= 20,
+        "{ca:?}"
+    );
+    assert!(cb.redirect.serving_peer, "{cb:?}");
+    pool.sw.ip(&["link", "set", "pa", "up"])?;
+    assert!(wait_until(Duration::from_secs(3), || counters(&sock_a)
+        .is_ok_and(|c| !c.redirect.redirecting)));
+    for round in 25..30 {
+        exchange(&mut conn, round)?;
+    }
+    drop(conn);
+    server.join().map_err(|_| "server panicked")??;
+    Ok(())
+}
+
 /// The scenario: a TCP connection from the VM to the client, the primary's switch port goes
 /// down and comes back; every exchange succeeds, on the same connection.
 fn cut_and_restore_uplink(pool: &Pool, primary: &Shim, secondary: &Shim) -> R<()> {
