@@ -40,5 +40,6 @@ pub mod sys;
 pub mod tunnel;
 
 pub use shim::{
-    Counters, Drops, EarlyCheckpointHook, Mode, RedirectStatus, Shim, ShimConfig, ShimError,
+    Counters, Drops, EarlyCheckpointHook, Mode, RedirectReason, RedirectStatus, Shim, ShimConfig,
+    ShimError,
 };

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,10 @@ pub struct ShimConfig {
     pub mode: Mode,
     /// How often the uplink carrier is checked.
     pub monitor_interval: Duration,
+    /// Uplink failure without carrier loss: when the VM's frames went out during this long but
+    /// no frame at all came in, while the peer reports its uplink receiving, the uplink is
+    /// treated as failed. `None` disables the check (carrier loss alone triggers redirects).
+    pub silence_timeout: Option<Duration>,
     /// Run the two forwarding threads under `SCHED_FIFO` at this priority (needs
     /// `CAP_SYS_NICE`); `None` keeps the default scheduler.
     pub realtime_priority: Option<u8>,
@@ -84,6 +88,7 @@ impl ShimConfig {
             mode: Mode::Passthrough,
             monitor_interval: Duration::from_millis(50),
             realtime_priority: None,
+            silence_timeout: Some(Duration::from_secs(2)),
         }
     }
 }
@@ -143,9 +148,24 @@ pub struct Drops {
     pub no_tunnel: u64,
 }
 
+/// Why the VM's frames are redirected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectReason {
+    /// The uplink is down or has no carrier.
+    Carrier,
+    /// The uplink has carrier but received nothing while the VM sent and the peer's uplink
+    /// received.
+    Silence,
+}
+
 /// Redirect state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedirectStatus {
+    /// Why the current redirect started (`None` when not redirecting).
+    pub reason: Option<RedirectReason>,
+    /// The peer's last status report says its uplink receives frames.
+    pub peer_uplink_alive: bool,
     /// The local uplink is up with carrier (as last polled).
     pub uplink_up: bool,
     /// The VM's frames go through the tunnel to the peer.
@@ -189,6 +209,8 @@ pub struct Counters {
     pub to_uplink_frames: u64,
     /// VM bytes sent on the local uplink.
     pub to_uplink_bytes: u64,
+    /// Valid frames received on the uplink (for anyone: the uplink's sign of life).
+    pub from_uplink_frames: u64,
     /// Frames delivered to the VM.
     pub to_vm_frames: u64,
     /// Bytes delivered to the VM.
@@ -213,6 +235,20 @@ pub struct Counters {
     pub learned_ipv6: Vec<Ipv6Addr>,
 }
 
+/// What the uplink monitor remembers between polls.
+struct Monitor {
+    up_polls: u32,
+    last_request: Instant,
+    last_status: Instant,
+    seen_rx: u64,
+    seen_tx: u64,
+    last_rx: Instant,
+    last_tx: Instant,
+}
+
+/// How often each relay tells its peer whether its uplink receives.
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The body of one relay thread.
 type RelayLoop = fn(&Inner);
 
@@ -227,6 +263,8 @@ struct State {
     early_hook: Option<EarlyCheckpointHook>,
     v4: BTreeSet<Ipv4Addr>,
     v6: BTreeSet<Ipv6Addr>,
+    /// When the peer last reported, and whether its uplink was receiving.
+    peer_status: Option<(Instant, bool)>,
     c: Counters,
 }
 
@@ -550,6 +588,7 @@ impl Inner {
         let (Some(dst), Some(src)) = (frame::dst_mac(data), frame::src_mac(data)) else {
             return false;
         };
+        st.c.from_uplink_frames += 1;
         if let Some(mac) = st.vm_mac {
             if src == mac {
                 // The VM's own MAC seen on the uplink: the other host's copy (we are standby)
@@ -576,48 +615,105 @@ impl Inner {
         // It takes the state lock too: at a lower priority it could be preempted while holding
         // it and stall the real-time forwarding threads (priority inversion).
         self.enter_realtime();
-        let mut up_polls = 0u32;
-        let mut last_request = std::time::Instant::now();
+        let mut m = Monitor {
+            up_polls: 0,
+            last_request: Instant::now(),
+            last_status: Instant::now(),
+            seen_rx: 0,
+            seen_tx: 0,
+            last_rx: Instant::now(),
+            last_tx: Instant::now(),
+        };
         while !self.stop.load(Ordering::Relaxed) {
             let up = self.uplink.link_up().unwrap_or(false);
             let mut st = self.lock();
-            st.c.redirect.uplink_up = up;
-            if up {
-                up_polls = up_polls.saturating_add(1);
-            } else {
-                up_polls = 0;
-            }
-            let active = st.mode != Mode::Standby;
-            if !up && active && !st.c.redirect.redirecting {
-                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
-                    tracing::warn!(uplink = %self.cfg.uplink, "uplink down: redirecting the VM's frames to the peer");
-                    if t.send(TunnelMsg::RedirectStart(mac).encode()).is_ok() {
-                        st.c.redirect.redirecting = true;
-                        st.c.redirect.redirects_started += 1;
-                        last_request = std::time::Instant::now();
-                    }
-                }
-            } else if !up && st.c.redirect.redirecting && last_request.elapsed() >= REDIRECT_REPEAT
-            {
-                // Repeat the request: a peer that restarted lost it with the link's session.
-                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
-                    if t.send(TunnelMsg::RedirectStart(mac).encode()).is_ok() {
-                        last_request = std::time::Instant::now();
-                    }
-                }
-            } else if up_polls >= 2 && st.c.redirect.redirecting {
-                tracing::info!(uplink = %self.cfg.uplink, "uplink back: traffic returns to the local path");
-                st.c.redirect.redirecting = false;
-                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
-                    if t.send(TunnelMsg::RedirectStop(mac).encode()).is_err() {
-                        st.c.dropped.send_failed += 1;
-                    }
-                }
-                // Switches learnt the MAC on the peer's port during the redirect.
-                self.announce(&mut st);
-            }
+            self.monitor_step(&mut st, &mut m, up);
             drop(st);
             std::thread::sleep(self.cfg.monitor_interval);
+        }
+    }
+
+    fn send_tunnel(st: &mut State, msg: &TunnelMsg) -> bool {
+        let Some(t) = st.tunnel.clone() else {
+            return false;
+        };
+        let ok = t.send(msg.encode()).is_ok();
+        if !ok {
+            st.c.dropped.send_failed += 1;
+        }
+        ok
+    }
+
+    /// One poll of the uplink: carrier, signs of life, peer status; starts or ends redirects.
+    fn monitor_step(&self, st: &mut State, m: &mut Monitor, up: bool) {
+        let now = Instant::now();
+        st.c.redirect.uplink_up = up;
+        m.up_polls = if up { m.up_polls.saturating_add(1) } else { 0 };
+        if st.c.from_uplink_frames != m.seen_rx {
+            m.seen_rx = st.c.from_uplink_frames;
+            m.last_rx = now;
+        }
+        if st.c.to_uplink_frames != m.seen_tx {
+            m.seen_tx = st.c.to_uplink_frames;
+            m.last_tx = now;
+        }
+        let silence = self.cfg.silence_timeout;
+        let receiving = silence.is_none_or(|t| m.last_rx.elapsed() < t);
+        let Some(mac) = st.vm_mac else { return };
+        if st.tunnel.is_some() && now.duration_since(m.last_status) >= STATUS_INTERVAL {
+            m.last_status = now;
+            Self::send_tunnel(st, &TunnelMsg::UplinkStatus(mac, up && receiving));
+        }
+        let peer_alive = st
+            .peer_status
+            .is_some_and(|(at, alive)| alive && at.elapsed() < STATUS_INTERVAL * 4);
+        st.c.redirect.peer_uplink_alive = peer_alive;
+        let active = st.mode != Mode::Standby;
+        let silent = silence.is_some_and(|t| {
+            up && m.last_rx.elapsed() >= t && m.last_tx.elapsed() < t && peer_alive
+        });
+        if !st.c.redirect.redirecting {
+            let reason = if !up {
+                Some(RedirectReason::Carrier)
+            } else if silent {
+                Some(RedirectReason::Silence)
+            } else {
+                None
+            };
+            if let (Some(reason), true) = (reason, active) {
+                if Self::send_tunnel(st, &TunnelMsg::RedirectStart(mac)) {
+                    tracing::warn!(uplink = %self.cfg.uplink, ?reason, "uplink failed: redirecting the VM's frames to the peer");
+                    st.c.redirect.redirecting = true;
+                    st.c.redirect.reason = Some(reason);
+                    st.c.redirect.redirects_started += 1;
+                    m.last_request = now;
+                }
+            }
+            return;
+        }
+        // Redirecting: is the local path back?
+        let back = match st.c.redirect.reason {
+            // Carrier for two polls in a row.
+            Some(RedirectReason::Carrier) | None => m.up_polls >= 2,
+            // Carrier, and frames arriving again.
+            Some(RedirectReason::Silence) => {
+                up && m.last_rx.elapsed() < self.cfg.monitor_interval * 2
+            }
+        };
+        if back {
+            tracing::info!(uplink = %self.cfg.uplink, "uplink back: traffic returns to the local path");
+            st.c.redirect.redirecting = false;
+            st.c.redirect.reason = None;
+            Self::send_tunnel(st, &TunnelMsg::RedirectStop(mac));
+            // Switches learnt the MAC on the peer's port during the redirect.
+            self.announce(st);
+            // Give the local path a full silence period before judging it again.
+            m.last_rx = now;
+        } else if now.duration_since(m.last_request) >= REDIRECT_REPEAT {
+            // Repeat the request: a peer that restarted lost it with the link's session.
+            if Self::send_tunnel(st, &TunnelMsg::RedirectStart(mac)) {
+                m.last_request = now;
+            }
         }
     }
 
@@ -631,7 +727,8 @@ impl Inner {
             TunnelMsg::RedirectStart(m)
             | TunnelMsg::RedirectStop(m)
             | TunnelMsg::FromVm(m, _)
-            | TunnelMsg::ToVm(m, _) => *m,
+            | TunnelMsg::ToVm(m, _)
+            | TunnelMsg::UplinkStatus(m, _) => *m,
         };
         if st.vm_mac.is_some_and(|v| v != mac) || mac.is_group() {
             st.c.dropped.tunnel_garbage += 1;
@@ -648,6 +745,7 @@ impl Inner {
                 }
             }
             TunnelMsg::RedirectStop(_) => st.c.redirect.serving_peer = false,
+            TunnelMsg::UplinkStatus(_, alive) => st.peer_status = Some((Instant::now(), alive)),
             TunnelMsg::FromVm(_, f) => {
                 if !st.c.redirect.serving_peer {
                     st.c.dropped.tunnel_unexpected += 1;
@@ -749,6 +847,7 @@ impl Shim {
             released_bytes: 0,
             to_uplink_frames: 0,
             to_uplink_bytes: 0,
+            from_uplink_frames: 0,
             to_vm_frames: 0,
             to_vm_bytes: 0,
             tunnel_out_frames: 0,
@@ -774,6 +873,7 @@ impl Shim {
                 early_hook: None,
                 v4: BTreeSet::new(),
                 v6: BTreeSet::new(),
+                peer_status: None,
                 c,
             }),
             cfg,

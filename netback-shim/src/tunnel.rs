@@ -8,6 +8,7 @@
 //! kind 2 RedirectStop   "my uplink is back" (no payload)
 //! kind 3 FromVm         a frame the VM sent, for the peer's uplink
 //! kind 4 ToVm           a frame from the peer's uplink, for the VM
+//! kind 5 UplinkStatus   one byte: 1 when the sender's uplink received frames recently, else 0
 //! ```
 //!
 //! The transport is a trait so the relay is tested with an in-memory pair; the A-link adapter
@@ -33,6 +34,8 @@ pub enum TunnelMsg {
     FromVm(MacAddr, Bytes),
     /// A frame for the VM, received on the sender's uplink.
     ToVm(MacAddr, Bytes),
+    /// Whether the sender's uplink received frames recently (sent periodically).
+    UplinkStatus(MacAddr, bool),
 }
 
 /// A tunnel message that cannot be decoded.
@@ -66,6 +69,7 @@ impl TunnelMsg {
             TunnelMsg::RedirectStop(m) => (2, m, &[]),
             TunnelMsg::FromVm(m, f) => (3, m, f),
             TunnelMsg::ToVm(m, f) => (4, m, f),
+            TunnelMsg::UplinkStatus(m, alive) => (5, m, if *alive { &[1] } else { &[0] }),
         };
         let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
         b.put_u8(VERSION);
@@ -101,6 +105,11 @@ impl TunnelMsg {
             3 | 4 if payload.is_empty() => Err(bad_payload),
             3 => Ok(TunnelMsg::FromVm(mac, payload)),
             4 => Ok(TunnelMsg::ToVm(mac, payload)),
+            5 => match payload.as_ref() {
+                [0] => Ok(TunnelMsg::UplinkStatus(mac, false)),
+                [1] => Ok(TunnelMsg::UplinkStatus(mac, true)),
+                _ => Err(bad_payload),
+            },
             k => Err(TunnelDecodeError::Kind(k)),
         }
     }
@@ -177,6 +186,8 @@ mod tests {
             TunnelMsg::RedirectStop(M),
             TunnelMsg::FromVm(M, Bytes::from_static(b"0123456789abcdef")),
             TunnelMsg::ToVm(M, Bytes::from_static(b"fedcba9876543210")),
+            TunnelMsg::UplinkStatus(M, true),
+            TunnelMsg::UplinkStatus(M, false),
         ] {
             assert_eq!(TunnelMsg::decode(&msg.encode()), Ok(msg));
         }
@@ -202,6 +213,10 @@ mod tests {
         ));
         assert!(matches!(
             TunnelMsg::decode(&Bytes::from_static(&[1, 3, 0, 0, 0, 0, 0, 0])),
+            Err(TunnelDecodeError::Payload { .. })
+        ));
+        assert!(matches!(
+            TunnelMsg::decode(&Bytes::from_static(&[1, 5, 0, 0, 0, 0, 0, 0, 2])),
             Err(TunnelDecodeError::Payload { .. })
         ));
     }

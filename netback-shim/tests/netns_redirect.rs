@@ -102,6 +102,102 @@ fn open_tcp_connection_survives_uplink_loss_over_the_alink() -> R<()> {
     result
 }
 
+#[test]
+fn silent_uplink_with_carrier_is_detected_and_redirected_while_the_peer_sees_the_network() -> R<()>
+{
+    if !require_root("silent uplink redirect") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let mut cfg = shim_config();
+    cfg.silence_timeout = Some(Duration::from_millis(300));
+    let primary = Arc::new(start_shim(&pool.host_a, cfg)?);
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
+    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+    primary.set_tunnel(Arc::new(a_tx));
+    secondary.set_tunnel(Arc::new(b_tx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = vec![
+        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
+        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
+    ];
+    // The rest of the LAN: a broadcast every 100 ms, as any network has.
+    let stop2 = Arc::clone(&stop);
+    threads.push(pool.client.spawn(move || {
+        let Ok(s) = std::net::UdpSocket::bind((CLIENT_IP, 0)) else {
+            return;
+        };
+        let _ = s.set_broadcast(true);
+        while !stop2.load(Ordering::Relaxed) {
+            let _ = s.send_to(b"lan chatter", ("10.77.0.255", 9999));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })?);
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let result = (|| -> R<()> {
+        let mut conn = pool
+            .vm_a
+            .spawn(|| {
+                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
+            })?
+            .join()
+            .map_err(|_| "connect panicked")??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        for round in 0..5 {
+            exchange(&mut conn, round)?;
+        }
+        // The switch port stays up (carrier on) but no longer forwards anything.
+        pool.sw.ip(&["link", "set", "pa", "nomaster"])?;
+        for round in 5..25 {
+            exchange(&mut conn, round)?;
+        }
+        let c = primary.counters();
+        assert!(c.redirect.uplink_up, "carrier never went away");
+        assert!(c.redirect.redirecting, "{:?}", c.redirect);
+        assert_eq!(
+            c.redirect.reason,
+            Some(xenft_netback::RedirectReason::Silence)
+        );
+        pool.sw.ip(&["link", "set", "pa", "master", "br0"])?;
+        assert!(
+            wait_until(Duration::from_secs(3), || !primary
+                .counters()
+                .redirect
+                .redirecting),
+            "frames arriving again end the redirect"
+        );
+        for round in 25..30 {
+            exchange(&mut conn, round)?;
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let served = server.join().map_err(|_| "server panicked")?;
+    result?;
+    served?;
+    Ok(())
+}
+
 /// Kills the child on drop, so a failing test leaves no relay running.
 struct Child(std::process::Child);
 impl Drop for Child {
