@@ -417,9 +417,19 @@ impl Inner {
                     None => return,
                 }
             }
-            self.egress(&mut st, &out);
             let hook = st.early_hook.clone();
             drop(st);
+            // Pass-through frames leave outside the lock, so the inbound thread never waits on
+            // this send. Order still holds: they were classified under the lock after anything
+            // a commit or mode switch released, and those were sent before the lock was freed.
+            if !out.is_empty() {
+                let sent = self.uplink.send_batch(&out).unwrap_or(0);
+                let bytes: u64 = out.iter().take(sent).map(|f| f.len() as u64).sum();
+                let mut st = self.lock();
+                st.c.to_uplink_frames += sent as u64;
+                st.c.to_uplink_bytes += bytes;
+                st.c.dropped.send_failed += (out.len() - sent) as u64;
+            }
             if let Some(hook) = hook {
                 for epoch in early {
                     hook(epoch);
