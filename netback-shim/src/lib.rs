@@ -29,6 +29,22 @@
 //! offloads (TSO/GSO, checksum) should be off on the VM side: super-frames above MTU + 18 bytes
 //! are refused and counted as `oversize`, never forwarded.
 //!
+//! ## Uplink failure and redirect
+//! The relay polls the uplink every 50 ms through its own socket (`SIOCGIFFLAGS`: up and
+//! running), which answers for the socket's network namespace — `/sys/class/net` would show
+//! the namespace sysfs was mounted in. The uplink has failed when it loses carrier, or when it
+//! keeps carrier but received nothing for [`ShimConfig::silence_timeout`] while the VM's frames
+//! went out and the peer reports (every 250 ms, on the tunnel) that its own uplink receives.
+//! The VM's frames then go to the peer's shim, which announces the MAC on its uplink and sends
+//! back every frame for the MAC. The redirect ends when carrier is back (two polls) or, for a
+//! silent uplink, when frames arrive again; the relay then announces the MAC locally.
+//!
+//! ## Scheduling
+//! On a busy host a relay thread woken by a frame can wait milliseconds for a CPU. With
+//! [`ShimConfig::realtime_priority`] the forwarding, monitor, tunnel and control threads run
+//! under `SCHED_FIFO` (they only ever block or do bounded work per frame, and the kernel's
+//! real-time throttling still applies). Without it everything works, with a longer latency tail.
+//!
 //! All `unsafe` code lives in [`sys`].
 
 pub mod alink_tunnel;
