@@ -203,3 +203,80 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
     assert_eq!(shim.counters().dropped, xenft_netback::Drops::default());
     Ok(())
 }
+
+#[test]
+fn vm_mac_is_learnt_from_first_frame_and_other_sources_are_refused_as_spoofed() -> R<()> {
+    if !require_root("MAC learning") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    let mut cfg = shim_config();
+    cfg.vm_mac = None;
+    let shim = start_shim(&line.host, cfg)?;
+    let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
+    vm_send(&line, 0..3, 64)?;
+    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 3));
+    assert_eq!(shim.counters().vm_mac, Some(VM_MAC.to_string()));
+    // The VM forges frames from another MAC (raw socket inside the VM).
+    let forged = line.vm.spawn(|| -> std::io::Result<()> {
+        let s = xenft_netback::sys::PacketSocket::open("eth0")?;
+        let mut f = xenft_netback::frame::gratuitous_arp(
+            xenft_netback::frame::MacAddr([2, 0, 0, 0, 0, 0x66]),
+            CLIENT_IP,
+        );
+        f.resize(60, 0);
+        for _ in 0..4 {
+            s.send(&f)?;
+        }
+        Ok(())
+    })?;
+    forged.join().map_err(|_| "forger panicked")??;
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .dropped
+        .spoofed_source
+        == 4));
+    assert_eq!(shim.counters().to_uplink_frames, 3);
+    Ok(())
+}
+
+#[test]
+fn oversize_frames_from_the_network_never_reach_the_vm() -> R<()> {
+    if !require_root("inbound oversize") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    line.client.ip(&["link", "set", "eth0", "mtu", "9000"])?;
+    line.host.ip(&["link", "set", "up0", "mtu", "9000"])?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let got = line.vm.spawn(|| -> std::io::Result<Vec<usize>> {
+        let s = UdpSocket::bind((VM_IP, PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        let mut sizes = Vec::new();
+        let mut buf = vec![0u8; 9000];
+        while let Ok(n) = s.recv(&mut buf) {
+            sizes.push(n);
+        }
+        Ok(sizes)
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    line.client
+        .spawn(|| -> std::io::Result<()> {
+            let s = UdpSocket::bind((CLIENT_IP, 0))?;
+            s.send_to(&[1u8; 5000], (VM_IP, PORT))?;
+            s.send_to(&[2u8; 500], (VM_IP, PORT))?;
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| "client panicked")??;
+    let sizes = got.join().map_err(|_| "receiver panicked")??;
+    assert_eq!(
+        sizes,
+        vec![500],
+        "only the frame within the MTU reached the VM"
+    );
+    assert_eq!(shim.counters().dropped.oversize, 1);
+    Ok(())
+}
