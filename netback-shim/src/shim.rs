@@ -246,6 +246,9 @@ struct Monitor {
     last_tx: Instant,
 }
 
+/// After a move (takeover, redirect start or end) the announcement is repeated at these delays.
+const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(200), Duration::from_secs(1)];
+
 /// How often each relay tells its peer whether its uplink receives.
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -265,6 +268,8 @@ struct State {
     v6: BTreeSet<Ipv6Addr>,
     /// When the peer last reported, and whether its uplink was receiving.
     peer_status: Option<(Instant, bool)>,
+    /// When to repeat the last announcement (hosts and switches may miss one).
+    announce_repeats: Vec<Instant>,
     c: Counters,
 }
 
@@ -385,6 +390,13 @@ impl Inner {
         }
         st.c.announcements_sent += sent as u64;
         sent
+    }
+
+    /// Announces now and schedules the repeats of [`ANNOUNCE_REPEATS`].
+    fn announce_and_repeat(&self, st: &mut State) -> usize {
+        let now = Instant::now();
+        st.announce_repeats = ANNOUNCE_REPEATS.iter().map(|d| now + *d).collect();
+        self.announce(st)
     }
 
     fn enter_realtime(&self) {
@@ -657,6 +669,17 @@ impl Inner {
     /// One poll of the uplink: carrier, signs of life, peer status; starts or ends redirects.
     fn monitor_step(&self, st: &mut State, m: &mut Monitor, up: bool) {
         let now = Instant::now();
+        if st.announce_repeats.first().is_some_and(|t| *t <= now) {
+            st.announce_repeats.remove(0);
+            // Only while this relay is where the VM's frames enter the network.
+            let here = (st.mode != Mode::Standby && !st.c.redirect.redirecting)
+                || st.c.redirect.serving_peer;
+            if here {
+                self.announce(st);
+            } else {
+                st.announce_repeats.clear();
+            }
+        }
         st.c.redirect.uplink_up = up;
         m.up_polls = if up { m.up_polls.saturating_add(1) } else { 0 };
         if st.c.from_uplink_frames != m.seen_rx {
@@ -695,6 +718,7 @@ impl Inner {
                     tracing::warn!(uplink = %self.cfg.uplink, ?reason, "uplink failed: redirecting the VM's frames to the peer");
                     st.c.redirect.redirecting = true;
                     st.c.redirect.reason = Some(reason);
+                    st.announce_repeats.clear();
                     st.c.redirect.redirects_started += 1;
                     m.last_request = now;
                 }
@@ -716,7 +740,7 @@ impl Inner {
             st.c.redirect.reason = None;
             Self::send_tunnel(st, &TunnelMsg::RedirectStop(mac));
             // Switches learnt the MAC on the peer's port during the redirect.
-            self.announce(st);
+            self.announce_and_repeat(st);
             // Give the local path a full silence period before judging it again.
             m.last_rx = now;
         } else if now.duration_since(m.last_request) >= REDIRECT_REPEAT {
@@ -751,10 +775,14 @@ impl Inner {
                 if !st.c.redirect.serving_peer {
                     tracing::warn!(uplink = %self.cfg.uplink, "peer's uplink is down: carrying its VM's frames");
                     st.c.redirect.serving_peer = true;
-                    self.announce(&mut st);
+                    self.announce_and_repeat(&mut st);
                 }
             }
-            TunnelMsg::RedirectStop(_) => st.c.redirect.serving_peer = false,
+            TunnelMsg::RedirectStop(_) => {
+                st.c.redirect.serving_peer = false;
+                // The peer announces itself now; a late repeat from here would pull the MAC back.
+                st.announce_repeats.clear();
+            }
             TunnelMsg::UplinkStatus(_, alive) => st.peer_status = Some((Instant::now(), alive)),
             TunnelMsg::FromVm(_, f) => {
                 if !st.c.redirect.serving_peer {
@@ -884,6 +912,7 @@ impl Shim {
                 v4: BTreeSet::new(),
                 v6: BTreeSet::new(),
                 peer_status: None,
+                announce_repeats: Vec::new(),
                 c,
             }),
             cfg,
@@ -988,7 +1017,7 @@ impl Shim {
         st.c.dropped.discarded += frames as u64;
         st.c.redirect.serving_peer = false;
         st.mode = mode;
-        let sent = self.inner.announce(&mut st);
+        let sent = self.inner.announce_and_repeat(&mut st);
         drop(st);
         self.inner.space.notify_all();
         tracing::warn!(announcements = sent, "took over the VM's network presence");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
 use xenft_netback::alink_tunnel::attach;
-use xenft_netback::tunnel::memory_pair;
+use xenft_netback::tunnel::{memory_pair, TunnelMsg};
 use xenft_netback::{Mode, Shim};
 use xenft_tests::netns::require_root;
 
@@ -428,9 +428,9 @@ fn garbage_on_the_tunnel_is_dropped_and_counted() -> R<()> {
     for msg in [
         Bytes::from_static(b""),
         Bytes::from_static(b"garbage!garbage!"),
-        xenft_netback::tunnel::TunnelMsg::RedirectStart(other).encode(),
+        TunnelMsg::RedirectStart(other).encode(),
         // A frame for the VM while no redirect is active: unexpected, not delivered.
-        xenft_netback::tunnel::TunnelMsg::ToVm(VM_MAC, Bytes::from(vec![0u8; 60])).encode(),
+        TunnelMsg::ToVm(VM_MAC, Bytes::from(vec![0u8; 60])).encode(),
     ] {
         shim.on_tunnel_message(&msg);
     }
@@ -477,5 +477,31 @@ fn garbage_from_the_peer_on_the_alink_net_channel_is_dropped_and_counted() -> R<
     drop(att);
     la.shutdown();
     lb.shutdown();
+    Ok(())
+}
+
+#[test]
+fn serving_side_stops_announcing_the_mac_once_the_peer_returns() -> R<()> {
+    if !require_root("announcement repeats") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let shim = start_shim(&line.host, cfg)?;
+    let (tx, _peer_inbox, _unused_tx, _unused_inbox) = memory_pair(64);
+    shim.set_tunnel(Arc::new(tx));
+    shim.on_tunnel_message(&TunnelMsg::RedirectStart(VM_MAC).encode());
+    assert!(shim.counters().redirect.serving_peer);
+    assert_eq!(
+        shim.counters().announcements_sent,
+        1,
+        "relearn frame (no address known)"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    shim.on_tunnel_message(&TunnelMsg::RedirectStop(VM_MAC).encode());
+    // Past every scheduled repeat: a late one would pull the MAC away from the returned peer.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(shim.counters().announcements_sent, 1);
     Ok(())
 }

@@ -253,5 +253,13 @@ fn takeover_announcements_repoint_client_arp_and_ndp_entries_to_the_vm_mac() -> 
         "NDP entry: {}",
         show(&["-6", "neigh", "show", "fd00::2"])
     );
+    assert!(
+        wait_until(Duration::from_secs(3), || shim
+            .counters()
+            .announcements_sent
+            == 9),
+        "the announcement is repeated twice: {}",
+        shim.counters().announcements_sent
+    );
     Ok(())
 }
