@@ -33,6 +33,9 @@ const MAX_LEARNED: usize = 32;
 const RECV_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often a redirecting relay repeats its request to the peer.
 const REDIRECT_REPEAT: Duration = Duration::from_secs(1);
+/// Receive slot: a `virtio_net_hdr` and the largest GSO super-frame, plus one byte so that
+/// anything larger shows as truncated.
+const SLOT_LEN: usize = frame::VNET_HDR_LEN + frame::MAX_GSO_FRAME + 1;
 /// Frames taken per receive call (and sent per send call).
 const BATCH: usize = 32;
 
@@ -60,7 +63,8 @@ pub struct ShimConfig {
     pub vm_mac: Option<MacAddr>,
     /// MTU of the VM's network; frames above MTU + 18 bytes are refused.
     pub mtu: usize,
-    /// Bound on bytes held for uncommitted epochs.
+    /// Bound on bytes held for uncommitted epochs (each frame counts with its 10-byte
+    /// offload header).
     pub buffer_limit: usize,
     /// Mode at start.
     pub mode: Mode,
@@ -142,6 +146,8 @@ pub struct Drops {
     pub tunnel_garbage: u64,
     /// Well-formed tunnel messages that make no sense now (frames without a redirect).
     pub tunnel_unexpected: u64,
+    /// A `virtio_net_hdr` describing an impossible offload.
+    pub bad_offload: u64,
     /// A send to the uplink, vif or tunnel failed.
     pub send_failed: u64,
     /// The VM's frames had to leave by the tunnel but no tunnel is configured.
@@ -275,7 +281,6 @@ struct State {
 
 struct Inner {
     cfg: ShimConfig,
-    max_frame: usize,
     vif: PacketSocket,
     uplink: PacketSocket,
     state: Mutex<State>,
@@ -316,6 +321,20 @@ impl State {
     }
 }
 
+/// Counts a refused frame under its reason.
+fn count_refused(d: &mut Drops, e: FrameError) {
+    match e {
+        FrameError::Runt => d.runt += 1,
+        FrameError::Oversize => d.oversize += 1,
+        FrameError::BadOffload => d.bad_offload += 1,
+    }
+}
+
+/// Bytes of a packet on the wire (without its `virtio_net_hdr`).
+fn wire_len(packet: &[u8]) -> u64 {
+    packet.len().saturating_sub(frame::VNET_HDR_LEN) as u64
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the counters inconsistent in a way that
@@ -352,17 +371,13 @@ impl Inner {
             }
         };
         st.c.to_uplink_frames += sent as u64;
-        st.c.to_uplink_bytes += frames
-            .iter()
-            .take(sent)
-            .map(|f| f.len() as u64)
-            .sum::<u64>();
+        st.c.to_uplink_bytes += frames.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
         st.c.dropped.send_failed += (frames.len() - sent) as u64;
     }
 
     fn release(&self, st: &mut State, frames: &[Bytes]) -> usize {
         st.c.released_frames += frames.len() as u64;
-        st.c.released_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        st.c.released_bytes += frames.iter().map(|f| wire_len(f)).sum::<u64>();
         for chunk in frames.chunks(BATCH) {
             let refs: Vec<&[u8]> = chunk.iter().map(|f| &f[..]).collect();
             self.egress(st, &refs);
@@ -381,6 +396,10 @@ impl Inner {
             .collect();
         frames.extend(st.v6.iter().map(|ip| frame::unsolicited_na(mac, *ip)));
         frames.push(frame::relearn_frame(mac));
+        let frames: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| frame::with_plain_vnet_hdr(f))
+            .collect();
         let mut sent = 0;
         for f in &frames {
             match self.uplink.send(f) {
@@ -409,7 +428,7 @@ impl Inner {
 
     fn vm_rx_loop(&self) {
         self.enter_realtime();
-        let mut batch = RecvBatch::new(BATCH, self.max_frame + 1);
+        let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
         while !self.stop.load(Ordering::Relaxed) {
             match self.vif.recv_batch(&mut batch) {
                 Ok(0) => continue,
@@ -436,7 +455,7 @@ impl Inner {
             // a commit or mode switch released, and those were sent before the lock was freed.
             if !out.is_empty() {
                 let sent = self.uplink.send_batch(&out).unwrap_or(0);
-                let bytes: u64 = out.iter().take(sent).map(|f| f.len() as u64).sum();
+                let bytes: u64 = out.iter().take(sent).map(|f| wire_len(f)).sum();
                 let mut st = self.lock();
                 st.c.to_uplink_frames += sent as u64;
                 st.c.to_uplink_bytes += bytes;
@@ -461,18 +480,15 @@ impl Inner {
         out: &mut Vec<&'b [u8]>,
         early: &mut Vec<u64>,
     ) -> Option<MutexGuard<'g, State>> {
-        match frame::check_len(len, self.max_frame) {
-            Ok(()) => {}
-            Err(FrameError::Runt) => {
-                st.c.dropped.runt += 1;
+        let eth = match frame::check_packet(data, len, self.cfg.mtu) {
+            Ok(eth) => eth,
+            Err(e) => {
+                count_refused(&mut st.c.dropped, e);
                 return Some(st);
             }
-            Err(FrameError::Oversize) => {
-                st.c.dropped.oversize += 1;
-                return Some(st);
-            }
-        }
-        let Some(src) = frame::src_mac(data) else {
+        };
+        let data = &data[..len];
+        let Some(src) = frame::src_mac(eth) else {
             st.c.dropped.runt += 1;
             return Some(st);
         };
@@ -491,9 +507,9 @@ impl Inner {
                 st.vm_mac = Some(src);
             }
         }
-        st.learn(data);
+        st.learn(eth);
         st.c.from_vm_frames += 1;
-        st.c.from_vm_bytes += len as u64;
+        st.c.from_vm_bytes += eth.len() as u64;
         match st.mode {
             Mode::Standby => st.c.dropped.standby += 1,
             Mode::Passthrough if !st.c.redirect.redirecting => out.push(data),
@@ -556,7 +572,7 @@ impl Inner {
                     }
                 }
                 st.c.held_frames_total += 1;
-                st.c.held_bytes_total += len as u64;
+                st.c.held_bytes_total += eth.len() as u64;
             }
         }
         Some(st)
@@ -564,7 +580,7 @@ impl Inner {
 
     fn uplink_rx_loop(&self) {
         self.enter_realtime();
-        let mut batch = RecvBatch::new(BATCH, self.max_frame + 1);
+        let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
         while !self.stop.load(Ordering::Relaxed) {
             match self.uplink.recv_batch(&mut batch) {
                 Ok(0) => continue,
@@ -589,25 +605,22 @@ impl Inner {
             let sent = self.vif.send_batch(&to_vm).unwrap_or(0);
             let mut st = self.lock();
             st.c.to_vm_frames += sent as u64;
-            st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| f.len() as u64).sum::<u64>();
+            st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
             st.c.dropped.send_failed += (to_vm.len() - sent) as u64;
         }
     }
 
     /// One frame from the uplink; true when it is to be delivered to the VM.
     fn handle_uplink_frame(&self, st: &mut State, data: &[u8], len: usize) -> bool {
-        match frame::check_len(len, self.max_frame) {
-            Ok(()) => {}
-            Err(FrameError::Runt) => {
-                st.c.dropped.runt += 1;
+        let eth = match frame::check_packet(data, len, self.cfg.mtu) {
+            Ok(eth) => eth,
+            Err(e) => {
+                count_refused(&mut st.c.dropped, e);
                 return false;
             }
-            Err(FrameError::Oversize) => {
-                st.c.dropped.oversize += 1;
-                return false;
-            }
-        }
-        let (Some(dst), Some(src)) = (frame::dst_mac(data), frame::src_mac(data)) else {
+        };
+        let data = &data[..len];
+        let (Some(dst), Some(src)) = (frame::dst_mac(eth), frame::src_mac(eth)) else {
             return false;
         };
         st.c.from_uplink_frames += 1;
@@ -615,7 +628,7 @@ impl Inner {
             if src == mac {
                 // The VM's own MAC seen on the uplink: the other host's copy (we are standby)
                 // or our own frame reflected. Learn from it, never deliver it.
-                st.learn(data);
+                st.learn(eth);
                 return false;
             }
             if dst != mac && !dst.is_group() {
@@ -789,18 +802,20 @@ impl Inner {
                     st.c.dropped.tunnel_unexpected += 1;
                     return;
                 }
-                if frame::check_len(f.len(), self.max_frame).is_err()
-                    || frame::src_mac(&f) != Some(mac)
-                {
+                let Ok(eth) = frame::check_packet(&f, f.len(), self.cfg.mtu) else {
+                    st.c.dropped.tunnel_garbage += 1;
+                    return;
+                };
+                if frame::src_mac(eth) != Some(mac) {
                     st.c.dropped.tunnel_garbage += 1;
                     return;
                 }
-                st.learn(&f);
+                st.learn(eth);
                 st.c.tunnel_in_frames += 1;
                 match self.uplink.send(&f) {
                     Ok(()) => {
                         st.c.to_uplink_frames += 1;
-                        st.c.to_uplink_bytes += f.len() as u64;
+                        st.c.to_uplink_bytes += wire_len(&f);
                     }
                     Err(_) => st.c.dropped.send_failed += 1,
                 }
@@ -810,10 +825,10 @@ impl Inner {
                     st.c.dropped.tunnel_unexpected += 1;
                     return;
                 }
-                let dst = frame::dst_mac(&f);
-                if frame::check_len(f.len(), self.max_frame).is_err()
-                    || !dst.is_some_and(|d| d == mac || d.is_group())
-                {
+                let dst = frame::check_packet(&f, f.len(), self.cfg.mtu)
+                    .ok()
+                    .and_then(frame::dst_mac);
+                if !dst.is_some_and(|d| d == mac || d.is_group()) {
                     st.c.dropped.tunnel_garbage += 1;
                     return;
                 }
@@ -821,7 +836,7 @@ impl Inner {
                 match self.vif.send(&f) {
                     Ok(()) => {
                         st.c.to_vm_frames += 1;
-                        st.c.to_vm_bytes += f.len() as u64;
+                        st.c.to_vm_bytes += wire_len(&f);
                     }
                     Err(_) => st.c.dropped.send_failed += 1,
                 }
@@ -852,7 +867,7 @@ impl Shim {
             ));
         }
         let open = |role: &'static str, ifname: &str| {
-            let s = PacketSocket::open(ifname).map_err(|source| ShimError::Open {
+            let s = PacketSocket::open_vnet(ifname).map_err(|source| ShimError::Open {
                 role,
                 ifname: ifname.to_string(),
                 source,
@@ -902,7 +917,6 @@ impl Shim {
             learned_ipv6: Vec::new(),
         };
         let inner = Arc::new(Inner {
-            max_frame: frame::max_frame_len(cfg.mtu),
             state: Mutex::new(State {
                 mode: cfg.mode,
                 vm_mac: cfg.vm_mac,

@@ -6,10 +6,14 @@
 //! byte 0: version (1)   byte 1: kind   bytes 2..8: VM MAC   bytes 8..: payload
 //! kind 1 RedirectStart  "my uplink is down, carry frames of this MAC for me" (no payload)
 //! kind 2 RedirectStop   "my uplink is back" (no payload)
-//! kind 3 FromVm         a frame the VM sent, for the peer's uplink
-//! kind 4 ToVm           a frame from the peer's uplink, for the VM
+//! kind 3 FromVm         a frame the VM sent, for the peer's uplink   (payload: virtio_net_hdr + frame)
+//! kind 4 ToVm           a frame from the peer's uplink, for the VM   (payload: virtio_net_hdr + frame)
 //! kind 5 UplinkStatus   one byte: 1 when the sender's uplink received frames recently, else 0
 //! ```
+//!
+//! Frames keep their `virtio_net_hdr` (see [`crate::frame::VnetHdr`]) so that offloaded frames
+//! (partial checksums, GSO super-frames) are completed by the kernel of the host that finally
+//! transmits them; the receiver checks them exactly as frames from its own sockets.
 //!
 //! The transport is a trait so the relay is tested with an in-memory pair; the A-link adapter
 //! implements it over `Channel::Net`.

@@ -44,7 +44,7 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
                 "--mac",
                 &VM_MAC.to_string(),
             ])
-            .args(["--mode", "buffered", "--buffer-bytes", "20840"])
+            .args(["--mode", "buffered", "--buffer-bytes", "21040"])
             .arg("--control")
             .arg(&sock)
             .spawn()?,
@@ -80,7 +80,7 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
         .join()
         .map_err(|_| "sender panicked")??;
 
-    // 20 frames fill the 20 840-byte buffer: the agent hears about it before it overflows.
+    // 20 frames (1042 B + 10 B offload header each) fill the 21 040-byte buffer: the agent hears about it before it overflows.
     events
         .get_ref()
         .set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -164,7 +164,8 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
     line.static_neighbours()?;
     let mut cfg = shim_config();
     cfg.mode = Mode::Buffered;
-    cfg.buffer_limit = 20 * 1042; // room for twenty 1042-byte frames
+    // Room for twenty 1042-byte frames, each held with its 10-byte offload header.
+    cfg.buffer_limit = 20 * 1052;
     let shim = start_shim(&line.host, cfg)?;
     let (tx, rx) = std::sync::mpsc::channel();
     shim.set_early_checkpoint_hook(std::sync::Arc::new(move |epoch| {
@@ -184,7 +185,7 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
         == 1));
     let c = shim.counters();
     assert_eq!(c.held_frames_now, 20);
-    assert!(c.held_bytes_now <= 20 * 1042);
+    assert!(c.held_bytes_now <= 20 * 1052);
     assert_eq!(c.early_checkpoint_requests, 1);
     // The checkpoint engine checkpoints early: next epoch, commit the full one.
     shim.begin_epoch(2)?;

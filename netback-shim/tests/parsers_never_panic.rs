@@ -41,6 +41,26 @@ proptest! {
             Ok(()) => prop_assert!((14..=max).contains(&len)),
             Err(frame::FrameError::Runt) => prop_assert!(len < 14),
             Err(frame::FrameError::Oversize) => prop_assert!(len > max),
+            Err(frame::FrameError::BadOffload) => prop_assert!(false, "no offload header here"),
+        }
+    }
+
+    #[test]
+    fn packet_check_never_panics_and_bounds_what_it_accepts(
+        data in proptest::collection::vec(any::<u8>(), 0..2000),
+        extra in 0usize..3,
+        mtu in 68usize..1500,
+    ) {
+        let len = data.len() + extra; // a real length beyond the capture means truncation
+        if let Ok(frame) = frame::check_packet(&data, len, mtu) {
+            prop_assert_eq!(extra, 0);
+            prop_assert!(frame.len() >= 14 && frame.len() <= frame::MAX_GSO_FRAME);
+            let hdr = frame::VnetHdr::parse(&data).unwrap();
+            if hdr.gso_type == 0 {
+                prop_assert!(frame.len() <= frame::max_frame_len(mtu));
+            } else {
+                prop_assert!(usize::from(hdr.gso_size) <= mtu && hdr.gso_size > 0);
+            }
         }
     }
 }
