@@ -25,9 +25,16 @@
 //! frames the VM sends, and one bound to the uplink sees the network, with no extra device and
 //! no change to netback. `PACKET_IGNORE_OUTGOING` keeps the relay from reading back its own
 //! transmissions, and promiscuous membership lets the uplink socket see frames for the VM's MAC.
-//! The vif must NOT also be a port of a kernel bridge (the relay is its only path), and
-//! offloads (TSO/GSO, checksum) should be off on the VM side: super-frames above MTU + 18 bytes
-//! are refused and counted as `oversize`, never forwarded.
+//! The vif must NOT also be a port of a kernel bridge (the relay is its only path).
+//!
+//! Both sockets use `PACKET_VNET_HDR`: each frame comes with a `virtio_net_hdr` that says
+//! whether its checksum is still to be filled in and whether it is a GSO super-frame (up to
+//! 64 KiB, cut into MTU-sized segments on transmit). Without it a packet socket hands over
+//! offloaded frames half-finished (wrong checksums on the wire, super-frames that look
+//! oversize). The relay checks the header (segment size within the MTU, offsets within the
+//! frame, a known GSO type), forwards header and frame together, and the kernel of the host
+//! that transmits completes the frame. Offloads can stay on, on the vif and on the uplink;
+//! plain frames above MTU + 18 bytes are refused and counted as `oversize`.
 //!
 //! ## Uplink failure and redirect
 //! The relay polls the uplink every 50 ms through its own socket (`SIOCGIFFLAGS`: up and

@@ -281,3 +281,52 @@ fn oversize_frames_from_the_network_never_reach_the_vm() -> R<()> {
     assert_eq!(shim.counters().dropped.oversize, 1);
     Ok(())
 }
+
+#[test]
+fn bulk_tcp_with_offloads_on_crosses_intact_as_super_frames() -> R<()> {
+    if !require_root("bulk TCP with offloads") {
+        return Ok(());
+    }
+    use std::io::{Read, Write};
+    const TOTAL: usize = 8 << 20;
+    let line = Line::new()?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let listener = line
+        .client
+        .spawn(|| std::net::TcpListener::bind((CLIENT_IP, 9200)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut c, _) = listener.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut all = Vec::with_capacity(TOTAL);
+        c.read_to_end(&mut all)?;
+        Ok(all)
+    });
+    let pattern: Vec<u8> = (0..TOTAL)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    let sent = pattern.clone();
+    line.vm
+        .spawn(move || -> std::io::Result<()> {
+            let mut c = std::net::TcpStream::connect((CLIENT_IP, 9200))?;
+            c.write_all(&sent)
+        })?
+        .join()
+        .map_err(|_| "writer panicked")??;
+    let got = reader.join().map_err(|_| "reader panicked")??;
+    assert!(
+        got == pattern,
+        "{} bytes arrived, content intact: {}",
+        got.len(),
+        got == pattern
+    );
+    let c = shim.counters();
+    assert!(
+        c.from_vm_bytes / c.from_vm_frames.max(1) > 1514,
+        "offloaded super-frames crossed whole (average {} bytes)",
+        c.from_vm_bytes / c.from_vm_frames.max(1)
+    );
+    assert_eq!(c.dropped, xenft_netback::Drops::default());
+    Ok(())
+}
