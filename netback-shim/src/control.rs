@@ -9,6 +9,7 @@
 //! {"op":"set_mode","mode":"buffered"}     → {"ok":true}      (passthrough | buffered | standby)
 //! {"op":"takeover","mode":"passthrough"}  → {"ok":true,"announced":3}
 //! {"op":"announce"}                       → {"ok":true,"announced":3}
+//! {"op":"redirect","on":true}             → {"ok":true}      (true | false | null = automatic)
 //! {"op":"add_addresses","addresses":["10.0.0.2","fd00::2"]} → {"ok":true}
 //! {"op":"counters"}                       → {"ok":true,"counters":{...}}
 //! {"op":"subscribe"}                      → {"ok":true}, then {"event":"early_checkpoint","epoch":N} lines
@@ -61,6 +62,11 @@ pub enum Request {
     },
     /// [`Shim::announce`].
     Announce,
+    /// [`Shim::set_redirect`].
+    Redirect {
+        /// `true` redirect, `false` stay local, `null` automatic.
+        on: Option<bool>,
+    },
     /// [`Shim::add_addresses`].
     AddAddresses {
         /// The addresses.
@@ -150,6 +156,10 @@ pub fn handle(shim: &Shim, req: &Request) -> Reply {
             announced: Some(shim.announce() as u64),
             ..ok()
         },
+        Request::Redirect { on } => {
+            shim.set_redirect(*on);
+            ok()
+        }
         Request::AddAddresses { addresses } => {
             shim.add_addresses(addresses);
             ok()
@@ -332,6 +342,8 @@ mod tests {
             serde_json::from_str(r#"{"op":"add_addresses","addresses":["10.0.0.2","fd00::2"]}"#)
                 .unwrap();
         assert!(matches!(r, Request::AddAddresses { addresses } if addresses.len() == 2));
+        let r: Request = serde_json::from_str(r#"{"op":"redirect","on":null}"#).unwrap();
+        assert_eq!(r, Request::Redirect { on: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"commit","epoch":-1}"#).is_err());
     }

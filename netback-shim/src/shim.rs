@@ -163,6 +163,8 @@ pub enum RedirectReason {
     /// The uplink has carrier but received nothing while the VM sent and the peer's uplink
     /// received.
     Silence,
+    /// The agent asked for it ([`Shim::set_redirect`]).
+    Forced,
 }
 
 /// Redirect state.
@@ -170,6 +172,8 @@ pub enum RedirectReason {
 pub struct RedirectStatus {
     /// Why the current redirect started (`None` when not redirecting).
     pub reason: Option<RedirectReason>,
+    /// The agent's override: `Some(true)` redirect, `Some(false)` stay local, `None` automatic.
+    pub forced: Option<bool>,
     /// The peer's last status report says its uplink receives frames.
     pub peer_uplink_alive: bool,
     /// The local uplink is up with carrier (as last polled).
@@ -718,8 +722,11 @@ impl Inner {
         let silent = silence.is_some_and(|t| {
             up && m.last_rx.elapsed() >= t && m.last_tx.elapsed() < t && peer_alive
         });
+        let forced = st.c.redirect.forced;
         if !st.c.redirect.redirecting {
-            let reason = if !up {
+            let reason = if let Some(on) = forced {
+                on.then_some(RedirectReason::Forced)
+            } else if !up {
                 Some(RedirectReason::Carrier)
             } else if silent {
                 Some(RedirectReason::Silence)
@@ -739,11 +746,14 @@ impl Inner {
             return;
         }
         // Redirecting: is the local path back?
-        let back = match st.c.redirect.reason {
+        let back = match (forced, st.c.redirect.reason) {
+            (Some(on), _) => !on,
+            // The override was lifted: back, and judged again from the next poll.
+            (None, Some(RedirectReason::Forced)) => true,
             // Carrier for two polls in a row.
-            Some(RedirectReason::Carrier) | None => m.up_polls >= 2,
+            (None, Some(RedirectReason::Carrier) | None) => m.up_polls >= 2,
             // Carrier, and frames arriving again.
-            Some(RedirectReason::Silence) => {
+            (None, Some(RedirectReason::Silence)) => {
                 up && m.last_rx.elapsed() < self.cfg.monitor_interval * 2
             }
         };
@@ -1071,6 +1081,14 @@ impl Shim {
             .map(|a| IpAddr::V4(*a))
             .chain(st.v6.iter().map(|a| IpAddr::V6(*a)))
             .collect()
+    }
+
+    /// Overrides the redirect decision: `Some(true)` sends the VM's frames to the peer (the
+    /// agent knows the uplink is bad), `Some(false)` keeps them local, `None` returns to the
+    /// relay's own detection. Takes effect at the next uplink poll; a redirect still needs a
+    /// tunnel.
+    pub fn set_redirect(&self, forced: Option<bool>) {
+        self.inner.lock().c.redirect.forced = forced;
     }
 
     /// Sets the transport to the peer's shim for this VM (enables the uplink redirect).

@@ -505,3 +505,85 @@ fn serving_side_stops_announcing_the_mac_once_the_peer_returns() -> R<()> {
     assert_eq!(shim.counters().announcements_sent, 1);
     Ok(())
 }
+
+#[test]
+fn agent_can_force_the_redirect_on_and_off_without_losing_the_connection() -> R<()> {
+    if !require_root("forced redirect") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let (primary, secondary) = shims(&pool)?;
+    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+    primary.set_tunnel(Arc::new(a_tx));
+    secondary.set_tunnel(Arc::new(b_tx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pumps = [
+        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
+        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
+    ];
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let result = (|| -> R<()> {
+        let mut conn = pool
+            .vm_a
+            .spawn(|| {
+                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
+            })?
+            .join()
+            .map_err(|_| "connect panicked")??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        exchange(&mut conn, 0)?;
+        primary.set_redirect(Some(true));
+        assert!(wait_until(Duration::from_secs(2), || primary
+            .counters()
+            .redirect
+            .redirecting));
+        assert_eq!(
+            primary.counters().redirect.reason,
+            Some(xenft_netback::RedirectReason::Forced)
+        );
+        for round in 1..10 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
+        assert!(primary.counters().tunnel_out_frames >= 9);
+        primary.set_redirect(Some(false));
+        assert!(wait_until(Duration::from_secs(2), || !primary
+            .counters()
+            .redirect
+            .redirecting));
+        for round in 10..15 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+        primary.set_redirect(None);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !primary.counters().redirect.redirecting,
+            "healthy uplink: stays local"
+        );
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for p in pumps {
+        let _ = p.join();
+    }
+    let served = server.join().map_err(|_| "server panicked")?;
+    result?;
+    served?;
+    Ok(())
+}
