@@ -15,7 +15,8 @@
 //! {"op":"subscribe"}                      → {"ok":true}, then {"event":"early_checkpoint","epoch":N} lines
 //! ```
 //!
-//! Errors: `{"ok":false,"error":"..."}`. Lines longer than 64 KiB close the connection.
+//! Errors: `{"ok":false,"error":"..."}`. Lines longer than 64 KiB close the connection. The
+//! socket is created mode 0600; at most 16 connections are served at once.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
@@ -33,6 +34,8 @@ use crate::shim::{Counters, Mode, Shim};
 
 /// Longest accepted request line.
 const MAX_LINE: u64 = 64 * 1024;
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 16;
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,7 +247,10 @@ impl ControlServer {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
+        // Only the owner (root, the agent) may drive the relay.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let subs: Subscribers = Arc::new(Mutex::new(Vec::new()));
         {
@@ -263,6 +269,13 @@ impl ControlServer {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            if live.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                                tracing::warn!("too many control connections: refusing one");
+                                drop(stream);
+                                continue;
+                            }
+                            live.fetch_add(1, Ordering::Relaxed);
+                            let live = Arc::clone(&live);
                             let shim = Arc::clone(&shim);
                             let subs = Arc::clone(&subs);
                             let spawned = std::thread::Builder::new()
@@ -278,6 +291,7 @@ impl ControlServer {
                                             tracing::debug!(error = %e, "control connection closed");
                                         }
                                     }
+                                    live.fetch_sub(1, Ordering::Relaxed);
                                 });
                             if let Err(e) = spawned {
                                 tracing::warn!(error = %e, "cannot serve control connection");

@@ -18,6 +18,12 @@
 //! - [`control`]: the JSON-lines control socket of the `xenft-netback` binary;
 //! - [`frame`]: frame validation, address learning, announcement frames.
 //!
+//! ## Epochs, as the checkpoint engine numbers them
+//! The engine's `checkpoint(N)` (VM paused; output so far belongs to checkpoint N) maps to
+//! [`Shim::begin_epoch`]`(N + 1)`, and its `commit(N)` to [`Shim::commit`]`(N)`; the agent calls
+//! `begin_epoch(1)` when it switches the relay to [`Mode::Buffered`]. On failover the secondary
+//! calls [`Shim::takeover`]; the agent's redirect decision maps to [`Shim::set_redirect`].
+//!
 //! ## Why AF_PACKET and not TAP
 //! On a Xen host the vif already exists: kernel netback creates it and the toolstack's hotplug
 //! script attaches it. A TAP design would need a second device per VM and a kernel bridge or
