@@ -258,6 +258,15 @@ pub enum Input {
     },
     /// Protect a VM (from the registry).
     Protect(VmSpec),
+    /// A transport with its own per-path liveness (the A-link crate) saw the peer on a path
+    /// just now. Liveness only: the heartbeat content (acknowledgements, VM reports) still
+    /// comes in [`Input::Heartbeat`].
+    PathSeen {
+        /// The peer.
+        peer: HostId,
+        /// The path.
+        path: PathId,
+    },
 }
 
 /// What the core asks the caller to do.
@@ -589,6 +598,7 @@ impl HostCore {
             }
             Input::VmStarted { vm, ok, detail } => self.on_started(&vm, ok, &detail),
             Input::Protect(spec) => self.on_protect(spec),
+            Input::PathSeen { peer, path } => self.on_path_seen(&peer, path),
         }
         self.reconcile_all();
         self.finish()
@@ -829,6 +839,37 @@ impl HostCore {
         }
         for (class, p, reason) in events {
             self.decide(Some(&hb.from), p, None, class, Action::LogOnly, reason);
+        }
+    }
+
+    fn on_path_seen(&mut self, peer: &HostId, path: PathId) {
+        let now = self.now;
+        let Some(ps) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let Some(pst) = ps.paths.get_mut(&path) else {
+            return;
+        };
+        let mut events = Vec::new();
+        pst.last = now;
+        if !pst.up {
+            pst.up = true;
+            events.push((
+                FaultClass::PathUp,
+                Some(path),
+                format!("link reports {path} alive"),
+            ));
+        }
+        ps.last_any = now;
+        if ps.silent {
+            ps.silent = false;
+            events.push((FaultClass::PeerBack, None, "peer heard again".to_string()));
+        }
+        if ps.alinks_down_reported && ps.alink_up() {
+            ps.alinks_down_reported = false;
+        }
+        for (class, p, reason) in events {
+            self.decide(Some(peer), p, None, class, Action::LogOnly, reason);
         }
     }
 

@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
+use xenft_alink::{Channel, Link};
 
 use crate::config::ValidConfig;
 use crate::core::{Command, Heartbeat, HostCore, Input, Output};
@@ -104,11 +106,26 @@ impl Agent {
         let _ = self.task.await;
     }
 
-    /// Starts the agent.
+    /// Starts the agent with UDP heartbeats on every path.
     ///
     /// # Errors
     /// [`RuntimeError`] when the state file is unreadable or a socket cannot be bound.
     pub async fn start(cfg: ValidConfig, seams: Seams) -> Result<Self, RuntimeError> {
+        Self::start_with_links(cfg, seams, BTreeMap::new()).await
+    }
+
+    /// Starts the agent; for the peers in `links`, the A-link heartbeats travel on the link's
+    /// `Heartbeat` channel and per-path liveness comes from the link's own per-path status
+    /// (the UDP A-link paths of those peers are not used). Management and storage heartbeats
+    /// are unchanged.
+    ///
+    /// # Errors
+    /// [`RuntimeError`] when the state file is unreadable or a socket cannot be bound.
+    pub async fn start_with_links(
+        cfg: ValidConfig,
+        seams: Seams,
+        links: BTreeMap<HostId, Link>,
+    ) -> Result<Self, RuntimeError> {
         let state = StateFile::new(&cfg.state_file);
         let records = state.load()?;
         let hub = StatusHub::new(cfg.event_log);
@@ -126,8 +143,9 @@ impl Agent {
 
         // Heartbeat sockets, one per distinct local address.
         let mut sockets: BTreeMap<SocketAddr, Arc<UdpSocket>> = BTreeMap::new();
-        for (_, _, a) in &cfg.paths {
-            if sockets.contains_key(&a.local) {
+        for (peer, path, a) in &cfg.paths {
+            let via_link = matches!(path, PathId::Alink(_)) && links.contains_key(peer);
+            if via_link || sockets.contains_key(&a.local) {
                 continue;
             }
             let s = UdpSocket::bind(a.local)
@@ -164,6 +182,22 @@ impl Agent {
                 stop.clone(),
             ));
         }
+        // A-links.
+        let mut link_tx = BTreeMap::new();
+        for (peer, link) in links {
+            let (tx, rx) = mpsc::channel::<Bytes>(8);
+            tokio::spawn(link_sender(link.clone(), rx, stop.clone()));
+            tokio::spawn(link_receiver(
+                peer.clone(),
+                link,
+                secret.clone(),
+                cfg.core.timing,
+                in_tx.clone(),
+                stats.clone(),
+                stop.clone(),
+            ));
+            link_tx.insert(peer, tx);
+        }
         // Quorum clients.
         let mut quorum_tx = Vec::new();
         for (i, addr) in cfg.quorum.iter().enumerate() {
@@ -194,6 +228,7 @@ impl Agent {
         let running = seams.domains.running();
         let (mut core, out) = HostCore::new(cfg.core.clone(), incarnation, ms(), records, &running);
         let io = Io {
+            links: link_tx,
             sockets,
             paths,
             secret,
@@ -226,6 +261,7 @@ impl Agent {
 }
 
 struct Io {
+    links: BTreeMap<HostId, mpsc::Sender<Bytes>>,
     sockets: BTreeMap<SocketAddr, Arc<UdpSocket>>,
     paths: Arc<Vec<(HostId, PathId, crate::config::PathAddrs)>>,
     secret: Arc<Vec<u8>>,
@@ -272,6 +308,14 @@ impl Io {
                 if ok {
                     bump(&self.stats.hb_sent);
                 }
+            }
+            return;
+        }
+        if let (PathId::Alink(i), Some(tx)) = (path, self.links.get(&hb.to)) {
+            // One message per round: the link picks the path and keeps its own per-path
+            // heartbeats. A full queue means the link is stalled: drop, the next round follows.
+            if i == 0 && tx.try_send(Bytes::from(bytes)).is_ok() {
+                bump(&self.stats.hb_sent);
             }
             return;
         }
@@ -532,6 +576,71 @@ async fn persist_task(
         if !matches!(r, Ok(Ok(()))) {
             bump(&stats.persist_errors);
             tracing::error!(path = %state.path().display(), "cannot persist the agent state");
+        }
+    }
+}
+
+async fn link_sender(link: Link, mut rx: mpsc::Receiver<Bytes>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.changed() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        if let Err(e) = link.send(Channel::Heartbeat, msg).await {
+            tracing::debug!(error = %e, "heartbeat not queued on the A-link");
+        }
+    }
+}
+
+async fn link_receiver(
+    peer: HostId,
+    link: Link,
+    secret: Arc<Vec<u8>>,
+    timing: crate::timing::Timing,
+    inputs: mpsc::Sender<Input>,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(mut rx) = link.receiver(Channel::Heartbeat) else {
+        tracing::error!(%peer, "the A-link's heartbeat channel is already taken");
+        return;
+    };
+    let mut events = link.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis((timing.heartbeat_ms / 2).max(10)));
+    let fresh = timing.heartbeat_ms.saturating_mul(2);
+    let path_of = |i: usize| u8::try_from(i).ok().map(PathId::Alink);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            m = rx.recv() => {
+                let Some(m) = m else { return };
+                let Ok(hb) = decode::<Heartbeat>(HEARTBEAT_MAGIC, &secret, &m) else {
+                    bump(&stats.hb_rejected);
+                    continue;
+                };
+                if hb.from != peer {
+                    bump(&stats.hb_rejected);
+                    continue;
+                }
+                let active = link.status().active_path.unwrap_or(0);
+                if let Some(path) = path_of(active) {
+                    bump(&stats.hb_received);
+                    let _ = inputs.try_send(Input::Heartbeat { path, hb });
+                }
+            }
+            _ = tick.tick() => {
+                for p in link.status().paths {
+                    let alive = p.up && p.last_seen_ms_ago.is_some_and(|a| a <= fresh);
+                    if let (true, Some(path)) = (alive, path_of(p.index)) {
+                        let _ = inputs.try_send(Input::PathSeen { peer: peer.clone(), path });
+                    }
+                }
+            }
+            ev = events.recv() => match ev {
+                Ok(ev) => tracing::info!(%peer, ?ev, "A-link event"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
         }
     }
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xenft_agent::config::{ConfigFile, PathAddrs, PeerFile, StatusFile};
+use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
 use xenft_agent::core::VmSpec;
-use xenft_agent::ids::{HostId, VmId};
+use xenft_agent::ids::{HostId, PathId, VmId};
 use xenft_agent::lifecycle::{Level, Phase};
 use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
 use xenft_agent::runtime::Agent;
@@ -69,6 +69,7 @@ impl Pool {
             }],
             free_memory_mb: Some(4096),
             event_log: 100,
+            alink_transport: AlinkTransport::Udp,
         }
     }
 }
@@ -203,4 +204,69 @@ async fn secondary_takes_over_when_the_primary_agent_stops() {
     a2.shutdown().await;
     q.shutdown().await;
     drop(Arc::clone(&h2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_over_the_alink_crate_protect_and_fail_over() {
+    let q = QuorumServer::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        secret: b"a-pool-secret-of-enough-length".to_vec(),
+        lease_ms: 600,
+        max_vms: 16,
+        max_connections: 8,
+        idle_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let pool = Pool {
+        dir: tempfile::tempdir().unwrap(),
+        addrs: (0..2)
+            .map(|_| [free_port(), free_port(), free_port()])
+            .collect(),
+        quorum: q.addr(),
+    };
+    let (la, lb) = xenft_alink::testing::loopback_pair(2).await.unwrap();
+    let (r1, r2) = (Recorder::new(), Recorder::new());
+    let links1 = std::collections::BTreeMap::from([(host("h2"), la.clone())]);
+    let links2 = std::collections::BTreeMap::from([(host("h1"), lb.clone())]);
+    let a1 = Agent::start_with_links(
+        pool.config(0).validate().unwrap(),
+        Seams::recording(&r1),
+        links1,
+    )
+    .await
+    .unwrap();
+    let a2 = Agent::start_with_links(
+        pool.config(1).validate().unwrap(),
+        Seams::recording(&r2),
+        links2,
+    )
+    .await
+    .unwrap();
+    let (h1, h2) = (a1.hub(), a2.hub());
+    wait_for("protection", Duration::from_secs(10), || {
+        phase(&h1) == Some(Phase::Protected) && phase(&h2) == Some(Phase::Protected)
+    })
+    .await;
+    // Both A-link paths are reported alive by the link's own per-path status.
+    wait_for("alink paths up", Duration::from_secs(3), || {
+        let s = h2.snapshot();
+        s.peers[0]
+            .paths
+            .iter()
+            .filter(|(p, up, _)| matches!(p, PathId::Alink(_)) && *up)
+            .count()
+            == 2
+    })
+    .await;
+    // The primary host dies: its agent and its link stop.
+    a1.shutdown().await;
+    la.shutdown();
+    wait_for("take-over", Duration::from_secs(5), || {
+        r2.calls().contains(&"resume-epoch vm1".to_string())
+    })
+    .await;
+    a2.shutdown().await;
+    lb.shutdown();
+    q.shutdown().await;
 }
