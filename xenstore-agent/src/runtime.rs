@@ -426,9 +426,13 @@ async fn run_loop(
                 None => break,
             },
         };
+        // Status readers (console, tests) must see a fence or a take-over at once.
+        let changed = out
+            .iter()
+            .any(|o| matches!(o, Output::Command(_) | Output::Decision(_)));
         io.dispatch(out).await;
         let now = ms();
-        if now >= last_status + 100 {
+        if changed || now >= last_status + 100 {
             last_status = now;
             let counters = io.stats.counters();
             let (peers, vms) = (core.peer_views(), core.vm_views());
