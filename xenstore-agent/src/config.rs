@@ -109,6 +109,10 @@ pub struct ConfigFile {
     /// A-link heartbeat transport.
     #[serde(default)]
     pub alink_transport: AlinkTransport,
+    /// Connect to xenstored (`XENSTORED_PATH` or `/run/xenstored/socket`): publish the VM
+    /// states, read the shims' reports, follow domains.
+    #[serde(default)]
+    pub xenstore: bool,
 }
 
 fn default_log() -> usize {
@@ -202,6 +206,8 @@ pub struct ValidConfig {
     pub event_log: usize,
     /// A-link heartbeat transport.
     pub alink_transport: AlinkTransport,
+    /// Use xenstore.
+    pub xenstore: bool,
 }
 
 impl ConfigFile {
@@ -320,6 +326,7 @@ impl ConfigFile {
             free_memory_mb: self.free_memory_mb,
             event_log: self.event_log.clamp(1, 100_000),
             alink_transport: self.alink_transport,
+            xenstore: self.xenstore,
         })
     }
 }

@@ -70,6 +70,7 @@ impl Pool {
             free_memory_mb: Some(4096),
             event_log: 100,
             alink_transport: AlinkTransport::Udp,
+            xenstore: false,
         }
     }
 }

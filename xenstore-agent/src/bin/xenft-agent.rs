@@ -46,13 +46,30 @@ fn main() -> anyhow::Result<()> {
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
+        let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
         let agent = Agent::start_with_links(cfg, Seams::recording(&recorder), links).await?;
+        let bridge = if use_xenstore {
+            let xs = xenft_agent::xenstore::xen::XenXs::connect()
+                .await
+                .context("connecting to xenstored")?;
+            Some(xenft_agent::xenstore::bridge::Bridge::start(
+                std::sync::Arc::new(xs),
+                me,
+                agent.hub(),
+                agent.inputs(),
+            ))
+        } else {
+            None
+        };
         let status = StatusServer::start(listen, token, agent.hub())
             .await
             .with_context(|| format!("status API on {listen}"))?;
         println!("status {}", status.addr());
         wait_for_signal().await;
         status.shutdown().await;
+        if let Some(b) = bridge {
+            b.shutdown().await;
+        }
         agent.shutdown().await;
         anyhow::Ok(())
     })
