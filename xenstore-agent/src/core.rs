@@ -981,7 +981,17 @@ impl HostCore {
                         }
                     }
                 }
-                ClaimResult::Denied { vm, .. } | ClaimResult::TableFull { vm } => {
+                ClaimResult::Denied {
+                    vm, remaining_ms, ..
+                } => {
+                    if let Some(v) = self.vms.get_mut(vm) {
+                        v.leases[s].valid_until = 0;
+                        // Ask again the moment the holder's lease runs out (take-over latency).
+                        let at = self.now + remaining_ms + 1;
+                        self.servers[s].next_at = self.servers[s].next_at.min(at);
+                    }
+                }
+                ClaimResult::TableFull { vm } => {
                     if let Some(v) = self.vms.get_mut(vm) {
                         v.leases[s].valid_until = 0;
                     }
