@@ -182,6 +182,16 @@ impl Agent {
                 stop.clone(),
             ));
         }
+        // Storage heartbeat writers: one per peer file, the latest heartbeat wins.
+        let mut storage_tx = BTreeMap::new();
+        if let Some(dir) = &cfg.storage_dir {
+            for peer in cfg.core.peers.iter().filter(|p| **p != cfg.core.me) {
+                let (tx, rx) = watch::channel(None);
+                let file = dir.join(format!("{}--{peer}.hb", cfg.core.me));
+                tokio::spawn(storage_writer(file, rx, stats.clone()));
+                storage_tx.insert(peer.clone(), tx);
+            }
+        }
         // A-links.
         let mut link_tx = BTreeMap::new();
         for (peer, link) in links {
@@ -232,7 +242,7 @@ impl Agent {
             sockets,
             paths,
             secret,
-            storage_dir: cfg.storage_dir.clone(),
+            storage_tx,
             quorum_tx,
             seams,
             inputs: in_tx.clone(),
@@ -265,7 +275,7 @@ struct Io {
     sockets: BTreeMap<SocketAddr, Arc<UdpSocket>>,
     paths: Arc<Vec<(HostId, PathId, crate::config::PathAddrs)>>,
     secret: Arc<Vec<u8>>,
-    storage_dir: Option<PathBuf>,
+    storage_tx: BTreeMap<HostId, watch::Sender<Option<Vec<u8>>>>,
     quorum_tx: Vec<mpsc::Sender<QuorumRequest>>,
     seams: Seams,
     inputs: mpsc::Sender<Input>,
@@ -300,14 +310,10 @@ impl Io {
             return;
         };
         if path == PathId::Storage {
-            if let Some(dir) = &self.storage_dir {
-                let file = dir.join(format!("{}--{}.hb", hb.from, hb.to));
-                let tmp = dir.join(format!(".{}--{}.hb.tmp", hb.from, hb.to));
-                let ok = tokio::fs::write(&tmp, &bytes).await.is_ok()
-                    && tokio::fs::rename(&tmp, &file).await.is_ok();
-                if ok {
-                    bump(&self.stats.hb_sent);
-                }
+            // Shared storage can hang (NFS): the writer runs apart and always writes the
+            // latest heartbeat, so the decision loop never waits on it.
+            if let Some(tx) = self.storage_tx.get(&hb.to) {
+                let _ = tx.send(Some(bytes));
             }
             return;
         }
@@ -645,6 +651,26 @@ async fn link_receiver(
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
+        }
+    }
+}
+
+async fn storage_writer(
+    file: PathBuf,
+    mut rx: watch::Receiver<Option<Vec<u8>>>,
+    stats: Arc<Stats>,
+) {
+    let mut tmp = file.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    while rx.changed().await.is_ok() {
+        let Some(bytes) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let ok = tokio::fs::write(&tmp, &bytes).await.is_ok()
+            && tokio::fs::rename(&tmp, &file).await.is_ok();
+        if ok {
+            bump(&stats.hb_sent);
         }
     }
 }
