@@ -55,7 +55,7 @@ impl Drop for Pool {
     }
 }
 
-fn spawn(ns: &Netns, bin: &str, args: &[&str], log: &Path) -> Child {
+pub fn spawn(ns: &Netns, bin: &str, args: &[&str], log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -205,6 +205,35 @@ fn get_status() -> Option<Value> {
     s.read_to_string(&mut out).ok()?;
     let body = out.split_once("\r\n\r\n")?.1;
     serde_json::from_str::<Value>(body).ok()
+}
+
+/// Every VM's state as one agent reports it (inside the namespace called `name`).
+pub fn status_all_by_name(name: &str) -> Option<std::collections::BTreeMap<String, VmState>> {
+    let path = format!("/var/run/netns/{name}");
+    let v = std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).ok()?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        get_status()
+    })
+    .join()
+    .ok()??;
+    let f = |x: &Value| x.as_str().unwrap_or("-").to_string();
+    Some(
+        v["vms"]
+            .as_array()?
+            .iter()
+            .map(|vm| {
+                (
+                    f(&vm["record"]["vm"]),
+                    VmState {
+                        local: f(&vm["local"]),
+                        phase: f(&vm["record"]["phase"]),
+                        primary: f(&vm["record"]["primary"]),
+                    },
+                )
+            })
+            .collect(),
+    )
 }
 
 fn reduce(v: &Value) -> Option<VmState> {
