@@ -1796,6 +1796,19 @@ mod tests {
     }
 
     #[test]
+    fn level_one_vm_is_restarted_from_disk_on_the_reserved_host() {
+        let mut rec = rec(Phase::Protected, true);
+        rec.level = Level::L1;
+        let mut r = Rig::new(cfg("h2", 0), vec![rec], &[]);
+        r.run(1000, &[], None);
+        assert!(r.commands().contains(&Command::StartVm {
+            vm: vm(),
+            mode: StartMode::Boot
+        }));
+        assert!(r.decisions().contains(&(FaultClass::PeerSilent, Action::FailOver)));
+    }
+
+    #[test]
     fn lack_of_memory_refuses_the_take_over() {
         let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
         r.input(Input::Resources {

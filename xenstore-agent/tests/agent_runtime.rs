@@ -271,3 +271,60 @@ async fn heartbeats_over_the_alink_crate_protect_and_fail_over() {
     lb.shutdown();
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn status_api_streams_decisions_and_refuses_hostile_requests() {
+    use xenft_agent::decision::{Action, Decision, FaultClass};
+    let hub = StatusHub::new(4);
+    let server = StatusServer::start("127.0.0.1:0".parse().unwrap(), None, hub.clone())
+        .await
+        .unwrap();
+    // Server-sent events: a decision pushed after subscribing arrives on the stream.
+    let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("text/event-stream"));
+    hub.push(Decision {
+        at_ms: 1,
+        host: host("h1"),
+        peer: Some(host("h2")),
+        path: None,
+        vm: None,
+        class: FaultClass::PeerSilent,
+        action: Action::FailOver,
+        reason: "test".into(),
+    });
+    let mut got = String::new();
+    while !got.contains("fail_over") {
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "stream closed");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("event: decision"), "{got}");
+    // Bounded log: 6 pushes, 4 kept, 6 counted.
+    for _ in 0..5 {
+        hub.push(hub.decisions().0[0].clone());
+    }
+    let log = http_get(server.addr(), "/events/log", None).await;
+    assert!(log.contains("\"total\":6"), "{log}");
+    // A request head larger than 8 KiB is dropped without an answer; the server keeps serving.
+    let mut big = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let junk = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let _ = big.write_all(junk.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), big.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+    assert!(http_get(server.addr(), "/metrics", None)
+        .await
+        .contains("xenft_agent_decisions_total 6"));
+    assert!(http_get(server.addr(), "/nope", None)
+        .await
+        .starts_with("HTTP/1.1 404"));
+    server.shutdown().await;
+}
