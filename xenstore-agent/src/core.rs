@@ -958,8 +958,15 @@ impl HostCore {
             return;
         };
         if reply.req_id != req_id {
+            tracing::debug!(
+                server = s,
+                got = reply.req_id,
+                want = req_id,
+                "stale quorum reply ignored"
+            );
             return;
         }
+        tracing::debug!(server = s, req_id, results = ?reply.results, "quorum reply");
         self.servers[s].pending = None;
         let t = self.cfg.timing;
         let valid_until = (sent + t.lease_ms).saturating_sub(t.margin_ms);
@@ -976,7 +983,18 @@ impl HostCore {
                             epoch: e,
                             valid_until,
                         };
-                        if *continued && v.local == LocalCopy::Paused && v.fence_epochs[s] == e {
+                        // Proof that nobody else held the VM on this server since the fence:
+                        // the same epoch renewed, or the very next epoch (our own re-claim),
+                        // or epoch 1 when we held none (nobody ever held it since the server
+                        // started; an older server boot is not covered, see `quorum`).
+                        let proof = match v.fence_epochs[s] {
+                            Some((boot, f)) if boot == reply.server_boot => {
+                                (*continued && *epoch == f) || *epoch == f + 1
+                            }
+                            Some(_) => false,
+                            None => *epoch == 1,
+                        };
+                        if proof && v.local == LocalCopy::Paused {
                             v.unfence_proof = true;
                         }
                     }
@@ -1342,7 +1360,7 @@ impl HostCore {
                     !r.running && r.generation <= v.rec.generation && r.primary == self.cfg.me
                 });
                 let why = if v.unfence_proof {
-                    Some("a quorum server renewed the epoch held when fencing: nobody took over")
+                    Some("a quorum server proved nobody held the VM since the fence (same or next epoch)")
                 } else if promise && peer_idle {
                     Some("the peer confirms it does not run the VM and promised not to claim it")
                 } else {
@@ -1805,7 +1823,9 @@ mod tests {
             vm: vm(),
             mode: StartMode::Boot
         }));
-        assert!(r.decisions().contains(&(FaultClass::PeerSilent, Action::FailOver)));
+        assert!(r
+            .decisions()
+            .contains(&(FaultClass::PeerSilent, Action::FailOver)));
     }
 
     #[test]
@@ -1918,6 +1938,65 @@ mod tests {
         });
         assert!(r.commands().contains(&Command::ResumeVm { vm: vm() }));
         assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+    }
+
+    fn fenced_rig(epoch: Option<(u64, u64)>) -> Rig {
+        let mut r = Rig::new(cfg("h1", 1), vec![rec(Phase::Degraded, true)], &[]);
+        {
+            let v = r.core.vms.get_mut(&vm()).unwrap();
+            v.local = LocalCopy::Running;
+            v.leases[0] = LeaseView {
+                epoch,
+                valid_until: 0,
+            };
+        }
+        r.run(100, &[], None);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
+        r
+    }
+
+    fn grant(r: &mut Rig, boot: u64, epoch: u64, continued: bool) {
+        let req_id = r
+            .out
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Output::Quorum { req, .. } => Some(req.req_id),
+                _ => None,
+            })
+            .unwrap();
+        r.input(Input::Quorum {
+            server: 0,
+            reply: QuorumResponse {
+                req_id,
+                server_boot: boot,
+                results: vec![ClaimResult::Granted {
+                    vm: vm(),
+                    epoch,
+                    continued,
+                }],
+            },
+        });
+    }
+
+    #[test]
+    fn fenced_copy_resumes_on_the_next_epoch_but_not_after_another_owner() {
+        // Never held a lease (server in its grace period): epoch 1 proves nobody held it.
+        let mut r = fenced_rig(None);
+        grant(&mut r, 9, 1, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+        // Held epoch 5; granted 6: our own re-claim, nobody in between.
+        let mut r = fenced_rig(Some((9, 5)));
+        grant(&mut r, 9, 6, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+        // Held epoch 5; granted 7: someone else owned the VM in between.
+        let mut r = fenced_rig(Some((9, 5)));
+        grant(&mut r, 9, 7, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
+        // Another server boot: epochs prove nothing.
+        let mut r = fenced_rig(Some((9, 5)));
+        grant(&mut r, 10, 6, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
     }
 
     #[test]

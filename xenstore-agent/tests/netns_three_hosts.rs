@@ -89,7 +89,39 @@ fn runners(v: &View, vm: &str) -> Vec<usize> {
         .collect()
 }
 
-fn until(h: &[Netns; 3], what: &str, timeout: Duration, cond: impl Fn(&View) -> bool) {
+fn log_tails(logs: &Path) -> String {
+    if let Ok(keep) = std::env::var("XENFT_KEEP_LOGS") {
+        for f in ["h1.log", "h2.log", "h3.log", "q.log"] {
+            let _ = std::fs::copy(logs.join(f), Path::new(&keep).join(f));
+        }
+    }
+    (1..=3)
+        .map(|i| {
+            let s = std::fs::read_to_string(logs.join(format!("h{i}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = s
+                .lines()
+                .filter(|l| l.contains("decision") || l.contains("quorum"))
+                .collect();
+            format!(
+                "h{i}:\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            )
+        })
+        .chain(std::iter::once(format!(
+            "q:\n{}",
+            std::fs::read_to_string(logs.join("q.log"))
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn until(h: &[Netns; 3], logs: &Path, what: &str, timeout: Duration, cond: impl Fn(&View) -> bool) {
     let start = Instant::now();
     loop {
         let v = poll(h);
@@ -97,7 +129,8 @@ fn until(h: &[Netns; 3], what: &str, timeout: Duration, cond: impl Fn(&View) -> 
             let r = runners(&v, vm);
             assert!(
                 r.len() <= 1,
-                "split brain on {vm} ({r:?}) while waiting for {what}: {v:?}"
+                "split brain on {vm} ({r:?}) while waiting for {what}: {v:?}\n{}",
+                log_tails(logs)
             );
         }
         if cond(&v) {
@@ -105,7 +138,8 @@ fn until(h: &[Netns; 3], what: &str, timeout: Duration, cond: impl Fn(&View) -> 
         }
         assert!(
             start.elapsed() < timeout,
-            "timed out waiting for {what}: {v:?}"
+            "timed out waiting for {what}: {v:?}\n{}",
+            log_tails(logs)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -193,6 +227,7 @@ fn three_host_pool_with_quorum_server_survives_host_loss_and_isolation() {
     }
     until(
         &h,
+        dir.path(),
         "protection of all VMs",
         Duration::from_secs(20),
         all_protected,
@@ -203,12 +238,17 @@ fn three_host_pool_with_quorum_server_survives_host_loss_and_isolation() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    until(&h, "take-over of vm1 by h2", Duration::from_secs(5), |v| {
-        runners(v, "vm1") == vec![1] && runners(v, "vm3") == vec![2]
-    });
+    until(
+        &h,
+        dir.path(),
+        "take-over of vm1 by h2",
+        Duration::from_secs(5),
+        |v| runners(v, "vm1") == vec![1] && runners(v, "vm3") == vec![2],
+    );
     procs.0[1] = Some(start_agent(0));
     until(
         &h,
+        dir.path(),
         "re-protection after h1 returns",
         Duration::from_secs(20),
         all_protected,
@@ -226,12 +266,17 @@ fn three_host_pool_with_quorum_server_survives_host_loss_and_isolation() {
             .unwrap();
     };
     isolate(false);
-    until(&h, "take-over of h2's VMs", Duration::from_secs(6), |v| {
-        runners(v, "vm1") == vec![0] && runners(v, "vm2") == vec![2]
-    });
+    until(
+        &h,
+        dir.path(),
+        "take-over of h2's VMs",
+        Duration::from_secs(6),
+        |v| runners(v, "vm1") == vec![0] && runners(v, "vm2") == vec![2],
+    );
     isolate(true);
     until(
         &h,
+        dir.path(),
         "re-protection after heal",
         Duration::from_secs(20),
         all_protected,

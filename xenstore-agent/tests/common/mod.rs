@@ -63,7 +63,7 @@ pub fn spawn(ns: &Netns, bin: &str, args: &[&str], log: &Path) -> Child {
         .unwrap();
     ns.command(bin)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,xenft_agent::core=debug")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
