@@ -20,8 +20,9 @@
 //! which is after it expired at the primary (leases are counted from the send time, minus a
 //! margin). Hence when the secondary promotes, the primary has neither lease nor promise and has
 //! paused its copy (fenced). A fenced copy resumes only with proof that nobody else took over:
-//! a server renewing the very same epoch it held when it fenced, or a live promise from the peer
-//! together with the peer's report that it does not run the VM.
+//! a server (epochs count owners per VM) renewing the epoch it held when it fenced or granting
+//! it the very next one (epoch 1 if it held none since the server started), or a live promise
+//! from the peer together with the peer's report that it does not run the VM.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
