@@ -985,16 +985,15 @@ impl HostCore {
                             valid_until,
                         };
                         // Proof that nobody else held the VM on this server since the fence:
-                        // the same epoch renewed, or the very next epoch (our own re-claim),
-                        // or epoch 1 when we held none (nobody ever held it since the server
-                        // started; an older server boot is not covered, see `quorum`).
-                        let proof = match v.fence_epochs[s] {
-                            Some((boot, f)) if boot == reply.server_boot => {
-                                (*continued && *epoch == f) || *epoch == f + 1
-                            }
-                            Some(_) => false,
-                            None => *epoch == 1,
-                        };
+                        // the server still lists us as owner (`continued`), or grants the very
+                        // next epoch (our own re-claim), or epoch 1 when we held none (nobody
+                        // held it since the server started; older server boots are not
+                        // covered, see `quorum`).
+                        let proof = *continued
+                            || match v.fence_epochs[s] {
+                                Some((boot, f)) => boot == reply.server_boot && *epoch == f + 1,
+                                None => *epoch == 1,
+                            };
                         if proof && v.local == LocalCopy::Paused {
                             v.unfence_proof = true;
                         }

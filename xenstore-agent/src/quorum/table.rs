@@ -54,8 +54,8 @@ pub enum ClaimResult {
         vm: VmId,
         /// The owner epoch (changes whenever the owner changes).
         epoch: u64,
-        /// True when the host already owned the VM at exactly `epoch_hint`: nobody else was
-        /// granted the VM in between.
+        /// True when the host already owned the VM (whatever it remembers): nobody else was
+        /// granted the VM since this host's last grant.
         continued: bool,
     },
     /// Another host holds a live lease, or the server is in its grace period.
@@ -226,7 +226,8 @@ impl QuorumTable {
                 ClaimResult::Granted {
                     vm: c.vm.clone(),
                     epoch: l.epoch,
-                    continued: c.epoch_hint == Some(l.epoch),
+                    // The last grant went to this host: nobody else held the VM since.
+                    continued: true,
                 }
             }
             Some(l) if l.expires_at > now => ClaimResult::Denied {
