@@ -63,6 +63,18 @@ impl Default for StatusFile {
     }
 }
 
+/// How A-link heartbeats travel.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AlinkTransport {
+    /// One UDP datagram per A-link path per interval (the agent's own per-path heartbeats).
+    #[default]
+    Udp,
+    /// The `xenft-alink` link (TCP paths on the same addresses): heartbeats on its
+    /// `Heartbeat` channel, per-path liveness from its status.
+    Link,
+}
+
 /// The configuration file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,6 +106,13 @@ pub struct ConfigFile {
     /// Event log length.
     #[serde(default = "default_log")]
     pub event_log: usize,
+    /// A-link heartbeat transport.
+    #[serde(default)]
+    pub alink_transport: AlinkTransport,
+    /// Connect to xenstored (`XENSTORED_PATH` or `/run/xenstored/socket`): publish the VM
+    /// states, read the shims' reports, follow domains.
+    #[serde(default)]
+    pub xenstore: bool,
 }
 
 fn default_log() -> usize {
@@ -185,6 +204,10 @@ pub struct ValidConfig {
     pub free_memory_mb: Option<u64>,
     /// Event log length.
     pub event_log: usize,
+    /// A-link heartbeat transport.
+    pub alink_transport: AlinkTransport,
+    /// Use xenstore.
+    pub xenstore: bool,
 }
 
 impl ConfigFile {
@@ -302,6 +325,8 @@ impl ConfigFile {
             vms: self.vms,
             free_memory_mb: self.free_memory_mb,
             event_log: self.event_log.clamp(1, 100_000),
+            alink_transport: self.alink_transport,
+            xenstore: self.xenstore,
         })
     }
 }

@@ -20,8 +20,9 @@
 //! which is after it expired at the primary (leases are counted from the send time, minus a
 //! margin). Hence when the secondary promotes, the primary has neither lease nor promise and has
 //! paused its copy (fenced). A fenced copy resumes only with proof that nobody else took over:
-//! a server renewing the very same epoch it held when it fenced, or a live promise from the peer
-//! together with the peer's report that it does not run the VM.
+//! a server (epochs count owners per VM) renewing the epoch it held when it fenced or granting
+//! it the very next one (epoch 1 if it held none since the server started), or a live promise
+//! from the peer together with the peer's report that it does not run the VM.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -258,6 +259,15 @@ pub enum Input {
     },
     /// Protect a VM (from the registry).
     Protect(VmSpec),
+    /// A transport with its own per-path liveness (the A-link crate) saw the peer on a path
+    /// just now. Liveness only: the heartbeat content (acknowledgements, VM reports) still
+    /// comes in [`Input::Heartbeat`].
+    PathSeen {
+        /// The peer.
+        peer: HostId,
+        /// The path.
+        path: PathId,
+    },
 }
 
 /// What the core asks the caller to do.
@@ -589,6 +599,7 @@ impl HostCore {
             }
             Input::VmStarted { vm, ok, detail } => self.on_started(&vm, ok, &detail),
             Input::Protect(spec) => self.on_protect(spec),
+            Input::PathSeen { peer, path } => self.on_path_seen(&peer, path),
         }
         self.reconcile_all();
         self.finish()
@@ -832,6 +843,37 @@ impl HostCore {
         }
     }
 
+    fn on_path_seen(&mut self, peer: &HostId, path: PathId) {
+        let now = self.now;
+        let Some(ps) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let Some(pst) = ps.paths.get_mut(&path) else {
+            return;
+        };
+        let mut events = Vec::new();
+        pst.last = now;
+        if !pst.up {
+            pst.up = true;
+            events.push((
+                FaultClass::PathUp,
+                Some(path),
+                format!("link reports {path} alive"),
+            ));
+        }
+        ps.last_any = now;
+        if ps.silent {
+            ps.silent = false;
+            events.push((FaultClass::PeerBack, None, "peer heard again".to_string()));
+        }
+        if ps.alinks_down_reported && ps.alink_up() {
+            ps.alinks_down_reported = false;
+        }
+        for (class, p, reason) in events {
+            self.decide(Some(peer), p, None, class, Action::LogOnly, reason);
+        }
+    }
+
     // ----- quorum client -----
 
     fn quorum_tick(&mut self) {
@@ -917,8 +959,15 @@ impl HostCore {
             return;
         };
         if reply.req_id != req_id {
+            tracing::debug!(
+                server = s,
+                got = reply.req_id,
+                want = req_id,
+                "stale quorum reply ignored"
+            );
             return;
         }
+        tracing::debug!(server = s, req_id, results = ?reply.results, "quorum reply");
         self.servers[s].pending = None;
         let t = self.cfg.timing;
         let valid_until = (sent + t.lease_ms).saturating_sub(t.margin_ms);
@@ -935,12 +984,32 @@ impl HostCore {
                             epoch: e,
                             valid_until,
                         };
-                        if *continued && v.local == LocalCopy::Paused && v.fence_epochs[s] == e {
+                        // Proof that nobody else held the VM on this server since the fence:
+                        // the server still lists us as owner (`continued`), or grants the very
+                        // next epoch (our own re-claim), or epoch 1 when we held none (nobody
+                        // held it since the server started; older server boots are not
+                        // covered, see `quorum`).
+                        let proof = *continued
+                            || match v.fence_epochs[s] {
+                                Some((boot, f)) => boot == reply.server_boot && *epoch == f + 1,
+                                None => *epoch == 1,
+                            };
+                        if proof && v.local == LocalCopy::Paused {
                             v.unfence_proof = true;
                         }
                     }
                 }
-                ClaimResult::Denied { vm, .. } | ClaimResult::TableFull { vm } => {
+                ClaimResult::Denied {
+                    vm, remaining_ms, ..
+                } => {
+                    if let Some(v) = self.vms.get_mut(vm) {
+                        v.leases[s].valid_until = 0;
+                        // Ask again the moment the holder's lease runs out (take-over latency).
+                        let at = self.now + remaining_ms + 1;
+                        self.servers[s].next_at = self.servers[s].next_at.min(at);
+                    }
+                }
+                ClaimResult::TableFull { vm } => {
                     if let Some(v) = self.vms.get_mut(vm) {
                         v.leases[s].valid_until = 0;
                     }
@@ -1291,7 +1360,7 @@ impl HostCore {
                     !r.running && r.generation <= v.rec.generation && r.primary == self.cfg.me
                 });
                 let why = if v.unfence_proof {
-                    Some("a quorum server renewed the epoch held when fencing: nobody took over")
+                    Some("a quorum server proved nobody held the VM since the fence (same or next epoch)")
                 } else if promise && peer_idle {
                     Some("the peer confirms it does not run the VM and promised not to claim it")
                 } else {
@@ -1745,6 +1814,21 @@ mod tests {
     }
 
     #[test]
+    fn level_one_vm_is_restarted_from_disk_on_the_reserved_host() {
+        let mut rec = rec(Phase::Protected, true);
+        rec.level = Level::L1;
+        let mut r = Rig::new(cfg("h2", 0), vec![rec], &[]);
+        r.run(1000, &[], None);
+        assert!(r.commands().contains(&Command::StartVm {
+            vm: vm(),
+            mode: StartMode::Boot
+        }));
+        assert!(r
+            .decisions()
+            .contains(&(FaultClass::PeerSilent, Action::FailOver)));
+    }
+
+    #[test]
     fn lack_of_memory_refuses_the_take_over() {
         let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
         r.input(Input::Resources {
@@ -1854,6 +1938,65 @@ mod tests {
         });
         assert!(r.commands().contains(&Command::ResumeVm { vm: vm() }));
         assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+    }
+
+    fn fenced_rig(epoch: Option<(u64, u64)>) -> Rig {
+        let mut r = Rig::new(cfg("h1", 1), vec![rec(Phase::Degraded, true)], &[]);
+        {
+            let v = r.core.vms.get_mut(&vm()).unwrap();
+            v.local = LocalCopy::Running;
+            v.leases[0] = LeaseView {
+                epoch,
+                valid_until: 0,
+            };
+        }
+        r.run(100, &[], None);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
+        r
+    }
+
+    fn grant(r: &mut Rig, boot: u64, epoch: u64, continued: bool) {
+        let req_id = r
+            .out
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Output::Quorum { req, .. } => Some(req.req_id),
+                _ => None,
+            })
+            .unwrap();
+        r.input(Input::Quorum {
+            server: 0,
+            reply: QuorumResponse {
+                req_id,
+                server_boot: boot,
+                results: vec![ClaimResult::Granted {
+                    vm: vm(),
+                    epoch,
+                    continued,
+                }],
+            },
+        });
+    }
+
+    #[test]
+    fn fenced_copy_resumes_on_the_next_epoch_but_not_after_another_owner() {
+        // Never held a lease (server in its grace period): epoch 1 proves nobody held it.
+        let mut r = fenced_rig(None);
+        grant(&mut r, 9, 1, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+        // Held epoch 5; granted 6: our own re-claim, nobody in between.
+        let mut r = fenced_rig(Some((9, 5)));
+        grant(&mut r, 9, 6, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Running));
+        // Held epoch 5; granted 7: someone else owned the VM in between.
+        let mut r = fenced_rig(Some((9, 5)));
+        grant(&mut r, 9, 7, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
+        // Another server boot: epochs prove nothing.
+        let mut r = fenced_rig(Some((9, 5)));
+        grant(&mut r, 10, 6, false);
+        assert_eq!(r.core.local_copy(&vm()), Some(LocalCopy::Paused));
     }
 
     #[test]

@@ -1,18 +1,38 @@
 //! # xenft-agent: the per-host decision maker
 //!
-//! One agent runs in dom0 of every host. It watches xenstore, exchanges heartbeats with its
-//! peers over the A-links, the management network and an optional storage heartbeat,
-//! classifies failures, asks the quorum servers before acting, drives the block and network
-//! shims and the level-3 checkpoint engine, and serves the status API and metrics. The
+//! One agent runs in dom0 of every host. It exchanges heartbeats with its peers over every
+//! A-link path, the management network and an optional storage heartbeat, classifies
+//! failures, asks the quorum servers before taking a VM over, fences itself when it cannot
+//! prove it may run a VM, drives the block and network shims and the level-3 checkpoint engine
+//! through traits, persists each VM's protection state, and serves the status API. The
 //! `xenft-quorum` server binary lives here too.
+//!
+//! Where it sits: above the shims and the checkpoint engine (it starts, pauses, redirects and
+//! resyncs them; they report faults back through xenstore), beside xapi (the registry of
+//! protected VMs), and on top of the A-links (`xenft-alink`) for peer traffic.
 //!
 //! Main pieces:
 //! - [`core::HostCore`]: the pure decision core (membership, failure classification, quorum
-//!   client, fencing, per-VM lifecycle), driven by ticks and observations, raft-rs style;
-//! - [`quorum`]: the quorum server's lease table, its authenticated wire protocol and the
-//!   zero/one/two-server rules (with the no-quorum trade-off documented there);
-//! - [`lifecycle`]: the per-VM protection states and the atomically replaced state file;
-//! - [`sim`]: a deterministic simulated pool (seeded faults, split-brain/false-failover checker);
+//!   client, fencing, per-VM lifecycle), driven by ticks and observations, raft-rs style; its
+//!   module doc holds the split-brain safety argument;
+//! - [`quorum`]: the quorum server's lease table ([`quorum::table::QuorumTable`]), its
+//!   HMAC-authenticated wire frames, the TCP server and client, and the zero/one/two-server
+//!   rules with the **no-quorum trade-off** (two-host rule) documented;
+//! - [`lifecycle`]: the per-VM protection phases ([`lifecycle::Phase`]) and the atomically
+//!   replaced state file ([`lifecycle::StateFile`]);
+//! - [`timing::Timing`]: the timeouts, with defaults that fit a take-over in under 1 s;
+//! - [`runtime::Agent`]: the daemon around the core (UDP per-path heartbeats or the alink
+//!   crate, storage heartbeat files, quorum clients, command execution, persistence);
+//! - [`seams`]: the traits of the driven components ([`seams::DomainStarter`],
+//!   [`seams::DiskMirror`], [`seams::NetRelay`], [`seams::Checkpointer`]) with a recording
+//!   stand-in;
+//! - [`xenstore`]: the xenstore seam (trait, in-process store with xenstored semantics, the
+//!   xenstore-rs backend plus a wire-protocol client for transactions) and the agent's
+//!   xenstore bridge;
+//! - [`status`]: the status API (JSON, bounded decision log, server-sent events, Prometheus);
+//! - [`sim`]: a deterministic simulated pool (seeded faults, split-brain / false-failover /
+//!   missed-failover checker);
+//! - [`config`]: the agent's configuration file and its validation;
 //! - [`decision`]: decision events with reasons and the bounded event log.
 //!
 //! Failure classes and the action taken for each:

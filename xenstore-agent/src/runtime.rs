@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
+use xenft_alink::{Channel, Link};
 
 use crate::config::ValidConfig;
 use crate::core::{Command, Heartbeat, HostCore, Input, Output};
@@ -104,11 +106,26 @@ impl Agent {
         let _ = self.task.await;
     }
 
-    /// Starts the agent.
+    /// Starts the agent with UDP heartbeats on every path.
     ///
     /// # Errors
     /// [`RuntimeError`] when the state file is unreadable or a socket cannot be bound.
     pub async fn start(cfg: ValidConfig, seams: Seams) -> Result<Self, RuntimeError> {
+        Self::start_with_links(cfg, seams, BTreeMap::new()).await
+    }
+
+    /// Starts the agent; for the peers in `links`, the A-link heartbeats travel on the link's
+    /// `Heartbeat` channel and per-path liveness comes from the link's own per-path status
+    /// (the UDP A-link paths of those peers are not used). Management and storage heartbeats
+    /// are unchanged.
+    ///
+    /// # Errors
+    /// [`RuntimeError`] when the state file is unreadable or a socket cannot be bound.
+    pub async fn start_with_links(
+        cfg: ValidConfig,
+        seams: Seams,
+        links: BTreeMap<HostId, Link>,
+    ) -> Result<Self, RuntimeError> {
         let state = StateFile::new(&cfg.state_file);
         let records = state.load()?;
         let hub = StatusHub::new(cfg.event_log);
@@ -126,8 +143,9 @@ impl Agent {
 
         // Heartbeat sockets, one per distinct local address.
         let mut sockets: BTreeMap<SocketAddr, Arc<UdpSocket>> = BTreeMap::new();
-        for (_, _, a) in &cfg.paths {
-            if sockets.contains_key(&a.local) {
+        for (peer, path, a) in &cfg.paths {
+            let via_link = matches!(path, PathId::Alink(_)) && links.contains_key(peer);
+            if via_link || sockets.contains_key(&a.local) {
                 continue;
             }
             let s = UdpSocket::bind(a.local)
@@ -164,6 +182,32 @@ impl Agent {
                 stop.clone(),
             ));
         }
+        // Storage heartbeat writers: one per peer file, the latest heartbeat wins.
+        let mut storage_tx = BTreeMap::new();
+        if let Some(dir) = &cfg.storage_dir {
+            for peer in cfg.core.peers.iter().filter(|p| **p != cfg.core.me) {
+                let (tx, rx) = watch::channel(None);
+                let file = dir.join(format!("{}--{peer}.hb", cfg.core.me));
+                tokio::spawn(storage_writer(file, rx, stats.clone()));
+                storage_tx.insert(peer.clone(), tx);
+            }
+        }
+        // A-links.
+        let mut link_tx = BTreeMap::new();
+        for (peer, link) in links {
+            let (tx, rx) = mpsc::channel::<Bytes>(8);
+            tokio::spawn(link_sender(link.clone(), rx, stop.clone()));
+            tokio::spawn(link_receiver(
+                peer.clone(),
+                link,
+                secret.clone(),
+                cfg.core.timing,
+                in_tx.clone(),
+                stats.clone(),
+                stop.clone(),
+            ));
+            link_tx.insert(peer, tx);
+        }
         // Quorum clients.
         let mut quorum_tx = Vec::new();
         for (i, addr) in cfg.quorum.iter().enumerate() {
@@ -194,10 +238,11 @@ impl Agent {
         let running = seams.domains.running();
         let (mut core, out) = HostCore::new(cfg.core.clone(), incarnation, ms(), records, &running);
         let io = Io {
+            links: link_tx,
             sockets,
             paths,
             secret,
-            storage_dir: cfg.storage_dir.clone(),
+            storage_tx,
             quorum_tx,
             seams,
             inputs: in_tx.clone(),
@@ -226,10 +271,11 @@ impl Agent {
 }
 
 struct Io {
+    links: BTreeMap<HostId, mpsc::Sender<Bytes>>,
     sockets: BTreeMap<SocketAddr, Arc<UdpSocket>>,
     paths: Arc<Vec<(HostId, PathId, crate::config::PathAddrs)>>,
     secret: Arc<Vec<u8>>,
-    storage_dir: Option<PathBuf>,
+    storage_tx: BTreeMap<HostId, watch::Sender<Option<Vec<u8>>>>,
     quorum_tx: Vec<mpsc::Sender<QuorumRequest>>,
     seams: Seams,
     inputs: mpsc::Sender<Input>,
@@ -264,14 +310,18 @@ impl Io {
             return;
         };
         if path == PathId::Storage {
-            if let Some(dir) = &self.storage_dir {
-                let file = dir.join(format!("{}--{}.hb", hb.from, hb.to));
-                let tmp = dir.join(format!(".{}--{}.hb.tmp", hb.from, hb.to));
-                let ok = tokio::fs::write(&tmp, &bytes).await.is_ok()
-                    && tokio::fs::rename(&tmp, &file).await.is_ok();
-                if ok {
-                    bump(&self.stats.hb_sent);
-                }
+            // Shared storage can hang (NFS): the writer runs apart and always writes the
+            // latest heartbeat, so the decision loop never waits on it.
+            if let Some(tx) = self.storage_tx.get(&hb.to) {
+                let _ = tx.send(Some(bytes));
+            }
+            return;
+        }
+        if let (PathId::Alink(i), Some(tx)) = (path, self.links.get(&hb.to)) {
+            // One message per round: the link picks the path and keeps its own per-path
+            // heartbeats. A full queue means the link is stalled: drop, the next round follows.
+            if i == 0 && tx.try_send(Bytes::from(bytes)).is_ok() {
+                bump(&self.stats.hb_sent);
             }
             return;
         }
@@ -382,9 +432,13 @@ async fn run_loop(
                 None => break,
             },
         };
+        // Status readers (console, tests) must see a fence or a take-over at once.
+        let changed = out
+            .iter()
+            .any(|o| matches!(o, Output::Command(_) | Output::Decision(_)));
         io.dispatch(out).await;
         let now = ms();
-        if now >= last_status + 100 {
+        if changed || now >= last_status + 100 {
             last_status = now;
             let counters = io.stats.counters();
             let (peers, vms) = (core.peer_views(), core.vm_views());
@@ -532,6 +586,91 @@ async fn persist_task(
         if !matches!(r, Ok(Ok(()))) {
             bump(&stats.persist_errors);
             tracing::error!(path = %state.path().display(), "cannot persist the agent state");
+        }
+    }
+}
+
+async fn link_sender(link: Link, mut rx: mpsc::Receiver<Bytes>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.changed() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        if let Err(e) = link.send(Channel::Heartbeat, msg).await {
+            tracing::debug!(error = %e, "heartbeat not queued on the A-link");
+        }
+    }
+}
+
+async fn link_receiver(
+    peer: HostId,
+    link: Link,
+    secret: Arc<Vec<u8>>,
+    timing: crate::timing::Timing,
+    inputs: mpsc::Sender<Input>,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(mut rx) = link.receiver(Channel::Heartbeat) else {
+        tracing::error!(%peer, "the A-link's heartbeat channel is already taken");
+        return;
+    };
+    let mut events = link.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis((timing.heartbeat_ms / 2).max(10)));
+    let fresh = timing.heartbeat_ms.saturating_mul(2);
+    let path_of = |i: usize| u8::try_from(i).ok().map(PathId::Alink);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            m = rx.recv() => {
+                let Some(m) = m else { return };
+                let Ok(hb) = decode::<Heartbeat>(HEARTBEAT_MAGIC, &secret, &m) else {
+                    bump(&stats.hb_rejected);
+                    continue;
+                };
+                if hb.from != peer {
+                    bump(&stats.hb_rejected);
+                    continue;
+                }
+                let active = link.status().active_path.unwrap_or(0);
+                if let Some(path) = path_of(active) {
+                    bump(&stats.hb_received);
+                    let _ = inputs.try_send(Input::Heartbeat { path, hb });
+                }
+            }
+            _ = tick.tick() => {
+                for p in link.status().paths {
+                    let alive = p.up && p.last_seen_ms_ago.is_some_and(|a| a <= fresh);
+                    if let (true, Some(path)) = (alive, path_of(p.index)) {
+                        let _ = inputs.try_send(Input::PathSeen { peer: peer.clone(), path });
+                    }
+                }
+            }
+            ev = events.recv() => match ev {
+                Ok(ev) => tracing::info!(%peer, ?ev, "A-link event"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+async fn storage_writer(
+    file: PathBuf,
+    mut rx: watch::Receiver<Option<Vec<u8>>>,
+    stats: Arc<Stats>,
+) {
+    let mut tmp = file.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    while rx.changed().await.is_ok() {
+        let Some(bytes) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let ok = tokio::fs::write(&tmp, &bytes).await.is_ok()
+            && tokio::fs::rename(&tmp, &file).await.is_ok();
+        if ok {
+            bump(&stats.hb_sent);
         }
     }
 }

@@ -103,6 +103,10 @@ pub enum Fault {
     Kill(usize),
     /// Cut all of a host's networks (storage heartbeat continues).
     Isolate(usize),
+    /// Cut one host's access to one quorum server.
+    CutQuorum(usize, usize),
+    /// Restart a quorum server (it forgets its leases and starts with a grace period).
+    RestartQuorum(usize),
     /// Restore everything and restart killed hosts.
     Heal,
 }
@@ -132,6 +136,8 @@ pub struct SimReport {
     pub not_recovered: Vec<String>,
     /// The last decisions (for diagnosis).
     pub tail: Vec<String>,
+    /// Injected faults by kind.
+    pub fault_kinds: BTreeMap<String, usize>,
 }
 
 impl SimReport {
@@ -175,6 +181,7 @@ impl SimReport {
             self.failover_latencies_ms.iter().max(),
             self.failover_latencies_ms.len()
         );
+        let _ = write!(s, " kinds={:?}", self.fault_kinds);
         for v in self
             .split_brain
             .iter()
@@ -247,6 +254,7 @@ pub struct Sim {
     index: BTreeMap<HostId, usize>,
     servers: Vec<QuorumTable>,
     alink_cut: BTreeSet<(usize, usize, u8)>,
+    quorum_cut: BTreeSet<(usize, usize)>,
     queue: BinaryHeap<Reverse<(Millis, u64)>>,
     events: BTreeMap<u64, Ev>,
     next_ev: u64,
@@ -286,6 +294,7 @@ impl Sim {
             index,
             servers,
             alink_cut: BTreeSet::new(),
+            quorum_cut: BTreeSet::new(),
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
             next_ev: 0,
@@ -432,7 +441,7 @@ impl Sim {
                     );
                 }
                 Output::Quorum { server, req } => {
-                    if !self.hosts[h].mgmt_up || self.lost() {
+                    if !self.quorum_open(h, server) || self.lost() {
                         continue;
                     }
                     let at = self.now + self.latency();
@@ -601,7 +610,7 @@ impl Sim {
                 let Ok(reply) = table.handle(now, &req) else {
                     return;
                 };
-                if !self.hosts[from].mgmt_up || self.lost() {
+                if !self.quorum_open(from, server) || self.lost() {
                     return;
                 }
                 let inc = self.hosts[from].incarnation;
@@ -685,8 +694,18 @@ impl Sim {
                 host.core = None;
                 host.vms.clear();
             }
+            Fault::CutQuorum(h, s) => {
+                self.quorum_cut.insert((h, s));
+            }
+            Fault::RestartQuorum(s) => {
+                let boot = self.rng.gen();
+                if let Some(t) = self.servers.get_mut(s) {
+                    *t = QuorumTable::new(self.now, self.cfg.timing.lease_ms, 1024, boot);
+                }
+            }
             Fault::Heal => {
                 self.alink_cut.clear();
+                self.quorum_cut.clear();
                 for h in 0..self.hosts.len() {
                     self.hosts[h].mgmt_up = true;
                     if !self.hosts[h].alive {
@@ -732,12 +751,25 @@ impl Sim {
         }
     }
 
+    fn quorum_open(&self, h: usize, server: usize) -> bool {
+        self.hosts[h].mgmt_up && !self.quorum_cut.contains(&(h, server))
+    }
+
     fn random_fault(&mut self) -> Fault {
         let n = self.hosts.len();
         let a = self.rng.gen_range(0..n);
         let mut b = self.rng.gen_range(0..n - 1);
         if b >= a {
             b += 1;
+        }
+        let servers = self.cfg.quorum_servers;
+        if servers > 0 && self.rng.gen_range(0..100) < 12 {
+            let s = self.rng.gen_range(0..servers);
+            return if self.rng.gen_bool(0.6) {
+                Fault::CutQuorum(a, s)
+            } else {
+                Fault::RestartQuorum(s)
+            };
         }
         match self.rng.gen_range(0..100) {
             0..=19 => Fault::CutAlink(a, b, self.rng.gen_range(0..self.cfg.alink_paths)),
@@ -791,8 +823,8 @@ impl Sim {
             let peer = &self.hosts[e.peer];
             let void = if !peer.alive {
                 Some("peer died".to_string())
-            } else if quorum && !peer.mgmt_up {
-                Some("peer lost its management network".to_string())
+            } else if quorum && (0..self.cfg.quorum_servers).any(|s| !self.quorum_open(e.peer, s)) {
+                Some("peer lost its access to a quorum server".to_string())
             } else {
                 None
             };
@@ -901,6 +933,9 @@ impl Sim {
             let f = self.random_fault();
             self.inject(&f);
             self.report.faults += 1;
+            let kind = format!("{f:?}");
+            let kind = kind.split('(').next().unwrap_or("?").to_string();
+            *self.report.fault_kinds.entry(kind).or_default() += 1;
         }
         self.run_for(500);
         self.inject(&Fault::Heal);

@@ -56,6 +56,8 @@ pub struct StatusSnapshot {
     pub quorum: Vec<(String, bool)>,
     /// Counters.
     pub counters: Counters,
+    /// Domains on this host (domid, name), from xenstore when the bridge runs.
+    pub local_domains: Vec<(u32, String)>,
 }
 
 /// Shared between the runtime (writer) and the HTTP server (reader).

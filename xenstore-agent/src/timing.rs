@@ -42,7 +42,7 @@ impl Default for Timing {
             peer_dead_ms: 500,
             lease_ms: 600,
             margin_ms: 100,
-            quorum_request_timeout_ms: 300,
+            quorum_request_timeout_ms: 150,
         }
     }
 }

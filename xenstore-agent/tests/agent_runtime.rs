@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xenft_agent::config::{ConfigFile, PathAddrs, PeerFile, StatusFile};
+use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
 use xenft_agent::core::VmSpec;
-use xenft_agent::ids::{HostId, VmId};
+use xenft_agent::ids::{HostId, PathId, VmId};
 use xenft_agent::lifecycle::{Level, Phase};
 use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
 use xenft_agent::runtime::Agent;
@@ -69,6 +69,8 @@ impl Pool {
             }],
             free_memory_mb: Some(4096),
             event_log: 100,
+            alink_transport: AlinkTransport::Udp,
+            xenstore: false,
         }
     }
 }
@@ -203,4 +205,126 @@ async fn secondary_takes_over_when_the_primary_agent_stops() {
     a2.shutdown().await;
     q.shutdown().await;
     drop(Arc::clone(&h2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_over_the_alink_crate_protect_and_fail_over() {
+    let q = QuorumServer::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        secret: b"a-pool-secret-of-enough-length".to_vec(),
+        lease_ms: 600,
+        max_vms: 16,
+        max_connections: 8,
+        idle_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let pool = Pool {
+        dir: tempfile::tempdir().unwrap(),
+        addrs: (0..2)
+            .map(|_| [free_port(), free_port(), free_port()])
+            .collect(),
+        quorum: q.addr(),
+    };
+    let (la, lb) = xenft_alink::testing::loopback_pair(2).await.unwrap();
+    let (r1, r2) = (Recorder::new(), Recorder::new());
+    let links1 = std::collections::BTreeMap::from([(host("h2"), la.clone())]);
+    let links2 = std::collections::BTreeMap::from([(host("h1"), lb.clone())]);
+    let a1 = Agent::start_with_links(
+        pool.config(0).validate().unwrap(),
+        Seams::recording(&r1),
+        links1,
+    )
+    .await
+    .unwrap();
+    let a2 = Agent::start_with_links(
+        pool.config(1).validate().unwrap(),
+        Seams::recording(&r2),
+        links2,
+    )
+    .await
+    .unwrap();
+    let (h1, h2) = (a1.hub(), a2.hub());
+    wait_for("protection", Duration::from_secs(10), || {
+        phase(&h1) == Some(Phase::Protected) && phase(&h2) == Some(Phase::Protected)
+    })
+    .await;
+    // Both A-link paths are reported alive by the link's own per-path status.
+    wait_for("alink paths up", Duration::from_secs(3), || {
+        let s = h2.snapshot();
+        s.peers[0]
+            .paths
+            .iter()
+            .filter(|(p, up, _)| matches!(p, PathId::Alink(_)) && *up)
+            .count()
+            == 2
+    })
+    .await;
+    // The primary host dies: its agent and its link stop.
+    a1.shutdown().await;
+    la.shutdown();
+    wait_for("take-over", Duration::from_secs(5), || {
+        r2.calls().contains(&"resume-epoch vm1".to_string())
+    })
+    .await;
+    a2.shutdown().await;
+    lb.shutdown();
+    q.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_api_streams_decisions_and_refuses_hostile_requests() {
+    use xenft_agent::decision::{Action, Decision, FaultClass};
+    let hub = StatusHub::new(4);
+    let server = StatusServer::start("127.0.0.1:0".parse().unwrap(), None, hub.clone())
+        .await
+        .unwrap();
+    // Server-sent events: a decision pushed after subscribing arrives on the stream.
+    let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("text/event-stream"));
+    hub.push(Decision {
+        at_ms: 1,
+        host: host("h1"),
+        peer: Some(host("h2")),
+        path: None,
+        vm: None,
+        class: FaultClass::PeerSilent,
+        action: Action::FailOver,
+        reason: "test".into(),
+    });
+    let mut got = String::new();
+    while !got.contains("fail_over") {
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "stream closed");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("event: decision"), "{got}");
+    // Bounded log: 6 pushes, 4 kept, 6 counted.
+    for _ in 0..5 {
+        hub.push(hub.decisions().0[0].clone());
+    }
+    let log = http_get(server.addr(), "/events/log", None).await;
+    assert!(log.contains("\"total\":6"), "{log}");
+    // A request head larger than 8 KiB is dropped without an answer; the server keeps serving.
+    let mut big = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let junk = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let _ = big.write_all(junk.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), big.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+    assert!(http_get(server.addr(), "/metrics", None)
+        .await
+        .contains("xenft_agent_decisions_total 6"));
+    assert!(http_get(server.addr(), "/nope", None)
+        .await
+        .starts_with("HTTP/1.1 404"));
+    server.shutdown().await;
 }

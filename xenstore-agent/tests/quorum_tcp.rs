@@ -74,3 +74,29 @@ async fn a_client_with_the_wrong_secret_gets_nothing() {
     assert_eq!(server.holder(&VmId::new("vm1").unwrap()), None);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_close_the_connection_and_the_server_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = QuorumServer::start(cfg(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for junk in [
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        [b"XFQ1".as_slice(), &u32::MAX.to_be_bytes()].concat(),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        s.write_all(&junk).await.unwrap();
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+        assert!(r.is_ok(), "connection not closed");
+        assert!(out.is_empty());
+    }
+    let mut good = QuorumClient::new(
+        server.addr(),
+        b"pool-secret".to_vec(),
+        Duration::from_secs(2),
+    );
+    let r = good.request(&req("a", 1)).await.unwrap();
+    assert!(matches!(r.results[0], ClaimResult::Granted { .. }), "{r:?}");
+    server.shutdown().await;
+}

@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let cfg = ConfigFile::load(&args.config)
@@ -45,16 +46,69 @@ fn main() -> anyhow::Result<()> {
         let recorder = Recorder::new();
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();
-        let agent = Agent::start(cfg, Seams::recording(&recorder)).await?;
+        let links = start_links(&cfg).await?;
+        let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
+        let agent = Agent::start_with_links(cfg, Seams::recording(&recorder), links).await?;
+        let bridge = if use_xenstore {
+            let xs = xenft_agent::xenstore::xen::XenXs::connect()
+                .await
+                .context("connecting to xenstored")?;
+            Some(xenft_agent::xenstore::bridge::Bridge::start(
+                std::sync::Arc::new(xs),
+                me,
+                agent.hub(),
+                agent.inputs(),
+            ))
+        } else {
+            None
+        };
         let status = StatusServer::start(listen, token, agent.hub())
             .await
             .with_context(|| format!("status API on {listen}"))?;
         println!("status {}", status.addr());
         wait_for_signal().await;
         status.shutdown().await;
+        if let Some(b) = bridge {
+            b.shutdown().await;
+        }
         agent.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// With `alink_transport: link`, one `xenft-alink` link per peer over the A-link addresses.
+async fn start_links(
+    cfg: &xenft_agent::config::ValidConfig,
+) -> anyhow::Result<std::collections::BTreeMap<xenft_agent::ids::HostId, xenft_alink::Link>> {
+    use xenft_agent::config::AlinkTransport;
+    let mut links = std::collections::BTreeMap::new();
+    if cfg.alink_transport != AlinkTransport::Link {
+        return Ok(links);
+    }
+    for peer in cfg.core.peers.iter().filter(|p| **p != cfg.core.me) {
+        let paths: Vec<xenft_alink::PathConfig> = cfg
+            .paths
+            .iter()
+            .filter(|(h, p, _)| h == peer && matches!(p, xenft_agent::ids::PathId::Alink(_)))
+            .map(|(_, _, a)| xenft_alink::PathConfig {
+                local: a.local,
+                peer: a.peer,
+            })
+            .collect();
+        let mut lc = xenft_alink::LinkConfig::new(
+            cfg.core.me.as_str(),
+            peer.as_str(),
+            cfg.secret.clone(),
+            paths,
+        );
+        lc.heartbeat_interval = std::time::Duration::from_millis(cfg.core.timing.heartbeat_ms / 2);
+        lc.path_timeout = std::time::Duration::from_millis(cfg.core.timing.path_down_ms);
+        let link = xenft_alink::Link::start(lc)
+            .await
+            .with_context(|| format!("A-link to {peer}"))?;
+        links.insert(peer.clone(), link);
+    }
+    Ok(links)
 }
 
 async fn wait_for_signal() {

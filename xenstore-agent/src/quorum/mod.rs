@@ -26,6 +26,12 @@
 //!   primary still runs: **a split brain is possible**. Configure a storage heartbeat or a
 //!   quorum server whenever the two hosts' networks can fail together.
 //!
+//! A fenced (paused) copy resumes when a server proves nobody else held the VM since: it
+//! still lists this host as owner, or grants the next per-VM epoch. A server restart erases
+//! that history: after one, a fenced host may resume its copy even if the peer had taken over
+//! before the restart and has died since (a triple fault; the copy resumed is then the older
+//! one).
+//!
 //! Every design above assumes a VM copy stops when its agent stops (the shims refuse I/O
 //! without their agent and a host watchdog resets a host whose agent hangs); otherwise a dead
 //! agent's VM would keep running after its leases expired.

@@ -54,8 +54,8 @@ pub enum ClaimResult {
         vm: VmId,
         /// The owner epoch (changes whenever the owner changes).
         epoch: u64,
-        /// True when the host already owned the VM at exactly `epoch_hint`: nobody else was
-        /// granted the VM in between.
+        /// True when the host already owned the VM (whatever it remembers): nobody else was
+        /// granted the VM since this host's last grant.
         continued: bool,
     },
     /// Another host holds a live lease, or the server is in its grace period.
@@ -131,7 +131,6 @@ pub struct QuorumTable {
     grace_until: Millis,
     max_vms: usize,
     boot: u64,
-    next_epoch: u64,
     leases: HashMap<VmId, Lease>,
     hosts: HashMap<HostId, (u64, u64)>,
 }
@@ -145,7 +144,6 @@ impl QuorumTable {
             grace_until: now + lease_ms,
             max_vms,
             boot,
-            next_epoch: 1,
             leases: HashMap::new(),
             hosts: HashMap::new(),
         }
@@ -221,13 +219,15 @@ impl QuorumTable {
             };
         }
         let expires_at = now + self.lease_ms;
+        let full = self.leases.len() >= self.max_vms;
         match self.leases.get_mut(&c.vm) {
             Some(l) if &l.owner == host => {
                 l.expires_at = expires_at;
                 ClaimResult::Granted {
                     vm: c.vm.clone(),
                     epoch: l.epoch,
-                    continued: c.epoch_hint == Some(l.epoch),
+                    // The last grant went to this host: nobody else held the VM since.
+                    continued: true,
                 }
             }
             Some(l) if l.expires_at > now => ClaimResult::Denied {
@@ -236,15 +236,16 @@ impl QuorumTable {
                 remaining_ms: l.expires_at - now,
             },
             existing => {
-                if existing.is_none() && self.leases.len() >= self.max_vms {
-                    // Make room from expired leases before refusing.
-                    self.leases.retain(|_, l| l.expires_at > now);
-                    if self.leases.len() >= self.max_vms {
+                // Epochs count owners per VM: a host that held epoch e and is granted e + 1
+                // knows nobody else held the VM in between. Entries are never evicted (an
+                // evicted VM would restart at 1 and break that proof); a full table refuses.
+                let epoch = match existing {
+                    Some(l) => l.epoch + 1,
+                    None if full => {
                         return ClaimResult::TableFull { vm: c.vm.clone() };
                     }
-                }
-                let epoch = self.next_epoch;
-                self.next_epoch += 1;
+                    None => 1,
+                };
                 self.leases.insert(
                     c.vm.clone(),
                     Lease {
@@ -355,12 +356,29 @@ mod tests {
     }
 
     #[test]
-    fn full_table_refuses_new_vms_but_reuses_expired_slots() {
+    fn full_table_refuses_new_vms_and_epochs_count_owners_per_vm() {
         let mut t = QuorumTable::new(0, 600, 1, 7);
-        t.handle(700, &req("a", 1, "vm1", None)).unwrap();
+        let r = t.handle(700, &req("a", 1, "vm1", None)).unwrap();
+        assert!(matches!(
+            r.results[0],
+            ClaimResult::Granted { epoch: 1, .. }
+        ));
         let r = t.handle(800, &req("a", 2, "vm2", None)).unwrap();
         assert!(matches!(r.results[0], ClaimResult::TableFull { .. }));
-        let r = t.handle(2000, &req("a", 3, "vm2", None)).unwrap();
-        assert!(matches!(r.results[0], ClaimResult::Granted { .. }));
+        // Owner changes bump the VM's own epoch by one.
+        let r = t.handle(2000, &req("b", 1, "vm1", None)).unwrap();
+        assert!(matches!(
+            r.results[0],
+            ClaimResult::Granted { epoch: 2, .. }
+        ));
+        let r = t.handle(3000, &req("a", 3, "vm1", Some(1))).unwrap();
+        assert!(matches!(
+            r.results[0],
+            ClaimResult::Granted {
+                epoch: 3,
+                continued: false,
+                ..
+            }
+        ));
     }
 }

@@ -202,3 +202,33 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::{Ack, Heartbeat};
+    use crate::ids::HostId;
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Heartbeat>(HEARTBEAT_MAGIC, b"k", &bytes);
+        }
+
+        #[test]
+        fn heartbeats_round_trip(seq in any::<u64>(), inc in any::<u64>(), ack in proptest::option::of(any::<u64>())) {
+            let hb = Heartbeat {
+                from: HostId::new("h1").unwrap(),
+                to: HostId::new("h2").unwrap(),
+                incarnation: inc,
+                seq,
+                ack: ack.map(|seq| Ack { incarnation: 1, seq }),
+                vms: vec![],
+            };
+            let f = encode(HEARTBEAT_MAGIC, b"k", &hb).unwrap();
+            prop_assert_eq!(decode::<Heartbeat>(HEARTBEAT_MAGIC, b"k", &f).unwrap(), hb);
+        }
+    }
+}

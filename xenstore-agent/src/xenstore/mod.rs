@@ -16,6 +16,7 @@ use std::future::Future;
 
 use tokio::sync::mpsc;
 
+pub mod bridge;
 pub mod memory;
 pub mod wire;
 pub mod xen;
