@@ -297,6 +297,7 @@ fn primary(node: &Node) -> Result<(), LabError> {
         binary: node.cfg.guest_binary.clone(),
         memory_bytes: node.cfg.memory_bytes,
         workload: node.guest_workload()?,
+        tracking: xenft_checkpoint::local::guest::Tracking::Auto,
     })
     .map_err(|e| LabError::component("synthetic guest", e))?;
     let guest_pid = domain.guest_pid();
