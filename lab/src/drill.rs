@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::pool::{node_status, protected};
 use crate::service::{parse_check, CheckResult};
-use crate::state::{NodeRole, NodeStatus, PoolRecord, StateDir};
+use crate::state::{Event, NodeRole, NodeStatus, PoolRecord, StateDir};
 use crate::topology::{self, Host, ALINK_IFS, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT};
 use crate::{now_ms, require_root, LabError};
 
@@ -274,6 +274,18 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         ));
     }
     let mut r = DrillReport::new(cfg.fault);
+    let say = |what: String, why: &str| {
+        dir.log_event(&Event {
+            t_ms: now_ms(),
+            host: "drill".into(),
+            what,
+            why: why.into(),
+        });
+    };
+    say(
+        format!("drill fault={}: injecting", cfg.fault),
+        "fire drill",
+    );
     match cfg.fault {
         Fault::Host => host(dir, &rec, &mut r)?,
         Fault::Alink => alinks(dir, cfg, &mut r, &ALINK_IFS[..1])?,
@@ -281,6 +293,14 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         Fault::Disk => disk(dir, &rec, &mut r)?,
     }
     data_check(dir, &cfg.exe, &mut r)?;
+    say(
+        format!(
+            "drill fault={}: {}",
+            cfg.fault,
+            if r.passed() { "PASS" } else { "FAIL" }
+        ),
+        &r.failures.join("; "),
+    );
     Ok(r)
 }
 

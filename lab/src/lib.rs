@@ -34,9 +34,11 @@
 //! - [`client`]: the client load generator.
 //! - [`pool`]: `up` / `down` / `status`.
 //! - [`drill`]: the fire drill and its report.
+//! - [`console`]: the availability console (HTML + server-sent events) served by each node.
 //! - [`demo`]: up, a series of drills, a summary table, down.
 
 pub mod client;
+pub mod console;
 pub mod demo;
 pub mod drill;
 pub mod node;

@@ -247,6 +247,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), LabError> {
         .block_on(Link::start(link_cfg))
         .map_err(|e| LabError::component("a-link", e))?;
     rt.spawn(answer_alive(me));
+    rt.spawn(crate::console::serve(cfg.dir.clone(), me));
     let node = Node {
         cfg,
         rt,

@@ -1,0 +1,170 @@
+//! The availability console: a page served by every node on its production address
+//! (`http://10.200.0.1:8080/`, `http://10.200.0.2:8080/`).
+//!
+//! Plain HTML/CSS/JS compiled into the binary (`console.html`): no build step, no npm, no CDN,
+//! nothing for an operator to install, and it works in an air-gapped pool. The page subscribes
+//! to `/api/events` (server-sent events, one pool snapshot every 500 ms) and, when the host it
+//! talks to stops answering, reconnects to the next host in the snapshot's `consoles` list —
+//! so it keeps showing the outage while it happens. `/api/state` returns one snapshot.
+//!
+//! In the lab the snapshot is assembled from the state directory that every node shares (the
+//! nodes' status files and event log); on a real pool it would come from the agents' status
+//! API.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::node::{LOST_GRACE, PATH_TIMEOUT, PROBE_TIMEOUT};
+use crate::now_ms;
+use crate::pool::{node_status, protected};
+use crate::state::{NodeRole, StateDir};
+use crate::topology::Host;
+
+/// Port of the console on each host's production address.
+pub const CONSOLE_PORT: u16 = 8080;
+const PAGE: &str = include_str!("console.html");
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// The console URL of `h`.
+#[must_use]
+pub fn url(h: Host) -> String {
+    format!("http://{}:{CONSOLE_PORT}/", h.prod_ip())
+}
+
+/// One snapshot of the pool, as the page shows it.
+#[must_use]
+pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
+    let hosts: Vec<Value> = [Host::Host1, Host::Host2]
+        .into_iter()
+        .map(|h| match node_status(dir, h) {
+            Ok(Some(s)) => json!({
+                "name": h.name(), "up": true, "role": s.role, "serving": s.serving,
+                "alinks": s.link.paths.iter().enumerate().map(|(i, p)| json!({
+                    "name": format!("alink{}", i + 1), "up": p.up, "rtt_ms": p.rtt_ms,
+                })).collect::<Vec<_>>(),
+                "disk_state": s.disk_state, "disk": s.disk,
+                "checkpoint": s.checkpoint, "takeover": s.takeover,
+                "link_lost_ms": s.link_lost_ms, "peer_alive_on_prod": s.peer_alive_on_prod,
+            }),
+            _ => json!({"name": h.name(), "up": false}),
+        })
+        .collect();
+    let h1 = node_status(dir, Host::Host1).ok().flatten();
+    let h2 = node_status(dir, Host::Host2).ok().flatten();
+    let (state, runs_on) = match (&h1, &h2) {
+        (_, Some(b)) if b.role == NodeRole::TookOver => {
+            ("running unprotected (failed over)", "host2")
+        }
+        _ if protected(dir).unwrap_or(false) => ("protected", "host1"),
+        (Some(a), _) if a.serving => ("running, protection degraded", "host1"),
+        _ => ("unknown", "-"),
+    };
+    let (lag, age) =
+        h1.as_ref()
+            .filter(|a| a.role == NodeRole::Primary)
+            .map_or((None, None), |a| {
+                (
+                    Some(a.checkpoint.lag_bytes),
+                    a.checkpoint.last_commit_age_ms,
+                )
+            });
+    let resync = h1
+        .as_ref()
+        .and_then(|a| a.disk.get("resync").cloned())
+        .unwrap_or(Value::Null);
+    let expected_failover_ms = PATH_TIMEOUT + LOST_GRACE + PROBE_TIMEOUT * 2;
+    let events = dir
+        .events_since(now_ms().saturating_sub(3_600_000))
+        .unwrap_or_default();
+    let events: Vec<_> = events.iter().rev().take(40).collect();
+    let acks = dir.acks().unwrap_or_default();
+    json!({
+        "served_by": served_by.name(),
+        "consoles": [url(Host::Host1), url(Host::Host2)],
+        "now_ms": now_ms(),
+        "pool": {"name": "xenft lab pool", "hosts": hosts},
+        "vms": [{
+            "name": "vm1", "level": 3, "state": state, "runs_on": runs_on,
+            "rpo_bytes": lag, "last_commit_age_ms": age,
+            "expected_failover_ms": u64::try_from(expected_failover_ms.as_millis()).unwrap_or(0),
+            "disk_resync": resync,
+        }],
+        "client": {
+            "acked_writes": acks.len(),
+            "last_ack_age_ms": acks.last().map(|a| now_ms().saturating_sub(a.1)),
+        },
+        "events": events,
+    })
+}
+
+async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        if n == buf.len() {
+            return s
+                .write_all(b"HTTP/1.1 431 Too Large\r\nConnection: close\r\n\r\n")
+                .await;
+        }
+        let r = s.read(&mut buf[n..]).await?;
+        if r == 0 {
+            return Ok(());
+        }
+        n += r;
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let mut first = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let cors = "Access-Control-Allow-Origin: *\r\nCache-Control: no-cache\r\n";
+    match (method, path) {
+        ("GET", "/") => {
+            let h = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n{cors}Connection: close\r\n\r\n",
+                PAGE.len()
+            );
+            s.write_all(h.as_bytes()).await?;
+            s.write_all(PAGE.as_bytes()).await
+        }
+        ("GET", "/api/state") => {
+            let body = snapshot(&dir, me).to_string();
+            let h = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{cors}Connection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(h.as_bytes()).await?;
+            s.write_all(body.as_bytes()).await
+        }
+        ("GET", "/api/events") => {
+            let h = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{cors}Connection: keep-alive\r\n\r\n"
+            );
+            s.write_all(h.as_bytes()).await?;
+            loop {
+                let msg = format!("data: {}\n\n", snapshot(&dir, me));
+                s.write_all(msg.as_bytes()).await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        _ => {
+            s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await
+        }
+    }
+}
+
+/// Serves the console on this host's production address until the listener fails.
+pub async fn serve(dir: StateDir, me: Host) {
+    let Ok(l) = TcpListener::bind((me.prod_ip(), CONSOLE_PORT)).await else {
+        tracing::warn!("cannot bind the console port");
+        return;
+    };
+    while let Ok((s, _)) = l.accept().await {
+        let d = dir.clone();
+        tokio::spawn(async move {
+            let _ = handle(s, d, me).await;
+        });
+    }
+}
