@@ -100,6 +100,14 @@ pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
     })
 }
 
+/// The page with `snap` embedded for the first paint (`</` escaped so that no string in the
+/// snapshot can close the script element).
+#[must_use]
+pub fn page(snap: &Value) -> String {
+    let json = snap.to_string().replace("</", "<\\/");
+    PAGE.replace("/*INITIAL*/null", &json)
+}
+
 async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut n = 0;
@@ -121,12 +129,13 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
     let cors = "Access-Control-Allow-Origin: *\r\nCache-Control: no-cache\r\n";
     match (method, path) {
         ("GET", "/") => {
+            let page = page(&snapshot(&dir, me));
             let h = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n{cors}Connection: close\r\n\r\n",
-                PAGE.len()
+                page.len()
             );
             s.write_all(h.as_bytes()).await?;
-            s.write_all(PAGE.as_bytes()).await
+            s.write_all(page.as_bytes()).await
         }
         ("GET", "/api/state") => {
             let body = snapshot(&dir, me).to_string();
@@ -152,6 +161,19 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
             s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_snapshot_cannot_close_the_script() {
+        let p = page(&json!({"events": [{"what": "</script><script>alert(1)</script>"}]}));
+        assert!(!p.contains("</script><script>alert"));
+        assert!(p.contains(r"<\/script>"));
+        assert!(!p.contains("/*INITIAL*/null"));
     }
 }
 
