@@ -164,19 +164,6 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embedded_snapshot_cannot_close_the_script() {
-        let p = page(&json!({"events": [{"what": "</script><script>alert(1)</script>"}]}));
-        assert!(!p.contains("</script><script>alert"));
-        assert!(p.contains(r"<\/script>"));
-        assert!(!p.contains("/*INITIAL*/null"));
-    }
-}
-
 /// Serves the console on this host's production address until the listener fails.
 pub async fn serve(dir: StateDir, me: Host) {
     let Ok(l) = TcpListener::bind((me.prod_ip(), CONSOLE_PORT)).await else {
@@ -188,5 +175,18 @@ pub async fn serve(dir: StateDir, me: Host) {
         tokio::spawn(async move {
             let _ = handle(s, d, me).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_snapshot_cannot_close_the_script() {
+        let p = page(&json!({"events": [{"what": "</script><script>alert(1)</script>"}]}));
+        assert!(!p.contains("</script><script>alert"));
+        assert!(p.contains(r"<\/script>"));
+        assert!(!p.contains("/*INITIAL*/null"));
     }
 }
