@@ -1,0 +1,184 @@
+//! The availability console in a real browser (root, Debian `chromium`): headless Chromium in
+//! the client namespace loads host1's console and finds vm1 protected; a host drill kills
+//! host1; host2's console then shows vm1 failed over to host2, host1 down and the takeover
+//! with its reason in the event log. Screenshots of both go to tests/artifacts/.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use xenft_tests::netns::require_root;
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned()
+}
+
+fn build_binaries() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "xenft-lab",
+            "-p",
+            "xenft-checkpoint",
+            "--bins",
+        ])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .status()
+        .expect("run cargo build");
+    assert!(
+        st.success(),
+        "building xenft-lab and xenft-synthetic-guest failed"
+    );
+}
+
+struct Lab {
+    exe: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.exe)
+            .arg("--dir")
+            .arg(self.dir.path().join("state"))
+            .args(args)
+            .output()
+            .expect("run xenft-lab")
+    }
+
+    /// Headless Chromium inside the client namespace, no background networking.
+    fn chromium(&self, args: &[&str]) -> Output {
+        let profile = self.dir.path().join("chromium-profile");
+        Command::new("timeout")
+            .args(["40", "ip", "netns", "exec", "xftlab-client", "chromium"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-dev-shm-usage",
+                "--window-size=1400,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args)
+            .output()
+            .expect("run chromium")
+    }
+
+    fn dom(&self, url: &str) -> String {
+        let o = self.chromium(&["--dump-dom", url]);
+        assert!(
+            o.status.success(),
+            "chromium --dump-dom {url}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn screenshot(&self, url: &str, to: &Path) {
+        let o = self.chromium(&[&format!("--screenshot={}", to.display()), url]);
+        assert!(
+            o.status.success() && to.is_file(),
+            "screenshot of {url} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+/// The rendered vm1 row (between its `<tr data-vm="vm1">` and `</tr>`).
+fn vm_row(dom: &str) -> &str {
+    let start = dom
+        .find("<tr data-vm=\"vm1\">")
+        .unwrap_or_else(|| panic!("no vm1 row in the page:\n{dom}"));
+    let rest = &dom[start..];
+    &rest[..rest.find("</tr>").unwrap_or(rest.len())]
+}
+
+#[test]
+fn console_shows_vm1_protected_then_failed_over_after_a_host_drill() {
+    if !require_root("console_shows_vm1_protected_then_failed_over_after_a_host_drill") {
+        return;
+    }
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("SKIP console test: Debian package chromium is not installed (scripts/test installs it)");
+        return;
+    }
+    build_binaries();
+    let lab = Lab {
+        exe: target_dir().join("xenft-lab"),
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    let up = lab.run(&["up"]);
+    assert!(
+        up.status.success(),
+        "lab up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+
+    let before = lab.dom("http://10.200.0.1:8080/");
+    let row = vm_row(&before);
+    assert!(
+        row.contains(">protected<"),
+        "vm1 not shown protected: {row}"
+    );
+    assert!(row.contains("host1"), "{row}");
+    assert!(
+        before.contains("served by <b id=\"served\">host1</b>"),
+        "{before}"
+    );
+    lab.screenshot(
+        "http://10.200.0.1:8080/",
+        &artifacts.join("console-protected.png"),
+    );
+
+    let drill = lab.run(&["drill", "fault=host"]);
+    assert!(
+        drill.status.success(),
+        "host drill: {}",
+        String::from_utf8_lossy(&drill.stdout)
+    );
+
+    // host1 is gone; its console with it. host2's console shows the outage.
+    let after = lab.dom("http://10.200.0.2:8080/");
+    let row = vm_row(&after);
+    assert!(row.contains("running unprotected (failed over)"), "{row}");
+    assert!(row.contains("host2"), "{row}");
+    assert!(
+        after.contains("<td>host1</td><td class=\"down\">DOWN</td>"),
+        "host1 not shown down"
+    );
+    assert!(
+        after.contains("host1 declared dead: failover"),
+        "takeover event missing"
+    );
+    assert!(
+        after.contains("drill fault=host: PASS"),
+        "drill verdict event missing"
+    );
+    lab.screenshot(
+        "http://10.200.0.2:8080/",
+        &artifacts.join("console-after-host-drill.png"),
+    );
+}
