@@ -6,54 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use xenft_tests::lab::{text, Lab};
 use xenft_tests::netns::require_root;
 
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_owned()
+/// Headless Chromium inside the lab's client namespace.
+trait Browser {
+    fn chromium(&self, args: &[&str]) -> Output;
+    fn dom(&self, url: &str) -> String;
+    fn screenshot(&self, url: &str, to: &Path);
 }
 
-fn build_binaries() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "xenft-lab",
-            "-p",
-            "xenft-checkpoint",
-            "--bins",
-        ])
-        .arg("--manifest-path")
-        .arg(manifest)
-        .status()
-        .expect("run cargo build");
-    assert!(
-        st.success(),
-        "building xenft-lab and xenft-synthetic-guest failed"
-    );
-}
-
-struct Lab {
-    exe: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(&self.exe)
-            .arg("--dir")
-            .arg(self.dir.path().join("state"))
-            .args(args)
-            .output()
-            .expect("run xenft-lab")
-    }
-
+impl Browser for Lab {
     /// Headless Chromium inside the client namespace, no background networking.
     fn chromium(&self, args: &[&str]) -> Output {
         let profile = self.dir.path().join("chromium-profile");
@@ -99,12 +62,6 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
-}
-
 /// The rendered vm1 row (between its `<tr data-vm="vm1">` and `</tr>`).
 fn vm_row(dom: &str) -> &str {
     let start = dom
@@ -123,17 +80,9 @@ fn console_shows_vm1_protected_then_failed_over_after_a_host_drill() {
         eprintln!("SKIP console test: Debian package chromium is not installed (scripts/test installs it)");
         return;
     }
-    build_binaries();
-    let lab = Lab {
-        exe: target_dir().join("xenft-lab"),
-        dir: tempfile::tempdir().expect("temp dir"),
-    };
+    let lab = Lab::new();
     let up = lab.run(&["up"]);
-    assert!(
-        up.status.success(),
-        "lab up: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert!(up.status.success(), "lab up: {}", text(&up));
     let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
 
@@ -154,11 +103,7 @@ fn console_shows_vm1_protected_then_failed_over_after_a_host_drill() {
     );
 
     let drill = lab.run(&["drill", "fault=host"]);
-    assert!(
-        drill.status.success(),
-        "host drill: {}",
-        String::from_utf8_lossy(&drill.stdout)
-    );
+    assert!(drill.status.success(), "host drill: {}", text(&drill));
 
     // host1 is gone; its console with it. host2's console shows the outage.
     let after = lab.dom("http://10.200.0.2:8080/");

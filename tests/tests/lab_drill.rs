@@ -5,88 +5,17 @@
 //! `ip link set down` and must report PASS: path loss detected, no failover, every write the
 //! client had acknowledged read back, full protection again after the repair.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use xenft_tests::lab::{build_binaries, target_dir, text, Lab};
 use xenft_tests::netns::require_root;
-
-fn target_dir() -> PathBuf {
-    // target/debug/deps/lab_drill-HASH -> target/debug
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(std::path::Path::parent)
-        .expect("target dir")
-        .to_owned()
-}
-
-/// Makes sure the lab binaries are built and current (a no-op after a workspace build).
-fn build_binaries() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "xenft-lab",
-            "-p",
-            "xenft-checkpoint",
-            "--bins",
-        ])
-        .arg("--manifest-path")
-        .arg(manifest)
-        .status()
-        .expect("run cargo build");
-    assert!(
-        st.success(),
-        "building xenft-lab and xenft-synthetic-guest failed"
-    );
-}
-
-struct Lab {
-    exe: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(&self.exe)
-            .arg("--dir")
-            .arg(self.dir.path().join("state"))
-            .args(args)
-            .output()
-            .expect("run xenft-lab")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let out = self.run(&["down"]);
-        if !out.status.success() {
-            eprintln!("xenft-lab down: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn cut_alink_drill_passes_with_no_acknowledged_write_lost() {
     if !require_root("cut_alink_drill_passes_with_no_acknowledged_write_lost") {
         return;
     }
-    build_binaries();
-    let lab = Lab {
-        exe: target_dir().join("xenft-lab"),
-        dir: tempfile::tempdir().expect("temp dir"),
-    };
+    let lab = Lab::new();
     let up = lab.run(&["up"]);
     assert!(up.status.success(), "lab up failed: {}", text(&up));
     assert!(String::from_utf8_lossy(&up.stdout).contains("protected at level 3"));
