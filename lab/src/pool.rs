@@ -312,6 +312,12 @@ pub fn status(dir: &StateDir) -> Result<String, LabError> {
             }
         }
     }
+    let _ = writeln!(
+        out,
+        "console: {} or {} (from the client namespace: ip netns exec {NS_CLIENT} ...)",
+        crate::console::url(Host::Host1),
+        crate::console::url(Host::Host2)
+    );
     let acks = dir.acks()?;
     match acks.last() {
         Some((n, t)) => {
