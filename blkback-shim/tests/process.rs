@@ -14,6 +14,8 @@ use common::{nbd_uri, run_ok};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
+/// Write slots (8 KiB apart) of the SIGKILL test: 16 MiB of the disk.
+const SLOTS: u64 = 2048;
 const BIN: &str = env!("CARGO_BIN_EXE_xenft-blkback");
 
 /// A child process killed (SIGKILL) when dropped.
@@ -337,7 +339,7 @@ fn every_acked_write_is_on_the_secondary_after_sigkill_of_the_primary() {
         let mut acked = Vec::new();
         for i in 0..100_000u64 {
             let block = block_for(i);
-            match c.write((i % 8192) * 8192, &block, false).await {
+            match c.write((i % SLOTS) * 8192, &block, false).await {
                 Ok(()) => acked.push(i),
                 Err(_) => break,
             }
@@ -354,13 +356,13 @@ fn every_acked_write_is_on_the_secondary_after_sigkill_of_the_primary() {
     let in_flight = acked.last().map_or(0, |l| l + 1);
     let mut last = std::collections::HashMap::new();
     for i in &acked {
-        last.insert(i % 8192, *i);
+        last.insert(i % SLOTS, *i);
     }
     for (slot, i) in last {
         let off = usize::try_from(slot * 8192).unwrap();
         let got = &sec[off..off + 4096];
         let ok = got == &block_for(i)[..]
-            || (in_flight % 8192 == slot && got == &block_for(in_flight)[..]);
+            || (in_flight % SLOTS == slot && got == &block_for(in_flight)[..]);
         assert!(ok, "acked write {i} missing from the secondary");
     }
     // Restart the primary: its activity log makes it resync whatever was in flight.
