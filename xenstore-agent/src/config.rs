@@ -1,0 +1,382 @@
+//! The agent's configuration file (JSON) and its validation into a [`ValidConfig`].
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::{CoreConfig, VmSpec};
+use crate::ids::{HostId, PathId};
+use crate::timing::{Timing, TimingError};
+
+/// Largest accepted config or secret file.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+/// Most A-link paths per peer.
+pub const MAX_ALINK_PATHS: usize = 8;
+/// Most protected VMs per agent.
+pub const MAX_VMS: usize = 1024;
+
+/// One heartbeat path to a peer: a local UDP address and the peer's.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PathAddrs {
+    /// Local address to bind.
+    pub local: SocketAddr,
+    /// The peer's address on that path.
+    pub peer: SocketAddr,
+}
+
+/// A peer host and how to reach it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    /// The peer's name.
+    pub host: HostId,
+    /// A-link paths, in order.
+    pub alink: Vec<PathAddrs>,
+    /// Management network path.
+    pub mgmt: Option<PathAddrs>,
+}
+
+/// Status API settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusFile {
+    /// Listen address (loopback by default).
+    #[serde(default = "default_status")]
+    pub listen: SocketAddr,
+    /// File with the bearer token; required when `listen` is not loopback.
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_status() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7481))
+}
+
+impl Default for StatusFile {
+    fn default() -> Self {
+        Self {
+            listen: default_status(),
+            token_file: None,
+        }
+    }
+}
+
+/// The configuration file as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// This host's name.
+    pub host: HostId,
+    /// File with the pool secret.
+    pub secret_file: PathBuf,
+    /// Where the agent persists its state.
+    pub state_file: PathBuf,
+    /// Peers.
+    pub peers: Vec<PeerFile>,
+    /// Shared-storage directory for the storage heartbeat.
+    pub storage_heartbeat_dir: Option<PathBuf>,
+    /// Quorum servers: preferred first, then alternate.
+    #[serde(default)]
+    pub quorum: Vec<SocketAddr>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timing: Timing,
+    /// Status API.
+    #[serde(default)]
+    pub status: StatusFile,
+    /// VMs to protect.
+    #[serde(default)]
+    pub vms: Vec<VmSpec>,
+    /// Free memory for VMs (MiB), when not read from the hypervisor.
+    pub free_memory_mb: Option<u64>,
+    /// Event log length.
+    #[serde(default = "default_log")]
+    pub event_log: usize,
+}
+
+fn default_log() -> usize {
+    1000
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file is too large.
+    #[error("{0} is larger than {MAX_CONFIG_FILE} bytes")]
+    TooLarge(PathBuf),
+    /// Not valid JSON for the schema.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: serde_json::Error,
+    },
+    /// The secret is too short.
+    #[error("the pool secret in {0} is shorter than 16 bytes")]
+    WeakSecret(PathBuf),
+    /// Bad timing.
+    #[error("timing: {0}")]
+    Timing(#[from] TimingError),
+    /// Anything else, in words.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let io = |source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.len() > MAX_CONFIG_FILE {
+        return Err(ConfigError::TooLarge(path.to_path_buf()));
+    }
+    std::fs::read(path).map_err(io)
+}
+
+/// Reads a secret file (trailing whitespace removed, at least 16 bytes).
+///
+/// # Errors
+/// [`ConfigError`].
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let mut s = read_bounded(path)?;
+    while s.last().is_some_and(u8::is_ascii_whitespace) {
+        s.pop();
+    }
+    if s.len() < 16 {
+        return Err(ConfigError::WeakSecret(path.to_path_buf()));
+    }
+    Ok(s)
+}
+
+/// A checked configuration, ready to run.
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    /// The core's settings.
+    pub core: CoreConfig,
+    /// Pool secret.
+    pub secret: Vec<u8>,
+    /// State file path.
+    pub state_file: PathBuf,
+    /// Heartbeat paths: (peer, path, addresses).
+    pub paths: Vec<(HostId, PathId, PathAddrs)>,
+    /// Storage heartbeat directory.
+    pub storage_dir: Option<PathBuf>,
+    /// Quorum servers in order.
+    pub quorum: Vec<SocketAddr>,
+    /// Status listen address.
+    pub status_listen: SocketAddr,
+    /// Status token (required off loopback).
+    pub status_token: Option<String>,
+    /// VMs to protect.
+    pub vms: Vec<VmSpec>,
+    /// Free memory, if configured.
+    pub free_memory_mb: Option<u64>,
+    /// Event log length.
+    pub event_log: usize,
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let bytes = read_bounded(path)?;
+        serde_json::from_slice(&bytes).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks everything and reads the secret and token files.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first problem.
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        self.timing.validate()?;
+        if self.peers.is_empty() {
+            return bad("at least one peer is needed".into());
+        }
+        if self.quorum.len() > 2 {
+            return bad(format!(
+                "{} quorum servers configured, at most 2 (preferred, alternate)",
+                self.quorum.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let alinks = self.peers[0].alink.len();
+        let mut paths = Vec::new();
+        for p in &self.peers {
+            if p.host == self.host || !names.insert(p.host.clone()) {
+                return bad(format!("peer {} is this host or listed twice", p.host));
+            }
+            if p.alink.len() != alinks || alinks > MAX_ALINK_PATHS {
+                return bad(format!(
+                    "every peer needs the same number of A-link paths (1 to {MAX_ALINK_PATHS}); {} has {}",
+                    p.host,
+                    p.alink.len()
+                ));
+            }
+            for (i, a) in p.alink.iter().enumerate() {
+                let i =
+                    u8::try_from(i).map_err(|_| ConfigError::Invalid("too many paths".into()))?;
+                paths.push((p.host.clone(), PathId::Alink(i), a.clone()));
+            }
+            if let Some(m) = &p.mgmt {
+                paths.push((p.host.clone(), PathId::Mgmt, m.clone()));
+            }
+        }
+        if alinks == 0 && self.peers.iter().all(|p| p.mgmt.is_none()) {
+            return bad("no heartbeat path configured".into());
+        }
+        let mgmt = self.peers.iter().any(|p| p.mgmt.is_some());
+        if self.vms.len() > MAX_VMS {
+            return bad(format!("{} VMs, at most {MAX_VMS}", self.vms.len()));
+        }
+        let mut vm_names = BTreeSet::new();
+        for v in &self.vms {
+            if !vm_names.insert(v.vm.clone()) {
+                return bad(format!("VM {} listed twice", v.vm));
+            }
+            if v.primary == v.secondary {
+                return bad(format!(
+                    "VM {}: primary and secondary are the same host",
+                    v.vm
+                ));
+            }
+            for h in [&v.primary, &v.secondary] {
+                if *h != self.host && !names.contains(h) {
+                    return bad(format!("VM {}: host {h} is not in the pool", v.vm));
+                }
+            }
+            if v.memory_mb == 0 {
+                return bad(format!("VM {}: memory_mb is 0", v.vm));
+            }
+        }
+        let status_token = match &self.status.token_file {
+            Some(p) => Some(
+                String::from_utf8(read_secret(p)?)
+                    .map_err(|_| ConfigError::Invalid("status token is not UTF-8".into()))?,
+            ),
+            None => None,
+        };
+        if !self.status.listen.ip().is_loopback() && status_token.is_none() {
+            return bad(format!(
+                "status API on {} is not loopback: a token_file is required",
+                self.status.listen
+            ));
+        }
+        let secret = read_secret(&self.secret_file)?;
+        let mut peers: Vec<HostId> = self.peers.iter().map(|p| p.host.clone()).collect();
+        peers.push(self.host.clone());
+        Ok(ValidConfig {
+            core: CoreConfig {
+                me: self.host,
+                peers,
+                alink_paths: u8::try_from(alinks).unwrap_or(0),
+                mgmt_heartbeat: mgmt,
+                storage_heartbeat: self.storage_heartbeat_dir.is_some(),
+                quorum_servers: self.quorum.len(),
+                timing: self.timing,
+            },
+            secret,
+            state_file: self.state_file,
+            paths,
+            storage_dir: self.storage_heartbeat_dir,
+            quorum: self.quorum,
+            status_listen: self.status.listen,
+            status_token,
+            vms: self.vms,
+            free_memory_mb: self.free_memory_mb,
+            event_log: self.event_log.clamp(1, 100_000),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, json: &str) -> PathBuf {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        let p = dir.join("agent.json");
+        std::fs::write(&p, json.replace("SECRET", secret.to_str().unwrap())).unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"{
+        "host": "h1", "secret_file": "SECRET", "state_file": "/tmp/x.json",
+        "peers": [{"host": "h2", "alink": [{"local": "127.0.0.1:1", "peer": "127.0.0.1:2"}]}],
+        "vms": [{"vm": "web", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 512}]
+    }"#;
+
+    #[test]
+    fn a_good_config_validates() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ConfigFile::load(&write(d.path(), GOOD))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.core.alink_paths, 1);
+        assert_eq!(c.secret.len(), 20);
+        assert!(c.status_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn status_off_loopback_without_token_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let json = GOOD.replace(r#""vms""#, r#""status": {"listen": "0.0.0.0:7481"}, "vms""#);
+        let e = ConfigFile::load(&write(d.path(), &json))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("token_file"), "{e}");
+    }
+
+    #[test]
+    fn vm_on_unknown_host_and_unknown_fields_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ConfigFile::load(&write(
+            d.path(),
+            &GOOD.replace(r#""secondary": "h2""#, r#""secondary": "h9""#),
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("h9"), "{e}");
+        let e = ConfigFile::load(&write(
+            d.path(),
+            &GOOD.replace(r#""host": "h1","#, r#""host": "h1", "bogus": 1,"#),
+        ))
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn three_quorum_servers_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let json = GOOD.replace(
+            r#""vms""#,
+            r#""quorum": ["127.0.0.1:1","127.0.0.1:2","127.0.0.1:3"], "vms""#,
+        );
+        let e = ConfigFile::load(&write(d.path(), &json))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 2"), "{e}");
+    }
+}

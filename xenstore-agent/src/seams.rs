@@ -1,0 +1,253 @@
+//! The agent's view of the components it drives, as traits: the domain control (start, pause,
+//! resume, destroy; XenAPI `VM.start_on` or the local synthetic guest in production), the disk
+//! mirror (blkback-shim), the network relay (netback-shim) and the level-3 checkpoint engine.
+//! The real implementations live in their crates and are wired in by the binary; the
+//! [`Recorder`] stand-in records every call for tests and the demo.
+//!
+//! The methods are blocking (they may talk to xapi or a shim's control socket); the runtime
+//! calls them from a blocking thread.
+
+use std::sync::{Arc, Mutex};
+
+use crate::core::StartMode;
+use crate::decision::Component;
+use crate::ids::{HostId, VmId};
+
+/// A component refused or failed an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{component}: {operation} of {vm} failed: {reason}")]
+pub struct SeamError {
+    /// Which component.
+    pub component: &'static str,
+    /// What was asked.
+    pub operation: &'static str,
+    /// The VM.
+    pub vm: VmId,
+    /// Why.
+    pub reason: String,
+}
+
+/// Domain control: start (level-1 restart on the reserved host, or boot from the mirrored
+/// disk), pause, resume, destroy.
+pub trait DomainStarter: Send + Sync {
+    /// The protected VMs whose domain runs on this host now (read at agent start).
+    fn running(&self) -> Vec<VmId> {
+        Vec::new()
+    }
+    /// Boots the VM on this host.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn start(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// Pauses the local copy.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn pause(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// Unpauses the local copy.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn resume(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// Destroys the local copy.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn destroy(&self, vm: &VmId) -> Result<(), SeamError>;
+}
+
+/// The disk mirror (blkback-shim).
+pub trait DiskMirror: Send + Sync {
+    /// Full sync or resync of dirty regions to `peer`; returns when both copies match.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn sync(&self, vm: &VmId, peer: &HostId, full: bool) -> Result<(), SeamError>;
+    /// Peer lost: stop mirroring, track dirty regions.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn suspend(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// Redirect disk I/O to the peer's copy (`on`) or back to the local disk.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError>;
+}
+
+/// The network relay (netback-shim).
+pub trait NetRelay: Send + Sync {
+    /// Send the VM's traffic over the A-link to the peer's uplink (`on`) or locally.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError>;
+    /// After a take-over: announce the VM's addresses here (gratuitous ARP / unsolicited NA).
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError>;
+}
+
+/// The level-3 checkpoint engine.
+pub trait Checkpointer: Send + Sync {
+    /// On the secondary: discard any uncommitted epoch and resume the VM from the last
+    /// committed one.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError>;
+}
+
+/// The set of components the runtime drives.
+#[derive(Clone)]
+pub struct Seams {
+    /// Domain control.
+    pub domains: Arc<dyn DomainStarter>,
+    /// Disk mirror.
+    pub disk: Arc<dyn DiskMirror>,
+    /// Network relay.
+    pub net: Arc<dyn NetRelay>,
+    /// Checkpoint engine.
+    pub checkpoint: Arc<dyn Checkpointer>,
+}
+
+impl Seams {
+    /// Every seam served by one recorder.
+    #[must_use]
+    pub fn recording(r: &Arc<Recorder>) -> Self {
+        Self {
+            domains: r.clone(),
+            disk: r.clone(),
+            net: r.clone(),
+            checkpoint: r.clone(),
+        }
+    }
+
+    /// Starts a VM as the core asked: resume the checkpoint (level 3) or boot, then announce.
+    ///
+    /// # Errors
+    /// [`SeamError`] of the failing step.
+    pub fn start(&self, vm: &VmId, mode: StartMode) -> Result<(), SeamError> {
+        match mode {
+            StartMode::ResumeCheckpoint => self.checkpoint.resume_last_epoch(vm)?,
+            StartMode::Boot => self.domains.start(vm)?,
+        }
+        self.net.announce(vm)
+    }
+
+    /// Redirects or restores a component.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    pub fn redirect(&self, vm: &VmId, component: Component, on: bool) -> Result<(), SeamError> {
+        match component {
+            Component::Disk => self.disk.redirect(vm, on),
+            Component::Uplink => self.net.redirect(vm, on),
+        }
+    }
+}
+
+/// A stand-in for every seam that records the calls (`"start vm1"`, `"sync vm1 h2 full"`...).
+/// Operations succeed unless the VM is listed in `fail_start`.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    calls: Mutex<Vec<String>>,
+    fail_start: Mutex<Vec<VmId>>,
+}
+
+impl Recorder {
+    /// A new recorder.
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The calls so far.
+    #[must_use]
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Makes starting `vm` fail.
+    pub fn fail_start(&self, vm: VmId) {
+        if let Ok(mut f) = self.fail_start.lock() {
+            f.push(vm);
+        }
+    }
+
+    fn rec(&self, s: String) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(s);
+        }
+    }
+
+    fn start_result(&self, op: &'static str, vm: &VmId) -> Result<(), SeamError> {
+        let fail = self.fail_start.lock().is_ok_and(|f| f.contains(vm));
+        if fail {
+            Err(SeamError {
+                component: "recorder",
+                operation: op,
+                vm: vm.clone(),
+                reason: "configured to fail".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl DomainStarter for Recorder {
+    fn start(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("start {vm}"));
+        self.start_result("start", vm)
+    }
+    fn pause(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("pause {vm}"));
+        Ok(())
+    }
+    fn resume(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("resume {vm}"));
+        Ok(())
+    }
+    fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("destroy {vm}"));
+        Ok(())
+    }
+}
+
+impl DiskMirror for Recorder {
+    fn sync(&self, vm: &VmId, peer: &HostId, full: bool) -> Result<(), SeamError> {
+        self.rec(format!(
+            "sync {vm} {peer} {}",
+            if full { "full" } else { "dirty" }
+        ));
+        Ok(())
+    }
+    fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("suspend {vm}"));
+        Ok(())
+    }
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.rec(format!("disk-redirect {vm} {on}"));
+        Ok(())
+    }
+}
+
+impl NetRelay for Recorder {
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.rec(format!("net-redirect {vm} {on}"));
+        Ok(())
+    }
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("announce {vm}"));
+        Ok(())
+    }
+}
+
+impl Checkpointer for Recorder {
+    fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("resume-epoch {vm}"));
+        self.start_result("resume-epoch", vm)
+    }
+}

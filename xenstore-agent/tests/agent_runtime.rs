@@ -1,0 +1,206 @@
+//! Two real agents (UDP heartbeats on loopback, one quorum server over TCP, storage heartbeat
+//! files) with recording components: protection, take-over after a host stops, status API.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xenft_agent::config::{ConfigFile, PathAddrs, PeerFile, StatusFile};
+use xenft_agent::core::VmSpec;
+use xenft_agent::ids::{HostId, VmId};
+use xenft_agent::lifecycle::{Level, Phase};
+use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
+use xenft_agent::runtime::Agent;
+use xenft_agent::seams::{Recorder, Seams};
+use xenft_agent::status::{StatusHub, StatusServer};
+use xenft_agent::timing::Timing;
+
+fn free_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn host(s: &str) -> HostId {
+    HostId::new(s).unwrap()
+}
+
+struct Pool {
+    dir: tempfile::TempDir,
+    addrs: Vec<[SocketAddr; 3]>, // per host: alink0, alink1, mgmt
+    quorum: SocketAddr,
+}
+
+impl Pool {
+    fn config(&self, me: usize) -> ConfigFile {
+        let other = 1 - me;
+        let path = |i: usize| PathAddrs {
+            local: self.addrs[me][i],
+            peer: self.addrs[other][i],
+        };
+        let secret = self.dir.path().join("secret");
+        std::fs::write(&secret, "a-pool-secret-of-enough-length").unwrap();
+        let hb = self.dir.path().join("hb");
+        std::fs::create_dir_all(&hb).unwrap();
+        ConfigFile {
+            host: host(&format!("h{}", me + 1)),
+            secret_file: secret,
+            state_file: self.dir.path().join(format!("state-h{}.json", me + 1)),
+            peers: vec![PeerFile {
+                host: host(&format!("h{}", other + 1)),
+                alink: vec![path(0), path(1)],
+                mgmt: Some(path(2)),
+            }],
+            storage_heartbeat_dir: Some(hb),
+            quorum: vec![self.quorum],
+            timing: Timing::default(),
+            status: StatusFile {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token_file: None,
+            },
+            vms: vec![VmSpec {
+                vm: VmId::new("vm1").unwrap(),
+                level: Level::L3,
+                primary: host("h1"),
+                secondary: host("h2"),
+                memory_mb: 256,
+            }],
+            free_memory_mb: Some(4096),
+            event_log: 100,
+        }
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn phase(hub: &StatusHub) -> Option<Phase> {
+    hub.snapshot().vms.first().map(|v| v.record.phase)
+}
+
+async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_takes_over_when_the_primary_agent_stops() {
+    let q = QuorumServer::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        secret: b"a-pool-secret-of-enough-length".to_vec(),
+        lease_ms: 600,
+        max_vms: 16,
+        max_connections: 8,
+        idle_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let pool = Pool {
+        dir: tempfile::tempdir().unwrap(),
+        addrs: (0..2)
+            .map(|_| [free_port(), free_port(), free_port()])
+            .collect(),
+        quorum: q.addr(),
+    };
+    let (r1, r2) = (Recorder::new(), Recorder::new());
+    let a1 = Agent::start(pool.config(0).validate().unwrap(), Seams::recording(&r1))
+        .await
+        .unwrap();
+    let a2 = Agent::start(pool.config(1).validate().unwrap(), Seams::recording(&r2))
+        .await
+        .unwrap();
+    let (h1, h2) = (a1.hub(), a2.hub());
+    wait_for("protection", Duration::from_secs(10), || {
+        phase(&h1) == Some(Phase::Protected) && phase(&h2) == Some(Phase::Protected)
+    })
+    .await;
+    assert!(
+        r1.calls().contains(&"sync vm1 h2 full".to_string()),
+        "{:?}",
+        r1.calls()
+    );
+    let snap = h1.snapshot();
+    assert!(snap.peers[0].paths.iter().all(|(_, up, _)| *up), "{snap:?}");
+
+    // Status API on the primary.
+    let status = StatusServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Some("tok-123".into()),
+        h1.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(http_get(status.addr(), "/status", None)
+        .await
+        .starts_with("HTTP/1.1 401"));
+    let body = http_get(status.addr(), "/status", Some("tok-123")).await;
+    assert!(body.contains("\"phase\": \"protected\""), "{body}");
+    let metrics = http_get(status.addr(), "/metrics", Some("tok-123")).await;
+    assert!(
+        metrics.contains("xenft_agent_path_up{peer=\"h2\",path=\"alink0\"} 1"),
+        "{metrics}"
+    );
+    status.shutdown().await;
+
+    // The primary host "dies": its agent stops (no heartbeats, no lease renewals, no storage
+    // heartbeat).
+    let stopped = Instant::now();
+    a1.shutdown().await;
+    wait_for("take-over", Duration::from_secs(5), || {
+        r2.calls().contains(&"resume-epoch vm1".to_string())
+    })
+    .await;
+    let took = stopped.elapsed();
+    assert!(r2.calls().contains(&"announce vm1".to_string()));
+    wait_for("failed-over state", Duration::from_secs(2), || {
+        phase(&h2) == Some(Phase::FailedOver)
+    })
+    .await;
+    assert_eq!(q.holder(&VmId::new("vm1").unwrap()), Some(host("h2")));
+    let (log, _) = h2.decisions();
+    assert!(
+        log.iter().any(|d| d.reason.contains("quorum granted")),
+        "{log:?}"
+    );
+    println!(
+        "take-over {} ms after the primary agent stopped",
+        took.as_millis()
+    );
+
+    // The old primary comes back: it learns it is now the secondary and resyncs.
+    let r1b = Recorder::new();
+    let a1 = Agent::start(pool.config(0).validate().unwrap(), Seams::recording(&r1b))
+        .await
+        .unwrap();
+    let h1 = a1.hub();
+    wait_for("re-protection", Duration::from_secs(10), || {
+        phase(&h1) == Some(Phase::Protected) && phase(&h2) == Some(Phase::Protected)
+    })
+    .await;
+    let snap = h1.snapshot();
+    assert_eq!(snap.vms[0].record.primary, host("h2"));
+    assert!(
+        r2.calls().contains(&"sync vm1 h1 dirty".to_string()),
+        "{:?}",
+        r2.calls()
+    );
+    a1.shutdown().await;
+    a2.shutdown().await;
+    q.shutdown().await;
+    drop(Arc::clone(&h2));
+}
