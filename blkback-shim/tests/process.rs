@@ -578,7 +578,8 @@ fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
     wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
     let (pc, sc) = (s.p("primary.ctl"), s.p("secondary.ctl"));
     assert_eq!(control(&sc, "epoch-mode on").unwrap()["ok"], true);
-    assert_eq!(control(&pc, "epoch 1").unwrap()["ok"], true);
+    // Checkpoint 0 ends: the writes that follow belong to epoch 1.
+    assert_eq!(control(&pc, "checkpoint 0").unwrap()["epoch"], 1);
     run_ok(
         "qemu-io",
         &[
