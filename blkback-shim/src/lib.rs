@@ -38,8 +38,16 @@
 //!   `last_resync`, `local_failure` (the cause; non-null means remote mode), counters; or
 //!   `{"role":"secondary","secondary":{...}}` with `connected`, `disk`, `held_epochs`, ...;
 //! - `resync-rate <bytes/s>`, `verify [block]` (primary);
-//! - level 3: `epoch <n>` and `commit <n>` (primary), `epoch-mode on|off`, `commit-local <n>`
-//!   and `discard` (secondary, on failover).
+//! - level 3: `checkpoint <n>` / `epoch <n>` and `commit <n>` (primary), `epoch-mode on|off`,
+//!   `commit-local <n>` and `discard` (secondary, on failover). The checkpoint engine's
+//!   `CommitSink` maps directly: `checkpoint(n)` → [`mirror::primary::Primary::checkpoint_boundary`],
+//!   `commit(n)` → [`mirror::primary::Primary::commit_epoch`] (resolves once the secondary
+//!   applied epoch `n`).
+//!
+//! The agent's `DiskMirror` seam needs no calls beyond these: a session (and its full or
+//! dirty-only resync) starts whenever the peer is reachable — `sync` is "wait for `in_sync`";
+//! a lost peer makes the primary degraded by itself (`suspend`); a failed local store switches
+//! to remote mode by itself (`redirect`), reported in `local_failure`.
 //!
 //! In-process, the same is available through [`mirror::primary::Primary::status`],
 //! [`mirror::primary::Primary::subscribe_failures`], [`mirror::primary::Primary::set_epoch`],

@@ -60,6 +60,9 @@ struct Args {
     /// A-link: file holding the pool secret (at least 16 bytes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// A-link: a path silent this long is down (milliseconds; default: the link's own).
+    #[arg(long)]
+    alink_path_timeout_ms: Option<u64>,
     /// Primary: dirty bitmap file (default: DISK.xenft-bitmap).
     #[arg(long)]
     bitmap: Option<PathBuf>,
@@ -113,7 +116,7 @@ fn config(a: Args) -> anyhow::Result<Config> {
             .context("--alink-path needs --secret-file")?;
         let secret = std::fs::read(secret_file)
             .with_context(|| format!("reading {}", secret_file.display()))?;
-        let cfg = LinkConfig::new(
+        let mut cfg = LinkConfig::new(
             a.host.clone().context("--alink-path needs --host")?,
             a.peer_host
                 .clone()
@@ -121,6 +124,9 @@ fn config(a: Args) -> anyhow::Result<Config> {
             secret,
             paths,
         );
+        if let Some(ms) = a.alink_path_timeout_ms {
+            cfg.path_timeout = Duration::from_millis(ms);
+        }
         cfg.validate().context("a-link configuration")?;
         Some(PeerTransport::Alink(cfg))
     };

@@ -7,6 +7,8 @@
 //! - `resync-rate <bytes/s>` → sets the resync rate limit (0 = unlimited);
 //! - `verify [block]` (primary) → online verify by block checksums (default 64 KiB blocks):
 //!   `{"verify":{"bytes_checked","differing":[[offset,len],..],"differing_bytes"}}`;
+//! - `checkpoint <n>` (primary) → checkpoint boundary: later writes belong to epoch `n + 1`
+//!   (the checkpoint engine's `CommitSink::checkpoint`);
 //! - `epoch <n>` (primary) → stamps subsequent writes with epoch `n`;
 //! - `commit <n>` (primary) → commits epoch `n` on the secondary, replies when applied;
 //! - `epoch-mode on|off` (secondary) → hold writes per epoch;
@@ -70,6 +72,13 @@ impl Node {
                     Err(e) => err(&e.to_string()),
                 }
             }
+            ("checkpoint", Self::Primary(p)) => match num() {
+                Some(n) => {
+                    p.checkpoint_boundary(n);
+                    json!({"ok": true, "epoch": n.saturating_add(1)})
+                }
+                None => err("checkpoint needs an epoch"),
+            },
             ("epoch", Self::Primary(p)) => match num() {
                 Some(n) => {
                     p.set_epoch(n);

@@ -14,6 +14,8 @@ use common::{nbd_uri, run_ok};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
+/// Write slots (8 KiB apart) of the SIGKILL test: 16 MiB of the disk.
+const SLOTS: u64 = 2048;
 const BIN: &str = env!("CARGO_BIN_EXE_xenft-blkback");
 
 /// A child process killed (SIGKILL) when dropped.
@@ -76,6 +78,9 @@ impl Setup {
         let mut a = vec![
             "--secret-file".to_string(),
             self.p("secret").display().to_string(),
+            // Generous: test hosts are often overloaded.
+            "--alink-path-timeout-ms".to_string(),
+            "2000".to_string(),
         ];
         let (me, peer) = if primary {
             ("host-a", "host-b")
@@ -239,13 +244,22 @@ fn pattern_identical_after_flush(s: &Setup) {
             &s.uri(),
         ],
     );
+    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let p = &v["primary"];
+    if p["sessions"] != 1 || p["writes_degraded"] != 0 {
+        // The link dropped during the run (an overloaded host can delay heartbeats past the
+        // path timeout): the guarantee then holds once back in sync and flushed.
+        eprintln!("link dropped during the run: {v}");
+        wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+        run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
+    } else {
+        assert_eq!(p["writes_mirrored"], 5, "{v}");
+    }
     assert!(
         files_identical(&s.p("primary.img"), &s.p("secondary.img")),
         "{}",
         s.log()
     );
-    let v = control(&s.p("primary.ctl"), "status").unwrap();
-    assert!(v["primary"]["writes_mirrored"].as_u64().unwrap() >= 5);
 }
 
 #[test]
@@ -337,7 +351,7 @@ fn every_acked_write_is_on_the_secondary_after_sigkill_of_the_primary() {
         let mut acked = Vec::new();
         for i in 0..100_000u64 {
             let block = block_for(i);
-            match c.write((i % 8192) * 8192, &block, false).await {
+            match c.write((i % SLOTS) * 8192, &block, false).await {
                 Ok(()) => acked.push(i),
                 Err(_) => break,
             }
@@ -349,19 +363,33 @@ fn every_acked_write_is_on_the_secondary_after_sigkill_of_the_primary() {
     assert!(!acked.is_empty(), "no write acked before the kill");
     assert!(acked.len() < 100_000, "primary was never killed");
     let sec = std::fs::read(s.p("secondary.img")).unwrap();
-    // The last write to each offset that was acknowledged must be there.
+    // Each slot holds its last acknowledged write, or the one write that was in flight when
+    // the primary died (sent, maybe applied by the secondary, never acknowledged).
+    let in_flight = acked.last().map_or(0, |l| l + 1);
     let mut last = std::collections::HashMap::new();
     for i in &acked {
-        last.insert(i % 8192, *i);
+        last.insert(i % SLOTS, *i);
     }
     for (slot, i) in last {
         let off = usize::try_from(slot * 8192).unwrap();
-        assert_eq!(
-            &sec[off..off + 4096],
-            &block_for(i)[..],
-            "acked write {i} missing"
-        );
+        let got = &sec[off..off + 4096];
+        let ok = got == &block_for(i)[..]
+            || (in_flight % SLOTS == slot && got == &block_for(in_flight)[..]);
+        assert!(ok, "acked write {i} missing from the secondary");
     }
+    // Restart the primary: its activity log makes it resync whatever was in flight.
+    let _pri = s.primary();
+    let v = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    assert!(
+        v["primary"]["al_recovered_extents"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
+    assert!(
+        files_identical(&s.p("primary.img"), &s.p("secondary.img")),
+        "{}",
+        s.log()
+    );
 }
 
 fn block_for(i: u64) -> Vec<u8> {
@@ -550,7 +578,8 @@ fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
     wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
     let (pc, sc) = (s.p("primary.ctl"), s.p("secondary.ctl"));
     assert_eq!(control(&sc, "epoch-mode on").unwrap()["ok"], true);
-    assert_eq!(control(&pc, "epoch 1").unwrap()["ok"], true);
+    // Checkpoint 0 ends: the writes that follow belong to epoch 1.
+    assert_eq!(control(&pc, "checkpoint 0").unwrap()["epoch"], 1);
     run_ok(
         "qemu-io",
         &[

@@ -243,6 +243,13 @@ impl Primary {
         self.epoch.store(epoch, Ordering::SeqCst);
     }
 
+    /// Level-3 checkpoint boundary, called while the domain is paused for checkpoint `epoch`
+    /// (the checkpoint engine's `CommitSink::checkpoint`): writes completed before belong to
+    /// `epoch`, writes after to `epoch + 1`.
+    pub fn checkpoint_boundary(&self, epoch: u64) {
+        self.set_epoch(epoch.saturating_add(1));
+    }
+
     /// Tells the secondary that `epoch` is committed (its held writes may be applied); resolves
     /// when the secondary applied them. Without a session the epoch is implicitly committed
     /// (degraded writes are in the bitmap).
