@@ -1352,7 +1352,11 @@ impl HostCore {
                     );
                     return;
                 }
-                self.drive_protection(vm, peer_alink, report.as_ref());
+                // Protect only while holding authority (lease or promise): a replica made
+                // consistent without it would expose this copy to a fence the moment the
+                // sync ends.
+                let authority = self.cfg.quorum_servers == 0 || self.any_grant(v) || promise;
+                self.drive_protection(vm, peer_alink && authority, peer_alink, report.as_ref());
             }
             LocalCopy::Starting => {}
             LocalCopy::Paused => {
@@ -1419,7 +1423,13 @@ impl HostCore {
     }
 
     /// Sync, degrade and resync on the running primary.
-    fn drive_protection(&mut self, vm: &VmId, peer_alink: bool, report: Option<&VmReport>) {
+    fn drive_protection(
+        &mut self,
+        vm: &VmId,
+        may_sync: bool,
+        peer_alink: bool,
+        report: Option<&VmReport>,
+    ) {
         let v = &self.vms[vm];
         let peer = v.rec.other(&self.cfg.me).clone();
         let phase = v.rec.phase;
@@ -1448,7 +1458,7 @@ impl HostCore {
             | Phase::FailedOver
             | Phase::Fenced
             | Phase::FailingOver
-                if peer_alink && peer_agrees =>
+                if may_sync && peer_agrees =>
             {
                 let full = phase == Phase::Unprotected;
                 let v = self.vms.get_mut(vm).expect("vm");
