@@ -8,6 +8,9 @@
 //!   process died before it could drop it), with helpers to run commands or threads inside it;
 //! - [`netns::veth`]: a veth pair between two namespaces with addresses;
 //! - [`netns::require_root`]: the skip rule for privileged tests (they print why and pass
-//!   trivially only when not root, which CI never is).
+//!   trivially only when not root, which CI never is);
+//! - [`xapi_server::FakeXapi`]: a XenAPI test server with xapi's semantics (also run as the
+//!   `xenft-fake-xapi` binary), checked against the official Python SDK in `tests/xapi_sdk.rs`.
 
 pub mod netns;
+pub mod xapi_server;

@@ -3,3 +3,32 @@
 //! The XenAPI client (XML-RPC and JSON-RPC), the pool-wide protection registry kept in the
 //! pool's and VMs' `other_config`, the xe-style `xenft` CLI, XenCenter custom fields and the
 //! xapi host plugin. Everything an administrator or a script does goes through here.
+//!
+//! Layers, bottom up:
+//! - [`xmlrpc`] / [`jsonrpc`]: value encodings (wire-protocol.md);
+//! - [`transport`]: HTTP(S) with reqwest, HTTP/1.1 over xapi's Unix socket;
+//! - [`client::XenApi`]: sessions, the `Status`/`Value`/`ErrorDescription` envelope,
+//!   re-login on `SESSION_INVALID`; [`api`] adds typed calls and records and [`api::EventStream`]
+//!   (`event.from` with `EVENTS_LOST` recovery);
+//! - [`error::XapiError`]: typed errors keeping XenAPI codes and parameters;
+//! - [`registry`]: the protection registry in pool/VM `other_config` (checked writes);
+//! - [`ops`]: protect/unprotect with admission control, status, pool-init, compat check,
+//!   migrate: what the CLI, the host plugin and the watcher call;
+//! - [`customfields`]: XenCenter custom field definitions and the watcher acting on them;
+//! - [`cli`]: the xe-style `xenft` command line; [`plugin`]: the xapi host plugin.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod customfields;
+pub mod error;
+pub mod jsonrpc;
+pub mod ops;
+pub mod plugin;
+pub mod registry;
+pub mod transport;
+pub mod xmlrpc;
+
+pub use api::{Class, EventStream, HostRecord, PoolRecord, Ref, VmRecord};
+pub use client::{ConnectOptions, Credentials, Protocol, XenApi};
+pub use error::{codes, XapiError};

@@ -1,0 +1,439 @@
+//! One TCP connection of a path lane: dialing or accepting it, the authenticated handshake,
+//! and the reader and writer tasks that run it until it fails or is replaced.
+//!
+//! Handshake: the dialer sends Hello (path, lane, session, nonce, its name, the name it
+//! expects) under the pool secret; the acceptor checks names and path and answers HelloAck
+//! (its session and nonce, echoing the dialer's nonce). Both derive the connection key as
+//! HMAC(secret, "xenft-alink-conn-v1" | dialer nonce | acceptor nonce), so frames of one
+//! connection cannot be replayed on another.
+
+use super::*;
+
+pub(super) async fn dial_loop(sh: Arc<Shared>, conn: usize) {
+    let mut stop = sh.shutdown.subscribe();
+    let path = conn / LANES;
+    let pc = sh.cfg.paths[path].clone();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let attempt = async {
+            let sock = if pc.peer.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .map_err(|e| e.to_string())?;
+            sock.bind(SocketAddr::new(pc.local.ip(), 0))
+                .map_err(|e| format!("bind {}: {e}", pc.local.ip()))?;
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(pc.peer))
+                .await
+                .map_err(|_| "connect timeout".to_string())?
+                .map_err(|e| format!("connect {}: {e}", pc.peer))?;
+            Ok::<_, String>(stream)
+        };
+        let res = tokio::select! {
+            r = attempt => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match res {
+            Ok(stream) => match handshake_dial(&sh, conn, stream).await {
+                Ok((stream, key, peer_session)) => {
+                    run_connection(&sh, conn, stream, key, peer_session).await;
+                }
+                Err(e) => {
+                    bump(&sh.counters.handshake_failures, 1);
+                    tracing::debug!(path, error = %e, "A-link handshake failed");
+                }
+            },
+            Err(e) => tracing::trace!(path, error = %e, "A-link dial failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(sh.cfg.reconnect_interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+pub(super) async fn accept_loop(sh: Arc<Shared>, path: usize, listener: TcpListener) {
+    let mut stop = sh.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, from)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            match handshake_accept(&sh, path, stream).await {
+                Ok((stream, key, peer_session, lane)) => {
+                    run_connection(&sh, path * LANES + lane, stream, key, peer_session).await;
+                }
+                Err(e) => {
+                    bump(&sh.counters.handshake_failures, 1);
+                    tracing::debug!(path, %from, error = %e, "A-link handshake refused");
+                }
+            }
+        });
+    }
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    // Names are validated to at most 255 bytes.
+    out.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+    out.extend_from_slice(&name.as_bytes()[..name.len().min(255)]);
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+    if buf.len() < n {
+        return Err("short handshake payload".into());
+    }
+    let (a, b) = buf.split_at(n);
+    *buf = b;
+    Ok(a)
+}
+
+fn take_name(buf: &mut &[u8]) -> Result<String, String> {
+    let n = usize::from(take(buf, 1)?[0]);
+    String::from_utf8(take(buf, n)?.to_vec()).map_err(|_| "host name is not UTF-8".to_string())
+}
+
+fn take_u64(buf: &mut &[u8]) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(take(buf, 8)?);
+    Ok(u64::from_be_bytes(b))
+}
+
+fn conn_key(secret: &[u8], nonce_d: &[u8; 16], nonce_a: &[u8; 16]) -> FrameMac {
+    let mut m = keyed(secret);
+    hmac::Mac::update(&mut m, b"xenft-alink-conn-v1");
+    hmac::Mac::update(&mut m, nonce_d);
+    hmac::Mac::update(&mut m, nonce_a);
+    let k = hmac::Mac::finalize(m).into_bytes();
+    keyed(&k)
+}
+
+/// Reads one frame. `max_len` caps the payload from the header alone (the handshake allows
+/// only control-sized frames, so an unauthenticated peer cannot make us allocate a fragment).
+async fn read_frame(
+    stream: &mut (impl AsyncReadExt + Unpin),
+    key: &FrameMac,
+    max_len: usize,
+) -> Result<Frame, ReadError> {
+    let mut h = [0u8; HEADER_LEN];
+    stream.read_exact(&mut h).await.map_err(ReadError::Io)?;
+    let header = decode_header(&h).map_err(ReadError::Frame)?;
+    if header.len > max_len {
+        return Err(ReadError::Frame(FrameError::TooLong {
+            len: u32::try_from(header.len).unwrap_or(u32::MAX),
+            max: max_len,
+        }));
+    }
+    let mut body = BytesMut::zeroed(header.len + MAC_LEN);
+    stream.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ReadError::Frame(FrameError::Truncated(header.len + MAC_LEN))
+        } else {
+            ReadError::Io(e)
+        }
+    })?;
+    let tag = body.split_off(header.len);
+    if !frame::verify(key, &h, &body, &tag) {
+        return Err(ReadError::Frame(FrameError::BadMac));
+    }
+    Ok(Frame {
+        kind: header.kind,
+        channel: header.channel,
+        flags: header.flags,
+        seq: header.seq,
+        payload: body.freeze(),
+    })
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Frame(FrameError),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(e) => write!(f, "{e}"),
+            ReadError::Frame(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+type Handshaken = (TcpStream, FrameMac, u64);
+
+async fn handshake_dial(sh: &Shared, conn: usize, mut s: TcpStream) -> Result<Handshaken, String> {
+    let path = conn / LANES;
+    let _ = s.set_nodelay(true);
+    let mut nonce_d = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut nonce_d);
+    let mut p = Vec::new();
+    p.extend_from_slice(&u16::try_from(path).unwrap_or(u16::MAX).to_be_bytes());
+    p.push(u8::try_from(conn % LANES).unwrap_or(u8::MAX));
+    p.extend_from_slice(&sh.session.to_be_bytes());
+    p.extend_from_slice(&nonce_d);
+    put_name(&mut p, &sh.cfg.local_host);
+    put_name(&mut p, &sh.cfg.peer_host);
+    let hello = control_frame(Kind::Hello, Channel::Control, 0, Bytes::from(p));
+    let work = async {
+        s.write_all(&frame::encode(&sh.secret_key, &hello))
+            .await
+            .map_err(|e| e.to_string())?;
+        let f = read_frame(&mut s, &sh.secret_key, frame::MAX_CONTROL_PAYLOAD)
+            .await
+            .map_err(|e| {
+                if let ReadError::Frame(fe) = &e {
+                    sh.reject(path, fe);
+                }
+                e.to_string()
+            })?;
+        if f.kind != Kind::HelloAck {
+            return Err(format!("expected HelloAck, got {:?}", f.kind));
+        }
+        let mut b = &f.payload[..];
+        let peer_session = take_u64(&mut b)?;
+        let mut nonce_a = [0u8; 16];
+        nonce_a.copy_from_slice(take(&mut b, 16)?);
+        if take(&mut b, 16)? != nonce_d {
+            return Err("HelloAck does not echo our nonce (replay?)".into());
+        }
+        Ok((peer_session, nonce_a))
+    };
+    let (peer_session, nonce_a) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| "handshake timeout".to_string())??;
+    Ok((
+        s,
+        conn_key(&sh.cfg.secret, &nonce_d, &nonce_a),
+        peer_session,
+    ))
+}
+
+async fn handshake_accept(
+    sh: &Shared,
+    path: usize,
+    mut s: TcpStream,
+) -> Result<(TcpStream, FrameMac, u64, usize), String> {
+    let _ = s.set_nodelay(true);
+    let work = async {
+        let f = read_frame(&mut s, &sh.secret_key, frame::MAX_CONTROL_PAYLOAD)
+            .await
+            .map_err(|e| {
+                if let ReadError::Frame(fe) = &e {
+                    sh.reject(path, fe);
+                }
+                e.to_string()
+            })?;
+        if f.kind != Kind::Hello {
+            return Err(format!("expected Hello, got {:?}", f.kind));
+        }
+        let mut b = &f.payload[..];
+        let mut pb = [0u8; 2];
+        pb.copy_from_slice(take(&mut b, 2)?);
+        let their_path = usize::from(u16::from_be_bytes(pb));
+        let lane = usize::from(take(&mut b, 1)?[0]);
+        if lane >= LANES {
+            return Err(format!("unknown lane {lane}"));
+        }
+        let peer_session = take_u64(&mut b)?;
+        let mut nonce_d = [0u8; 16];
+        nonce_d.copy_from_slice(take(&mut b, 16)?);
+        let from = take_name(&mut b)?;
+        let to = take_name(&mut b)?;
+        if from != sh.cfg.peer_host || to != sh.cfg.local_host {
+            return Err(format!(
+                "hello from '{from}' to '{to}'; expected '{}' to '{}'",
+                sh.cfg.peer_host, sh.cfg.local_host
+            ));
+        }
+        if their_path != path {
+            return Err(format!(
+                "peer says path {their_path}, this listener is path {path}"
+            ));
+        }
+        let mut nonce_a = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut nonce_a);
+        let mut p = Vec::with_capacity(40);
+        p.extend_from_slice(&sh.session.to_be_bytes());
+        p.extend_from_slice(&nonce_a);
+        p.extend_from_slice(&nonce_d);
+        let ack = control_frame(Kind::HelloAck, Channel::Control, 0, Bytes::from(p));
+        s.write_all(&frame::encode(&sh.secret_key, &ack))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((peer_session, nonce_d, nonce_a, lane))
+    };
+    let (peer_session, nonce_d, nonce_a, lane) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| "handshake timeout".to_string())??;
+    Ok((
+        s,
+        conn_key(&sh.cfg.secret, &nonce_d, &nonce_a),
+        peer_session,
+        lane,
+    ))
+}
+
+/// Runs an authenticated connection until it fails or is replaced.
+async fn run_connection(
+    sh: &Arc<Shared>,
+    conn: usize,
+    stream: TcpStream,
+    key: FrameMac,
+    peer_session: u64,
+) {
+    let generation = sh.conn_up(conn, peer_session);
+    let (rd, wr) = stream.into_split();
+    let wake = sh.lock().conns[conn].wake.clone();
+    let mut writer = {
+        let sh = sh.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let reason = write_loop(&sh, conn, generation, wr, &key, &wake).await;
+            sh.conn_down(conn, generation, &reason);
+        })
+    };
+    // The reader runs as its own task: reading a frame is not cancel-safe, so it must never be
+    // a branch of a select that another branch can win half-way through a frame.
+    let mut reader = {
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let reason = read_loop(&sh, conn, generation, rd, &key).await;
+            sh.conn_down(conn, generation, &reason);
+        })
+    };
+    let mut stop = sh.shutdown.subscribe();
+    let mut check = tokio::time::interval(sh.cfg.heartbeat_interval);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                sh.conn_down(conn, generation, "link shut down");
+                break;
+            }
+            // Either side ending ends the connection.
+            _ = &mut writer => break,
+            _ = &mut reader => break,
+            // A writer blocked on the full socket of a cut cable, or a reader waiting on it,
+            // never sees that the connection was declared down: look, and abort them below.
+            _ = check.tick() => {
+                if sh.lock().conns[conn].generation != generation {
+                    break;
+                }
+            }
+        }
+    }
+    writer.abort();
+    reader.abort();
+}
+
+async fn read_loop(
+    sh: &Shared,
+    conn: usize,
+    generation: u64,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    key: &FrameMac,
+) -> String {
+    loop {
+        match read_frame(&mut rd, key, MAX_FRAGMENT).await {
+            Ok(f) => {
+                bump(&sh.counters.frames_received, 1);
+                bump(
+                    &sh.counters.bytes_received,
+                    (HEADER_LEN + f.payload.len() + MAC_LEN) as u64,
+                );
+                if let Err(e) = sh.on_frame(conn, generation, f) {
+                    return e.to_string();
+                }
+            }
+            Err(ReadError::Frame(e)) => {
+                sh.reject(conn / LANES, &e);
+                return format!("rejected frame: {e}");
+            }
+            Err(ReadError::Io(e)) => return format!("read: {e}"),
+        }
+    }
+}
+
+/// What the writer takes next: a link-internal frame of this connection, else (when it is its
+/// lane's active connection) the next unsent fragment of the lane's highest-priority channel.
+fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<Frame>, String> {
+    let mut st = sh.lock();
+    if st.conns[conn].generation != generation || !st.conns[conn].up {
+        return Err("connection replaced".into());
+    }
+    if let Some(f) = st.conns[conn].urgent.pop_front() {
+        return Ok(Some(f));
+    }
+    let lane = conn % LANES;
+    if st.active[lane] != Some(conn) {
+        return Ok(None);
+    }
+    for ch in Channel::BY_PRIORITY
+        .into_iter()
+        .filter(|&c| lane_of(c) == lane)
+    {
+        let tx = &mut st.tx[ch.index()];
+        if let Some((seq, flags, payload)) = tx.queue.get(tx.sent) {
+            let f = Frame {
+                kind: Kind::Data,
+                channel: ch,
+                flags: *flags,
+                seq: *seq,
+                payload: payload.clone(),
+            };
+            tx.sent += 1;
+            return Ok(Some(f));
+        }
+    }
+    Ok(None)
+}
+
+async fn write_loop(
+    sh: &Shared,
+    path: usize,
+    generation: u64,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    key: &FrameMac,
+    wake: &Notify,
+) -> String {
+    let mut w = BufWriter::with_capacity(64 * 1024, wr);
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let f = match next_frame(sh, path, generation) {
+            Err(e) => return e,
+            Ok(f) => f,
+        };
+        let Some(f) = f else {
+            if let Err(e) = w.flush().await {
+                return format!("write: {e}");
+            }
+            notified.await;
+            continue;
+        };
+        let h = encode_header(f.kind, f.channel, f.flags, f.seq, f.payload.len());
+        let tag = frame::mac(key, &h, &f.payload);
+        let res = async {
+            w.write_all(&h).await?;
+            w.write_all(&f.payload).await?;
+            w.write_all(&tag).await
+        }
+        .await;
+        if let Err(e) = res {
+            return format!("write: {e}");
+        }
+        bump(&sh.counters.frames_sent, 1);
+        bump(
+            &sh.counters.bytes_sent,
+            (HEADER_LEN + f.payload.len() + MAC_LEN) as u64,
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Synchronous mirroring to the peer shim (DRBD protocol C), dirty bitmap, resync, epochs.
+//!
+//! - [`wire`]: replication messages and their codec;
+//! - [`transport`]: sessions to the peer (in-memory, TCP, and the alink adapter);
+//! - [`bitmap`]: the persistent dirty bitmap;
+//! - [`primary`]: the primary engine (mirrored writes, degraded mode, resync, remote mode);
+//! - [`secondary`]: the secondary applier (in-order apply, acks, epoch mode).
+
+pub mod alink;
+pub mod bitmap;
+pub mod primary;
+pub mod secondary;
+pub mod transport;
+pub mod wire;

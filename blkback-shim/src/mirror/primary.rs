@@ -1,0 +1,1001 @@
+//! The primary side of the mirror: protocol-C writes, degraded mode, online resync, remote mode.
+//!
+//! Ordering: every mutating operation takes the *order lock*, applies itself to the local store
+//! and gets its sequence number while holding it, so the sequence order equals the order in
+//! which the local store saw the operations; the secondary applies in sequence order, so
+//! overlapping writes end identical on both sides. Resync reads a chunk and sequences its copy
+//! under the same lock, so a client write racing with the copy is always sequenced after it
+//! and wins on both sides.
+//!
+//! Acknowledgement (DRBD protocol C): a client write completes when the local store has it AND
+//! the secondary acknowledged it. If the session ends first, the write's chunks are marked in
+//! the persistent [`DirtyBitmap`] (made durable) and only then is the write completed:
+//! degraded mode. While no session exists, writes mark the bitmap before completing.
+//!
+//! Remote mode: if the local store fails, the failure is recorded (with its cause) and from then
+//! on writes go only to the secondary and reads are served by it ([`PeerMsg::ReadReq`]), so the
+//! client sees no error as long as the peer is there.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{info, warn};
+
+use super::bitmap::DirtyBitmap;
+use super::transport::{PeerConnector, PeerSession};
+use super::wire::{
+    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+};
+use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
+use crate::store::{Store, StoreError};
+
+/// Largest resync copy (contiguous dirty chunks are merged up to this).
+const RESYNC_RUN: u64 = 1 << 20;
+
+/// Tunables of the mirror.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// A session whose oldest unacknowledged message is older than this is dropped.
+    pub ack_timeout: Duration,
+    /// Pause between connection attempts.
+    pub reconnect_interval: Duration,
+    /// Resync rate limit in bytes per second (0: unlimited). Settable at run time.
+    pub resync_rate: u64,
+    /// Resync bytes in flight (unacknowledged) at most.
+    pub resync_window: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(5),
+            reconnect_interval: Duration::from_millis(200),
+            resync_rate: 0,
+            resync_window: 16 << 20,
+        }
+    }
+}
+
+/// Connection state towards the secondary, as reported by [`Primary::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerLink {
+    /// No session: writes are recorded in the dirty bitmap.
+    Degraded,
+    /// Session up, resync running.
+    Resyncing,
+    /// Session up, secondary identical as of the last acknowledgement.
+    InSync,
+}
+
+/// Resync progress.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ResyncProgress {
+    /// Whether this is the full initial sync.
+    pub full: bool,
+    /// Bytes to copy when the resync started.
+    pub total_bytes: u64,
+    /// Bytes still dirty.
+    pub bytes_left: u64,
+    /// Data bytes sent as resync copies so far.
+    pub bytes_copied: u64,
+    /// Bytes sent as zero/hole ranges (no data on the wire).
+    pub bytes_zeroed: u64,
+    /// Copy rate so far, bytes per second.
+    pub rate_bytes_per_sec: f64,
+    /// Estimated seconds to completion (`None` before a rate is known).
+    pub eta_secs: Option<f64>,
+    /// Seconds since the resync started.
+    pub elapsed_secs: f64,
+}
+
+/// Everything the agent needs to know about the primary, as JSON-serialisable data.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrimaryStatus {
+    /// Link state.
+    pub peer: PeerLink,
+    /// State the secondary announced for its copy in the current session.
+    pub peer_disk: Option<PeerDiskState>,
+    /// Bytes the secondary may lack (dirty bitmap).
+    pub dirty_bytes: u64,
+    /// Whether the secondary completed a full sync once.
+    pub peer_synced: bool,
+    /// Current resync, if any.
+    pub resync: Option<ResyncProgress>,
+    /// Last completed resync.
+    pub last_resync: Option<ResyncProgress>,
+    /// Local store failure that switched the disk to remote mode (`None`: local store fine).
+    pub local_failure: Option<String>,
+    /// Resync rate limit (bytes/s, 0 = unlimited).
+    pub resync_rate_limit: u64,
+    /// Client writes acknowledged by the secondary.
+    pub writes_mirrored: u64,
+    /// Client writes completed while degraded (recorded in the bitmap).
+    pub writes_degraded: u64,
+    /// Sessions opened so far.
+    pub sessions: u64,
+    /// Current level-3 epoch stamped on writes.
+    pub epoch: u64,
+}
+
+/// Result of an online verify ([`Primary::verify`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Bytes compared.
+    pub bytes_checked: u64,
+    /// Checksum block size.
+    pub block: u64,
+    /// Differing ranges `(offset, length)`, adjacent blocks merged.
+    pub differing: Vec<(u64, u64)>,
+    /// Total bytes in differing ranges.
+    pub differing_bytes: u64,
+}
+
+/// Why a verify could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// No session with the secondary.
+    #[error("no peer session")]
+    NoPeer,
+    /// Block size zero or over 32 MiB.
+    #[error("invalid verify block size {0}")]
+    BadBlock(u64),
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Local(String),
+    /// The secondary could not checksum a range, or the session ended.
+    #[error("secondary did not checksum offset {0}")]
+    Peer(u64),
+}
+
+/// Completion of a mirrored operation: `Ok` or an NBD errno.
+pub type Ticket = oneshot::Receiver<Result<(), u32>>;
+
+enum PendingKind {
+    /// A client write: on session loss its range goes into the bitmap.
+    Client { offset: u64, len: u64 },
+    /// A resync copy: on acknowledgement its chunks are clean.
+    Resync { offset: u64, len: u64 },
+    /// Flush, resync markers, epoch commits.
+    Control,
+}
+
+struct Pending {
+    kind: PendingKind,
+    sent: Instant,
+    done: Option<oneshot::Sender<Result<(), u32>>>,
+}
+
+struct State {
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    gen: u64,
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+    reads: HashMap<u64, oneshot::Sender<Option<Bytes>>>,
+    verifies: HashMap<u64, oneshot::Sender<Vec<u64>>>,
+    next_read: u64,
+    bitmap: DirtyBitmap,
+    peer_disk: Option<PeerDiskState>,
+    resync: Option<(Instant, ResyncProgress)>,
+    last_resync: Option<ResyncProgress>,
+    resync_inflight: u64,
+    local_failure: Option<String>,
+    sessions: u64,
+}
+
+/// The primary's mirror engine for one disk.
+pub struct Primary {
+    store: Arc<dyn Store>,
+    order: Mutex<()>,
+    state: Mutex<State>,
+    cfg: MirrorConfig,
+    rate: AtomicU64,
+    epoch: AtomicU64,
+    writes_mirrored: AtomicU64,
+    writes_degraded: AtomicU64,
+    acked: Notify,
+    failure_events: tokio::sync::broadcast::Sender<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Primary {
+    /// A primary for `store` using `bitmap` (its geometry must match the store).
+    pub fn new(store: Arc<dyn Store>, bitmap: DirtyBitmap, cfg: MirrorConfig) -> Arc<Self> {
+        let rate = AtomicU64::new(cfg.resync_rate);
+        Arc::new(Self {
+            store,
+            order: Mutex::new(()),
+            state: Mutex::new(State {
+                tx: None,
+                gen: 0,
+                next_seq: 1,
+                pending: BTreeMap::new(),
+                reads: HashMap::new(),
+                verifies: HashMap::new(),
+                next_read: 1,
+                bitmap,
+                peer_disk: None,
+                resync: None,
+                last_resync: None,
+                resync_inflight: 0,
+                local_failure: None,
+                sessions: 0,
+            }),
+            cfg,
+            rate,
+            epoch: AtomicU64::new(0),
+            writes_mirrored: AtomicU64::new(0),
+            writes_degraded: AtomicU64::new(0),
+            acked: Notify::new(),
+            failure_events: tokio::sync::broadcast::channel(16).0,
+        })
+    }
+
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        self.store.size()
+    }
+
+    /// Sets the resync rate limit (bytes/s, 0 = unlimited); applies to a running resync.
+    pub fn set_resync_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// Sets the level-3 epoch stamped on subsequent writes.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// Tells the secondary that `epoch` is committed (its held writes may be applied); resolves
+    /// when the secondary applied them. Without a session the epoch is implicitly committed
+    /// (degraded writes are in the bitmap).
+    pub fn commit_epoch(&self, epoch: u64) -> Ticket {
+        let _o = lock(&self.order);
+        let mut st = lock(&self.state);
+        self.submit(&mut st, PendingKind::Control, |seq| PeerMsg::EpochCommit {
+            seq,
+            epoch,
+        })
+    }
+
+    /// Failure causes, as they happen (local store failures).
+    pub fn subscribe_failures(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.failure_events.subscribe()
+    }
+
+    /// A snapshot for the agent.
+    pub fn status(&self) -> PrimaryStatus {
+        let st = lock(&self.state);
+        let resync = st.resync.as_ref().map(|(start, p)| {
+            let mut p = p.clone();
+            p.bytes_left = st.bitmap.dirty_bytes();
+            p.elapsed_secs = start.elapsed().as_secs_f64();
+            if p.elapsed_secs > 0.0 {
+                p.rate_bytes_per_sec = p.bytes_copied as f64 / p.elapsed_secs;
+            }
+            if p.rate_bytes_per_sec > 0.0 {
+                p.eta_secs = Some(p.bytes_left as f64 / p.rate_bytes_per_sec);
+            }
+            p
+        });
+        PrimaryStatus {
+            peer: match (&st.tx, &resync) {
+                (None, _) => PeerLink::Degraded,
+                (Some(_), Some(_)) => PeerLink::Resyncing,
+                (Some(_), None) => PeerLink::InSync,
+            },
+            peer_disk: st.peer_disk,
+            dirty_bytes: st.bitmap.dirty_bytes(),
+            peer_synced: st.bitmap.peer_synced(),
+            resync,
+            last_resync: st.last_resync.clone(),
+            local_failure: st.local_failure.clone(),
+            resync_rate_limit: self.rate.load(Ordering::Relaxed),
+            writes_mirrored: self.writes_mirrored.load(Ordering::Relaxed),
+            writes_degraded: self.writes_degraded.load(Ordering::Relaxed),
+            sessions: st.sessions,
+            epoch: self.epoch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sequences `msg` to the peer, or (no session) records `kind`'s range as dirty. Called
+    /// with the order lock held.
+    fn submit(
+        &self,
+        st: &mut State,
+        kind: PendingKind,
+        msg: impl FnOnce(u64) -> PeerMsg,
+    ) -> Ticket {
+        let (done, ticket) = oneshot::channel();
+        if let Some(tx) = &st.tx {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            if tx.send(msg(seq).encode()).is_ok() {
+                if let PendingKind::Resync { len, .. } = kind {
+                    st.resync_inflight += len;
+                }
+                st.pending.insert(
+                    seq,
+                    Pending {
+                        kind,
+                        sent: Instant::now(),
+                        done: Some(done),
+                    },
+                );
+                return ticket;
+            }
+            // The session is going away; its loss handler will run. Fall through to degraded.
+        }
+        let r = match kind {
+            PendingKind::Client { offset, len } => {
+                self.writes_degraded.fetch_add(1, Ordering::Relaxed);
+                st.bitmap.mark(offset, len).map(|_| ()).map_err(|e| {
+                    warn!(error = %e, "cannot persist dirty bitmap");
+                    NBD_EIO
+                })
+            }
+            _ => Ok(()),
+        };
+        let r = if r.is_ok() && st.local_failure.is_some() {
+            // Neither copy took the write.
+            Err(NBD_EIO)
+        } else {
+            r
+        };
+        let _ = done.send(r);
+        ticket
+    }
+
+    fn local_failed(&self, st: &mut State, e: &StoreError) {
+        if st.local_failure.is_none() {
+            let cause = e.to_string();
+            warn!(cause = %cause, "local store failed: switching to remote mode");
+            st.local_failure = Some(cause.clone());
+            let _ = self.failure_events.send(cause);
+        }
+    }
+
+    /// Blocking: applies a client write locally and sequences it to the peer.
+    pub fn write_blocking(&self, offset: u64, data: Bytes, fua: bool) -> Ticket {
+        let len = data.len() as u64;
+        let ticket = {
+            let _o = lock(&self.order);
+            let local_ok = lock(&self.state).local_failure.is_none();
+            let mut local_err = None;
+            if local_ok {
+                if let Err(e) = self.store.write_at(&data, offset) {
+                    local_err = Some(e);
+                }
+            }
+            let mut st = lock(&self.state);
+            if let Some(e) = &local_err {
+                if e.nbd_errno() == NBD_ENOSPC && st.tx.is_none() {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Err(NBD_ENOSPC));
+                    return rx;
+                }
+                self.local_failed(&mut st, e);
+            }
+            let flags = if fua { FLAG_FUA } else { 0 };
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            self.submit(&mut st, PendingKind::Client { offset, len }, |seq| {
+                PeerMsg::Write {
+                    seq,
+                    epoch,
+                    offset,
+                    flags,
+                    data,
+                }
+            })
+        };
+        if fua {
+            self.sync_local();
+        }
+        ticket
+    }
+
+    /// Blocking: zeroes (or discards) a range locally and on the peer.
+    pub fn zero_blocking(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Ticket {
+        let ticket = {
+            let _o = lock(&self.order);
+            if lock(&self.state).local_failure.is_none() {
+                if let Err(e) = self.store.zero(offset, len, punch) {
+                    self.local_failed(&mut lock(&self.state), &e);
+                }
+            }
+            let mut st = lock(&self.state);
+            let flags = if fua { FLAG_FUA } else { 0 } | if punch { FLAG_PUNCH } else { 0 };
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            self.submit(&mut st, PendingKind::Client { offset, len }, |seq| {
+                PeerMsg::Zero {
+                    seq,
+                    epoch,
+                    offset,
+                    len,
+                    flags,
+                }
+            })
+        };
+        if fua {
+            self.sync_local();
+        }
+        ticket
+    }
+
+    fn sync_local(&self) {
+        if lock(&self.state).local_failure.is_none() {
+            if let Err(e) = self.store.sync() {
+                self.local_failed(&mut lock(&self.state), &e);
+            }
+        }
+    }
+
+    /// Blocking: makes every completed write durable locally and on the peer.
+    pub fn flush_blocking(&self) -> Ticket {
+        self.sync_local();
+        let _o = lock(&self.order);
+        let mut st = lock(&self.state);
+        if st.local_failure.is_some() && st.tx.is_none() {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(NBD_EIO));
+            return rx;
+        }
+        self.submit(&mut st, PendingKind::Control, |seq| PeerMsg::Flush { seq })
+    }
+
+    /// Reads from the local store, or from the peer in remote mode.
+    pub async fn read(self: &Arc<Self>, offset: u64, len: u32) -> Result<Bytes, u32> {
+        let local_ok = lock(&self.state).local_failure.is_none();
+        if local_ok {
+            let me = self.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                me.store.read_at(&mut buf, offset).map(|()| buf)
+            })
+            .await
+            .map_err(|_| NBD_EIO)?;
+            match r {
+                Ok(b) => return Ok(Bytes::from(b)),
+                Err(e) => self.local_failed(&mut lock(&self.state), &e),
+            }
+        }
+        // Remote mode: the read is ordered after every write sequenced before it.
+        let rx = {
+            let _o = lock(&self.order);
+            let mut st = lock(&self.state);
+            let Some(tx) = st.tx.clone() else {
+                return Err(NBD_EIO);
+            };
+            let id = st.next_read;
+            st.next_read += 1;
+            let (done, rx) = oneshot::channel();
+            st.reads.insert(id, done);
+            if tx
+                .send(PeerMsg::ReadReq { id, offset, len }.encode())
+                .is_err()
+            {
+                st.reads.remove(&id);
+                return Err(NBD_EIO);
+            }
+            rx
+        };
+        match rx.await {
+            Ok(Some(b)) if b.len() == len as usize => Ok(b),
+            _ => Err(NBD_EIO),
+        }
+    }
+
+    /// Online verify (like `drbdadm verify`): compares both copies by checksums of `block`-byte
+    /// blocks, window by window, while client I/O continues. Each window is read locally and
+    /// checksummed by the secondary at the same point of the write sequence, so concurrent
+    /// writes do not produce false differences.
+    pub async fn verify(self: &Arc<Self>, block: u64) -> Result<VerifyReport, VerifyError> {
+        const WINDOW: u64 = 4 << 20;
+        let block32 = u32::try_from(block)
+            .ok()
+            .filter(|b| *b > 0 && u64::from(*b) <= WINDOW)
+            .ok_or(VerifyError::BadBlock(block))?;
+        let size = self.size();
+        let mut report = VerifyReport {
+            block,
+            ..VerifyReport::default()
+        };
+        let mut off = 0u64;
+        while off < size {
+            let len = (size - off).min(WINDOW);
+            let me = self.clone();
+            let (local, rx) =
+                tokio::task::spawn_blocking(move || me.verify_window(off, len, block32))
+                    .await
+                    .map_err(|_| VerifyError::Local("verify task failed".into()))??;
+            let remote = rx.await.map_err(|_| VerifyError::Peer(off))?;
+            if remote.len() != local.len() {
+                return Err(VerifyError::Peer(off));
+            }
+            for (i, (a, b)) in local.iter().zip(&remote).enumerate() {
+                if a != b {
+                    let start = off + i as u64 * block;
+                    let l = block.min(size - start);
+                    report.differing_bytes += l;
+                    match report.differing.last_mut() {
+                        Some((o, ol)) if *o + *ol == start => *ol += l,
+                        _ => report.differing.push((start, l)),
+                    }
+                }
+            }
+            report.bytes_checked += len;
+            off += len;
+        }
+        Ok(report)
+    }
+
+    fn verify_window(
+        &self,
+        offset: u64,
+        len: u64,
+        block: u32,
+    ) -> Result<(Vec<u64>, oneshot::Receiver<Vec<u64>>), VerifyError> {
+        let len32 = u32::try_from(len).map_err(|_| VerifyError::BadBlock(len))?;
+        let mut buf = vec![0u8; len32 as usize];
+        let rx = {
+            let _o = lock(&self.order);
+            self.store
+                .read_at(&mut buf, offset)
+                .map_err(|e| VerifyError::Local(e.to_string()))?;
+            let mut st = lock(&self.state);
+            let tx = st.tx.clone().ok_or(VerifyError::NoPeer)?;
+            let id = st.next_read;
+            st.next_read += 1;
+            let (done, rx) = oneshot::channel();
+            st.verifies.insert(id, done);
+            let req = PeerMsg::VerifyReq {
+                id,
+                offset,
+                len: len32,
+                block,
+            };
+            if tx.send(req.encode()).is_err() {
+                st.verifies.remove(&id);
+                return Err(VerifyError::NoPeer);
+            }
+            rx
+        };
+        let sums = buf.chunks(block as usize).map(block_checksum).collect();
+        Ok((sums, rx))
+    }
+
+    fn on_ack(&self, gen: u64, seq: u64) {
+        let mut st = lock(&self.state);
+        if st.gen != gen {
+            return;
+        }
+        let rest = st.pending.split_off(&(seq.saturating_add(1)));
+        let done = std::mem::replace(&mut st.pending, rest);
+        for (_, p) in done {
+            match p.kind {
+                PendingKind::Client { .. } => {
+                    self.writes_mirrored.fetch_add(1, Ordering::Relaxed);
+                }
+                PendingKind::Resync { offset, len } => {
+                    st.bitmap.clear(offset, len);
+                    st.resync_inflight = st.resync_inflight.saturating_sub(len);
+                }
+                PendingKind::Control => {}
+            }
+            if let Some(d) = p.done {
+                let _ = d.send(Ok(()));
+            }
+        }
+        drop(st);
+        self.acked.notify_waiters();
+    }
+
+    /// Ends session `gen`: unacknowledged client writes go into the bitmap (made durable),
+    /// then complete; pending remote reads fail.
+    fn session_lost(&self, gen: u64, why: &str) {
+        let mut st = lock(&self.state);
+        if st.gen != gen || st.tx.is_none() {
+            return;
+        }
+        warn!(why, "peer session lost: degraded");
+        st.tx = None;
+        st.peer_disk = None;
+        st.resync_inflight = 0;
+        if let Some((_, p)) = st.resync.take() {
+            st.last_resync = Some(p);
+        }
+        let pending = std::mem::take(&mut st.pending);
+        let mut waiters = Vec::new();
+        for (_, p) in pending {
+            if let PendingKind::Client { offset, len } = p.kind {
+                st.bitmap.mark_volatile(offset, len);
+                self.writes_degraded.fetch_add(1, Ordering::Relaxed);
+            }
+            waiters.push(p.done);
+        }
+        let persisted = st.bitmap.persist();
+        if let Err(e) = &persisted {
+            warn!(error = %e, "cannot persist dirty bitmap");
+        }
+        let local_ok = st.local_failure.is_none();
+        st.reads.clear();
+        st.verifies.clear();
+        drop(st);
+        for w in waiters.into_iter().flatten() {
+            let r = if persisted.is_ok() && local_ok {
+                Ok(())
+            } else {
+                Err(NBD_EIO)
+            };
+            let _ = w.send(r);
+        }
+        self.acked.notify_waiters();
+    }
+
+    /// Runs the replication link forever: connect, handshake, resync, stream, and on loss go
+    /// degraded and retry.
+    pub async fn run<C: PeerConnector>(self: Arc<Self>, mut connector: C) {
+        loop {
+            let Ok(session) = connector.connect().await else {
+                tokio::time::sleep(self.cfg.reconnect_interval).await;
+                continue;
+            };
+            self.clone().run_session(session).await;
+            tokio::time::sleep(self.cfg.reconnect_interval).await;
+        }
+    }
+
+    async fn run_session(self: Arc<Self>, mut session: PeerSession) {
+        let hello = tokio::time::timeout(Duration::from_secs(5), session.rx.recv()).await;
+        let Ok(Some(frame)) = hello else {
+            warn!("peer sent no hello");
+            return;
+        };
+        let (peer_state, peer_size) = match PeerMsg::decode(frame) {
+            Ok(PeerMsg::Hello {
+                version: VERSION,
+                size,
+                state,
+            }) => (state, size),
+            other => {
+                warn!(?other, "bad peer hello");
+                return;
+            }
+        };
+        if peer_size != self.size() {
+            warn!(
+                peer_size,
+                size = self.size(),
+                "peer disk size differs: not mirroring"
+            );
+            return;
+        }
+        let (gen, full) = {
+            let _o = lock(&self.order);
+            let mut st = lock(&self.state);
+            st.gen += 1;
+            st.sessions += 1;
+            st.tx = Some(session.tx.clone());
+            st.peer_disk = Some(peer_state);
+            let full = peer_state == PeerDiskState::Fresh || !st.bitmap.peer_synced();
+            // Reported as resyncing from the first moment: nothing is in sync before the
+            // resync's end marker is acknowledged.
+            st.resync = Some((
+                Instant::now(),
+                ResyncProgress {
+                    full,
+                    ..ResyncProgress::default()
+                },
+            ));
+            (st.gen, full)
+        };
+        info!(gen, ?peer_state, full, "peer session up");
+        let resync = tokio::spawn(self.clone().resync(gen, full));
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let why = loop {
+            tokio::select! {
+                m = session.rx.recv() => {
+                    let Some(frame) = m else { break "session closed" };
+                    match PeerMsg::decode(frame) {
+                        Ok(PeerMsg::Ack { seq }) => self.on_ack(gen, seq),
+                        Ok(PeerMsg::ReadResp { id, ok, data }) => {
+                            if let Some(w) = lock(&self.state).reads.remove(&id) {
+                                let _ = w.send(ok.then_some(data));
+                            }
+                        }
+                        Ok(PeerMsg::VerifyResp { id, sums }) => {
+                            if let Some(w) = lock(&self.state).verifies.remove(&id) {
+                                let _ = w.send(sums);
+                            }
+                        }
+                        Ok(PeerMsg::Fail { seq, reason }) => {
+                            warn!(seq, reason, "secondary failed to apply");
+                            break "secondary store failed";
+                        }
+                        Ok(other) => {
+                            warn!(?other, "unexpected message from secondary");
+                            break "protocol error";
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "undecodable message from secondary");
+                            break "protocol error";
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let st = lock(&self.state);
+                    let oldest = st.pending.values().next().map(|p| p.sent.elapsed());
+                    if oldest.is_some_and(|d| d > self.cfg.ack_timeout) {
+                        break "acknowledgement timeout";
+                    }
+                }
+            }
+        };
+        resync.abort();
+        self.session_lost(gen, why);
+    }
+
+    /// `None` if session `gen` ended, else whether fewer than `below` resync bytes are in
+    /// flight.
+    fn resync_room(&self, gen: u64, below: u64) -> Option<bool> {
+        let st = lock(&self.state);
+        if st.gen != gen || st.tx.is_none() {
+            return None;
+        }
+        Some(st.resync_inflight < below)
+    }
+
+    /// Copies dirty regions (or everything, skipping holes and zeroes, for a full sync) while
+    /// client writes continue.
+    async fn resync(self: Arc<Self>, gen: u64, full: bool) {
+        let start = Instant::now();
+        // Mark the resync start on the secondary; for a full sync, walk data extents: holes are
+        // sent as zero ranges, data extents are marked dirty and copied below.
+        let me = self.clone();
+        let setup = tokio::task::spawn_blocking(move || me.resync_setup(gen, full, start)).await;
+        if !matches!(setup, Ok(true)) {
+            return;
+        }
+        let mut window_start = Instant::now();
+        let mut window_bytes = 0u64;
+        let end = loop {
+            let mut cursor = 0u64;
+            loop {
+                // Flow control: bounded unacknowledged resync bytes.
+                if !self.wait_acks(gen, self.cfg.resync_window).await {
+                    return;
+                }
+                // Rate limit.
+                let rate = self.rate.load(Ordering::Relaxed);
+                if rate > 0 {
+                    let elapsed = window_start.elapsed().as_secs_f64();
+                    let allowed = rate as f64 * elapsed;
+                    if window_bytes as f64 > allowed {
+                        let wait = (window_bytes as f64 - allowed) / rate as f64;
+                        tokio::time::sleep(Duration::from_secs_f64(wait.min(1.0))).await;
+                    }
+                    if elapsed > 1.0 {
+                        window_start = Instant::now();
+                        window_bytes = 0;
+                    }
+                }
+                let me = self.clone();
+                let step = tokio::task::spawn_blocking(move || me.resync_step(gen, cursor)).await;
+                match step {
+                    Ok(Some((next, sent))) => {
+                        cursor = next;
+                        window_bytes += sent;
+                    }
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            // Wait for every copy to be acknowledged, then check nothing is left.
+            if !self.wait_acks(gen, 1).await {
+                return;
+            }
+            let me = self.clone();
+            let end = tokio::task::spawn_blocking(move || {
+                let _o = lock(&me.order);
+                let mut st = lock(&me.state);
+                if st.gen != gen || st.tx.is_none() {
+                    return None;
+                }
+                if st.bitmap.dirty_chunks() > 0 {
+                    // Chunks dirtied behind the cursor: go round again.
+                    return Some(None);
+                }
+                Some(Some(me.submit(&mut st, PendingKind::Control, |seq| {
+                    PeerMsg::ResyncEnd { seq }
+                })))
+            })
+            .await;
+            match end {
+                Ok(Some(Some(t))) => break t,
+                Ok(Some(None)) => continue,
+                _ => return,
+            }
+        };
+        if !matches!(end.await, Ok(Ok(()))) {
+            return;
+        }
+        let mut st = lock(&self.state);
+        if st.gen != gen {
+            return;
+        }
+        if full {
+            st.bitmap.set_peer_synced(true).ok();
+        } else {
+            st.bitmap.persist().ok();
+        }
+        if let Some((start, mut p)) = st.resync.take() {
+            p.bytes_left = 0;
+            p.elapsed_secs = start.elapsed().as_secs_f64();
+            if p.elapsed_secs > 0.0 {
+                p.rate_bytes_per_sec = p.bytes_copied as f64 / p.elapsed_secs;
+            }
+            p.eta_secs = Some(0.0);
+            info!(
+                copied = p.bytes_copied,
+                zeroed = p.bytes_zeroed,
+                secs = p.elapsed_secs,
+                "resync complete"
+            );
+            st.last_resync = Some(p);
+        }
+        st.peer_disk = Some(PeerDiskState::Consistent);
+    }
+
+    /// Waits until fewer than `below` resync bytes are unacknowledged; false if the session
+    /// ended.
+    async fn wait_acks(&self, gen: u64, below: u64) -> bool {
+        loop {
+            let notified = self.acked.notified();
+            match self.resync_room(gen, below) {
+                None => return false,
+                Some(true) => return true,
+                Some(false) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+                }
+            }
+        }
+    }
+
+    fn resync_setup(&self, gen: u64, full: bool, start: Instant) -> bool {
+        let _o = lock(&self.order);
+        let mut st = lock(&self.state);
+        if st.gen != gen || st.tx.is_none() {
+            return false;
+        }
+        drop(
+            self.submit(&mut st, PendingKind::Control, |seq| PeerMsg::ResyncBegin {
+                seq,
+                full,
+            }),
+        );
+        let mut zeroed = 0u64;
+        if full {
+            let size = self.store.size();
+            let mut pos = 0u64;
+            while pos < size {
+                let next = match self.store.next_data(pos) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.local_failed(&mut st, &e);
+                        return false;
+                    }
+                };
+                let (hole_end, data) = match next {
+                    Some((s, e)) => (s.max(pos), Some((s.max(pos), e))),
+                    None => (size, None),
+                };
+                if hole_end > pos {
+                    let (offset, len) = (pos, hole_end - pos);
+                    zeroed += len;
+                    drop(
+                        self.submit(&mut st, PendingKind::Control, |seq| PeerMsg::Zero {
+                            seq,
+                            epoch: 0,
+                            offset,
+                            len,
+                            flags: FLAG_PUNCH | FLAG_RESYNC,
+                        }),
+                    );
+                }
+                match data {
+                    Some((s, e)) if e > s => {
+                        st.bitmap.mark_volatile(s, e - s);
+                        pos = e;
+                    }
+                    _ => pos = hole_end.max(pos + 1),
+                }
+            }
+        }
+        let total = st.bitmap.dirty_bytes();
+        st.resync = Some((
+            start,
+            ResyncProgress {
+                full,
+                total_bytes: total,
+                bytes_left: total,
+                bytes_zeroed: zeroed,
+                ..ResyncProgress::default()
+            },
+        ));
+        true
+    }
+
+    /// Copies the next run of dirty chunks at or after chunk `cursor`. Returns the next cursor
+    /// and the bytes put on the wire, or `None` when no dirty chunk is left (or the session
+    /// ended).
+    fn resync_step(&self, gen: u64, cursor: u64) -> Option<(u64, u64)> {
+        let _o = lock(&self.order);
+        let (offset, len) = {
+            let st = lock(&self.state);
+            if st.gen != gen || st.tx.is_none() {
+                return None;
+            }
+            let first = st.bitmap.next_dirty(cursor)?;
+            let chunk = st.bitmap.chunk();
+            let max_run = (RESYNC_RUN / chunk).max(1);
+            let mut last = first;
+            while last + 1 < st.bitmap.nchunks()
+                && last + 1 - first < max_run
+                && st.bitmap.is_dirty(last + 1)
+            {
+                last += 1;
+            }
+            let offset = first * chunk;
+            let end = ((last + 1) * chunk).min(self.store.size());
+            (offset, end - offset)
+        };
+        let local_ok = lock(&self.state).local_failure.is_none();
+        if !local_ok {
+            return None;
+        }
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
+        if let Err(e) = self.store.read_at(&mut buf, offset) {
+            self.local_failed(&mut lock(&self.state), &e);
+            return None;
+        }
+        let mut st = lock(&self.state);
+        let zero = buf.iter().all(|&b| b == 0);
+        let sent = if zero { 0 } else { len };
+        if let Some((_, p)) = st.resync.as_mut() {
+            if zero {
+                p.bytes_zeroed += len;
+            } else {
+                p.bytes_copied += len;
+            }
+        }
+        let kind = PendingKind::Resync { offset, len };
+        let ticket = if zero {
+            self.submit(&mut st, kind, |seq| PeerMsg::Zero {
+                seq,
+                epoch: 0,
+                offset,
+                len,
+                flags: FLAG_RESYNC,
+            })
+        } else {
+            let data = Bytes::from(buf);
+            self.submit(&mut st, kind, |seq| PeerMsg::Write {
+                seq,
+                epoch: 0,
+                offset,
+                flags: FLAG_RESYNC,
+                data,
+            })
+        };
+        drop(ticket);
+        let chunk = st.bitmap.chunk();
+        Some(((offset + len).div_ceil(chunk), sent))
+    }
+}

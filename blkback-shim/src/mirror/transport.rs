@@ -1,0 +1,200 @@
+//! How the two shims reach each other.
+//!
+//! The mirror works on [`PeerSession`]s: an ordered, reliable message pipe to one live instance
+//! of the peer. A session ends (its receiver yields `None`) when the peer dies, restarts or
+//! becomes unreachable; the primary then goes degraded and opens a new session later, which
+//! starts with a resync. Implementations:
+//!
+//! - [`memory_pair`]: in-process, for unit tests;
+//! - [`TcpConnector`] / [`TcpAcceptor`]: length-prefixed frames over one TCP connection (the
+//!   binary's `--peer-transport tcp`, and loopback tests);
+//! - the `xenft-alink` adapter in [`super::alink`] (`Channel::Disk`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Largest frame accepted from the peer (data cap plus headers).
+pub const MAX_FRAME: usize = super::wire::MAX_DATA + 4096;
+
+/// One live connection to the peer instance.
+#[derive(Debug)]
+pub struct PeerSession {
+    /// Outgoing frames (unbounded: the primary bounds what it has in flight).
+    pub tx: mpsc::UnboundedSender<Bytes>,
+    /// Incoming frames; `None` means the session is over.
+    pub rx: mpsc::Receiver<Bytes>,
+}
+
+/// Opens sessions to the peer (primary side).
+pub trait PeerConnector: Send + 'static {
+    /// Tries once to open a session.
+    fn connect(&mut self)
+        -> impl std::future::Future<Output = std::io::Result<PeerSession>> + Send;
+}
+
+/// Accepts sessions from the peer (secondary side).
+pub trait PeerAcceptor: Send + 'static {
+    /// Waits for the next session.
+    fn accept(&mut self) -> impl std::future::Future<Output = std::io::Result<PeerSession>> + Send;
+}
+
+/// Two connected in-memory sessions (`(primary end, secondary end)`).
+#[must_use]
+pub fn memory_pair() -> (PeerSession, PeerSession) {
+    let (atx, arx) = mpsc::unbounded_channel::<Bytes>();
+    let (btx, brx) = mpsc::unbounded_channel::<Bytes>();
+    (pipe_end(atx, brx), pipe_end(btx, arx))
+}
+
+/// Adapts an unbounded receiver to the bounded receiver a session exposes.
+fn pipe_end(
+    tx: mpsc::UnboundedSender<Bytes>,
+    mut urx: mpsc::UnboundedReceiver<Bytes>,
+) -> PeerSession {
+    let (btx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Some(m) = urx.recv().await {
+            if btx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    PeerSession { tx, rx }
+}
+
+/// In-memory connector: each `connect` takes the next session the test pushes.
+pub struct MemoryConnector {
+    /// Sessions handed out by `connect`, in order.
+    pub sessions: mpsc::UnboundedReceiver<PeerSession>,
+}
+
+impl PeerConnector for MemoryConnector {
+    async fn connect(&mut self) -> std::io::Result<PeerSession> {
+        match tokio::time::timeout(Duration::from_millis(50), self.sessions.recv()).await {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => {
+                // No more sessions will come: behave like an unreachable peer.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::from(std::io::ErrorKind::NotConnected))
+            }
+            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        }
+    }
+}
+
+/// Connects to the secondary over TCP.
+pub struct TcpConnector {
+    /// Secondary's replication address.
+    pub addr: SocketAddr,
+}
+
+impl PeerConnector for TcpConnector {
+    async fn connect(&mut self) -> std::io::Result<PeerSession> {
+        let s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        Ok(tcp_session(s))
+    }
+}
+
+/// Accepts the primary over TCP.
+pub struct TcpAcceptor {
+    /// Bound listener.
+    pub listener: TcpListener,
+}
+
+impl PeerAcceptor for TcpAcceptor {
+    async fn accept(&mut self) -> std::io::Result<PeerSession> {
+        let (s, _) = self.listener.accept().await?;
+        Ok(tcp_session(s))
+    }
+}
+
+/// Runs length-prefixed framing (u32 big-endian length, then the frame) over a TCP stream.
+#[must_use]
+pub fn tcp_session(stream: TcpStream) -> PeerSession {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let (tx, mut urx) = mpsc::unbounded_channel::<Bytes>();
+    let (btx, rx) = mpsc::channel::<Bytes>(1024);
+    tokio::spawn(async move {
+        let mut wr = BufWriter::with_capacity(1 << 20, wr);
+        while let Some(m) = urx.recv().await {
+            let mut batch = vec![m];
+            while let Ok(m) = urx.try_recv() {
+                batch.push(m);
+                if batch.len() >= 64 {
+                    break;
+                }
+            }
+            for m in batch {
+                let Ok(len) = u32::try_from(m.len()) else {
+                    return;
+                };
+                if wr.write_all(&len.to_be_bytes()).await.is_err()
+                    || wr.write_all(&m).await.is_err()
+                {
+                    return;
+                }
+            }
+            if wr.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok(len) = rd.read_u32().await else {
+                return;
+            };
+            let len = len as usize;
+            if len > MAX_FRAME {
+                tracing::warn!(len, "peer frame over the cap; dropping the session");
+                return;
+            }
+            let mut buf = BytesMut::zeroed(len);
+            if rd.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            if btx.send(buf.freeze()).await.is_err() {
+                return;
+            }
+        }
+    });
+    PeerSession { tx, rx }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_session_carries_frames_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut acc = TcpAcceptor { listener };
+        let mut con = TcpConnector { addr };
+        let (a, b) = tokio::join!(con.connect(), acc.accept());
+        let (a, mut b) = (a.unwrap(), b.unwrap());
+        for i in 0..100u32 {
+            a.tx.send(Bytes::from(i.to_be_bytes().to_vec())).unwrap();
+        }
+        for i in 0..100u32 {
+            assert_eq!(
+                b.rx.recv().await.unwrap(),
+                Bytes::from(i.to_be_bytes().to_vec())
+            );
+        }
+        drop(a);
+        assert!(
+            b.rx.recv().await.is_none(),
+            "session must end when the peer goes"
+        );
+    }
+}

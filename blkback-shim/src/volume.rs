@@ -1,0 +1,114 @@
+//! The disk as the NBD front sees it: a local store alone, or a mirrored [`Primary`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::mirror::primary::{Primary, Ticket};
+use crate::nbd::proto::NBD_EIO;
+use crate::store::Store;
+
+/// The exported disk.
+pub struct Volume {
+    store: Arc<dyn Store>,
+    primary: Option<Arc<Primary>>,
+}
+
+impl Volume {
+    /// A disk served from the local store only (no peer).
+    pub fn local(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            primary: None,
+        })
+    }
+
+    /// A disk mirrored through `primary` (which owns the local store).
+    pub fn mirrored(store: Arc<dyn Store>, primary: Arc<Primary>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            primary: Some(primary),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.store.size()
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, u32> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&*store)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "local store error");
+                Err(e.nbd_errno())
+            }
+            Err(_) => Err(NBD_EIO),
+        }
+    }
+
+    async fn mirrored_op(
+        primary: &Arc<Primary>,
+        f: impl FnOnce(&Primary) -> Ticket + Send + 'static,
+    ) -> Result<(), u32> {
+        let p = primary.clone();
+        let ticket = tokio::task::spawn_blocking(move || f(&p))
+            .await
+            .map_err(|_| NBD_EIO)?;
+        ticket.await.unwrap_or(Err(NBD_EIO))
+    }
+
+    /// Reads `len` bytes at `offset` (range already validated).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, u32> {
+        if let Some(p) = &self.primary {
+            return p.read(offset, len).await;
+        }
+        self.blocking(move |s| {
+            let mut b = vec![0u8; len as usize];
+            s.read_at(&mut b, offset).map(|()| Bytes::from(b))
+        })
+        .await
+    }
+
+    /// Writes `data` at `offset`; with `fua`, durable (on both copies) before returning.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), u32> {
+        if let Some(p) = &self.primary {
+            return Self::mirrored_op(p, move |p| p.write_blocking(offset, data, fua)).await;
+        }
+        self.blocking(move |s| {
+            s.write_at(&data, offset)?;
+            if fua {
+                s.sync()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes all completed writes durable.
+    pub async fn flush(&self) -> Result<(), u32> {
+        if let Some(p) = &self.primary {
+            return Self::mirrored_op(p, Primary::flush_blocking).await;
+        }
+        self.blocking(Store::sync).await
+    }
+
+    /// Zeroes (`punch`: may deallocate) a range.
+    pub async fn zero(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), u32> {
+        if let Some(p) = &self.primary {
+            return Self::mirrored_op(p, move |p| p.zero_blocking(offset, len, punch, fua)).await;
+        }
+        self.blocking(move |s| {
+            s.zero(offset, len, punch)?;
+            if fua {
+                s.sync()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}

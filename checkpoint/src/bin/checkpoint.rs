@@ -1,0 +1,356 @@
+//! `xenft-checkpoint`: run one side of level-3 protection for a synthetic guest over a Unix
+//! socket (the Xen path is driven by the agent). Used by the failover tests and for demos.
+//!
+//! `--crash-at K --crash-point P` kills this process with SIGKILL at point P of the K-th
+//! checkpoint, to test what the secondary keeps.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use xenft_checkpoint::engine::commit::{CommitSink, RecordingSink};
+use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, PrimaryConfig};
+use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig};
+use xenft_checkpoint::engine::transport::{
+    unix_stream, FrameReceiver, FrameSender, TransportError,
+};
+use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
+use xenft_checkpoint::wire::Frame;
+use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
+
+#[derive(Parser)]
+#[command(about = "Level-3 checkpoint replication of a synthetic guest")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum PatternArg {
+    Sequential,
+    Random,
+    Hot,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum CrashPoint {
+    /// Before the first frame of the checkpoint is sent.
+    BeforeSend,
+    /// After the checkpoint's first frame, before the rest.
+    MidStream,
+    /// When the secondary's ack arrives, before the primary acts on it.
+    AfterAck,
+    /// In the commit hook, before the commit is recorded (output not released).
+    BeforeCommit,
+    /// Right after the commit was recorded (output released).
+    AfterCommit,
+}
+
+#[derive(clap::Args)]
+struct GuestArgs {
+    /// Path of xenft-synthetic-guest (default: next to this binary).
+    #[arg(long)]
+    guest_binary: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a synthetic guest and protect it, streaming to a secondary at --connect.
+    Primary {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Unix socket of the secondary.
+        #[arg(long)]
+        connect: PathBuf,
+        #[arg(long, value_enum, default_value_t = PatternArg::Random)]
+        pattern: PatternArg,
+        /// Hot-set size in pages (pattern hot).
+        #[arg(long, default_value_t = 1024)]
+        hot_pages: u64,
+        /// Dirtying rate, MiB/s.
+        #[arg(long, default_value_t = 20)]
+        rate_mib: u64,
+        /// Bytes written per page write.
+        #[arg(long, default_value_t = 512)]
+        write_len: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Epoch length in ms.
+        #[arg(long, default_value_t = 25)]
+        epoch_ms: u64,
+        /// Stop after this many checkpoints.
+        #[arg(long)]
+        checkpoints: Option<u64>,
+        /// Append "commit N" lines here when epochs commit.
+        #[arg(long)]
+        commit_log: Option<PathBuf>,
+        /// Kill this process at --crash-point of the K-th checkpoint.
+        #[arg(long, requires = "crash_point")]
+        crash_at: Option<u64>,
+        #[arg(long, value_enum)]
+        crash_point: Option<CrashPoint>,
+    },
+    /// Receive checkpoints on --listen; when the primary goes away, fail over and run the
+    /// guest for --run-ms, then print the outcome as JSON.
+    Secondary {
+        #[command(flatten)]
+        guest: GuestArgs,
+        #[arg(long)]
+        listen: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        run_ms: u64,
+    },
+}
+
+fn guest_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = arg {
+        return Ok(p);
+    }
+    let me = std::env::current_exe().context("locating this binary")?;
+    Ok(me.with_file_name("xenft-synthetic-guest"))
+}
+
+fn die() -> ! {
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}
+
+/// Which epoch number the K-th checkpoint got (0 until known).
+struct Crash {
+    k: u64,
+    point: CrashPoint,
+    seen: AtomicU64,
+    epoch: AtomicU64,
+}
+
+struct CrashSender {
+    inner: Box<dyn FrameSender>,
+    crash: Arc<Crash>,
+    in_target: bool,
+    last_epoch: u64,
+}
+
+impl FrameSender for CrashSender {
+    fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
+        if self.in_target && self.crash.point == CrashPoint::MidStream {
+            die();
+        }
+        if let Ok(Frame::Begin {
+            epoch,
+            checkpoint: true,
+            ..
+        }) = Frame::decode(&frame)
+        {
+            // Count each checkpoint once, not its re-sends.
+            if epoch <= self.last_epoch {
+                return self.inner.send(frame);
+            }
+            self.last_epoch = epoch;
+            let n = self.crash.seen.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.crash.k {
+                self.crash.epoch.store(epoch, Ordering::SeqCst);
+                if self.crash.point == CrashPoint::BeforeSend {
+                    die();
+                }
+                self.in_target = true;
+            }
+        }
+        self.inner.send(frame)
+    }
+}
+
+struct CrashReceiver {
+    inner: Box<dyn FrameReceiver>,
+    crash: Arc<Crash>,
+}
+
+impl FrameReceiver for CrashReceiver {
+    fn recv(&mut self, timeout: Duration) -> Result<Option<Bytes>, TransportError> {
+        let r = self.inner.recv(timeout)?;
+        if let Some(f) = &r {
+            let target = self.crash.epoch.load(Ordering::SeqCst);
+            if let (Ok(Frame::Ack { epoch }), true) = (Frame::decode(f), target != 0) {
+                if epoch >= target && self.crash.point == CrashPoint::AfterAck {
+                    die();
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+struct CrashSink {
+    inner: RecordingSink,
+    crash: Option<Arc<Crash>>,
+}
+
+impl CommitSink for CrashSink {
+    fn checkpoint(&self, epoch: u64) {
+        self.inner.checkpoint(epoch);
+    }
+    fn commit(&self, epoch: u64) {
+        let hit = self.crash.as_ref().filter(|c| {
+            let t = c.epoch.load(Ordering::SeqCst);
+            t != 0 && epoch == t
+        });
+        if hit.is_some_and(|c| c.point == CrashPoint::BeforeCommit) {
+            die();
+        }
+        self.inner.commit(epoch);
+        if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
+            die();
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Primary {
+            guest,
+            connect,
+            pattern,
+            hot_pages,
+            rate_mib,
+            write_len,
+            seed,
+            epoch_ms,
+            checkpoints,
+            commit_log,
+            crash_at,
+            crash_point,
+        } => {
+            let pattern = match pattern {
+                PatternArg::Sequential => Pattern::Sequential,
+                PatternArg::Random => Pattern::Random,
+                PatternArg::Hot => Pattern::HotSet {
+                    hot_pages,
+                    hot_percent: 90,
+                },
+            };
+            if epoch_ms == 0 {
+                bail!("--epoch-ms must be > 0");
+            }
+            let workload = WorkloadState::new(
+                WorkloadSpec {
+                    pattern,
+                    write_len,
+                    rate_bytes_per_s: rate_mib << 20,
+                },
+                seed,
+            )?;
+            let domain = LocalDomain::spawn(&LocalGuestConfig {
+                binary: guest_binary(guest.guest_binary)?,
+                memory_bytes: guest.memory_mib << 20,
+                workload,
+            })?;
+            let sock = UnixStream::connect(&connect)
+                .with_context(|| format!("connecting to {}", connect.display()))?;
+            let (tx, rx) = unix_stream(sock)?;
+            let crash = match (crash_at, crash_point) {
+                (Some(k), Some(point)) => Some(Arc::new(Crash {
+                    k,
+                    point,
+                    seen: AtomicU64::new(0),
+                    epoch: AtomicU64::new(0),
+                })),
+                _ => None,
+            };
+            let (tx, rx): (Box<dyn FrameSender>, Box<dyn FrameReceiver>) = match &crash {
+                Some(c) => (
+                    Box::new(CrashSender {
+                        inner: tx,
+                        crash: Arc::clone(c),
+                        in_target: false,
+                        last_epoch: 0,
+                    }),
+                    Box::new(CrashReceiver {
+                        inner: rx,
+                        crash: Arc::clone(c),
+                    }),
+                ),
+                None => (tx, rx),
+            };
+            let inner = match commit_log {
+                Some(p) => RecordingSink::with_log(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&p)
+                        .with_context(|| format!("opening {}", p.display()))?,
+                ),
+                None => RecordingSink::new(),
+            };
+            let sink = Arc::new(CrashSink { inner, crash });
+            let protection = start_protection(
+                domain,
+                (tx, rx),
+                sink,
+                PrimaryConfig {
+                    epoch: EpochPolicy::Fixed(Duration::from_millis(epoch_ms)),
+                    max_checkpoints: checkpoints,
+                    ..PrimaryConfig::default()
+                },
+            )?;
+            while !protection.is_finished() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let st = protection.status();
+            drop(protection.stop());
+            println!(
+                "{}",
+                serde_json::json!({
+                    "phase": format!("{:?}", st.phase),
+                    "checkpoints": st.checkpoints,
+                    "committed_epoch": st.committed_epoch,
+                    "pause_p99_ms": st.pause.p99,
+                    "raw_bytes": st.raw_bytes,
+                    "wire_bytes": st.wire_bytes,
+                })
+            );
+        }
+        Cmd::Secondary {
+            guest,
+            listen,
+            run_ms,
+        } => {
+            let _ = std::fs::remove_file(&listen);
+            let l = UnixListener::bind(&listen)
+                .with_context(|| format!("binding {}", listen.display()))?;
+            let (sock, _) = l.accept()?;
+            let binary = guest_binary(guest.guest_binary)?;
+            let replica = LocalDomain::replica(binary, guest.memory_mib << 20)?;
+            let sec = start_secondary(replica, unix_stream(sock)?, SecondaryConfig::default())?;
+            while !sec.status().primary_gone {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let status = sec.status();
+            let (mut domain, epoch) = sec.failover()?;
+            std::thread::sleep(Duration::from_millis(run_ms));
+            use xenft_checkpoint::domain::Domain;
+            domain.pause()?;
+            let st = WorkloadState::decode(&domain.vcpu_context()?.0)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "failover_epoch": epoch,
+                    "applied_epochs": status.applied_epochs,
+                    "rejected_epochs": status.rejected_epochs,
+                    "guest_counter_after_run": st.counter,
+                })
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Level-3 output commit, for real: vm ── host (shim) ── client in network namespaces.
+//! Privileged (root): builds and removes its own namespaces.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use common::{shim_config, start_shim, wait_until, Capture, Line, CLIENT_IP, R, VM_IP, VM_MAC};
+use xenft_netback::Mode;
+use xenft_tests::netns::require_root;
+
+const PORT: u16 = 9000;
+
+/// Sends UDP datagrams carrying `seqs` (as 4-byte big-endian numbers) from the VM namespace.
+fn vm_send(line: &Line, seqs: std::ops::Range<u32>, size: usize) -> R<()> {
+    let h = line.vm.spawn(move || -> std::io::Result<()> {
+        let s = UdpSocket::bind((VM_IP, 0))?;
+        for seq in seqs {
+            let mut payload = seq.to_be_bytes().to_vec();
+            payload.resize(size.max(4), 0xab);
+            s.send_to(&payload, (CLIENT_IP, PORT))?;
+        }
+        Ok(())
+    })?;
+    h.join().map_err(|_| "sender panicked")??;
+    Ok(())
+}
+
+fn seqs(cap: &Capture) -> Vec<u32> {
+    cap.udp_payloads(PORT)
+        .iter()
+        .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+        .collect()
+}
+
+#[test]
+fn client_sees_no_frame_of_an_epoch_before_its_commit_and_all_in_order_after() -> R<()> {
+    if !require_root("output commit") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Buffered;
+    let shim = start_shim(&line.host, cfg)?;
+    let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
+
+    shim.begin_epoch(1)?;
+    vm_send(&line, 0..20, 64)?;
+    assert!(
+        wait_until(Duration::from_secs(3), || shim.counters().held_frames_now
+            == 20),
+        "the shim holds the 20 frames of epoch 1: {:?}",
+        shim.counters()
+    );
+    shim.begin_epoch(2)?;
+    vm_send(&line, 20..25, 64)?;
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .held_frames_now
+        == 25));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        seqs(&cap).is_empty(),
+        "nothing left before commit: {:?}",
+        seqs(&cap)
+    );
+
+    assert_eq!(shim.commit(1)?, 20);
+    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() >= 20));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        seqs(&cap),
+        (0..20).collect::<Vec<_>>(),
+        "epoch 1 only, in order"
+    );
+
+    assert_eq!(shim.commit(2)?, 5);
+    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() >= 25));
+    assert_eq!(seqs(&cap), (0..25).collect::<Vec<_>>());
+
+    let c = shim.counters();
+    assert_eq!(c.held_frames_total, 25);
+    assert_eq!(c.released_frames, 25);
+    assert_eq!(c.held_frames_now, 0);
+    assert_eq!(c.committed_epoch, 2);
+    assert_eq!(
+        c.learned_ipv4,
+        vec![VM_IP],
+        "address learnt from the VM's traffic"
+    );
+    Ok(())
+}
+
+#[test]
+fn ping_from_vm_completes_only_after_commit() -> R<()> {
+    if !require_root("ping after commit") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Buffered;
+    let shim = start_shim(&line.host, cfg)?;
+    shim.begin_epoch(1)?;
+    let mut ping = line
+        .vm
+        .command("ping")
+        .args(["-c", "1", "-W", "10", &CLIENT_IP.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .held_frames_now
+        >= 1));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        ping.try_wait()?.is_none(),
+        "ping must not complete before commit"
+    );
+    shim.commit(1)?;
+    let done = wait_until(Duration::from_secs(5), || {
+        matches!(ping.try_wait(), Ok(Some(_)))
+    });
+    if !done {
+        let _ = ping.kill();
+    }
+    let status = ping.wait()?;
+    assert!(
+        done && status.success(),
+        "ping completes after commit: {status}"
+    );
+    Ok(())
+}
+
+#[test]
+fn oversize_frames_from_vm_are_dropped_and_counted_never_forwarded() -> R<()> {
+    if !require_root("oversize drop") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    // The VM side allows jumbo frames; the shim is configured for MTU 1500.
+    line.vm.ip(&["link", "set", "eth0", "mtu", "9000"])?;
+    line.host.ip(&["link", "set", "vif0", "mtu", "9000"])?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
+    vm_send(&line, 0..1, 4000)?;
+    vm_send(&line, 1..2, 100)?;
+    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(seqs(&cap), vec![1], "only the small frame crossed");
+    assert_eq!(shim.counters().dropped.oversize, 1);
+    Ok(())
+}
+
+#[test]
+fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<()> {
+    if !require_root("buffer bound") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Buffered;
+    cfg.buffer_limit = 20 * 1042; // room for twenty 1042-byte frames
+    let shim = start_shim(&line.host, cfg)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    shim.set_early_checkpoint_hook(std::sync::Arc::new(move |epoch| {
+        let _ = tx.send(epoch);
+    }));
+    let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
+    shim.begin_epoch(1)?;
+    vm_send(&line, 0..30, 1000)?; // 1000 B payload = 1042 B frames
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(3))?,
+        1,
+        "early checkpoint for epoch 1"
+    );
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .overflow_stalls
+        == 1));
+    let c = shim.counters();
+    assert_eq!(c.held_frames_now, 20);
+    assert!(c.held_bytes_now <= 20 * 1042);
+    assert_eq!(c.early_checkpoint_requests, 1);
+    // The checkpoint engine checkpoints early: next epoch, commit the full one.
+    shim.begin_epoch(2)?;
+    shim.commit(1)?;
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .held_frames_now
+        == 10));
+    shim.commit(2)?;
+    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 30));
+    assert_eq!(
+        seqs(&cap),
+        (0..30).collect::<Vec<_>>(),
+        "none dropped, order kept"
+    );
+    assert_eq!(shim.counters().dropped, xenft_netback::Drops::default());
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Uplink redirect, for real: the primary's uplink loses carrier; the VM's frames go through the
+//! tunnel to the secondary's shim and out of its uplink, replies come back the same way; an
+//! open TCP connection survives; traffic returns to the local path when the uplink is back.
+//! Privileged (root): builds and removes its own namespaces.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
+use xenft_netback::alink_tunnel::attach;
+use xenft_netback::tunnel::memory_pair;
+use xenft_netback::{Mode, Shim};
+use xenft_tests::netns::require_root;
+
+const PORT: u16 = 7100;
+
+/// Hands what arrives in `inbox` to `shim` until `stop`.
+fn pump(
+    inbox: Receiver<Bytes>,
+    shim: Arc<Shim>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(m) = inbox.recv_timeout(Duration::from_millis(50)) {
+                shim.on_tunnel_message(&m);
+            }
+        }
+    })
+}
+
+fn exchange(conn: &mut TcpStream, round: u32) -> R<()> {
+    let mut msg = [0u8; 200];
+    msg[..4].copy_from_slice(&round.to_be_bytes());
+    conn.write_all(&msg)?;
+    let mut back = [0u8; 200];
+    conn.read_exact(&mut back)?;
+    assert_eq!(back, msg, "echo of round {round}");
+    Ok(())
+}
+
+/// Primary (pass-through) in host_a, secondary (standby) in host_b.
+fn shims(pool: &Pool) -> R<(Arc<Shim>, Arc<Shim>)> {
+    let primary = Arc::new(start_shim(&pool.host_a, shim_config())?);
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
+    Ok((primary, secondary))
+}
+
+#[test]
+fn open_tcp_connection_survives_uplink_loss_through_the_tunnel_and_returns_local() -> R<()> {
+    if !require_root("uplink redirect") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let (primary, secondary) = shims(&pool)?;
+    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+    primary.set_tunnel(Arc::new(a_tx));
+    secondary.set_tunnel(Arc::new(b_tx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pumps = [
+        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
+        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
+    ];
+    let result = cut_and_restore_uplink(&pool, &primary, &secondary);
+    stop.store(true, Ordering::Relaxed);
+    for p in pumps {
+        let _ = p.join();
+    }
+    result
+}
+
+#[test]
+fn open_tcp_connection_survives_uplink_loss_over_the_alink() -> R<()> {
+    if !require_root("uplink redirect over the A-link") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let (primary, secondary) = shims(&pool)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Two loopback paths in the test's own namespace stand for the hosts' private links.
+    let (la, lb) = rt.block_on(xenft_alink::testing::loopback_pair(2))?;
+    assert!(rt.block_on(la.wait_connected(Duration::from_secs(5))));
+    let att_a = attach(Arc::clone(&primary), &la, rt.handle())?;
+    let att_b = attach(Arc::clone(&secondary), &lb, rt.handle())?;
+    let result = cut_and_restore_uplink(&pool, &primary, &secondary);
+    drop(att_a);
+    drop(att_b);
+    la.shutdown();
+    lb.shutdown();
+    result
+}
+
+/// The scenario: a TCP connection from the VM to the client, the primary's switch port goes
+/// down and comes back; every exchange succeeds, on the same connection.
+fn cut_and_restore_uplink(pool: &Pool, primary: &Shim, secondary: &Shim) -> R<()> {
+    // Echo server in the client namespace.
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+
+    let result = (|| -> R<()> {
+        let mut conn = pool
+            .vm_a
+            .spawn(|| {
+                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
+            })?
+            .join()
+            .map_err(|_| "connect panicked")??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        assert_eq!(conn.local_addr()?.ip(), VM_IP);
+        for round in 0..5 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+
+        // Cable cut between the primary and the switch.
+        pool.sw.ip(&["link", "set", "pa", "down"])?;
+        assert!(
+            wait_until(Duration::from_secs(2), || primary
+                .counters()
+                .redirect
+                .redirecting),
+            "the primary redirects when its uplink loses carrier"
+        );
+        for round in 5..25 {
+            exchange(&mut conn, round)?;
+        }
+        let (p, s) = (primary.counters(), secondary.counters());
+        assert!(
+            p.tunnel_out_frames >= 20 && p.tunnel_in_frames >= 20,
+            "{p:?}"
+        );
+        assert!(s.redirect.serving_peer && s.tunnel_in_frames >= 20, "{s:?}");
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
+        assert_eq!(
+            s.to_vm_frames, 0,
+            "the standby copy of the VM received nothing"
+        );
+
+        // Cable back: traffic returns to the local path.
+        pool.sw.ip(&["link", "set", "pa", "up"])?;
+        assert!(
+            wait_until(Duration::from_secs(3), || !primary
+                .counters()
+                .redirect
+                .redirecting),
+            "the primary stops redirecting when its uplink is back"
+        );
+        let tunnelled = primary.counters().tunnel_out_frames;
+        for round in 25..30 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(
+            primary.counters().tunnel_out_frames,
+            tunnelled,
+            "local path again"
+        );
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+        assert!(wait_until(Duration::from_secs(2), || !secondary
+            .counters()
+            .redirect
+            .serving_peer));
+        drop(conn);
+        Ok(())
+    })();
+    let served = server.join().map_err(|_| "server panicked")?;
+    result?;
+    served?;
+    Ok(())
+}
+
+#[test]
+fn garbage_on_the_tunnel_is_dropped_and_counted() -> R<()> {
+    if !require_root("tunnel garbage") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let other = xenft_netback::frame::MacAddr([2, 0, 0, 0, 0, 9]);
+    for msg in [
+        Bytes::from_static(b""),
+        Bytes::from_static(b"garbage!garbage!"),
+        xenft_netback::tunnel::TunnelMsg::RedirectStart(other).encode(),
+        // A frame for the VM while no redirect is active: unexpected, not delivered.
+        xenft_netback::tunnel::TunnelMsg::ToVm(VM_MAC, Bytes::from(vec![0u8; 60])).encode(),
+    ] {
+        shim.on_tunnel_message(&msg);
+    }
+    let c = shim.counters();
+    assert_eq!(c.dropped.tunnel_garbage, 3);
+    assert_eq!(c.dropped.tunnel_unexpected, 1);
+    assert_eq!(c.to_vm_frames, 0);
+    assert!(!c.redirect.serving_peer);
+    Ok(())
+}
+
+#[test]
+fn garbage_from_the_peer_on_the_alink_net_channel_is_dropped_and_counted() -> R<()> {
+    if !require_root("A-link garbage") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    let shim = Arc::new(start_shim(&line.host, shim_config())?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (la, lb) = rt.block_on(xenft_alink::testing::loopback_pair(1))?;
+    let att = attach(Arc::clone(&shim), &la, rt.handle())?;
+    rt.block_on(async {
+        lb.send(
+            xenft_alink::Channel::Net,
+            Bytes::from_static(b"\x01\x09not a tunnel message"),
+        )
+        .await?;
+        lb.send(xenft_alink::Channel::Net, Bytes::from_static(b"x"))
+            .await
+    })?;
+    assert!(
+        wait_until(Duration::from_secs(5), || shim
+            .counters()
+            .dropped
+            .tunnel_garbage
+            == 2),
+        "{:?}",
+        shim.counters().dropped
+    );
+    assert_eq!(shim.counters().to_vm_frames, 0);
+    drop(att);
+    la.shutdown();
+    lb.shutdown();
+    Ok(())
+}
