@@ -259,6 +259,9 @@ pub enum Input {
     },
     /// Protect a VM (from the registry).
     Protect(VmSpec),
+    /// Stop protecting a VM (from the registry): replication stops, the record is dropped,
+    /// the local copy is left as it is (a running primary keeps running).
+    Unprotect(VmId),
     /// A transport with its own per-path liveness (the A-link crate) saw the peer on a path
     /// just now. Liveness only: the heartbeat content (acknowledgements, VM reports) still
     /// comes in [`Input::Heartbeat`].
@@ -600,6 +603,7 @@ impl HostCore {
             Input::VmStarted { vm, ok, detail } => self.on_started(&vm, ok, &detail),
             Input::Protect(spec) => self.on_protect(spec),
             Input::PathSeen { peer, path } => self.on_path_seen(&peer, path),
+            Input::Unprotect(vm) => self.on_unprotect(&vm),
         }
         self.reconcile_all();
         self.finish()
@@ -1050,6 +1054,24 @@ impl HostCore {
         };
         self.insert_vm(rec, local);
         self.dirty = true;
+    }
+
+    fn on_unprotect(&mut self, vm: &VmId) {
+        let Some(v) = self.vms.remove(vm) else {
+            return;
+        };
+        self.dirty = true;
+        if v.rec.primary == self.cfg.me {
+            self.cmd(Command::SuspendReplication { vm: vm.clone() });
+        }
+        self.decide(
+            None,
+            None,
+            Some(vm),
+            FaultClass::Protection,
+            Action::LogOnly,
+            "protection removed: the VM is no longer replicated nor taken over".into(),
+        );
     }
 
     fn on_sync_done(&mut self, vm: &VmId, sync_id: u64) {
@@ -1836,6 +1858,19 @@ mod tests {
         assert!(r
             .decisions()
             .contains(&(FaultClass::PeerSilent, Action::FailOver)));
+    }
+
+    #[test]
+    fn unprotected_vm_is_forgotten_and_never_taken_over() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        r.input(Input::Unprotect(vm()));
+        assert!(r.core.records().is_empty());
+        assert!(r
+            .out
+            .iter()
+            .any(|o| matches!(o, Output::Persist(p) if p.is_empty())));
+        r.run(1000, &[], None);
+        assert!(r.commands().is_empty());
     }
 
     #[test]
