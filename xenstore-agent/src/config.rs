@@ -1,4 +1,30 @@
 //! The agent's configuration file (JSON) and its validation into a [`ValidConfig`].
+//!
+//! ```json
+//! {
+//!   "host": "h1",
+//!   "secret_file": "/etc/xenft/pool-secret",
+//!   "state_file": "/var/lib/xenft/agent-state.json",
+//!   "peers": [{
+//!     "host": "h2",
+//!     "alink": [{"local": "10.10.0.1:7480", "peer": "10.10.0.2:7480"},
+//!               {"local": "10.11.0.1:7480", "peer": "10.11.0.2:7480"}],
+//!     "mgmt": {"local": "192.168.1.11:7480", "peer": "192.168.1.12:7480"}
+//!   }],
+//!   "storage_heartbeat_dir": "/run/sr-mount/xenft-hb",
+//!   "quorum": ["192.168.1.50:7479", "192.168.2.50:7479"],
+//!   "timing": {"heartbeat_ms": 100, "path_down_ms": 350, "peer_dead_ms": 500,
+//!              "lease_ms": 600, "margin_ms": 200, "quorum_request_timeout_ms": 150},
+//!   "status": {"listen": "127.0.0.1:7481"},
+//!   "vms": [{"vm": "web01", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 2048}],
+//!   "alink_transport": "udp",
+//!   "xenstore": true
+//! }
+//! ```
+//! `quorum` lists the preferred server first, then the alternate (0 to 2 entries);
+//! `xenft-quorum --lease-ms` must equal `timing.lease_ms`. Every field is checked: unknown
+//! fields, names with odd characters, VMs on hosts outside the pool, more than two quorum
+//! servers or a non-loopback status address without `token_file` are refused.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -389,6 +415,27 @@ mod tests {
         ))
         .unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn the_documented_example_parses_and_validates() {
+        let src = include_str!("config.rs");
+        let start = src.find("//! ```json").unwrap();
+        let end = start + src[start..].find("//! ```\n").unwrap();
+        let json: String = src[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.trim_start_matches("//!").trim_start())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        let json = json.replace("/etc/xenft/pool-secret", secret.to_str().unwrap());
+        let c: ConfigFile = serde_json::from_str(&json).unwrap();
+        let v = c.validate().unwrap();
+        assert_eq!(v.quorum.len(), 2);
+        assert!(v.xenstore && v.core.storage_heartbeat);
     }
 
     #[test]

@@ -259,6 +259,9 @@ pub enum Input {
     },
     /// Protect a VM (from the registry).
     Protect(VmSpec),
+    /// Stop protecting a VM (from the registry): replication stops, the record is dropped,
+    /// the local copy is left as it is (a running primary keeps running).
+    Unprotect(VmId),
     /// A transport with its own per-path liveness (the A-link crate) saw the peer on a path
     /// just now. Liveness only: the heartbeat content (acknowledgements, VM reports) still
     /// comes in [`Input::Heartbeat`].
@@ -600,6 +603,7 @@ impl HostCore {
             Input::VmStarted { vm, ok, detail } => self.on_started(&vm, ok, &detail),
             Input::Protect(spec) => self.on_protect(spec),
             Input::PathSeen { peer, path } => self.on_path_seen(&peer, path),
+            Input::Unprotect(vm) => self.on_unprotect(&vm),
         }
         self.reconcile_all();
         self.finish()
@@ -1052,6 +1056,24 @@ impl HostCore {
         self.dirty = true;
     }
 
+    fn on_unprotect(&mut self, vm: &VmId) {
+        let Some(v) = self.vms.remove(vm) else {
+            return;
+        };
+        self.dirty = true;
+        if v.rec.primary == self.cfg.me {
+            self.cmd(Command::SuspendReplication { vm: vm.clone() });
+        }
+        self.decide(
+            None,
+            None,
+            Some(vm),
+            FaultClass::Protection,
+            Action::LogOnly,
+            "protection removed: the VM is no longer replicated nor taken over".into(),
+        );
+    }
+
     fn on_sync_done(&mut self, vm: &VmId, sync_id: u64) {
         let Some(v) = self.vms.get_mut(vm) else {
             return;
@@ -1352,7 +1374,11 @@ impl HostCore {
                     );
                     return;
                 }
-                self.drive_protection(vm, peer_alink, report.as_ref());
+                // Protect only while holding authority (lease or promise): a replica made
+                // consistent without it would expose this copy to a fence the moment the
+                // sync ends.
+                let authority = self.cfg.quorum_servers == 0 || self.any_grant(v) || promise;
+                self.drive_protection(vm, peer_alink && authority, peer_alink, report.as_ref());
             }
             LocalCopy::Starting => {}
             LocalCopy::Paused => {
@@ -1419,7 +1445,13 @@ impl HostCore {
     }
 
     /// Sync, degrade and resync on the running primary.
-    fn drive_protection(&mut self, vm: &VmId, peer_alink: bool, report: Option<&VmReport>) {
+    fn drive_protection(
+        &mut self,
+        vm: &VmId,
+        may_sync: bool,
+        peer_alink: bool,
+        report: Option<&VmReport>,
+    ) {
         let v = &self.vms[vm];
         let peer = v.rec.other(&self.cfg.me).clone();
         let phase = v.rec.phase;
@@ -1448,7 +1480,7 @@ impl HostCore {
             | Phase::FailedOver
             | Phase::Fenced
             | Phase::FailingOver
-                if peer_alink && peer_agrees =>
+                if may_sync && peer_agrees =>
             {
                 let full = phase == Phase::Unprotected;
                 let v = self.vms.get_mut(vm).expect("vm");
@@ -1826,6 +1858,19 @@ mod tests {
         assert!(r
             .decisions()
             .contains(&(FaultClass::PeerSilent, Action::FailOver)));
+    }
+
+    #[test]
+    fn unprotected_vm_is_forgotten_and_never_taken_over() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        r.input(Input::Unprotect(vm()));
+        assert!(r.core.records().is_empty());
+        assert!(r
+            .out
+            .iter()
+            .any(|o| matches!(o, Output::Persist(p) if p.is_empty())));
+        r.run(1000, &[], None);
+        assert!(r.commands().is_empty());
     }
 
     #[test]

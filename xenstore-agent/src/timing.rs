@@ -8,6 +8,12 @@
 //! VM runs again 600–700 ms after the host died (measured by the simulator, see
 //! `tests/sim_pool.rs`). Heartbeats go every `heartbeat_ms` (100) on every path; a path is
 //! declared down after `path_down_ms` (350), i.e. three lost heartbeats.
+//!
+//! `margin_ms` (200) is how much earlier than the server a host considers its lease (or its
+//! peer's promise) expired: it must exceed the worst delay between the moment a lease runs out
+//! and the moment the agent has paused its copy (scheduling delay of the agent, clock-rate
+//! drift). 100 ms proved too tight on a loaded machine (two copies for a few ms in the
+//! namespace tests); run the agent with a real-time priority in production.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +47,7 @@ impl Default for Timing {
             path_down_ms: 350,
             peer_dead_ms: 500,
             lease_ms: 600,
-            margin_ms: 100,
+            margin_ms: 200,
             quorum_request_timeout_ms: 150,
         }
     }

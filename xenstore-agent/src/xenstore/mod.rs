@@ -2,6 +2,13 @@
 //! and the Xen backend (xenstore-rs for watches, plus a thin wire-protocol client for
 //! transactions, which xenstore-rs 0.8 lacks).
 //!
+//! Debian's xenstored was tried as the local implementation (xen-utils-4.17): the C daemon
+//! with `--no-domain-init --no-fork` (and `XENSTORED_RUNDIR`) starts and listens without
+//! /dev/xen, but closes every connection at its first request (no dom0 domain to account it
+//! to); without `--no-domain-init` it needs the hypervisor; oxenstored aborts (setrlimit EPERM
+//! in a container). Hence the in-process [`memory::MemStore`], also served over the real
+//! protocol by [`wire::serve_memstore`] so the Xen backend is tested byte for byte.
+//!
 //! Semantics every user must follow (they hold for xenstored too):
 //! - a watch fires once when registered, then after every change at or below its path, and
 //!   may fire spuriously: a watcher re-reads what it cares about on every event;

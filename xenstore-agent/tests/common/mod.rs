@@ -43,6 +43,11 @@ pub struct Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        if let Ok(keep) = std::env::var("XENFT_KEEP_LOGS") {
+            for f in ["h1.log", "h2.log", "q.log"] {
+                let _ = std::fs::copy(self.dir.path().join(f), Path::new(&keep).join(f));
+            }
+        }
         for c in self
             .agents
             .iter_mut()
