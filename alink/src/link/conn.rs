@@ -132,14 +132,19 @@ async fn read_frame(
             max: max_len,
         }));
     }
-    let mut body = BytesMut::zeroed(header.len + MAC_LEN);
-    stream.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ReadError::Frame(FrameError::Truncated(header.len + MAC_LEN))
-        } else {
-            ReadError::Io(e)
+    // Read straight into spare capacity: no zeroing of a fragment we are about to overwrite.
+    let want = header.len + MAC_LEN;
+    let mut body = BytesMut::with_capacity(want);
+    while body.len() < want {
+        let mut limited = (&mut *stream).take((want - body.len()) as u64);
+        match limited.read_buf(&mut body).await {
+            Ok(0) => {
+                return Err(ReadError::Frame(FrameError::Truncated(want - body.len())));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
         }
-    })?;
+    }
     let tag = body.split_off(header.len);
     if !frame::verify(key, &h, &body, &tag) {
         return Err(ReadError::Frame(FrameError::BadMac));
