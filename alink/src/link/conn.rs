@@ -348,6 +348,7 @@ async fn read_loop(
     loop {
         match read_frame(&mut rd, key, MAX_FRAGMENT).await {
             Ok(f) => {
+                let large = f.payload.len() > 64 * 1024;
                 bump(&sh.counters.frames_received, 1);
                 bump(
                     &sh.counters.bytes_received,
@@ -355,6 +356,9 @@ async fn read_loop(
                 );
                 if let Err(e) = sh.on_frame(conn, generation, f) {
                     return e.to_string();
+                }
+                if large {
+                    tokio::task::yield_now().await;
                 }
             }
             Err(ReadError::Frame(e)) => {
@@ -436,6 +440,11 @@ async fn write_loop(
             return format!("write: {e}");
         }
         bump(&sh.counters.frames_sent, 1);
+        if f.payload.len() > 64 * 1024 {
+            // MAC'ing a large fragment holds this worker for a while: let urgent-lane tasks
+            // (heartbeats, acks) run before the next one instead of after a whole budget.
+            tokio::task::yield_now().await;
+        }
         bump(
             &sh.counters.bytes_sent,
             (HEADER_LEN + f.payload.len() + MAC_LEN) as u64,
