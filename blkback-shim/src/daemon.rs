@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::mirror::alink::{AlinkAcceptor, AlinkConnector};
@@ -22,7 +22,8 @@ use crate::volume::Volume;
 /// How the two shims reach each other.
 #[derive(Debug, Clone)]
 pub enum PeerTransport {
-    /// One plain TCP connection: the primary dials this address, the secondary listens on it.
+    /// One plain TCP connection, unauthenticated (loopback and tests only): the primary dials
+    /// this address, the secondary listens on it.
     Tcp(SocketAddr),
     /// An authenticated multi-path A-link (`Channel::Disk`); this process runs the link.
     Alink(xenft_alink::LinkConfig),
@@ -108,11 +109,12 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, DaemonError> {
     UnixListener::bind(path).map_err(sock(format!("bind {}", path.display())))
 }
 
-/// Runs the daemon until a listener fails.
+/// Runs the daemon until SIGTERM/SIGINT (clean stop) or until every task ended.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&cfg.disk, cfg.create_size)?);
     info!(disk = %cfg.disk.display(), size = store.size(), role = ?cfg.role, "starting");
     let mut tasks = tokio::task::JoinSet::new();
+    let mut own_link = None;
     let (node, volume) = match &cfg.role {
         Role::Local => (Node::Local, Some(Volume::local(store.clone()))),
         Role::Primary { peer, bitmap } => {
@@ -124,6 +126,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
                 PeerTransport::Alink(lc) => {
                     let link = xenft_alink::Link::start(lc.clone()).await?;
+                    own_link = Some(link.clone());
                     let c = AlinkConnector::new(link).ok_or_else(taken)?;
                     tasks.spawn(p.clone().run(c));
                 }
@@ -144,6 +147,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
                 PeerTransport::Alink(lc) => {
                     let link = xenft_alink::Link::start(lc.clone()).await?;
+                    own_link = Some(link.clone());
                     let a = AlinkAcceptor::new(&link).ok_or_else(taken)?;
                     tasks.spawn(s.clone().serve(a));
                 }
@@ -174,11 +178,39 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let l = bind_unix(c)?;
         let n = node.clone();
         tasks.spawn(async move {
-            let _ = n.serve(l).await;
+            let _ = n.serve(l, own_link).await;
         });
     }
     info!("ready");
-    while tasks.join_next().await.is_some() {}
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut term = signal(SignalKind::terminate()).map_err(sock("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(sock("SIGINT handler"))?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+    }
+    // Clean stop: durable local store, bitmap and activity log consistent.
+    if let Node::Primary(p) = &node {
+        let p = p.clone();
+        match tokio::task::spawn_blocking(move || p.shutdown_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "unclean stop"),
+            Err(_) => tracing::warn!("shutdown task failed"),
+        }
+    } else if let Node::Secondary(sec) = &node {
+        let sec = sec.clone();
+        match tokio::task::spawn_blocking(move || sec.shutdown_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "unclean stop"),
+            Err(_) => tracing::warn!("shutdown task failed"),
+        }
+    } else {
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.sync()).await;
+    }
+    tasks.abort_all();
+    for p in [&cfg.nbd_unix, &cfg.control].into_iter().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }

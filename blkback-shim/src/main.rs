@@ -40,10 +40,12 @@ struct Args {
     /// Export name.
     #[arg(long, default_value = "xenft")]
     export: String,
-    /// Primary, plain TCP transport: the secondary's replication address.
+    /// Primary, plain TCP transport (unauthenticated: loopback and tests only; use an A-link
+    /// between hosts): the secondary's replication address.
     #[arg(long)]
     peer: Option<SocketAddr>,
-    /// Secondary, plain TCP transport: replication listen address.
+    /// Secondary, plain TCP transport (unauthenticated: loopback and tests only): replication
+    /// listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// A-link transport: one path as LOCAL_ADDR=PEER_ADDR (repeat for each path).
@@ -58,6 +60,9 @@ struct Args {
     /// A-link: file holding the pool secret (at least 16 bytes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// A-link: a path silent this long is down (milliseconds; default: the link's own).
+    #[arg(long)]
+    alink_path_timeout_ms: Option<u64>,
     /// Primary: dirty bitmap file (default: DISK.xenft-bitmap).
     #[arg(long)]
     bitmap: Option<PathBuf>,
@@ -111,7 +116,7 @@ fn config(a: Args) -> anyhow::Result<Config> {
             .context("--alink-path needs --secret-file")?;
         let secret = std::fs::read(secret_file)
             .with_context(|| format!("reading {}", secret_file.display()))?;
-        let cfg = LinkConfig::new(
+        let mut cfg = LinkConfig::new(
             a.host.clone().context("--alink-path needs --host")?,
             a.peer_host
                 .clone()
@@ -119,6 +124,9 @@ fn config(a: Args) -> anyhow::Result<Config> {
             secret,
             paths,
         );
+        if let Some(ms) = a.alink_path_timeout_ms {
+            cfg.path_timeout = Duration::from_millis(ms);
+        }
         cfg.validate().context("a-link configuration")?;
         Some(PeerTransport::Alink(cfg))
     };
@@ -172,6 +180,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = config(Args::parse())?;
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;

@@ -1,11 +1,14 @@
 //! The control socket the agent uses: one text command per line, one JSON line back.
 //!
 //! Commands:
-//! - `status` → the node's status (role, link state, dirty bytes, resync progress with bytes
+//! - `status` → the node's status (plus `alink`, the A-link's path status, when this process
+//!   runs one) (role, link state, dirty bytes, resync progress with bytes
 //!   left / rate / ETA, local store failure cause, counters);
 //! - `resync-rate <bytes/s>` → sets the resync rate limit (0 = unlimited);
 //! - `verify [block]` (primary) → online verify by block checksums (default 64 KiB blocks):
 //!   `{"verify":{"bytes_checked","differing":[[offset,len],..],"differing_bytes"}}`;
+//! - `checkpoint <n>` (primary) → checkpoint boundary: later writes belong to epoch `n + 1`
+//!   (the checkpoint engine's `CommitSink::checkpoint`);
 //! - `epoch <n>` (primary) → stamps subsequent writes with epoch `n`;
 //! - `commit <n>` (primary) → commits epoch `n` on the secondary, replies when applied;
 //! - `epoch-mode on|off` (secondary) → hold writes per epoch;
@@ -69,6 +72,13 @@ impl Node {
                     Err(e) => err(&e.to_string()),
                 }
             }
+            ("checkpoint", Self::Primary(p)) => match num() {
+                Some(n) => {
+                    p.checkpoint_boundary(n);
+                    json!({"ok": true, "epoch": n.saturating_add(1)})
+                }
+                None => err("checkpoint needs an epoch"),
+            },
             ("epoch", Self::Primary(p)) => match num() {
                 Some(n) => {
                     p.set_epoch(n);
@@ -115,16 +125,28 @@ impl Node {
         }
     }
 
-    /// Serves the control socket until the listener fails.
-    pub async fn serve(self, listener: UnixListener) -> std::io::Result<()> {
+    /// Serves the control socket until the listener fails. With `link` (the process's own
+    /// A-link), `status` replies also carry `"alink"`: per-path liveness and counters.
+    pub async fn serve(
+        self,
+        listener: UnixListener,
+        link: Option<xenft_alink::Link>,
+    ) -> std::io::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let me = self.clone();
+            let link = link.clone();
             tokio::spawn(async move {
                 let (rd, mut wr) = stream.into_split();
                 let mut lines = BufReader::new(rd.take(64 * 1024)).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let mut out = me.command(&line).await.to_string();
+                    let mut v = me.command(&line).await;
+                    if let (Some(l), Some(obj)) = (&link, v.as_object_mut()) {
+                        if line.trim() == "status" {
+                            obj.insert("alink".into(), json!(l.status()));
+                        }
+                    }
+                    let mut out = v.to_string();
                     out.push('\n');
                     if wr.write_all(out.as_bytes()).await.is_err() {
                         break;

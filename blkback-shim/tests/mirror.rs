@@ -166,7 +166,7 @@ fn writes_racing_with_a_rate_limited_resync_end_identical() {
                 .await
                 .unwrap();
         }
-        m.primary.set_resync_rate(8 * MIB);
+        m.primary.set_resync_rate(2 * MIB);
         m.connect();
         m.wait_for(|l| l == PeerLink::Resyncing).await;
         // Overwrite regions both before and after the resync cursor while it runs.
@@ -332,5 +332,83 @@ fn online_verify_reports_exactly_the_differing_blocks() {
         let r = m.primary.verify(4096).await.unwrap();
         assert_eq!(r.differing, vec![(3 * MIB + 4096, 8192), (7 * MIB, 4096)]);
         assert_eq!(r.differing_bytes, 12288);
+    });
+}
+
+#[test]
+fn failed_secondary_store_degrades_the_mirror_and_reports_the_cause() {
+    let rt = Rt::new();
+    rt.block_on(async {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let c2 = cell.clone();
+        let mut m = MirrorPair::with_stores(
+            4 * MIB,
+            |s| Arc::new(s),
+            move |s| {
+                let f = Arc::new(FaultyStore::new(s));
+                let _ = c2.set(f.clone());
+                f as Arc<dyn Store>
+            },
+        );
+        let faulty: Arc<FaultyStore<FileStore>> = cell.get().unwrap().clone();
+        m.connect();
+        m.wait_in_sync().await;
+        faulty.fail();
+        // The client never sees the secondary's failure.
+        m.volume
+            .write(0, Bytes::from(vec![5u8; 4096]), true)
+            .await
+            .unwrap();
+        m.volume
+            .write(MIB, Bytes::from(vec![6u8; 4096]), false)
+            .await
+            .unwrap();
+        let st = m.primary.status();
+        assert_eq!(st.peer, PeerLink::Degraded);
+        assert_eq!(st.dirty_bytes, 2 * DEFAULT_CHUNK);
+        let cause = st.peer_failure.expect("cause reported");
+        assert!(cause.contains("secondary store"), "{cause}");
+        assert!(m.secondary.status().failure.is_some());
+    });
+}
+
+#[test]
+fn remote_mode_refuses_reads_of_ranges_the_secondary_does_not_have_yet() {
+    let rt = Rt::new();
+    rt.block_on(async {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let c2 = cell.clone();
+        let mut m = MirrorPair::new(8 * MIB, move |s| {
+            let f = Arc::new(FaultyStore::new(s));
+            let _ = c2.set(f.clone());
+            f as Arc<dyn Store>
+        });
+        let faulty: Arc<FaultyStore<FileStore>> = cell.get().unwrap().clone();
+        m.connect();
+        m.wait_in_sync().await;
+        m.volume
+            .write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+        m.kill_secondary().await;
+        // Written while the peer is away: the secondary lacks these chunks until resynced.
+        // The first run (4 MiB) is copied at once; the rate limit holds back the second.
+        m.volume
+            .write(4 * MIB, Bytes::from(vec![2u8; MIB as usize]), false)
+            .await
+            .unwrap();
+        m.volume
+            .write(6 * MIB, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .unwrap();
+        m.primary.set_resync_rate(1);
+        m.connect();
+        m.wait_for(|l| l == PeerLink::Resyncing).await;
+        faulty.fail();
+        assert_eq!(&m.volume.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
+        assert!(
+            m.volume.read(6 * MIB, 4096).await.is_err(),
+            "stale data served from the secondary"
+        );
     });
 }

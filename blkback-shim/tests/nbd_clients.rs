@@ -185,3 +185,41 @@ fn concurrent_clients_on_disjoint_regions_all_land() {
         assert!(r.iter().all(|&b| usize::from(b) == 0x10 + i), "client {i}");
     }
 }
+
+#[test]
+fn tcp_listener_serves_qemu_io_and_nbdinfo_on_loopback() {
+    use std::sync::Arc;
+    use xenft_blkback::nbd::server::{ExportConfig, NbdServer};
+    use xenft_blkback::store::{FileStore, Store};
+    use xenft_blkback::volume::Volume;
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let store: Arc<dyn Store> = Arc::new(FileStore::open(&disk, Some(8 << 20)).unwrap());
+    let rt = common::Rt::new();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = NbdServer::new(Volume::local(store), ExportConfig::default());
+    rt.handle()
+        .spawn(async move { server.serve_tcp(listener).await });
+    let uri = format!("nbd://127.0.0.1:{port}/xenft");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 1M",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x3c 1M 1M", &uri]);
+    let size = run_ok("nbdinfo", &["--size", &uri]);
+    assert_eq!(size.trim(), (8u64 << 20).to_string());
+    let d = std::fs::read(&disk).unwrap();
+    assert!(d[1 << 20..2 << 20].iter().all(|&b| b == 0x3c));
+}

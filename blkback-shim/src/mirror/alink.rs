@@ -7,8 +7,8 @@
 //! `Hello`). Frames of other sessions (stale acknowledgements, writes queued before a session
 //! was abandoned) are dropped. A session ends when the link reports `PeerRestarted` (the
 //! peer's unacknowledged messages were dropped, so the peer must be resynced) or shuts down;
-//! on the primary a session also ends when the last path goes down (the link's path timeout,
-//! 500 ms by default), and the acknowledgement timeout covers a peer that hangs.
+//! on the primary a session also ends when no path has been up for [`UNREACHABLE_AFTER`], and
+//! the acknowledgement timeout covers a peer that hangs with its paths up.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +18,10 @@ use tokio::sync::mpsc;
 use xenft_alink::{Channel, Link, LinkEvent};
 
 use super::transport::{PeerAcceptor, PeerConnector, PeerSession};
+use super::wire::Frame;
+
+/// How long no path may be up before the primary ends the session (goes degraded).
+pub const UNREACHABLE_AFTER: Duration = Duration::from_millis(1000);
 
 type Route = Arc<Mutex<Option<(u64, mpsc::Sender<Bytes>)>>>;
 
@@ -32,13 +36,15 @@ fn split(frame: &Bytes) -> Option<(u64, Bytes)> {
 
 /// Starts the per-session sender: frames from the session's `tx` are prefixed with `id` and
 /// sent on the link's disk channel in order.
-fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Bytes> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Frame> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
+            // One copy: session id, head and body into one link message.
             let mut b = BytesMut::with_capacity(m.len() + 8);
             b.put_u64(id);
-            b.put_slice(&m);
+            b.put_slice(&m.head);
+            b.put_slice(&m.body);
             if link.send(Channel::Disk, b.freeze()).await.is_err() {
                 break;
             }
@@ -47,25 +53,36 @@ fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Bytes> {
     tx
 }
 
-/// Closes the current session whenever the peer restarts, and (`on_unreachable`) when the
-/// last path goes down: the primary then goes degraded at once instead of waiting for its
-/// acknowledgement timeout.
+/// Closes the current session whenever the peer restarts, and (`on_unreachable`) when no path
+/// has been up for [`UNREACHABLE_AFTER`]: the primary then goes degraded without waiting for
+/// its acknowledgement timeout (which still covers a peer that hangs with its paths up).
 fn watch_restarts(link: &Link, route: Route, on_unreachable: bool) {
     let mut events = link.subscribe();
     let link = link.clone();
     tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut down_since: Option<tokio::time::Instant> = None;
         loop {
-            match events.recv().await {
-                Ok(LinkEvent::PeerRestarted { .. }) => {
-                    lock(&route).take();
-                }
-                Ok(LinkEvent::PathDown { .. }) if on_unreachable && !link.is_connected() => {
-                    lock(&route).take();
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    lock(&route).take();
-                    break;
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(LinkEvent::PeerRestarted { .. }) => {
+                        lock(&route).take();
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        lock(&route).take();
+                        break;
+                    }
+                },
+                _ = tick.tick(), if on_unreachable => {
+                    if link.is_connected() {
+                        down_since = None;
+                    } else {
+                        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= UNREACHABLE_AFTER {
+                            lock(&route).take();
+                        }
+                    }
                 }
             }
         }
@@ -130,7 +147,7 @@ impl PeerConnector for AlinkConnector {
         *lock(&self.route) = Some((id, btx));
         let tx = session_sender(self.link.clone(), id);
         // The empty frame opens the session on the secondary.
-        tx.send(Bytes::new())
+        tx.send(Frame::default())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
         Ok(PeerSession { tx, rx })
     }

@@ -8,8 +8,17 @@
 //! secondary acknowledged the resync copy of the chunk; a crash before that persist only means
 //! a few chunks are copied twice.
 //!
-//! File layout: a 4096-byte header (`XFTBMAP1`, version, chunk size, disk size, flags), then the
-//! bitmap bytes, chunk `i` in byte `i / 8`, bit `i % 8`.
+//! Activity log (for a crash of the primary while *connected*): writes in flight to the
+//! secondary may be on one copy and not the other. Before a write touches a 4 MiB extent that
+//! is not yet "active", the extent's bit in the activity log is set and made durable; extents
+//! stay active while recently used (up to [`AL_MAX_EXTENTS`]) and are retired only when no
+//! write in them awaits an acknowledgement. On open, every active extent is folded into the
+//! dirty bitmap, so a restarted primary resyncs whatever might have been in flight. Sequential
+//! writing costs one small sync per 4 MiB; a working set within the active extents costs none.
+//!
+//! File layout: a 4096-byte header (`XFTBMAP1`, version, chunk size, disk size, flags), the
+//! dirty bitmap bytes (chunk `i` in byte `i / 8`, bit `i % 8`), then the activity-log bytes
+//! (extent `e` in byte `e / 8`, bit `e % 8`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -20,6 +29,10 @@ pub const DEFAULT_CHUNK: u64 = 64 * 1024;
 const MAGIC: &[u8; 8] = b"XFTBMAP1";
 const HEADER: u64 = 4096;
 const FLAG_PEER_SYNCED: u64 = 1;
+/// Activity-log extent size.
+pub const AL_EXTENT: u64 = 4 << 20;
+/// Active extents kept at most (DRBD's default `al-extents`).
+pub const AL_MAX_EXTENTS: usize = 1237;
 
 /// Errors of the bitmap file.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +65,8 @@ pub struct DirtyBitmap {
     nchunks: u64,
     dirty: u64,
     peer_synced: bool,
+    al: Vec<u8>,
+    recovered_extents: u64,
 }
 
 impl DirtyBitmap {
@@ -67,6 +82,8 @@ impl DirtyBitmap {
             nchunks,
             dirty: 0,
             peer_synced: false,
+            al: vec![0; usize::try_from(size.div_ceil(AL_EXTENT).div_ceil(8)).unwrap_or(0)],
+            recovered_extents: 0,
         }
     }
 
@@ -100,6 +117,7 @@ impl DirtyBitmap {
             h[20..28].copy_from_slice(&size.to_be_bytes());
             file.write_all_at(&h, 0).map_err(io)?;
             file.write_all_at(&bm.bits, HEADER).map_err(io)?;
+            file.write_all_at(&bm.al, bm.al_offset()).map_err(io)?;
             file.sync_all().map_err(io)?;
         } else {
             let mut h = [0u8; 36];
@@ -116,11 +134,81 @@ impl DirtyBitmap {
                 )));
             }
             file.read_exact_at(&mut bm.bits, HEADER).map_err(io)?;
+            let mut al = vec![0u8; bm.al.len()];
+            file.read_exact_at(&mut al, bm.al_offset()).map_err(io)?;
             bm.peer_synced = flags & FLAG_PEER_SYNCED != 0;
+            // Extents active at a crash may differ between the copies: resync them.
+            for e in 0..size.div_ceil(AL_EXTENT) {
+                let active = usize::try_from(e / 8)
+                    .ok()
+                    .and_then(|b| al.get(b))
+                    .is_some_and(|byte| byte & (1 << (e % 8)) != 0);
+                if active {
+                    bm.recovered_extents += 1;
+                    bm.mark_volatile(e * AL_EXTENT, AL_EXTENT);
+                }
+            }
             bm.dirty = bm.bits.iter().map(|b| u64::from(b.count_ones())).sum();
+            if bm.recovered_extents > 0 {
+                file.write_all_at(&bm.bits, HEADER).map_err(io)?;
+                file.write_all_at(&bm.al, bm.al_offset()).map_err(io)?;
+                file.sync_data().map_err(io)?;
+            }
         }
         bm.file = Some((file, path.to_path_buf()));
         Ok(bm)
+    }
+
+    fn al_offset(&self) -> u64 {
+        HEADER + self.bits.len() as u64
+    }
+
+    /// Activity-log extents found active when the file was opened (an unclean stop while
+    /// connected); their chunks were marked dirty.
+    #[must_use]
+    pub fn recovered_extents(&self) -> u64 {
+        self.recovered_extents
+    }
+
+    /// Whether activity-log extent `e` is active.
+    #[must_use]
+    pub fn al_active(&self, e: u64) -> bool {
+        usize::try_from(e / 8)
+            .ok()
+            .and_then(|b| self.al.get(b))
+            .is_some_and(|byte| byte & (1 << (e % 8)) != 0)
+    }
+
+    /// Activates extents `activate` and retires extents `retire` in the activity log, durably
+    /// (one write and one sync, only if a bit changed).
+    pub fn al_update(&mut self, activate: &[u64], retire: &[u64]) -> Result<(), BitmapError> {
+        let mut changed = false;
+        for (list, on) in [(retire, false), (activate, true)] {
+            for &e in list {
+                let Some(byte) = usize::try_from(e / 8).ok().and_then(|b| self.al.get_mut(b))
+                else {
+                    continue;
+                };
+                let mask = 1u8 << (e % 8);
+                if (*byte & mask != 0) != on {
+                    *byte ^= mask;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        if let Some((file, path)) = &self.file {
+            let io = |source| BitmapError::Io {
+                path: path.display().to_string(),
+                source,
+            };
+            file.write_all_at(&self.al, HEADER + self.bits.len() as u64)
+                .map_err(io)?;
+            file.sync_data().map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Chunk size in bytes.
@@ -164,6 +252,13 @@ impl DirtyBitmap {
             .ok()
             .and_then(|b| self.bits.get(b))
             .is_some_and(|byte| byte & (1 << (i % 8)) != 0)
+    }
+
+    /// Whether any chunk covering `[offset, offset+len)` is dirty.
+    #[must_use]
+    pub fn any_dirty(&self, offset: u64, len: u64) -> bool {
+        self.chunks(offset, len)
+            .is_some_and(|(a, b)| (a..=b).any(|i| self.is_dirty(i)))
     }
 
     /// Chunk range `[first, last]` covering `[offset, offset+len)`, clamped to the disk.
@@ -328,5 +423,32 @@ mod tests {
         assert!(DirtyBitmap::open(&p, 1 << 20, DEFAULT_CHUNK)
             .unwrap()
             .peer_synced());
+    }
+}
+
+#[cfg(test)]
+mod al_tests {
+    use super::*;
+
+    #[test]
+    fn active_extents_become_dirty_after_an_unclean_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        let mut bm = DirtyBitmap::open(&p, 64 << 20, DEFAULT_CHUNK).unwrap();
+        bm.al_update(&[2, 5], &[]).unwrap();
+        bm.al_update(&[7], &[5]).unwrap();
+        assert!(bm.al_active(2) && !bm.al_active(5) && bm.al_active(7));
+        drop(bm);
+        let bm = DirtyBitmap::open(&p, 64 << 20, DEFAULT_CHUNK).unwrap();
+        assert_eq!(bm.recovered_extents(), 2);
+        assert_eq!(bm.dirty_bytes(), 2 * AL_EXTENT);
+        assert!(bm.is_dirty(2 * AL_EXTENT / DEFAULT_CHUNK));
+        assert!(!bm.is_dirty(5 * AL_EXTENT / DEFAULT_CHUNK));
+        assert!(!bm.al_active(2), "folded extents are retired");
+        drop(bm);
+        // Folding was made durable: a second reopen finds the dirty bits, no active extents.
+        let bm = DirtyBitmap::open(&p, 64 << 20, DEFAULT_CHUNK).unwrap();
+        assert_eq!(bm.recovered_extents(), 0);
+        assert_eq!(bm.dirty_bytes(), 2 * AL_EXTENT);
     }
 }

@@ -25,13 +25,16 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
-use super::bitmap::DirtyBitmap;
+use super::bitmap::{BitmapError, DirtyBitmap, AL_EXTENT, AL_MAX_EXTENTS};
 use super::transport::{PeerConnector, PeerSession};
-use super::wire::{
-    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
-};
+use super::wire::{Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, VERSION};
 use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
 use crate::store::{Store, StoreError};
+
+mod resync;
+mod verify;
+
+pub use verify::{VerifyError, VerifyReport};
 
 /// Largest resync copy (contiguous dirty chunks are merged up to this).
 const RESYNC_RUN: u64 = 1 << 20;
@@ -110,6 +113,9 @@ pub struct PrimaryStatus {
     pub last_resync: Option<ResyncProgress>,
     /// Local store failure that switched the disk to remote mode (`None`: local store fine).
     pub local_failure: Option<String>,
+    /// Last failure the secondary reported (its store could not apply a message), or why the
+    /// last session ended.
+    pub peer_failure: Option<String>,
     /// Resync rate limit (bytes/s, 0 = unlimited).
     pub resync_rate_limit: u64,
     /// Client writes acknowledged by the secondary.
@@ -120,36 +126,10 @@ pub struct PrimaryStatus {
     pub sessions: u64,
     /// Current level-3 epoch stamped on writes.
     pub epoch: u64,
-}
-
-/// Result of an online verify ([`Primary::verify`]).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct VerifyReport {
-    /// Bytes compared.
-    pub bytes_checked: u64,
-    /// Checksum block size.
-    pub block: u64,
-    /// Differing ranges `(offset, length)`, adjacent blocks merged.
-    pub differing: Vec<(u64, u64)>,
-    /// Total bytes in differing ranges.
-    pub differing_bytes: u64,
-}
-
-/// Why a verify could not complete.
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    /// No session with the secondary.
-    #[error("no peer session")]
-    NoPeer,
-    /// Block size zero or over 32 MiB.
-    #[error("invalid verify block size {0}")]
-    BadBlock(u64),
-    /// The local store failed.
-    #[error("local store: {0}")]
-    Local(String),
-    /// The secondary could not checksum a range, or the session ended.
-    #[error("secondary did not checksum offset {0}")]
-    Peer(u64),
+    /// Activity-log extents currently active.
+    pub al_active_extents: usize,
+    /// Extents found active at start (unclean stop while connected), queued for resync.
+    pub al_recovered_extents: u64,
 }
 
 /// Completion of a mirrored operation: `Ok` or an NBD errno.
@@ -171,7 +151,7 @@ struct Pending {
 }
 
 struct State {
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    tx: Option<mpsc::UnboundedSender<Frame>>,
     gen: u64,
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
@@ -184,7 +164,13 @@ struct State {
     last_resync: Option<ResyncProgress>,
     resync_inflight: u64,
     local_failure: Option<String>,
+    peer_failure: Option<String>,
     sessions: u64,
+    /// Activity log: unacknowledged client writes per active extent.
+    al_inflight: HashMap<u64, u32>,
+    /// Activity log: active extents and when they were last used.
+    al_active: HashMap<u64, u64>,
+    al_tick: u64,
 }
 
 /// The primary's mirror engine for one disk.
@@ -226,7 +212,11 @@ impl Primary {
                 last_resync: None,
                 resync_inflight: 0,
                 local_failure: None,
+                peer_failure: None,
                 sessions: 0,
+                al_inflight: HashMap::new(),
+                al_active: HashMap::new(),
+                al_tick: 0,
             }),
             cfg,
             rate,
@@ -251,6 +241,13 @@ impl Primary {
     /// Sets the level-3 epoch stamped on subsequent writes.
     pub fn set_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// Level-3 checkpoint boundary, called while the domain is paused for checkpoint `epoch`
+    /// (the checkpoint engine's `CommitSink::checkpoint`): writes completed before belong to
+    /// `epoch`, writes after to `epoch + 1`.
+    pub fn checkpoint_boundary(&self, epoch: u64) {
+        self.set_epoch(epoch.saturating_add(1));
     }
 
     /// Tells the secondary that `epoch` is committed (its held writes may be applied); resolves
@@ -297,11 +294,14 @@ impl Primary {
             resync,
             last_resync: st.last_resync.clone(),
             local_failure: st.local_failure.clone(),
+            peer_failure: st.peer_failure.clone(),
             resync_rate_limit: self.rate.load(Ordering::Relaxed),
             writes_mirrored: self.writes_mirrored.load(Ordering::Relaxed),
             writes_degraded: self.writes_degraded.load(Ordering::Relaxed),
             sessions: st.sessions,
             epoch: self.epoch.load(Ordering::Relaxed),
+            al_active_extents: st.al_active.len(),
+            al_recovered_extents: st.bitmap.recovered_extents(),
         }
     }
 
@@ -314,10 +314,19 @@ impl Primary {
         msg: impl FnOnce(u64) -> PeerMsg,
     ) -> Ticket {
         let (done, ticket) = oneshot::channel();
+        if st.tx.is_some() {
+            if let PendingKind::Client { offset, len } = kind {
+                if let Err(e) = Self::al_begin(st, offset, len) {
+                    warn!(error = %e, "cannot persist activity log");
+                    let _ = done.send(Err(NBD_EIO));
+                    return ticket;
+                }
+            }
+        }
         if let Some(tx) = &st.tx {
             let seq = st.next_seq;
             st.next_seq += 1;
-            if tx.send(msg(seq).encode()).is_ok() {
+            if tx.send(msg(seq).frame()).is_ok() {
                 if let PendingKind::Resync { len, .. } = kind {
                     st.resync_inflight += len;
                 }
@@ -351,6 +360,55 @@ impl Primary {
         };
         let _ = done.send(r);
         ticket
+    }
+
+    fn extents(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        if len == 0 {
+            #[allow(clippy::reversed_empty_ranges)] // deliberately empty
+            return 1..=0;
+        }
+        offset / AL_EXTENT..=(offset.saturating_add(len) - 1) / AL_EXTENT
+    }
+
+    /// Activity log: makes the extents of a mirrored write active (durably) before it is sent.
+    fn al_begin(st: &mut State, offset: u64, len: u64) -> Result<(), BitmapError> {
+        st.al_tick += 1;
+        let tick = st.al_tick;
+        let mut activate = Vec::new();
+        for e in Self::extents(offset, len) {
+            *st.al_inflight.entry(e).or_insert(0) += 1;
+            if st.al_active.insert(e, tick).is_none() {
+                activate.push(e);
+            }
+        }
+        if activate.is_empty() {
+            return Ok(());
+        }
+        let mut retire = Vec::new();
+        while st.al_active.len() > AL_MAX_EXTENTS {
+            let victim = st
+                .al_active
+                .iter()
+                .filter(|(e, _)| !st.al_inflight.contains_key(e))
+                .min_by_key(|(_, t)| **t)
+                .map(|(e, _)| *e);
+            let Some(v) = victim else { break };
+            st.al_active.remove(&v);
+            retire.push(v);
+        }
+        st.bitmap.al_update(&activate, &retire)
+    }
+
+    /// Activity log: a mirrored write was acknowledged.
+    fn al_end(st: &mut State, offset: u64, len: u64) {
+        for e in Self::extents(offset, len) {
+            if let Some(n) = st.al_inflight.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    st.al_inflight.remove(&e);
+                }
+            }
+        }
     }
 
     fn local_failed(&self, st: &mut State, e: &StoreError) {
@@ -473,12 +531,16 @@ impl Primary {
             let Some(tx) = st.tx.clone() else {
                 return Err(NBD_EIO);
             };
+            if st.bitmap.any_dirty(offset, u64::from(len)) {
+                // The secondary's copy of this range is stale and the local one failed.
+                return Err(NBD_EIO);
+            }
             let id = st.next_read;
             st.next_read += 1;
             let (done, rx) = oneshot::channel();
             st.reads.insert(id, done);
             if tx
-                .send(PeerMsg::ReadReq { id, offset, len }.encode())
+                .send(PeerMsg::ReadReq { id, offset, len }.frame())
                 .is_err()
             {
                 st.reads.remove(&id);
@@ -492,83 +554,36 @@ impl Primary {
         }
     }
 
-    /// Online verify (like `drbdadm verify`): compares both copies by checksums of `block`-byte
-    /// blocks, window by window, while client I/O continues. Each window is read locally and
-    /// checksummed by the secondary at the same point of the write sequence, so concurrent
-    /// writes do not produce false differences.
-    pub async fn verify(self: &Arc<Self>, block: u64) -> Result<VerifyReport, VerifyError> {
-        const WINDOW: u64 = 4 << 20;
-        let block32 = u32::try_from(block)
-            .ok()
-            .filter(|b| *b > 0 && u64::from(*b) <= WINDOW)
-            .ok_or(VerifyError::BadBlock(block))?;
-        let size = self.size();
-        let mut report = VerifyReport {
-            block,
-            ..VerifyReport::default()
+    /// Blocking: clean stop. Holds the order lock (no write can start after it), syncs the
+    /// local store, records still-unacknowledged writes as dirty and retires every
+    /// activity-log extent, so the next start resyncs only what really may differ.
+    pub fn shutdown_blocking(&self) -> Result<(), String> {
+        let _o = lock(&self.order);
+        let synced = if lock(&self.state).local_failure.is_none() {
+            self.store.sync().map_err(|e| e.to_string())
+        } else {
+            Ok(())
         };
-        let mut off = 0u64;
-        while off < size {
-            let len = (size - off).min(WINDOW);
-            let me = self.clone();
-            let (local, rx) =
-                tokio::task::spawn_blocking(move || me.verify_window(off, len, block32))
-                    .await
-                    .map_err(|_| VerifyError::Local("verify task failed".into()))??;
-            let remote = rx.await.map_err(|_| VerifyError::Peer(off))?;
-            if remote.len() != local.len() {
-                return Err(VerifyError::Peer(off));
-            }
-            for (i, (a, b)) in local.iter().zip(&remote).enumerate() {
-                if a != b {
-                    let start = off + i as u64 * block;
-                    let l = block.min(size - start);
-                    report.differing_bytes += l;
-                    match report.differing.last_mut() {
-                        Some((o, ol)) if *o + *ol == start => *ol += l,
-                        _ => report.differing.push((start, l)),
-                    }
-                }
-            }
-            report.bytes_checked += len;
-            off += len;
+        let mut st = lock(&self.state);
+        let pending: Vec<(u64, u64)> = st
+            .pending
+            .values()
+            .filter_map(|p| match p.kind {
+                PendingKind::Client { offset, len } => Some((offset, len)),
+                _ => None,
+            })
+            .collect();
+        for (offset, len) in pending {
+            st.bitmap.mark_volatile(offset, len);
         }
-        Ok(report)
-    }
-
-    fn verify_window(
-        &self,
-        offset: u64,
-        len: u64,
-        block: u32,
-    ) -> Result<(Vec<u64>, oneshot::Receiver<Vec<u64>>), VerifyError> {
-        let len32 = u32::try_from(len).map_err(|_| VerifyError::BadBlock(len))?;
-        let mut buf = vec![0u8; len32 as usize];
-        let rx = {
-            let _o = lock(&self.order);
-            self.store
-                .read_at(&mut buf, offset)
-                .map_err(|e| VerifyError::Local(e.to_string()))?;
-            let mut st = lock(&self.state);
-            let tx = st.tx.clone().ok_or(VerifyError::NoPeer)?;
-            let id = st.next_read;
-            st.next_read += 1;
-            let (done, rx) = oneshot::channel();
-            st.verifies.insert(id, done);
-            let req = PeerMsg::VerifyReq {
-                id,
-                offset,
-                len: len32,
-                block,
-            };
-            if tx.send(req.encode()).is_err() {
-                st.verifies.remove(&id);
-                return Err(VerifyError::NoPeer);
-            }
-            rx
-        };
-        let sums = buf.chunks(block as usize).map(block_checksum).collect();
-        Ok((sums, rx))
+        let active: Vec<u64> = st.al_active.drain().map(|(e, _)| e).collect();
+        st.al_inflight.clear();
+        st.bitmap.persist().map_err(|e| e.to_string())?;
+        st.bitmap
+            .al_update(&[], &active)
+            .map_err(|e| e.to_string())?;
+        info!(retired = active.len(), "primary stopped cleanly");
+        synced
     }
 
     fn on_ack(&self, gen: u64, seq: u64) {
@@ -580,8 +595,9 @@ impl Primary {
         let done = std::mem::replace(&mut st.pending, rest);
         for (_, p) in done {
             match p.kind {
-                PendingKind::Client { .. } => {
+                PendingKind::Client { offset, len } => {
                     self.writes_mirrored.fetch_add(1, Ordering::Relaxed);
+                    Self::al_end(&mut st, offset, len);
                 }
                 PendingKind::Resync { offset, len } => {
                     st.bitmap.clear(offset, len);
@@ -605,6 +621,13 @@ impl Primary {
             return;
         }
         warn!(why, "peer session lost: degraded");
+        if st
+            .peer_failure
+            .as_deref()
+            .is_none_or(|f| !f.starts_with("secondary store"))
+        {
+            st.peer_failure = Some(format!("session ended: {why}"));
+        }
         st.tx = None;
         st.peer_disk = None;
         st.resync_inflight = 0;
@@ -612,6 +635,8 @@ impl Primary {
             st.last_resync = Some(p);
         }
         let pending = std::mem::take(&mut st.pending);
+        // Unacknowledged writes go into the dirty bitmap below; their extents may retire.
+        st.al_inflight.clear();
         let mut waiters = Vec::new();
         for (_, p) in pending {
             if let PendingKind::Client { offset, len } = p.kind {
@@ -717,6 +742,7 @@ impl Primary {
                         }
                         Ok(PeerMsg::Fail { seq, reason }) => {
                             warn!(seq, reason, "secondary failed to apply");
+                            lock(&self.state).peer_failure = Some(format!("secondary store: {reason}"));
                             break "secondary store failed";
                         }
                         Ok(other) => {
@@ -740,262 +766,5 @@ impl Primary {
         };
         resync.abort();
         self.session_lost(gen, why);
-    }
-
-    /// `None` if session `gen` ended, else whether fewer than `below` resync bytes are in
-    /// flight.
-    fn resync_room(&self, gen: u64, below: u64) -> Option<bool> {
-        let st = lock(&self.state);
-        if st.gen != gen || st.tx.is_none() {
-            return None;
-        }
-        Some(st.resync_inflight < below)
-    }
-
-    /// Copies dirty regions (or everything, skipping holes and zeroes, for a full sync) while
-    /// client writes continue.
-    async fn resync(self: Arc<Self>, gen: u64, full: bool) {
-        let start = Instant::now();
-        // Mark the resync start on the secondary; for a full sync, walk data extents: holes are
-        // sent as zero ranges, data extents are marked dirty and copied below.
-        let me = self.clone();
-        let setup = tokio::task::spawn_blocking(move || me.resync_setup(gen, full, start)).await;
-        if !matches!(setup, Ok(true)) {
-            return;
-        }
-        let mut window_start = Instant::now();
-        let mut window_bytes = 0u64;
-        let end = loop {
-            let mut cursor = 0u64;
-            loop {
-                // Flow control: bounded unacknowledged resync bytes.
-                if !self.wait_acks(gen, self.cfg.resync_window).await {
-                    return;
-                }
-                // Rate limit.
-                let rate = self.rate.load(Ordering::Relaxed);
-                if rate > 0 {
-                    let elapsed = window_start.elapsed().as_secs_f64();
-                    let allowed = rate as f64 * elapsed;
-                    if window_bytes as f64 > allowed {
-                        let wait = (window_bytes as f64 - allowed) / rate as f64;
-                        tokio::time::sleep(Duration::from_secs_f64(wait.min(1.0))).await;
-                    }
-                    if elapsed > 1.0 {
-                        window_start = Instant::now();
-                        window_bytes = 0;
-                    }
-                }
-                let me = self.clone();
-                let step = tokio::task::spawn_blocking(move || me.resync_step(gen, cursor)).await;
-                match step {
-                    Ok(Some((next, sent))) => {
-                        cursor = next;
-                        window_bytes += sent;
-                    }
-                    Ok(None) => break,
-                    Err(_) => return,
-                }
-            }
-            // Wait for every copy to be acknowledged, then check nothing is left.
-            if !self.wait_acks(gen, 1).await {
-                return;
-            }
-            let me = self.clone();
-            let end = tokio::task::spawn_blocking(move || {
-                let _o = lock(&me.order);
-                let mut st = lock(&me.state);
-                if st.gen != gen || st.tx.is_none() {
-                    return None;
-                }
-                if st.bitmap.dirty_chunks() > 0 {
-                    // Chunks dirtied behind the cursor: go round again.
-                    return Some(None);
-                }
-                Some(Some(me.submit(&mut st, PendingKind::Control, |seq| {
-                    PeerMsg::ResyncEnd { seq }
-                })))
-            })
-            .await;
-            match end {
-                Ok(Some(Some(t))) => break t,
-                Ok(Some(None)) => continue,
-                _ => return,
-            }
-        };
-        if !matches!(end.await, Ok(Ok(()))) {
-            return;
-        }
-        let mut st = lock(&self.state);
-        if st.gen != gen {
-            return;
-        }
-        if full {
-            st.bitmap.set_peer_synced(true).ok();
-        } else {
-            st.bitmap.persist().ok();
-        }
-        if let Some((start, mut p)) = st.resync.take() {
-            p.bytes_left = 0;
-            p.elapsed_secs = start.elapsed().as_secs_f64();
-            if p.elapsed_secs > 0.0 {
-                p.rate_bytes_per_sec = p.bytes_copied as f64 / p.elapsed_secs;
-            }
-            p.eta_secs = Some(0.0);
-            info!(
-                copied = p.bytes_copied,
-                zeroed = p.bytes_zeroed,
-                secs = p.elapsed_secs,
-                "resync complete"
-            );
-            st.last_resync = Some(p);
-        }
-        st.peer_disk = Some(PeerDiskState::Consistent);
-    }
-
-    /// Waits until fewer than `below` resync bytes are unacknowledged; false if the session
-    /// ended.
-    async fn wait_acks(&self, gen: u64, below: u64) -> bool {
-        loop {
-            let notified = self.acked.notified();
-            match self.resync_room(gen, below) {
-                None => return false,
-                Some(true) => return true,
-                Some(false) => {
-                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
-                }
-            }
-        }
-    }
-
-    fn resync_setup(&self, gen: u64, full: bool, start: Instant) -> bool {
-        let _o = lock(&self.order);
-        let mut st = lock(&self.state);
-        if st.gen != gen || st.tx.is_none() {
-            return false;
-        }
-        drop(
-            self.submit(&mut st, PendingKind::Control, |seq| PeerMsg::ResyncBegin {
-                seq,
-                full,
-            }),
-        );
-        let mut zeroed = 0u64;
-        if full {
-            let size = self.store.size();
-            let mut pos = 0u64;
-            while pos < size {
-                let next = match self.store.next_data(pos) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.local_failed(&mut st, &e);
-                        return false;
-                    }
-                };
-                let (hole_end, data) = match next {
-                    Some((s, e)) => (s.max(pos), Some((s.max(pos), e))),
-                    None => (size, None),
-                };
-                if hole_end > pos {
-                    let (offset, len) = (pos, hole_end - pos);
-                    zeroed += len;
-                    drop(
-                        self.submit(&mut st, PendingKind::Control, |seq| PeerMsg::Zero {
-                            seq,
-                            epoch: 0,
-                            offset,
-                            len,
-                            flags: FLAG_PUNCH | FLAG_RESYNC,
-                        }),
-                    );
-                }
-                match data {
-                    Some((s, e)) if e > s => {
-                        st.bitmap.mark_volatile(s, e - s);
-                        pos = e;
-                    }
-                    _ => pos = hole_end.max(pos + 1),
-                }
-            }
-        }
-        let total = st.bitmap.dirty_bytes();
-        st.resync = Some((
-            start,
-            ResyncProgress {
-                full,
-                total_bytes: total,
-                bytes_left: total,
-                bytes_zeroed: zeroed,
-                ..ResyncProgress::default()
-            },
-        ));
-        true
-    }
-
-    /// Copies the next run of dirty chunks at or after chunk `cursor`. Returns the next cursor
-    /// and the bytes put on the wire, or `None` when no dirty chunk is left (or the session
-    /// ended).
-    fn resync_step(&self, gen: u64, cursor: u64) -> Option<(u64, u64)> {
-        let _o = lock(&self.order);
-        let (offset, len) = {
-            let st = lock(&self.state);
-            if st.gen != gen || st.tx.is_none() {
-                return None;
-            }
-            let first = st.bitmap.next_dirty(cursor)?;
-            let chunk = st.bitmap.chunk();
-            let max_run = (RESYNC_RUN / chunk).max(1);
-            let mut last = first;
-            while last + 1 < st.bitmap.nchunks()
-                && last + 1 - first < max_run
-                && st.bitmap.is_dirty(last + 1)
-            {
-                last += 1;
-            }
-            let offset = first * chunk;
-            let end = ((last + 1) * chunk).min(self.store.size());
-            (offset, end - offset)
-        };
-        let local_ok = lock(&self.state).local_failure.is_none();
-        if !local_ok {
-            return None;
-        }
-        let mut buf = vec![0u8; usize::try_from(len).ok()?];
-        if let Err(e) = self.store.read_at(&mut buf, offset) {
-            self.local_failed(&mut lock(&self.state), &e);
-            return None;
-        }
-        let mut st = lock(&self.state);
-        let zero = buf.iter().all(|&b| b == 0);
-        let sent = if zero { 0 } else { len };
-        if let Some((_, p)) = st.resync.as_mut() {
-            if zero {
-                p.bytes_zeroed += len;
-            } else {
-                p.bytes_copied += len;
-            }
-        }
-        let kind = PendingKind::Resync { offset, len };
-        let ticket = if zero {
-            self.submit(&mut st, kind, |seq| PeerMsg::Zero {
-                seq,
-                epoch: 0,
-                offset,
-                len,
-                flags: FLAG_RESYNC,
-            })
-        } else {
-            let data = Bytes::from(buf);
-            self.submit(&mut st, kind, |seq| PeerMsg::Write {
-                seq,
-                epoch: 0,
-                offset,
-                flags: FLAG_RESYNC,
-                data,
-            })
-        };
-        drop(ticket);
-        let chunk = st.bitmap.chunk();
-        Some(((offset + len).div_ceil(chunk), sent))
     }
 }

@@ -18,16 +18,20 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::transport::{PeerAcceptor, PeerSession};
 use super::wire::{
-    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+    block_checksum, Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
 };
 use crate::store::{Store, StoreError};
+
+/// Held epoch data the secondary accepts at most; beyond it the session fails (the primary
+/// goes degraded) rather than the secondary running out of memory.
+pub const MAX_HELD_BYTES: u64 = 1 << 30;
 
 /// A held (not yet applied) mutation of epoch mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,11 +159,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Secondary {
     /// A secondary for `store`, remembering its consistency in `state_path`.
     pub fn new(store: Arc<dyn Store>, state_path: PathBuf) -> Arc<Self> {
-        let disk = match std::fs::read_to_string(&state_path) {
-            Ok(s) if s.trim() == "consistent" => PeerDiskState::Consistent,
-            Ok(_) => PeerDiskState::Inconsistent,
-            Err(_) => PeerDiskState::Fresh,
-        };
+        let disk = std::fs::read_to_string(&state_path)
+            .map_or(PeerDiskState::Fresh, |text| parse_state(&text, &boot_id()));
         Arc::new(Self {
             store,
             state_path,
@@ -173,6 +174,13 @@ impl Secondary {
             failure: Mutex::new(None),
             applier: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Clean stop: syncs the store and records the state as clean (valid across reboots).
+    pub fn shutdown_blocking(&self) -> Result<(), StoreError> {
+        self.store.sync()?;
+        self.write_state(true);
+        Ok(())
     }
 
     /// Turns level-3 epoch mode on or off (off: held writes stay held until committed).
@@ -216,9 +224,22 @@ impl Secondary {
 
     fn set_disk(&self, d: PeerDiskState) {
         *lock(&self.disk) = d;
-        let text = match d {
-            PeerDiskState::Consistent => "consistent\n",
-            _ => "inconsistent\n",
+        self.write_state(false);
+    }
+
+    /// Records the disk state with the current boot id (writes applied since may sit in the
+    /// page cache only), or `clean` after a sync on a clean stop.
+    fn write_state(&self, clean: bool) {
+        let d = *lock(&self.disk);
+        let word = match d {
+            PeerDiskState::Consistent => "consistent",
+            PeerDiskState::Inconsistent => "inconsistent",
+            PeerDiskState::Fresh => "fresh",
+        };
+        let text = if clean {
+            format!("{word} clean\n")
+        } else {
+            format!("{word} boot={}\n", boot_id())
         };
         let r = std::fs::File::create(&self.state_path).and_then(|mut f| {
             std::io::Write::write_all(&mut f, text.as_bytes())?;
@@ -251,7 +272,7 @@ impl Secondary {
     fn apply(
         &self,
         msg: PeerMsg,
-        tx: &tokio::sync::mpsc::UnboundedSender<Bytes>,
+        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
     ) -> Result<Option<(u64, bool)>, String> {
         let epoch_mode = self.epoch_mode.load(Ordering::Relaxed);
         match msg {
@@ -267,7 +288,14 @@ impl Secondary {
                 }
                 let resync = flags & FLAG_RESYNC != 0;
                 if epoch_mode && !resync {
-                    lock(&self.epochs).hold(epoch, HeldOp::Write { offset, data });
+                    let mut ep = lock(&self.epochs);
+                    if ep.bytes() + data.len() as u64 > MAX_HELD_BYTES {
+                        return Err(format!(
+                            "epoch buffer full ({} bytes held): commit epochs more often",
+                            ep.bytes()
+                        ));
+                    }
+                    ep.hold(epoch, HeldOp::Write { offset, data });
                     return Ok(Some((seq, false)));
                 }
                 if resync {
@@ -325,7 +353,7 @@ impl Secondary {
                 let ok = self.in_range(offset, u64::from(len))
                     && self.store.read_at(&mut buf, offset).is_ok();
                 let data = if ok { Bytes::from(buf) } else { Bytes::new() };
-                let _ = tx.send(PeerMsg::ReadResp { id, ok, data }.encode());
+                let _ = tx.send(PeerMsg::ReadResp { id, ok, data }.frame());
                 Ok(None)
             }
             PeerMsg::VerifyReq {
@@ -342,7 +370,7 @@ impl Secondary {
                 } else {
                     Vec::new()
                 };
-                let _ = tx.send(PeerMsg::VerifyResp { id, sums }.encode());
+                let _ = tx.send(PeerMsg::VerifyResp { id, sums }.frame());
                 Ok(None)
             }
             other => Err(format!("unexpected message {other:?}")),
@@ -351,14 +379,18 @@ impl Secondary {
 
     fn applier_loop(
         self: Arc<Self>,
-        rx: &std_mpsc::Receiver<PeerMsg>,
-        tx: &tokio::sync::mpsc::UnboundedSender<Bytes>,
+        rx: &mut tokio::sync::mpsc::Receiver<PeerMsg>,
+        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
     ) {
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = rx.blocking_recv() {
             let mut last = None;
             let mut sync = false;
             let mut next = Some(first);
+            // A batch ends when the queue is empty, on a sync, or after a bounded amount of
+            // work, so acknowledgements keep flowing under a continuous stream.
+            let mut budget = 4u64 << 20;
             while let Some(msg) = next.take() {
+                budget = budget.saturating_sub(msg_cost(&msg));
                 let seq_hint = msg_seq(&msg);
                 match self.apply(msg, tx) {
                     Ok(Some((seq, s))) => {
@@ -374,12 +406,12 @@ impl Secondary {
                                 seq: seq_hint,
                                 reason,
                             }
-                            .encode(),
+                            .frame(),
                         );
                         return;
                     }
                 }
-                if sync {
+                if sync || budget == 0 {
                     break;
                 }
                 next = rx.try_recv().ok();
@@ -393,14 +425,14 @@ impl Secondary {
                             seq: last.unwrap_or(0),
                             reason,
                         }
-                        .encode(),
+                        .frame(),
                     );
                     return;
                 }
             }
             if let Some(seq) = last {
                 self.last_seq.store(seq, Ordering::Relaxed);
-                let _ = tx.send(PeerMsg::Ack { seq }.encode());
+                let _ = tx.send(PeerMsg::Ack { seq }.frame());
             }
         }
     }
@@ -418,20 +450,25 @@ impl Secondary {
             size: self.store.size(),
             state: disk,
         };
-        if session.tx.send(hello.encode()).is_err() {
+        if session.tx.send(hello.frame()).is_err() {
             return;
         }
+        // From now on writes may be acknowledged before they are durable: tie the state to
+        // this boot, so a host crash (page cache lost) is detected at the next start.
+        self.write_state(false);
         self.connected.store(true, Ordering::Relaxed);
         info!(?disk, "primary session up");
-        let (atx, arx) = std_mpsc::channel();
+        // Bounded: a primary faster than this disk is slowed down through the session instead
+        // of growing a queue here.
+        let (atx, mut arx) = tokio::sync::mpsc::channel(64);
         let me = self.clone();
         let tx = session.tx.clone();
-        let handle = std::thread::spawn(move || me.applier_loop(&arx, &tx));
+        let handle = std::thread::spawn(move || me.applier_loop(&mut arx, &tx));
         *self.applier.lock().await = Some(handle);
         while let Some(frame) = session.rx.recv().await {
             match PeerMsg::decode(frame) {
                 Ok(m) => {
-                    if atx.send(m).is_err() {
+                    if atx.send(m).await.is_err() {
                         break;
                     }
                 }
@@ -462,6 +499,37 @@ impl Secondary {
     }
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Interprets the state file. Acknowledged writes reach the page cache, not the disk, so a
+/// copy recorded during another boot without a clean stop may have lost writes the primary
+/// believes it has: it counts as fresh (full sync).
+fn parse_state(text: &str, boot: &str) -> PeerDiskState {
+    let mut words = text.split_whitespace();
+    let state = words.next().unwrap_or("");
+    let stamp = words.next().unwrap_or("");
+    let same_boot = stamp == "clean" || (!boot.is_empty() && stamp == format!("boot={boot}"));
+    match (state, same_boot) {
+        (_, false) => PeerDiskState::Fresh,
+        ("consistent", true) => PeerDiskState::Consistent,
+        ("inconsistent", true) => PeerDiskState::Inconsistent,
+        _ => PeerDiskState::Fresh,
+    }
+}
+
+/// Work estimate of a message for ack batching (bytes, at least one page).
+fn msg_cost(m: &PeerMsg) -> u64 {
+    match m {
+        PeerMsg::Write { data, .. } => (data.len() as u64).max(4096),
+        _ => 4096,
+    }
+}
+
 fn msg_seq(m: &PeerMsg) -> u64 {
     match m {
         PeerMsg::Write { seq, .. }
@@ -483,6 +551,33 @@ mod tests {
             offset,
             data: Bytes::from(vec![b; 4]),
         }
+    }
+
+    #[test]
+    fn state_from_another_boot_without_clean_stop_means_full_sync() {
+        assert_eq!(
+            parse_state("consistent boot=A\n", "A"),
+            PeerDiskState::Consistent
+        );
+        assert_eq!(
+            parse_state("consistent boot=A\n", "B"),
+            PeerDiskState::Fresh
+        );
+        assert_eq!(
+            parse_state("consistent clean\n", "B"),
+            PeerDiskState::Consistent
+        );
+        assert_eq!(
+            parse_state("inconsistent boot=A\n", "A"),
+            PeerDiskState::Inconsistent
+        );
+        assert_eq!(
+            parse_state("inconsistent clean\n", "B"),
+            PeerDiskState::Inconsistent
+        );
+        assert_eq!(parse_state("garbage", "A"), PeerDiskState::Fresh);
+        assert_eq!(parse_state("fresh boot=A", "A"), PeerDiskState::Fresh);
+        assert_eq!(parse_state("consistent\n", ""), PeerDiskState::Fresh);
     }
 
     #[test]

@@ -18,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::wire::Frame;
+
 /// Largest frame accepted from the peer (data cap plus headers).
 pub const MAX_FRAME: usize = super::wire::MAX_DATA + 4096;
 
@@ -25,7 +27,7 @@ pub const MAX_FRAME: usize = super::wire::MAX_DATA + 4096;
 #[derive(Debug)]
 pub struct PeerSession {
     /// Outgoing frames (unbounded: the primary bounds what it has in flight).
-    pub tx: mpsc::UnboundedSender<Bytes>,
+    pub tx: mpsc::UnboundedSender<Frame>,
     /// Incoming frames; `None` means the session is over.
     pub rx: mpsc::Receiver<Bytes>,
 }
@@ -46,20 +48,20 @@ pub trait PeerAcceptor: Send + 'static {
 /// Two connected in-memory sessions (`(primary end, secondary end)`).
 #[must_use]
 pub fn memory_pair() -> (PeerSession, PeerSession) {
-    let (atx, arx) = mpsc::unbounded_channel::<Bytes>();
-    let (btx, brx) = mpsc::unbounded_channel::<Bytes>();
+    let (atx, arx) = mpsc::unbounded_channel::<Frame>();
+    let (btx, brx) = mpsc::unbounded_channel::<Frame>();
     (pipe_end(atx, brx), pipe_end(btx, arx))
 }
 
 /// Adapts an unbounded receiver to the bounded receiver a session exposes.
 fn pipe_end(
-    tx: mpsc::UnboundedSender<Bytes>,
-    mut urx: mpsc::UnboundedReceiver<Bytes>,
+    tx: mpsc::UnboundedSender<Frame>,
+    mut urx: mpsc::UnboundedReceiver<Frame>,
 ) -> PeerSession {
     let (btx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         while let Some(m) = urx.recv().await {
-            if btx.send(m).await.is_err() {
+            if btx.send(m.to_bytes()).await.is_err() {
                 break;
             }
         }
@@ -120,8 +122,8 @@ impl PeerAcceptor for TcpAcceptor {
 pub fn tcp_session(stream: TcpStream) -> PeerSession {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    let (tx, mut urx) = mpsc::unbounded_channel::<Bytes>();
-    let (btx, rx) = mpsc::channel::<Bytes>(1024);
+    let (tx, mut urx) = mpsc::unbounded_channel::<Frame>();
+    let (btx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(1 << 20, wr);
         while let Some(m) = urx.recv().await {
@@ -136,8 +138,10 @@ pub fn tcp_session(stream: TcpStream) -> PeerSession {
                 let Ok(len) = u32::try_from(m.len()) else {
                     return;
                 };
+                // Head and body go out separately: the body (write data) is not copied.
                 if wr.write_all(&len.to_be_bytes()).await.is_err()
-                    || wr.write_all(&m).await.is_err()
+                    || wr.write_all(&m.head).await.is_err()
+                    || wr.write_all(&m.body).await.is_err()
                 {
                     return;
                 }
@@ -158,9 +162,17 @@ pub fn tcp_session(stream: TcpStream) -> PeerSession {
                 tracing::warn!(len, "peer frame over the cap; dropping the session");
                 return;
             }
-            let mut buf = BytesMut::zeroed(len);
-            if rd.read_exact(&mut buf).await.is_err() {
-                return;
+            let mut buf = BytesMut::with_capacity(len);
+            while buf.len() < len {
+                // read_buf fills spare capacity without zeroing it first.
+                match (&mut rd)
+                    .take((len - buf.len()) as u64)
+                    .read_buf(&mut buf)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
             }
             if btx.send(buf.freeze()).await.is_err() {
                 return;
@@ -183,7 +195,11 @@ mod tests {
         let (a, b) = tokio::join!(con.connect(), acc.accept());
         let (a, mut b) = (a.unwrap(), b.unwrap());
         for i in 0..100u32 {
-            a.tx.send(Bytes::from(i.to_be_bytes().to_vec())).unwrap();
+            let f = Frame {
+                head: Bytes::from(i.to_be_bytes()[..2].to_vec()),
+                body: Bytes::from(i.to_be_bytes()[2..].to_vec()),
+            };
+            a.tx.send(f).unwrap();
         }
         for i in 0..100u32 {
             assert_eq!(

@@ -196,11 +196,63 @@ const T_READ_RESP: u8 = 11;
 const T_VERIFY_REQ: u8 = 12;
 const T_VERIFY_RESP: u8 = 13;
 
+/// One encoded message as it goes to a transport: a small header and a bulk body (the data of
+/// a write or read reply), kept apart so transports can send the body without copying it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// Type byte and fixed fields.
+    pub head: Bytes,
+    /// Bulk data (may be empty).
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// Total length.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Whether the frame is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The frame as one contiguous buffer (copies when there is a body).
+    #[must_use]
+    pub fn to_bytes(&self) -> Bytes {
+        if self.body.is_empty() {
+            return self.head.clone();
+        }
+        let mut b = BytesMut::with_capacity(self.len());
+        b.put_slice(&self.head);
+        b.put_slice(&self.body);
+        b.freeze()
+    }
+}
+
+impl From<Bytes> for Frame {
+    fn from(head: Bytes) -> Self {
+        Self {
+            head,
+            body: Bytes::new(),
+        }
+    }
+}
+
 impl PeerMsg {
-    /// Encodes into one frame.
+    /// Encodes into one contiguous frame.
     #[must_use]
     pub fn encode(&self) -> Bytes {
+        self.frame().to_bytes()
+    }
+
+    /// Encodes into a [`Frame`] without copying bulk data.
+    #[must_use]
+    pub fn frame(&self) -> Frame {
         let mut b = BytesMut::with_capacity(64);
+        let mut body = Bytes::new();
         match self {
             Self::Hello {
                 version,
@@ -223,13 +275,12 @@ impl PeerMsg {
                 flags,
                 data,
             } => {
-                b.reserve(data.len() + 32);
                 b.put_u8(T_WRITE);
                 b.put_u64(*seq);
                 b.put_u64(*epoch);
                 b.put_u64(*offset);
                 b.put_u8(*flags);
-                b.put_slice(data);
+                body = data.clone();
             }
             Self::Zero {
                 seq,
@@ -279,11 +330,10 @@ impl PeerMsg {
                 b.put_u32(*len);
             }
             Self::ReadResp { id, ok, data } => {
-                b.reserve(data.len() + 16);
                 b.put_u8(T_READ_RESP);
                 b.put_u64(*id);
                 b.put_u8(u8::from(*ok));
-                b.put_slice(data);
+                body = data.clone();
             }
             Self::VerifyReq {
                 id,
@@ -306,7 +356,10 @@ impl PeerMsg {
                 }
             }
         }
-        b.freeze()
+        Frame {
+            head: b.freeze(),
+            body,
+        }
     }
 
     /// Decodes one frame.

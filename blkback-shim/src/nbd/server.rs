@@ -287,9 +287,28 @@ impl NbdServer {
                 let Ok(permit) = budget.clone().acquire_many_owned(h.length.max(1)).await else {
                     break Ok(());
                 };
-                let mut data = BytesMut::zeroed(h.length as usize);
-                if let Err(e) = rd.read_exact(&mut data).await {
-                    break Err(e.into());
+                let want = h.length as usize;
+                let mut data = BytesMut::with_capacity(want);
+                let mut eof = false;
+                while data.len() < want {
+                    // read_buf fills spare capacity without zeroing it first.
+                    match (&mut rd)
+                        .take((want - data.len()) as u64)
+                        .read_buf(&mut data)
+                        .await
+                    {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                if eof || data.len() < want {
+                    break Err(NbdError::Protocol(
+                        "client went away inside a write payload".into(),
+                    ));
                 }
                 Some((data.freeze(), permit))
             } else {
@@ -299,6 +318,7 @@ impl NbdServer {
                 cookie: h.cookie,
                 structured: structured && h.typ == NBD_CMD_READ,
                 result: Err(errno),
+                _budget: None,
             };
             let known_flags = match h.typ {
                 NBD_CMD_READ | NBD_CMD_FLUSH => 0,
@@ -382,9 +402,9 @@ impl NbdServer {
                         cookie: h.cookie,
                         structured: structured && h.typ == NBD_CMD_READ,
                         result: result.map(|d| d.map(|d| (h.offset, d))),
+                        _budget: permit,
                     })
                     .await;
-                drop(permit);
             });
         };
         // Soft or hard disconnect: let in-flight requests finish and their replies go out.
@@ -402,6 +422,9 @@ struct Reply {
     cookie: u64,
     structured: bool,
     result: Result<Option<(u64, Bytes)>, u32>,
+    /// Read data counts against the connection's in-flight budget until it is written out,
+    /// so a client that does not read its replies cannot make us buffer without limit.
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
@@ -428,6 +451,16 @@ async fn encode_reply<W: AsyncWrite + Unpin>(wr: &mut W, r: Reply) -> std::io::R
             }
         }
         (false, Err(errno)) => wr.write_all(&simple_reply(errno, r.cookie)).await?,
+        (true, Ok(Some((_, d)))) if d.is_empty() => {
+            // A zero-length read: an OFFSET_DATA chunk must carry data, so just finish.
+            wr.write_all(&structured_chunk(
+                NBD_REPLY_FLAG_DONE,
+                NBD_REPLY_TYPE_NONE,
+                r.cookie,
+                0,
+            ))
+            .await?;
+        }
         (true, Ok(Some((offset, d)))) => {
             let len = u32::try_from(d.len() + 8).unwrap_or(u32::MAX);
             wr.write_all(&structured_chunk(

@@ -135,11 +135,20 @@ pub struct MirrorPair {
 impl MirrorPair {
     /// Must be called inside a tokio runtime. `pstore` lets tests wrap the primary's store.
     pub fn new(size: u64, wrap: impl FnOnce(FileStore) -> Arc<dyn Store>) -> Self {
+        Self::with_stores(size, wrap, |s| Arc::new(s))
+    }
+
+    /// Like `new`, wrapping the secondary's store too.
+    pub fn with_stores(
+        size: u64,
+        wrap: impl FnOnce(FileStore) -> Arc<dyn Store>,
+        wrap_secondary: impl FnOnce(FileStore) -> Arc<dyn Store>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pdisk = dir.path().join("primary.img");
         let sdisk = dir.path().join("secondary.img");
         let pstore = wrap(FileStore::open(&pdisk, Some(size)).unwrap());
-        let sstore: Arc<dyn Store> = Arc::new(FileStore::open(&sdisk, Some(size)).unwrap());
+        let sstore = wrap_secondary(FileStore::open(&sdisk, Some(size)).unwrap());
         let bm = DirtyBitmap::open(&dir.path().join("bitmap"), size, DEFAULT_CHUNK).unwrap();
         let cfg = MirrorConfig {
             reconnect_interval: std::time::Duration::from_millis(20),
