@@ -3,7 +3,10 @@
 //! (fixed 25 ms epochs). Reports epochs/s, pause p50/p99/max, wire vs raw bytes and secondary
 //! lag; the last line is a JSON object.
 //!
-//! Options (after `--`): `--seconds N` per run (default 5), `--memory-mib N` (default 1024).
+//! Options (after `--`): `--seconds N` per run (default 5), `--memory-mib N` (default 1024),
+//! `--rate MB` (one rate only), `--tracking sync|async|auto` (default sync), `--write-len N`
+//! bytes of random data per page-dirtying write (default 1024; 4096 = whole pages of noise,
+//! the worst case for compression).
 
 // Figures are reported as floats; the casts only feed printing.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
@@ -17,9 +20,11 @@ use xenft_checkpoint::engine::commit::RecordingSink;
 use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, PrimaryConfig};
 use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig};
 use xenft_checkpoint::engine::transport::memory_pair;
+use xenft_checkpoint::local::guest::Tracking;
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
 
+/// Default bytes of incompressible data per page-dirtying write (a quarter page).
 const WRITE_LEN: u32 = 1024;
 
 struct Run {
@@ -36,12 +41,19 @@ struct Run {
     precopy_s: f64,
 }
 
-fn run(memory_mib: u64, rate_mb: u64, policy: EpochPolicy, seconds: u64) -> Run {
+fn run(
+    memory_mib: u64,
+    rate_mb: u64,
+    policy: EpochPolicy,
+    seconds: u64,
+    tracking: Tracking,
+    write_len: u32,
+) -> Run {
     let guest = PathBuf::from(env!("CARGO_BIN_EXE_xenft-synthetic-guest"));
     let workload = WorkloadState::new(
         WorkloadSpec {
             pattern: Pattern::Random,
-            write_len: WRITE_LEN,
+            write_len,
             rate_bytes_per_s: rate_mb * 1_000_000,
         },
         rate_mb,
@@ -51,6 +63,7 @@ fn run(memory_mib: u64, rate_mb: u64, policy: EpochPolicy, seconds: u64) -> Run 
         binary: guest.clone(),
         memory_bytes: memory_mib << 20,
         workload,
+        tracking,
     })
     .expect("spawn guest");
     let replica = LocalDomain::replica(guest, memory_mib << 20).expect("replica");
@@ -71,6 +84,10 @@ fn run(memory_mib: u64, rate_mb: u64, policy: EpochPolicy, seconds: u64) -> Run 
         std::thread::sleep(Duration::from_millis(5));
     }
     let precopy_s = t0.elapsed().as_secs_f64();
+    // Measure lag once pre-copy's last chunks are acknowledged (a checkpoint committed).
+    while p.status().committed_epoch == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let end = Instant::now() + Duration::from_secs(seconds);
     let (mut lag_max, mut lag_sum, mut lag_n) = (0u64, 0u64, 0u64);
     while Instant::now() < end {
@@ -113,7 +130,20 @@ fn main() {
             .unwrap_or(default)
     };
     let seconds = opt("--seconds", 5);
+    let tracking = args
+        .iter()
+        .position(|a| a == "--tracking")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| Tracking::from_name(v))
+        .unwrap_or_default();
+    let rates: Vec<u64> = match opt("--rate", 0) {
+        0 => vec![5, 20, 100],
+        r => vec![r],
+    };
     let memory_mib = opt("--memory-mib", 1024);
+    let write_len = u32::try_from(opt("--write-len", u64::from(WRITE_LEN)))
+        .unwrap_or(WRITE_LEN)
+        .clamp(1, 4096);
     let adaptive = EpochPolicy::Adaptive {
         min: Duration::from_millis(5),
         max: Duration::from_millis(25),
@@ -123,11 +153,12 @@ fn main() {
     let remus = EpochPolicy::Fixed(Duration::from_millis(25));
     let mut out = Map::new();
     out.insert("memory_mib".into(), json!(memory_mib));
-    out.insert("write_bytes_per_dirtied_page".into(), json!(WRITE_LEN));
+    out.insert("write_bytes_per_dirtied_page".into(), json!(write_len));
     out.insert("seconds_per_run".into(), json!(seconds));
-    for rate in [5u64, 20, 100] {
-        let x = run(memory_mib, rate, adaptive, seconds);
-        let base = run(memory_mib, rate, remus, seconds);
+    out.insert("tracking".into(), json!(tracking.name()));
+    for rate in rates {
+        let x = run(memory_mib, rate, adaptive, seconds, tracking, write_len);
+        let base = run(memory_mib, rate, remus, seconds, tracking, write_len);
         eprintln!(
             "{rate:>3} MB/s  xenft adaptive: {:.1} epochs/s, pause p50/p99/max {:.2}/{:.2}/{:.2} ms, \
              wire/raw {:.3}, dirty {:.1} MB/s, commit p50/p99 {:.1}/{:.1} ms, lag max {} B, pre-copy {:.1} s",

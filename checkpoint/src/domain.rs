@@ -82,6 +82,11 @@ pub trait Domain: Send {
     fn resume(&mut self) -> Result<(), DomainError>;
     /// Starts (or restarts) dirty logging with an empty log.
     fn enable_dirty_log(&mut self) -> Result<(), DomainError>;
+    /// Stops dirty logging (protection ended). Backends where logging costs nothing keep
+    /// the default no-op.
+    fn disable_dirty_log(&mut self) -> Result<(), DomainError> {
+        Ok(())
+    }
     /// Returns the pfns written since the last call (sorted, unique) and empties the log.
     fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError>;
     /// Copies the given pages into `out` (`pfns.len() * PAGE_SIZE` bytes), in order.
@@ -90,6 +95,14 @@ pub trait Domain: Send {
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), DomainError>;
     /// The vCPU state; the domain must be paused.
     fn vcpu_context(&mut self) -> Result<VcpuContext, DomainError>;
+    /// Pauses, then reads and clears the dirty log and reads the vCPU state: the start of
+    /// every checkpoint. Backends with a cheaper combined path override it.
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        self.pause()?;
+        let dirty = self.read_and_clear_dirty()?;
+        let ctx = self.vcpu_context()?;
+        Ok((dirty, ctx))
+    }
     /// Sets the vCPU state used by [`Domain::start_from_replica`].
     fn set_vcpu_context(&mut self, ctx: &VcpuContext) -> Result<(), DomainError>;
     /// Starts the replica running from the memory and vCPU state written so far (failover).

@@ -44,7 +44,8 @@
 //! **Status.** `protection.status()` returns [`engine::primary::ProtectionStatus`]: `phase`
 //! (Precopy / Protected / Stopped / Failed(reason)), `epoch` (last checkpoint taken),
 //! `committed_epoch`, `lag_bytes` (sent, not yet acknowledged), `last_commit_age`, pause and
-//! commit-latency percentiles, raw vs wire bytes. `protection.stop()` returns the running
+//! commit-latency percentiles, raw vs wire bytes. `protection.checkpoint_now()` ends the
+//! current epoch early (netback high-water mark). `protection.stop()` returns the running
 //! domain. Protection that fails (link lost, domain error) resumes the domain and reports
 //! `Phase::Failed`; it never leaves the VM paused.
 //! ```no_run
@@ -72,6 +73,32 @@
 //! verified). It fails with [`engine::EngineError::NoCommittedCheckpoint`] while still in
 //! pre-copy. Every epoch whose output the primary released was acknowledged, hence applied,
 //! before the release.
+//!
+//! # Wiring the shims (agent)
+//! The sink's calls map onto the shims' epoch APIs as follows (epoch `n` = checkpoint `n`):
+//! ```text
+//! CommitSink::checkpoint(n)  (domain paused)  netback.begin_epoch(n + 1); blk_primary.set_epoch(n + 1)
+//! CommitSink::commit(n)      (secondary has n) netback.commit(n); blk_primary.commit_epoch(n)
+//! ```
+//! Output and writes issued before checkpoint `n` carry epoch `<= n` and are released /
+//! applied when `n` commits. `checkpoint` runs inside the pause: keep it short.
+//!
+//! **Failover must commit the disk up to the memory state it resumes**: the secondary can
+//! hold checkpoint `n` (applied and acked) while the primary died before committing it, so
+//! the blkback secondary never heard `commit_epoch(n)`. Resuming memory `n` with disk `n - 1`
+//! would lose writes the guest saw complete. So, on the secondary host:
+//! ```text
+//! let stopped = secondary.stop()?;           // no more epochs; replica holds checkpoint n
+//! let n = stopped.committed().map(|(n, _)| n).ok_or(NoCheckpointYet)?;
+//! blk_secondary.commit_epoch(n)?;            // disk writes of every epoch <= n
+//! blk_secondary.discard_uncommitted();       // only epochs after n are dropped
+//! let (domain, n) = stopped.failover()?;     // guest resumes with memory + vCPUs of n
+//! ```
+//!
+//! # Logging
+//! `tracing` levels: `info` for phase changes (pre-copy done, failover), `warn` for every
+//! refusal, re-send and failure with its reason, `debug` per checkpoint (dirty pages, pause,
+//! next epoch length). Fields: `epoch`, `expected`, `error`.
 //!
 //! # Epochs and numbering
 //! Pre-copy chunks and checkpoints share one epoch sequence (1, 2, ...); only checkpoints

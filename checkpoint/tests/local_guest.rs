@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use xenft_checkpoint::domain::Domain;
+use xenft_checkpoint::local::guest::Tracking;
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::workload::{replay, Pattern, WorkloadSpec, WorkloadState, PAGE_SIZE};
 
@@ -37,6 +38,25 @@ fn all_memory(d: &mut LocalDomain) -> Vec<u8> {
     buf
 }
 
+/// Resumes `d` (running or paused) and returns its paused state once its workload has got
+/// past `from`; a loaded machine may not schedule the guest at once, so poll up to 10 s.
+fn run_past(d: &mut LocalDomain, from: u64) -> WorkloadState {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        d.pause().unwrap();
+        let st = WorkloadState::decode(&d.vcpu_context().unwrap().0).unwrap();
+        if st.counter > from {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest made no progress in 10 s"
+        );
+        d.resume().unwrap();
+    }
+}
+
 fn counter(d: &mut LocalDomain) -> WorkloadState {
     WorkloadState::decode(&d.vcpu_context().unwrap().0).unwrap()
 }
@@ -48,12 +68,10 @@ fn paused_guest_memory_matches_replay_of_its_progress_counter() {
         binary: guest_binary(),
         memory_bytes: 16 * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    d.pause().unwrap();
-    let st = counter(&mut d);
-    assert!(st.counter > 0, "workload made no progress");
+    let st = run_past(&mut d, 0);
     let mut expect = vec![0u8; 16 * MIB as usize];
     let mut s = start;
     replay(&mut expect, &mut s, st.counter);
@@ -65,7 +83,28 @@ fn paused_guest_memory_matches_replay_of_its_progress_counter() {
 }
 
 #[test]
-fn dirty_log_holds_every_changed_page_and_only_written_ones() {
+fn dirty_log_holds_every_changed_page_and_only_written_ones_async_tracking() {
+    dirty_log_is_exact(Tracking::Async);
+}
+
+#[test]
+fn dirty_log_holds_every_changed_page_and_only_written_ones_fault_tracking() {
+    dirty_log_is_exact(Tracking::Sync);
+}
+
+#[test]
+fn auto_tracking_picks_the_asynchronous_mode_on_this_kernel() {
+    let d = LocalDomain::spawn(&LocalGuestConfig {
+        binary: guest_binary(),
+        memory_bytes: MIB,
+        workload: workload(Pattern::Random, 1),
+        tracking: Tracking::Auto,
+    })
+    .unwrap();
+    assert_eq!(d.tracking(), Some(Tracking::Async));
+}
+
+fn dirty_log_is_exact(tracking: Tracking) {
     let start = workload(
         Pattern::HotSet {
             hot_pages: 64,
@@ -77,18 +116,20 @@ fn dirty_log_holds_every_changed_page_and_only_written_ones() {
         binary: guest_binary(),
         memory_bytes: 16 * MIB,
         workload: start,
+        tracking,
     })
     .unwrap();
+    assert_eq!(d.tracking(), Some(tracking));
     for round in 0..5 {
         d.pause().unwrap();
         let _ = d.read_and_clear_dirty().unwrap();
         let s1 = counter(&mut d);
         let m1 = all_memory(&mut d);
         d.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(20 + round * 10));
-        d.pause().unwrap();
+        std::thread::sleep(Duration::from_millis(10 * round));
+        let s2 = run_past(&mut d, s1.counter);
         let dirty: BTreeSet<u64> = d.read_and_clear_dirty().unwrap().into_iter().collect();
-        let s2 = counter(&mut d);
+        assert_eq!(counter(&mut d), s2);
         let m2 = all_memory(&mut d);
         d.resume().unwrap();
         let changed: BTreeSet<u64> = (0..m1.len() / PAGE_SIZE)
@@ -122,10 +163,10 @@ fn replica_started_from_checkpoint_continues_the_exact_sequence() {
         binary: guest_binary(),
         memory_bytes: 4 * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    primary.pause().unwrap();
+    run_past(&mut primary, 0);
     let ctx = primary.vcpu_context().unwrap();
     let mem = all_memory(&mut primary);
     drop(primary);
@@ -135,11 +176,8 @@ fn replica_started_from_checkpoint_continues_the_exact_sequence() {
     replica.write_pages(&pfns, &mem).unwrap();
     replica.set_vcpu_context(&ctx).unwrap();
     replica.start_from_replica().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    replica.pause().unwrap();
-    let st = counter(&mut replica);
     let at_checkpoint = WorkloadState::decode(&ctx.0).unwrap();
-    assert!(st.counter > at_checkpoint.counter, "replica did not run");
+    let st = run_past(&mut replica, at_checkpoint.counter);
     let mut expect = vec![0u8; 4 * MIB as usize];
     let mut s = start;
     replay(&mut expect, &mut s, st.counter);

@@ -34,6 +34,7 @@ fn checkpoints_commit_over_the_alink_and_replica_matches_every_time() {
         binary: guest_binary(),
         memory_bytes: 16 * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
     let replica = LocalDomain::replica(guest_binary(), 16 * MIB).unwrap();

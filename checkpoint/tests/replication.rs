@@ -69,6 +69,7 @@ fn protect(
         binary: guest_binary(),
         memory_bytes: mib * MIB,
         workload: start,
+        tracking: Default::default(),
     })
     .unwrap();
     let replica = LocalDomain::replica(guest_binary(), mib * MIB).unwrap();
@@ -134,6 +135,11 @@ fn replica_memory_equals_primary_memory_at_every_committed_checkpoint() {
     replay(&mut expect, &mut r, at.counter);
     assert!(all_memory(stopped.domain_mut()) == expect, "seed {seed}");
     assert!(p.wire_bytes < p.raw_bytes, "{p:?}");
+    // The agent serves these snapshots as JSON.
+    let j = serde_json::to_value(&p).unwrap();
+    assert_eq!(j["phase"]["phase"], "stopped");
+    assert_eq!(j["committed_epoch"], p.committed_epoch);
+    assert_eq!(serde_json::to_value(&s).unwrap()["digest_mismatches"], 0);
 }
 
 #[test]
@@ -187,4 +193,105 @@ fn corrupt_truncated_and_lost_frames_are_refused_then_resent() {
     let mut r = start;
     replay(&mut expect, &mut r, at.counter);
     assert!(all_memory(stopped.domain_mut()) == expect);
+}
+
+#[test]
+fn losing_the_secondary_fails_protection_and_leaves_the_guest_running() {
+    let start = workload(Pattern::Random, 3, 20);
+    let primary = LocalDomain::spawn(&LocalGuestConfig {
+        binary: guest_binary(),
+        memory_bytes: 8 * MIB,
+        workload: start,
+        tracking: Default::default(),
+    })
+    .unwrap();
+    let (a, b) = memory_pair();
+    let replica = LocalDomain::replica(guest_binary(), 8 * MIB).unwrap();
+    let secondary = start_secondary(replica, b, SecondaryConfig::default()).unwrap();
+    let p = start_protection(
+        primary,
+        a,
+        Arc::new(RecordingSink::new()),
+        PrimaryConfig {
+            epoch: EpochPolicy::Fixed(Duration::from_millis(5)),
+            ..PrimaryConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(p.wait_committed(10, Duration::from_secs(20)));
+    // The secondary host dies: its end of the channel goes away.
+    drop(secondary);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(p.status().phase, Phase::Failed(_)) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", p.status());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(p.is_finished());
+    let mut guest = p.stop().unwrap();
+    guest.pause().unwrap();
+    let c1 = WorkloadState::decode(&guest.vcpu_context().unwrap().0).unwrap();
+    guest.resume().unwrap();
+    // It runs again (polling: a loaded machine may not schedule it at once).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        guest.pause().unwrap();
+        let c2 = WorkloadState::decode(&guest.vcpu_context().unwrap().0).unwrap();
+        if c2.counter > c1.counter {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest left stopped after protection failed"
+        );
+        guest.resume().unwrap();
+    }
+}
+
+#[test]
+fn an_early_checkpoint_request_ends_a_long_epoch_at_once() {
+    let primary = LocalDomain::spawn(&LocalGuestConfig {
+        binary: guest_binary(),
+        memory_bytes: 4 * MIB,
+        workload: workload(Pattern::Random, 8, 5),
+        tracking: Default::default(),
+    })
+    .unwrap();
+    let (a, b) = memory_pair();
+    let replica = LocalDomain::replica(guest_binary(), 4 * MIB).unwrap();
+    let secondary = start_secondary(replica, b, SecondaryConfig::default()).unwrap();
+    let p = start_protection(
+        primary,
+        a,
+        Arc::new(RecordingSink::new()),
+        PrimaryConfig {
+            epoch: EpochPolicy::Fixed(Duration::from_secs(3600)),
+            ..PrimaryConfig::default()
+        },
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.status().phase != Phase::Protected {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(p.status().checkpoints, 0, "hour-long epoch");
+    for n in 1..=3u64 {
+        p.checkpoint_now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while p.status().checkpoints < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "early checkpoint {n} not taken"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let last = p.status().epoch;
+    assert!(p.wait_committed(last, Duration::from_secs(10)));
+    // Stop wakes the hour-long sleep too.
+    let t = std::time::Instant::now();
+    drop(p.stop().unwrap());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(secondary.status().committed_epoch, Some(last));
 }

@@ -254,6 +254,7 @@ fn main() -> anyhow::Result<()> {
                 binary: guest_binary(guest.guest_binary)?,
                 memory_bytes: guest.memory_mib << 20,
                 workload,
+                tracking: Default::default(),
             })?;
             let sock = UnixStream::connect(&connect)
                 .with_context(|| format!("connecting to {}", connect.display()))?;

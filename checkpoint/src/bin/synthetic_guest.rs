@@ -4,7 +4,7 @@ use std::os::fd::{OwnedFd, RawFd};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use xenft_checkpoint::local::guest::{run_guest, GuestArgs};
+use xenft_checkpoint::local::guest::{run_guest, GuestArgs, Tracking};
 use xenft_checkpoint::workload::WorkloadState;
 
 /// Synthetic guest: runs a page-writing workload on a shared memory file.
@@ -25,6 +25,9 @@ struct Args {
     /// Stay paused until resumed.
     #[arg(long)]
     start_paused: bool,
+    /// Dirty tracking: auto, async or sync.
+    #[arg(long, default_value = "sync")]
+    tracking: String,
 }
 
 fn take_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
@@ -33,11 +36,9 @@ fn take_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Die with the engine thread that started us.
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-        bail!("engine already gone");
-    }
+    // No PR_SET_PDEATHSIG: it fires when the spawning *thread* exits, which would kill a
+    // guest started from a short-lived thread. The guest exits when its control socket
+    // closes instead, which happens when the engine process dies.
     if args.context.len() % 2 != 0 || args.context.len() > 1024 {
         bail!("--context must be an even-length hex string");
     }
@@ -47,6 +48,9 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .context("--context is not hex")?;
     let state = WorkloadState::decode(&bytes)?;
+    let Some(tracking) = Tracking::from_name(&args.tracking) else {
+        bail!("--tracking must be auto, async or sync");
+    };
     let memory = std::fs::File::from(take_fd(args.memory_fd)?);
     let control = std::os::unix::net::UnixStream::from(take_fd(args.control_fd)?);
     run_guest(GuestArgs {
@@ -55,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         pages: args.pages,
         state,
         start_paused: args.start_paused,
+        tracking,
     })?;
     Ok(())
 }

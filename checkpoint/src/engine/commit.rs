@@ -72,7 +72,8 @@ impl CommitSink for RecordingSink {
     fn checkpoint(&self, epoch: u64) {
         if let Some(f) = &self.log {
             let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = writeln!(f, "checkpoint {epoch}");
+            // One write per line, so a killed process leaves no torn line.
+            let _ = f.write_all(format!("checkpoint {epoch}\n").as_bytes());
         }
         self.events
             .lock()
@@ -83,7 +84,7 @@ impl CommitSink for RecordingSink {
     fn commit(&self, epoch: u64) {
         if let Some(f) = &self.log {
             let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = writeln!(f, "commit {epoch}");
+            let _ = f.write_all(format!("commit {epoch}\n").as_bytes());
         }
         self.events
             .lock()

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -86,7 +86,9 @@ pub struct PrimaryConfig {
     pub verify_memory_digest: bool,
     /// Stop after this many checkpoints (tests, benchmark).
     pub max_checkpoints: Option<u64>,
-    /// Re-send every unacknowledged epoch when no ack arrived for this long.
+    /// Re-send every unacknowledged epoch when no ack arrived for this long (default 5 s,
+    /// doubling while nothing progresses). Only lossy channels need it: the A-link and the
+    /// stream transports never lose frames, and refused epochs are re-sent on the nack.
     pub resend_after: Duration,
 }
 
@@ -100,13 +102,14 @@ impl Default for PrimaryConfig {
             window: 4,
             verify_memory_digest: false,
             max_checkpoints: None,
-            resend_after: Duration::from_secs(1),
+            resend_after: Duration::from_secs(5),
         }
     }
 }
 
 /// Where protection stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "phase", content = "reason", rename_all = "snake_case")]
 pub enum Phase {
     /// Copying memory live before the first checkpoint.
     Precopy,
@@ -146,8 +149,8 @@ impl Millis {
     }
 }
 
-/// A snapshot of the primary's progress (what the agent shows).
-#[derive(Clone, Debug)]
+/// A snapshot of the primary's progress (what the agent shows; serialises to JSON).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct ProtectionStatus {
     /// Current phase.
     pub phase: Phase,
@@ -161,9 +164,9 @@ pub struct ProtectionStatus {
     pub last_commit_age: Option<Duration>,
     /// Checkpoints taken.
     pub checkpoints: u64,
-    /// Pause per checkpoint.
+    /// Pause per checkpoint (recent checkpoints).
     pub pause: Millis,
-    /// Checkpoint taken → acknowledged.
+    /// Checkpoint taken → acknowledged (recent checkpoints).
     pub commit_latency: Millis,
     /// Dirty page bytes of checkpoints (pages × 4096).
     pub raw_bytes: u64,
@@ -183,8 +186,8 @@ struct Stats {
     committed: u64,
     last_commit: Option<Instant>,
     checkpoints: u64,
-    pauses: Vec<Duration>,
-    commit_latency: Vec<Duration>,
+    pauses: VecDeque<Duration>,
+    commit_latency: VecDeque<Duration>,
     raw: u64,
     wire: u64,
     precopy_wire: u64,
@@ -193,7 +196,15 @@ struct Stats {
     protected_until: Option<Instant>,
 }
 
-const MAX_SAMPLES: usize = 200_000;
+/// Percentiles cover the most recent this-many checkpoints (about two minutes at 200/s).
+const MAX_SAMPLES: usize = 25_000;
+
+fn record(samples: &mut VecDeque<Duration>, d: Duration) {
+    if samples.len() >= MAX_SAMPLES {
+        samples.pop_front();
+    }
+    samples.push_back(d);
+}
 
 struct InFlight {
     epoch: u64,
@@ -208,8 +219,14 @@ struct Shared {
     sender_done: AtomicBool,
     stats: Mutex<Stats>,
     unacked: Mutex<VecDeque<InFlight>>,
+    /// Wakes the sender: window space freed, or a re-send requested.
     window_cv: Condvar,
-    tx: Mutex<Box<dyn FrameSender>>,
+    /// Re-send every unacknowledged epoch from this number (set by the acker).
+    resend_from: Mutex<Option<u64>>,
+    /// An early checkpoint was requested.
+    early: Mutex<bool>,
+    /// Wakes the checkpointer (stop or early checkpoint).
+    wake: Condvar,
     sink: Arc<dyn CommitSink>,
 }
 
@@ -226,8 +243,14 @@ impl Shared {
         }
         s.protected_until.get_or_insert_with(Instant::now);
         drop(s);
+        self.request_stop();
+    }
+
+    fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.window_cv.notify_all();
+        let _g = lock(&self.early);
+        self.wake.notify_all();
     }
 
     fn stopped(&self) -> bool {
@@ -273,8 +296,8 @@ pub fn start_protection<D: Domain + 'static>(
             committed: 0,
             last_commit: None,
             checkpoints: 0,
-            pauses: Vec::new(),
-            commit_latency: Vec::new(),
+            pauses: VecDeque::new(),
+            commit_latency: VecDeque::new(),
             raw: 0,
             wire: 0,
             precopy_wire: 0,
@@ -284,7 +307,9 @@ pub fn start_protection<D: Domain + 'static>(
         }),
         unacked: Mutex::new(VecDeque::new()),
         window_cv: Condvar::new(),
-        tx: Mutex::new(tx),
+        resend_from: Mutex::new(None),
+        early: Mutex::new(false),
+        wake: Condvar::new(),
         sink,
     });
     let (stage_tx, stage_rx) = sync_channel::<StagedEpoch>(1);
@@ -294,7 +319,7 @@ pub fn start_protection<D: Domain + 'static>(
     let resend_after = config.resend_after;
     let sender = std::thread::Builder::new()
         .name("ckpt-send".into())
-        .spawn(move || sender_loop(&s, encoder, &stage_rx, window))
+        .spawn(move || sender_loop(&s, encoder, &stage_rx, tx, window))
         .map_err(spawn_err)?;
     let s = Arc::clone(&shared);
     let acker = std::thread::Builder::new()
@@ -306,14 +331,18 @@ pub fn start_protection<D: Domain + 'static>(
         .name("ckpt-epochs".into())
         .spawn(move || {
             let mut domain = domain;
-            match checkpoint_loop(&s, &mut domain, &stage_tx, &config) {
+            let r = checkpoint_loop(&s, &mut domain, &stage_tx, &config);
+            if let Err(e) = &r {
+                s.fail(e);
+                // Never leave the VM paused because protection failed.
+                let _ = domain.resume();
+            }
+            if let Err(e) = domain.disable_dirty_log() {
+                warn!(error = %e, "could not switch dirty logging off");
+            }
+            match r {
                 Ok(()) => Ok(domain),
-                Err(e) => {
-                    s.fail(&e);
-                    // Never leave the VM paused because protection failed.
-                    let _ = domain.resume();
-                    Err((domain, e))
-                }
+                Err(e) => Err((domain, e)),
             }
         })
         .map_err(spawn_err)?;
@@ -329,7 +358,7 @@ impl<D: Domain + 'static> Protection<D> {
     /// Current progress.
     pub fn status(&self) -> ProtectionStatus {
         let lag_bytes = lock(&self.shared.unacked).iter().map(|f| f.wire).sum();
-        let s = lock(&self.shared.stats);
+        let mut s = lock(&self.shared.stats);
         let protected_for = match (s.protected_since, s.protected_until) {
             (Some(a), Some(b)) => b.saturating_duration_since(a),
             (Some(a), None) => a.elapsed(),
@@ -342,14 +371,21 @@ impl<D: Domain + 'static> Protection<D> {
             lag_bytes,
             last_commit_age: s.last_commit.map(|t| t.elapsed()),
             checkpoints: s.checkpoints,
-            pause: Millis::of(&s.pauses),
-            commit_latency: Millis::of(&s.commit_latency),
+            pause: Millis::of(s.pauses.make_contiguous()),
+            commit_latency: Millis::of(s.commit_latency.make_contiguous()),
             raw_bytes: s.raw,
             wire_bytes: s.wire,
             precopy_wire_bytes: s.precopy_wire,
             resent_epochs: s.resent,
             protected_for,
         }
+    }
+
+    /// Ends the current epoch now (e.g. the netback buffer crossed its high-water mark); the
+    /// next epoch then runs for the normal length.
+    pub fn checkpoint_now(&self) {
+        *lock(&self.shared.early) = true;
+        self.shared.wake.notify_all();
     }
 
     /// Whether the engine stopped (by request, `max_checkpoints` or an error).
@@ -372,14 +408,14 @@ impl<D: Domain + 'static> Protection<D> {
         false
     }
 
-    /// Stops checkpointing and returns the (running) domain.
+    /// Stops checkpointing and returns the (running) domain. Returns once a send in progress
+    /// completes: if the peer may be unresponsive, shut the channel down first.
     pub fn stop(mut self) -> Result<D, EngineError> {
         self.shutdown()
     }
 
     fn shutdown(&mut self) -> Result<D, EngineError> {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.window_cv.notify_all();
+        self.shared.request_stop();
         let res = match self.checkpointer.take().map(JoinHandle::join) {
             Some(Ok(Ok(d))) => Ok(d),
             Some(Ok(Err((_, e)))) => Err(e),
@@ -475,27 +511,35 @@ fn checkpoint_loop(
     let mut next = Instant::now() + interval;
     let mut checkpoints = 0u64;
     loop {
-        // Sleep until the epoch ends, waking for stop requests.
-        loop {
-            if shared.stopped() {
-                return Ok(());
+        // Sleep until the epoch ends, waking for stop and early-checkpoint requests.
+        {
+            let mut early = lock(&shared.early);
+            loop {
+                if shared.stopped() {
+                    return Ok(());
+                }
+                if std::mem::take(&mut *early) {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                early = shared
+                    .wake
+                    .wait_timeout(early, (next - now).min(Duration::from_millis(50)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
-            let now = Instant::now();
-            if now >= next {
-                break;
-            }
-            std::thread::sleep((next - now).min(Duration::from_millis(5)));
         }
         epoch += 1;
         let t0 = Instant::now();
-        domain.pause()?;
-        let mut pfns = domain.read_and_clear_dirty()?;
+        let (mut pfns, ctx) = domain.pause_and_collect()?;
         if !carry.is_empty() {
             pfns.append(&mut carry);
             pfns.sort_unstable();
             pfns.dedup();
         }
-        let ctx = domain.vcpu_context()?;
         let mut staged = stage(domain, epoch, pfns)?;
         staged.vcpu = Some(ctx);
         if cfg.verify_memory_digest {
@@ -510,9 +554,7 @@ fn checkpoint_loop(
             let mut s = lock(&shared.stats);
             s.epoch = epoch;
             s.checkpoints = checkpoints;
-            if s.pauses.len() < MAX_SAMPLES {
-                s.pauses.push(pause);
-            }
+            record(&mut s.pauses, pause);
         }
         hand_over(shared, stage_tx, staged)?;
         if cfg.max_checkpoints.is_some_and(|m| checkpoints >= m) {
@@ -527,34 +569,94 @@ fn checkpoint_loop(
     }
 }
 
-fn sender_loop(shared: &Shared, encoder: EpochEncoder, rx: &Receiver<StagedEpoch>, window: usize) {
-    send_epochs(shared, encoder, rx, window);
+fn sender_loop(
+    shared: &Shared,
+    encoder: EpochEncoder,
+    rx: &Receiver<StagedEpoch>,
+    mut tx: Box<dyn FrameSender>,
+    window: usize,
+) {
+    if let Err(e) = send_epochs(shared, encoder, rx, tx.as_mut(), window) {
+        shared.fail(&e);
+    }
     shared.sender_done.store(true, Ordering::Release);
+    shared.window_cv.notify_all();
+    // Closing the channel only now: the acker must see `finished()` before the peer sees
+    // the close and closes its side.
+    drop(tx);
 }
 
+/// The only thread that sends: new epochs and re-sends, so frames of different epochs never
+/// interleave. It never holds the in-flight queue while blocked in `send`, so the acker can
+/// always drain acknowledgements (otherwise a full channel in each direction deadlocks).
 fn send_epochs(
     shared: &Shared,
     mut encoder: EpochEncoder,
     rx: &Receiver<StagedEpoch>,
+    tx: &mut dyn FrameSender,
     window: usize,
-) {
-    while let Ok(staged) = rx.recv() {
-        let encoded: EncodedEpoch = match encoder.encode(&staged) {
-            Ok(e) => e,
-            Err(e) => return shared.fail(&e.into()),
-        };
-        let taken_at = Instant::now();
-        let mut q = lock(&shared.unacked);
-        while q.len() >= window && !shared.stopped() {
-            q = shared
-                .window_cv
-                .wait_timeout(q, Duration::from_millis(50))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+) -> Result<(), EngineError> {
+    let mut pending: Option<EncodedEpoch> = None;
+    let mut producer_done = false;
+    loop {
         if shared.stopped() {
-            return;
+            return Ok(());
         }
+        let resend = lock(&shared.resend_from).take();
+        if let Some(from) = resend {
+            let (n, frames): (u64, Vec<Bytes>) = {
+                let q = lock(&shared.unacked);
+                let again: Vec<&InFlight> = q.iter().filter(|f| f.epoch >= from).collect();
+                (
+                    again.len() as u64,
+                    again
+                        .iter()
+                        .flat_map(|f| f.frames.iter().cloned())
+                        .collect(),
+                )
+            };
+            for f in frames {
+                tx.send(f)?;
+            }
+            lock(&shared.stats).resent += n;
+        }
+        if pending.is_none() && !producer_done {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(staged) => pending = Some(encoder.encode(&staged)?),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => producer_done = true,
+            }
+        }
+        if producer_done && pending.is_none() {
+            if lock(&shared.unacked).is_empty() {
+                return Ok(());
+            }
+            // Stay to serve re-sends until everything is acknowledged.
+            let q = lock(&shared.unacked);
+            let _ = shared.window_cv.wait_timeout(q, Duration::from_millis(10));
+            continue;
+        }
+        let Some(encoded) = pending.take() else {
+            continue;
+        };
+        let frames = {
+            let mut q = lock(&shared.unacked);
+            if q.len() >= window {
+                // Wait for an ack (or a re-send request), keeping the epoch for later.
+                pending = Some(encoded);
+                let _ = shared.window_cv.wait_timeout(q, Duration::from_millis(10));
+                continue;
+            }
+            let frames = encoded.frames.clone();
+            q.push_back(InFlight {
+                epoch: encoded.epoch,
+                checkpoint: encoded.checkpoint,
+                frames: encoded.frames,
+                wire: encoded.wire_bytes,
+                taken_at: Instant::now(),
+            });
+            frames
+        };
         {
             let mut s = lock(&shared.stats);
             if encoded.checkpoint {
@@ -564,60 +666,39 @@ fn send_epochs(
                 s.precopy_wire += encoded.wire_bytes;
             }
         }
-        let frames = encoded.frames.clone();
-        q.push_back(InFlight {
-            epoch: encoded.epoch,
-            checkpoint: encoded.checkpoint,
-            frames: encoded.frames,
-            wire: encoded.wire_bytes,
-            taken_at,
-        });
-        // Send while holding the queue so a re-send cannot interleave with a new epoch.
-        let mut tx = lock(&shared.tx);
         for f in frames {
-            if let Err(e) = tx.send(f) {
-                drop(tx);
-                drop(q);
-                return shared.fail(&e.into());
-            }
+            tx.send(f)?;
         }
     }
 }
 
-/// Re-sends every unacknowledged epoch numbered `from` or later; returns how many.
-fn resend(shared: &Shared, from: u64) -> Result<u64, TransportError> {
-    let q = lock(&shared.unacked);
-    let mut tx = lock(&shared.tx);
-    let mut n = 0;
-    for f in q.iter().filter(|f| f.epoch >= from) {
-        n += 1;
-        for fr in &f.frames {
-            tx.send(fr.clone())?;
-        }
-    }
-    drop(tx);
-    drop(q);
-    lock(&shared.stats).resent += n;
-    Ok(n)
+/// Asks the sender to re-send every unacknowledged epoch from `from`.
+fn request_resend(shared: &Shared, from: u64) {
+    let mut r = lock(&shared.resend_from);
+    *r = Some(r.map_or(from, |cur| cur.min(from)));
+    drop(r);
+    shared.window_cv.notify_all();
 }
 
 fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Duration) {
     let mut last_progress = Instant::now();
+    // Doubles after each timer re-send without progress: a secondary that is merely slow
+    // must not be buried under copies of what it is still working through.
+    let mut timeout = resend_after;
     // (expected, when) of the last nack-triggered re-send, to ignore duplicate nacks.
     let mut last_nack: Option<(u64, Instant)> = None;
     while !shared.finished() {
-        if last_progress.elapsed() >= resend_after && !lock(&shared.unacked).is_empty() {
-            warn!("no acknowledgement for {resend_after:?}; re-sending unacknowledged epochs");
-            if let Err(e) = resend(shared, 0) {
-                return shared.fail(&e.into());
-            }
+        if last_progress.elapsed() >= timeout && !lock(&shared.unacked).is_empty() {
+            warn!("no acknowledgement for {timeout:?}; re-sending unacknowledged epochs");
+            request_resend(shared, 0);
             last_progress = Instant::now();
+            timeout = (timeout * 2).min(Duration::from_secs(60));
         }
         let frame = match rx.recv(Duration::from_millis(20)) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(TransportError::Closed) => {
-                if !shared.stopped() {
+                if !shared.finished() {
                     shared.fail(&EngineError::Transport(TransportError::Closed));
                 }
                 return;
@@ -631,14 +712,13 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
                 while q.front().is_some_and(|f| f.epoch <= epoch) {
                     let Some(f) = q.pop_front() else { break };
                     last_progress = now;
+                    timeout = resend_after;
                     if f.checkpoint {
                         shared.sink.commit(f.epoch);
                         let mut s = lock(&shared.stats);
                         s.committed = f.epoch;
                         s.last_commit = Some(now);
-                        if s.commit_latency.len() < MAX_SAMPLES {
-                            s.commit_latency.push(now - f.taken_at);
-                        }
+                        record(&mut s.commit_latency, now - f.taken_at);
                     }
                 }
                 drop(q);
@@ -651,9 +731,7 @@ fn acker_loop(shared: &Shared, mut rx: Box<dyn FrameReceiver>, resend_after: Dur
                 }
                 warn!(expected, ?reason, "secondary refused an epoch; re-sending");
                 last_nack = Some((expected, Instant::now()));
-                if let Err(e) = resend(shared, expected) {
-                    return shared.fail(&e.into());
-                }
+                request_resend(shared, expected);
                 last_progress = Instant::now();
             }
             Ok(_) => warn!("unexpected frame from the secondary"),

@@ -22,8 +22,8 @@ pub struct SecondaryConfig {
     pub verify_memory_digest: bool,
 }
 
-/// A snapshot of the secondary's progress.
-#[derive(Clone, Debug, Default)]
+/// A snapshot of the secondary's progress (serialises to JSON).
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SecondaryStatus {
     /// Last checkpoint applied — the state failover resumes from.
     pub committed_epoch: Option<u64>,

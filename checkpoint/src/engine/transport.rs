@@ -233,3 +233,69 @@ impl FrameSender for FaultInjector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_frames_survive_split_writes_and_timeouts() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (_tx, mut rx) = unix_stream(a).unwrap();
+        b.write_all(&5u32.to_le_bytes()).unwrap();
+        b.write_all(b"he").unwrap();
+        assert!(rx.recv(Duration::from_millis(20)).unwrap().is_none());
+        b.write_all(b"llo").unwrap();
+        b.write_all(&1u32.to_le_bytes()).unwrap();
+        b.write_all(b"!").unwrap();
+        assert_eq!(
+            rx.recv(Duration::from_secs(1)).unwrap().unwrap(),
+            &b"hello"[..]
+        );
+        assert_eq!(rx.recv(Duration::from_secs(1)).unwrap().unwrap(), &b"!"[..]);
+        drop(b);
+        assert!(matches!(
+            rx.recv(Duration::from_secs(1)),
+            Err(TransportError::Closed)
+        ));
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_allocating() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (_tx, mut rx) = unix_stream(a).unwrap();
+        b.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(
+            rx.recv(Duration::from_secs(1)),
+            Err(TransportError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn fault_injector_damages_only_the_planned_frames() {
+        let ((tx, _), (_, mut rx)) = memory_pair();
+        let mut f = FaultInjector::new(
+            tx,
+            Box::new(|i, _| match i {
+                1 => Fault::Drop,
+                2 => Fault::Corrupt(0),
+                3 => Fault::Truncate(2),
+                _ => Fault::Pass,
+            }),
+        );
+        for _ in 0..5 {
+            f.send(Bytes::from_static(b"abcd")).unwrap();
+        }
+        let got: Vec<Bytes> =
+            std::iter::from_fn(|| rx.recv(Duration::from_millis(10)).ok().flatten()).collect();
+        assert_eq!(
+            got,
+            vec![
+                Bytes::from_static(b"abcd"),
+                Bytes::from(vec![b'a' ^ 0xff, b'b', b'c', b'd']),
+                Bytes::from_static(b"ab"),
+                Bytes::from_static(b"abcd"),
+            ]
+        );
+    }
+}

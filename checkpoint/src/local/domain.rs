@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+use super::guest::Tracking;
 use super::protocol::*;
 use crate::domain::{check_pages, Domain, DomainError, VcpuContext};
 use crate::workload::{WorkloadState, PAGE_SIZE, PAGE_SIZE_U64};
@@ -23,23 +24,30 @@ pub struct LocalGuestConfig {
     pub memory_bytes: u64,
     /// Workload to run from.
     pub workload: WorkloadState,
+    /// Dirty tracking mode.
+    pub tracking: Tracking,
 }
 
 struct GuestProc {
     child: Child,
     ctl: UnixStream,
+    /// Responses not read yet (to `OP_RESUME`, which does not wait for its answer).
+    unread: u32,
 }
 
 /// A synthetic guest: running (primary, or a replica after failover) or a bare replica memory.
 ///
-/// The guest process dies with this value (Drop kills it) and, through `PR_SET_PDEATHSIG`,
-/// with the thread that spawned it.
+/// The guest process dies with this value (Drop kills it), and exits by itself when the
+/// engine process dies (its control socket closes).
 pub struct LocalDomain {
     memory: File,
     pages: u64,
     binary: PathBuf,
     guest: Option<GuestProc>,
     pending_ctx: Option<WorkloadState>,
+    tracking: Tracking,
+    /// Mode the running guest reported.
+    active_tracking: Option<Tracking>,
 }
 
 fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> DomainError {
@@ -89,12 +97,15 @@ impl LocalDomain {
             binary,
             guest: None,
             pending_ctx: None,
+            tracking: Tracking::Auto,
+            active_tracking: None,
         })
     }
 
     /// Creates guest memory and starts a running guest on it (a primary).
     pub fn spawn(cfg: &LocalGuestConfig) -> Result<Self, DomainError> {
         let mut d = Self::with_memory(cfg.binary.clone(), cfg.memory_bytes)?;
+        d.tracking = cfg.tracking;
         d.start_guest(cfg.workload)?;
         Ok(d)
     }
@@ -104,6 +115,17 @@ impl LocalDomain {
         Self::with_memory(binary, memory_bytes)
     }
 
+    /// Sets the dirty tracking mode for a guest started later (replica failover).
+    pub fn with_tracking(mut self, tracking: Tracking) -> Self {
+        self.tracking = tracking;
+        self
+    }
+
+    /// Dirty tracking mode the running guest uses (never `Auto`).
+    pub fn tracking(&self) -> Option<Tracking> {
+        self.active_tracking
+    }
+
     /// Pid of the guest process, if one runs.
     pub fn guest_pid(&self) -> Option<u32> {
         self.guest.as_ref().map(|g| g.child.id())
@@ -111,6 +133,7 @@ impl LocalDomain {
 
     /// Kills the guest process (as a host crash would) and forgets it.
     pub fn kill_guest(&mut self) {
+        self.active_tracking = None;
         if let Some(mut g) = self.guest.take() {
             let _ = g.child.kill();
             let _ = g.child.wait();
@@ -134,6 +157,8 @@ impl LocalDomain {
             .arg(self.pages.to_string())
             .arg("--context")
             .arg(ctx_hex)
+            .arg("--tracking")
+            .arg(self.tracking.name())
             .stdin(Stdio::null())
             .spawn();
         set_inheritable(&self.memory, false)?;
@@ -141,11 +166,26 @@ impl LocalDomain {
         let child = spawned.map_err(os("spawn synthetic guest"))?;
         ours.set_read_timeout(Some(Duration::from_secs(20)))
             .map_err(os("set_read_timeout"))?;
-        let mut g = GuestProc { child, ctl: ours };
+        let mut g = GuestProc {
+            child,
+            ctl: ours,
+            unread: 0,
+        };
         // The guest answers once memory is mapped and write-protected.
         let ready = read_response(&mut g.ctl, 4096);
         match ready {
-            Ok((STATUS_OK, _)) => {
+            Ok((STATUS_OK, mode)) => {
+                let name = String::from_utf8_lossy(&mode).into_owned();
+                match Tracking::from_name(&name) {
+                    Some(t @ (Tracking::Async | Tracking::Sync)) => self.active_tracking = Some(t),
+                    _ => {
+                        let _ = g.child.kill();
+                        let _ = g.child.wait();
+                        return Err(DomainError::GuestProtocol(format!(
+                            "unknown tracking mode {name:?}"
+                        )));
+                    }
+                }
                 self.guest = Some(g);
                 Ok(())
             }
@@ -173,8 +213,19 @@ impl LocalDomain {
             .guest
             .as_mut()
             .ok_or(DomainError::WrongState("no guest process running"))?;
-        let res = std::io::Write::write_all(&mut g.ctl, &[op])
-            .and_then(|()| read_response(&mut g.ctl, max));
+        let res = std::io::Write::write_all(&mut g.ctl, &[op]).and_then(|()| {
+            // Answers to earlier un-awaited requests come first.
+            while g.unread > 0 {
+                g.unread -= 1;
+                let (status, msg) = read_response(&mut g.ctl, max)?;
+                if status != STATUS_OK {
+                    return Err(std::io::Error::other(
+                        String::from_utf8_lossy(&msg).into_owned(),
+                    ));
+                }
+            }
+            read_response(&mut g.ctl, max)
+        });
         match res {
             Ok((STATUS_OK, p)) => Ok(p),
             Ok((_, msg)) => Err(DomainError::GuestProtocol(
@@ -188,6 +239,28 @@ impl LocalDomain {
                 }))
             }
         }
+    }
+
+    fn parse_pfns(&self, p: &[u8]) -> Result<Vec<u64>, DomainError> {
+        if !p.len().is_multiple_of(4) {
+            return Err(DomainError::GuestProtocol(
+                "dirty list not a multiple of 4".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(p.len() / 4);
+        for c in p.chunks_exact(4) {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(c);
+            let pfn = u64::from(u32::from_le_bytes(a));
+            if pfn >= self.pages {
+                return Err(DomainError::PfnOutOfRange {
+                    pfn,
+                    pages: self.pages,
+                });
+            }
+            out.push(pfn);
+        }
+        Ok(out)
     }
 
     fn runs(pfns: &[u64]) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -226,7 +299,26 @@ impl Domain for LocalDomain {
     }
 
     fn resume(&mut self) -> Result<(), DomainError> {
-        self.request(OP_RESUME).map(|_| ())
+        // Do not wait for the answer: the guest runs as soon as it reads the request, and the
+        // answer is checked with the next request.
+        let g = self
+            .guest
+            .as_mut()
+            .ok_or(DomainError::WrongState("no guest process running"))?;
+        std::io::Write::write_all(&mut g.ctl, &[OP_RESUME])
+            .map_err(|e| DomainError::GuestGone(e.to_string()))?;
+        g.unread += 1;
+        Ok(())
+    }
+
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        let p = self.request(OP_CHECKPOINT)?;
+        let bad = || DomainError::GuestProtocol("malformed checkpoint answer".into());
+        let len_bytes: [u8; 4] = p.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+        let len = usize::try_from(u32::from_le_bytes(len_bytes)).map_err(|_| bad())?;
+        let ctx = p.get(4..4 + len).ok_or_else(bad)?.to_vec();
+        let pfns = self.parse_pfns(p.get(4 + len..).ok_or_else(bad)?)?;
+        Ok((pfns, VcpuContext(ctx)))
     }
 
     fn enable_dirty_log(&mut self) -> Result<(), DomainError> {
@@ -235,27 +327,8 @@ impl Domain for LocalDomain {
 
     fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError> {
         let p = self.request(OP_READ_CLEAR_DIRTY)?;
-        if p.len() % 4 != 0 {
-            return Err(DomainError::GuestProtocol(
-                "dirty list not a multiple of 4".into(),
-            ));
-        }
-        let mut out = Vec::with_capacity(p.len() / 4);
-        for c in p.chunks_exact(4) {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(c);
-            let pfn = u64::from(u32::from_le_bytes(a));
-            if pfn >= self.pages {
-                return Err(DomainError::PfnOutOfRange {
-                    pfn,
-                    pages: self.pages,
-                });
-            }
-            out.push(pfn);
-        }
-        Ok(out)
+        self.parse_pfns(&p)
     }
-
     fn read_pages(&mut self, pfns: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
         check_pages(pfns, out.len(), self.pages)?;
         for (i, j) in Self::runs(pfns) {

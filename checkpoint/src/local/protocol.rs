@@ -1,6 +1,8 @@
 //! Control protocol between [`super::LocalDomain`] and the synthetic guest process.
 //!
-//! Requests are one opcode byte. Every response (including the unsolicited one sent once the
+//! Once set up, the guest sends an unsolicited response whose payload names its dirty tracking
+//! mode (`async` or `sync`). Requests are one opcode byte. The engine may send a request before reading the previous
+//! response (it does so after `OP_RESUME`); responses come in request order. Every response (including the unsolicited one sent once the
 //! guest is ready) is `status:u8 len:u32le payload[len]`; status 0 = ok, 1 = error with a UTF-8
 //! message as payload.
 
@@ -18,6 +20,8 @@ pub const OP_GET_CONTEXT: u8 = 4;
 pub const OP_ENABLE_DIRTY_LOG: u8 = 5;
 /// Exit the guest process.
 pub const OP_SHUTDOWN: u8 = 6;
+/// Pause, then return `ctx_len:u32le ctx dirty pfns (u32le each)` and re-protect the pages.
+pub const OP_CHECKPOINT: u8 = 7;
 
 /// Response status: success.
 pub const STATUS_OK: u8 = 0;

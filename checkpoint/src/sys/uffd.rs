@@ -18,6 +18,10 @@ const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -54,6 +58,44 @@ struct UffdioWriteprotect {
 nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
 nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
 nix::ioctl_readwrite!(uffdio_writeprotect, 0xAA, 0x06, UffdioWriteprotect);
+nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
+
+/// `struct pm_scan_arg` (include/uapi/linux/fs.h).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// How written pages are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackMode {
+    /// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write faults itself and
+    /// `PAGEMAP_SCAN` reads and re-protects the written pages in one call (Linux 6.7+).
+    Async,
+    /// Classic write-protect faults, resolved by a handler thread ([`WpTracker::next_fault`]).
+    Sync,
+}
 
 /// A `MAP_SHARED` read-write mapping of a guest memory file.
 pub struct GuestMapping {
@@ -128,6 +170,8 @@ pub struct WpTracker {
     uffd: OwnedFd,
     base: u64,
     len: u64,
+    mode: TrackMode,
+    pagemap: Option<std::fs::File>,
 }
 
 fn new_uffd() -> io::Result<OwnedFd> {
@@ -159,21 +203,34 @@ fn userfaultfd_ioc_new_code() -> libc::Ioctl {
 }
 
 impl WpTracker {
-    /// Creates a userfaultfd, enables write-protect faults (including never-touched shmem
-    /// pages) and registers the whole mapping. Nothing is protected yet.
+    /// Creates a userfaultfd, enables write-protect tracking (including never-touched shmem
+    /// pages) and registers the whole mapping; asynchronous mode when the kernel has it,
+    /// else fault-driven. Nothing is protected yet.
     pub fn new(mapping: &GuestMapping) -> io::Result<Self> {
+        match Self::with_mode(mapping, TrackMode::Async) {
+            Ok(t) => Ok(t),
+            Err(_) => Self::with_mode(mapping, TrackMode::Sync),
+        }
+    }
+
+    /// Like [`WpTracker::new`] with a chosen mode.
+    pub fn with_mode(mapping: &GuestMapping, mode: TrackMode) -> io::Result<Self> {
         let uffd = new_uffd()?;
+        let mut features = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+            | UFFD_FEATURE_WP_UNPOPULATED;
+        if mode == TrackMode::Async {
+            features |= UFFD_FEATURE_WP_ASYNC;
+        }
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: UFFD_FEATURE_PAGEFAULT_FLAG_WP
-                | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
-                | UFFD_FEATURE_WP_UNPOPULATED,
+            features,
             ioctls: 0,
         };
         // SAFETY: `api` is a live, correctly laid out uffdio_api for the duration of the call.
         unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) }.map_err(|e| {
             io::Error::other(format!(
-                "UFFDIO_API with write-protect features refused ({e}); kernel too old?"
+                "UFFDIO_API with write-protect features {features:#x} refused ({e}); kernel too old?"
             ))
         })?;
         let base = mapping.addr();
@@ -185,7 +242,72 @@ impl WpTracker {
         };
         // SAFETY: `reg` is a live uffdio_register describing our own mapping.
         unsafe { uffdio_register(uffd.as_raw_fd(), &mut reg) }.map_err(io::Error::from)?;
-        Ok(Self { uffd, base, len })
+        let pagemap = match mode {
+            TrackMode::Async => Some(std::fs::File::open("/proc/self/pagemap")?),
+            TrackMode::Sync => None,
+        };
+        let t = Self {
+            uffd,
+            base,
+            len,
+            mode,
+            pagemap,
+        };
+        if mode == TrackMode::Async {
+            // Probe PAGEMAP_SCAN once so a kernel without it falls back to sync mode.
+            let mut probe = Vec::new();
+            t.scan_written(&mut probe)?;
+        }
+        Ok(t)
+    }
+
+    /// The tracking mode in use.
+    pub fn mode(&self) -> TrackMode {
+        self.mode
+    }
+
+    /// Async mode: appends the indices of pages written since they were last protected and
+    /// protects them again, atomically per page (`PAGEMAP_SCAN` + `PM_SCAN_WP_MATCHING`).
+    pub fn scan_written(&self, out: &mut Vec<u32>) -> io::Result<()> {
+        let Some(pagemap) = &self.pagemap else {
+            return Err(io::Error::other("scan_written needs async tracking"));
+        };
+        let mut regions = vec![PageRegion::default(); 512];
+        let end = self.base + self.len;
+        let mut start = self.base;
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start,
+                end,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN,
+                ..PmScanArg::default()
+            };
+            // SAFETY: `arg` is a live pm_scan_arg whose `vec` points at `regions`, a live
+            // buffer of `vec_len` page_region entries; the range is our registered mapping.
+            let n =
+                unsafe { pagemap_scan(pagemap.as_raw_fd(), &mut arg) }.map_err(io::Error::from)?;
+            let n = usize::try_from(n).map_err(|_| io::Error::other("pagemap_scan count"))?;
+            for r in regions.iter().take(n) {
+                if r.start < self.base || r.end > end || r.start > r.end {
+                    return Err(io::Error::other("pagemap_scan region outside the mapping"));
+                }
+                let first = (r.start - self.base) / PAGE_SIZE as u64;
+                let last = (r.end - self.base) / PAGE_SIZE as u64;
+                for p in first..last {
+                    out.push(u32::try_from(p).map_err(|_| io::Error::other("page index"))?);
+                }
+            }
+            if arg.walk_end <= start {
+                return Err(io::Error::other("pagemap_scan made no progress"));
+            }
+            start = arg.walk_end;
+        }
+        Ok(())
     }
 
     /// Sets (`protect == true`) or clears write protection on pages
