@@ -6,7 +6,7 @@
 //! - `epochs`: the shim in buffered mode with 25 ms epochs, each committed as soon as it ends
 //!   (an instantly acknowledging secondary), so the figure is the shim's own cost.
 //!
-//! Same namespaces, offload settings (off, as the shim requires) and MTU in all three. Needs
+//! Same namespaces, offload settings (kernel defaults: on) and MTU in all three. Needs
 //! root and iperf3. The last line printed is a JSON object.
 
 #[path = "../tests/common/mod.rs"]

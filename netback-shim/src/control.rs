@@ -9,12 +9,14 @@
 //! {"op":"set_mode","mode":"buffered"}     → {"ok":true}      (passthrough | buffered | standby)
 //! {"op":"takeover","mode":"passthrough"}  → {"ok":true,"announced":3}
 //! {"op":"announce"}                       → {"ok":true,"announced":3}
+//! {"op":"redirect","on":true}             → {"ok":true}      (true | false | null = automatic)
 //! {"op":"add_addresses","addresses":["10.0.0.2","fd00::2"]} → {"ok":true}
 //! {"op":"counters"}                       → {"ok":true,"counters":{...}}
 //! {"op":"subscribe"}                      → {"ok":true}, then {"event":"early_checkpoint","epoch":N} lines
 //! ```
 //!
-//! Errors: `{"ok":false,"error":"..."}`. Lines longer than 64 KiB close the connection.
+//! Errors: `{"ok":false,"error":"..."}`. Lines longer than 64 KiB close the connection. The
+//! socket is created mode 0600; at most 16 connections are served at once.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
@@ -32,6 +34,8 @@ use crate::shim::{Counters, Mode, Shim};
 
 /// Longest accepted request line.
 const MAX_LINE: u64 = 64 * 1024;
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 16;
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +65,11 @@ pub enum Request {
     },
     /// [`Shim::announce`].
     Announce,
+    /// [`Shim::set_redirect`].
+    Redirect {
+        /// `true` redirect, `false` stay local, `null` automatic.
+        on: Option<bool>,
+    },
     /// [`Shim::add_addresses`].
     AddAddresses {
         /// The addresses.
@@ -150,6 +159,10 @@ pub fn handle(shim: &Shim, req: &Request) -> Reply {
             announced: Some(shim.announce() as u64),
             ..ok()
         },
+        Request::Redirect { on } => {
+            shim.set_redirect(*on);
+            ok()
+        }
         Request::AddAddresses { addresses } => {
             shim.add_addresses(addresses);
             ok()
@@ -234,7 +247,10 @@ impl ControlServer {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
+        // Only the owner (root, the agent) may drive the relay.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let subs: Subscribers = Arc::new(Mutex::new(Vec::new()));
         {
@@ -253,6 +269,13 @@ impl ControlServer {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            if live.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                                tracing::warn!("too many control connections: refusing one");
+                                drop(stream);
+                                continue;
+                            }
+                            live.fetch_add(1, Ordering::Relaxed);
+                            let live = Arc::clone(&live);
                             let shim = Arc::clone(&shim);
                             let subs = Arc::clone(&subs);
                             let spawned = std::thread::Builder::new()
@@ -268,6 +291,7 @@ impl ControlServer {
                                             tracing::debug!(error = %e, "control connection closed");
                                         }
                                     }
+                                    live.fetch_sub(1, Ordering::Relaxed);
                                 });
                             if let Err(e) = spawned {
                                 tracing::warn!(error = %e, "cannot serve control connection");
@@ -332,6 +356,8 @@ mod tests {
             serde_json::from_str(r#"{"op":"add_addresses","addresses":["10.0.0.2","fd00::2"]}"#)
                 .unwrap();
         assert!(matches!(r, Request::AddAddresses { addresses } if addresses.len() == 2));
+        let r: Request = serde_json::from_str(r#"{"op":"redirect","on":null}"#).unwrap();
+        assert_eq!(r, Request::Redirect { on: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"commit","epoch":-1}"#).is_err());
     }

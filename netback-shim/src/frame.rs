@@ -91,8 +91,124 @@ impl FromStr for MacAddr {
 pub enum FrameError {
     /// Shorter than an Ethernet header.
     Runt,
-    /// Longer than the MTU plus the Ethernet header and one VLAN tag.
+    /// Longer than the MTU plus the Ethernet header and one VLAN tag (or, for a GSO
+    /// super-frame, segments larger than the MTU or more than 64 KiB in all).
     Oversize,
+    /// A `virtio_net_hdr` that describes an impossible offload.
+    BadOffload,
+}
+
+/// Length of the `virtio_net_hdr` that precedes each frame on the relay's sockets.
+pub const VNET_HDR_LEN: usize = 10;
+/// Largest GSO super-frame: 64 KiB of IP packet plus the Ethernet header and a VLAN tag.
+pub const MAX_GSO_FRAME: usize = 65_535 + ETH_HEADER_LEN + VLAN_TAG_LEN;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+const VNET_F_NEEDS_CSUM: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_ECN`.
+const VNET_GSO_ECN: u8 = 0x80;
+
+/// The `virtio_net_hdr` (virtio spec 1.x §5.1.6, legacy layout, host byte order as
+/// `PACKET_VNET_HDR` uses it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VnetHdr {
+    /// `VIRTIO_NET_HDR_F_*`.
+    pub flags: u8,
+    /// `VIRTIO_NET_HDR_GSO_*`: 0 none, 1 TCPv4, 3 UDP, 4 TCPv6, 5 UDP_L4; bit 7 ECN.
+    pub gso_type: u8,
+    /// Length of the headers to copy into each segment.
+    pub hdr_len: u16,
+    /// Payload bytes per segment.
+    pub gso_size: u16,
+    /// Where checksumming starts.
+    pub csum_start: u16,
+    /// Where the checksum goes, from `csum_start`.
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    /// Reads the header from the first 10 bytes of `b`.
+    #[must_use]
+    pub fn parse(b: &[u8]) -> Option<VnetHdr> {
+        let h = b.get(..VNET_HDR_LEN)?;
+        let u = |i: usize| u16::from_ne_bytes([h[i], h[i + 1]]);
+        Some(VnetHdr {
+            flags: h[0],
+            gso_type: h[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
+    }
+
+    /// The 10 bytes of the header.
+    #[must_use]
+    pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
+        let mut b = [0u8; VNET_HDR_LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        b
+    }
+}
+
+/// Prefixes a plain frame with an all-zero `virtio_net_hdr` (nothing offloaded).
+#[must_use]
+pub fn with_plain_vnet_hdr(frame: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(VNET_HDR_LEN + frame.len());
+    v.extend_from_slice(&[0; VNET_HDR_LEN]);
+    v.extend_from_slice(frame);
+    v
+}
+
+/// Checks one packet as the relay's sockets carry it: a `virtio_net_hdr`, then the frame.
+/// `len` is the packet's real length (it may exceed the captured bytes). A frame without GSO
+/// must fit the MTU like any frame; a GSO super-frame must cut into segments that do, stay
+/// within 64 KiB, and carry consistent offsets. Returns the frame (without the header).
+///
+/// # Errors
+/// [`FrameError::Runt`], [`FrameError::Oversize`] or [`FrameError::BadOffload`].
+pub fn check_packet(packet: &[u8], len: usize, mtu: usize) -> Result<&[u8], FrameError> {
+    if len < VNET_HDR_LEN + ETH_HEADER_LEN || packet.len() < len {
+        return if len > packet.len() {
+            Err(FrameError::Oversize)
+        } else {
+            Err(FrameError::Runt)
+        };
+    }
+    let hdr = VnetHdr::parse(packet).ok_or(FrameError::Runt)?;
+    let frame = &packet[VNET_HDR_LEN..len];
+    if hdr.flags & VNET_F_NEEDS_CSUM != 0 {
+        let end = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2;
+        if usize::from(hdr.csum_start) < ETH_HEADER_LEN || end > frame.len() {
+            return Err(FrameError::BadOffload);
+        }
+    }
+    if hdr.gso_type == 0 {
+        check_len(frame.len(), max_frame_len(mtu))?;
+        return Ok(frame);
+    }
+    // The ECN bit alone (no GSO type) is refused, as the kernel refuses it.
+    match hdr.gso_type & !VNET_GSO_ECN {
+        1 | 3 | 4 | 5 => {
+            if frame.len() > MAX_GSO_FRAME {
+                return Err(FrameError::Oversize);
+            }
+            if hdr.gso_size == 0 || usize::from(hdr.hdr_len) > frame.len() {
+                return Err(FrameError::BadOffload);
+            }
+            // Each segment: the headers plus gso_size bytes must fit the MTU + Ethernet.
+            if usize::from(hdr.gso_size) > mtu {
+                return Err(FrameError::Oversize);
+            }
+            Ok(())
+        }
+        _ => Err(FrameError::BadOffload),
+    }?;
+    Ok(frame)
 }
 
 /// The largest frame accepted for a given MTU.
@@ -325,6 +441,71 @@ mod tests {
         assert_eq!(check_len(14, max), Ok(()));
         assert_eq!(check_len(1518, max), Ok(()));
         assert_eq!(check_len(1519, max), Err(FrameError::Oversize));
+    }
+
+    #[test]
+    fn packets_with_offload_headers_are_checked_against_the_mtu() {
+        let frame = vec![0u8; 1514];
+        let plain = with_plain_vnet_hdr(&frame);
+        assert_eq!(
+            check_packet(&plain, plain.len(), 1500).map(<[u8]>::len),
+            Ok(1514)
+        );
+        assert_eq!(
+            check_packet(&plain, plain.len(), 1400),
+            Err(FrameError::Oversize)
+        );
+        assert_eq!(check_packet(&plain[..20], 20, 1500), Err(FrameError::Runt));
+        // Truncated capture: the real length is larger than what was captured.
+        assert_eq!(
+            check_packet(&plain, plain.len() + 1, 1500),
+            Err(FrameError::Oversize)
+        );
+
+        let big = vec![0u8; 30_000];
+        let gso = |gso_type, gso_size, hdr_len| {
+            let h = VnetHdr {
+                flags: 0,
+                gso_type,
+                hdr_len,
+                gso_size,
+                csum_start: 0,
+                csum_offset: 0,
+            };
+            let mut p = h.to_bytes().to_vec();
+            p.extend_from_slice(&big);
+            p
+        };
+        let ok = gso(1, 1448, 66);
+        assert!(
+            check_packet(&ok, ok.len(), 1500).is_ok(),
+            "TCPv4 super-frame"
+        );
+        let p = gso(1, 8000, 66);
+        assert_eq!(check_packet(&p, p.len(), 1500), Err(FrameError::Oversize));
+        let p = gso(1, 0, 66);
+        assert_eq!(check_packet(&p, p.len(), 1500), Err(FrameError::BadOffload));
+        let p = gso(9, 1448, 66);
+        assert_eq!(check_packet(&p, p.len(), 1500), Err(FrameError::BadOffload));
+
+        let csum = VnetHdr {
+            flags: 1,
+            csum_start: 34,
+            csum_offset: 6,
+            ..VnetHdr::default()
+        };
+        let mut p = csum.to_bytes().to_vec();
+        p.extend_from_slice(&[0u8; 60]);
+        assert!(check_packet(&p, p.len(), 1500).is_ok());
+        let bad = VnetHdr {
+            flags: 1,
+            csum_start: 58,
+            csum_offset: 6,
+            ..VnetHdr::default()
+        };
+        let mut p = bad.to_bytes().to_vec();
+        p.extend_from_slice(&[0u8; 60]);
+        assert_eq!(check_packet(&p, p.len(), 1500), Err(FrameError::BadOffload));
     }
 
     #[test]

@@ -18,6 +18,12 @@
 //! - [`control`]: the JSON-lines control socket of the `xenft-netback` binary;
 //! - [`frame`]: frame validation, address learning, announcement frames.
 //!
+//! ## Epochs, as the checkpoint engine numbers them
+//! The engine's `checkpoint(N)` (VM paused; output so far belongs to checkpoint N) maps to
+//! [`Shim::begin_epoch`]`(N + 1)`, and its `commit(N)` to [`Shim::commit`]`(N)`; the agent calls
+//! `begin_epoch(1)` when it switches the relay to [`Mode::Buffered`]. On failover the secondary
+//! calls [`Shim::takeover`]; the agent's redirect decision maps to [`Shim::set_redirect`].
+//!
 //! ## Why AF_PACKET and not TAP
 //! On a Xen host the vif already exists: kernel netback creates it and the toolstack's hotplug
 //! script attaches it. A TAP design would need a second device per VM and a kernel bridge or
@@ -25,9 +31,32 @@
 //! frames the VM sends, and one bound to the uplink sees the network, with no extra device and
 //! no change to netback. `PACKET_IGNORE_OUTGOING` keeps the relay from reading back its own
 //! transmissions, and promiscuous membership lets the uplink socket see frames for the VM's MAC.
-//! The vif must NOT also be a port of a kernel bridge (the relay is its only path), and
-//! offloads (TSO/GSO, checksum) should be off on the VM side: super-frames above MTU + 18 bytes
-//! are refused and counted as `oversize`, never forwarded.
+//! The vif must NOT also be a port of a kernel bridge (the relay is its only path).
+//!
+//! Both sockets use `PACKET_VNET_HDR`: each frame comes with a `virtio_net_hdr` that says
+//! whether its checksum is still to be filled in and whether it is a GSO super-frame (up to
+//! 64 KiB, cut into MTU-sized segments on transmit). Without it a packet socket hands over
+//! offloaded frames half-finished (wrong checksums on the wire, super-frames that look
+//! oversize). The relay checks the header (segment size within the MTU, offsets within the
+//! frame, a known GSO type), forwards header and frame together, and the kernel of the host
+//! that transmits completes the frame. Offloads can stay on, on the vif and on the uplink;
+//! plain frames above MTU + 18 bytes are refused and counted as `oversize`.
+//!
+//! ## Uplink failure and redirect
+//! The relay polls the uplink every 50 ms through its own socket (`SIOCGIFFLAGS`: up and
+//! running), which answers for the socket's network namespace — `/sys/class/net` would show
+//! the namespace sysfs was mounted in. The uplink has failed when it loses carrier, or when it
+//! keeps carrier but received nothing for [`ShimConfig::silence_timeout`] while the VM's frames
+//! went out and the peer reports (every 250 ms, on the tunnel) that its own uplink receives.
+//! The VM's frames then go to the peer's shim, which announces the MAC on its uplink and sends
+//! back every frame for the MAC. The redirect ends when carrier is back (two polls) or, for a
+//! silent uplink, when frames arrive again; the relay then announces the MAC locally.
+//!
+//! ## Scheduling
+//! On a busy host a relay thread woken by a frame can wait milliseconds for a CPU. With
+//! [`ShimConfig::realtime_priority`] the forwarding, monitor, tunnel and control threads run
+//! under `SCHED_FIFO` (they only ever block or do bounded work per frame, and the kernel's
+//! real-time throttling still applies). Without it everything works, with a longer latency tail.
 //!
 //! All `unsafe` code lives in [`sys`].
 
@@ -40,5 +69,6 @@ pub mod sys;
 pub mod tunnel;
 
 pub use shim::{
-    Counters, Drops, EarlyCheckpointHook, Mode, RedirectStatus, Shim, ShimConfig, ShimError,
+    Counters, Drops, EarlyCheckpointHook, Mode, RedirectReason, RedirectStatus, Shim, ShimConfig,
+    ShimError,
 };

@@ -4,7 +4,9 @@
 //! xenft-netback --vif vif7.0 --uplink xenbr0p7 --mac 00:16:3e:00:00:07 \
 //!     --mode buffered --control /run/xenft/netback-7.sock
 //! ```
-//! Stops on SIGTERM or SIGINT.
+//! With `--alink-host/--alink-peer/--alink-secret-file/--alink-path LOCAL=PEER` the relay gets
+//! an A-link of its own to the peer host's shim and redirects the VM's frames over it when the
+//! uplink fails. Stops on SIGTERM or SIGINT.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
+use xenft_alink::{Link, LinkConfig, PathConfig};
 use xenft_netback::control::ControlServer;
 use xenft_netback::frame::MacAddr;
 use xenft_netback::{Mode, Shim, ShimConfig};
@@ -51,6 +54,49 @@ struct Args {
     /// Path of the control socket.
     #[arg(long)]
     control: PathBuf,
+    /// This host's name on the A-link (enables the uplink redirect).
+    #[arg(long, requires_all = ["alink_peer", "alink_secret_file", "alink_path"])]
+    alink_host: Option<String>,
+    /// The peer host's name on the A-link.
+    #[arg(long, requires = "alink_host")]
+    alink_peer: Option<String>,
+    /// File holding the pool secret (at least 16 bytes).
+    #[arg(long, requires = "alink_host")]
+    alink_secret_file: Option<PathBuf>,
+    /// One A-link path, `LOCAL_ADDR:PORT=PEER_ADDR:PORT`; repeat for each path.
+    #[arg(long, requires = "alink_host", value_parser = parse_path)]
+    alink_path: Vec<PathConfig>,
+}
+
+fn parse_path(s: &str) -> Result<PathConfig, String> {
+    let (local, peer) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: want LOCAL_ADDR:PORT=PEER_ADDR:PORT"))?;
+    Ok(PathConfig {
+        local: local.parse().map_err(|e| format!("{local:?}: {e}"))?,
+        peer: peer.parse().map_err(|e| format!("{peer:?}: {e}"))?,
+    })
+}
+
+/// The A-link part of the arguments, when given.
+fn link_config(args: &Args) -> anyhow::Result<Option<LinkConfig>> {
+    let (Some(host), Some(peer), Some(secret)) =
+        (&args.alink_host, &args.alink_peer, &args.alink_secret_file)
+    else {
+        return Ok(None);
+    };
+    let meta =
+        std::fs::metadata(secret).with_context(|| format!("secret file {}", secret.display()))?;
+    anyhow::ensure!(
+        meta.len() <= 4096,
+        "secret file {} is larger than 4 KiB",
+        secret.display()
+    );
+    let bytes =
+        std::fs::read(secret).with_context(|| format!("secret file {}", secret.display()))?;
+    let cfg = LinkConfig::new(host.as_str(), peer.as_str(), bytes, args.alink_path.clone());
+    cfg.validate().context("A-link configuration")?;
+    Ok(Some(cfg))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,11 +123,30 @@ fn main() -> anyhow::Result<()> {
         ModeArg::Buffered => Mode::Buffered,
         ModeArg::Standby => Mode::Standby,
     };
+    let link_cfg = link_config(&args)?;
     let shim = Arc::new(Shim::start(cfg).context("starting the relay")?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut link_parts = None;
+    if let Some(lc) = link_cfg {
+        let link = rt
+            .block_on(Link::start(lc))
+            .context("starting the A-link")?;
+        let att = xenft_netback::alink_tunnel::attach(Arc::clone(&shim), &link, rt.handle())
+            .context("attaching the relay to the A-link")?;
+        link_parts = Some((link, att));
+    }
     let server = ControlServer::start(Arc::clone(&shim), &args.control)
         .with_context(|| format!("control socket {}", args.control.display()))?;
     let sig = signals.wait().context("waiting for a stop signal")?;
     tracing::info!(signal = ?sig, "stopping");
     drop(server);
+    if let Some((link, att)) = link_parts {
+        drop(att);
+        link.shutdown();
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,9 @@ const MAX_LEARNED: usize = 32;
 const RECV_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often a redirecting relay repeats its request to the peer.
 const REDIRECT_REPEAT: Duration = Duration::from_secs(1);
+/// Receive slot: a `virtio_net_hdr` and the largest GSO super-frame, plus one byte so that
+/// anything larger shows as truncated.
+const SLOT_LEN: usize = frame::VNET_HDR_LEN + frame::MAX_GSO_FRAME + 1;
 /// Frames taken per receive call (and sent per send call).
 const BATCH: usize = 32;
 
@@ -60,12 +63,17 @@ pub struct ShimConfig {
     pub vm_mac: Option<MacAddr>,
     /// MTU of the VM's network; frames above MTU + 18 bytes are refused.
     pub mtu: usize,
-    /// Bound on bytes held for uncommitted epochs.
+    /// Bound on bytes held for uncommitted epochs (each frame counts with its 10-byte
+    /// offload header).
     pub buffer_limit: usize,
     /// Mode at start.
     pub mode: Mode,
     /// How often the uplink carrier is checked.
     pub monitor_interval: Duration,
+    /// Uplink failure without carrier loss: when the VM's frames went out during this long but
+    /// no frame at all came in, while the peer reports its uplink receiving, the uplink is
+    /// treated as failed. `None` disables the check (carrier loss alone triggers redirects).
+    pub silence_timeout: Option<Duration>,
     /// Run the two forwarding threads under `SCHED_FIFO` at this priority (needs
     /// `CAP_SYS_NICE`); `None` keeps the default scheduler.
     pub realtime_priority: Option<u8>,
@@ -84,6 +92,7 @@ impl ShimConfig {
             mode: Mode::Passthrough,
             monitor_interval: Duration::from_millis(50),
             realtime_priority: None,
+            silence_timeout: Some(Duration::from_secs(2)),
         }
     }
 }
@@ -137,15 +146,36 @@ pub struct Drops {
     pub tunnel_garbage: u64,
     /// Well-formed tunnel messages that make no sense now (frames without a redirect).
     pub tunnel_unexpected: u64,
+    /// A `virtio_net_hdr` describing an impossible offload.
+    pub bad_offload: u64,
     /// A send to the uplink, vif or tunnel failed.
     pub send_failed: u64,
     /// The VM's frames had to leave by the tunnel but no tunnel is configured.
     pub no_tunnel: u64,
 }
 
+/// Why the VM's frames are redirected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectReason {
+    /// The uplink is down or has no carrier.
+    Carrier,
+    /// The uplink has carrier but received nothing while the VM sent and the peer's uplink
+    /// received.
+    Silence,
+    /// The agent asked for it ([`Shim::set_redirect`]).
+    Forced,
+}
+
 /// Redirect state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedirectStatus {
+    /// Why the current redirect started (`None` when not redirecting).
+    pub reason: Option<RedirectReason>,
+    /// The agent's override: `Some(true)` redirect, `Some(false)` stay local, `None` automatic.
+    pub forced: Option<bool>,
+    /// The peer's last status report says its uplink receives frames.
+    pub peer_uplink_alive: bool,
     /// The local uplink is up with carrier (as last polled).
     pub uplink_up: bool,
     /// The VM's frames go through the tunnel to the peer.
@@ -189,6 +219,8 @@ pub struct Counters {
     pub to_uplink_frames: u64,
     /// VM bytes sent on the local uplink.
     pub to_uplink_bytes: u64,
+    /// Valid frames received on the uplink (for anyone: the uplink's sign of life).
+    pub from_uplink_frames: u64,
     /// Frames delivered to the VM.
     pub to_vm_frames: u64,
     /// Bytes delivered to the VM.
@@ -213,6 +245,23 @@ pub struct Counters {
     pub learned_ipv6: Vec<Ipv6Addr>,
 }
 
+/// What the uplink monitor remembers between polls.
+struct Monitor {
+    up_polls: u32,
+    last_request: Instant,
+    last_status: Instant,
+    seen_rx: u64,
+    seen_tx: u64,
+    last_rx: Instant,
+    last_tx: Instant,
+}
+
+/// After a move (takeover, redirect start or end) the announcement is repeated at these delays.
+const ANNOUNCE_REPEATS: [Duration; 2] = [Duration::from_millis(200), Duration::from_secs(1)];
+
+/// How often each relay tells its peer whether its uplink receives.
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The body of one relay thread.
 type RelayLoop = fn(&Inner);
 
@@ -227,12 +276,15 @@ struct State {
     early_hook: Option<EarlyCheckpointHook>,
     v4: BTreeSet<Ipv4Addr>,
     v6: BTreeSet<Ipv6Addr>,
+    /// When the peer last reported, and whether its uplink was receiving.
+    peer_status: Option<(Instant, bool)>,
+    /// When to repeat the last announcement (hosts and switches may miss one).
+    announce_repeats: Vec<Instant>,
     c: Counters,
 }
 
 struct Inner {
     cfg: ShimConfig,
-    max_frame: usize,
     vif: PacketSocket,
     uplink: PacketSocket,
     state: Mutex<State>,
@@ -273,6 +325,20 @@ impl State {
     }
 }
 
+/// Counts a refused frame under its reason.
+fn count_refused(d: &mut Drops, e: FrameError) {
+    match e {
+        FrameError::Runt => d.runt += 1,
+        FrameError::Oversize => d.oversize += 1,
+        FrameError::BadOffload => d.bad_offload += 1,
+    }
+}
+
+/// Bytes of a packet on the wire (without its `virtio_net_hdr`).
+fn wire_len(packet: &[u8]) -> u64 {
+    packet.len().saturating_sub(frame::VNET_HDR_LEN) as u64
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the counters inconsistent in a way that
@@ -309,17 +375,13 @@ impl Inner {
             }
         };
         st.c.to_uplink_frames += sent as u64;
-        st.c.to_uplink_bytes += frames
-            .iter()
-            .take(sent)
-            .map(|f| f.len() as u64)
-            .sum::<u64>();
+        st.c.to_uplink_bytes += frames.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
         st.c.dropped.send_failed += (frames.len() - sent) as u64;
     }
 
     fn release(&self, st: &mut State, frames: &[Bytes]) -> usize {
         st.c.released_frames += frames.len() as u64;
-        st.c.released_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
+        st.c.released_bytes += frames.iter().map(|f| wire_len(f)).sum::<u64>();
         for chunk in frames.chunks(BATCH) {
             let refs: Vec<&[u8]> = chunk.iter().map(|f| &f[..]).collect();
             self.egress(st, &refs);
@@ -338,6 +400,10 @@ impl Inner {
             .collect();
         frames.extend(st.v6.iter().map(|ip| frame::unsolicited_na(mac, *ip)));
         frames.push(frame::relearn_frame(mac));
+        let frames: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| frame::with_plain_vnet_hdr(f))
+            .collect();
         let mut sent = 0;
         for f in &frames {
             match self.uplink.send(f) {
@@ -347,6 +413,13 @@ impl Inner {
         }
         st.c.announcements_sent += sent as u64;
         sent
+    }
+
+    /// Announces now and schedules the repeats of [`ANNOUNCE_REPEATS`].
+    fn announce_and_repeat(&self, st: &mut State) -> usize {
+        let now = Instant::now();
+        st.announce_repeats = ANNOUNCE_REPEATS.iter().map(|d| now + *d).collect();
+        self.announce(st)
     }
 
     fn enter_realtime(&self) {
@@ -359,7 +432,7 @@ impl Inner {
 
     fn vm_rx_loop(&self) {
         self.enter_realtime();
-        let mut batch = RecvBatch::new(BATCH, self.max_frame + 1);
+        let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
         while !self.stop.load(Ordering::Relaxed) {
             match self.vif.recv_batch(&mut batch) {
                 Ok(0) => continue,
@@ -379,9 +452,19 @@ impl Inner {
                     None => return,
                 }
             }
-            self.egress(&mut st, &out);
             let hook = st.early_hook.clone();
             drop(st);
+            // Pass-through frames leave outside the lock, so the inbound thread never waits on
+            // this send. Order still holds: they were classified under the lock after anything
+            // a commit or mode switch released, and those were sent before the lock was freed.
+            if !out.is_empty() {
+                let sent = self.uplink.send_batch(&out).unwrap_or(0);
+                let bytes: u64 = out.iter().take(sent).map(|f| wire_len(f)).sum();
+                let mut st = self.lock();
+                st.c.to_uplink_frames += sent as u64;
+                st.c.to_uplink_bytes += bytes;
+                st.c.dropped.send_failed += (out.len() - sent) as u64;
+            }
             if let Some(hook) = hook {
                 for epoch in early {
                     hook(epoch);
@@ -401,18 +484,15 @@ impl Inner {
         out: &mut Vec<&'b [u8]>,
         early: &mut Vec<u64>,
     ) -> Option<MutexGuard<'g, State>> {
-        match frame::check_len(len, self.max_frame) {
-            Ok(()) => {}
-            Err(FrameError::Runt) => {
-                st.c.dropped.runt += 1;
+        let eth = match frame::check_packet(data, len, self.cfg.mtu) {
+            Ok(eth) => eth,
+            Err(e) => {
+                count_refused(&mut st.c.dropped, e);
                 return Some(st);
             }
-            Err(FrameError::Oversize) => {
-                st.c.dropped.oversize += 1;
-                return Some(st);
-            }
-        }
-        let Some(src) = frame::src_mac(data) else {
+        };
+        let data = &data[..len];
+        let Some(src) = frame::src_mac(eth) else {
             st.c.dropped.runt += 1;
             return Some(st);
         };
@@ -431,9 +511,9 @@ impl Inner {
                 st.vm_mac = Some(src);
             }
         }
-        st.learn(data);
+        st.learn(eth);
         st.c.from_vm_frames += 1;
-        st.c.from_vm_bytes += len as u64;
+        st.c.from_vm_bytes += eth.len() as u64;
         match st.mode {
             Mode::Standby => st.c.dropped.standby += 1,
             Mode::Passthrough if !st.c.redirect.redirecting => out.push(data),
@@ -496,7 +576,7 @@ impl Inner {
                     }
                 }
                 st.c.held_frames_total += 1;
-                st.c.held_bytes_total += len as u64;
+                st.c.held_bytes_total += eth.len() as u64;
             }
         }
         Some(st)
@@ -504,7 +584,7 @@ impl Inner {
 
     fn uplink_rx_loop(&self) {
         self.enter_realtime();
-        let mut batch = RecvBatch::new(BATCH, self.max_frame + 1);
+        let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
         while !self.stop.load(Ordering::Relaxed) {
             match self.uplink.recv_batch(&mut batch) {
                 Ok(0) => continue,
@@ -529,32 +609,30 @@ impl Inner {
             let sent = self.vif.send_batch(&to_vm).unwrap_or(0);
             let mut st = self.lock();
             st.c.to_vm_frames += sent as u64;
-            st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| f.len() as u64).sum::<u64>();
+            st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
             st.c.dropped.send_failed += (to_vm.len() - sent) as u64;
         }
     }
 
     /// One frame from the uplink; true when it is to be delivered to the VM.
     fn handle_uplink_frame(&self, st: &mut State, data: &[u8], len: usize) -> bool {
-        match frame::check_len(len, self.max_frame) {
-            Ok(()) => {}
-            Err(FrameError::Runt) => {
-                st.c.dropped.runt += 1;
+        let eth = match frame::check_packet(data, len, self.cfg.mtu) {
+            Ok(eth) => eth,
+            Err(e) => {
+                count_refused(&mut st.c.dropped, e);
                 return false;
             }
-            Err(FrameError::Oversize) => {
-                st.c.dropped.oversize += 1;
-                return false;
-            }
-        }
-        let (Some(dst), Some(src)) = (frame::dst_mac(data), frame::src_mac(data)) else {
+        };
+        let data = &data[..len];
+        let (Some(dst), Some(src)) = (frame::dst_mac(eth), frame::src_mac(eth)) else {
             return false;
         };
+        st.c.from_uplink_frames += 1;
         if let Some(mac) = st.vm_mac {
             if src == mac {
                 // The VM's own MAC seen on the uplink: the other host's copy (we are standby)
                 // or our own frame reflected. Learn from it, never deliver it.
-                st.learn(data);
+                st.learn(eth);
                 return false;
             }
             if dst != mac && !dst.is_group() {
@@ -576,48 +654,123 @@ impl Inner {
         // It takes the state lock too: at a lower priority it could be preempted while holding
         // it and stall the real-time forwarding threads (priority inversion).
         self.enter_realtime();
-        let mut up_polls = 0u32;
-        let mut last_request = std::time::Instant::now();
+        let mut m = Monitor {
+            up_polls: 0,
+            last_request: Instant::now(),
+            last_status: Instant::now(),
+            seen_rx: 0,
+            seen_tx: 0,
+            last_rx: Instant::now(),
+            last_tx: Instant::now(),
+        };
         while !self.stop.load(Ordering::Relaxed) {
             let up = self.uplink.link_up().unwrap_or(false);
             let mut st = self.lock();
-            st.c.redirect.uplink_up = up;
-            if up {
-                up_polls = up_polls.saturating_add(1);
-            } else {
-                up_polls = 0;
-            }
-            let active = st.mode != Mode::Standby;
-            if !up && active && !st.c.redirect.redirecting {
-                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
-                    tracing::warn!(uplink = %self.cfg.uplink, "uplink down: redirecting the VM's frames to the peer");
-                    if t.send(TunnelMsg::RedirectStart(mac).encode()).is_ok() {
-                        st.c.redirect.redirecting = true;
-                        st.c.redirect.redirects_started += 1;
-                        last_request = std::time::Instant::now();
-                    }
-                }
-            } else if !up && st.c.redirect.redirecting && last_request.elapsed() >= REDIRECT_REPEAT
-            {
-                // Repeat the request: a peer that restarted lost it with the link's session.
-                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
-                    if t.send(TunnelMsg::RedirectStart(mac).encode()).is_ok() {
-                        last_request = std::time::Instant::now();
-                    }
-                }
-            } else if up_polls >= 2 && st.c.redirect.redirecting {
-                tracing::info!(uplink = %self.cfg.uplink, "uplink back: traffic returns to the local path");
-                st.c.redirect.redirecting = false;
-                if let (Some(t), Some(mac)) = (st.tunnel.clone(), st.vm_mac) {
-                    if t.send(TunnelMsg::RedirectStop(mac).encode()).is_err() {
-                        st.c.dropped.send_failed += 1;
-                    }
-                }
-                // Switches learnt the MAC on the peer's port during the redirect.
-                self.announce(&mut st);
-            }
+            self.monitor_step(&mut st, &mut m, up);
             drop(st);
             std::thread::sleep(self.cfg.monitor_interval);
+        }
+    }
+
+    fn send_tunnel(st: &mut State, msg: &TunnelMsg) -> bool {
+        let Some(t) = st.tunnel.clone() else {
+            return false;
+        };
+        let ok = t.send(msg.encode()).is_ok();
+        if !ok {
+            st.c.dropped.send_failed += 1;
+        }
+        ok
+    }
+
+    /// One poll of the uplink: carrier, signs of life, peer status; starts or ends redirects.
+    fn monitor_step(&self, st: &mut State, m: &mut Monitor, up: bool) {
+        let now = Instant::now();
+        if st.announce_repeats.first().is_some_and(|t| *t <= now) {
+            st.announce_repeats.remove(0);
+            // Only while this relay is where the VM's frames enter the network.
+            let here = (st.mode != Mode::Standby && !st.c.redirect.redirecting)
+                || st.c.redirect.serving_peer;
+            if here {
+                self.announce(st);
+            } else {
+                st.announce_repeats.clear();
+            }
+        }
+        st.c.redirect.uplink_up = up;
+        m.up_polls = if up { m.up_polls.saturating_add(1) } else { 0 };
+        if st.c.from_uplink_frames != m.seen_rx {
+            m.seen_rx = st.c.from_uplink_frames;
+            m.last_rx = now;
+        }
+        if st.c.to_uplink_frames != m.seen_tx {
+            m.seen_tx = st.c.to_uplink_frames;
+            m.last_tx = now;
+        }
+        let silence = self.cfg.silence_timeout;
+        let receiving = silence.is_none_or(|t| m.last_rx.elapsed() < t);
+        let Some(mac) = st.vm_mac else { return };
+        if st.tunnel.is_some() && now.duration_since(m.last_status) >= STATUS_INTERVAL {
+            m.last_status = now;
+            Self::send_tunnel(st, &TunnelMsg::UplinkStatus(mac, up && receiving));
+        }
+        let peer_alive = st
+            .peer_status
+            .is_some_and(|(at, alive)| alive && at.elapsed() < STATUS_INTERVAL * 4);
+        st.c.redirect.peer_uplink_alive = peer_alive;
+        let active = st.mode != Mode::Standby;
+        let silent = silence.is_some_and(|t| {
+            up && m.last_rx.elapsed() >= t && m.last_tx.elapsed() < t && peer_alive
+        });
+        let forced = st.c.redirect.forced;
+        if !st.c.redirect.redirecting {
+            let reason = if let Some(on) = forced {
+                on.then_some(RedirectReason::Forced)
+            } else if !up {
+                Some(RedirectReason::Carrier)
+            } else if silent {
+                Some(RedirectReason::Silence)
+            } else {
+                None
+            };
+            if let (Some(reason), true) = (reason, active) {
+                if Self::send_tunnel(st, &TunnelMsg::RedirectStart(mac)) {
+                    tracing::warn!(uplink = %self.cfg.uplink, ?reason, "uplink failed: redirecting the VM's frames to the peer");
+                    st.c.redirect.redirecting = true;
+                    st.c.redirect.reason = Some(reason);
+                    st.announce_repeats.clear();
+                    st.c.redirect.redirects_started += 1;
+                    m.last_request = now;
+                }
+            }
+            return;
+        }
+        // Redirecting: is the local path back?
+        let back = match (forced, st.c.redirect.reason) {
+            (Some(on), _) => !on,
+            // The override was lifted: back, and judged again from the next poll.
+            (None, Some(RedirectReason::Forced)) => true,
+            // Carrier for two polls in a row.
+            (None, Some(RedirectReason::Carrier) | None) => m.up_polls >= 2,
+            // Carrier, and frames arriving again.
+            (None, Some(RedirectReason::Silence)) => {
+                up && m.last_rx.elapsed() < self.cfg.monitor_interval * 2
+            }
+        };
+        if back {
+            tracing::info!(uplink = %self.cfg.uplink, "uplink back: traffic returns to the local path");
+            st.c.redirect.redirecting = false;
+            st.c.redirect.reason = None;
+            Self::send_tunnel(st, &TunnelMsg::RedirectStop(mac));
+            // Switches learnt the MAC on the peer's port during the redirect.
+            self.announce_and_repeat(st);
+            // Give the local path a full silence period before judging it again.
+            m.last_rx = now;
+        } else if now.duration_since(m.last_request) >= REDIRECT_REPEAT {
+            // Repeat the request: a peer that restarted lost it with the link's session.
+            if Self::send_tunnel(st, &TunnelMsg::RedirectStart(mac)) {
+                m.last_request = now;
+            }
         }
     }
 
@@ -631,7 +784,8 @@ impl Inner {
             TunnelMsg::RedirectStart(m)
             | TunnelMsg::RedirectStop(m)
             | TunnelMsg::FromVm(m, _)
-            | TunnelMsg::ToVm(m, _) => *m,
+            | TunnelMsg::ToVm(m, _)
+            | TunnelMsg::UplinkStatus(m, _) => *m,
         };
         if st.vm_mac.is_some_and(|v| v != mac) || mac.is_group() {
             st.c.dropped.tunnel_garbage += 1;
@@ -644,27 +798,34 @@ impl Inner {
                 if !st.c.redirect.serving_peer {
                     tracing::warn!(uplink = %self.cfg.uplink, "peer's uplink is down: carrying its VM's frames");
                     st.c.redirect.serving_peer = true;
-                    self.announce(&mut st);
+                    self.announce_and_repeat(&mut st);
                 }
             }
-            TunnelMsg::RedirectStop(_) => st.c.redirect.serving_peer = false,
+            TunnelMsg::RedirectStop(_) => {
+                st.c.redirect.serving_peer = false;
+                // The peer announces itself now; a late repeat from here would pull the MAC back.
+                st.announce_repeats.clear();
+            }
+            TunnelMsg::UplinkStatus(_, alive) => st.peer_status = Some((Instant::now(), alive)),
             TunnelMsg::FromVm(_, f) => {
                 if !st.c.redirect.serving_peer {
                     st.c.dropped.tunnel_unexpected += 1;
                     return;
                 }
-                if frame::check_len(f.len(), self.max_frame).is_err()
-                    || frame::src_mac(&f) != Some(mac)
-                {
+                let Ok(eth) = frame::check_packet(&f, f.len(), self.cfg.mtu) else {
+                    st.c.dropped.tunnel_garbage += 1;
+                    return;
+                };
+                if frame::src_mac(eth) != Some(mac) {
                     st.c.dropped.tunnel_garbage += 1;
                     return;
                 }
-                st.learn(&f);
+                st.learn(eth);
                 st.c.tunnel_in_frames += 1;
                 match self.uplink.send(&f) {
                     Ok(()) => {
                         st.c.to_uplink_frames += 1;
-                        st.c.to_uplink_bytes += f.len() as u64;
+                        st.c.to_uplink_bytes += wire_len(&f);
                     }
                     Err(_) => st.c.dropped.send_failed += 1,
                 }
@@ -674,10 +835,10 @@ impl Inner {
                     st.c.dropped.tunnel_unexpected += 1;
                     return;
                 }
-                let dst = frame::dst_mac(&f);
-                if frame::check_len(f.len(), self.max_frame).is_err()
-                    || !dst.is_some_and(|d| d == mac || d.is_group())
-                {
+                let dst = frame::check_packet(&f, f.len(), self.cfg.mtu)
+                    .ok()
+                    .and_then(frame::dst_mac);
+                if !dst.is_some_and(|d| d == mac || d.is_group()) {
                     st.c.dropped.tunnel_garbage += 1;
                     return;
                 }
@@ -685,7 +846,7 @@ impl Inner {
                 match self.vif.send(&f) {
                     Ok(()) => {
                         st.c.to_vm_frames += 1;
-                        st.c.to_vm_bytes += f.len() as u64;
+                        st.c.to_vm_bytes += wire_len(&f);
                     }
                     Err(_) => st.c.dropped.send_failed += 1,
                 }
@@ -716,7 +877,7 @@ impl Shim {
             ));
         }
         let open = |role: &'static str, ifname: &str| {
-            let s = PacketSocket::open(ifname).map_err(|source| ShimError::Open {
+            let s = PacketSocket::open_vnet(ifname).map_err(|source| ShimError::Open {
                 role,
                 ifname: ifname.to_string(),
                 source,
@@ -749,6 +910,7 @@ impl Shim {
             released_bytes: 0,
             to_uplink_frames: 0,
             to_uplink_bytes: 0,
+            from_uplink_frames: 0,
             to_vm_frames: 0,
             to_vm_bytes: 0,
             tunnel_out_frames: 0,
@@ -765,7 +927,6 @@ impl Shim {
             learned_ipv6: Vec::new(),
         };
         let inner = Arc::new(Inner {
-            max_frame: frame::max_frame_len(cfg.mtu),
             state: Mutex::new(State {
                 mode: cfg.mode,
                 vm_mac: cfg.vm_mac,
@@ -774,6 +935,8 @@ impl Shim {
                 early_hook: None,
                 v4: BTreeSet::new(),
                 v6: BTreeSet::new(),
+                peer_status: None,
+                announce_repeats: Vec::new(),
                 c,
             }),
             cfg,
@@ -878,7 +1041,7 @@ impl Shim {
         st.c.dropped.discarded += frames as u64;
         st.c.redirect.serving_peer = false;
         st.mode = mode;
-        let sent = self.inner.announce(&mut st);
+        let sent = self.inner.announce_and_repeat(&mut st);
         drop(st);
         self.inner.space.notify_all();
         tracing::warn!(announcements = sent, "took over the VM's network presence");
@@ -918,6 +1081,14 @@ impl Shim {
             .map(|a| IpAddr::V4(*a))
             .chain(st.v6.iter().map(|a| IpAddr::V6(*a)))
             .collect()
+    }
+
+    /// Overrides the redirect decision: `Some(true)` sends the VM's frames to the peer (the
+    /// agent knows the uplink is bad), `Some(false)` keeps them local, `None` returns to the
+    /// relay's own detection. Takes effect at the next uplink poll; a redirect still needs a
+    /// tunnel.
+    pub fn set_redirect(&self, forced: Option<bool>) {
+        self.inner.lock().c.redirect.forced = forced;
     }
 
     /// Sets the transport to the peer's shim for this VM (enables the uplink redirect).

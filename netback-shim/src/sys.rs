@@ -21,6 +21,8 @@ fn eth_p_all_be() -> u16 {
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 /// `PACKET_QDISC_BYPASS` (linux/if_packet.h): transmit straight to the driver.
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
+/// `PACKET_VNET_HDR` (linux/if_packet.h): every frame carries a `virtio_net_hdr` first.
+const PACKET_VNET_HDR: libc::c_int = 15;
 /// `PACKET_ADD_MEMBERSHIP` (linux/if_packet.h).
 const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 /// `PACKET_MR_PROMISC` (linux/if_packet.h).
@@ -86,6 +88,21 @@ impl PacketSocket {
     /// When the interface does not exist, the caller lacks `CAP_NET_RAW`, or a socket option is
     /// refused (`PACKET_IGNORE_OUTGOING` needs Linux 4.20).
     pub fn open(ifname: &str) -> io::Result<Self> {
+        Self::open_with(ifname, false)
+    }
+
+    /// Like [`PacketSocket::open`], but every frame received or sent is preceded by a 10-byte
+    /// `virtio_net_hdr` ([`crate::frame::VnetHdr`]): offloaded frames (partial checksum,
+    /// GSO super-frames) are then described instead of arriving half-finished, and the kernel
+    /// completes them on transmit.
+    ///
+    /// # Errors
+    /// As [`PacketSocket::open`].
+    pub fn open_vnet(ifname: &str) -> io::Result<Self> {
+        Self::open_with(ifname, true)
+    }
+
+    fn open_with(ifname: &str, vnet_hdr: bool) -> io::Result<Self> {
         if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -105,6 +122,9 @@ impl PacketSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
         setsockopt(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1_i32)?;
+        if vnet_hdr {
+            setsockopt(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &1_i32)?;
+        }
         let mreq = PacketMreq {
             mr_ifindex: ifindex,
             mr_type: PACKET_MR_PROMISC,

@@ -6,9 +6,14 @@
 //! byte 0: version (1)   byte 1: kind   bytes 2..8: VM MAC   bytes 8..: payload
 //! kind 1 RedirectStart  "my uplink is down, carry frames of this MAC for me" (no payload)
 //! kind 2 RedirectStop   "my uplink is back" (no payload)
-//! kind 3 FromVm         a frame the VM sent, for the peer's uplink
-//! kind 4 ToVm           a frame from the peer's uplink, for the VM
+//! kind 3 FromVm         a frame the VM sent, for the peer's uplink   (payload: virtio_net_hdr + frame)
+//! kind 4 ToVm           a frame from the peer's uplink, for the VM   (payload: virtio_net_hdr + frame)
+//! kind 5 UplinkStatus   one byte: 1 when the sender's uplink received frames recently, else 0
 //! ```
+//!
+//! Frames keep their `virtio_net_hdr` (see [`crate::frame::VnetHdr`]) so that offloaded frames
+//! (partial checksums, GSO super-frames) are completed by the kernel of the host that finally
+//! transmits them; the receiver checks them exactly as frames from its own sockets.
 //!
 //! The transport is a trait so the relay is tested with an in-memory pair; the A-link adapter
 //! implements it over `Channel::Net`.
@@ -33,6 +38,8 @@ pub enum TunnelMsg {
     FromVm(MacAddr, Bytes),
     /// A frame for the VM, received on the sender's uplink.
     ToVm(MacAddr, Bytes),
+    /// Whether the sender's uplink received frames recently (sent periodically).
+    UplinkStatus(MacAddr, bool),
 }
 
 /// A tunnel message that cannot be decoded.
@@ -66,6 +73,7 @@ impl TunnelMsg {
             TunnelMsg::RedirectStop(m) => (2, m, &[]),
             TunnelMsg::FromVm(m, f) => (3, m, f),
             TunnelMsg::ToVm(m, f) => (4, m, f),
+            TunnelMsg::UplinkStatus(m, alive) => (5, m, if *alive { &[1] } else { &[0] }),
         };
         let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
         b.put_u8(VERSION);
@@ -101,6 +109,11 @@ impl TunnelMsg {
             3 | 4 if payload.is_empty() => Err(bad_payload),
             3 => Ok(TunnelMsg::FromVm(mac, payload)),
             4 => Ok(TunnelMsg::ToVm(mac, payload)),
+            5 => match payload.as_ref() {
+                [0] => Ok(TunnelMsg::UplinkStatus(mac, false)),
+                [1] => Ok(TunnelMsg::UplinkStatus(mac, true)),
+                _ => Err(bad_payload),
+            },
             k => Err(TunnelDecodeError::Kind(k)),
         }
     }
@@ -177,6 +190,8 @@ mod tests {
             TunnelMsg::RedirectStop(M),
             TunnelMsg::FromVm(M, Bytes::from_static(b"0123456789abcdef")),
             TunnelMsg::ToVm(M, Bytes::from_static(b"fedcba9876543210")),
+            TunnelMsg::UplinkStatus(M, true),
+            TunnelMsg::UplinkStatus(M, false),
         ] {
             assert_eq!(TunnelMsg::decode(&msg.encode()), Ok(msg));
         }
@@ -202,6 +217,10 @@ mod tests {
         ));
         assert!(matches!(
             TunnelMsg::decode(&Bytes::from_static(&[1, 3, 0, 0, 0, 0, 0, 0])),
+            Err(TunnelDecodeError::Payload { .. })
+        ));
+        assert!(matches!(
+            TunnelMsg::decode(&Bytes::from_static(&[1, 5, 0, 0, 0, 0, 0, 0, 2])),
             Err(TunnelDecodeError::Payload { .. })
         ));
     }

@@ -164,7 +164,8 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
     line.static_neighbours()?;
     let mut cfg = shim_config();
     cfg.mode = Mode::Buffered;
-    cfg.buffer_limit = 20 * 1042; // room for twenty 1042-byte frames
+    // Room for twenty 1042-byte frames, each held with its 10-byte offload header.
+    cfg.buffer_limit = 20 * 1052;
     let shim = start_shim(&line.host, cfg)?;
     let (tx, rx) = std::sync::mpsc::channel();
     shim.set_early_checkpoint_hook(std::sync::Arc::new(move |epoch| {
@@ -184,7 +185,7 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
         == 1));
     let c = shim.counters();
     assert_eq!(c.held_frames_now, 20);
-    assert!(c.held_bytes_now <= 20 * 1042);
+    assert!(c.held_bytes_now <= 20 * 1052);
     assert_eq!(c.early_checkpoint_requests, 1);
     // The checkpoint engine checkpoints early: next epoch, commit the full one.
     shim.begin_epoch(2)?;
@@ -201,5 +202,131 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
         "none dropped, order kept"
     );
     assert_eq!(shim.counters().dropped, xenft_netback::Drops::default());
+    Ok(())
+}
+
+#[test]
+fn vm_mac_is_learnt_from_first_frame_and_other_sources_are_refused_as_spoofed() -> R<()> {
+    if !require_root("MAC learning") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    let mut cfg = shim_config();
+    cfg.vm_mac = None;
+    let shim = start_shim(&line.host, cfg)?;
+    let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
+    vm_send(&line, 0..3, 64)?;
+    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 3));
+    assert_eq!(shim.counters().vm_mac, Some(VM_MAC.to_string()));
+    // The VM forges frames from another MAC (raw socket inside the VM).
+    let forged = line.vm.spawn(|| -> std::io::Result<()> {
+        let s = xenft_netback::sys::PacketSocket::open("eth0")?;
+        let mut f = xenft_netback::frame::gratuitous_arp(
+            xenft_netback::frame::MacAddr([2, 0, 0, 0, 0, 0x66]),
+            CLIENT_IP,
+        );
+        f.resize(60, 0);
+        for _ in 0..4 {
+            s.send(&f)?;
+        }
+        Ok(())
+    })?;
+    forged.join().map_err(|_| "forger panicked")??;
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .dropped
+        .spoofed_source
+        == 4));
+    assert_eq!(shim.counters().to_uplink_frames, 3);
+    Ok(())
+}
+
+#[test]
+fn oversize_frames_from_the_network_never_reach_the_vm() -> R<()> {
+    if !require_root("inbound oversize") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    line.client.ip(&["link", "set", "eth0", "mtu", "9000"])?;
+    line.host.ip(&["link", "set", "up0", "mtu", "9000"])?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let got = line.vm.spawn(|| -> std::io::Result<Vec<usize>> {
+        let s = UdpSocket::bind((VM_IP, PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+        let mut sizes = Vec::new();
+        let mut buf = vec![0u8; 9000];
+        while let Ok(n) = s.recv(&mut buf) {
+            sizes.push(n);
+        }
+        Ok(sizes)
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    line.client
+        .spawn(|| -> std::io::Result<()> {
+            let s = UdpSocket::bind((CLIENT_IP, 0))?;
+            s.send_to(&[1u8; 5000], (VM_IP, PORT))?;
+            s.send_to(&[2u8; 500], (VM_IP, PORT))?;
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| "client panicked")??;
+    let sizes = got.join().map_err(|_| "receiver panicked")??;
+    assert_eq!(
+        sizes,
+        vec![500],
+        "only the frame within the MTU reached the VM"
+    );
+    assert_eq!(shim.counters().dropped.oversize, 1);
+    Ok(())
+}
+
+#[test]
+fn bulk_tcp_with_offloads_on_crosses_intact_as_super_frames() -> R<()> {
+    if !require_root("bulk TCP with offloads") {
+        return Ok(());
+    }
+    use std::io::{Read, Write};
+    const TOTAL: usize = 8 << 20;
+    let line = Line::new()?;
+    let shim = start_shim(&line.host, shim_config())?;
+    let listener = line
+        .client
+        .spawn(|| std::net::TcpListener::bind((CLIENT_IP, 9200)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut c, _) = listener.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut all = Vec::with_capacity(TOTAL);
+        c.read_to_end(&mut all)?;
+        Ok(all)
+    });
+    let pattern: Vec<u8> = (0..TOTAL)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    let sent = pattern.clone();
+    line.vm
+        .spawn(move || -> std::io::Result<()> {
+            let mut c = std::net::TcpStream::connect((CLIENT_IP, 9200))?;
+            c.write_all(&sent)
+        })?
+        .join()
+        .map_err(|_| "writer panicked")??;
+    let got = reader.join().map_err(|_| "reader panicked")??;
+    assert!(
+        got == pattern,
+        "{} bytes arrived, content intact: {}",
+        got.len(),
+        got == pattern
+    );
+    let c = shim.counters();
+    assert!(
+        c.from_vm_bytes / c.from_vm_frames.max(1) > 1514,
+        "offloaded super-frames crossed whole (average {} bytes)",
+        c.from_vm_bytes / c.from_vm_frames.max(1)
+    );
+    assert_eq!(c.dropped, xenft_netback::Drops::default());
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
 use xenft_netback::alink_tunnel::attach;
-use xenft_netback::tunnel::memory_pair;
+use xenft_netback::tunnel::{memory_pair, TunnelMsg};
 use xenft_netback::{Mode, Shim};
 use xenft_tests::netns::require_root;
 
@@ -100,6 +100,229 @@ fn open_tcp_connection_survives_uplink_loss_over_the_alink() -> R<()> {
     la.shutdown();
     lb.shutdown();
     result
+}
+
+#[test]
+fn silent_uplink_with_carrier_is_detected_and_redirected_while_the_peer_sees_the_network() -> R<()>
+{
+    if !require_root("silent uplink redirect") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let mut cfg = shim_config();
+    cfg.silence_timeout = Some(Duration::from_millis(300));
+    let primary = Arc::new(start_shim(&pool.host_a, cfg)?);
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
+    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+    primary.set_tunnel(Arc::new(a_tx));
+    secondary.set_tunnel(Arc::new(b_tx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = vec![
+        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
+        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
+    ];
+    // The rest of the LAN: a broadcast every 100 ms, as any network has.
+    let stop2 = Arc::clone(&stop);
+    threads.push(pool.client.spawn(move || {
+        let Ok(s) = std::net::UdpSocket::bind((CLIENT_IP, 0)) else {
+            return;
+        };
+        let _ = s.set_broadcast(true);
+        while !stop2.load(Ordering::Relaxed) {
+            let _ = s.send_to(b"lan chatter", ("10.77.0.255", 9999));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })?);
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let result = (|| -> R<()> {
+        let mut conn = pool
+            .vm_a
+            .spawn(|| {
+                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
+            })?
+            .join()
+            .map_err(|_| "connect panicked")??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        for round in 0..5 {
+            exchange(&mut conn, round)?;
+        }
+        // The switch port stays up (carrier on) but no longer forwards anything.
+        pool.sw.ip(&["link", "set", "pa", "nomaster"])?;
+        for round in 5..25 {
+            exchange(&mut conn, round)?;
+        }
+        let c = primary.counters();
+        assert!(c.redirect.uplink_up, "carrier never went away");
+        assert!(c.redirect.redirecting, "{:?}", c.redirect);
+        assert_eq!(
+            c.redirect.reason,
+            Some(xenft_netback::RedirectReason::Silence)
+        );
+        pool.sw.ip(&["link", "set", "pa", "master", "br0"])?;
+        assert!(
+            wait_until(Duration::from_secs(3), || !primary
+                .counters()
+                .redirect
+                .redirecting),
+            "frames arriving again end the redirect"
+        );
+        for round in 25..30 {
+            exchange(&mut conn, round)?;
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let served = server.join().map_err(|_| "server panicked")?;
+    result?;
+    served?;
+    Ok(())
+}
+
+/// Kills the child on drop, so a failing test leaves no relay running.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Control-socket view of a relay run as the binary.
+fn counters(sock: &std::path::Path) -> R<xenft_netback::Counters> {
+    let mut conn = std::io::BufReader::new(std::os::unix::net::UnixStream::connect(sock)?);
+    let reply =
+        xenft_netback::control::request(&mut conn, &xenft_netback::control::Request::Counters)?;
+    Ok(*reply.counters.ok_or("no counters in reply")?)
+}
+
+#[test]
+fn binaries_joined_by_an_alink_between_the_hosts_carry_a_tcp_connection_over_an_uplink_cut() -> R<()>
+{
+    if !require_root("binary redirect over the A-link") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    // The hosts' private link: its own veth pair, separate from the switched network.
+    xenft_tests::netns::veth(
+        &pool.host_a,
+        "al0",
+        "10.99.0.1/24",
+        &pool.host_b,
+        "al0",
+        "10.99.0.2/24",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"netback test pool secret, 32 by")?;
+    let run = |ns: &xenft_tests::netns::Netns, me: &str, peer: &str, path: &str, mode: &str| {
+        let sock = dir.path().join(format!("{me}.sock"));
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_xenft-netback"))
+            .args([
+                "--vif",
+                "vif0",
+                "--uplink",
+                "up0",
+                "--mac",
+                &VM_MAC.to_string(),
+            ])
+            .args(["--mode", mode, "--alink-host", me, "--alink-peer", peer])
+            .arg("--alink-secret-file")
+            .arg(&secret)
+            .args(["--alink-path", path])
+            .arg("--control")
+            .arg(&sock)
+            .spawn()
+            .map(Child);
+        (sock, child)
+    };
+    let (sock_a, a) = run(
+        &pool.host_a,
+        "host-a",
+        "host-b",
+        "10.99.0.1:7020=10.99.0.2:7020",
+        "passthrough",
+    );
+    let _a = a?;
+    let (sock_b, b) = run(
+        &pool.host_b,
+        "host-b",
+        "host-a",
+        "10.99.0.2:7020=10.99.0.1:7020",
+        "standby",
+    );
+    let _b = b?;
+    assert!(wait_until(Duration::from_secs(5), || sock_a.exists()
+        && sock_b.exists()));
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let mut conn = pool
+        .vm_a
+        .spawn(|| TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5)))?
+        .join()
+        .map_err(|_| "connect panicked")??;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    for round in 0..5 {
+        exchange(&mut conn, round)?;
+    }
+    pool.sw.ip(&["link", "set", "pa", "down"])?;
+    assert!(
+        wait_until(Duration::from_secs(3), || counters(&sock_a)
+            .is_ok_and(|c| c.redirect.redirecting)),
+        "the primary binary redirects"
+    );
+    for round in 5..25 {
+        exchange(&mut conn, round)?;
+    }
+    let (ca, cb) = (counters(&sock_a)?, counters(&sock_b)?);
+    assert!(
+        ca.tunnel_out_frames >= 20 && ca.tunnel_in_frames >= 20,
+        "{ca:?}"
+    );
+    assert!(cb.redirect.serving_peer, "{cb:?}");
+    pool.sw.ip(&["link", "set", "pa", "up"])?;
+    assert!(wait_until(Duration::from_secs(3), || counters(&sock_a)
+        .is_ok_and(|c| !c.redirect.redirecting)));
+    for round in 25..30 {
+        exchange(&mut conn, round)?;
+    }
+    drop(conn);
+    server.join().map_err(|_| "server panicked")??;
+    Ok(())
 }
 
 /// The scenario: a TCP connection from the VM to the client, the primary's switch port goes
@@ -205,9 +428,9 @@ fn garbage_on_the_tunnel_is_dropped_and_counted() -> R<()> {
     for msg in [
         Bytes::from_static(b""),
         Bytes::from_static(b"garbage!garbage!"),
-        xenft_netback::tunnel::TunnelMsg::RedirectStart(other).encode(),
+        TunnelMsg::RedirectStart(other).encode(),
         // A frame for the VM while no redirect is active: unexpected, not delivered.
-        xenft_netback::tunnel::TunnelMsg::ToVm(VM_MAC, Bytes::from(vec![0u8; 60])).encode(),
+        TunnelMsg::ToVm(VM_MAC, Bytes::from(vec![0u8; 60])).encode(),
     ] {
         shim.on_tunnel_message(&msg);
     }
@@ -254,5 +477,113 @@ fn garbage_from_the_peer_on_the_alink_net_channel_is_dropped_and_counted() -> R<
     drop(att);
     la.shutdown();
     lb.shutdown();
+    Ok(())
+}
+
+#[test]
+fn serving_side_stops_announcing_the_mac_once_the_peer_returns() -> R<()> {
+    if !require_root("announcement repeats") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let shim = start_shim(&line.host, cfg)?;
+    let (tx, _peer_inbox, _unused_tx, _unused_inbox) = memory_pair(64);
+    shim.set_tunnel(Arc::new(tx));
+    shim.on_tunnel_message(&TunnelMsg::RedirectStart(VM_MAC).encode());
+    assert!(shim.counters().redirect.serving_peer);
+    assert_eq!(
+        shim.counters().announcements_sent,
+        1,
+        "relearn frame (no address known)"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    shim.on_tunnel_message(&TunnelMsg::RedirectStop(VM_MAC).encode());
+    // Past every scheduled repeat: a late one would pull the MAC away from the returned peer.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(shim.counters().announcements_sent, 1);
+    Ok(())
+}
+
+#[test]
+fn agent_can_force_the_redirect_on_and_off_without_losing_the_connection() -> R<()> {
+    if !require_root("forced redirect") {
+        return Ok(());
+    }
+    let pool = Pool::new()?;
+    let (primary, secondary) = shims(&pool)?;
+    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+    primary.set_tunnel(Arc::new(a_tx));
+    secondary.set_tunnel(Arc::new(b_tx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pumps = [
+        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
+        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
+    ];
+    let listener = pool
+        .client
+        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let result = (|| -> R<()> {
+        let mut conn = pool
+            .vm_a
+            .spawn(|| {
+                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
+            })?
+            .join()
+            .map_err(|_| "connect panicked")??;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        exchange(&mut conn, 0)?;
+        primary.set_redirect(Some(true));
+        assert!(wait_until(Duration::from_secs(2), || primary
+            .counters()
+            .redirect
+            .redirecting));
+        assert_eq!(
+            primary.counters().redirect.reason,
+            Some(xenft_netback::RedirectReason::Forced)
+        );
+        for round in 1..10 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
+        assert!(primary.counters().tunnel_out_frames >= 9);
+        primary.set_redirect(Some(false));
+        assert!(wait_until(Duration::from_secs(2), || !primary
+            .counters()
+            .redirect
+            .redirecting));
+        for round in 10..15 {
+            exchange(&mut conn, round)?;
+        }
+        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+        primary.set_redirect(None);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !primary.counters().redirect.redirecting,
+            "healthy uplink: stays local"
+        );
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for p in pumps {
+        let _ = p.join();
+    }
+    let served = server.join().map_err(|_| "server panicked")?;
+    result?;
+    served?;
     Ok(())
 }

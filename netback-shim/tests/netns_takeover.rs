@@ -185,3 +185,81 @@ fn secondary_takes_over_same_mac_and_ip_when_primary_shim_is_killed() -> R<()> {
     }
     result
 }
+
+#[test]
+fn takeover_announcements_repoint_client_arp_and_ndp_entries_to_the_vm_mac() -> R<()> {
+    if !require_root("takeover announcements") {
+        return Ok(());
+    }
+    let line = common::Line::new()?;
+    // IPv6 on the client only (the Line topology starts with it off everywhere).
+    common::sh(
+        &line.client,
+        "sysctl",
+        &["-qw", "net.ipv6.conf.all.disable_ipv6=0"],
+    )?;
+    common::sh(
+        &line.client,
+        "sysctl",
+        &["-qw", "net.ipv6.conf.eth0.disable_ipv6=0"],
+    )?;
+    line.client
+        .ip(&["-6", "addr", "add", "fd00::1/64", "dev", "eth0", "nodad"])?;
+    // Stale entries pointing at the old location's MAC.
+    let stale = "02:00:00:00:00:99";
+    line.client.ip(&[
+        "neigh",
+        "replace",
+        &VM_IP.to_string(),
+        "lladdr",
+        stale,
+        "dev",
+        "eth0",
+        "nud",
+        "stale",
+    ])?;
+    line.client.ip(&[
+        "-6", "neigh", "replace", "fd00::2", "lladdr", stale, "dev", "eth0", "nud", "stale",
+    ])?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Standby;
+    let shim = start_shim(&line.host, cfg)?;
+    shim.add_addresses(&[
+        VM_IP.into(),
+        "fd00::2".parse::<std::net::Ipv6Addr>()?.into(),
+    ]);
+    assert_eq!(
+        shim.takeover(Mode::Passthrough),
+        3,
+        "GARP, NA, relearn frame"
+    );
+    let mac = VM_MAC.to_string();
+    let show = |args: &[&str]| common::sh(&line.client, "ip", args).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(1), || show(&[
+            "neigh",
+            "show",
+            &VM_IP.to_string()
+        ])
+        .contains(&mac)),
+        "ARP entry: {}",
+        show(&["neigh", "show", &VM_IP.to_string()])
+    );
+    assert!(
+        wait_until(Duration::from_secs(1), || show(&[
+            "-6", "neigh", "show", "fd00::2"
+        ])
+        .contains(&mac)),
+        "NDP entry: {}",
+        show(&["-6", "neigh", "show", "fd00::2"])
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || shim
+            .counters()
+            .announcements_sent
+            == 9),
+        "the announcement is repeated twice: {}",
+        shim.counters().announcements_sent
+    );
+    Ok(())
+}
