@@ -33,7 +33,10 @@ pub const HEADER_LEN: usize = 20;
 pub const MAC_LEN: usize = 32;
 /// Largest payload of one Data frame; larger messages are split into fragments. Data frames
 /// only travel on authenticated connections (the handshake accepts control-sized frames only).
-pub const MAX_FRAGMENT: usize = 1024 * 1024;
+///
+/// It is 1 MiB plus 4 KiB, so that a 1 MiB payload with an application header (a disk write
+/// and its offset, a checkpoint page run) still travels as one frame, with no reassembly copy.
+pub const MAX_FRAGMENT: usize = 1024 * 1024 + 4096;
 /// Largest payload of a link-internal frame (handshake, acks, heartbeats).
 pub const MAX_CONTROL_PAYLOAD: usize = 1024;
 /// Flag: this Data fragment is followed by another of the same message.

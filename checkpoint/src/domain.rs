@@ -20,6 +20,9 @@ pub enum DomainError {
     /// The Xen control libraries could not be loaded.
     #[error("libxenctrl not found: this host has no Xen ({0})")]
     XenUnavailable(String),
+    /// The Xen libraries are installed but the host does not run on the Xen hypervisor.
+    #[error("this host has no Xen: {0}")]
+    NotOnXen(String),
     /// A Xen library call failed.
     #[error("Xen call {call} failed for domain {domid}: {source}")]
     XenCall {

@@ -197,8 +197,7 @@ fn xen_backend_on_a_host_without_xen_says_so() {
         Ok(_) => panic!("this test host has no Xen"),
         Err(e) => e.to_string(),
     };
-    assert!(
-        err.starts_with("libxenctrl not found: this host has no Xen"),
-        "{err}"
-    );
+    // Without the libraries: "libxenctrl not found: ..."; with Debian's Xen tools installed
+    // but no hypervisor (as after `apt-get install xen-utils`): "this host has no Xen: ...".
+    assert!(err.contains("this host has no Xen"), "{err}");
 }

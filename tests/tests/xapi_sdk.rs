@@ -275,3 +275,32 @@ print(json.dumps({"vm": vm, "level": oc["xenft.level"], "secondary": sec["name_l
     assert_eq!(r["level"], "2");
     assert_eq!(r["secondary"], "host2");
 }
+
+#[test]
+fn sdk_over_the_unix_socket_like_xapi_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xapi");
+    let path = sock.to_str().unwrap().to_string();
+    assert!(
+        !path.contains('_'),
+        "the SDK spells the socket path with '_' for '/'"
+    );
+    let srv = FakeXapi::start(FakeXapiConfig {
+        unix_socket: Some(sock),
+        ..Default::default()
+    })
+    .unwrap();
+    srv.add_host("host1", "10.0.0.1", GIB);
+    let r = run_sdk(
+        &srv,
+        &format!(
+            r#"
+s = XenAPI.Session("http://{}/", transport=XenAPI.UDSTransport())
+s.xenapi.login_with_password(user, pw, "1.0", "t")
+print(json.dumps({{"hosts": [h["name_label"] for h in s.xenapi.host.get_all_records().values()]}}))
+"#,
+            path.replace('/', "_")
+        ),
+    );
+    assert_eq!(r["hosts"], serde_json::json!(["host1"]));
+}

@@ -216,3 +216,28 @@ async fn run_stops_on_shutdown() {
         .await
         .expect("watcher stops promptly");
 }
+
+#[tokio::test]
+async fn watcher_survives_session_expiry() {
+    let (srv, vm, uuid) = setup(16 * GIB);
+    let api = api(&srv);
+    let mut w = CustomFieldWatcher::new();
+    w.step(&api, Duration::ZERO).await.unwrap();
+    srv.expire_sessions();
+    srv.set_map_key(
+        &vm,
+        "other_config",
+        &value_key(FIELD_SECONDARY),
+        Some("host2"),
+    );
+    srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), Some("2"));
+    let a = next_actions(&mut w, &api).await;
+    assert_eq!(
+        a,
+        vec![Action::Protected {
+            vm: uuid,
+            level: Level::Component
+        }]
+    );
+    assert_eq!(srv.calls("session.login_with_password"), 2);
+}

@@ -132,14 +132,19 @@ async fn read_frame(
             max: max_len,
         }));
     }
-    let mut body = BytesMut::zeroed(header.len + MAC_LEN);
-    stream.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ReadError::Frame(FrameError::Truncated(header.len + MAC_LEN))
-        } else {
-            ReadError::Io(e)
+    // Read straight into spare capacity: no zeroing of a fragment we are about to overwrite.
+    let want = header.len + MAC_LEN;
+    let mut body = BytesMut::with_capacity(want);
+    while body.len() < want {
+        let mut limited = (&mut *stream).take((want - body.len()) as u64);
+        match limited.read_buf(&mut body).await {
+            Ok(0) => {
+                return Err(ReadError::Frame(FrameError::Truncated(want - body.len())));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
         }
-    })?;
+    }
     let tag = body.split_off(header.len);
     if !frame::verify(key, &h, &body, &tag) {
         return Err(ReadError::Frame(FrameError::BadMac));
@@ -343,6 +348,7 @@ async fn read_loop(
     loop {
         match read_frame(&mut rd, key, MAX_FRAGMENT).await {
             Ok(f) => {
+                let large = f.payload.len() > 64 * 1024;
                 bump(&sh.counters.frames_received, 1);
                 bump(
                     &sh.counters.bytes_received,
@@ -350,6 +356,9 @@ async fn read_loop(
                 );
                 if let Err(e) = sh.on_frame(conn, generation, f) {
                     return e.to_string();
+                }
+                if large {
+                    tokio::task::yield_now().await;
                 }
             }
             Err(ReadError::Frame(e)) => {
@@ -431,6 +440,11 @@ async fn write_loop(
             return format!("write: {e}");
         }
         bump(&sh.counters.frames_sent, 1);
+        if f.payload.len() > 64 * 1024 {
+            // MAC'ing a large fragment holds this worker for a while: let urgent-lane tasks
+            // (heartbeats, acks) run before the next one instead of after a whole budget.
+            tokio::task::yield_now().await;
+        }
         bump(
             &sh.counters.bytes_sent,
             (HEADER_LEN + f.payload.len() + MAC_LEN) as u64,

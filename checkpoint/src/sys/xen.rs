@@ -142,6 +142,19 @@ impl XenCtrl {
     pub fn open() -> Result<Self, DomainError> {
         let ctrl = load(&["libxenctrl.so.4.17", "libxenctrl.so"])?;
         let fmem = load(&["libxenforeignmemory.so.1", "libxenforeignmemory.so"])?;
+        // Xen's tools libraries can be installed on any Debian machine; only a dom0 (or a
+        // privileged domU) has the privcmd device they need. Say so plainly instead of
+        // letting xc_interface_open print its own error and fail with ENOENT.
+        if !["/dev/xen/privcmd", "/proc/xen/privcmd"]
+            .iter()
+            .any(|p| std::path::Path::new(p).exists())
+        {
+            return Err(DomainError::NotOnXen(
+                "the Xen libraries are installed but /dev/xen/privcmd is missing \
+                 (not running under the Xen hypervisor)"
+                    .into(),
+            ));
+        }
         let open: OpenFn = sym!(ctrl, "xc_interface_open", OpenFn);
         let fm_open: FmOpenFn = sym!(fmem, "xenforeignmemory_open", FmOpenFn);
         let fns = Fns {
