@@ -34,10 +34,12 @@
 //! - [`client`]: the client load generator.
 //! - [`pool`]: `up` / `down` / `status`.
 //! - [`drill`]: the fire drill and its report.
+//! - [`compat`]: what this machine supports per level (Xen and local pool), and why.
 //! - [`console`]: the availability console (HTML + server-sent events) served by each node.
 //! - [`demo`]: up, a series of drills, a summary table, down.
 
 pub mod client;
+pub mod compat;
 pub mod console;
 pub mod demo;
 pub mod drill;

@@ -66,3 +66,38 @@ fn lab_commands_refuse_clearly_without_a_pool() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown fault"));
 }
+
+#[test]
+fn compat_says_why_xen_levels_are_unsupported_on_a_host_without_xen() {
+    build_binaries();
+    let out = Command::new(target_dir().join("xenft-lab"))
+        .args(["compat", "--json"])
+        .output()
+        .expect("run xenft-lab compat");
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("compat JSON");
+    let xen = r["facts"]
+        .as_array()
+        .and_then(|f| f.iter().find(|x| x["name"] == "xen"))
+        .expect("xen fact")
+        .clone();
+    if std::path::Path::new("/dev/xen/privcmd").exists() {
+        eprintln!("SKIP: this host has Xen");
+        return;
+    }
+    assert_eq!(xen["ok"], false, "{xen}");
+    for l in r["levels"].as_array().expect("levels") {
+        if l["platform"] == "xen" {
+            assert_eq!(l["supported"], false, "{l}");
+            assert!(l["why"].as_str().unwrap_or("").contains("no Xen"), "{l}");
+        }
+    }
+    let local3 = r["levels"]
+        .as_array()
+        .and_then(|v| {
+            v.iter()
+                .find(|l| l["platform"] == "local pool" && l["level"] == 3)
+        })
+        .expect("local level 3");
+    assert!(local3["why"].as_str().unwrap_or("").contains("userfaultfd"));
+}

@@ -75,6 +75,12 @@ enum Cmd {
     Down,
     /// Show the pool.
     Status,
+    /// What this machine supports per protection level (Xen and local pool), and why.
+    Compat {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inject a fault and report: fault=host|alink|alinks|disk (local pool only).
     Drill {
         /// `fault=KIND` or `KIND`.
@@ -173,6 +179,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("lab down");
         }
         Cmd::Status => print!("{}", pool::status(&dir)?),
+        Cmd::Compat { json } => {
+            let r = xenft_lab::compat::check(&dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{r}");
+            }
+        }
         Cmd::Drill {
             fault,
             hold_ms,
