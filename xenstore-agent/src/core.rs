@@ -1417,7 +1417,10 @@ impl HostCore {
                 let Some(why) = self.wants_restart(v) else {
                     return;
                 };
-                if self.cfg.quorum_servers > 0 && !self.all_grants(v) {
+                // With the peer's confirmation and promise this host holds the same authority
+                // a running primary keeps running on; a silent peer needs every grant.
+                let confirmed = !self.peer_of(v).is_some_and(|p| p.silent);
+                if self.cfg.quorum_servers > 0 && !confirmed && !self.all_grants(v) {
                     return;
                 }
                 let why = why.to_string();

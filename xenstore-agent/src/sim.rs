@@ -735,7 +735,11 @@ impl Sim {
                 .and_then(|c| c.records().into_iter().find(|r| r.vm == vm));
             let void = if !self.hosts[peer].alive {
                 Some("peer dead too".to_string())
-            } else if !peer_rec.as_ref().is_some_and(|r| r.consistent) {
+            } else if !peer_rec.as_ref().is_some_and(|r| r.consistent)
+                || self.syncs.contains_key(&vm)
+            {
+                // A resync in flight makes the replica inconsistent (the notice may still be
+                // on its way to the peer).
                 Some("peer replica not consistent".to_string())
             } else {
                 None
@@ -850,10 +854,19 @@ impl Sim {
             match (e.void, e.back_at) {
                 (Some(_), _) => {}
                 (None, Some(t)) => self.report.failover_latencies_ms.push(t - e.killed_at),
-                (None, None) => self.report.missed_failovers.push(format!(
-                    "t={} {} died at t={} and {} never took {} over",
-                    now, self.hosts[e.dead].name, e.killed_at, self.hosts[e.peer].name, e.vm
-                )),
+                (None, None) => {
+                    let recent: Vec<String> =
+                        self.tail.iter().rev().take(40).rev().cloned().collect();
+                    self.report.missed_failovers.push(format!(
+                        "t={} {} died at t={} and {} never took {} over; recent:\n      {}",
+                        now,
+                        self.hosts[e.dead].name,
+                        e.killed_at,
+                        self.hosts[e.peer].name,
+                        e.vm,
+                        recent.join("\n      ")
+                    ));
+                }
             }
         }
     }

@@ -175,10 +175,13 @@ fn two_host_pool_of_real_processes_survives_200_random_faults() {
                 let s = latest.lock().unwrap().clone();
                 let victim_runs = s[h].as_ref().is_some_and(VmState::running);
                 let peer = 1 - h;
+                // Both sides must agree the VM is protected (no resync in flight) and the
+                // replica must be consistent.
                 let peer_ready = pool.alive(peer)
+                    && s[h].as_ref().is_some_and(|x| x.phase == "protected")
                     && s[peer]
                         .as_ref()
-                        .is_some_and(|x| x.phase == "protected" && !x.running())
+                        .is_some_and(|x| x.phase == "protected" && x.consistent && !x.running())
                     && !n.down[peer].contains(&"mgmt")
                     && !n.down[peer].contains(&"q");
                 pool.kill_agent(h);

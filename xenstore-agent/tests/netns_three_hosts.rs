@@ -470,7 +470,13 @@ fn three_host_pool_survives_200_random_faults() {
                             && v[other]
                                 .as_ref()
                                 .and_then(|m| m.get(&format!("vm{}", k + 1)))
-                                .is_some_and(|s| s.phase == "protected" && !s.running());
+                                .is_some_and(|s| {
+                                    s.phase == "protected" && s.consistent && !s.running()
+                                })
+                            && v[a]
+                                .as_ref()
+                                .and_then(|m| m.get(&format!("vm{}", k + 1)))
+                                .is_some_and(|s| s.phase == "protected");
                         ok.then_some((k, other))
                     })
                     .collect();

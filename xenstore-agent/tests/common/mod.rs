@@ -24,6 +24,8 @@ pub struct VmState {
     pub local: String,
     pub phase: String,
     pub primary: String,
+    /// The replica is consistent (a take-over from it is allowed).
+    pub consistent: bool,
 }
 
 impl VmState {
@@ -234,6 +236,7 @@ pub fn status_all_by_name(name: &str) -> Option<std::collections::BTreeMap<Strin
                         local: f(&vm["local"]),
                         phase: f(&vm["record"]["phase"]),
                         primary: f(&vm["record"]["primary"]),
+                        consistent: vm["record"]["consistent"].as_bool().unwrap_or(false),
                     },
                 )
             })
@@ -248,5 +251,6 @@ fn reduce(v: &Value) -> Option<VmState> {
         local: f(&vm["local"]),
         phase: f(&vm["record"]["phase"]),
         primary: f(&vm["record"]["primary"]),
+        consistent: vm["record"]["consistent"].as_bool().unwrap_or(false),
     })
 }
