@@ -13,6 +13,7 @@
 //! - [`xapi_server::FakeXapi`]: a XenAPI test server with xapi's semantics (also run as the
 //!   `xenft-fake-xapi` binary), checked against the official Python SDK in `tests/xapi_sdk.rs`.
 
+pub mod alink_hosts;
 pub mod lab;
 pub mod netns;
 pub mod xapi_server;

@@ -1,21 +1,14 @@
 //! Two hosts in two network namespaces joined by two veth pairs. Privileged: needs root to
 //! create namespaces (skips with a message otherwise). Cleans up through `Netns`'s Drop.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use xenft_alink::testing::TEST_SECRET;
-use xenft_alink::{Channel, Link, LinkConfig, PathConfig};
-use xenft_tests::netns::{require_root, veth, Netns};
+use xenft_alink::{Channel, Link};
+use xenft_tests::alink_hosts::two_hosts;
+use xenft_tests::netns::require_root;
 
 const N: u64 = 100_000;
-const PORT: u16 = 7010;
-
-fn addr(s: &str) -> SocketAddr {
-    format!("{s}:{PORT}").parse().unwrap()
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -28,35 +21,9 @@ fn cutting_one_veth_mid_stream_delivers_every_message_once_in_order() {
     if !require_root("cutting_one_veth_mid_stream_delivers_every_message_once_in_order") {
         return;
     }
-    let h1 = Netns::new().unwrap();
-    let h2 = Netns::new().unwrap();
-    veth(&h1, "al1", "10.91.1.1/24", &h2, "al1", "10.91.1.2/24").unwrap();
-    veth(&h1, "al2", "10.91.2.1/24", &h2, "al2", "10.91.2.2/24").unwrap();
-
-    let paths = |me: [&str; 2], peer: [&str; 2]| {
-        vec![
-            PathConfig {
-                local: addr(me[0]),
-                peer: addr(peer[0]),
-            },
-            PathConfig {
-                local: addr(me[1]),
-                peer: addr(peer[1]),
-            },
-        ]
-    };
-    let c1 = LinkConfig::new(
-        "host1",
-        "host2",
-        TEST_SECRET,
-        paths(["10.91.1.1", "10.91.2.1"], ["10.91.1.2", "10.91.2.2"]),
-    );
-    let c2 = LinkConfig::new(
-        "host2",
-        "host1",
-        TEST_SECRET,
-        paths(["10.91.1.2", "10.91.2.2"], ["10.91.1.1", "10.91.2.1"]),
-    );
+    let hosts = two_hosts(91, "al", 7010).unwrap();
+    let (h1, h2, c1, c2) = (hosts.h1, hosts.h2, hosts.c1, hosts.c2);
+    let cables = hosts.devs;
 
     // host2 receives and checks, then keeps its link up until host1 is done.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -97,7 +64,7 @@ fn cutting_one_veth_mid_stream_delivers_every_message_once_in_order() {
                     "both paths up"
                 );
                 let active = link.status().active_path.unwrap();
-                let cut_dev = if active == 0 { "al1" } else { "al2" };
+                let cut_dev = cables[active].as_str();
                 for i in 0..N {
                     if i == N / 2 {
                         // Cut the cable that carries the stream, from the peer's side.

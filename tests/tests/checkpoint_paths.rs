@@ -1,27 +1,22 @@
 //! Level-3 checkpointing between two hosts (network namespaces) over a two-path A-link, with
 //! the path carrying the stream cut mid-run. Privileged: needs root (skips otherwise).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenft_alink::testing::TEST_SECRET;
-use xenft_alink::{Link, LinkConfig, PathConfig};
+use xenft_alink::Link;
 use xenft_checkpoint::domain::{Domain, DomainError, VcpuContext};
 use xenft_checkpoint::engine::commit::RecordingSink;
 use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, Phase, PrimaryConfig};
 use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig};
 use xenft_checkpoint::testing::MemoryDomain;
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
-use xenft_tests::netns::{require_root, veth, Netns};
+use xenft_tests::alink_hosts::two_hosts;
+use xenft_tests::netns::require_root;
 
 const PORT: u16 = 7030;
 const PAGES: usize = 2048;
 const CHECKPOINTS: u64 = 200;
-
-fn addr(s: &str) -> SocketAddr {
-    format!("{s}:{PORT}").parse().unwrap()
-}
 
 /// A domain made of memory whose "guest" runs the synthetic workload while resumed: each
 /// resume performs a burst of the workload's writes, and its state is the vCPU context.
@@ -82,34 +77,9 @@ fn checkpoints_survive_cutting_the_active_alink_path() {
     if !require_root("checkpoints_survive_cutting_the_active_alink_path") {
         return;
     }
-    let h1 = Netns::new().unwrap();
-    let h2 = Netns::new().unwrap();
-    veth(&h1, "ck1", "10.93.1.1/24", &h2, "ck1", "10.93.1.2/24").unwrap();
-    veth(&h1, "ck2", "10.93.2.1/24", &h2, "ck2", "10.93.2.2/24").unwrap();
-    let paths = |me: [&str; 2], peer: [&str; 2]| {
-        vec![
-            PathConfig {
-                local: addr(me[0]),
-                peer: addr(peer[0]),
-            },
-            PathConfig {
-                local: addr(me[1]),
-                peer: addr(peer[1]),
-            },
-        ]
-    };
-    let c1 = LinkConfig::new(
-        "host1",
-        "host2",
-        TEST_SECRET,
-        paths(["10.93.1.1", "10.93.2.1"], ["10.93.1.2", "10.93.2.2"]),
-    );
-    let c2 = LinkConfig::new(
-        "host2",
-        "host1",
-        TEST_SECRET,
-        paths(["10.93.1.2", "10.93.2.2"], ["10.93.1.1", "10.93.2.1"]),
-    );
+    let hosts = two_hosts(93, "ck", PORT).unwrap();
+    let (h1, h2, c1, c2) = (hosts.h1, hosts.h2, hosts.c1, hosts.c2);
+    let cables = hosts.devs;
 
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let secondary = h2
@@ -169,7 +139,7 @@ fn checkpoints_survive_cutting_the_active_alink_path() {
                 std::thread::sleep(Duration::from_millis(2));
             }
             let active = link.status().active_path.unwrap_or(0);
-            let dev = if active == 0 { "ck1" } else { "ck2" };
+            let dev = cables[active].as_str();
             xenft_tests::netns::run("ip", &["-n", &h2_name, "link", "set", dev, "down"]).unwrap();
             let deadline = std::time::Instant::now() + Duration::from_secs(40);
             while !p.is_finished() && std::time::Instant::now() < deadline {
