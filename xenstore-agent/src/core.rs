@@ -332,11 +332,36 @@ struct PeerState {
     reports: BTreeMap<VmId, VmReport>,
 }
 
+/// A decision to log: class, path, reason.
+type Noted = (FaultClass, Option<PathId>, String);
+
 impl PeerState {
     fn alink_up(&self) -> bool {
         self.paths
             .iter()
             .any(|(p, s)| matches!(p, PathId::Alink(_)) && s.up)
+    }
+
+    /// Records that `path` (a configured path) was heard at `now`; notes a path coming up
+    /// (described by `how`) and the peer coming back.
+    fn heard(&mut self, path: PathId, now: Millis, how: impl FnOnce() -> String) -> Vec<Noted> {
+        let mut events = Vec::new();
+        if let Some(pst) = self.paths.get_mut(&path) {
+            pst.last = now;
+            if !pst.up {
+                pst.up = true;
+                events.push((FaultClass::PathUp, Some(path), how()));
+            }
+        }
+        self.last_any = now;
+        if self.silent {
+            self.silent = false;
+            events.push((FaultClass::PeerBack, None, "peer heard again".to_string()));
+        }
+        if self.alinks_down_reported && self.alink_up() {
+            self.alinks_down_reported = false;
+        }
+        events
     }
 }
 
@@ -783,7 +808,7 @@ impl HostCore {
             return;
         }
         let now = self.now;
-        let mut events: Vec<(FaultClass, Option<PathId>, String)> = Vec::new();
+        let mut events: Vec<Noted> = Vec::new();
         if ps.incarnation != Some(hb.incarnation) {
             if ps.incarnation.is_some_and(|i| hb.incarnation < i) {
                 return; // a stale heartbeat of an old incarnation
@@ -809,23 +834,7 @@ impl HostCore {
         }
         pst.last_seq = Some(hb.seq);
         let newest = ps.max_seq.is_none_or(|m| hb.seq >= m);
-        pst.last = now;
-        if !pst.up {
-            pst.up = true;
-            events.push((
-                FaultClass::PathUp,
-                Some(path),
-                format!("heartbeat heard on {path}"),
-            ));
-        }
-        ps.last_any = now;
-        if ps.silent {
-            ps.silent = false;
-            events.push((FaultClass::PeerBack, None, "peer heard again".into()));
-        }
-        if ps.alinks_down_reported && ps.alink_up() {
-            ps.alinks_down_reported = false;
-        }
+        events.extend(ps.heard(path, now, || format!("heartbeat heard on {path}")));
         if newest {
             ps.max_seq = Some(hb.seq);
             for r in hb.vms {
@@ -852,27 +861,10 @@ impl HostCore {
         let Some(ps) = self.peers.get_mut(peer) else {
             return;
         };
-        let Some(pst) = ps.paths.get_mut(&path) else {
+        if !ps.paths.contains_key(&path) {
             return;
-        };
-        let mut events = Vec::new();
-        pst.last = now;
-        if !pst.up {
-            pst.up = true;
-            events.push((
-                FaultClass::PathUp,
-                Some(path),
-                format!("link reports {path} alive"),
-            ));
         }
-        ps.last_any = now;
-        if ps.silent {
-            ps.silent = false;
-            events.push((FaultClass::PeerBack, None, "peer heard again".to_string()));
-        }
-        if ps.alinks_down_reported && ps.alink_up() {
-            ps.alinks_down_reported = false;
-        }
+        let events = ps.heard(path, now, || format!("link reports {path} alive"));
         for (class, p, reason) in events {
             self.decide(Some(peer), p, None, class, Action::LogOnly, reason);
         }
