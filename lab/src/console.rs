@@ -7,9 +7,9 @@
 //! talks to stops answering, reconnects to the next host in the snapshot's `consoles` list —
 //! so it keeps showing the outage while it happens. `/api/state` returns one snapshot.
 //!
-//! In the lab the snapshot is assembled from the state directory that every node shares (the
-//! nodes' status files and event log); on a real pool it would come from the agents' status
-//! API.
+//! In the lab the snapshot is assembled from the state directory that every node shares: the
+//! nodes' status files (each carries its agent's view: phase, generation, lease, paths) and
+//! the event log (every agent decision with its reason, plus the nodes' own events).
 
 use std::time::Duration;
 
@@ -17,9 +17,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::node::{LOST_GRACE, PATH_TIMEOUT, PROBE_TIMEOUT};
+use crate::node::lab_timing;
 use crate::now_ms;
-use crate::pool::{node_status, protected};
+use crate::pool::{node_status, protected_primary};
 use crate::state::{NodeRole, StateDir};
 use crate::topology::Host;
 
@@ -47,35 +47,42 @@ pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
                 })).collect::<Vec<_>>(),
                 "disk_state": s.disk_state, "disk": s.disk,
                 "checkpoint": s.checkpoint, "takeover": s.takeover,
-                "link_lost_ms": s.link_lost_ms, "peer_alive_on_prod": s.peer_alive_on_prod,
+                "agent": s.agent,
             }),
             _ => json!({"name": h.name(), "up": false}),
         })
         .collect();
-    let h1 = node_status(dir, Host::Host1).ok().flatten();
-    let h2 = node_status(dir, Host::Host2).ok().flatten();
-    let (state, runs_on) = match (&h1, &h2) {
-        (_, Some(b)) if b.role == NodeRole::TookOver => {
-            ("running unprotected (failed over)", "host2")
-        }
-        _ if protected(dir).unwrap_or(false) => ("protected", "host1"),
-        (Some(a), _) if a.serving => ("running, protection degraded", "host1"),
-        _ => ("unknown", "-"),
+    let statuses: Vec<_> = [Host::Host1, Host::Host2]
+        .into_iter()
+        .filter_map(|h| node_status(dir, h).ok().flatten())
+        .collect();
+    let running = statuses.iter().find(|s| s.role == NodeRole::Primary);
+    let fenced = statuses.iter().find(|s| s.role == NodeRole::Fenced);
+    let (state, runs_on) = match (protected_primary(dir).ok().flatten(), running, fenced) {
+        (Some(p), _, _) => ("protected".to_string(), p.name()),
+        (None, Some(r), _) => (
+            match r.agent.phase.as_str() {
+                "" => "running".to_string(),
+                "failed-over" => "running unprotected (failed over)".to_string(),
+                "syncing" | "resyncing" => format!("running, {}", r.agent.phase),
+                p => format!("running, protection {p}"),
+            },
+            r.host.name(),
+        ),
+        (None, None, Some(f)) => ("fenced (paused)".to_string(), f.host.name()),
+        _ => ("unknown".to_string(), "-"),
     };
-    let (lag, age) =
-        h1.as_ref()
-            .filter(|a| a.role == NodeRole::Primary)
-            .map_or((None, None), |a| {
-                (
-                    Some(a.checkpoint.lag_bytes),
-                    a.checkpoint.last_commit_age_ms,
-                )
-            });
-    let resync = h1
-        .as_ref()
+    let (lag, age) = running.map_or((None, None), |a| {
+        (
+            Some(a.checkpoint.lag_bytes),
+            a.checkpoint.last_commit_age_ms,
+        )
+    });
+    let resync = running
         .and_then(|a| a.disk.get("resync").cloned())
         .unwrap_or(Value::Null);
-    let expected_failover_ms = PATH_TIMEOUT + LOST_GRACE + PROBE_TIMEOUT * 2;
+    let t = lab_timing();
+    let expected_failover_ms = t.peer_dead_ms.max(t.lease_ms) + t.heartbeat_ms;
     let events = dir
         .events_since(now_ms().saturating_sub(3_600_000))
         .unwrap_or_default();
@@ -89,7 +96,7 @@ pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
         "vms": [{
             "name": "vm1", "level": 3, "state": state, "runs_on": runs_on,
             "rpo_bytes": lag, "last_commit_age_ms": age,
-            "expected_failover_ms": u64::try_from(expected_failover_ms.as_millis()).unwrap_or(0),
+            "expected_failover_ms": expected_failover_ms,
             "disk_resync": resync,
         }],
         "client": {

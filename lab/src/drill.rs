@@ -14,10 +14,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
-use crate::pool::{node_status, protected};
+use crate::pool::{node_status, protected_primary, restart_node};
 use crate::service::{parse_check, CheckResult};
-use crate::state::{Event, NodeRole, NodeStatus, PoolRecord, StateDir};
-use crate::topology::{self, Host, ALINK_IFS, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT};
+use crate::state::{Event, NodeStatus, PoolRecord, StateDir};
+use crate::topology::{
+    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT,
+};
 use crate::{now_ms, require_root, LabError};
 
 /// The faults the lab can inject.
@@ -30,8 +32,11 @@ pub enum Fault {
     Alink,
     /// Both A-link cables are cut, then repaired.
     Alinks,
-    /// Host 1's disk fails (every I/O returns EIO).
+    /// The primary's disk fails (every I/O returns EIO).
     Disk,
+    /// The A-links and the hosts' direct management path are cut; both hosts still reach
+    /// the quorum server, which decides who keeps the VM.
+    Partition,
 }
 
 impl std::str::FromStr for Fault {
@@ -42,11 +47,13 @@ impl std::str::FromStr for Fault {
             "alink" => Ok(Self::Alink),
             "alinks" => Ok(Self::Alinks),
             "disk" => Ok(Self::Disk),
-            "uplink" | "partition" => Err(LabError::WrongState(format!(
-                "fault={s} is not implemented in the local pool yet (host, alink, alinks, disk are)"
+            "partition" => Ok(Self::Partition),
+            "uplink" => Err(LabError::WrongState(format!(
+                "fault={s} is not implemented in the local pool yet (host, alink, alinks, \
+                 partition, disk are)"
             ))),
             _ => Err(LabError::WrongState(format!(
-                "unknown fault {s:?} (host, alink, alinks, disk)"
+                "unknown fault {s:?} (host, alink, alinks, partition, disk)"
             ))),
         }
     }
@@ -59,6 +66,7 @@ impl fmt::Display for Fault {
             Self::Alink => "alink",
             Self::Alinks => "alinks",
             Self::Disk => "disk",
+            Self::Partition => "partition",
         })
     }
 }
@@ -82,6 +90,10 @@ pub struct DrillReport {
     pub data: Option<CheckResult>,
     /// Repair → replication back to full protection (ms).
     pub resync_ms: Option<u64>,
+    /// The host that ran the VM when the fault was injected.
+    pub primary: Option<Host>,
+    /// The VM's state after the drill (and its repair).
+    pub final_state: Option<String>,
     /// Notes (what was not measured and why).
     pub notes: Vec<String>,
     /// Checks that failed.
@@ -99,6 +111,8 @@ impl DrillReport {
             acked_writes: 0,
             data: None,
             resync_ms: None,
+            primary: None,
+            final_state: None,
             notes: Vec::new(),
             failures: Vec::new(),
         }
@@ -121,7 +135,12 @@ fn ms(v: Option<u64>) -> String {
 
 impl fmt::Display for DrillReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "drill fault={}", self.fault)?;
+        writeln!(
+            f,
+            "drill fault={} (vm1 on {})",
+            self.fault,
+            self.primary.map_or("-", Host::name)
+        )?;
         writeln!(f, "  detection : {}", ms(self.detection_ms))?;
         writeln!(f, "  action    : {}", self.action)?;
         writeln!(f, "  why       : {}", self.why)?;
@@ -141,6 +160,9 @@ impl fmt::Display for DrillReport {
             None => writeln!(f, "  data      : NOT CHECKED")?,
         }
         writeln!(f, "  resync    : {}", ms(self.resync_ms))?;
+        if let Some(st) = &self.final_state {
+            writeln!(f, "  state     : {st}")?;
+        }
         for n in &self.notes {
             writeln!(f, "  note      : {n}")?;
         }
@@ -251,29 +273,31 @@ pub struct DrillConfig {
     pub fault: Fault,
     /// The `xenft-lab` binary (runs the data check in the client namespace).
     pub exe: PathBuf,
-    /// How long a cut A-link stays cut.
+    /// How long a cut A-link (or a dead host, before its repair) stays cut.
     pub hold: Duration,
 }
 
-/// Runs one drill on the local pool.
+/// Runs one drill on the local pool, against whichever host runs the VM now.
 pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
     require_root()?;
     let rec: PoolRecord = dir
         .read_json(&dir.pool_file())?
         .ok_or_else(|| LabError::WrongState("no lab pool: run `xenft-lab up` first".into()))?;
-    if !protected(dir)? {
+    let Some(primary) = protected_primary(dir)? else {
         return Err(LabError::WrongState(
-            "the VM is not fully protected now (host1 checkpointing, disk in sync, host2 \
-             receiving); a drill needs a healthy pool: `xenft-lab down && xenft-lab up`"
+            "the VM is not fully protected now (agent phase protected, checkpointing, disk in \
+             sync, the peer receiving); a drill needs a healthy pool: `xenft-lab down && \
+             xenft-lab up`"
                 .into(),
         ));
-    }
+    };
     if !wait_acks_after(dir, now_ms(), 3, Duration::from_secs(5))? {
         return Err(LabError::WrongState(
             "the client is not being served".into(),
         ));
     }
     let mut r = DrillReport::new(cfg.fault);
+    r.primary = Some(primary);
     let say = |what: String, why: &str| {
         dir.log_event(&Event {
             t_ms: now_ms(),
@@ -283,16 +307,22 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         });
     };
     say(
-        format!("drill fault={}: injecting", cfg.fault),
+        format!(
+            "drill fault={}: injecting (vm1 runs on {})",
+            cfg.fault,
+            primary.name()
+        ),
         "fire drill",
     );
     match cfg.fault {
-        Fault::Host => host(dir, &rec, &mut r)?,
-        Fault::Alink => alinks(dir, cfg, &mut r, &ALINK_IFS[..1])?,
-        Fault::Alinks => alinks(dir, cfg, &mut r, &ALINK_IFS)?,
-        Fault::Disk => disk(dir, &rec, &mut r)?,
+        Fault::Host => host(dir, cfg, &rec, &mut r, primary)?,
+        Fault::Alink => alinks(dir, cfg, &mut r, primary, &ALINK_IFS[..1])?,
+        Fault::Alinks => alinks(dir, cfg, &mut r, primary, &ALINK_IFS)?,
+        Fault::Partition => partition(dir, cfg, &mut r, primary)?,
+        Fault::Disk => disk(dir, &rec, &mut r, primary)?,
     }
     data_check(dir, &cfg.exe, &mut r)?;
+    r.final_state = Some(final_state(dir)?);
     say(
         format!(
             "drill fault={}: {}",
@@ -304,51 +334,164 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
     Ok(r)
 }
 
-fn host(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport) -> Result<(), LabError> {
-    let before = status(dir, Host::Host1)?;
+/// `protected (vm1 on host2, host1 secondary)` or the agents' phases.
+fn final_state(dir: &StateDir) -> Result<String, LabError> {
+    if let Some(p) = protected_primary(dir)? {
+        return Ok(format!(
+            "protected (vm1 on {}, {} secondary)",
+            p.name(),
+            p.peer().name()
+        ));
+    }
+    let mut parts = Vec::new();
+    for h in [Host::Host1, Host::Host2] {
+        match node_status(dir, h)? {
+            Some(s) => parts.push(format!(
+                "{} {:?} agent {}",
+                h.name(),
+                s.role,
+                if s.agent.phase.is_empty() {
+                    "-"
+                } else {
+                    &s.agent.phase
+                }
+            )),
+            None => parts.push(format!("{} down", h.name())),
+        }
+    }
+    Ok(format!("not protected: {}", parts.join(", ")))
+}
+
+/// The first decision of `h`'s agent logged at or after `since_ms` whose text contains
+/// `what` (class and action, e.g. `peer_silent`, `fail_over`, `redirect disk`).
+fn agent_decision(
+    dir: &StateDir,
+    h: Host,
+    since_ms: u64,
+    what: &str,
+) -> Result<Option<Event>, LabError> {
+    Ok(dir
+        .events_since(since_ms)?
+        .into_iter()
+        .find(|e| e.host == h.name() && e.what.starts_with("agent ") && e.what.contains(what)))
+}
+
+fn wait_decision(
+    dir: &StateDir,
+    h: Host,
+    since_ms: u64,
+    what: &str,
+    timeout: Duration,
+) -> Result<Option<Event>, LabError> {
+    wait_for(timeout, || agent_decision(dir, h, since_ms, what))
+}
+
+/// Waits until the VM is fully protected with `primary` running it; the time it took.
+fn wait_protected(
+    dir: &StateDir,
+    primary: Host,
+    since: Instant,
+    timeout: Duration,
+) -> Result<Option<u64>, LabError> {
+    wait_for(timeout, || {
+        Ok((protected_primary(dir)? == Some(primary))
+            .then(|| u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)))
+    })
+}
+
+fn host(
+    dir: &StateDir,
+    cfg: &DrillConfig,
+    rec: &PoolRecord,
+    r: &mut DrillReport,
+    p: Host,
+) -> Result<(), LabError> {
+    let s = p.peer();
+    let before = status(dir, p)?;
     let committed_before = before.checkpoint.committed_epoch;
     let fault_ms = now_ms();
-    let _ = kill(Pid::from_raw(rec.host1_pid), Signal::SIGKILL);
+    let _ = kill(Pid::from_raw(rec.pid(p)), Signal::SIGKILL);
     if let Some(g) = before.guest_pid.and_then(|g| i32::try_from(g).ok()) {
         let _ = kill(Pid::from_raw(g), Signal::SIGKILL);
     }
-    for ifname in [PROD_IF, ALINK_IFS[0], ALINK_IFS[1]] {
-        topology::set_link(Host::Host1.netns(), ifname, false)?;
+    for ifname in [PROD_IF, ALINK_IFS[0], ALINK_IFS[1], MGMT_IF] {
+        topology::set_link(p.netns(), ifname, false)?;
     }
-    let took = wait_for(Duration::from_secs(20), || {
-        Ok(node_status(dir, Host::Host2)?.and_then(|s| s.takeover))
+    let took = wait_for(Duration::from_secs(30), || {
+        Ok(node_status(dir, s)?.and_then(|st| st.takeover))
     })?;
     let Some(t) = took else {
-        r.fail("host2 did not take over within 20 s");
+        r.fail(format!("{} did not take over within 30 s", s.name()));
         return Ok(());
     };
-    r.detection_ms = Some(t.decided_ms.saturating_sub(fault_ms));
+    match agent_decision(dir, s, fault_ms, "fail_over")? {
+        Some(d) => {
+            r.detection_ms = Some(d.t_ms.saturating_sub(fault_ms));
+            r.why = format!("{}'s agent: {}", s.name(), d.why);
+        }
+        None => {
+            r.fail("no fail_over decision from the agent");
+            r.why = t.reason.clone();
+        }
+    }
     r.action = format!(
-        "host2 took over: guest resumed from checkpoint {} (host1 had {} acknowledged), disk copy served, \
-         service address moved; {} records recovered from disk",
-        t.failover_epoch, committed_before, t.recovered_count
+        "{} took over (agent decision fail_over): guest resumed from checkpoint {} ({} had {} \
+         acknowledged), disk copy served, service address moved; {} records recovered from disk",
+        s.name(),
+        t.failover_epoch,
+        p.name(),
+        committed_before,
+        t.recovered_count
     );
-    r.why = t.reason.clone();
     if t.failover_epoch < committed_before {
         r.fail(format!(
-            "guest resumed from checkpoint {} older than the {} host1 had committed",
-            t.failover_epoch, committed_before
+            "guest resumed from checkpoint {} older than the {} {} had committed",
+            t.failover_epoch,
+            committed_before,
+            p.name()
         ));
     }
     if !wait_acks_after(dir, t.serving_ms, 10, Duration::from_secs(20))? {
         r.fail("the client was not served again within 20 s of the takeover");
     }
     r.downtime_ms = longest_gap(&dir.acks()?, fault_ms);
-    let h2 = status(dir, Host::Host2)?;
-    match h2.guest_pid {
-        Some(p) if Path::new(&format!("/proc/{p}")).exists() => {}
-        _ => r.fail("no running guest on host2 after the takeover"),
+    match status(dir, s)?.guest_pid {
+        Some(g) if Path::new(&format!("/proc/{g}")).exists() => {}
+        _ => r.fail(format!(
+            "no running guest on {} after the takeover",
+            s.name()
+        )),
     }
-    r.notes.push(
-        "resync not measured: host1 rejoining as the new secondary is not implemented in the \
-         lab yet; the VM runs unprotected on host2 (rebuild: xenft-lab down && xenft-lab up)"
-            .into(),
-    );
+
+    // The dead host stays down for `hold`; then the repair: the host comes back clean (no
+    // service address), its node restarts and its agent makes it the secondary of the VM
+    // now running on the peer.
+    std::thread::sleep(cfg.hold);
+    let repair = Instant::now();
+    let vip = format!("{SERVICE_IP}/24");
+    let _ = topology::ip_in(p.netns(), &["addr", "del", &vip, "dev", PROD_IF]);
+    for ifname in [PROD_IF, ALINK_IFS[0], ALINK_IFS[1], MGMT_IF] {
+        topology::set_link(p.netns(), ifname, true)?;
+    }
+    restart_node(dir, p)?;
+    match wait_protected(dir, s, repair, Duration::from_secs(240))? {
+        Some(ms) => {
+            r.resync_ms = Some(ms);
+            r.notes.push(format!(
+                "repair: {} restarted; its agent adopted {}'s view (generation {}) and it became \
+                 the secondary; full disk sync + memory initial sync (dirty-only resync needs \
+                 the dead primary's bitmap)",
+                p.name(),
+                s.name(),
+                status(dir, s)?.agent.generation
+            ));
+        }
+        None => r.fail(format!(
+            "{} back but vm1 not protected again within 240 s ({})",
+            p.name(),
+            final_state(dir)?
+        )),
+    }
     Ok(())
 }
 
@@ -356,55 +499,61 @@ fn alinks(
     dir: &StateDir,
     cfg: &DrillConfig,
     r: &mut DrillReport,
+    p: Host,
     cut: &[&str],
 ) -> Result<(), LabError> {
+    let s = p.peer();
     let all = cut.len() == ALINK_IFS.len();
     let fault_ms = now_ms();
     for ifname in cut {
-        topology::set_link(Host::Host1.netns(), ifname, false)?;
+        topology::set_link(p.netns(), ifname, false)?;
     }
-    // Detection: host1 sees the cut path(s) down.
-    let seen = wait_for(Duration::from_secs(10), || {
-        let s = status(dir, Host::Host1)?;
-        let down = s.link.paths.iter().take(cut.len()).all(|p| !p.up);
-        Ok(down.then(now_ms))
-    })?;
-    match seen {
-        Some(t) => r.detection_ms = Some(t.saturating_sub(fault_ms)),
-        None => r.fail("host1 never reported the cut A-link path down"),
-    }
-    std::thread::sleep(cfg.hold);
-    let h1 = status(dir, Host::Host1)?;
-    let h2 = status(dir, Host::Host2)?;
-    if h2.role != NodeRole::Secondary || h2.takeover.is_some() {
-        r.fail("host2 took the VM over although host1 was alive (split brain)");
-    }
-    if !h1.serving {
-        r.fail("host1 stopped serving");
-    }
-    if all {
-        r.action = format!(
-            "no failover; host1 keeps the VM, disk mirror {} (writes tracked in the dirty bitmap), \
-             checkpoint {}",
-            h1.disk_state, h1.checkpoint.phase
-        );
-        r.why = if h2.peer_alive_on_prod == Some(true) {
-            "host2 lost both A-links but host1 answered on the production network: alive, so \
-             taking over would split the brain"
-                .into()
-        } else {
-            r.fail("host2 did not establish that host1 is alive");
-            "host2 had not probed host1".into()
-        };
+    let (class, decider) = if all {
+        ("all_alinks_down", s)
     } else {
-        r.action = "traffic moved to alink2; no failover".into();
-        r.why = if h1.link.connected {
-            "one A-link path is still up: the link carries on over it".into()
-        } else {
-            r.fail("the A-link was disconnected although one path stayed up");
-            "link disconnected".into()
-        };
+        ("path_down", p)
+    };
+    match wait_decision(dir, decider, fault_ms, class, Duration::from_secs(10))? {
+        Some(d) => {
+            r.detection_ms = Some(d.t_ms.saturating_sub(fault_ms));
+            r.why = format!("{}'s agent ({class}): {}", decider.name(), d.why);
+        }
+        None => r.fail(format!(
+            "{}'s agent made no {class} decision within 10 s",
+            decider.name()
+        )),
     }
+    let hold_end = Instant::now() + cfg.hold;
+    while Instant::now() < hold_end {
+        if node_status(dir, s)?.is_some_and(|st| st.serving || st.takeover.is_some()) {
+            r.fail(format!(
+                "{} took the VM over although {} was alive (split brain)",
+                s.name(),
+                p.name()
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hp = status(dir, p)?;
+    if !hp.serving {
+        r.fail(format!("{} stopped serving", p.name()));
+    }
+    r.action = if all {
+        format!(
+            "no failover; {} keeps the VM (agent phase {}), disk mirror {} (writes tracked in \
+             the dirty bitmap), checkpoint {}",
+            p.name(),
+            hp.agent.phase,
+            hp.disk_state,
+            hp.checkpoint.phase
+        )
+    } else {
+        if !hp.link.connected {
+            r.fail("the A-link was disconnected although one path stayed up");
+        }
+        "traffic moved to alink2; no failover".into()
+    };
     if !wait_acks_after(
         dir,
         fault_ms + u64::try_from(cfg.hold.as_millis()).unwrap_or(0),
@@ -414,54 +563,162 @@ fn alinks(
         r.fail("client writes stalled while the A-link was cut");
     }
     r.downtime_ms = longest_gap(&dir.acks()?, fault_ms);
-    let repair_ms = now_ms();
+    let repair = Instant::now();
     for ifname in cut {
-        topology::set_link(Host::Host1.netns(), ifname, true)?;
+        topology::set_link(p.netns(), ifname, true)?;
     }
-    let healed = wait_for(Duration::from_secs(30), || {
-        let s = status(dir, Host::Host1)?;
-        let ok = s.link.paths.iter().all(|p| p.up)
-            && s.disk_state == "in_sync"
-            && s.checkpoint.phase == "protected";
-        Ok(ok.then(now_ms))
-    })?;
-    match healed {
-        Some(t) => r.resync_ms = Some(t.saturating_sub(repair_ms)),
-        None => {
-            let s = status(dir, Host::Host1)?;
-            r.fail(format!(
-                "not back to full protection 30 s after the repair (disk {}, checkpoint {})",
-                s.disk_state, s.checkpoint.phase
-            ));
-        }
+    heal(dir, r, p, repair)
+}
+
+fn heal(dir: &StateDir, r: &mut DrillReport, p: Host, repair: Instant) -> Result<(), LabError> {
+    match wait_protected(dir, p, repair, Duration::from_secs(60))? {
+        Some(ms) => r.resync_ms = Some(ms),
+        None => r.fail(format!(
+            "not back to full protection 60 s after the repair ({})",
+            final_state(dir)?
+        )),
     }
     Ok(())
 }
 
-fn disk(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport) -> Result<(), LabError> {
+/// Which host answers `GET` on the service address from inside `from`'s namespace.
+fn who_serves(exe: &Path, from: Host) -> Option<String> {
+    let addr = format!("{SERVICE_IP}:{SERVICE_PORT}");
+    let out = topology::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            from.netns(),
+            &exe.display().to_string(),
+            "ask",
+            "--addr",
+            &addr,
+            "--request",
+            "GET",
+            "--timeout-ms",
+            "300",
+        ],
+    )
+    .ok()?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "HOST")
+        .nth(1)
+        .map(str::to_owned)
+}
+
+fn partition(
+    dir: &StateDir,
+    cfg: &DrillConfig,
+    r: &mut DrillReport,
+    p: Host,
+) -> Result<(), LabError> {
+    let s = p.peer();
     let fault_ms = now_ms();
-    kill(Pid::from_raw(rec.host1_pid), Signal::SIGUSR1)
-        .map_err(|e| LabError::component("signalling host1", e))?;
+    for ifname in ALINK_IFS {
+        topology::set_link(p.netns(), ifname, false)?;
+    }
+    topology::set_mgmt_forwarding(false)?;
+    // Hold long enough for the secondary to declare the primary silent and ask the quorum
+    // server; probe both hosts' view of the service all along.
+    let hold = cfg.hold.max(Duration::from_secs(5));
+    let end = Instant::now() + hold;
+    let (mut probes, mut two) = (0u32, 0u32);
+    while Instant::now() < end {
+        let a = who_serves(&cfg.exe, p);
+        let b = who_serves(&cfg.exe, s);
+        probes += 1;
+        if a.as_deref() == Some(p.name()) && b.as_deref() == Some(s.name()) {
+            two += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if two > 0 {
+        r.fail(format!(
+            "split brain: both hosts served the VM in {two} of {probes} probes"
+        ));
+    }
+    let (hp, hs) = (status(dir, p)?, status(dir, s)?);
+    if !hp.serving {
+        r.fail(format!("{} stopped serving", p.name()));
+    }
+    if hs.serving || hs.takeover.is_some() {
+        r.fail(format!(
+            "{} took the VM over during the partition",
+            s.name()
+        ));
+    }
+    if !hp.agent.lease_valid {
+        r.fail(format!("{}'s agent holds no quorum lease", p.name()));
+    }
+    match agent_decision(dir, s, fault_ms, "peer_silent")? {
+        Some(d) => {
+            r.detection_ms = Some(d.t_ms.saturating_sub(fault_ms));
+            r.why = format!(
+                "{}'s agent: {}; the quorum server kept the lease with {} (its agent renews \
+                 it: lease_valid={}), so {}'s claim was denied (lease_valid={}, local copy {})",
+                s.name(),
+                d.why,
+                p.name(),
+                hp.agent.lease_valid,
+                s.name(),
+                hs.agent.lease_valid,
+                if hs.agent.local.is_empty() {
+                    "-"
+                } else {
+                    &hs.agent.local
+                }
+            );
+        }
+        None => r.fail(format!(
+            "{}'s agent never declared {} silent",
+            s.name(),
+            p.name()
+        )),
+    }
+    r.action = format!(
+        "A-links and the hosts' management path cut, both still reach the quorum server: {} \
+         keeps the VM (agent phase {}), {} does not run it; {probes} probes of both hosts, \
+         {two} with two serving copies",
+        p.name(),
+        hp.agent.phase,
+        s.name()
+    );
+    if !wait_acks_after(dir, fault_ms + 1000, 5, Duration::from_secs(10))? {
+        r.fail("client writes stalled during the partition");
+    }
+    r.downtime_ms = longest_gap(&dir.acks()?, fault_ms);
+    let repair = Instant::now();
+    topology::set_mgmt_forwarding(true)?;
+    for ifname in ALINK_IFS {
+        topology::set_link(p.netns(), ifname, true)?;
+    }
+    heal(dir, r, p, repair)
+}
+
+fn disk(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
+    let fault_ms = now_ms();
+    kill(Pid::from_raw(rec.pid(p)), Signal::SIGUSR1)
+        .map_err(|e| LabError::component("signalling the primary", e))?;
     let seen = wait_for(Duration::from_secs(10), || {
-        Ok((status(dir, Host::Host1)?.disk_state == "remote").then(now_ms))
+        Ok((status(dir, p)?.disk_state == "remote").then(now_ms))
     })?;
     match seen {
         Some(t) => r.detection_ms = Some(t.saturating_sub(fault_ms)),
-        None => r.fail("host1's disk never switched to remote mode"),
+        None => r.fail(format!("{}'s disk never switched to remote mode", p.name())),
     }
-    let h1 = status(dir, Host::Host1)?;
-    r.action =
-        "host1 serves the disk from host2's copy over the A-link (remote mode); no failover".into();
-    r.why = h1
-        .disk
-        .get("primary")
-        .and_then(|p| p.get("local_failure"))
-        .or_else(|| h1.disk.get("local_failure"))
-        .and_then(|v| v.as_str())
-        .map_or_else(
-            || "local store failed".into(),
-            |c| format!("local store failed: {c}"),
-        );
+    r.action = format!(
+        "{} serves the disk from {}'s copy over the A-link (remote mode); no failover",
+        p.name(),
+        p.peer().name()
+    );
+    match wait_decision(dir, p, fault_ms, "redirect disk", Duration::from_secs(5))? {
+        Some(d) => r.why = format!("{}'s agent: {}", p.name(), d.why),
+        None => r.fail(format!(
+            "{}'s agent made no redirect decision for the disk",
+            p.name()
+        )),
+    }
     if !wait_acks_after(dir, seen.unwrap_or(fault_ms), 10, Duration::from_secs(10))? {
         r.fail("client writes did not continue on the remote copy");
     }
@@ -478,8 +735,8 @@ fn disk(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport) -> Result<(), Lab
 #[must_use]
 pub fn table(reports: &[DrillReport]) -> String {
     let mut s = format!(
-        "{:<8} {:>10} {:>10} {:>18} {:>10}  {}\n",
-        "fault", "detection", "downtime", "acked/missing", "resync", "verdict"
+        "{:<10} {:<6} {:>10} {:>10} {:>14} {:>10}  {:<8} {}\n",
+        "fault", "vm on", "detection", "downtime", "acked/missing", "resync", "verdict", "after"
     );
     for r in reports {
         let data = r.data.map_or_else(
@@ -487,13 +744,15 @@ pub fn table(reports: &[DrillReport]) -> String {
             |d| format!("{}/{}", r.acked_writes, d.missing),
         );
         s.push_str(&format!(
-            "{:<8} {:>10} {:>10} {:>18} {:>10}  {}\n",
+            "{:<10} {:<6} {:>10} {:>10} {:>14} {:>10}  {:<8} {}\n",
             r.fault.to_string(),
+            r.primary.map_or("-", Host::name),
             ms(r.detection_ms),
             ms(r.downtime_ms),
             data,
             ms(r.resync_ms),
-            if r.passed() { "PASS" } else { "FAIL" }
+            if r.passed() { "PASS" } else { "FAIL" },
+            r.final_state.as_deref().unwrap_or("-")
         ));
     }
     s
@@ -535,6 +794,7 @@ mod tests {
     #[test]
     fn unimplemented_faults_are_refused_by_name() {
         assert!("uplink".parse::<Fault>().is_err());
+        assert_eq!("partition".parse::<Fault>().unwrap(), Fault::Partition);
         assert_eq!("disk".parse::<Fault>().unwrap(), Fault::Disk);
     }
 }

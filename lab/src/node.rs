@@ -1,25 +1,49 @@
-//! The per-host node process (started by `up` inside a host namespace).
+//! The per-host node process (started by `up` inside a host namespace): the product's agent
+//! ([`xenft_agent::runtime::Agent`]) with lab implementations of its component seams.
 //!
-//! Host 1 runs the VM: a synthetic guest protected at level 3 (checkpoints over the A-link's
-//! `Checkpoint` channel), its disk served by a blkback [`Primary`] mirrored over the `Disk`
-//! channel, and the [`Service`] on the service address. Host 2 holds the replica memory and
-//! the disk copy and watches the A-link; when no path has been up for
-//! [`LOST_GRACE`] and the peer does not answer on the production network either, it takes
-//! over: resumes the guest from the last applied checkpoint, serves its disk copy, recovers
-//! the service's counter from it, claims the service address and announces it.
+//! The agent decides — membership over the A-link (heartbeat channel of a
+//! [`xenft_alink::Link`]) and the management network (UDP through the quorum namespace),
+//! quorum leases from `xenft-quorum`, fencing, take-over, re-protection — and the node carries
+//! its commands out on real in-process components:
 //!
-//! The main thread owns the guest (its process dies with the thread that spawned it), the
-//! tokio runtime runs the A-link, the disk mirror and the service. SIGUSR1 makes host 1's
-//! store fail with EIO (the disk drill).
+//! | agent seam | what the node does |
+//! |---|---|
+//! | `Checkpointer::resume_last_epoch` | checkpoint secondary failover (guest resumed from the last committed epoch), the disk copy becomes a blkback [`Primary`], the service recovers its counter from it and claims the service address |
+//! | `NetRelay::announce` | gratuitous ARPs for the service address ([`xenft_netback::frame`]) |
+//! | `DiskMirror::sync` | starts the blkback mirror and the checkpoint stream to the peer on this host's replication link, and returns once the disk is in sync and checkpoints are committed |
+//! | `DiskMirror::suspend` / `redirect` | nothing to do: the mirror tracks dirty regions and switches to remote mode by itself |
+//! | `DomainStarter::pause` / `resume` | fence: the service stops answering and drops the address, the guest gets SIGSTOP (and back) |
+//! | `DomainStarter::destroy` | the peer owns the VM: drop the copy and restart this node process, which then follows the agent as the secondary |
+//!
+//! Replication links: one per direction ([`Host::replication_port`]), so a node that took the
+//! VM over replicates back to its peer on a link its process never used (a link's channels
+//! can be taken once). A node that stops running the VM restarts itself (`exec`) instead of
+//! reusing a link. A restarted node reads the agent's persisted state and waits as `standby`
+//! until its agent knows who runs the VM; when the peer does, it becomes the secondary (fresh
+//! replica memory, disk copy marked fresh: the new primary runs a full disk sync — blkback's
+//! dirty-only resync needs the failed primary's bitmap, which a dead host does not hand over).
+//!
+//! SIGUSR1 makes the running copy's store fail with EIO (the disk drill).
 
-use std::net::{SocketAddr, TcpStream};
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::mpsc;
+use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
+use xenft_agent::core::{Input, VmSpec};
+use xenft_agent::decision::{Action, Component};
+use xenft_agent::ids::{HostId, VmId};
+use xenft_agent::lifecycle::{Level, StateFile};
+use xenft_agent::runtime::Agent;
+use xenft_agent::seams::{Checkpointer, DiskMirror, DomainStarter, NetRelay, SeamError, Seams};
+use xenft_agent::status::{StatusHub, StatusServer};
+use xenft_agent::timing::Timing;
 use xenft_alink::{Link, LinkConfig, PathConfig};
 use xenft_blkback::mirror::alink::{AlinkAcceptor, AlinkConnector};
 use xenft_blkback::mirror::bitmap::{DirtyBitmap, DEFAULT_CHUNK};
@@ -28,25 +52,46 @@ use xenft_blkback::mirror::secondary::Secondary;
 use xenft_blkback::store::{FaultyStore, FileStore, Store};
 use xenft_blkback::volume::Volume;
 use xenft_checkpoint::engine::commit::CommitSink;
-use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, Phase, PrimaryConfig};
-use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig};
+use xenft_checkpoint::engine::primary::{
+    start_protection, EpochPolicy, Phase as CkptPhase, PrimaryConfig, Protection,
+};
+use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig, SecondaryHandle};
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
 
 use crate::service::Service;
 use crate::state::{
-    CheckpointView, Event, LinkView, NodeRole, NodeStatus, PathView, StateDir, Takeover,
+    AgentView, CheckpointView, Event, LinkView, NodeRole, NodeStatus, PathView, StateDir, Takeover,
 };
-use crate::topology::{Host, ALIVE_PORT, PROD_IF, SERVICE_IP, SERVICE_PORT};
+use crate::topology::{
+    Host, ALINK_PORT, MGMT_HB_PORT, PROD_IF, SERVICE_IP, SERVICE_PORT, STATUS_PORT,
+};
 use crate::{now_ms, LabError};
 
-/// How long host 2 waits with no A-link path up before probing the peer (on top of the
-/// A-link's own [`PATH_TIMEOUT`]).
-pub const LOST_GRACE: Duration = Duration::from_millis(300);
-/// A-link path timeout used in the lab.
+/// The protected VM's name.
+pub const VM: &str = "vm1";
+/// A-link path timeout of the replication links.
 pub const PATH_TIMEOUT: Duration = Duration::from_millis(1000);
-/// Timeout of one production-network probe of the peer.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// Longest a sync command waits for the disk and the checkpoint stream.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The agent timing used in the lab.
+///
+/// The product defaults (`heartbeat 100, path_down 350, peer_dead 500, lease 600, margin
+/// 200`) fit a take-over within 1 s; this machine is shared by several builds on two cores,
+/// where a process regularly stalls for a few hundred ms, so the lab runs 3× slower
+/// detection and a wider safety margin: expect a take-over 1.5–2 s after a host dies.
+#[must_use]
+pub fn lab_timing() -> Timing {
+    Timing {
+        heartbeat_ms: 100,
+        path_down_ms: 1000,
+        peer_dead_ms: 1500,
+        lease_ms: 1500,
+        margin_ms: 500,
+        quorum_request_timeout_ms: 400,
+    }
+}
 
 /// Node settings.
 #[derive(Debug, Clone)]
@@ -76,11 +121,68 @@ impl CommitSink for LastCommit {
     }
 }
 
+/// The guest of a running copy: bare (unprotected) or under checkpoint protection.
+enum Guest {
+    Bare(LocalDomain),
+    Protected(Protection<LocalDomain>),
+    Gone,
+}
+
+struct Running {
+    guest: Guest,
+    guest_pid: Option<u32>,
+    faulty: Arc<FaultyStore<FileStore>>,
+    mirror: Arc<Primary>,
+    svc: Arc<Service>,
+    svc_task: tokio::task::JoinHandle<()>,
+    paused: bool,
+    out_link: Option<Link>,
+    takeover: Option<Takeover>,
+}
+
+struct Replica {
+    link: Link,
+    copy: Arc<Secondary>,
+    sec: SecondaryHandle<LocalDomain>,
+}
+
+enum Vm {
+    Standby,
+    Replica(Replica),
+    Running(Running),
+}
+
 struct Node {
     cfg: NodeConfig,
-    rt: Runtime,
-    link: Link,
-    disk_failed_ms: Arc<Mutex<Option<u64>>>,
+    handle: Handle,
+    secret: Vec<u8>,
+    agent_link: Link,
+    vm: Mutex<Vm>,
+    hub: OnceLock<Arc<StatusHub>>,
+    inputs: Arc<OnceLock<mpsc::Sender<Input>>>,
+    restart: AtomicBool,
+    disk_failed_ms: Mutex<Option<u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn seam_err(operation: &'static str, reason: impl std::fmt::Display) -> SeamError {
+    SeamError {
+        component: "lab node",
+        operation,
+        vm: vm_id(),
+        reason: reason.to_string(),
+    }
+}
+
+fn vm_id() -> VmId {
+    VmId::new(VM).expect("a valid VM name")
+}
+
+fn host_id(h: Host) -> HostId {
+    HostId::new(h.name()).expect("a valid host name")
 }
 
 impl Node {
@@ -94,57 +196,12 @@ impl Node {
         });
     }
 
-    fn link_view(&self) -> LinkView {
-        let st = self.link.status();
-        LinkView {
-            connected: st.connected,
-            paths: st
-                .paths
-                .iter()
-                .map(|p| PathView {
-                    up: p.up,
-                    rtt_ms: p.rtt_ms,
-                    connects: p.connects,
-                })
-                .collect(),
-        }
+    fn me(&self) -> Host {
+        self.cfg.host
     }
 
-    fn status_base(&self, role: NodeRole) -> NodeStatus {
-        NodeStatus {
-            host: self.cfg.host,
-            pid: std::process::id(),
-            updated_ms: now_ms(),
-            role,
-            serving: false,
-            service_count: 0,
-            guest_pid: None,
-            link: self.link_view(),
-            checkpoint: CheckpointView::default(),
-            disk_state: String::new(),
-            disk: serde_json::Value::Null,
-            disk_failed_ms: *self
-                .disk_failed_ms
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            link_lost_ms: None,
-            peer_alive_on_prod: None,
-            takeover: None,
-        }
-    }
-
-    fn write_status(&self, st: &NodeStatus) {
-        if let Err(e) = self
-            .cfg
-            .dir
-            .write_json(&self.cfg.dir.status_file(self.cfg.host), st)
-        {
-            tracing::warn!(error = %e, "cannot write status");
-        }
-    }
-
-    fn disk_path(&self) -> PathBuf {
-        self.cfg.dir.file(&format!("{}.disk", self.cfg.host.name()))
+    fn file(&self, suffix: &str) -> PathBuf {
+        self.cfg.dir.file(&format!("{}.{suffix}", self.me().name()))
     }
 
     fn guest_workload(&self) -> Result<WorkloadState, LabError> {
@@ -159,24 +216,541 @@ impl Node {
         .map_err(|e| LabError::component("guest workload", e))
     }
 
-    /// Adds the service address to this host and announces it (gratuitous ARP, netback's
-    /// announcement frame), then starts the service on `volume`.
-    fn start_service(&self, volume: Arc<Volume>) -> Result<Arc<Service>, LabError> {
-        let ip = format!("{SERVICE_IP}/24");
-        crate::topology::run("ip", &["addr", "add", &ip, "dev", PROD_IF])?;
+    /// A replication link: `primary` sends (the VM runs there), the other host receives.
+    fn replication_link(&self, primary: Host) -> Result<Link, LabError> {
+        let (me, peer) = (self.me(), self.me().peer());
+        let port = primary.replication_port();
+        let mut lc = LinkConfig::new(
+            me.name(),
+            peer.name(),
+            self.secret.clone(),
+            (0..2)
+                .map(|p| PathConfig {
+                    local: with_port(me.alink_addr(p), port),
+                    peer: with_port(peer.alink_addr(p), port),
+                })
+                .collect(),
+        );
+        lc.path_timeout = PATH_TIMEOUT;
+        self.handle
+            .block_on(Link::start(lc))
+            .map_err(|e| LabError::component("replication link", e))
+    }
+
+    /// The disk file as a store that the disk drill can make fail.
+    fn open_store(&self) -> Result<Arc<FaultyStore<FileStore>>, LabError> {
+        let file = FileStore::open(&self.file("disk"), Some(self.cfg.disk_bytes))
+            .map_err(|e| LabError::component("disk", e))?;
+        Ok(Arc::new(FaultyStore::new(file)))
+    }
+
+    /// A mirror on `store` with a fresh dirty bitmap (never synced: the first session with
+    /// a peer is a full sync).
+    fn fresh_mirror(&self, store: Arc<dyn Store>) -> Result<Arc<Primary>, LabError> {
+        let path = self.file("bitmap");
+        let _ = std::fs::remove_file(&path);
+        let bitmap = DirtyBitmap::open(&path, store.size(), DEFAULT_CHUNK)
+            .map_err(|e| LabError::component("dirty bitmap", e))?;
+        let mirror = Primary::new(
+            store,
+            bitmap,
+            MirrorConfig {
+                ack_timeout: Duration::from_millis(3000),
+                ..MirrorConfig::default()
+            },
+        );
+        // Local store failures go to the agent (class (d)).
+        let mut failures = mirror.subscribe_failures();
+        let inputs = Arc::clone(&self.inputs);
+        self.handle.spawn(async move {
+            while let Ok(detail) = failures.recv().await {
+                if let Some(tx) = inputs.get() {
+                    let _ = tx
+                        .send(Input::Component {
+                            vm: Some(vm_id()),
+                            component: Component::Disk,
+                            ok: false,
+                            detail,
+                        })
+                        .await;
+                }
+            }
+        });
+        Ok(mirror)
+    }
+
+    /// Adds the service address to this host and starts the service on `volume`.
+    fn start_service(
+        &self,
+        volume: Arc<Volume>,
+    ) -> Result<(Arc<Service>, tokio::task::JoinHandle<()>), LabError> {
+        claim_address()?;
         let svc = self
-            .rt
-            .block_on(Service::recover(volume, self.cfg.host.name()));
+            .handle
+            .block_on(Service::recover(volume, self.me().name()));
+        self.serve(svc)
+    }
+
+    fn serve(
+        &self,
+        svc: Arc<Service>,
+    ) -> Result<(Arc<Service>, tokio::task::JoinHandle<()>), LabError> {
         let listener = self
-            .rt
-            .block_on(TcpListener::bind((SERVICE_IP, SERVICE_PORT)))
+            .handle
+            .block_on(bind_service())
             .map_err(|e| LabError::component("service listener", e))?;
-        self.rt.spawn(Arc::clone(&svc).serve(listener));
+        let task = self.handle.spawn(Arc::clone(&svc).serve(listener));
+        Ok((svc, task))
+    }
+
+    /// Boots the guest and the service here (fresh pool, or the agent's restart).
+    fn boot(&self) -> Result<Running, LabError> {
+        let faulty = self.open_store()?;
+        let store: Arc<dyn Store> = faulty.clone();
+        let mirror = self.fresh_mirror(Arc::clone(&store))?;
+        let volume = Volume::mirrored(store, Arc::clone(&mirror));
+        let domain = LocalDomain::spawn(&LocalGuestConfig {
+            binary: self.cfg.guest_binary.clone(),
+            memory_bytes: self.cfg.memory_bytes,
+            workload: self.guest_workload()?,
+            tracking: xenft_checkpoint::local::guest::Tracking::Auto,
+        })
+        .map_err(|e| LabError::component("synthetic guest", e))?;
+        let guest_pid = domain.guest_pid();
+        let (svc, svc_task) = self.start_service(volume)?;
         if let Err(e) = announce() {
             self.event("announce failed", &e.to_string());
         }
-        Ok(svc)
+        self.event(
+            &format!("{VM} runs here; service up on {SERVICE_IP}:{SERVICE_PORT}"),
+            "guest booted, disk served by blkback (mirror waits for the agent's sync)",
+        );
+        Ok(Running {
+            guest: Guest::Bare(domain),
+            guest_pid,
+            faulty,
+            mirror,
+            svc,
+            svc_task,
+            paused: false,
+            out_link: None,
+            takeover: None,
+        })
     }
+
+    /// Becomes the secondary of the VM running on `primary`.
+    fn replica(&self, primary: Host) -> Result<Replica, LabError> {
+        // The copy is stale: declare it fresh so that the primary copies everything.
+        let _ = std::fs::remove_file(self.file("disk-state"));
+        let store: Arc<dyn Store> = Arc::new(
+            FileStore::open(&self.file("disk"), Some(self.cfg.disk_bytes))
+                .map_err(|e| LabError::component("disk copy", e))?,
+        );
+        let copy = Secondary::new(store, self.file("disk-state"));
+        let link = self.replication_link(primary)?;
+        let acceptor = AlinkAcceptor::new(&link)
+            .ok_or_else(|| LabError::component("disk mirror", "disk channel already taken"))?;
+        self.handle.spawn(Arc::clone(&copy).serve(acceptor));
+        let replica = LocalDomain::replica(self.cfg.guest_binary.clone(), self.cfg.memory_bytes)
+            .map_err(|e| LabError::component("replica memory", e))?;
+        let endpoint = xenft_checkpoint::alink::endpoint(&link, self.handle.clone())
+            .map_err(|e| LabError::component("checkpoint channel", e))?;
+        let sec = start_secondary(replica, endpoint, SecondaryConfig::default())
+            .map_err(|e| LabError::component("checkpoint secondary", e))?;
+        self.event(
+            &format!("secondary of {VM} (runs on {})", primary.name()),
+            "replica memory and disk copy wait for the primary's sync",
+        );
+        Ok(Replica { link, copy, sec })
+    }
+
+    /// The agent's latest `fail_over` decision, if any.
+    fn failover_reason(&self) -> Option<String> {
+        let hub = self.hub.get()?;
+        let (log, _) = hub.decisions();
+        log.iter()
+            .rev()
+            .find(|d| d.action == Action::FailOver)
+            .map(|d| d.reason.clone())
+    }
+
+    fn resume_last_epoch(&self) -> Result<(), LabError> {
+        let decided_ms = now_ms();
+        let mut vm = lock(&self.vm);
+        let Vm::Replica(rep) = std::mem::replace(&mut *vm, Vm::Standby) else {
+            return Err(LabError::WrongState("no replica to resume here".into()));
+        };
+        let Replica { link, copy, sec } = rep;
+        let (domain, epoch) = sec
+            .failover()
+            .map_err(|e| LabError::component("checkpoint failover", e))?;
+        link.shutdown();
+        drop(copy);
+        self.event(
+            &format!("guest resumed from checkpoint {epoch}"),
+            "the last checkpoint applied whole on this host",
+        );
+        let faulty = self.open_store()?;
+        let store: Arc<dyn Store> = faulty.clone();
+        let mirror = self.fresh_mirror(Arc::clone(&store))?;
+        let volume = Volume::mirrored(store, Arc::clone(&mirror));
+        let guest_pid = domain.guest_pid();
+        let (svc, svc_task) = self.start_service(volume)?;
+        let serving_ms = now_ms();
+        let reason = self
+            .failover_reason()
+            .unwrap_or_else(|| "the agent decided to take over".into());
+        self.event(
+            &format!(
+                "service up on {} with {} records recovered from the disk copy",
+                self.me().name(),
+                svc.count()
+            ),
+            "service address moved here",
+        );
+        let takeover = Takeover {
+            decided_ms,
+            serving_ms,
+            failover_epoch: epoch,
+            recovered_count: svc.count(),
+            reason,
+        };
+        *vm = Vm::Running(Running {
+            guest: Guest::Bare(domain),
+            guest_pid,
+            faulty,
+            mirror,
+            svc,
+            svc_task,
+            paused: false,
+            out_link: None,
+            takeover: Some(takeover),
+        });
+        Ok(())
+    }
+
+    /// Starts replication to the peer if it is not running, then waits until the disk is in
+    /// sync and a checkpoint is committed.
+    fn sync(&self) -> Result<(), LabError> {
+        {
+            let mut vm = lock(&self.vm);
+            let Vm::Running(r) = &mut *vm else {
+                return Err(LabError::WrongState("the VM does not run here".into()));
+            };
+            if r.out_link.is_none() {
+                let link = self.replication_link(self.me())?;
+                let connector = AlinkConnector::new(link.clone()).ok_or_else(|| {
+                    LabError::component("disk mirror", "disk channel already taken")
+                })?;
+                self.handle.spawn(Arc::clone(&r.mirror).run(connector));
+                let endpoint = xenft_checkpoint::alink::endpoint(&link, self.handle.clone())
+                    .map_err(|e| LabError::component("checkpoint channel", e))?;
+                r.out_link = Some(link);
+                if let Guest::Bare(domain) = std::mem::replace(&mut r.guest, Guest::Gone) {
+                    let p = start_protection(
+                        domain,
+                        endpoint,
+                        Arc::new(LastCommit(AtomicU64::new(0))),
+                        PrimaryConfig {
+                            epoch: EpochPolicy::Fixed(Duration::from_millis(self.cfg.epoch_ms)),
+                            ..PrimaryConfig::default()
+                        },
+                    )
+                    .map_err(|e| LabError::component("checkpoint primary", e))?;
+                    r.guest = Guest::Protected(p);
+                }
+                self.event(
+                    &format!("replicating {VM} to {}", self.me().peer().name()),
+                    "the agent asked for a sync: disk mirror and checkpoint stream started",
+                );
+            }
+        }
+        let start = Instant::now();
+        loop {
+            {
+                let vm = lock(&self.vm);
+                let Vm::Running(r) = &*vm else {
+                    return Err(LabError::WrongState("the VM stopped running here".into()));
+                };
+                let disk_ok = r.mirror.status().peer == PeerLink::InSync;
+                let ckpt = match &r.guest {
+                    Guest::Protected(p) => {
+                        let s = p.status();
+                        if let CkptPhase::Failed(e) = &s.phase {
+                            return Err(LabError::component("checkpoint primary", e));
+                        }
+                        s.phase == CkptPhase::Protected && s.committed_epoch > 0
+                    }
+                    _ => false,
+                };
+                if disk_ok && ckpt {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > SYNC_TIMEOUT {
+                return Err(LabError::Timeout("sync to the peer".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pause(&self) -> Result<(), LabError> {
+        let mut vm = lock(&self.vm);
+        let Vm::Running(r) = &mut *vm else {
+            return Ok(());
+        };
+        r.svc.set_fenced(true);
+        r.svc_task.abort();
+        release_address();
+        if let Some(pid) = r.guest_pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        r.paused = true;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), LabError> {
+        let mut vm = lock(&self.vm);
+        let Vm::Running(r) = &mut *vm else {
+            return Err(LabError::WrongState("the VM does not run here".into()));
+        };
+        if !r.paused {
+            return Ok(());
+        }
+        if let Some(pid) = r.guest_pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        claim_address()?;
+        r.svc.set_fenced(false);
+        let (_, task) = self.serve(Arc::clone(&r.svc))?;
+        r.svc_task = task;
+        r.paused = false;
+        drop(vm);
+        announce()
+    }
+
+    fn destroy(&self) {
+        let mut vm = lock(&self.vm);
+        if let Vm::Running(r) = &*vm {
+            r.svc.set_fenced(true);
+            r.svc_task.abort();
+            release_address();
+            if let Some(l) = &r.out_link {
+                l.shutdown();
+            }
+        }
+        *vm = Vm::Standby; // drops the guest (killed) and the replication link
+        self.restart.store(true, Ordering::SeqCst);
+    }
+
+    fn agent_view(&self) -> AgentView {
+        let Some(hub) = self.hub.get() else {
+            return AgentView::default();
+        };
+        let s = hub.snapshot();
+        let mut v = AgentView {
+            quorum_ok: s.quorum.iter().any(|q| q.1),
+            ..AgentView::default()
+        };
+        if let Some(p) = s.peers.first() {
+            v.peer_silent = p.silent;
+            v.paths = p
+                .paths
+                .iter()
+                .map(|(id, up, _)| (id.to_string(), *up))
+                .collect();
+        }
+        if let Some(vm) = s.vms.iter().find(|v| v.record.vm.as_str() == VM) {
+            v.phase = json_word(&vm.record.phase);
+            v.primary = vm.record.primary.to_string();
+            v.generation = vm.record.generation;
+            v.local = json_word(&vm.local);
+            v.lease_valid = vm.lease_valid;
+        }
+        v
+    }
+
+    fn link_view(&self) -> LinkView {
+        let st = self.agent_link.status();
+        LinkView {
+            connected: st.connected,
+            paths: st
+                .paths
+                .iter()
+                .map(|p| PathView {
+                    up: p.up,
+                    rtt_ms: p.rtt_ms,
+                    connects: p.connects,
+                })
+                .collect(),
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let mut st = NodeStatus {
+            host: self.me(),
+            pid: std::process::id(),
+            updated_ms: now_ms(),
+            role: NodeRole::Standby,
+            serving: false,
+            service_count: 0,
+            guest_pid: None,
+            link: self.link_view(),
+            checkpoint: CheckpointView::default(),
+            disk_state: String::new(),
+            disk: serde_json::Value::Null,
+            disk_failed_ms: *lock(&self.disk_failed_ms),
+            takeover: None,
+            agent: self.agent_view(),
+        };
+        let vm = lock(&self.vm);
+        match &*vm {
+            Vm::Standby => {}
+            Vm::Replica(rep) => {
+                st.role = NodeRole::Secondary;
+                let s = rep.sec.status();
+                st.checkpoint = CheckpointView {
+                    phase: "receiving".into(),
+                    committed_epoch: s.committed_epoch.unwrap_or(0),
+                    ..CheckpointView::default()
+                };
+                st.disk_state = "copy".into();
+                st.disk = serde_json::to_value(rep.copy.status()).unwrap_or_default();
+            }
+            Vm::Running(r) => {
+                st.role = if r.paused {
+                    NodeRole::Fenced
+                } else {
+                    NodeRole::Primary
+                };
+                st.serving = !r.paused;
+                st.service_count = r.svc.count();
+                st.guest_pid = r.guest_pid;
+                st.takeover.clone_from(&r.takeover);
+                st.checkpoint = match &r.guest {
+                    Guest::Protected(p) => {
+                        let p = p.status();
+                        CheckpointView {
+                            phase: match &p.phase {
+                                CkptPhase::Failed(e) => format!("failed: {e}"),
+                                other => format!("{other:?}").to_lowercase(),
+                            },
+                            epoch: p.epoch,
+                            committed_epoch: p.committed_epoch,
+                            lag_bytes: p.lag_bytes,
+                            last_commit_age_ms: p
+                                .last_commit_age
+                                .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+                        }
+                    }
+                    _ => CheckpointView {
+                        phase: "unprotected".into(),
+                        ..CheckpointView::default()
+                    },
+                };
+                let d = r.mirror.status();
+                st.disk_state = if d.local_failure.is_some() {
+                    "remote".into()
+                } else if r.out_link.is_none() {
+                    "local".into()
+                } else {
+                    match d.peer {
+                        PeerLink::InSync => "in_sync",
+                        PeerLink::Resyncing => "resyncing",
+                        PeerLink::Degraded => "degraded",
+                    }
+                    .into()
+                };
+                st.disk = serde_json::to_value(&d).unwrap_or_default();
+            }
+        }
+        st
+    }
+
+    fn write_status(&self) {
+        let st = self.status();
+        if let Err(e) = self
+            .cfg
+            .dir
+            .write_json(&self.cfg.dir.status_file(self.me()), &st)
+        {
+            tracing::warn!(error = %e, "cannot write status");
+        }
+    }
+
+    /// Follows the agent: a standby node becomes the secondary once its agent knows the
+    /// peer runs the VM.
+    fn follow_agent(&self) {
+        if !matches!(*lock(&self.vm), Vm::Standby) {
+            return;
+        }
+        let a = self.agent_view();
+        let peer = self.me().peer();
+        if a.primary != peer.name() || a.peer_silent {
+            return;
+        }
+        match self.replica(peer) {
+            Ok(rep) => *lock(&self.vm) = Vm::Replica(rep),
+            Err(e) => self.event("cannot become the secondary", &e.to_string()),
+        }
+    }
+
+    fn fail_store(&self) {
+        let vm = lock(&self.vm);
+        if let Vm::Running(r) = &*vm {
+            r.faulty.fail();
+            let t = now_ms();
+            *lock(&self.disk_failed_ms) = Some(t);
+            self.event("local store fails (EIO)", "fault injected by the drill");
+        }
+    }
+}
+
+fn json_word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn with_port(a: std::net::SocketAddr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(a.ip(), port)
+}
+
+async fn bind_service() -> std::io::Result<TcpListener> {
+    // The address was just added; a restarted service may find the old socket lingering.
+    let mut last = None;
+    for _ in 0..20 {
+        match TcpListener::bind((SERVICE_IP, SERVICE_PORT)).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("bind failed")))
+}
+
+/// Adds the service address to this host's production port (no error if it is there).
+fn claim_address() -> Result<(), LabError> {
+    let ip = format!("{SERVICE_IP}/24");
+    match crate::topology::run("ip", &["addr", "add", &ip, "dev", PROD_IF]) {
+        Ok(_) => Ok(()),
+        Err(LabError::Command { stderr, .. }) if stderr.contains("exists") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the service address from this host (no error if it is not there).
+fn release_address() {
+    let ip = format!("{SERVICE_IP}/24");
+    let _ = crate::topology::run("ip", &["addr", "del", &ip, "dev", PROD_IF]);
 }
 
 /// Sends gratuitous ARPs for the service address from this host's production port.
@@ -201,38 +775,179 @@ fn announce() -> Result<(), LabError> {
     Ok(())
 }
 
-async fn answer_alive(host: Host) {
-    let Ok(l) = TcpListener::bind((host.prod_ip(), ALIVE_PORT)).await else {
-        tracing::warn!("cannot bind the alive port");
-        return;
-    };
-    while let Ok((s, _)) = l.accept().await {
-        drop(s);
+/// The lab's implementation of every agent seam, on the node's components.
+struct LabSeams(Arc<Node>);
+
+impl LabSeams {
+    fn check(vm: &VmId, op: &'static str) -> Result<(), SeamError> {
+        if vm.as_str() == VM {
+            Ok(())
+        } else {
+            Err(seam_err(op, format!("unknown VM {vm}")))
+        }
     }
 }
 
-fn peer_alive(peer: Host) -> bool {
-    let addr = SocketAddr::from((peer.prod_ip(), ALIVE_PORT));
-    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok()
+impl DomainStarter for LabSeams {
+    fn start(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "start")?;
+        let mut g = lock(&self.0.vm);
+        *g = Vm::Standby;
+        let r = self.0.boot().map_err(|e| seam_err("start", e))?;
+        *g = Vm::Running(r);
+        Ok(())
+    }
+    fn pause(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "pause")?;
+        self.0.event(
+            &format!("{VM} paused (fenced)"),
+            "the agent fenced its copy: service closed, address released, guest stopped",
+        );
+        self.0.pause().map_err(|e| seam_err("pause", e))
+    }
+    fn resume(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "resume")?;
+        self.0.resume().map_err(|e| seam_err("resume", e))
+    }
+    fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "destroy")?;
+        self.0.event(
+            &format!("{VM} copy dropped"),
+            "the peer owns the VM: this node restarts as its secondary",
+        );
+        self.0.destroy();
+        Ok(())
+    }
+}
+
+impl DiskMirror for LabSeams {
+    fn sync(&self, vm: &VmId, _peer: &HostId, full: bool) -> Result<(), SeamError> {
+        Self::check(vm, "sync")?;
+        let t = Instant::now();
+        self.0.sync().map_err(|e| seam_err("sync", e))?;
+        self.0.event(
+            &format!(
+                "{VM} in sync with {} ({} ms)",
+                self.0.me().peer().name(),
+                t.elapsed().as_millis()
+            ),
+            if full {
+                "initial sync: disk copied, memory checkpoints committed"
+            } else {
+                "resync: disk in sync, memory checkpoints committed"
+            },
+        );
+        Ok(())
+    }
+    fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "suspend")
+        // The mirror tracks the writes in its dirty bitmap by itself while no session
+        // exists, and the checkpoint stream waits on the link: nothing to stop.
+    }
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        Self::check(vm, "disk redirect")?;
+        let vm = lock(&self.0.vm);
+        match &*vm {
+            // blkback switched to the peer's copy (remote mode) at the first EIO.
+            Vm::Running(r) if !on || r.mirror.status().local_failure.is_some() => Ok(()),
+            _ => Err(seam_err(
+                "disk redirect",
+                "the mirror is not in remote mode",
+            )),
+        }
+    }
+}
+
+impl NetRelay for LabSeams {
+    fn redirect(&self, vm: &VmId, _on: bool) -> Result<(), SeamError> {
+        Self::check(vm, "uplink redirect")?;
+        Err(seam_err(
+            "uplink redirect",
+            "not available in the local pool yet",
+        ))
+    }
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "announce")?;
+        announce().map_err(|e| seam_err("announce", e))
+    }
+}
+
+impl Checkpointer for LabSeams {
+    fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "resume")?;
+        self.0
+            .resume_last_epoch()
+            .map_err(|e| seam_err("resume last epoch", e))
+    }
+}
+
+/// The agent's configuration for host `me` (validated by the agent's own config code).
+fn agent_config(cfg: &NodeConfig) -> Result<xenft_agent::config::ValidConfig, LabError> {
+    let me = cfg.host;
+    let peer = me.peer();
+    let file = ConfigFile {
+        host: host_id(me),
+        secret_file: cfg.dir.file("secret"),
+        state_file: cfg.dir.file(&format!("{}.agent-state.json", me.name())),
+        peers: vec![PeerFile {
+            host: host_id(peer),
+            alink: (0..2)
+                .map(|p| PathAddrs {
+                    local: me.alink_addr(p),
+                    peer: peer.alink_addr(p),
+                })
+                .collect(),
+            mgmt: Some(PathAddrs {
+                local: (me.mgmt_ip(), MGMT_HB_PORT).into(),
+                peer: (peer.mgmt_ip(), MGMT_HB_PORT).into(),
+            }),
+        }],
+        storage_heartbeat_dir: None,
+        quorum: vec![me.quorum_addr()],
+        timing: lab_timing(),
+        status: StatusFile {
+            listen: ([127, 0, 0, 1], STATUS_PORT).into(),
+            token_file: None,
+        },
+        vms: vec![VmSpec {
+            vm: vm_id(),
+            level: Level::L3,
+            primary: host_id(Host::Host1),
+            secondary: host_id(Host::Host2),
+            memory_mb: (cfg.memory_bytes >> 20).max(1),
+        }],
+        free_memory_mb: None,
+        event_log: 1000,
+        alink_transport: AlinkTransport::Link,
+        xenstore: false,
+    };
+    file.validate()
+        .map_err(|e| LabError::component("agent configuration", e))
 }
 
 /// Runs the node until killed.
-pub fn run(cfg: NodeConfig) -> Result<(), LabError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
+    let rt: Runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| LabError::component("tokio runtime", e))?;
+    // Components that spawn tasks when built (blkback's acceptor) need the runtime's context.
+    let _guard = rt.enter();
     let secret_path = cfg.dir.file("secret");
     let secret = std::fs::read(&secret_path).map_err(|source| LabError::Io {
         path: secret_path,
         source,
     })?;
+    let agent_cfg = agent_config(cfg)?;
+    let timing = agent_cfg.core.timing;
     let (me, peer) = (cfg.host, cfg.host.peer());
+    // The A-link the agent's heartbeats travel on (its per-path status is the agent's
+    // per-path liveness).
     let mut link_cfg = LinkConfig::new(
         me.name(),
         peer.name(),
-        secret,
+        secret.clone(),
         (0..2)
             .map(|p| PathConfig {
                 local: me.alink_addr(p),
@@ -240,285 +955,116 @@ pub fn run(cfg: NodeConfig) -> Result<(), LabError> {
             })
             .collect(),
     );
-    // Shared, loaded machines stall processes for hundreds of ms: a 1 s path timeout keeps
-    // the lab from flapping while still detecting a cut cable quickly.
-    link_cfg.path_timeout = PATH_TIMEOUT;
-    let link = rt
+    debug_assert_eq!(me.alink_addr(0).port(), ALINK_PORT);
+    link_cfg.heartbeat_interval = Duration::from_millis(timing.heartbeat_ms / 2);
+    link_cfg.path_timeout = Duration::from_millis(timing.path_down_ms);
+    let agent_link = rt
         .block_on(Link::start(link_cfg))
         .map_err(|e| LabError::component("a-link", e))?;
-    rt.spawn(answer_alive(me));
-    rt.spawn(crate::console::serve(cfg.dir.clone(), me));
-    let node = Node {
-        cfg,
-        rt,
-        link,
-        disk_failed_ms: Arc::new(Mutex::new(None)),
+    // A host (re)starting never holds the service address.
+    release_address();
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        handle: rt.handle().clone(),
+        secret,
+        agent_link: agent_link.clone(),
+        vm: Mutex::new(Vm::Standby),
+        hub: OnceLock::new(),
+        inputs: Arc::new(OnceLock::new()),
+        restart: AtomicBool::new(false),
+        disk_failed_ms: Mutex::new(None),
+    });
+
+    // Fresh pool (the agent has no record): the configured primary boots the VM, the other
+    // host waits for it as the secondary. Otherwise the node follows the agent.
+    let records = StateFile::new(&agent_cfg.state_file)
+        .load()
+        .map_err(|e| LabError::component("agent state", e))?;
+    let fresh = records.is_empty();
+    if fresh {
+        if me == Host::Host1 {
+            let r = node.boot()?;
+            *lock(&node.vm) = Vm::Running(r);
+        } else {
+            let rep = node.replica(peer)?;
+            *lock(&node.vm) = Vm::Replica(rep);
+        }
+    }
+    let seams = Seams {
+        domains: Arc::new(LabSeams(Arc::clone(&node))),
+        disk: Arc::new(LabSeams(Arc::clone(&node))),
+        net: Arc::new(LabSeams(Arc::clone(&node))),
+        checkpoint: Arc::new(LabSeams(Arc::clone(&node))),
     };
-    match me {
-        Host::Host1 => primary(&node),
-        Host::Host2 => secondary(&node),
-    }
-}
+    let listen = agent_cfg.status_listen;
+    let agent = rt
+        .block_on(Agent::start_with_links(
+            agent_cfg,
+            seams,
+            BTreeMap::from([(host_id(peer), agent_link)]),
+        ))
+        .map_err(|e| LabError::component("agent", e))?;
+    let _ = node.hub.set(agent.hub());
+    let _ = node.inputs.set(agent.inputs());
+    let _status = rt
+        .block_on(StatusServer::start(listen, None, agent.hub()))
+        .map_err(|e| LabError::component("agent status API", e))?;
+    // Every agent decision goes to the lab's event log (console, drill reports).
+    let mut decisions = agent.hub().subscribe();
+    let dir = cfg.dir.clone();
+    rt.spawn(async move {
+        loop {
+            match decisions.recv().await {
+                Ok(d) => dir.log_event(&Event {
+                    t_ms: now_ms(),
+                    host: d.host.to_string(),
+                    what: format!(
+                        "agent {}: {}",
+                        json_word(&d.class),
+                        match d.action {
+                            Action::Redirect(c) => format!("redirect {}", json_word(&c)),
+                            Action::Restore(c) => format!("restore {}", json_word(&c)),
+                            a => json_word(&a)
+                                .trim_start_matches("{\"kind\":\"")
+                                .trim_end_matches("\"}")
+                                .to_string(),
+                        }
+                    ),
+                    why: d.reason,
+                }),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    rt.spawn(crate::console::serve(cfg.dir.clone(), me));
 
-fn primary(node: &Node) -> Result<(), LabError> {
-    let _rt = node.rt.enter();
-    let size = node.cfg.disk_bytes;
-    let file = FileStore::open(&node.disk_path(), Some(size))
-        .map_err(|e| LabError::component("disk", e))?;
-    let faulty = Arc::new(FaultyStore::new(file));
-    let store: Arc<dyn Store> = faulty.clone();
-    let bitmap = DirtyBitmap::open(
-        &node.cfg.dir.file("host1.bitmap"),
-        store.size(),
-        DEFAULT_CHUNK,
-    )
-    .map_err(|e| LabError::component("dirty bitmap", e))?;
-    let mirror = Primary::new(
-        Arc::clone(&store),
-        bitmap,
-        MirrorConfig {
-            ack_timeout: Duration::from_millis(3000),
-            ..MirrorConfig::default()
-        },
-    );
-    let connector = AlinkConnector::new(node.link.clone())
-        .ok_or_else(|| LabError::component("disk mirror", "disk channel already taken"))?;
-    node.rt.spawn(Arc::clone(&mirror).run(connector));
-    let volume = Volume::mirrored(store, Arc::clone(&mirror));
-
-    if !node
-        .rt
-        .block_on(node.link.wait_connected(Duration::from_secs(20)))
-    {
-        return Err(LabError::Timeout(
-            "the A-link to host2 did not connect".into(),
-        ));
-    }
-    let domain = LocalDomain::spawn(&LocalGuestConfig {
-        binary: node.cfg.guest_binary.clone(),
-        memory_bytes: node.cfg.memory_bytes,
-        workload: node.guest_workload()?,
-        tracking: xenft_checkpoint::local::guest::Tracking::Auto,
-    })
-    .map_err(|e| LabError::component("synthetic guest", e))?;
-    let guest_pid = domain.guest_pid();
-    let endpoint = xenft_checkpoint::alink::endpoint(&node.link, node.rt.handle().clone())
-        .map_err(|e| LabError::component("checkpoint channel", e))?;
-    let sink = Arc::new(LastCommit(AtomicU64::new(0)));
-    let protection = start_protection(
-        domain,
-        endpoint,
-        sink,
-        PrimaryConfig {
-            epoch: EpochPolicy::Fixed(Duration::from_millis(node.cfg.epoch_ms)),
-            ..PrimaryConfig::default()
-        },
-    )
-    .map_err(|e| LabError::component("checkpoint primary", e))?;
-    node.event(
-        "protecting vm1 at level 3",
-        "guest memory checkpointed to host2 over the A-link; disk mirrored synchronously",
-    );
-    let svc = node.start_service(volume)?;
-    node.event(
-        "service up on 10.200.0.10:7000",
-        "host1 runs the VM; announced with gratuitous ARP",
-    );
-
-    let failed = Arc::clone(&node.disk_failed_ms);
-    let dir = node.cfg.dir.clone();
-    let mut sig = node
-        .rt
+    let mut sig = rt
         .block_on(async {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         })
         .map_err(|e| LabError::component("signal handler", e))?;
-    node.rt.spawn(async move {
+    let n = Arc::clone(&node);
+    rt.spawn(async move {
         while sig.recv().await.is_some() {
-            faulty.fail();
-            let t = now_ms();
-            *failed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(t);
-            dir.log_event(&Event {
-                t_ms: t,
-                host: "host1".into(),
-                what: "local store fails (EIO)".into(),
-                why: "fault injected by the drill".into(),
-            });
+            let n = Arc::clone(&n);
+            let _ = tokio::task::spawn_blocking(move || n.fail_store()).await;
         }
     });
 
-    let mut last_phase = String::new();
-    let mut last_peer = None;
     loop {
-        let p = protection.status();
-        let d = mirror.status();
-        let mut st = node.status_base(NodeRole::Primary);
-        st.serving = true;
-        st.service_count = svc.count();
-        st.guest_pid = guest_pid;
-        let phase = match &p.phase {
-            Phase::Failed(r) => format!("failed: {r}"),
-            other => format!("{other:?}").to_lowercase(),
-        };
-        if phase != last_phase {
-            node.event(
-                &format!("checkpoint {phase}"),
-                "memory replication state changed",
-            );
-            last_phase.clone_from(&phase);
+        node.follow_agent();
+        node.write_status();
+        if node.restart.load(Ordering::SeqCst) {
+            // Let the agent persist its new view before the process image is replaced.
+            std::thread::sleep(Duration::from_millis(500));
+            let exe = std::env::current_exe()
+                .map_err(|e| LabError::component("locating this binary", e))?;
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            node.event("node restarts", "to take the secondary role on fresh links");
+            let e = std::process::Command::new(exe).args(args).exec();
+            return Err(LabError::component("restarting the node", e));
         }
-        st.checkpoint = CheckpointView {
-            phase,
-            epoch: p.epoch,
-            committed_epoch: p.committed_epoch,
-            lag_bytes: p.lag_bytes,
-            last_commit_age_ms: p
-                .last_commit_age
-                .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
-        };
-        st.disk_state = if d.local_failure.is_some() {
-            "remote".into()
-        } else {
-            match d.peer {
-                PeerLink::InSync => "in_sync",
-                PeerLink::Resyncing => "resyncing",
-                PeerLink::Degraded => "degraded",
-            }
-            .into()
-        };
-        if last_peer != Some(d.peer) {
-            if let Some(prev) = last_peer {
-                node.event(
-                    &format!("disk mirror {}", st.disk_state),
-                    &format!("was {prev:?}"),
-                );
-            }
-            last_peer = Some(d.peer);
-        }
-        st.disk = serde_json::to_value(&d).unwrap_or_default();
-        node.write_status(&st);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn secondary(node: &Node) -> Result<(), LabError> {
-    let _rt = node.rt.enter();
-    let store: Arc<dyn Store> = Arc::new(
-        FileStore::open(&node.disk_path(), Some(node.cfg.disk_bytes))
-            .map_err(|e| LabError::component("disk copy", e))?,
-    );
-    let copy = Secondary::new(Arc::clone(&store), node.cfg.dir.file("host2.disk-state"));
-    let acceptor = AlinkAcceptor::new(&node.link)
-        .ok_or_else(|| LabError::component("disk mirror", "disk channel already taken"))?;
-    node.rt.spawn(Arc::clone(&copy).serve(acceptor));
-    let replica = LocalDomain::replica(node.cfg.guest_binary.clone(), node.cfg.memory_bytes)
-        .map_err(|e| LabError::component("replica memory", e))?;
-    let endpoint = xenft_checkpoint::alink::endpoint(&node.link, node.rt.handle().clone())
-        .map_err(|e| LabError::component("checkpoint channel", e))?;
-    let sec = start_secondary(replica, endpoint, SecondaryConfig::default())
-        .map_err(|e| LabError::component("checkpoint secondary", e))?;
-
-    let mut lost_since: Option<(Instant, u64)> = None;
-    let mut failed_probes = 0u32;
-    let mut said_alive = false;
-    let takeover_from = loop {
-        let mut st = node.status_base(NodeRole::Secondary);
-        let s = sec.status();
-        st.checkpoint = CheckpointView {
-            phase: "receiving".into(),
-            committed_epoch: s.committed_epoch.unwrap_or(0),
-            ..CheckpointView::default()
-        };
-        let c = copy.status();
-        st.disk_state = "copy".into();
-        st.disk = serde_json::to_value(&c).unwrap_or_default();
-        if s.committed_epoch.is_none() {
-            // Nothing to fail over to yet: not armed.
-        } else if st.link.connected {
-            if lost_since.take().is_some() {
-                node.event("A-link back", "a path to host1 is up again");
-            }
-            failed_probes = 0;
-            said_alive = false;
-        } else {
-            let (since, since_ms) = *lost_since.get_or_insert_with(|| {
-                node.event("A-link lost", "no path to host1 is up");
-                (Instant::now(), now_ms())
-            });
-            st.link_lost_ms = Some(since_ms);
-            if since.elapsed() >= LOST_GRACE {
-                if peer_alive(Host::Host1) {
-                    failed_probes = 0;
-                    st.peer_alive_on_prod = Some(true);
-                    if !said_alive {
-                        node.event(
-                            "no failover",
-                            "both A-links are down but host1 answers on the production \
-                             network: it is alive, taking over would split the brain",
-                        );
-                        said_alive = true;
-                    }
-                } else {
-                    failed_probes += 1;
-                    st.peer_alive_on_prod = Some(false);
-                    if failed_probes >= 2 {
-                        break since_ms;
-                    }
-                }
-            }
-        }
-        node.write_status(&st);
-        std::thread::sleep(Duration::from_millis(50));
-    };
-
-    let decided_ms = now_ms();
-    let reason = format!(
-        "no A-link path for {} ms and host1 silent on the production network \
-         (2 probes of {} ms): host1 is dead",
-        decided_ms.saturating_sub(takeover_from),
-        PROBE_TIMEOUT.as_millis()
-    );
-    node.event("host1 declared dead: failover", &reason);
-    let (domain, epoch) = sec
-        .failover()
-        .map_err(|e| LabError::component("checkpoint failover", e))?;
-    node.event(
-        &format!("guest resumed from checkpoint {epoch}"),
-        "the last checkpoint applied whole on host2",
-    );
-    let volume = Volume::local(Arc::clone(&store));
-    let svc = node.start_service(volume)?;
-    let serving_ms = now_ms();
-    node.event(
-        &format!(
-            "service up on host2 with {} records recovered from the disk copy",
-            svc.count()
-        ),
-        "service address moved to host2 and announced (gratuitous ARP)",
-    );
-    let takeover = Takeover {
-        link_lost_ms: takeover_from,
-        decided_ms,
-        serving_ms,
-        failover_epoch: epoch,
-        recovered_count: svc.count(),
-        reason,
-    };
-    loop {
-        let mut st = node.status_base(NodeRole::TookOver);
-        st.serving = true;
-        st.service_count = svc.count();
-        st.guest_pid = domain.guest_pid();
-        st.checkpoint = CheckpointView {
-            phase: "failed over (unprotected)".into(),
-            committed_epoch: epoch,
-            ..CheckpointView::default()
-        };
-        st.disk_state = "local".into();
-        st.takeover = Some(takeover.clone());
-        node.write_status(&st);
         std::thread::sleep(Duration::from_millis(100));
     }
 }

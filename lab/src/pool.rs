@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use rand::RngCore;
 
 use crate::state::{NodeRole, NodeStatus, PoolRecord, StateDir};
-use crate::topology::{self, Host, NS_CLIENT};
+use crate::topology::{self, Host, NS_CLIENT, NS_QUORUM, QUORUM_PORT};
 use crate::{now_ms, require_root, LabError};
 
 /// How `up` builds the pool.
@@ -44,7 +44,11 @@ fn spawn_in(
         path: log_path.clone(),
         source,
     };
-    let out = std::fs::File::create(&log_path).map_err(io)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io)?;
     let err = out.try_clone().map_err(io)?;
     let child = Command::new("ip")
         .args(["netns", "exec", ns])
@@ -123,6 +127,28 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
             cfg.epoch_ms.to_string(),
         ]
     };
+    let quorum_bin = cfg.exe.with_file_name("xenft-quorum");
+    if !quorum_bin.is_file() {
+        return Err(LabError::WrongState(format!(
+            "{} not found: build it with `cargo build -p xenft-agent --bins`",
+            quorum_bin.display()
+        )));
+    }
+    let lease = crate::node::lab_timing().lease_ms.to_string();
+    let quorum = spawn_in(
+        dir,
+        NS_QUORUM,
+        &quorum_bin,
+        &[
+            "--listen".into(),
+            format!("0.0.0.0:{QUORUM_PORT}"),
+            "--secret-file".into(),
+            dir.file("secret").display().to_string(),
+            "--lease-ms".into(),
+            lease,
+        ],
+        "quorum.log",
+    )?;
     let host2 = spawn_in(
         dir,
         Host::Host2.netns(),
@@ -141,7 +167,7 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
         dir,
         NS_CLIENT,
         &cfg.exe,
-        &["client".into(), "--dir".into(), root],
+        &["client".into(), "--dir".into(), root.clone()],
         "client.log",
     )?;
     let rec = PoolRecord {
@@ -149,11 +175,19 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
         host1_pid: pid_of(&host1)?,
         host2_pid: pid_of(&host2)?,
         client_pid: pid_of(&client)?,
+        quorum_pid: pid_of(&quorum)?,
+        exe: cfg.exe.clone(),
+        node_args: [node_args(Host::Host1), node_args(Host::Host2)],
     };
     dir.write_json(&dir.pool_file(), &rec)?;
     wait_ready(
         dir,
-        &mut [("host1", host1), ("host2", host2), ("client", client)],
+        &mut [
+            ("quorum", quorum),
+            ("host1", host1),
+            ("host2", host2),
+            ("client", client),
+        ],
         cfg.ready_timeout,
     )?;
     Ok(rec)
@@ -180,15 +214,59 @@ pub fn node_status(dir: &StateDir, h: Host) -> Result<Option<NodeStatus>, LabErr
     }))
 }
 
-/// True when host 1 protects the VM (checkpointing, disk in sync) and host 2 is receiving.
+/// The host running the VM when it is fully protected: its agent says `protected`, it
+/// checkpoints, its disk is in sync, and the other host receives.
+pub fn protected_primary(dir: &StateDir) -> Result<Option<Host>, LabError> {
+    for p in [Host::Host1, Host::Host2] {
+        let a = node_status(dir, p)?;
+        let b = node_status(dir, p.peer())?;
+        if matches!((a, b), (Some(a), Some(b))
+            if a.role == NodeRole::Primary && b.role == NodeRole::Secondary
+                && a.agent.phase == "protected"
+                && a.checkpoint.phase == "protected" && a.checkpoint.committed_epoch > 0
+                && a.disk_state == "in_sync" && a.serving
+                && b.checkpoint.committed_epoch > 0)
+        {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// True when the VM is fully protected (see [`protected_primary`]).
 pub fn protected(dir: &StateDir) -> Result<bool, LabError> {
-    let h1 = node_status(dir, Host::Host1)?;
-    let h2 = node_status(dir, Host::Host2)?;
-    Ok(matches!((h1, h2), (Some(a), Some(b))
-        if a.role == NodeRole::Primary && b.role == NodeRole::Secondary
-            && a.checkpoint.phase == "protected" && a.checkpoint.committed_epoch > 0
-            && a.disk_state == "in_sync" && a.serving
-            && b.checkpoint.committed_epoch > 0))
+    Ok(protected_primary(dir)?.is_some())
+}
+
+/// The host whose node runs the VM and serves it now, if one does.
+pub fn serving_host(dir: &StateDir) -> Result<Option<Host>, LabError> {
+    for h in [Host::Host1, Host::Host2] {
+        if node_status(dir, h)?.is_some_and(|s| s.serving) {
+            return Ok(Some(h));
+        }
+    }
+    Ok(None)
+}
+
+/// Starts host `h`'s node again (after a repair), with the arguments `up` used; returns
+/// its PID (recorded in the pool record).
+pub fn restart_node(dir: &StateDir, h: Host) -> Result<i32, LabError> {
+    let mut rec: PoolRecord = dir
+        .read_json(&dir.pool_file())?
+        .ok_or_else(|| LabError::WrongState("no lab pool".into()))?;
+    let child = spawn_in(
+        dir,
+        h.netns(),
+        &rec.exe,
+        rec.args(h),
+        &format!("{}.log", h.name()),
+    )?;
+    let pid = pid_of(&child)?;
+    // The child is watched through its status file; dropping the handle does not kill it.
+    drop(child);
+    rec.set_pid(h, pid);
+    dir.write_json(&dir.pool_file(), &rec)?;
+    Ok(pid)
 }
 
 fn wait_ready(
@@ -248,7 +326,7 @@ fn teardown(dir: &StateDir) -> Result<(), LabError> {
     let mut pids: Vec<i32> = Vec::new();
     if let Ok(Some(rec)) = dir.read_json::<PoolRecord>(&dir.pool_file()) {
         pids.extend(
-            [rec.host1_pid, rec.host2_pid, rec.client_pid]
+            [rec.host1_pid, rec.host2_pid, rec.client_pid, rec.quorum_pid]
                 .into_iter()
                 .filter(|p| is_lab_process(*p)),
         );
@@ -298,9 +376,10 @@ pub fn status(dir: &StateDir) -> Result<String, LabError> {
                     .collect();
                 let _ = writeln!(
                     out,
-                    "{}: {:?} serving={} records={} checkpoint={} committed_epoch={} lag={}B disk={} {}",
+                    "{}: {:?} agent={} serving={} records={} checkpoint={} committed_epoch={} lag={}B disk={} {}",
                     h.name(),
                     s.role,
+                    if s.agent.phase.is_empty() { "-" } else { &s.agent.phase },
                     s.serving,
                     s.service_count,
                     s.checkpoint.phase,

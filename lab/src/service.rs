@@ -90,6 +90,7 @@ pub struct Service {
     volume: Arc<Volume>,
     count: AtomicU64,
     host: &'static str,
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -99,6 +100,7 @@ impl Service {
             volume,
             count: AtomicU64::new(0),
             host,
+            fenced: std::sync::atomic::AtomicBool::new(false),
         });
         let mut n = 1;
         while n < s.capacity() && s.has(n).await {
@@ -112,6 +114,12 @@ impl Service {
     #[must_use]
     pub fn capacity(&self) -> u64 {
         self.volume.size() / RECORD
+    }
+
+    /// Fences (`true`) or unfences the service: a fenced service closes every connection at
+    /// its next request instead of answering.
+    pub fn set_fenced(&self, on: bool) {
+        self.fenced.store(on, Ordering::SeqCst);
     }
 
     /// Highest record stored.
@@ -166,6 +174,9 @@ impl Service {
                 let (rd, mut wr) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(rd.take(64 * 1024 * 1024)).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if me.fenced.load(Ordering::SeqCst) {
+                        return; // a fenced copy answers nobody
+                    }
                     if line.len() as u64 > MAX_LINE {
                         let _ = wr.write_all(b"ERR line too long\n").await;
                         return;

@@ -174,6 +174,13 @@ pub struct PoolRecord {
     pub host2_pid: i32,
     /// Client process.
     pub client_pid: i32,
+    /// Quorum server process (`xenft-quorum`).
+    pub quorum_pid: i32,
+    /// The `xenft-lab` binary and the node arguments of host 1 and host 2 (to restart a
+    /// repaired host).
+    pub exe: PathBuf,
+    /// Node arguments, `[host1, host2]`.
+    pub node_args: [Vec<String>; 2],
 }
 
 impl PoolRecord {
@@ -183,6 +190,23 @@ impl PoolRecord {
         match h {
             Host::Host1 => self.host1_pid,
             Host::Host2 => self.host2_pid,
+        }
+    }
+
+    /// Records a new node PID for `h`.
+    pub fn set_pid(&mut self, h: Host, pid: i32) {
+        match h {
+            Host::Host1 => self.host1_pid = pid,
+            Host::Host2 => self.host2_pid = pid,
+        }
+    }
+
+    /// The node arguments of `h`.
+    #[must_use]
+    pub fn args(&self, h: Host) -> &[String] {
+        match h {
+            Host::Host1 => &self.node_args[0],
+            Host::Host2 => &self.node_args[1],
         }
     }
 }
@@ -204,12 +228,36 @@ pub struct Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeRole {
-    /// Runs the VM and replicates it.
+    /// Runs the VM (and replicates it when its agent protects it).
     Primary,
     /// Holds the replica.
     Secondary,
-    /// Took the VM over after losing the primary (unprotected until repaired).
-    TookOver,
+    /// Holds the VM but paused it: its agent fenced it.
+    Fenced,
+    /// Neither runs the VM nor holds a replica yet (a restarted host waiting for its agent).
+    Standby,
+}
+
+/// What the host's agent (`xenft_agent`) says about the VM and the peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentView {
+    /// The VM's protection phase (`protected`, `degraded`, `failed-over`...), empty when the
+    /// agent has no record.
+    pub phase: String,
+    /// Which host the agent believes runs the VM.
+    pub primary: String,
+    /// Role generation.
+    pub generation: u64,
+    /// State of the local copy (`running`, `stopped`, `paused`, `starting`).
+    pub local: String,
+    /// Holds a live quorum lease.
+    pub lease_valid: bool,
+    /// The peer is silent on every path.
+    pub peer_silent: bool,
+    /// Per path: name, up.
+    pub paths: Vec<(String, bool)>,
+    /// Whether the last quorum request succeeded.
+    pub quorum_ok: bool,
 }
 
 /// A-link view.
@@ -247,12 +295,10 @@ pub struct CheckpointView {
     pub last_commit_age_ms: Option<u64>,
 }
 
-/// What host 2 did when it took over.
+/// What a node did when its agent made it take the VM over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Takeover {
-    /// When the A-link was seen without any path up.
-    pub link_lost_ms: u64,
-    /// When the node decided the peer was dead.
+    /// When the agent decided to take over (its `fail_over` decision reached the node).
     pub decided_ms: u64,
     /// When the service answered on the service address again.
     pub serving_ms: u64,
@@ -291,10 +337,8 @@ pub struct NodeStatus {
     pub disk: serde_json::Value,
     /// When the local store failed, if it did.
     pub disk_failed_ms: Option<u64>,
-    /// Since when no A-link path is up (None while connected).
-    pub link_lost_ms: Option<u64>,
-    /// Host 2: the peer answered on the production network while the A-links were down.
-    pub peer_alive_on_prod: Option<bool>,
-    /// Host 2 after a takeover.
+    /// After this node took the VM over.
     pub takeover: Option<Takeover>,
+    /// The agent's view.
+    pub agent: AgentView,
 }

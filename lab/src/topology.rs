@@ -1,8 +1,10 @@
 //! The lab's network: names, addresses, and building/removing it with `ip`.
 //!
-//! Four namespaces: `xftlab-host1`, `xftlab-host2`, `xftlab-client` and `xftlab-switch` (which
-//! holds the production bridge `br0`). Two veth pairs `alink1`/`alink2` join the hosts
-//! directly (the A-links); each of host1, host2 and client has a `prod0` port on the bridge.
+//! Five namespaces: `xftlab-host1`, `xftlab-host2`, `xftlab-client`, `xftlab-switch` (which
+//! holds the production bridge `br0`) and `xftlab-quorum` (the quorum server, and the router
+//! of the management network). Two veth pairs `alink1`/`alink2` join the hosts directly (the
+//! A-links); each of host1, host2 and client has a `prod0` port on the bridge; each host has a
+//! `mgmt0` link into the quorum namespace (management network, 10.202.0.0/16).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
@@ -19,8 +21,20 @@ pub const NS_HOST2: &str = "xftlab-host2";
 pub const NS_CLIENT: &str = "xftlab-client";
 /// Namespace holding the production bridge.
 pub const NS_SWITCH: &str = "xftlab-switch";
+/// Namespace of the quorum server; it is also the management network's router (each host's
+/// `mgmt0` is a point-to-point link into it, and it forwards between them).
+pub const NS_QUORUM: &str = "xftlab-quorum";
 /// All namespaces, in creation order.
-pub const NAMESPACES: [&str; 4] = [NS_SWITCH, NS_HOST1, NS_HOST2, NS_CLIENT];
+pub const NAMESPACES: [&str; 5] = [NS_SWITCH, NS_QUORUM, NS_HOST1, NS_HOST2, NS_CLIENT];
+
+/// The management interface in each host namespace.
+pub const MGMT_IF: &str = "mgmt0";
+/// Port of the quorum server (`xenft-quorum`) in [`NS_QUORUM`].
+pub const QUORUM_PORT: u16 = 7479;
+/// Port of the agents' management-network heartbeats.
+pub const MGMT_HB_PORT: u16 = 7480;
+/// Port of each agent's status API (loopback of the host namespace).
+pub const STATUS_PORT: u16 = 7481;
 
 /// The production interface in each host/client namespace.
 pub const PROD_IF: &str = "prod0";
@@ -95,6 +109,36 @@ impl Host {
     #[must_use]
     pub fn alink_ip(self, path: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 201, path + 1, self.octet())
+    }
+
+    /// Its management address (on `mgmt0`).
+    #[must_use]
+    pub fn mgmt_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 202, self.octet(), self.octet())
+    }
+
+    /// The quorum namespace's end of this host's management link: the host's gateway and
+    /// the address it reaches the quorum server on.
+    #[must_use]
+    pub fn mgmt_gw(self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 202, self.octet(), 254)
+    }
+
+    /// The quorum server, as this host reaches it.
+    #[must_use]
+    pub fn quorum_addr(self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.mgmt_gw(), QUORUM_PORT))
+    }
+
+    /// Port of the replication link on which this host is the sender (the VM runs here):
+    /// one link per direction, so a node that took the VM over replicates back to its peer
+    /// on a link it never used before.
+    #[must_use]
+    pub fn replication_port(self) -> u16 {
+        match self {
+            Self::Host1 => 7110,
+            Self::Host2 => 7120,
+        }
     }
 
     /// Its A-link socket address on `path`.
@@ -185,6 +229,66 @@ pub fn create() -> Result<(), LabError> {
             ip_in(h.netns(), &["link", "set", name, "up"])?;
         }
     }
+    // The management network: one point-to-point link per host into the quorum namespace,
+    // which routes between them (cutting that forwarding cuts the hosts' direct management
+    // path while each still reaches the quorum server).
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            NS_QUORUM,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    )?;
+    for h in [Host::Host1, Host::Host2] {
+        let port = format!("m-{}", h.name());
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                MGMT_IF,
+                "netns",
+                h.netns(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                NS_QUORUM,
+            ],
+        )?;
+        ip_in(
+            h.netns(),
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", h.mgmt_ip()),
+                "dev",
+                MGMT_IF,
+            ],
+        )?;
+        ip_in(h.netns(), &["link", "set", MGMT_IF, "up"])?;
+        ip_in(
+            NS_QUORUM,
+            &["addr", "add", &format!("{}/24", h.mgmt_gw()), "dev", &port],
+        )?;
+        ip_in(NS_QUORUM, &["link", "set", &port, "up"])?;
+        ip_in(
+            h.netns(),
+            &[
+                "route",
+                "add",
+                "10.202.0.0/16",
+                "via",
+                &h.mgmt_gw().to_string(),
+            ],
+        )?;
+    }
     // The production network: a bridge in its own namespace.
     ip_in(NS_SWITCH, &["link", "add", "br0", "type", "bridge"])?;
     ip_in(NS_SWITCH, &["link", "set", "br0", "up"])?;
@@ -225,6 +329,12 @@ pub fn pids_in_namespaces() -> Result<Vec<i32>, LabError> {
         pids.extend(out.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
     }
     Ok(pids)
+}
+
+/// Lets the quorum namespace forward between the hosts' management links (or not).
+pub fn set_mgmt_forwarding(on: bool) -> Result<(), LabError> {
+    let v = format!("net.ipv4.ip_forward={}", u8::from(on));
+    run("ip", &["netns", "exec", NS_QUORUM, "sysctl", "-qw", &v]).map(|_| ())
 }
 
 /// Sets an interface of a namespace up or down.

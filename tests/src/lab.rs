@@ -21,8 +21,8 @@ pub fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-/// Builds `xenft-lab` and `xenft-synthetic-guest` (a no-op after a workspace build), so a
-/// test never runs stale binaries.
+/// Builds `xenft-lab`, `xenft-synthetic-guest` and `xenft-quorum` (a no-op after a workspace
+/// build), so a test never runs stale binaries.
 pub fn build_binaries() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
@@ -34,6 +34,8 @@ pub fn build_binaries() {
             "xenft-lab",
             "-p",
             "xenft-checkpoint",
+            "-p",
+            "xenft-agent",
             "--bins",
         ])
         .arg("--manifest-path")
@@ -80,6 +82,21 @@ impl Lab {
             .args(args)
             .output()
             .expect("run xenft-lab")
+    }
+}
+
+impl Lab {
+    /// Starts `xenft-lab --dir <temp>/state ARGS` in the background (output captured).
+    #[must_use]
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(&self.exe)
+            .arg("--dir")
+            .arg(self.dir.path().join("state"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start xenft-lab")
     }
 }
 

@@ -1,7 +1,8 @@
 //! The availability console in a real browser (root, Debian `chromium`): headless Chromium in
 //! the client namespace loads host1's console and finds vm1 protected; a host drill kills
-//! host1; host2's console then shows vm1 failed over to host2, host1 down and the takeover
-//! with its reason in the event log. Screenshots of both go to tests/artifacts/.
+//! host1; while host1 is down host2's console shows vm1 failed over to host2 and host1 down;
+//! after the drill's repair it shows vm1 protected again on host2 and the agent's take-over
+//! decision with its reason in the event log. Screenshots go to tests/artifacts/.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -102,22 +103,45 @@ fn console_shows_vm1_protected_then_failed_over_after_a_host_drill() {
         &artifacts.join("console-protected.png"),
     );
 
-    let drill = lab.run(&["drill", "fault=host"]);
-    assert!(drill.status.success(), "host drill: {}", text(&drill));
-
+    // The drill keeps host1 down for 20 s before repairing it: look during the outage.
+    let drill = lab.spawn(&["drill", "fault=host", "--hold-ms", "20000"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = lab.run(&["status"]);
+        if String::from_utf8_lossy(&st.stdout).contains("host1: DOWN") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host1 never went down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
     // host1 is gone; its console with it. host2's console shows the outage.
-    let after = lab.dom("http://10.200.0.2:8080/");
-    let row = vm_row(&after);
+    let during = lab.dom("http://10.200.0.2:8080/");
+    let row = vm_row(&during);
     assert!(row.contains("running unprotected (failed over)"), "{row}");
     assert!(row.contains("host2"), "{row}");
     assert!(
-        after.contains("<td>host1</td><td class=\"down\">DOWN</td>"),
+        during.contains("<td>host1</td><td class=\"down\">DOWN</td>"),
         "host1 not shown down"
     );
     assert!(
-        after.contains("host1 declared dead: failover"),
-        "takeover event missing"
+        during.contains("agent peer_silent: fail_over"),
+        "the agent's take-over decision is missing"
     );
+    lab.screenshot(
+        "http://10.200.0.2:8080/",
+        &artifacts.join("console-during-host-drill.png"),
+    );
+
+    let drill = drill.wait_with_output().expect("drill");
+    assert!(drill.status.success(), "host drill: {}", text(&drill));
+    let after = lab.dom("http://10.200.0.2:8080/");
+    let row = vm_row(&after);
+    assert!(row.contains(">protected<"), "{row}");
+    assert!(row.contains("host2"), "{row}");
     assert!(
         after.contains("drill fault=host: PASS"),
         "drill verdict event missing"

@@ -43,7 +43,10 @@ fn cut_alink_drill_passes_with_no_acknowledged_write_lost() {
 
     let status = lab.run(&["status"]);
     let s = String::from_utf8_lossy(&status.stdout);
-    assert!(s.contains("host1: Primary serving=true"), "{s}");
+    assert!(
+        s.contains("host1: Primary agent=protected serving=true"),
+        "{s}"
+    );
     assert!(s.contains("host2: Secondary"), "{s}");
 }
 

@@ -98,7 +98,11 @@ enum Cmd {
         #[command(flatten)]
         up: UpArgs,
         /// Faults to drill, in order.
-        #[arg(long, value_delimiter = ',', default_value = "host,disk,alink,alinks")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "host,alink,alinks,partition,disk"
+        )]
         faults: Vec<String>,
         /// How long a cut A-link stays cut, ms.
         #[arg(long, default_value_t = 3000)]
@@ -131,6 +135,9 @@ enum Cmd {
         addr: Option<SocketAddr>,
         #[arg(long)]
         request: String,
+        /// Connect/read timeout.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
     },
 }
 
@@ -219,7 +226,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             epoch_ms,
         } => {
             let host: Host = host.parse()?;
-            node::run(NodeConfig {
+            node::run(&NodeConfig {
                 host,
                 dir,
                 guest_binary,
@@ -237,9 +244,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 timeout: Duration::from_millis(300),
             })?;
         }
-        Cmd::Ask { addr, request } => {
+        Cmd::Ask {
+            addr,
+            request,
+            timeout_ms,
+        } => {
             let addr = addr.unwrap_or_else(|| SocketAddr::from((SERVICE_IP, SERVICE_PORT)));
-            let mut c = xenft_lab::service::Conn::connect(addr, Duration::from_secs(30))
+            let timeout = Duration::from_millis(timeout_ms.clamp(10, 600_000));
+            let mut c = xenft_lab::service::Conn::connect(addr, timeout)
                 .with_context(|| format!("connecting to {addr}"))?;
             println!("{}", c.ask(&request)?);
         }
