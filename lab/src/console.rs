@@ -11,6 +11,7 @@
 //! nodes' status files (each carries its agent's view: phase, generation, lease, paths) and
 //! the event log (every agent decision with its reason, plus the nodes' own events).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -22,6 +23,16 @@ use crate::now_ms;
 use crate::pool::{node_status, protected_primary};
 use crate::state::{NodeRole, StateDir};
 use crate::topology::Host;
+
+/// The protect/unprotect actions of the page, carried out by the node serving it.
+pub trait Control: Send + Sync {
+    /// Protects (`on`) or unprotects the VM; `forwarded` when another node already handled
+    /// the request and passes it on. Returns what was done, or why not.
+    ///
+    /// # Errors
+    /// The reason, in words.
+    fn set_protection(&self, on: bool, forwarded: bool) -> Result<String, String>;
+}
 
 /// Port of the console on each host's production address.
 pub const CONSOLE_PORT: u16 = 8080;
@@ -62,7 +73,7 @@ pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
         (Some(p), _, _) => ("protected".to_string(), p.name()),
         (None, Some(r), _) => (
             match r.agent.phase.as_str() {
-                "" => "running".to_string(),
+                "" => "unprotected".to_string(),
                 "failed-over" => "running unprotected (failed over)".to_string(),
                 "syncing" | "resyncing" => format!("running, {}", r.agent.phase),
                 p => format!("running, protection {p}"),
@@ -98,6 +109,7 @@ pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
             "rpo_bytes": lag, "last_commit_age_ms": age,
             "expected_failover_ms": expected_failover_ms,
             "disk_resync": resync,
+            "protected_by_agent": statuses.iter().any(|s| !s.agent.phase.is_empty()),
         }],
         "client": {
             "acked_writes": acks.len(),
@@ -115,7 +127,49 @@ pub fn page(snap: &Value) -> String {
     PAGE.replace("/*INITIAL*/null", &json)
 }
 
-async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()> {
+/// This host's agent status, read from its status API (`GET /status` on loopback).
+async fn agent_status() -> Value {
+    let fetch = async {
+        let mut s = TcpStream::connect(("127.0.0.1", crate::topology::STATUS_PORT)).await?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.take(4 << 20).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(Duration::from_millis(500), fetch).await {
+        Ok(Ok(buf)) => {
+            let text = String::from_utf8_lossy(&buf);
+            text.split_once("\r\n\r\n")
+                .and_then(|(_, body)| serde_json::from_str(body).ok())
+                .unwrap_or(Value::Null)
+        }
+        _ => Value::Null,
+    }
+}
+
+/// The snapshot plus this host's agent status (from its status API).
+async fn full_snapshot(dir: &StateDir, me: Host) -> Value {
+    let mut snap = snapshot(dir, me);
+    snap["agent"] = agent_status().await;
+    snap
+}
+
+async fn reply(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+    let h = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nAccess-Control-Allow-Origin: *\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(h.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await
+}
+
+async fn handle(
+    mut s: TcpStream,
+    dir: StateDir,
+    me: Host,
+    ctl: Arc<dyn Control>,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut n = 0;
     while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -135,8 +189,33 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
     let cors = "Access-Control-Allow-Origin: *\r\nCache-Control: no-cache\r\n";
     match (method, path) {
+        ("POST", p) if p.starts_with("/api/vm/vm1/") => {
+            let (action, query) = p["/api/vm/vm1/".len()..]
+                .split_once('?')
+                .unwrap_or((&p["/api/vm/vm1/".len()..], ""));
+            let on = match action {
+                "protect" => true,
+                "unprotect" => false,
+                _ => return reply(&mut s, "404 Not Found", "text/plain", "unknown action").await,
+            };
+            let forwarded = query == "forwarded=1";
+            let r = tokio::task::spawn_blocking(move || ctl.set_protection(on, forwarded)).await;
+            match r {
+                Ok(Ok(msg)) => reply(&mut s, "200 OK", "text/plain", &msg).await,
+                Ok(Err(e)) => reply(&mut s, "409 Conflict", "text/plain", &e).await,
+                Err(e) => {
+                    reply(
+                        &mut s,
+                        "500 Internal Server Error",
+                        "text/plain",
+                        &e.to_string(),
+                    )
+                    .await
+                }
+            }
+        }
         ("GET", "/") => {
-            let page = page(&snapshot(&dir, me));
+            let page = page(&full_snapshot(&dir, me).await);
             let h = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n{cors}Connection: close\r\n\r\n",
                 page.len()
@@ -145,7 +224,7 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
             s.write_all(page.as_bytes()).await
         }
         ("GET", "/api/state") => {
-            let body = snapshot(&dir, me).to_string();
+            let body = full_snapshot(&dir, me).await.to_string();
             let h = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{cors}Connection: close\r\n\r\n",
                 body.len()
@@ -159,7 +238,7 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
             );
             s.write_all(h.as_bytes()).await?;
             loop {
-                let msg = format!("data: {}\n\n", snapshot(&dir, me));
+                let msg = format!("data: {}\n\n", full_snapshot(&dir, me).await);
                 s.write_all(msg.as_bytes()).await?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -172,15 +251,16 @@ async fn handle(mut s: TcpStream, dir: StateDir, me: Host) -> std::io::Result<()
 }
 
 /// Serves the console on this host's production address until the listener fails.
-pub async fn serve(dir: StateDir, me: Host) {
+pub async fn serve(dir: StateDir, me: Host, ctl: Arc<dyn Control>) {
     let Ok(l) = TcpListener::bind((me.prod_ip(), CONSOLE_PORT)).await else {
         tracing::warn!("cannot bind the console port");
         return;
     };
     while let Ok((s, _)) = l.accept().await {
         let d = dir.clone();
+        let c = Arc::clone(&ctl);
         tokio::spawn(async move {
-            let _ = handle(s, d, me).await;
+            let _ = handle(s, d, me, c).await;
         });
     }
 }

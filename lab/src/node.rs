@@ -137,6 +137,7 @@ struct Running {
     svc_task: tokio::task::JoinHandle<()>,
     paused: bool,
     out_link: Option<Link>,
+    mirror_task: Option<tokio::task::JoinHandle<()>>,
     takeover: Option<Takeover>,
 }
 
@@ -161,6 +162,8 @@ struct Node {
     hub: OnceLock<Arc<StatusHub>>,
     inputs: Arc<OnceLock<mpsc::Sender<Input>>>,
     restart: AtomicBool,
+    /// Protection removed from the console: do not become the secondary until protected.
+    unprotected: AtomicBool,
     disk_failed_ms: Mutex<Option<u64>>,
 }
 
@@ -334,6 +337,7 @@ impl Node {
             svc_task,
             paused: false,
             out_link: None,
+            mirror_task: None,
             takeover: None,
         })
     }
@@ -424,6 +428,7 @@ impl Node {
             svc_task,
             paused: false,
             out_link: None,
+            mirror_task: None,
             takeover: Some(takeover),
         });
         Ok(())
@@ -438,11 +443,22 @@ impl Node {
                 return Err(LabError::WrongState("the VM does not run here".into()));
             };
             if r.out_link.is_none() {
-                let link = self.replication_link(self.me())?;
+                // A link of an earlier protection may still hold the port for a moment.
+                let mut tries = 0;
+                let link = loop {
+                    match self.replication_link(self.me()) {
+                        Ok(l) => break l,
+                        Err(e) if tries >= 30 => return Err(e),
+                        Err(_) => {
+                            tries += 1;
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                };
                 let connector = AlinkConnector::new(link.clone()).ok_or_else(|| {
                     LabError::component("disk mirror", "disk channel already taken")
                 })?;
-                self.handle.spawn(Arc::clone(&r.mirror).run(connector));
+                r.mirror_task = Some(self.handle.spawn(Arc::clone(&r.mirror).run(connector)));
                 let endpoint = xenft_checkpoint::alink::endpoint(&link, self.handle.clone())
                     .map_err(|e| LabError::component("checkpoint channel", e))?;
                 r.out_link = Some(link);
@@ -687,7 +703,7 @@ impl Node {
     /// Follows the agent: a standby node becomes the secondary once its agent knows the
     /// peer runs the VM.
     fn follow_agent(&self) {
-        if !matches!(*lock(&self.vm), Vm::Standby) {
+        if self.unprotected.load(Ordering::SeqCst) || !matches!(*lock(&self.vm), Vm::Standby) {
             return;
         }
         let a = self.agent_view();
@@ -699,6 +715,98 @@ impl Node {
             Ok(rep) => *lock(&self.vm) = Vm::Replica(rep),
             Err(e) => self.event("cannot become the secondary", &e.to_string()),
         }
+    }
+
+    /// Stops replicating (protection removed): the running copy stops its checkpoint stream
+    /// and disk mirror (the guest keeps running, writes are tracked in the dirty bitmap);
+    /// a secondary drops its replica.
+    fn stop_replication(&self) {
+        self.unprotected.store(true, Ordering::SeqCst);
+        let mut vm = lock(&self.vm);
+        match &mut *vm {
+            Vm::Running(r) => {
+                if let Guest::Protected(p) = std::mem::replace(&mut r.guest, Guest::Gone) {
+                    // Stop while the peer still answers: the last epoch completes.
+                    match p.stop() {
+                        Ok(d) => r.guest = Guest::Bare(d),
+                        Err(e) => {
+                            self.event("checkpoint stream ended with an error", &e.to_string());
+                        }
+                    }
+                }
+                if let Some(t) = r.mirror_task.take() {
+                    t.abort();
+                }
+                if let Some(l) = r.out_link.take() {
+                    l.shutdown();
+                }
+            }
+            Vm::Replica(rep) => {
+                rep.link.shutdown();
+                *vm = Vm::Standby;
+            }
+            Vm::Standby => {}
+        }
+    }
+
+    /// Protect (`on`) or unprotect the VM on this host: the agent gets the input, the
+    /// components follow. Unless `forwarded`, the peer is told too (over the production
+    /// network, its console's API), the running copy's host first.
+    fn set_protection(&self, on: bool, forwarded: bool) -> Result<String, String> {
+        let inputs = self
+            .inputs
+            .get()
+            .ok_or_else(|| "the agent is not running yet".to_string())?;
+        let (me, peer) = (self.me(), self.me().peer());
+        let running = matches!(*lock(&self.vm), Vm::Running(_));
+        let mut said = Vec::new();
+        let tell_peer = |said: &mut Vec<String>| {
+            if !forwarded {
+                said.push(match forward(peer, on) {
+                    Ok(m) => m,
+                    Err(e) => format!("{}: not reached ({e})", peer.name()),
+                });
+            }
+        };
+        if !running {
+            tell_peer(&mut said);
+        }
+        if on {
+            let primary = if running { me } else { peer };
+            self.unprotected.store(false, Ordering::SeqCst);
+            inputs
+                .blocking_send(Input::Protect(VmSpec {
+                    vm: vm_id(),
+                    level: Level::L3,
+                    primary: host_id(primary),
+                    secondary: host_id(primary.peer()),
+                    memory_mb: (self.cfg.memory_bytes >> 20).max(1),
+                }))
+                .map_err(|e| e.to_string())?;
+            self.event(
+                &format!("protect {VM} requested (console)"),
+                &format!("agent told: level 3, primary {}", primary.name()),
+            );
+            said.push(format!("{}: protecting {VM}", me.name()));
+        } else {
+            inputs
+                .blocking_send(Input::Unprotect(vm_id()))
+                .map_err(|e| e.to_string())?;
+            self.stop_replication();
+            self.event(
+                &format!("unprotect {VM} requested (console)"),
+                if running {
+                    "agent record dropped; checkpoint stream and disk mirror stopped, the VM keeps running"
+                } else {
+                    "agent record dropped; replica discarded"
+                },
+            );
+            said.push(format!("{}: {VM} unprotected", me.name()));
+        }
+        if running {
+            tell_peer(&mut said);
+        }
+        Ok(said.join("; "))
     }
 
     fn fail_store(&self) {
@@ -773,6 +881,44 @@ fn announce() -> Result<(), LabError> {
             .map_err(|e| LabError::component("sending gratuitous ARP", e))?;
     }
     Ok(())
+}
+
+/// Tells `peer`'s node to protect or unprotect (POST to its console, marked forwarded).
+fn forward(peer: Host, on: bool) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from((peer.prod_ip(), crate::console::CONSOLE_PORT));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let path = format!(
+        "/api/vm/{VM}/{}?forwarded=1",
+        if on { "protect" } else { "unprotect" }
+    );
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.take(64 * 1024)
+        .read_to_string(&mut out)
+        .map_err(|e| e.to_string())?;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    if out.starts_with("HTTP/1.1 200") {
+        Ok(body.to_string())
+    } else {
+        Err(body.to_string())
+    }
+}
+
+/// The console's protect/unprotect buttons, on this node.
+struct LabControl(Arc<Node>);
+
+impl crate::console::Control for LabControl {
+    fn set_protection(&self, on: bool, forwarded: bool) -> Result<String, String> {
+        self.0.set_protection(on, forwarded)
+    }
 }
 
 /// The lab's implementation of every agent seam, on the node's components.
@@ -972,6 +1118,7 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         hub: OnceLock::new(),
         inputs: Arc::new(OnceLock::new()),
         restart: AtomicBool::new(false),
+        unprotected: AtomicBool::new(false),
         disk_failed_ms: Mutex::new(None),
     });
 
@@ -1037,7 +1184,11 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
             }
         }
     });
-    rt.spawn(crate::console::serve(cfg.dir.clone(), me));
+    rt.spawn(crate::console::serve(
+        cfg.dir.clone(),
+        me,
+        Arc::new(LabControl(Arc::clone(&node))),
+    ));
 
     let mut sig = rt
         .block_on(async {
