@@ -17,9 +17,7 @@ use serde::Serialize;
 use crate::pool::{node_status, protected_primary, restart_node};
 use crate::service::{parse_check, CheckResult};
 use crate::state::{Event, NodeStatus, PoolRecord, StateDir};
-use crate::topology::{
-    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT,
-};
+use crate::topology::{self, Host, ALINK_IFS, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT};
 use crate::{now_ms, require_root, LabError};
 
 /// The faults the lab can inject.
@@ -414,9 +412,7 @@ fn host(
     if let Some(g) = before.guest_pid.and_then(|g| i32::try_from(g).ok()) {
         let _ = kill(Pid::from_raw(g), Signal::SIGKILL);
     }
-    for ifname in [PROD_IF, ALINK_IFS[0], ALINK_IFS[1], MGMT_IF] {
-        topology::set_link(p.netns(), ifname, false)?;
-    }
+    topology::set_host_links(p, false)?;
     let took = wait_for(Duration::from_secs(30), || {
         Ok(node_status(dir, s)?.and_then(|st| st.takeover))
     })?;
@@ -470,9 +466,7 @@ fn host(
     let repair = Instant::now();
     let vip = format!("{SERVICE_IP}/24");
     let _ = topology::ip_in(p.netns(), &["addr", "del", &vip, "dev", PROD_IF]);
-    for ifname in [PROD_IF, ALINK_IFS[0], ALINK_IFS[1], MGMT_IF] {
-        topology::set_link(p.netns(), ifname, true)?;
-    }
+    topology::set_host_links(p, true)?;
     restart_node(dir, p)?;
     match wait_protected(dir, s, repair, Duration::from_secs(240))? {
         Some(ms) => {

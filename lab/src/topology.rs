@@ -331,6 +331,23 @@ pub fn pids_in_namespaces() -> Result<Vec<i32>, LabError> {
     Ok(pids)
 }
 
+/// Brings every link of host `h` (production, A-links, management) down or up; on the way
+/// up, the management route that the kernel dropped with the link comes back too.
+pub fn set_host_links(h: Host, up: bool) -> Result<(), LabError> {
+    for ifname in [PROD_IF, ALINK_IFS[0], ALINK_IFS[1], MGMT_IF] {
+        set_link(h.netns(), ifname, up)?;
+    }
+    if up {
+        let gw = h.mgmt_gw().to_string();
+        match ip_in(h.netns(), &["route", "add", "10.202.0.0/16", "via", &gw]) {
+            Ok(_) => {}
+            Err(LabError::Command { stderr, .. }) if stderr.contains("exists") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Lets the quorum namespace forward between the hosts' management links (or not).
 pub fn set_mgmt_forwarding(on: bool) -> Result<(), LabError> {
     let v = format!("net.ipv4.ip_forward={}", u8::from(on));
