@@ -35,6 +35,8 @@ pub enum Fault {
     /// The A-links and the hosts' direct management path are cut; both hosts still reach
     /// the quorum server, which decides who keeps the VM.
     Partition,
+    /// The primary's production interface goes down.
+    Uplink,
 }
 
 impl std::str::FromStr for Fault {
@@ -46,12 +48,9 @@ impl std::str::FromStr for Fault {
             "alinks" => Ok(Self::Alinks),
             "disk" => Ok(Self::Disk),
             "partition" => Ok(Self::Partition),
-            "uplink" => Err(LabError::WrongState(format!(
-                "fault={s} is not implemented in the local pool yet (host, alink, alinks, \
-                 partition, disk are)"
-            ))),
+            "uplink" => Ok(Self::Uplink),
             _ => Err(LabError::WrongState(format!(
-                "unknown fault {s:?} (host, alink, alinks, partition, disk)"
+                "unknown fault {s:?} (host, alink, alinks, partition, uplink, disk)"
             ))),
         }
     }
@@ -65,6 +64,7 @@ impl fmt::Display for Fault {
             Self::Alinks => "alinks",
             Self::Disk => "disk",
             Self::Partition => "partition",
+            Self::Uplink => "uplink",
         })
     }
 }
@@ -318,6 +318,7 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         Fault::Alinks => alinks(dir, cfg, &mut r, primary, &ALINK_IFS)?,
         Fault::Partition => partition(dir, cfg, &mut r, primary)?,
         Fault::Disk => disk(dir, &rec, &mut r, primary)?,
+        Fault::Uplink => uplink(dir, cfg, &mut r, primary)?,
     }
     data_check(dir, &cfg.exe, &mut r)?;
     r.final_state = Some(final_state(dir)?);
@@ -340,6 +341,15 @@ fn final_state(dir: &StateDir) -> Result<String, LabError> {
             p.name(),
             p.peer().name()
         ));
+    }
+    if let Some(p) = crate::pool::serving_host(dir)? {
+        if status(dir, p)?.disk_state == "remote" {
+            return Ok(format!(
+                "running on {}, disk redirected to {}'s copy (remote mode)",
+                p.name(),
+                p.peer().name()
+            ));
+        }
     }
     let mut parts = Vec::new();
     for h in [Host::Host1, Host::Host2] {
@@ -690,6 +700,81 @@ fn partition(
     heal(dir, r, p, repair)
 }
 
+fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
+    let s = p.peer();
+    let fault_ms = now_ms();
+    topology::set_link(p.netns(), PROD_IF, false)?;
+    match wait_decision(dir, p, fault_ms, "redirect uplink", Duration::from_secs(10))? {
+        Some(d) => {
+            r.detection_ms = Some(d.t_ms.saturating_sub(fault_ms));
+            r.why = format!("{}'s agent: {}", p.name(), d.why);
+        }
+        None => r.fail(format!(
+            "{}'s agent made no redirect decision for the uplink",
+            p.name()
+        )),
+    }
+    let hold_end = Instant::now() + cfg.hold;
+    while Instant::now() < hold_end {
+        if node_status(dir, s)?.is_some_and(|st| st.serving || st.takeover.is_some()) {
+            r.fail(format!("{} took the VM over", s.name()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !wait_acks_after(
+        dir,
+        fault_ms + u64::try_from(cfg.hold.as_millis()).unwrap_or(0),
+        5,
+        Duration::from_secs(10),
+    )? {
+        r.fail(format!(
+            "the client was not served through {} while {}'s uplink was down",
+            s.name(),
+            p.name()
+        ));
+    }
+    r.downtime_ms = longest_gap(&dir.acks()?, fault_ms);
+    let hp = status(dir, p)?;
+    if !hp.serving {
+        r.fail(format!("{} stopped serving", p.name()));
+    }
+    r.action = format!(
+        "no failover; {} keeps running vm1, its traffic goes over alink1 and {} relays it to \
+         the production network (proxy ARP for the service address + host route)",
+        p.name(),
+        s.name()
+    );
+    let repair = Instant::now();
+    let repair_ms = now_ms();
+    topology::set_link(p.netns(), PROD_IF, true)?;
+    match wait_decision(dir, p, repair_ms, "restore uplink", Duration::from_secs(10))? {
+        Some(d) => r.notes.push(format!(
+            "repair: {}'s agent restored the uplink after {} ms: {}",
+            p.name(),
+            d.t_ms.saturating_sub(repair_ms),
+            d.why
+        )),
+        None => r.fail(format!(
+            "{}'s agent did not restore the uplink after the repair",
+            p.name()
+        )),
+    }
+    let restored = wait_for(Duration::from_secs(10), || {
+        Ok(dir
+            .events_since(repair_ms)?
+            .into_iter()
+            .find(|e| e.host == p.name() && e.what == "uplink restored"))
+    })?;
+    if restored.is_none() {
+        r.fail(format!("{} never announced its own uplink again", p.name()));
+    }
+    if !wait_acks_after(dir, now_ms(), 5, Duration::from_secs(10))? {
+        r.fail("the client was not served after the uplink came back");
+    }
+    heal(dir, r, p, repair)
+}
+
 fn disk(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
     let fault_ms = now_ms();
     kill(Pid::from_raw(rec.pid(p)), Signal::SIGUSR1)
@@ -787,7 +872,8 @@ mod tests {
 
     #[test]
     fn unimplemented_faults_are_refused_by_name() {
-        assert!("uplink".parse::<Fault>().is_err());
+        assert!("meteor".parse::<Fault>().is_err());
+        assert_eq!("uplink".parse::<Fault>().unwrap(), Fault::Uplink);
         assert_eq!("partition".parse::<Fault>().unwrap(), Fault::Partition);
         assert_eq!("disk".parse::<Fault>().unwrap(), Fault::Disk);
     }

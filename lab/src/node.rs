@@ -44,7 +44,7 @@ use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Checkpointer, DiskMirror, DomainStarter, NetRelay, SeamError, Seams};
 use xenft_agent::status::{StatusHub, StatusServer};
 use xenft_agent::timing::Timing;
-use xenft_alink::{Link, LinkConfig, PathConfig};
+use xenft_alink::{Channel, Link, LinkConfig, PathConfig};
 use xenft_blkback::mirror::alink::{AlinkAcceptor, AlinkConnector};
 use xenft_blkback::mirror::bitmap::{DirtyBitmap, DEFAULT_CHUNK};
 use xenft_blkback::mirror::primary::{MirrorConfig, PeerLink, Primary};
@@ -64,7 +64,7 @@ use crate::state::{
     AgentView, CheckpointView, Event, LinkView, NodeRole, NodeStatus, PathView, StateDir, Takeover,
 };
 use crate::topology::{
-    Host, ALINK_PORT, MGMT_HB_PORT, PROD_IF, SERVICE_IP, SERVICE_PORT, STATUS_PORT,
+    Host, ALINK_IFS, ALINK_PORT, MGMT_HB_PORT, PROD_IF, SERVICE_IP, SERVICE_PORT, STATUS_PORT,
 };
 use crate::{now_ms, LabError};
 
@@ -809,6 +809,149 @@ impl Node {
         Ok(said.join("; "))
     }
 
+    /// Uplink redirect (`on`) or restore, on the host running the VM: its replies to the
+    /// production network go over `alink1` to the peer, and the peer relays the client's
+    /// traffic for the service address back (proxy ARP + a host route), asked over the
+    /// A-link's control channel.
+    fn uplink_redirect(&self, on: bool) -> Result<(), LabError> {
+        let via = self.me().peer().alink_ip(0).to_string();
+        let prod_net = "10.200.0.0/24";
+        if on {
+            match crate::topology::run(
+                "ip",
+                &[
+                    "route",
+                    "add",
+                    prod_net,
+                    "via",
+                    &via,
+                    "dev",
+                    ALINK_IFS[0],
+                    "metric",
+                    "50",
+                ],
+            ) {
+                Ok(_) => {}
+                Err(LabError::Command { stderr, .. }) if stderr.contains("exists") => {}
+                Err(e) => return Err(e),
+            }
+            self.control(RELAY_ON)?;
+            self.event(
+                "uplink redirected through the peer",
+                "replies leave over alink1; the peer relays the client's traffic (proxy ARP)",
+            );
+        } else {
+            announce()?;
+            self.control(RELAY_OFF)?;
+            let _ = crate::topology::run(
+                "ip",
+                &[
+                    "route",
+                    "del",
+                    prod_net,
+                    "via",
+                    &via,
+                    "dev",
+                    ALINK_IFS[0],
+                    "metric",
+                    "50",
+                ],
+            );
+            self.event(
+                "uplink restored",
+                "service address announced from this host's own uplink again",
+            );
+        }
+        Ok(())
+    }
+
+    fn control(&self, msg: &'static [u8]) -> Result<(), LabError> {
+        self.handle
+            .block_on(
+                self.agent_link
+                    .send(Channel::Control, bytes::Bytes::from_static(msg)),
+            )
+            .map_err(|e| LabError::component("A-link control channel", e))
+    }
+
+    /// On the peer of a host whose uplink failed: relay the service address to it.
+    fn relay(&self, on: bool) {
+        let target = self.me().peer().alink_ip(0).to_string();
+        let vip = SERVICE_IP.to_string();
+        let run = |args: &[&str]| crate::topology::run(args[0], &args[1..]);
+        let r = if on {
+            run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                .and_then(|_| {
+                    run(&[
+                        "ip",
+                        "route",
+                        "replace",
+                        &vip,
+                        "via",
+                        &target,
+                        "dev",
+                        ALINK_IFS[0],
+                    ])
+                })
+                .and_then(
+                    |_| match run(&["ip", "neigh", "add", "proxy", &vip, "dev", PROD_IF]) {
+                        Err(LabError::Command { stderr, .. }) if stderr.contains("exists") => {
+                            Ok(String::new())
+                        }
+                        other => other,
+                    },
+                )
+                .and_then(|_| announce().map(|()| String::new()))
+        } else {
+            let _ = run(&["ip", "neigh", "del", "proxy", &vip, "dev", PROD_IF]);
+            let _ = run(&["ip", "route", "del", &vip, "via", &target]);
+            run(&["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        };
+        match r {
+            Ok(_) => self.event(
+                if on {
+                    "relaying the service address for the peer"
+                } else {
+                    "relay of the service address stopped"
+                },
+                if on {
+                    "the peer's uplink failed: proxy ARP on prod0, routed over alink1"
+                } else {
+                    "the peer's uplink works again"
+                },
+            ),
+            Err(e) => self.event("relay failed", &e.to_string()),
+        }
+    }
+
+    /// Reports the production port's state changes to the agent while the VM runs here.
+    fn watch_uplink(&self, last: &mut Option<bool>) {
+        let up = std::fs::read_to_string(format!("/sys/class/net/{PROD_IF}/operstate"))
+            .map(|s| s.trim() != "down")
+            .unwrap_or(false);
+        let runs_here = matches!(&*lock(&self.vm), Vm::Running(r) if !r.paused);
+        if !runs_here {
+            *last = None;
+            return;
+        }
+        if *last == Some(up) {
+            return;
+        }
+        let first = last.is_none();
+        *last = Some(up);
+        if first && up {
+            return;
+        }
+        if let Some(tx) = self.inputs.get() {
+            let _ = tx.try_send(Input::Component {
+                vm: Some(vm_id()),
+                component: Component::Uplink,
+                ok: up,
+                detail: format!("{PROD_IF} is {}", if up { "up" } else { "down" }),
+            });
+        }
+    }
+
     fn fail_store(&self) {
         let vm = lock(&self.vm);
         if let Vm::Running(r) = &*vm {
@@ -882,6 +1025,9 @@ fn announce() -> Result<(), LabError> {
     }
     Ok(())
 }
+
+const RELAY_ON: &[u8] = b"uplink-relay on";
+const RELAY_OFF: &[u8] = b"uplink-relay off";
 
 /// Tells `peer`'s node to protect or unprotect (POST to its console, marked forwarded).
 fn forward(peer: Host, on: bool) -> Result<String, String> {
@@ -1005,12 +1151,11 @@ impl DiskMirror for LabSeams {
 }
 
 impl NetRelay for LabSeams {
-    fn redirect(&self, vm: &VmId, _on: bool) -> Result<(), SeamError> {
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
         Self::check(vm, "uplink redirect")?;
-        Err(seam_err(
-            "uplink redirect",
-            "not available in the local pool yet",
-        ))
+        self.0
+            .uplink_redirect(on)
+            .map_err(|e| seam_err("uplink redirect", e))
     }
     fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
         Self::check(vm, "announce")?;
@@ -1190,6 +1335,22 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         Arc::new(LabControl(Arc::clone(&node))),
     ));
 
+    // The peer's requests on the A-link's control channel (uplink relay).
+    if let Some(mut rx) = node.agent_link.receiver(Channel::Control) {
+        let n = Arc::clone(&node);
+        rt.spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let on = match &m[..] {
+                    RELAY_ON => true,
+                    RELAY_OFF => false,
+                    _ => continue,
+                };
+                let n = Arc::clone(&n);
+                let _ = tokio::task::spawn_blocking(move || n.relay(on)).await;
+            }
+        });
+    }
+
     let mut sig = rt
         .block_on(async {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
@@ -1203,7 +1364,9 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         }
     });
 
+    let mut uplink = None;
     loop {
+        node.watch_uplink(&mut uplink);
         node.follow_agent();
         node.write_status();
         if node.restart.load(Ordering::SeqCst) {

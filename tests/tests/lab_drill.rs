@@ -1,4 +1,6 @@
-//! The local pool end to end (root): `xenft-lab up`, a real A-link cut, `xenft-lab down`.
+//! The local pool end to end (root): `xenft-lab up`, real faults (an A-link cut; a host
+//! killed, repaired and re-protected, then a partition and an uplink failure against the new
+//! primary), `xenft-lab down`.
 //!
 //! Runs the real binaries: two node processes and a client in network namespaces, a
 //! synthetic guest protected at level 3, a mirrored disk. The drill cuts `alink1` with
@@ -48,6 +50,79 @@ fn cut_alink_drill_passes_with_no_acknowledged_write_lost() {
         "{s}"
     );
     assert!(s.contains("host2: Secondary"), "{s}");
+}
+
+/// Runs one drill with `--json`; its report.
+fn drill(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    let d = lab.run(args);
+    let out = String::from_utf8_lossy(&d.stdout);
+    let line = out.lines().last().unwrap_or_default();
+    let report: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("no JSON report ({e}): {}", text(&d)));
+    assert!(d.status.success(), "drill failed: {}", text(&d));
+    assert_eq!(report["failures"], serde_json::json!([]), "{report}");
+    let acked = report["acked_writes"].as_u64().expect("acked_writes");
+    assert_eq!(report["data"]["missing"].as_u64(), Some(0), "{report}");
+    assert_eq!(report["data"]["checked"].as_u64(), Some(acked), "{report}");
+    report
+}
+
+#[test]
+fn host_drill_reprotects_then_partition_and_uplink_keep_one_serving_copy() {
+    if !require_root("host_drill_reprotects_then_partition_and_uplink_keep_one_serving_copy") {
+        return;
+    }
+    let lab = Lab::new();
+    let up = lab.run(&["up"]);
+    assert!(up.status.success(), "lab up failed: {}", text(&up));
+
+    // host1 dies: host2's agent takes over (quorum granted), host1 comes back as secondary.
+    let r = drill(&lab, &["drill", "fault=host", "--hold-ms", "500", "--json"]);
+    assert!(
+        r["why"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("quorum granted"),
+        "{r}"
+    );
+    assert!(r["resync_ms"].as_u64().is_some(), "{r}");
+    assert_eq!(
+        r["final_state"], "protected (vm1 on host2, host1 secondary)",
+        "{r}"
+    );
+
+    // Partition against the new primary: the quorum server keeps it there.
+    let r = drill(
+        &lab,
+        &["drill", "fault=partition", "--hold-ms", "3000", "--json"],
+    );
+    assert_eq!(r["primary"], "host2", "{r}");
+    let action = r["action"].as_str().unwrap_or_default();
+    assert!(action.contains("0 with two serving copies"), "{r}");
+    assert!(
+        r["why"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("claim was denied"),
+        "{r}"
+    );
+
+    // host2's uplink fails: host1 relays, no failover.
+    let r = drill(
+        &lab,
+        &["drill", "fault=uplink", "--hold-ms", "2000", "--json"],
+    );
+    assert!(
+        r["action"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no failover"),
+        "{r}"
+    );
+    assert_eq!(
+        r["final_state"], "protected (vm1 on host2, host1 secondary)",
+        "{r}"
+    );
 }
 
 #[test]
