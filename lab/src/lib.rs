@@ -3,39 +3,52 @@
 //! `xenft-lab up` builds the pool out of network namespaces and real processes:
 //!
 //! ```text
-//!   xftlab-host1                      xftlab-host2                 xftlab-client
-//!   node (primary)  ==alink1 veth==  node (secondary)             client: PUT n every 20 ms,
-//!    synthetic guest ==alink2 veth==   replica memory              logs each acknowledged n
-//!    blkback Primary (disk mirror) ->  blkback Secondary copy
-//!    service on VIP 10.200.0.10:7000   (takes the VIP over)
-//!        \______________ prod0 ____ xftlab-switch: bridge br0 ____ prod0 ______/
+//!   xftlab-host1                          xftlab-host2                  xftlab-client
+//!   node: agent + VM (primary)  ==alink1==  node: agent + replica        client: PUT n every
+//!    synthetic guest, blkback    ==alink2==   (secondary)                20 ms, logs each
+//!    Primary, service on VIP                                             acknowledged n
+//!        \___ mgmt0 ___ xftlab-quorum (xenft-quorum, routes mgmt) ___ mgmt0 ___/
+//!        \__________ prod0 ____ xftlab-switch: bridge br0 ____ prod0 __________/
 //! ```
 //!
-//! One A-link ([`xenft_alink::Link`], two paths over two veth pairs) carries the checkpoint
-//! stream of a synthetic guest ([`xenft_checkpoint`], level 3: memory + vCPU epochs) and the
-//! synchronous disk mirror ([`xenft_blkback`]). The VM's service (see [`service`]) stores every
-//! client write as a record on the mirrored disk and acknowledges it only after the write
-//! completed on both copies; the client logs what was acknowledged. On takeover host 2 resumes
-//! the guest from its last applied checkpoint, opens its disk copy, recovers the service's
-//! counter from it, moves the service address and announces it with a gratuitous ARP built by
-//! [`xenft_netback::frame`].
+//! Each host runs one node process ([`node`]) that embeds the product's agent
+//! ([`xenft_agent::runtime::Agent`]): heartbeats over the A-link (its `Heartbeat` channel,
+//! per-path liveness from the link) and the management network, quorum leases from the
+//! `xenft-quorum` server in its own namespace, fencing, take-over and re-protection. The
+//! agent decides; the node carries its commands out on real in-process components through
+//! the agent's seam traits: the level-3 checkpoint engine ([`xenft_checkpoint`], memory +
+//! vCPU epochs of a synthetic guest), the synchronous blkback disk mirror ([`xenft_blkback`]),
+//! the VM's service (see [`service`]) on the service address, gratuitous ARPs built by
+//! [`xenft_netback::frame`], and an uplink relay through the peer. Roles are not fixed: the
+//! host running the VM replicates it to the other one on its own replication link; after a
+//! take-over the old primary, once repaired, comes back as the secondary.
 //!
-//! `xenft-lab drill` ([`drill`]) injects a fault for real (SIGKILL and interfaces down for a
-//! host, `ip link set down` for A-links, an EIO-failing store for the disk), then measures from
-//! outside: detection time and decision from the nodes' status files, downtime from the
-//! client's acknowledgement log, data check by reading every acknowledged record back through
-//! the service, and repair/resync time.
+//! The service stores every client write as a record on the mirrored disk and acknowledges
+//! it only after the write completed on both copies; the client logs what was acknowledged.
+//!
+//! `xenft-lab drill` ([`drill`]) injects a fault for real against whichever host runs the VM
+//! (SIGKILL and interfaces down for a host, `ip link set down` for A-links and the uplink,
+//! management forwarding off for a partition, an EIO-failing store for the disk), then
+//! measures from outside: detection time and the agent's decision with its reason from the
+//! event log, downtime from the client's acknowledgement log, never two serving copies
+//! (partition), the data check by reading every acknowledged record back through the
+//! service, repair/resync time and the final state.
+//!
+//! Lab timing: the agent runs with [`node::lab_timing`] (path down 1 s, peer dead 1.5 s, lease
+//! 1.5 s, margin 0.5 s) instead of the product defaults that fit a take-over within 1 s: this
+//! machine is shared by several builds on two cores, where processes stall for hundreds of ms.
 //!
 //! # Modules
 //! - [`topology`]: names, addresses, namespace and veth set-up/tear-down (`ip`).
 //! - [`state`]: the state directory (PIDs, node status files, events).
-//! - [`node`]: the per-host process (runs inside a host namespace).
+//! - [`node`]: the per-host process: the agent and the lab's seams (runs in a host namespace).
 //! - [`service`]: the VM's record service and its wire protocol.
 //! - [`client`]: the client load generator.
 //! - [`pool`]: `up` / `down` / `status`.
 //! - [`drill`]: the fire drill and its report.
 //! - [`compat`]: what this machine supports per level (Xen and local pool), and why.
-//! - [`console`]: the availability console (HTML + server-sent events) served by each node.
+//! - [`console`]: the availability console (HTML + server-sent events, protect/unprotect)
+//!   served by each node.
 //! - [`demo`]: up, a series of drills, a summary table, down.
 
 pub mod client;

@@ -70,8 +70,13 @@ use crate::{now_ms, LabError};
 
 /// The protected VM's name.
 pub const VM: &str = "vm1";
-/// A-link path timeout of the replication links.
-pub const PATH_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A-link path timeout of the replication links: how long client writes in flight on a cut
+/// cable wait before they are sent again on the other one (and, with both cut, part of the
+/// stall before the disk mirror goes degraded). Heartbeats go every
+/// [`PATH_HEARTBEAT`], so a path is declared down after 8 missed heartbeats.
+pub const PATH_TIMEOUT: Duration = Duration::from_millis(400);
+/// A-link heartbeat interval of the replication links.
+pub const PATH_HEARTBEAT: Duration = Duration::from_millis(50);
 /// Longest a sync command waits for the disk and the checkpoint stream.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -235,6 +240,7 @@ impl Node {
                 .collect(),
         );
         lc.path_timeout = PATH_TIMEOUT;
+        lc.heartbeat_interval = PATH_HEARTBEAT;
         self.handle
             .block_on(Link::start(lc))
             .map_err(|e| LabError::component("replication link", e))
