@@ -618,6 +618,7 @@ fn partition(
     p: Host,
 ) -> Result<(), LabError> {
     let s = p.peer();
+    let claims_before = status(dir, s)?.agent.quorum_requests;
     let fault_ms = now_ms();
     for ifname in ALINK_IFS {
         topology::set_link(p.netns(), ifname, false)?;
@@ -643,6 +644,11 @@ fn partition(
         ));
     }
     let (hp, hs) = (status(dir, p)?, status(dir, s)?);
+    // A secondary asks the quorum server only to claim the VM.
+    let claims = hs.agent.quorum_requests.saturating_sub(claims_before);
+    if claims == 0 {
+        r.fail(format!("{} never asked the quorum server", s.name()));
+    }
     if !hp.serving {
         r.fail(format!("{} stopped serving", p.name()));
     }
@@ -660,7 +666,8 @@ fn partition(
             r.detection_ms = Some(d.t_ms.saturating_sub(fault_ms));
             r.why = format!(
                 "{}'s agent: {}; the quorum server kept the lease with {} (its agent renews \
-                 it: lease_valid={}), so {}'s claim was denied (lease_valid={}, local copy {})",
+                 it: lease_valid={}), so {}'s {claims} claims were denied (lease_valid={}, \
+                 local copy {})",
                 s.name(),
                 d.why,
                 p.name(),

@@ -578,6 +578,7 @@ impl Node {
         let s = hub.snapshot();
         let mut v = AgentView {
             quorum_ok: s.quorum.iter().any(|q| q.1),
+            quorum_requests: s.counters.quorum_requests,
             ..AgentView::default()
         };
         if let Some(p) = s.peers.first() {

@@ -258,6 +258,9 @@ pub struct AgentView {
     pub paths: Vec<(String, bool)>,
     /// Whether the last quorum request succeeded.
     pub quorum_ok: bool,
+    /// Quorum requests sent since the agent started (leases renewed or claims).
+    #[serde(default)]
+    pub quorum_requests: u64,
 }
 
 /// A-link view.

@@ -103,7 +103,7 @@ fn host_drill_reprotects_then_partition_and_uplink_keep_one_serving_copy() {
         r["why"]
             .as_str()
             .unwrap_or_default()
-            .contains("claim was denied"),
+            .contains("claims were denied"),
         "{r}"
     );
 
