@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::pool::{node_status, protected_primary, restart_node};
 use crate::service::{parse_check, CheckResult};
 use crate::state::{Event, NodeStatus, PoolRecord, StateDir};
-use crate::topology::{self, Host, ALINK_IFS, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT};
+use crate::topology::{
+    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT,
+};
 use crate::{now_ms, require_root, LabError};
 
 /// The faults the lab can inject.
@@ -37,6 +39,9 @@ pub enum Fault {
     Partition,
     /// The primary's production interface goes down.
     Uplink,
+    /// The primary loses its A-links and its management link (peer and quorum server) but
+    /// keeps its production interface: clients still reach it; it must fence itself.
+    Isolate,
 }
 
 impl std::str::FromStr for Fault {
@@ -49,8 +54,9 @@ impl std::str::FromStr for Fault {
             "disk" => Ok(Self::Disk),
             "partition" => Ok(Self::Partition),
             "uplink" => Ok(Self::Uplink),
+            "isolate" => Ok(Self::Isolate),
             _ => Err(LabError::WrongState(format!(
-                "unknown fault {s:?} (host, alink, alinks, partition, uplink, disk)"
+                "unknown fault {s:?} (host, alink, alinks, partition, isolate, uplink, disk)"
             ))),
         }
     }
@@ -65,6 +71,7 @@ impl fmt::Display for Fault {
             Self::Disk => "disk",
             Self::Partition => "partition",
             Self::Uplink => "uplink",
+            Self::Isolate => "isolate",
         })
     }
 }
@@ -319,6 +326,7 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         Fault::Partition => partition(dir, cfg, &mut r, primary)?,
         Fault::Disk => disk(dir, &rec, &mut r, primary)?,
         Fault::Uplink => uplink(dir, cfg, &mut r, primary)?,
+        Fault::Isolate => isolate(dir, cfg, &mut r, primary)?,
     }
     data_check(dir, &cfg.exe, &mut r)?;
     r.final_state = Some(final_state(dir)?);
@@ -626,18 +634,7 @@ fn partition(
     topology::set_mgmt_forwarding(false)?;
     // Hold long enough for the secondary to declare the primary silent and ask the quorum
     // server; probe both hosts' view of the service all along.
-    let hold = cfg.hold.max(Duration::from_secs(5));
-    let end = Instant::now() + hold;
-    let (mut probes, mut two) = (0u32, 0u32);
-    while Instant::now() < end {
-        let a = who_serves(&cfg.exe, p);
-        let b = who_serves(&cfg.exe, s);
-        probes += 1;
-        if a.as_deref() == Some(p.name()) && b.as_deref() == Some(s.name()) {
-            two += 1;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (probes, two) = probe_copies(&cfg.exe, p, cfg.hold.max(Duration::from_secs(5)));
     if two > 0 {
         r.fail(format!(
             "split brain: both hosts served the VM in {two} of {probes} probes"
@@ -705,6 +702,104 @@ fn partition(
         topology::set_link(p.netns(), ifname, true)?;
     }
     heal(dir, r, p, repair)
+}
+
+/// Probes both hosts' view of the service every 100 ms for `hold`: (probes, probes in which
+/// each host answered with its own copy).
+fn probe_copies(exe: &Path, p: Host, hold: Duration) -> (u32, u32) {
+    let end = Instant::now() + hold;
+    let (mut probes, mut two) = (0u32, 0u32);
+    while Instant::now() < end {
+        let a = who_serves(exe, p);
+        let b = who_serves(exe, p.peer());
+        probes += 1;
+        if a.as_deref() == Some(p.name()) && b.as_deref() == Some(p.peer().name()) {
+            two += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (probes, two)
+}
+
+fn isolate(
+    dir: &StateDir,
+    cfg: &DrillConfig,
+    r: &mut DrillReport,
+    p: Host,
+) -> Result<(), LabError> {
+    let s = p.peer();
+    let fault_ms = now_ms();
+    for ifname in [ALINK_IFS[0], ALINK_IFS[1], MGMT_IF] {
+        topology::set_link(p.netns(), ifname, false)?;
+    }
+    let (probes, two) = probe_copies(&cfg.exe, p, cfg.hold.max(Duration::from_secs(6)));
+    if two > 0 {
+        r.fail(format!(
+            "split brain: both hosts served the VM in {two} of {probes} probes"
+        ));
+    }
+    let fence = agent_decision(dir, p, fault_ms, "fence")?;
+    let failover = agent_decision(dir, s, fault_ms, "fail_over")?;
+    match (&fence, &failover) {
+        (Some(f), Some(o)) => {
+            r.detection_ms = Some(o.t_ms.saturating_sub(fault_ms));
+            r.why = format!(
+                "{}'s agent fenced at +{} ms: {}; {}'s agent: {}",
+                p.name(),
+                f.t_ms.saturating_sub(fault_ms),
+                f.why,
+                s.name(),
+                o.why
+            );
+            if f.t_ms > o.t_ms {
+                r.fail("the isolated primary fenced after the peer took over");
+            }
+        }
+        _ => r.fail(format!(
+            "expected a fence on {} and a fail_over on {} (got {} and {})",
+            p.name(),
+            s.name(),
+            fence.is_some(),
+            failover.is_some()
+        )),
+    }
+    let (hp, hs) = (status(dir, p)?, status(dir, s)?);
+    if hp.serving || !hs.serving {
+        r.fail(format!(
+            "after the isolation {} serving={} and {} serving={}",
+            p.name(),
+            hp.serving,
+            s.name(),
+            hs.serving
+        ));
+    }
+    r.action = format!(
+        "{} paused its copy (fenced: no lease, no promise), {} took the VM over; {probes} \
+         probes of both hosts, {two} with two serving copies",
+        p.name(),
+        s.name()
+    );
+    if !wait_acks_after(dir, now_ms(), 5, Duration::from_secs(10))? {
+        r.fail("the client was not served after the take-over");
+    }
+    r.downtime_ms = longest_gap(&dir.acks()?, fault_ms);
+    let repair = Instant::now();
+    topology::set_host_links(p, true)?;
+    match wait_protected(dir, s, repair, Duration::from_secs(120))? {
+        Some(ms) => {
+            r.resync_ms = Some(ms);
+            r.notes.push(format!(
+                "repair: {}'s agent stepped down (the peer owns the VM at a higher generation), \
+                 dropped its fenced copy and became the secondary",
+                p.name()
+            ));
+        }
+        None => r.fail(format!(
+            "not protected again 120 s after the repair ({})",
+            final_state(dir)?
+        )),
+    }
+    Ok(())
 }
 
 fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Result<(), LabError> {

@@ -710,7 +710,12 @@ impl Node {
     /// Follows the agent: a standby node becomes the secondary once its agent knows the
     /// peer runs the VM.
     fn follow_agent(&self) {
-        if self.unprotected.load(Ordering::SeqCst) || !matches!(*lock(&self.vm), Vm::Standby) {
+        // A node about to restart must not become the secondary: the primary would sync to a
+        // process that is going away.
+        if self.unprotected.load(Ordering::SeqCst)
+            || self.restart.load(Ordering::SeqCst)
+            || !matches!(*lock(&self.vm), Vm::Standby)
+        {
             return;
         }
         let a = self.agent_view();
@@ -1379,9 +1384,13 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         if node.restart.load(Ordering::SeqCst) {
             // Let the agent persist its new view before the process image is replaced.
             std::thread::sleep(Duration::from_millis(500));
-            let exe = std::env::current_exe()
-                .map_err(|e| LabError::component("locating this binary", e))?;
-            let args: Vec<String> = std::env::args().skip(1).collect();
+            // argv[0] is the path `up` started (current_exe would name a deleted file after
+            // a rebuild).
+            let mut argv = std::env::args_os();
+            let exe = argv
+                .next()
+                .ok_or_else(|| LabError::component("restarting the node", "no argv[0]"))?;
+            let args: Vec<std::ffi::OsString> = argv.collect();
             node.event("node restarts", "to take the secondary role on fresh links");
             let e = std::process::Command::new(exe).args(args).exec();
             return Err(LabError::component("restarting the node", e));

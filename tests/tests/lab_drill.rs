@@ -68,8 +68,10 @@ fn drill(lab: &Lab, args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn host_drill_reprotects_then_partition_and_uplink_keep_one_serving_copy() {
-    if !require_root("host_drill_reprotects_then_partition_and_uplink_keep_one_serving_copy") {
+fn host_drill_reprotects_then_partition_isolation_and_uplink_keep_one_serving_copy() {
+    if !require_root(
+        "host_drill_reprotects_then_partition_isolation_and_uplink_keep_one_serving_copy",
+    ) {
         return;
     }
     let lab = Lab::new();
@@ -107,7 +109,29 @@ fn host_drill_reprotects_then_partition_and_uplink_keep_one_serving_copy() {
         "{r}"
     );
 
-    // host2's uplink fails: host1 relays, no failover.
+    // host2 is cut from host1 and the quorum server but clients still reach it: it fences,
+    // host1 takes over, host2 comes back as the secondary.
+    let r = drill(
+        &lab,
+        &["drill", "fault=isolate", "--hold-ms", "3000", "--json"],
+    );
+    assert!(
+        r["action"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("0 with two serving copies"),
+        "{r}"
+    );
+    assert!(
+        r["why"].as_str().unwrap_or_default().contains("fenced"),
+        "{r}"
+    );
+    assert_eq!(
+        r["final_state"], "protected (vm1 on host1, host2 secondary)",
+        "{r}"
+    );
+
+    // host1's uplink fails: host2 relays, no failover.
     let r = drill(
         &lab,
         &["drill", "fault=uplink", "--hold-ms", "2000", "--json"],

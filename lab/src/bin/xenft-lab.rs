@@ -101,7 +101,7 @@ enum Cmd {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "host,alink,alinks,partition,uplink,disk"
+            default_value = "host,alink,alinks,partition,isolate,uplink,disk"
         )]
         faults: Vec<String>,
         /// How long a cut A-link stays cut, ms.
