@@ -144,7 +144,7 @@ fn host_drill_reprotects_then_partition_isolation_and_uplink_keep_one_serving_co
         "{r}"
     );
     assert_eq!(
-        r["final_state"], "protected (vm1 on host2, host1 secondary)",
+        r["final_state"], "protected (vm1 on host1, host2 secondary)",
         "{r}"
     );
 }
