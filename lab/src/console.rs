@@ -93,7 +93,11 @@ pub fn snapshot(dir: &StateDir, served_by: Host) -> Value {
         .and_then(|a| a.disk.get("resync").cloned())
         .unwrap_or(Value::Null);
     let t = lab_timing();
-    let expected_failover_ms = t.peer_dead_ms.max(t.lease_ms) + t.heartbeat_ms;
+    let expected_failover_ms = statuses
+        .iter()
+        .map(|s| s.agent.expected_failover_ms)
+        .find(|v| *v > 0)
+        .unwrap_or(t.peer_dead_ms.max(t.lease_ms) + t.heartbeat_ms);
     let events = dir
         .events_since(now_ms().saturating_sub(3_600_000))
         .unwrap_or_default();

@@ -98,6 +98,16 @@ pub fn lab_timing() -> Timing {
     }
 }
 
+/// The agent timing: the product's defaults, or [`lab_timing`].
+#[must_use]
+pub fn agent_timing(product: bool) -> Timing {
+    if product {
+        Timing::default()
+    } else {
+        lab_timing()
+    }
+}
+
 /// Node settings.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -115,6 +125,8 @@ pub struct NodeConfig {
     pub epoch_ms: u64,
     /// Guest dirtying rate, bytes/s.
     pub dirty_rate: u64,
+    /// Agent timing: the product's defaults rather than [`lab_timing`].
+    pub product_timing: bool,
 }
 
 struct LastCommit(AtomicU64);
@@ -579,6 +591,10 @@ impl Node {
         let mut v = AgentView {
             quorum_ok: s.quorum.iter().any(|q| q.1),
             quorum_requests: s.counters.quorum_requests,
+            expected_failover_ms: {
+                let t = agent_timing(self.cfg.product_timing);
+                t.peer_dead_ms.max(t.lease_ms) + t.heartbeat_ms
+            },
             ..AgentView::default()
         };
         if let Some(p) = s.peers.first() {
@@ -1207,7 +1223,7 @@ fn agent_config(cfg: &NodeConfig) -> Result<xenft_agent::config::ValidConfig, La
         }],
         storage_heartbeat_dir: None,
         quorum: vec![me.quorum_addr()],
-        timing: lab_timing(),
+        timing: agent_timing(cfg.product_timing),
         status: StatusFile {
             listen: ([127, 0, 0, 1], STATUS_PORT).into(),
             token_file: None,

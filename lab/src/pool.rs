@@ -28,6 +28,9 @@ pub struct UpConfig {
     pub disk_mib: u64,
     /// Checkpoint epoch, ms.
     pub epoch_ms: u64,
+    /// Run the agents with the product's default timing instead of
+    /// [`crate::node::lab_timing`].
+    pub product_timing: bool,
     /// How long to wait for the VM to be protected and the client served.
     pub ready_timeout: Duration,
 }
@@ -125,6 +128,8 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
             cfg.disk_mib.to_string(),
             "--epoch-ms".into(),
             cfg.epoch_ms.to_string(),
+            "--agent-timing".into(),
+            if cfg.product_timing { "product" } else { "lab" }.into(),
         ]
     };
     let quorum_bin = cfg.exe.with_file_name("xenft-quorum");
@@ -134,7 +139,9 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
             quorum_bin.display()
         )));
     }
-    let lease = crate::node::lab_timing().lease_ms.to_string();
+    let lease = crate::node::agent_timing(cfg.product_timing)
+        .lease_ms
+        .to_string();
     let quorum = spawn_in(
         dir,
         NS_QUORUM,

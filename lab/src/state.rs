@@ -261,6 +261,10 @@ pub struct AgentView {
     /// Quorum requests sent since the agent started (leases renewed or claims).
     #[serde(default)]
     pub quorum_requests: u64,
+    /// Expected take-over time with the agent's timing (peer dead or lease expiry, plus a
+    /// heartbeat), ms.
+    #[serde(default)]
+    pub expected_failover_ms: u64,
 }
 
 /// A-link view.

@@ -41,6 +41,10 @@ struct UpArgs {
     /// xenft-synthetic-guest (default: next to this binary).
     #[arg(long)]
     guest_binary: Option<PathBuf>,
+    /// Agent timing: `lab` (3x slower detection, for a loaded machine) or `product` (the
+    /// agent's defaults, take-over within 1 s).
+    #[arg(long, default_value = "lab")]
+    agent_timing: String,
 }
 
 impl UpArgs {
@@ -59,6 +63,7 @@ impl UpArgs {
             memory_mib: self.memory_mib,
             disk_mib: self.disk_mib,
             epoch_ms: self.epoch_ms,
+            product_timing: parse_timing(&self.agent_timing)?,
             ready_timeout: Duration::from_secs(60),
         })
     }
@@ -121,6 +126,8 @@ enum Cmd {
         disk_mib: u64,
         #[arg(long)]
         epoch_ms: u64,
+        #[arg(long, default_value = "lab")]
+        agent_timing: String,
     },
     /// (internal) The client load generator.
     #[command(hide = true)]
@@ -139,6 +146,14 @@ enum Cmd {
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
     },
+}
+
+fn parse_timing(s: &str) -> anyhow::Result<bool> {
+    match s {
+        "lab" => Ok(false),
+        "product" => Ok(true),
+        _ => anyhow::bail!("--agent-timing must be lab or product, not {s:?}"),
+    }
 }
 
 fn mib(v: u64) -> anyhow::Result<u64> {
@@ -224,6 +239,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             memory_mib,
             disk_mib,
             epoch_ms,
+            agent_timing,
         } => {
             let host: Host = host.parse()?;
             node::run(&NodeConfig {
@@ -234,6 +250,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 disk_bytes: mib(disk_mib)?,
                 epoch_ms,
                 dirty_rate: 1 << 20,
+                product_timing: parse_timing(&agent_timing)?,
             })?;
         }
         Cmd::Client { interval_ms } => {
