@@ -1414,3 +1414,66 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(host: Host, dir: &StateDir, product_timing: bool) -> NodeConfig {
+        NodeConfig {
+            host,
+            dir: dir.clone(),
+            guest_binary: PathBuf::from("/nonexistent"),
+            memory_bytes: 16 << 20,
+            disk_bytes: 64 << 20,
+            epoch_ms: 100,
+            dirty_rate: 1 << 20,
+            product_timing,
+        }
+    }
+
+    #[test]
+    fn the_agent_accepts_the_lab_configuration_of_both_hosts() {
+        let root = std::env::temp_dir().join(format!("xenft-lab-agentcfg-{}", std::process::id()));
+        let dir = StateDir::new(&root);
+        dir.create().unwrap();
+        std::fs::write(dir.file("secret"), [7u8; 32]).unwrap();
+        for product in [false, true] {
+            for h in [Host::Host1, Host::Host2] {
+                let c = agent_config(&cfg(h, &dir, product)).unwrap();
+                assert_eq!(c.core.me.as_str(), h.name());
+                assert_eq!(c.quorum, vec![h.quorum_addr()]);
+                assert!(c.core.mgmt_heartbeat);
+                assert_eq!(c.core.alink_paths, 2);
+                assert_eq!(c.core.timing, agent_timing(product));
+                // The quorum namespace routes both management links: the peer is reached
+                // through it, never over an A-link address.
+                let mgmt = c
+                    .paths
+                    .iter()
+                    .find(|(_, p, _)| *p == xenft_agent::ids::PathId::Mgmt)
+                    .unwrap();
+                assert_eq!(mgmt.2.peer.ip(), std::net::IpAddr::V4(h.peer().mgmt_ip()));
+            }
+        }
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn lab_timing_is_valid_and_slower_than_the_product() {
+        let lab = lab_timing();
+        lab.validate().unwrap();
+        let product = Timing::default();
+        assert!(lab.peer_dead_ms > product.peer_dead_ms);
+        assert!(lab.margin_ms >= product.margin_ms);
+    }
+
+    #[test]
+    fn replication_links_of_the_two_directions_differ() {
+        assert_ne!(
+            Host::Host1.replication_port(),
+            Host::Host2.replication_port()
+        );
+        assert_ne!(Host::Host1.replication_port(), ALINK_PORT);
+    }
+}
