@@ -399,6 +399,9 @@ impl Node {
     fn resume_last_epoch(&self) -> Result<(), LabError> {
         let decided_ms = now_ms();
         let mut vm = lock(&self.vm);
+        if !matches!(*vm, Vm::Replica(_)) {
+            return Err(LabError::WrongState("no replica to resume here".into()));
+        }
         let Vm::Replica(rep) = std::mem::replace(&mut *vm, Vm::Standby) else {
             return Err(LabError::WrongState("no replica to resume here".into()));
         };
@@ -1112,6 +1115,9 @@ impl DomainStarter for LabSeams {
     fn start(&self, vm: &VmId) -> Result<(), SeamError> {
         Self::check(vm, "start")?;
         let mut g = lock(&self.0.vm);
+        if matches!(*g, Vm::Running(_)) {
+            return Ok(()); // already runs here
+        }
         *g = Vm::Standby;
         let r = self.0.boot().map_err(|e| seam_err("start", e))?;
         *g = Vm::Running(r);
