@@ -7,8 +7,8 @@
 //! - A [`Link`] joins this host to one peer over two or more independent TCP paths
 //!   ([`PathConfig`]: one address per host per path, e.g. two private NICs).
 //! - Every frame ([`frame`]) carries magic, version, kind, channel, sequence number, length,
-//!   payload and an HMAC-SHA256 under the pool secret (per-connection keys after the
-//!   handshake). Bad magic, unknown versions, impossible lengths, bad MACs and truncated frames
+//!   payload and a keyed-BLAKE3 MAC under a key derived from the pool secret (per-connection
+//!   keys after the handshake). Bad magic, unknown versions, impossible lengths, bad MACs and truncated frames
 //!   are rejected, counted and logged at most once a minute; lengths are capped from the header
 //!   before any allocation: the handshake accepts only 1 KiB control frames, so a peer that
 //!   fails authentication cannot make us allocate more than that; authenticated data frames

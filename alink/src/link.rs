@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -55,9 +55,37 @@ struct TxChannel {
     next_seq: u64,
     /// Fragments not yet acknowledged, oldest first; the first `sent` were written on the
     /// current active path.
-    queue: VecDeque<(u64, u8, Bytes)>,
+    queue: VecDeque<(u64, u8, Piece)>,
     sent: usize,
     bytes: usize,
+}
+
+/// One fragment's payload as two parts sent back to back (an application header and the
+/// bulk data it describes), so a caller never has to copy them into one buffer.
+#[derive(Clone, Default)]
+pub(crate) struct Piece {
+    pub(crate) head: Bytes,
+    pub(crate) body: Bytes,
+}
+
+impl Piece {
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+}
+
+/// Cuts a two-part message into fragments of at most [`MAX_FRAGMENT`] bytes, in order.
+fn fragments(mut head: Bytes, mut body: Bytes) -> Vec<Piece> {
+    let mut out = Vec::new();
+    loop {
+        let n = (head.len() + body.len()).min(MAX_FRAGMENT);
+        let h = head.split_to(n.min(head.len()));
+        let b = body.split_to(n - h.len());
+        out.push(Piece { head: h, body: b });
+        if head.is_empty() && body.is_empty() {
+            return out;
+        }
+    }
 }
 
 struct RxChannel {
@@ -332,13 +360,31 @@ impl Link {
     /// # Errors
     /// [`LinkError::TooLarge`] or [`LinkError::Closed`].
     pub async fn send(&self, channel: Channel, msg: Bytes) -> Result<(), LinkError> {
+        self.send_parts(channel, msg, Bytes::new()).await
+    }
+
+    /// Like [`Link::send`], for a message made of `head` followed by `body` (e.g. an
+    /// application header and the data it describes): the receiver gets one message, their
+    /// concatenation, and the sender never copies them into one buffer (they are written to
+    /// the socket with one vectored write).
+    ///
+    /// # Errors
+    /// [`LinkError::TooLarge`] or [`LinkError::Closed`].
+    pub async fn send_parts(
+        &self,
+        channel: Channel,
+        head: Bytes,
+        body: Bytes,
+    ) -> Result<(), LinkError> {
         let sh = &self.shared;
-        if msg.len() > sh.cfg.max_message {
+        let len = head.len() + body.len();
+        if len > sh.cfg.max_message {
             return Err(LinkError::TooLarge {
-                len: msg.len(),
+                len,
                 max: sh.cfg.max_message,
             });
         }
+        let mut pieces = Some(fragments(head, body));
         let mut stop = sh.shutdown.subscribe();
         loop {
             if *stop.borrow() {
@@ -348,17 +394,14 @@ impl Link {
             {
                 let mut st = sh.lock();
                 let tx = &mut st.tx[channel.index()];
-                if tx.bytes == 0 || tx.bytes + msg.len() <= sh.cfg.window_bytes {
-                    let mut rest = msg;
-                    loop {
-                        let piece = rest.split_to(rest.len().min(MAX_FRAGMENT));
-                        let flags = if rest.is_empty() { 0 } else { FLAG_MORE };
+                if tx.bytes == 0 || tx.bytes + len <= sh.cfg.window_bytes {
+                    let pieces = pieces.take().unwrap_or_default();
+                    let last = pieces.len().saturating_sub(1);
+                    for (i, piece) in pieces.into_iter().enumerate() {
+                        let flags = if i == last { 0 } else { FLAG_MORE };
                         tx.bytes += piece.len();
                         tx.queue.push_back((tx.next_seq, flags, piece));
                         tx.next_seq += 1;
-                        if rest.is_empty() {
-                            break;
-                        }
                     }
                     if let Some(a) = st.active[lane_of(channel)] {
                         st.conns[a].wake.notify_one();

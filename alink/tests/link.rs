@@ -60,6 +60,39 @@ async fn a_large_message_is_fragmented_and_reassembled_intact() {
 }
 
 #[tokio::test]
+async fn two_part_messages_arrive_as_their_concatenation_whatever_the_split() {
+    let (a, b) = loopback_pair(1).await.unwrap();
+    let mut rx = b.receiver(Channel::Disk).unwrap();
+    let whole: Vec<u8> = (0..3 * 1024 * 1024 + 777u32)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    // Heads shorter than, equal to and longer than a fragment; empty heads and bodies.
+    let cuts = [
+        0,
+        1,
+        40,
+        1024 * 1024 + 4096,
+        1024 * 1024 + 4097,
+        2_500_000,
+        whole.len(),
+    ];
+    for &cut in &cuts {
+        let head = Bytes::copy_from_slice(&whole[..cut]);
+        let body = Bytes::copy_from_slice(&whole[cut..]);
+        a.send_parts(Channel::Disk, head, body).await.unwrap();
+    }
+    a.send_parts(Channel::Disk, Bytes::new(), Bytes::new())
+        .await
+        .unwrap();
+    for &cut in &cuts {
+        let got = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert!(got[..] == whole[..], "split at {cut}");
+    }
+    let empty = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert!(empty.is_empty());
+}
+
+#[tokio::test]
 async fn a_message_above_the_maximum_is_refused() {
     let (mut ca, cb, listeners) = loopback_configs(1).await.unwrap();
     ca.max_message = 1024;

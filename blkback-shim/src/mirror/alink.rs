@@ -40,12 +40,16 @@ fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Frame> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            // One copy: session id, head and body into one link message.
-            let mut b = BytesMut::with_capacity(m.len() + 8);
+            // No copy of the data: the session id and the message head form the link
+            // message's head, the data its body (one vectored socket write).
+            let mut b = BytesMut::with_capacity(m.head.len() + 8);
             b.put_u64(id);
             b.put_slice(&m.head);
-            b.put_slice(&m.body);
-            if link.send(Channel::Disk, b.freeze()).await.is_err() {
+            if link
+                .send_parts(Channel::Disk, b.freeze(), m.body)
+                .await
+                .is_err()
+            {
                 break;
             }
         }

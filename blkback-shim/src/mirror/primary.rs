@@ -423,8 +423,54 @@ impl Primary {
     /// Blocking: applies a client write locally and sequences it to the peer.
     pub fn write_blocking(&self, offset: u64, data: Bytes, fua: bool) -> Ticket {
         let len = data.len() as u64;
+        let flags = if fua { FLAG_FUA } else { 0 };
         let ticket = {
             let _o = lock(&self.order);
+            let mut st = lock(&self.state);
+            let local_ok = st.local_failure.is_none();
+            if local_ok && st.tx.is_some() {
+                // Mirrored: sequence and send first, then write locally, so the peer's copy
+                // and the local write proceed at the same time. Both happen under the order
+                // lock, so the sequence order is still the local store's order.
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                let body = data.clone();
+                let mut ticket = self.submit(&mut st, PendingKind::Client { offset, len }, |seq| {
+                    PeerMsg::Write {
+                        seq,
+                        epoch,
+                        offset,
+                        flags,
+                        data: body,
+                    }
+                });
+                drop(st);
+                if let Err(e) = self.store.write_at(&data, offset) {
+                    self.local_failed(&mut lock(&self.state), &e);
+                    if matches!(ticket.try_recv(), Ok(Ok(()))) {
+                        // The session was already gone (the write went into the bitmap only)
+                        // and the local store failed: neither copy has it.
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(NBD_EIO));
+                        ticket = rx;
+                    }
+                }
+                ticket
+            } else {
+                drop(st);
+                self.write_unmirrored(offset, data, flags)
+            }
+        };
+        if fua {
+            self.sync_local();
+        }
+        ticket
+    }
+
+    /// The write path without a session (or in remote mode): local write, then sequence (which
+    /// marks the bitmap when there is no session). Called with the order lock held.
+    fn write_unmirrored(&self, offset: u64, data: Bytes, flags: u8) -> Ticket {
+        let len = data.len() as u64;
+        {
             let local_ok = lock(&self.state).local_failure.is_none();
             let mut local_err = None;
             if local_ok {
@@ -441,7 +487,6 @@ impl Primary {
                 }
                 self.local_failed(&mut st, e);
             }
-            let flags = if fua { FLAG_FUA } else { 0 };
             let epoch = self.epoch.load(Ordering::Relaxed);
             self.submit(&mut st, PendingKind::Client { offset, len }, |seq| {
                 PeerMsg::Write {
@@ -452,11 +497,7 @@ impl Primary {
                     data,
                 }
             })
-        };
-        if fua {
-            self.sync_local();
         }
-        ticket
     }
 
     /// Blocking: zeroes (or discards) a range locally and on the peer.
