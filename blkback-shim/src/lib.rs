@@ -56,12 +56,19 @@
 //!
 //! ## Failover (what the agent does)
 //! 1. Level 3 only: `discard` on the secondary's control socket drops uncommitted epochs.
-//! 2. Stop the secondary shim (SIGTERM: its store is synced) and start `--role primary` on the
-//!    same disk with a new bitmap file; serve the VM from its NBD socket.
-//! 3. When the old primary's host returns, start it as `--role secondary`. The new primary's
-//!    bitmap has never seen a synced peer, so the first session is a full sync (holes and zero
-//!    chunks are not copied). There is no bitmap exchange yet: writes the old primary had in
-//!    flight when it died are overwritten by that full sync, not merged.
+//! 2. Stop the secondary shim (SIGTERM: its store is synced; a consistent copy leaves
+//!    `DISK.xenft-bitmap`, a bitmap for its promotion) and start `--role primary` on the same
+//!    disk with that (default) bitmap file; serve the VM from its NBD socket. Every write
+//!    from then on is recorded in it (degraded).
+//! 3. When the old primary's host returns, start it as `--role secondary` on its disk with
+//!    the default state file (its old primary bitmap `DISK.xenft-bitmap` is beside it). It
+//!    reports the regions it may have written that the peer never acknowledged (dirty bits
+//!    and active activity-log extents, trusted only after a clean stop or within the same
+//!    boot); the new primary merges them into its bitmap, durably, and resyncs only the
+//!    union, new → old (test `tests/failover.rs`). Without a matching report (lost bitmap,
+//!    host crash, another disk, a new bitmap file) the first session is a full sync (holes
+//!    and zero chunks are not copied). Level 3: the ranges of epoch-mode writes the secondary
+//!    discarded on failover (the old primary has them) are dirty in its promotion bitmap.
 //!
 //! ## Guarantees
 //! - A client write is acknowledged only when it is on the local store and the secondary

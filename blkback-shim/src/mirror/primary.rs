@@ -623,6 +623,9 @@ impl Primary {
         st.bitmap
             .al_update(&[], &active)
             .map_err(|e| e.to_string())?;
+        if synced.is_ok() {
+            st.bitmap.mark_clean().map_err(|e| e.to_string())?;
+        }
         info!(retired = active.len(), "primary stopped cleanly");
         synced
     }
@@ -743,14 +746,45 @@ impl Primary {
             );
             return;
         }
+        // Then the secondary's dirty report (a returning old primary's unacknowledged regions).
+        let report = tokio::time::timeout(Duration::from_secs(5), session.rx.recv()).await;
+        let (lineage, bits) = match report.map(|f| f.map(PeerMsg::decode)) {
+            Ok(Some(Ok(PeerMsg::DirtyReport { lineage, bits }))) => (lineage, bits),
+            other => {
+                warn!(?other, "peer sent no dirty report");
+                return;
+            }
+        };
         let (gen, full) = {
             let _o = lock(&self.order);
             let mut st = lock(&self.state);
+            if lineage != 0 {
+                match st.bitmap.accept_report(lineage, &bits) {
+                    Ok(true) => info!(
+                        lineage,
+                        dirty_bytes = st.bitmap.dirty_bytes(),
+                        "peer's dirty report merged: resyncing only the union"
+                    ),
+                    Ok(false) => info!(lineage, "peer's dirty report is not the expected one"),
+                    Err(e) => warn!(error = %e, "cannot merge the peer's dirty report"),
+                }
+            }
+            // The secondary records our lineage before anything else of this session.
+            let lineage_msg = PeerMsg::Lineage {
+                id: st.bitmap.lineage(),
+            };
+            if session.tx.send(lineage_msg.frame()).is_err() {
+                return;
+            }
             st.gen += 1;
             st.sessions += 1;
             st.tx = Some(session.tx.clone());
             st.peer_disk = Some(peer_state);
-            let full = peer_state == PeerDiskState::Fresh || !st.bitmap.peer_synced();
+            // A promoted secondary's bitmap without the old primary's report cannot tell
+            // what the peer has that we lack: full sync.
+            let full = peer_state == PeerDiskState::Fresh
+                || !st.bitmap.peer_synced()
+                || st.bitmap.expected_report().is_some();
             // Reported as resyncing from the first moment: nothing is in sync before the
             // resync's end marker is acknowledged.
             st.resync = Some((

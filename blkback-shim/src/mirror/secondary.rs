@@ -8,6 +8,13 @@
 //! The secondary remembers whether its copy is consistent in a small state file
 //! (`consistent` / `inconsistent`; absent = fresh), announced in [`PeerMsg::Hello`].
 //!
+//! Failover ([`super::bitmap`] has the whole scheme): the secondary also knows the path of the
+//! bitmap it uses when promoted (by default `DISK.xenft-bitmap` beside `DISK.xenft-state`).
+//! A clean stop while consistent writes a bitmap there for its promotion, expecting a report
+//! from the lineage of the primary it mirrored. At the start of a session it reads that file
+//! as a *report* (meaningful when this host is a returning old primary), sends it after the
+//! `Hello` ([`PeerMsg::DirtyReport`]) and deletes it: from then on the file is stale.
+//!
 //! Level-3 epoch mode ([`Secondary::set_epoch_mode`]): writes are held per epoch in memory and
 //! applied only when their epoch commits ([`PeerMsg::EpochCommit`] from the primary, or
 //! [`Secondary::commit_epoch`] called locally); [`Secondary::discard_uncommitted`] drops them on
@@ -23,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use super::bitmap::{boot_id, DirtyBitmap, DEFAULT_CHUNK};
 use super::transport::{PeerAcceptor, PeerSession};
 use super::wire::{
     block_checksum, Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
@@ -93,6 +101,19 @@ impl EpochBuffer {
         n
     }
 
+    /// The ranges `(offset, len)` of every held op.
+    #[must_use]
+    pub fn held_ranges(&self) -> Vec<(u64, u64)> {
+        self.held
+            .values()
+            .flatten()
+            .map(|op| match op {
+                HeldOp::Write { offset, data } => (*offset, data.len() as u64),
+                HeldOp::Zero { offset, len, .. } => (*offset, *len),
+            })
+            .collect()
+    }
+
     /// Held data bytes.
     #[must_use]
     pub fn bytes(&self) -> u64 {
@@ -150,6 +171,12 @@ pub struct Secondary {
     last_seq: AtomicU64,
     failure: Mutex<Option<String>>,
     applier: tokio::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The bitmap this host uses as primary: read as a report, written for a promotion.
+    bitmap_path: Option<PathBuf>,
+    /// Lineage of the current (or last) primary's bitmap.
+    primary_lineage: AtomicU64,
+    /// Ranges of epoch-mode writes discarded on failover (dirty in a promotion bitmap).
+    discarded: Mutex<Vec<(u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -159,6 +186,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Secondary {
     /// A secondary for `store`, remembering its consistency in `state_path`.
     pub fn new(store: Arc<dyn Store>, state_path: PathBuf) -> Arc<Self> {
+        let bitmap_path = default_bitmap_path(&state_path);
+        Self::with_bitmap(store, state_path, bitmap_path)
+    }
+
+    /// Like [`Secondary::new`] with an explicit bitmap path for failover (`None`: no dirty
+    /// report, no promotion bitmap; the next promotion then needs a full sync).
+    pub fn with_bitmap(
+        store: Arc<dyn Store>,
+        state_path: PathBuf,
+        bitmap_path: Option<PathBuf>,
+    ) -> Arc<Self> {
         let disk = std::fs::read_to_string(&state_path)
             .map_or(PeerDiskState::Fresh, |text| parse_state(&text, &boot_id()));
         Arc::new(Self {
@@ -173,14 +211,65 @@ impl Secondary {
             last_seq: AtomicU64::new(0),
             failure: Mutex::new(None),
             applier: tokio::sync::Mutex::new(None),
+            bitmap_path,
+            primary_lineage: AtomicU64::new(0),
+            discarded: Mutex::new(Vec::new()),
         })
     }
 
     /// Clean stop: syncs the store and records the state as clean (valid across reboots).
+    /// A consistent copy also leaves the bitmap for its promotion (see [`super::bitmap`]).
     pub fn shutdown_blocking(&self) -> Result<(), StoreError> {
         self.store.sync()?;
         self.write_state(true);
+        let lineage = self.primary_lineage.load(Ordering::SeqCst);
+        let consistent = *lock(&self.disk) == PeerDiskState::Consistent;
+        if let (Some(path), true, true) = (&self.bitmap_path, consistent, lineage != 0) {
+            let discarded = lock(&self.discarded).clone();
+            match DirtyBitmap::create_for_promotion(
+                path,
+                self.store.size(),
+                DEFAULT_CHUNK,
+                lineage,
+                &discarded,
+            ) {
+                Ok(()) => info!(path = %path.display(), "bitmap for a promotion written"),
+                Err(e) => warn!(error = %e, "cannot write the bitmap for a promotion"),
+            }
+        }
         Ok(())
+    }
+
+    /// Session start: this host's own primary bitmap as a dirty report (lineage 0 and no bits
+    /// when there is none to trust), and the file removed (it is stale from now on).
+    fn take_report(&self) -> (u64, Bytes) {
+        let Some(path) = &self.bitmap_path else {
+            return (0, Bytes::new());
+        };
+        let report = match DirtyBitmap::read_report(path, self.store.size(), DEFAULT_CHUNK) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "own bitmap unreadable: no dirty report");
+                None
+            }
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => info!(path = %path.display(), "own bitmap consumed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(error = %e, path = %path.display(), "cannot remove own bitmap"),
+        }
+        match report {
+            Some((lineage, bits)) => {
+                let dirty: u32 = bits.iter().map(|b| b.count_ones()).sum();
+                info!(
+                    lineage,
+                    dirty_chunks = dirty,
+                    "reporting regions written as primary"
+                );
+                (lineage, Bytes::from(bits))
+            }
+            None => (0, Bytes::new()),
+        }
     }
 
     /// Turns level-3 epoch mode on or off (off: held writes stay held until committed).
@@ -200,7 +289,12 @@ impl Secondary {
 
     /// Failover: drops every uncommitted epoch's writes; returns how many were dropped.
     pub fn discard_uncommitted(&self) -> usize {
-        let n = lock(&self.epochs).discard();
+        let mut ep = lock(&self.epochs);
+        // The primary wrote these (and they were acknowledged to it as held): if this copy is
+        // promoted, they differ on the old primary and must be copied back to it.
+        lock(&self.discarded).extend(ep.held_ranges());
+        let n = ep.discard();
+        drop(ep);
         info!(dropped = n, "uncommitted epoch writes discarded");
         n
     }
@@ -348,6 +442,10 @@ impl Secondary {
                 self.commit_epoch(epoch).map_err(|e| e.to_string())?;
                 Ok(Some((seq, false)))
             }
+            PeerMsg::Lineage { id } => {
+                self.primary_lineage.store(id, Ordering::SeqCst);
+                Ok(None)
+            }
             PeerMsg::ReadReq { id, offset, len } => {
                 let mut buf = vec![0u8; len as usize];
                 let ok = self.in_range(offset, u64::from(len))
@@ -444,6 +542,14 @@ impl Secondary {
         if let Some(h) = prev {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+        let me = self.clone();
+        let (lineage, bits) = tokio::task::spawn_blocking(move || me.take_report())
+            .await
+            .unwrap_or_default();
+        if lineage != 0 {
+            // This host was the primary: its copy is the peer's plus what it reports.
+            self.set_disk(PeerDiskState::Inconsistent);
+        }
         let disk = *lock(&self.disk);
         let hello = PeerMsg::Hello {
             version: VERSION,
@@ -451,6 +557,13 @@ impl Secondary {
             state: disk,
         };
         if session.tx.send(hello.frame()).is_err() {
+            return;
+        }
+        if session
+            .tx
+            .send(PeerMsg::DirtyReport { lineage, bits }.frame())
+            .is_err()
+        {
             return;
         }
         // From now on writes may be acknowledged before they are durable: tie the state to
@@ -499,11 +612,12 @@ impl Secondary {
     }
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// The bitmap beside a state file named `DISK.xenft-state` (the daemon's defaults):
+/// `DISK.xenft-bitmap`; `None` for other names.
+fn default_bitmap_path(state_path: &std::path::Path) -> Option<PathBuf> {
+    let name = state_path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".xenft-state")?;
+    Some(state_path.with_file_name(format!("{stem}.xenft-bitmap")))
 }
 
 /// Interprets the state file. Acknowledged writes reach the page cache, not the disk, so a
