@@ -25,6 +25,12 @@
 //! - Each path sends a heartbeat every 100 ms (settable); [`Link::status`] exposes per-path
 //!   liveness (up, last seen, RTT) and counters, [`Link::subscribe`] path and peer events.
 //!
+//! Cost: `scripts/bench alink` moves 1 MiB messages over two loopback paths at about
+//! 1360 MiB/s, 0.38× a raw TCP stream in the same run (2 shared cores: the MAC runs on both
+//! ends, at ~7 GiB/s each; before keyed BLAKE3 replaced HMAC-SHA256 it was ~1100 MiB/s,
+//! 0.32×). [`Link::send_parts`] sends an application header and its data without copying
+//! them together.
+//!
 //! Where it sits: blkback-shim (Disk), the checkpoint engine (Checkpoint), netback-shim (Net)
 //! and the agent (Control, Heartbeat) all talk to their peer through one `Link` per host pair.
 //!
