@@ -45,6 +45,8 @@ const HEADER_BYTES: usize = 4096;
 const FLAG_PEER_SYNCED: u64 = 1;
 /// The primary that used the file stopped cleanly (its store was synced).
 const FLAG_CLEAN: u64 = 2;
+/// A primary has used the file (a promotion bitmap never opened by one reports nothing).
+const FLAG_USED: u64 = 4;
 /// Header bytes in use: magic 0..8, version 8..12, chunk 12..20, size 20..28, flags 28..36,
 /// lineage 36..44, expected report lineage 44..52, boot id 52..88.
 const HEADER_USED: usize = 88;
@@ -90,6 +92,7 @@ pub struct DirtyBitmap {
     lineage: u64,
     expect_report: u64,
     clean: bool,
+    used: bool,
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown.
@@ -132,6 +135,7 @@ impl DirtyBitmap {
             lineage: new_lineage(),
             expect_report: 0,
             clean: false,
+            used: false,
         }
     }
 
@@ -147,6 +151,9 @@ impl DirtyBitmap {
         }
         if self.clean {
             flags |= FLAG_CLEAN;
+        }
+        if self.used {
+            flags |= FLAG_USED;
         }
         h[28..36].copy_from_slice(&flags.to_be_bytes());
         h[36..44].copy_from_slice(&self.lineage.to_be_bytes());
@@ -191,6 +198,7 @@ impl DirtyBitmap {
         file.read_exact_at(&mut al, bm.al_offset()).map_err(io)?;
         bm.peer_synced = flags & FLAG_PEER_SYNCED != 0;
         bm.clean = flags & FLAG_CLEAN != 0;
+        bm.used = flags & FLAG_USED != 0;
         // Files from before lineages keep a fresh one.
         bm.lineage = match be64(&h, 36) {
             0 => bm.lineage,
@@ -218,7 +226,8 @@ impl DirtyBitmap {
     /// The old primary's side of a failover: what this host, when it last ran as primary with
     /// the bitmap at `path`, may have written that its peer never acknowledged (dirty bits and
     /// active activity-log extents), with the bitmap's lineage. `None` when there is nothing
-    /// trustworthy to report: no file, never fully synced to a peer, or written during another
+    /// trustworthy to report: no file, never used by a primary (a promotion bitmap not yet
+    /// promoted), never fully synced to a peer, or written during another
     /// boot without a clean stop (writes in the page cache may have been lost with the host,
     /// so only a full sync is safe). Reads only.
     pub fn read_report(
@@ -240,7 +249,7 @@ impl DirtyBitmap {
         let boot = boot_id();
         let stamp = &h[52..52 + BOOT_LEN.min(boot.len())];
         let same_boot = !boot.is_empty() && stamp == boot.as_bytes();
-        if be64(&h, 36) == 0 || !bm.peer_synced || !(bm.clean || same_boot) {
+        if be64(&h, 36) == 0 || !bm.used || !bm.peer_synced || !(bm.clean || same_boot) {
             return Ok(None);
         }
         bm.fold_al(&al);
@@ -387,6 +396,7 @@ impl DirtyBitmap {
         };
         // In use by a primary from now on: not clean, stamped with this boot.
         bm.clean = false;
+        bm.used = true;
         file.write_all_at(&bm.header(), 0).map_err(io)?;
         file.sync_data().map_err(io)?;
         bm.file = Some((file, path.to_path_buf()));
@@ -759,6 +769,22 @@ mod al_tests {
         assert_eq!(bm.expected_report(), None);
         assert_eq!(chunk_set(&bm.bits), vec![0, 8, 9]);
         assert_eq!(bm.dirty_chunks(), 3);
+    }
+
+    #[test]
+    fn a_promotion_bitmap_never_opened_by_a_primary_reports_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        DirtyBitmap::create_for_promotion(&p, 1 << 20, DEFAULT_CHUNK, 5, &[(0, 1)]).unwrap();
+        assert_eq!(
+            DirtyBitmap::read_report(&p, 1 << 20, DEFAULT_CHUNK).unwrap(),
+            None
+        );
+        drop(DirtyBitmap::open(&p, 1 << 20, DEFAULT_CHUNK).unwrap());
+        let (_, bits) = DirtyBitmap::read_report(&p, 1 << 20, DEFAULT_CHUNK)
+            .unwrap()
+            .expect("promoted: it reports what it wrote");
+        assert_eq!(chunk_set(&bits), vec![0]);
     }
 
     #[test]

@@ -259,6 +259,13 @@ impl Secondary {
             Err(e) => warn!(error = %e, path = %path.display(), "cannot remove own bitmap"),
         }
         match report {
+            Some((_, bits)) if bits.len() > super::wire::MAX_DATA => {
+                warn!(
+                    bytes = bits.len(),
+                    "own bitmap too large to report: full sync"
+                );
+                (0, Bytes::new())
+            }
             Some((lineage, bits)) => {
                 let dirty: u32 = bits.iter().map(|b| b.count_ones()).sum();
                 info!(
