@@ -129,8 +129,14 @@ async fn read_frame(
         }));
     }
     // Read straight into spare capacity: no zeroing of a fragment we are about to overwrite.
+    // The MAC is computed as the payload arrives (in runs of at least MAC_RUN bytes, so the
+    // hash keeps its SIMD width), so little of it is left once the last byte is in; nothing
+    // of the frame is used before the tag is verified.
     let want = header.len + MAC_LEN;
     let mut body = BytesMut::with_capacity(want);
+    let mut mac = key.start();
+    mac.update(&h);
+    let mut hashed = 0;
     while body.len() < want {
         let mut limited = (&mut *stream).take((want - body.len()) as u64);
         match limited.read_buf(&mut body).await {
@@ -140,9 +146,15 @@ async fn read_frame(
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
         }
+        let avail = body.len().min(header.len);
+        if avail - hashed >= MAC_RUN {
+            mac.update(&body[hashed..avail]);
+            hashed = avail;
+        }
     }
+    mac.update(&body[hashed..header.len]);
     let tag = body.split_off(header.len);
-    if !frame::verify(key, &h, &body, &tag) {
+    if !mac.verify(&tag) {
         return Err(ReadError::Frame(FrameError::BadMac));
     }
     Ok(Frame {
@@ -418,6 +430,9 @@ fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<OutFra
     Ok(None)
 }
 
+/// The reader feeds the MAC in runs of at least this many bytes.
+const MAC_RUN: usize = 64 * 1024;
+
 /// Frames with payloads at least this large are written with one vectored write straight from
 /// their buffers; smaller ones are gathered in the writer's buffer.
 const DIRECT_WRITE: usize = 16 * 1024;
@@ -495,16 +510,16 @@ async fn write_loop(
         };
         let len = f.payload.len();
         let h = encode_header(f.kind, f.channel, f.flags, f.seq, len);
-        let tag = key.tag_of(&[&h, &f.payload.head, &f.payload.body]);
         let res = if len >= DIRECT_WRITE {
-            let r = write_all_parts(
-                &mut w,
-                &[&small, &h, &f.payload.head, &f.payload.body, &tag],
-            )
-            .await;
+            // Header and payload leave first; the MAC is computed while the peer reads them,
+            // and its tag leaves with whatever is written next (at the latest when the writer
+            // runs out of work).
+            let r = write_all_parts(&mut w, &[&small, &h, &f.payload.head, &f.payload.body]).await;
             small.clear();
+            small.extend_from_slice(&key.tag_of(&[&h, &f.payload.head, &f.payload.body]));
             r
         } else {
+            let tag = key.tag_of(&[&h, &f.payload.head, &f.payload.body]);
             small.extend_from_slice(&h);
             small.extend_from_slice(&f.payload.head);
             small.extend_from_slice(&f.payload.body);
