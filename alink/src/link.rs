@@ -220,6 +220,21 @@ fn control_frame(kind: Kind, channel: Channel, seq: u64, payload: Bytes) -> Fram
     }
 }
 
+/// Queues a message's fragments on its channel and wakes the lane's active writer.
+fn enqueue(st: &mut State, channel: Channel, pieces: Vec<Piece>) {
+    let tx = &mut st.tx[channel.index()];
+    let last = pieces.len().saturating_sub(1);
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let flags = if i == last { 0 } else { FLAG_MORE };
+        tx.bytes += piece.len();
+        tx.queue.push_back((tx.next_seq, flags, piece));
+        tx.next_seq += 1;
+    }
+    if let Some(a) = st.active[lane_of(channel)] {
+        st.conns[a].wake.notify_one();
+    }
+}
+
 /// Puts a link-internal frame on the active urgent connection (or any live one).
 fn queue_urgent(st: &mut State, f: Frame) {
     let target = st.active[0]
@@ -395,17 +410,7 @@ impl Link {
                 let mut st = sh.lock();
                 let tx = &mut st.tx[channel.index()];
                 if tx.bytes == 0 || tx.bytes + len <= sh.cfg.window_bytes {
-                    let pieces = pieces.take().unwrap_or_default();
-                    let last = pieces.len().saturating_sub(1);
-                    for (i, piece) in pieces.into_iter().enumerate() {
-                        let flags = if i == last { 0 } else { FLAG_MORE };
-                        tx.bytes += piece.len();
-                        tx.queue.push_back((tx.next_seq, flags, piece));
-                        tx.next_seq += 1;
-                    }
-                    if let Some(a) = st.active[lane_of(channel)] {
-                        st.conns[a].wake.notify_one();
-                    }
+                    enqueue(&mut st, channel, pieces.take().unwrap_or_default());
                     return Ok(());
                 }
             }
@@ -414,6 +419,34 @@ impl Link {
                 _ = stop.changed() => {}
             }
         }
+    }
+
+    /// Like [`Link::send_parts`], but queues at once whatever the window (never waits; usable
+    /// from a blocking thread or under a lock), for callers that bound the data they have in
+    /// flight themselves (the disk mirror: the client's queue depth and the resync window).
+    ///
+    /// # Errors
+    /// [`LinkError::TooLarge`] or [`LinkError::Closed`].
+    pub fn send_parts_now(
+        &self,
+        channel: Channel,
+        head: Bytes,
+        body: Bytes,
+    ) -> Result<(), LinkError> {
+        let sh = &self.shared;
+        let len = head.len() + body.len();
+        if len > sh.cfg.max_message {
+            return Err(LinkError::TooLarge {
+                len,
+                max: sh.cfg.max_message,
+            });
+        }
+        if *sh.shutdown.borrow() {
+            return Err(LinkError::Closed);
+        }
+        let pieces = fragments(head, body);
+        enqueue(&mut sh.lock(), channel, pieces);
+        Ok(())
     }
 
     /// The receiver of a channel. Each channel's receiver can be taken once.

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
 use super::bitmap::{BitmapError, DirtyBitmap, AL_EXTENT, AL_MAX_EXTENTS};
-use super::transport::{PeerConnector, PeerSession};
-use super::wire::{Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, VERSION};
+use super::transport::{PeerConnector, PeerSession, SessionTx};
+use super::wire::{PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, VERSION};
 use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
 use crate::store::{Store, StoreError};
 
@@ -151,7 +151,7 @@ struct Pending {
 }
 
 struct State {
-    tx: Option<mpsc::UnboundedSender<Frame>>,
+    tx: Option<SessionTx>,
     gen: u64,
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,

@@ -31,9 +31,9 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::bitmap::{boot_id, DirtyBitmap, DEFAULT_CHUNK};
-use super::transport::{PeerAcceptor, PeerSession};
+use super::transport::{PeerAcceptor, PeerSession, SessionTx};
 use super::wire::{
-    block_checksum, Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
 };
 use crate::store::{Store, StoreError};
 
@@ -370,11 +370,7 @@ impl Secondary {
     }
 
     /// Applies one message; returns `(seq, needs_sync)` for sequenced messages.
-    fn apply(
-        &self,
-        msg: PeerMsg,
-        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
-    ) -> Result<Option<(u64, bool)>, String> {
+    fn apply(&self, msg: PeerMsg, tx: &SessionTx) -> Result<Option<(u64, bool)>, String> {
         let epoch_mode = self.epoch_mode.load(Ordering::Relaxed);
         match msg {
             PeerMsg::Write {
@@ -485,7 +481,7 @@ impl Secondary {
     fn applier_loop(
         self: Arc<Self>,
         rx: &mut tokio::sync::mpsc::Receiver<PeerMsg>,
-        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
+        tx: &SessionTx,
     ) {
         while let Some(first) = rx.blocking_recv() {
             let mut last = None;
