@@ -93,6 +93,35 @@ async fn two_part_messages_arrive_as_their_concatenation_whatever_the_split() {
 }
 
 #[tokio::test]
+async fn send_now_queues_past_the_window_and_keeps_the_order() {
+    let (mut ca, cb, listeners) = loopback_configs(1).await.unwrap();
+    ca.window_bytes = 4096;
+    let b = Link::start_with_listeners(cb, listeners).unwrap();
+    let a = Link::start_with_listeners(ca, Vec::new()).unwrap();
+    let mut rx = b.receiver(Channel::Disk).unwrap();
+    // Far more than the window, queued without waiting (no receiver is reading yet).
+    for i in 0..64u64 {
+        a.send_parts_now(
+            Channel::Disk,
+            Bytes::copy_from_slice(&i.to_be_bytes()),
+            Bytes::from(vec![u8::try_from(i).unwrap(); 1000]),
+        )
+        .unwrap();
+    }
+    for i in 0..64u64 {
+        let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(seq_of(&m), i);
+        assert_eq!(m.len(), 1008);
+        assert!(m[8..].iter().all(|&x| u64::from(x) == i));
+    }
+    a.shutdown();
+    assert!(matches!(
+        a.send_parts_now(Channel::Disk, Bytes::new(), Bytes::new()),
+        Err(LinkError::Closed)
+    ));
+}
+
+#[tokio::test]
 async fn a_message_above_the_maximum_is_refused() {
     let (mut ca, cb, listeners) = loopback_configs(1).await.unwrap();
     ca.max_message = 1024;
