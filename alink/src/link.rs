@@ -6,7 +6,9 @@
 //! (measured by `scripts/bench alink`). Each lane has its own heartbeats and liveness.
 //!
 //! Reliability: every Data fragment stays in its channel's queue until the peer acknowledges
-//! it (cumulative ack, sent when the receiving application has taken the message). Each lane
+//! it (cumulative ack, sent once the receiving application has taken the message: at once
+//! for every 8th fragment or when 10 ms have passed since the last ack, else with the next
+//! heartbeat tick). Each lane
 //! sends data through one *active* connection at a time, so per-channel order on the wire is
 //! the order of the queue. When the active connection fails, the same lane of the next live
 //! path becomes active and every unacknowledged fragment of that lane's channels is written
@@ -50,6 +52,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Ack at least this often (in fragments) while a receiver drains a backlog.
 const ACK_EVERY: u64 = 32;
+/// A receiver that has drained its queue acks once this many fragments are unacked, or once
+/// [`ACK_DELAY`] has passed since its last ack; later ones wait for the next message or the
+/// heartbeat tick (which repeats every channel's cumulative ack). Acks only free the sender's
+/// resend queue (delivery never waits for them), so a stream of 1 MiB messages costs one ack
+/// frame (and its wake-ups on both hosts) per few messages instead of one per message.
+const ACK_DRAINED: u64 = 8;
+/// See [`ACK_DRAINED`].
+const ACK_DELAY: Duration = Duration::from_millis(10);
 
 struct TxChannel {
     next_seq: u64,
@@ -94,6 +104,8 @@ struct RxChannel {
     /// The next seq the application has consumed up to (ack value), and the last one acked.
     consumed: u64,
     acked: u64,
+    /// When the last ack of this channel was queued.
+    last_ack: Option<Instant>,
     /// Bumped when the peer restarts so stale deliveries do not move `consumed`.
     generation: u64,
     last_nack: Option<u64>,
@@ -198,9 +210,15 @@ impl Receiver {
             return;
         }
         ch.consumed = ch.consumed.max(d.next_seq);
-        if drained || ch.consumed - ch.acked >= ACK_EVERY {
+        let unacked = ch.consumed - ch.acked;
+        let due = unacked >= ACK_EVERY
+            || (drained
+                && (unacked >= ACK_DRAINED
+                    || ch.last_ack.is_none_or(|t| t.elapsed() >= ACK_DELAY)));
+        if due {
             let seq = ch.consumed;
             ch.acked = seq;
+            ch.last_ack = Some(Instant::now());
             let channel = self.channel;
             queue_urgent(
                 &mut st,
@@ -306,6 +324,7 @@ impl Link {
                 partial: BytesMut::new(),
                 consumed: 0,
                 acked: 0,
+                last_ack: None,
                 generation: 0,
                 last_nack: None,
                 tx,
