@@ -25,11 +25,12 @@
 //! - Each path sends a heartbeat every 100 ms (settable); [`Link::status`] exposes per-path
 //!   liveness (up, last seen, RTT) and counters, [`Link::subscribe`] path and peer events.
 //!
-//! Cost: `scripts/bench alink` moves 1 MiB messages over two loopback paths at about
-//! 1360 MiB/s, 0.38× a raw TCP stream in the same run (2 shared cores: the MAC runs on both
-//! ends, at ~7 GiB/s each; before keyed BLAKE3 replaced HMAC-SHA256 it was ~1100 MiB/s,
-//! 0.32×). [`Link::send_parts`] sends an application header and its data without copying
-//! them together.
+//! Cost: `scripts/bench alink` moves 1 MiB messages over two loopback paths at 1000–3000
+//! MiB/s on the shared 2-core development machine (0.15–0.88× a raw TCP stream in the same
+//! run, depending on the other load; typically ~1600 MiB/s, 0.5×); with HMAC-SHA256 it was
+//! ~1100 MiB/s, 0.32×. The MAC runs on both ends at ~7 GiB/s each, overlapped with the
+//! transfer. [`Link::send_parts`] / [`Link::send_parts_now`] send an application header and
+//! its data without copying them together.
 //!
 //! Where it sits: blkback-shim (Disk), the checkpoint engine (Checkpoint), netback-shim (Net)
 //! and the agent (Control, Heartbeat) all talk to their peer through one `Link` per host pair.

@@ -71,17 +71,21 @@
 //!    discarded on failover (the old primary has them) are dirty in its promotion bitmap.
 //!
 //! ## Throughput (`scripts/bench mirror`, 1 GiB, sequential 1 MiB writes at queue depth 8)
-//! On the 2-core development machine (shared with other builds; figures vary by ±30 % from
-//! run to run): qemu-nbd 988 MiB/s, the shim alone 1920 MiB/s (`shim_vs_qemu_nbd` 1.94), the
-//! shim mirrored over a loopback two-path A-link 911 MiB/s (`mirrored_vs_unmirrored` 0.47;
-//! 0.29 before the A-link moved to keyed BLAKE3 and copy-free two-part messages and the
-//! primary began sending before writing locally). The target of 0.9 is out of reach on that
-//! machine, and the benchmark shows why: per GiB, the shim alone costs 0.42 CPU-seconds
-//! (server and client), the mirrored path 1.41 (primary 0.78, secondary 0.46, client 0.17:
-//! the secondary's page-cache write, a TCP send and receive copy, the frame MAC on both
-//! hosts), so with client, primary and secondary sharing 2 cores the mirrored path cannot
-//! exceed about 1450 MiB/s (`mirrored_ceiling_vs_unmirrored_measured` 0.76) even with perfect
-//! pipelining. On two real hosts each side has its own cores and the limit is the link.
+//! On the 2-core development machine, shared with four other engineers' builds (load
+//! average 6–9), five runs gave `shim_vs_qemu_nbd` 1.6–1.97 and `mirrored_vs_unmirrored`
+//! 0.28–0.54 (median 0.38; the shim alone 1674–2196 MiB/s, mirrored 591–911 MiB/s). Before the
+//! A-link moved to keyed BLAKE3, incremental MACs and copy-free two-part messages, and before
+//! the primary sent a write to the peer before writing it locally, the ratio was 0.26–0.37 and
+//! the mirror over the A-link ran at 0.45–0.59× the same mirror over plain TCP; it now runs at
+//! 0.74–1.0× of it, and its CPU cost fell from about 2.5 to 1.3 CPU-seconds per GiB (primary
+//! plus secondary, `/proc` accounting, overwrite runs). The target of 0.9 is out of reach on
+//! that machine, and the benchmark shows why: per GiB the shim alone costs about 0.4
+//! CPU-seconds (server and client) and waits mostly on latency, the mirrored path 1.4–1.6
+//! (primary 0.76–0.97, secondary 0.44–0.53, client 0.16–0.22: the secondary's page-cache
+//! write, a TCP send and a receive copy, the frame MAC on both hosts), so with client, primary
+//! and secondary sharing 2 cores the mirrored path cannot exceed about 1250–1450 MiB/s even
+//! with perfect pipelining and an otherwise idle machine (`mirrored_ceiling_vs_unmirrored_measured`
+//! 0.57–0.82). On two real hosts each side has its own cores and the limit is the link.
 //!
 //! ## Guarantees
 //! - A client write is acknowledged only when it is on the local store and the secondary
