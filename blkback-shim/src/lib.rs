@@ -72,14 +72,16 @@
 //!
 //! ## Throughput (`scripts/bench mirror`, 1 GiB, sequential 1 MiB writes at queue depth 8)
 //! On the 2-core development machine, shared with four other engineers' builds (load
-//! average 6–9), five runs gave `shim_vs_qemu_nbd` 1.6–1.97 and `mirrored_vs_unmirrored`
-//! 0.28–0.54 (median 0.38; the shim alone 1674–2196 MiB/s, mirrored 591–911 MiB/s). Before the
-//! A-link moved to keyed BLAKE3, incremental MACs and copy-free two-part messages, and before
-//! the primary sent a write to the peer before writing it locally, the ratio was 0.26–0.37 and
-//! the mirror over the A-link ran at 0.45–0.59× the same mirror over plain TCP; it now runs at
-//! 0.74–1.0× of it, and its CPU cost fell from about 2.5 to 1.3 CPU-seconds per GiB (primary
-//! plus secondary, `/proc` accounting, overwrite runs). The target of 0.9 is out of reach on
-//! that machine, and the benchmark shows why: per GiB the shim alone costs about 0.4
+//! average 6–9), six runs after this work gave `shim_vs_qemu_nbd` 1.6–1.97 and
+//! `mirrored_vs_unmirrored` 0.26–0.54 (median 0.35; the shim alone 1489–2196 MiB/s, mirrored
+//! 392–911 MiB/s); two runs before it gave 0.29 and 0.37. The ratio swings with the other
+//! load more than it moved. What moved clearly: the mirror over the A-link now runs at
+//! 0.45–1.02× (median 0.84) the same mirror over plain TCP in the same run, against 0.53–0.59×
+//! before (keyed BLAKE3 instead of HMAC-SHA256, MACs overlapped with the transfer, copy-free
+//! two-part messages, fewer task hops and ack frames, the primary sending a write to the peer
+//! before writing it locally), and its CPU cost fell from about 2.5 to 1.3 CPU-seconds per GiB
+//! (primary plus secondary, `/proc` accounting, overwrite runs). The target of 0.9 is out of
+//! reach on that machine, and the benchmark shows why: per GiB the shim alone costs about 0.4
 //! CPU-seconds (server and client) and waits mostly on latency, the mirrored path 1.4–1.6
 //! (primary 0.76–0.97, secondary 0.44–0.53, client 0.16–0.22: the secondary's page-cache
 //! write, a TCP send and a receive copy, the frame MAC on both hosts), so with client, primary
