@@ -1,8 +1,9 @@
 //! The secondary side: applies the primary's messages in sequence order and acknowledges them.
 //!
-//! One blocking applier thread per session applies writes, zero ranges and flushes in the
-//! order received and sends cumulative [`PeerMsg::Ack`]s after each batch (after `fdatasync`
-//! for FUA and flush). A new session waits for the previous applier to finish, so nothing from
+//! One blocking applier thread per session takes the session's frames itself, applies writes,
+//! zero ranges and flushes in the order received and sends cumulative [`PeerMsg::Ack`]s after
+//! each batch (after `fdatasync` for FUA and flush; a write is never synced on its own). A new
+//! session waits for the previous applier to finish, so nothing from
 //! an old session can land after the new session's resync.
 //!
 //! The secondary remembers whether its copy is consistent in a small state file
@@ -478,12 +479,8 @@ impl Secondary {
         }
     }
 
-    fn applier_loop(
-        self: Arc<Self>,
-        rx: &mut tokio::sync::mpsc::Receiver<PeerMsg>,
-        tx: &SessionTx,
-    ) {
-        while let Some(first) = rx.blocking_recv() {
+    fn applier_loop(self: Arc<Self>, inbox: &mut Inbox, tx: &SessionTx) {
+        while let Some(first) = inbox.next_blocking() {
             let mut last = None;
             let mut sync = false;
             let mut next = Some(first);
@@ -515,7 +512,7 @@ impl Secondary {
                 if sync || budget == 0 {
                     break;
                 }
-                next = rx.try_recv().ok();
+                next = inbox.try_next();
             }
             if sync {
                 if let Err(e) = self.store.sync() {
@@ -539,7 +536,7 @@ impl Secondary {
     }
 
     /// Serves one session to its end.
-    pub async fn run_session(self: Arc<Self>, mut session: PeerSession) {
+    pub async fn run_session(self: Arc<Self>, session: PeerSession) {
         // Previous applier must be done before anything of this session is applied.
         let prev = self.applier.lock().await.take();
         if let Some(h) = prev {
@@ -574,26 +571,27 @@ impl Secondary {
         self.write_state(false);
         self.connected.store(true, Ordering::Relaxed);
         info!(?disk, "primary session up");
-        // Bounded: a primary faster than this disk is slowed down through the session instead
-        // of growing a queue here.
-        let (atx, mut arx) = tokio::sync::mpsc::channel(64);
+        // The applier thread takes the session's frames itself (no task in between); the
+        // session's bounded receiver slows down a primary faster than this disk. It stops when
+        // the session ends, or when this task ends or is aborted (a newer session replaces
+        // this one): `_stop` closes its stop signal.
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let _stop = stop;
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut inbox = Inbox {
+            rx: session.rx,
+            stop: stop_rx,
+            rt: tokio::runtime::Handle::current(),
+        };
         let me = self.clone();
         let tx = session.tx.clone();
-        let handle = std::thread::spawn(move || me.applier_loop(&mut arx, &tx));
+        let handle = std::thread::spawn(move || {
+            me.applier_loop(&mut inbox, &tx);
+            drop(inbox);
+            let _ = done.send(());
+        });
         *self.applier.lock().await = Some(handle);
-        while let Some(frame) = session.rx.recv().await {
-            match PeerMsg::decode(frame) {
-                Ok(m) => {
-                    if atx.send(m).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "undecodable message from primary; dropping session");
-                    break;
-                }
-            }
-        }
+        let _ = done_rx.await;
         self.connected.store(false, Ordering::Relaxed);
         info!("primary session ended");
     }
@@ -611,6 +609,51 @@ impl Secondary {
                 let _ = h.await;
             }
             current = Some(tokio::spawn(self.clone().run_session(session)));
+        }
+    }
+}
+
+/// The applier thread's view of a session: its frames, decoded, until the session ends or the
+/// session task stops it.
+struct Inbox {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Inbox {
+    /// Waits for the next message; `None` when the session ended, was stopped, or sent
+    /// something undecodable (logged).
+    fn next_blocking(&mut self) -> Option<PeerMsg> {
+        let Self { rx, stop, rt } = self;
+        let frame = rt.block_on(async {
+            tokio::select! {
+                f = rx.recv() => f,
+                _ = stop.changed() => None,
+            }
+        })?;
+        Self::decoded(frame)
+    }
+
+    /// The next message if one is waiting (`None` also when undecodable: logged, and the
+    /// next [`Inbox::next_blocking`] ends the session).
+    fn try_next(&mut self) -> Option<PeerMsg> {
+        let frame = self.rx.try_recv().ok()?;
+        let m = Self::decoded(frame);
+        if m.is_none() {
+            self.rx.close();
+            while self.rx.try_recv().is_ok() {}
+        }
+        m
+    }
+
+    fn decoded(frame: Bytes) -> Option<PeerMsg> {
+        match PeerMsg::decode(frame) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(error = %e, "undecodable message from primary; dropping session");
+                None
+            }
         }
     }
 }
