@@ -48,12 +48,54 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Two hosts, A and B, each with its disk and its default bitmap and state files beside it.
+/// Two hosts, A and B, each with its disk and its default bitmap and state files beside it,
+/// mirrored over plain TCP (`port` is where the secondary listens) or over a two-path
+/// A-link (`alink`: the same link whatever the roles; host-a dials, host-b accepts).
 struct Pair {
     dir: tempfile::TempDir,
+    alink: Option<[u16; 2]>,
 }
 
 impl Pair {
+    fn new(alink: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("secret"),
+            b"failover test pool secret, 32 b",
+        )
+        .unwrap();
+        Self {
+            dir,
+            alink: alink.then(|| [free_port(), free_port()]),
+        }
+    }
+    /// Transport arguments of host `h` (`primary`: dial `port`, else listen on it).
+    fn peer_args(&self, h: &str, primary: bool, port: u16) -> Vec<String> {
+        let Some(ports) = self.alink else {
+            let flag = if primary { "--peer" } else { "--listen" };
+            return vec![flag.into(), format!("127.0.0.1:{port}")];
+        };
+        let peer = if h == "a" { "b" } else { "a" };
+        let mut v = vec![
+            "--secret-file".to_string(),
+            self.p("secret").display().to_string(),
+            "--host".into(),
+            format!("host-{h}"),
+            "--peer-host".into(),
+            format!("host-{peer}"),
+            "--alink-path-timeout-ms".into(),
+            "2000".into(),
+        ];
+        for p in ports {
+            v.push("--alink-path".into());
+            v.push(if h == "a" {
+                format!("127.0.0.1:0=127.0.0.1:{p}")
+            } else {
+                format!("127.0.0.1:{p}=127.0.0.1:0")
+            });
+        }
+        v
+    }
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -78,37 +120,43 @@ impl Pair {
     }
     /// Host `h` as primary, dialing its peer on `port`.
     fn primary(&self, h: &str, port: u16) -> Proc {
-        let p = self.spawn(vec![
-            "--role".into(),
-            "primary".into(),
-            "--disk".into(),
-            self.p(&format!("{h}.img")).display().to_string(),
-            "--size".into(),
-            SIZE.to_string(),
-            "--nbd-unix".into(),
-            self.p(&format!("{h}.sock")).display().to_string(),
-            "--control".into(),
-            self.p(&format!("{h}.ctl")).display().to_string(),
-            "--peer".into(),
-            format!("127.0.0.1:{port}"),
-        ]);
+        let p = self.spawn(
+            vec![
+                "--role".into(),
+                "primary".into(),
+                "--disk".into(),
+                self.p(&format!("{h}.img")).display().to_string(),
+                "--size".into(),
+                SIZE.to_string(),
+                "--nbd-unix".into(),
+                self.p(&format!("{h}.sock")).display().to_string(),
+                "--control".into(),
+                self.p(&format!("{h}.ctl")).display().to_string(),
+            ]
+            .into_iter()
+            .chain(self.peer_args(h, true, port))
+            .collect(),
+        );
         wait_for_status(&self.p(&format!("{h}.ctl")), |_| true);
         p
     }
     /// Host `h` as secondary, listening on `port`.
     fn secondary(&self, h: &str, port: u16) -> Proc {
-        let p = self.spawn(vec![
-            "--role".into(),
-            "secondary".into(),
-            "--disk".into(),
-            self.p(&format!("{h}.img")).display().to_string(),
-            "--size".into(),
-            SIZE.to_string(),
-            "--control".into(),
-            self.p(&format!("{h}.ctl")).display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-        ]);
+        let p = self.spawn(
+            vec![
+                "--role".into(),
+                "secondary".into(),
+                "--disk".into(),
+                self.p(&format!("{h}.img")).display().to_string(),
+                "--size".into(),
+                SIZE.to_string(),
+                "--control".into(),
+                self.p(&format!("{h}.ctl")).display().to_string(),
+            ]
+            .into_iter()
+            .chain(self.peer_args(h, false, port))
+            .collect(),
+        );
         wait_for_status(&self.p(&format!("{h}.ctl")), |_| true);
         p
     }
@@ -157,9 +205,15 @@ fn chunks_of(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
 
 #[test]
 fn returning_old_primary_gets_only_the_union_of_both_sides_dirty_regions() {
-    let pair = Pair {
-        dir: tempfile::tempdir().unwrap(),
-    };
+    failover_resyncs_only_the_union(&Pair::new(false));
+}
+
+#[test]
+fn over_alink_returning_old_primary_gets_only_the_union_of_both_sides_dirty_regions() {
+    failover_resyncs_only_the_union(&Pair::new(true));
+}
+
+fn failover_resyncs_only_the_union(pair: &Pair) {
     let (port_ab, port_ba) = (free_port(), free_port());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -274,9 +328,7 @@ fn returning_old_primary_gets_only_the_union_of_both_sides_dirty_regions() {
 
 #[test]
 fn a_promoted_secondary_without_the_old_primarys_report_does_a_full_sync() {
-    let pair = Pair {
-        dir: tempfile::tempdir().unwrap(),
-    };
+    let pair = Pair::new(false);
     let (port_ab, port_ba) = (free_port(), free_port());
     let b = pair.secondary("b", port_ab);
     let a = pair.primary("a", port_ab);
