@@ -72,11 +72,11 @@
 //!
 //! ## Throughput (`scripts/bench mirror`, 1 GiB, sequential 1 MiB writes at queue depth 8)
 //! On the 2-core development machine, shared with four other engineers' builds (load
-//! average 6–9), six runs after this work gave `shim_vs_qemu_nbd` 1.6–1.97 and
-//! `mirrored_vs_unmirrored` 0.26–0.54 (median 0.35; the shim alone 1489–2196 MiB/s, mirrored
+//! average 6–9), seven runs after this work gave `shim_vs_qemu_nbd` 1.6–3.2 and
+//! `mirrored_vs_unmirrored` 0.26–0.54 (median 0.36; the shim alone 1489–2291 MiB/s, mirrored
 //! 392–911 MiB/s); two runs before it gave 0.29 and 0.37. The ratio swings with the other
 //! load more than it moved. What moved clearly: the mirror over the A-link now runs at
-//! 0.45–1.02× (median 0.84) the same mirror over plain TCP in the same run, against 0.53–0.59×
+//! 0.45–1.02× (median 0.87) the same mirror over plain TCP in the same run, against 0.53–0.59×
 //! before (keyed BLAKE3 instead of HMAC-SHA256, MACs overlapped with the transfer, copy-free
 //! two-part messages, fewer task hops and ack frames, the primary sending a write to the peer
 //! before writing it locally), and its CPU cost fell from about 2.5 to 1.3 CPU-seconds per GiB
