@@ -3,30 +3,39 @@
 //! ```text
 //! offset size field
 //!  0     4    magic    0x5846_4C4B ("XFLK"), big-endian
-//!  4     1    version  1
+//!  4     1    version  2
 //!  5     1    kind     Hello, HelloAck, Data, Ack, Nack, Heartbeat, HeartbeatReply
 //!  6     1    channel  Control, Heartbeat, Disk, Checkpoint, Net (0 for link-internal kinds)
 //!  7     1    flags    bit 0: MORE (a Data fragment; the message continues in the next seq)
 //!  8     8    seq      per-channel sequence number (Data, Ack, Nack) or heartbeat number
 //! 16     4    len      payload length; capped per kind before anything is allocated
 //! 20   len    payload
-//! 20+len 32   mac      HMAC-SHA256 over bytes 0..20+len
+//! 20+len 32   mac      keyed BLAKE3 over bytes 0..20+len
 //! ```
 //!
-//! Before the handshake the MAC key is the pool secret; afterwards it is a per-connection key
-//! derived from the secret and both sides' nonces, so frames cannot be replayed across
-//! connections. Decoding checks magic, version, kind, channel and the length cap from the
+//! Every frame is authenticated. Before the handshake the MAC key is derived from the pool
+//! secret (`BLAKE3 derive_key("xenft-alink v2 frame key", secret)`); afterwards it is a
+//! per-connection key derived from the secret and both sides' nonces, so frames cannot be
+//! replayed across connections.
+//!
+//! Version 2 replaced version 1's HMAC-SHA256 by keyed BLAKE3 (same 32-byte tag, same
+//! layout): with SHA-NI, HMAC-SHA256 ran at about 1.9 GiB/s on the development machine and
+//! was the largest user-space cost of a mirrored 1 MiB write (it is computed on both hosts);
+//! keyed BLAKE3 (a PRF, so a MAC, with AVX2/AVX-512 used when the CPU has them) runs at about
+//! 7 GiB/s there. A version-1 peer is rejected with [`FrameError::UnknownVersion`].
+//!
+//! The link computes the MAC incrementally ([`FrameMac::start`]): the sender writes header and
+//! payload of a large frame before its tag, the receiver hashes the payload as it arrives, so
+//! the MAC adds little latency; nothing of a frame is used before its tag is verified. Decoding checks magic, version, kind, channel and the length cap from the
 //! 20-byte header alone, so a peer that fails authentication can make us allocate at most one
 //! capped payload.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 
 /// Frame magic: "XFLK".
 pub const MAGIC: u32 = 0x5846_4C4B;
 /// The only protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 20;
 /// Size of the trailing MAC.
@@ -42,8 +51,64 @@ pub const MAX_CONTROL_PAYLOAD: usize = 1024;
 /// Flag: this Data fragment is followed by another of the same message.
 pub const FLAG_MORE: u8 = 1;
 
-/// HMAC-SHA256 as used for every frame.
-pub type FrameMac = Hmac<Sha256>;
+/// The key of the frame MAC (keyed BLAKE3), derived from a secret of any length by
+/// [`keyed`].
+#[derive(Clone)]
+pub struct FrameMac([u8; blake3::KEY_LEN]);
+
+impl FrameMac {
+    /// A keyed BLAKE3 hasher under this key.
+    fn hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.0)
+    }
+
+    /// A MAC over several byte strings, in order (as if concatenated).
+    #[must_use]
+    pub fn tag_of(&self, parts: &[&[u8]]) -> [u8; MAC_LEN] {
+        let mut h = self.hasher();
+        for p in parts {
+            h.update(p);
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+impl FrameMac {
+    /// Starts an incremental MAC over a frame that arrives (or leaves) in pieces: feed the
+    /// header and the payload in order, then [`MacState::verify`] or [`MacState::tag`].
+    #[must_use]
+    pub fn start(&self) -> MacState {
+        MacState(self.hasher())
+    }
+}
+
+/// An incremental frame MAC (see [`FrameMac::start`]).
+pub struct MacState(blake3::Hasher);
+
+impl MacState {
+    /// Feeds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The tag of everything fed.
+    #[must_use]
+    pub fn tag(&self) -> [u8; MAC_LEN] {
+        *self.0.finalize().as_bytes()
+    }
+
+    /// Whether `tag` is the tag of everything fed (constant time).
+    #[must_use]
+    pub fn verify(&self, tag: &[u8]) -> bool {
+        <[u8; MAC_LEN]>::try_from(tag).is_ok_and(|t| self.0.finalize() == blake3::Hash::from(t))
+    }
+}
+
+impl std::fmt::Debug for FrameMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameMac(..)")
+    }
+}
 
 /// A logical stream multiplexed on a link. Each channel is reliable and ordered on its own;
 /// lower-numbered priorities are written first, so bulk checkpoint data never delays a
@@ -261,28 +326,32 @@ pub fn encode_header(kind: Kind, channel: Channel, flags: u8, seq: u64, len: usi
     h
 }
 
-/// Computes the MAC of a header and payload under `key` (a keyed HMAC, cloned per frame).
+/// Computes the MAC of a header and payload under `key`.
 #[must_use]
 pub fn mac(key: &FrameMac, header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; MAC_LEN] {
-    let mut m = key.clone();
-    m.update(header);
-    m.update(payload);
-    m.finalize().into_bytes().into()
+    key.tag_of(&[header, payload])
 }
 
-/// A keyed HMAC for `key`.
+/// The frame MAC key for a secret of any length (the pool secret, or a connection key).
 #[must_use]
-pub fn keyed(key: &[u8]) -> FrameMac {
-    FrameMac::new_from_slice(key).expect("HMAC accepts keys of any length")
+pub fn keyed(secret: &[u8]) -> FrameMac {
+    FrameMac(blake3::derive_key("xenft-alink v2 frame key", secret))
 }
 
 /// Verifies a MAC in constant time.
 #[must_use]
 pub fn verify(key: &FrameMac, header: &[u8; HEADER_LEN], payload: &[u8], tag: &[u8]) -> bool {
-    let mut m = key.clone();
-    m.update(header);
-    m.update(payload);
-    m.verify_slice(tag).is_ok()
+    verify_parts(key, &[header, payload], tag)
+}
+
+/// Verifies a MAC over several byte strings (as if concatenated) in constant time.
+#[must_use]
+pub fn verify_parts(key: &FrameMac, parts: &[&[u8]], tag: &[u8]) -> bool {
+    let Ok(tag) = <[u8; MAC_LEN]>::try_from(tag) else {
+        return false;
+    };
+    // blake3::Hash's equality is constant-time.
+    blake3::Hash::from(key.tag_of(parts)) == blake3::Hash::from(tag)
 }
 
 /// Encodes a whole frame into one buffer.
@@ -447,8 +516,12 @@ mod tests {
     fn unknown_version_kind_and_channel_are_rejected() {
         let good = encode_header(Kind::Data, Channel::Net, 0, 1, 0);
         let mut v = good;
-        v[4] = 2;
-        assert_eq!(decode_header(&v), Err(FrameError::UnknownVersion(2)));
+        v[4] = 1;
+        assert_eq!(
+            decode_header(&v),
+            Err(FrameError::UnknownVersion(1)),
+            "version 1 (HMAC-SHA256 frames) is refused"
+        );
         let mut k = good;
         k[5] = 99;
         assert_eq!(decode_header(&k), Err(FrameError::UnknownKind(99)));

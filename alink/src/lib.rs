@@ -7,8 +7,8 @@
 //! - A [`Link`] joins this host to one peer over two or more independent TCP paths
 //!   ([`PathConfig`]: one address per host per path, e.g. two private NICs).
 //! - Every frame ([`frame`]) carries magic, version, kind, channel, sequence number, length,
-//!   payload and an HMAC-SHA256 under the pool secret (per-connection keys after the
-//!   handshake). Bad magic, unknown versions, impossible lengths, bad MACs and truncated frames
+//!   payload and a keyed-BLAKE3 MAC under a key derived from the pool secret (per-connection
+//!   keys after the handshake). Bad magic, unknown versions, impossible lengths, bad MACs and truncated frames
 //!   are rejected, counted and logged at most once a minute; lengths are capped from the header
 //!   before any allocation: the handshake accepts only 1 KiB control frames, so a peer that
 //!   fails authentication cannot make us allocate more than that; authenticated data frames
@@ -24,6 +24,13 @@
 //!   without operator action.
 //! - Each path sends a heartbeat every 100 ms (settable); [`Link::status`] exposes per-path
 //!   liveness (up, last seen, RTT) and counters, [`Link::subscribe`] path and peer events.
+//!
+//! Cost: `scripts/bench alink` moves 1 MiB messages over two loopback paths at 1000–3000
+//! MiB/s on the shared 2-core development machine (0.15–0.88× a raw TCP stream in the same
+//! run, depending on the other load; typically ~1600 MiB/s, 0.5×); with HMAC-SHA256 it was
+//! ~1100 MiB/s, 0.32×. The MAC runs on both ends at ~7 GiB/s each, overlapped with the
+//! transfer. [`Link::send_parts`] / [`Link::send_parts_now`] send an application header and
+//! its data without copying them together.
 //!
 //! Where it sits: blkback-shim (Disk), the checkpoint engine (Checkpoint), netback-shim (Net)
 //! and the agent (Control, Heartbeat) all talk to their peer through one `Link` per host pair.

@@ -6,7 +6,9 @@
 //! (measured by `scripts/bench alink`). Each lane has its own heartbeats and liveness.
 //!
 //! Reliability: every Data fragment stays in its channel's queue until the peer acknowledges
-//! it (cumulative ack, sent when the receiving application has taken the message). Each lane
+//! it (cumulative ack, sent once the receiving application has taken the message: at once
+//! for every 8th fragment or when 10 ms have passed since the last ack, else with the next
+//! heartbeat tick). Each lane
 //! sends data through one *active* connection at a time, so per-channel order on the wire is
 //! the order of the queue. When the active connection fails, the same lane of the next live
 //! path becomes active and every unacknowledged fragment of that lane's channels is written
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -50,14 +52,50 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Ack at least this often (in fragments) while a receiver drains a backlog.
 const ACK_EVERY: u64 = 32;
+/// A receiver that has drained its queue acks once this many fragments are unacked, or once
+/// [`ACK_DELAY`] has passed since its last ack; later ones wait for the next message or the
+/// heartbeat tick (which repeats every channel's cumulative ack). Acks only free the sender's
+/// resend queue (delivery never waits for them), so a stream of 1 MiB messages costs one ack
+/// frame (and its wake-ups on both hosts) per few messages instead of one per message.
+const ACK_DRAINED: u64 = 8;
+/// See [`ACK_DRAINED`].
+const ACK_DELAY: Duration = Duration::from_millis(10);
 
 struct TxChannel {
     next_seq: u64,
     /// Fragments not yet acknowledged, oldest first; the first `sent` were written on the
     /// current active path.
-    queue: VecDeque<(u64, u8, Bytes)>,
+    queue: VecDeque<(u64, u8, Piece)>,
     sent: usize,
     bytes: usize,
+}
+
+/// One fragment's payload as two parts sent back to back (an application header and the
+/// bulk data it describes), so a caller never has to copy them into one buffer.
+#[derive(Clone, Default)]
+pub(crate) struct Piece {
+    pub(crate) head: Bytes,
+    pub(crate) body: Bytes,
+}
+
+impl Piece {
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+}
+
+/// Cuts a two-part message into fragments of at most [`MAX_FRAGMENT`] bytes, in order.
+fn fragments(mut head: Bytes, mut body: Bytes) -> Vec<Piece> {
+    let mut out = Vec::new();
+    loop {
+        let n = (head.len() + body.len()).min(MAX_FRAGMENT);
+        let h = head.split_to(n.min(head.len()));
+        let b = body.split_to(n - h.len());
+        out.push(Piece { head: h, body: b });
+        if head.is_empty() && body.is_empty() {
+            return out;
+        }
+    }
 }
 
 struct RxChannel {
@@ -66,6 +104,8 @@ struct RxChannel {
     /// The next seq the application has consumed up to (ack value), and the last one acked.
     consumed: u64,
     acked: u64,
+    /// When the last ack of this channel was queued.
+    last_ack: Option<Instant>,
     /// Bumped when the peer restarts so stale deliveries do not move `consumed`.
     generation: u64,
     last_nack: Option<u64>,
@@ -170,9 +210,15 @@ impl Receiver {
             return;
         }
         ch.consumed = ch.consumed.max(d.next_seq);
-        if drained || ch.consumed - ch.acked >= ACK_EVERY {
+        let unacked = ch.consumed - ch.acked;
+        let due = unacked >= ACK_EVERY
+            || (drained
+                && (unacked >= ACK_DRAINED
+                    || ch.last_ack.is_none_or(|t| t.elapsed() >= ACK_DELAY)));
+        if due {
             let seq = ch.consumed;
             ch.acked = seq;
+            ch.last_ack = Some(Instant::now());
             let channel = self.channel;
             queue_urgent(
                 &mut st,
@@ -189,6 +235,21 @@ fn control_frame(kind: Kind, channel: Channel, seq: u64, payload: Bytes) -> Fram
         flags: 0,
         seq,
         payload,
+    }
+}
+
+/// Queues a message's fragments on its channel and wakes the lane's active writer.
+fn enqueue(st: &mut State, channel: Channel, pieces: Vec<Piece>) {
+    let tx = &mut st.tx[channel.index()];
+    let last = pieces.len().saturating_sub(1);
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let flags = if i == last { 0 } else { FLAG_MORE };
+        tx.bytes += piece.len();
+        tx.queue.push_back((tx.next_seq, flags, piece));
+        tx.next_seq += 1;
+    }
+    if let Some(a) = st.active[lane_of(channel)] {
+        st.conns[a].wake.notify_one();
     }
 }
 
@@ -263,6 +324,7 @@ impl Link {
                 partial: BytesMut::new(),
                 consumed: 0,
                 acked: 0,
+                last_ack: None,
                 generation: 0,
                 last_nack: None,
                 tx,
@@ -332,13 +394,31 @@ impl Link {
     /// # Errors
     /// [`LinkError::TooLarge`] or [`LinkError::Closed`].
     pub async fn send(&self, channel: Channel, msg: Bytes) -> Result<(), LinkError> {
+        self.send_parts(channel, msg, Bytes::new()).await
+    }
+
+    /// Like [`Link::send`], for a message made of `head` followed by `body` (e.g. an
+    /// application header and the data it describes): the receiver gets one message, their
+    /// concatenation, and the sender never copies them into one buffer (they are written to
+    /// the socket with one vectored write).
+    ///
+    /// # Errors
+    /// [`LinkError::TooLarge`] or [`LinkError::Closed`].
+    pub async fn send_parts(
+        &self,
+        channel: Channel,
+        head: Bytes,
+        body: Bytes,
+    ) -> Result<(), LinkError> {
         let sh = &self.shared;
-        if msg.len() > sh.cfg.max_message {
+        let len = head.len() + body.len();
+        if len > sh.cfg.max_message {
             return Err(LinkError::TooLarge {
-                len: msg.len(),
+                len,
                 max: sh.cfg.max_message,
             });
         }
+        let mut pieces = Some(fragments(head, body));
         let mut stop = sh.shutdown.subscribe();
         loop {
             if *stop.borrow() {
@@ -348,21 +428,8 @@ impl Link {
             {
                 let mut st = sh.lock();
                 let tx = &mut st.tx[channel.index()];
-                if tx.bytes == 0 || tx.bytes + msg.len() <= sh.cfg.window_bytes {
-                    let mut rest = msg;
-                    loop {
-                        let piece = rest.split_to(rest.len().min(MAX_FRAGMENT));
-                        let flags = if rest.is_empty() { 0 } else { FLAG_MORE };
-                        tx.bytes += piece.len();
-                        tx.queue.push_back((tx.next_seq, flags, piece));
-                        tx.next_seq += 1;
-                        if rest.is_empty() {
-                            break;
-                        }
-                    }
-                    if let Some(a) = st.active[lane_of(channel)] {
-                        st.conns[a].wake.notify_one();
-                    }
+                if tx.bytes == 0 || tx.bytes + len <= sh.cfg.window_bytes {
+                    enqueue(&mut st, channel, pieces.take().unwrap_or_default());
                     return Ok(());
                 }
             }
@@ -371,6 +438,34 @@ impl Link {
                 _ = stop.changed() => {}
             }
         }
+    }
+
+    /// Like [`Link::send_parts`], but queues at once whatever the window (never waits; usable
+    /// from a blocking thread or under a lock), for callers that bound the data they have in
+    /// flight themselves (the disk mirror: the client's queue depth and the resync window).
+    ///
+    /// # Errors
+    /// [`LinkError::TooLarge`] or [`LinkError::Closed`].
+    pub fn send_parts_now(
+        &self,
+        channel: Channel,
+        head: Bytes,
+        body: Bytes,
+    ) -> Result<(), LinkError> {
+        let sh = &self.shared;
+        let len = head.len() + body.len();
+        if len > sh.cfg.max_message {
+            return Err(LinkError::TooLarge {
+                len,
+                max: sh.cfg.max_message,
+            });
+        }
+        if *sh.shutdown.borrow() {
+            return Err(LinkError::Closed);
+        }
+        let pieces = fragments(head, body);
+        enqueue(&mut sh.lock(), channel, pieces);
+        Ok(())
     }
 
     /// The receiver of a channel. Each channel's receiver can be taken once.

@@ -60,6 +60,68 @@ async fn a_large_message_is_fragmented_and_reassembled_intact() {
 }
 
 #[tokio::test]
+async fn two_part_messages_arrive_as_their_concatenation_whatever_the_split() {
+    let (a, b) = loopback_pair(1).await.unwrap();
+    let mut rx = b.receiver(Channel::Disk).unwrap();
+    let whole: Vec<u8> = (0..3 * 1024 * 1024 + 777u32)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    // Heads shorter than, equal to and longer than a fragment; empty heads and bodies.
+    let cuts = [
+        0,
+        1,
+        40,
+        1024 * 1024 + 4096,
+        1024 * 1024 + 4097,
+        2_500_000,
+        whole.len(),
+    ];
+    for &cut in &cuts {
+        let head = Bytes::copy_from_slice(&whole[..cut]);
+        let body = Bytes::copy_from_slice(&whole[cut..]);
+        a.send_parts(Channel::Disk, head, body).await.unwrap();
+    }
+    a.send_parts(Channel::Disk, Bytes::new(), Bytes::new())
+        .await
+        .unwrap();
+    for &cut in &cuts {
+        let got = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert!(got[..] == whole[..], "split at {cut}");
+    }
+    let empty = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert!(empty.is_empty());
+}
+
+#[tokio::test]
+async fn send_now_queues_past_the_window_and_keeps_the_order() {
+    let (mut ca, cb, listeners) = loopback_configs(1).await.unwrap();
+    ca.window_bytes = 4096;
+    let b = Link::start_with_listeners(cb, listeners).unwrap();
+    let a = Link::start_with_listeners(ca, Vec::new()).unwrap();
+    let mut rx = b.receiver(Channel::Disk).unwrap();
+    // Far more than the window, queued without waiting (no receiver is reading yet).
+    for i in 0..64u64 {
+        a.send_parts_now(
+            Channel::Disk,
+            Bytes::copy_from_slice(&i.to_be_bytes()),
+            Bytes::from(vec![u8::try_from(i).unwrap(); 1000]),
+        )
+        .unwrap();
+    }
+    for i in 0..64u64 {
+        let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(seq_of(&m), i);
+        assert_eq!(m.len(), 1008);
+        assert!(m[8..].iter().all(|&x| u64::from(x) == i));
+    }
+    a.shutdown();
+    assert!(matches!(
+        a.send_parts_now(Channel::Disk, Bytes::new(), Bytes::new()),
+        Err(LinkError::Closed)
+    ));
+}
+
+#[tokio::test]
 async fn a_message_above_the_maximum_is_refused() {
     let (mut ca, cb, listeners) = loopback_configs(1).await.unwrap();
     ca.max_message = 1024;

@@ -5,12 +5,18 @@
 //! flush, each run `REPEAT` times (best kept). Last line: JSON with raw figures and the ratios
 //! `shim_vs_qemu_nbd` and `mirrored_vs_unmirrored` (sequential writes).
 //!
+//! Beside throughput it reports the CPU seconds per GiB that each process (server(s) and the
+//! NBD client) used in the best sequential run, and from them the CPU-bound ceiling of each
+//! configuration on this machine (all cores busy with nothing else): on a 2-core box where
+//! client, primary and secondary share the cores, the mirrored path cannot beat
+//! `cores / cpu_s_per_gib` however the pipeline is arranged.
+//!
 //! Environment: `BENCH_SIZE_MIB` (default 1024), `BENCH_RANDOM_OPS` (default 32768),
 //! `BENCH_REPEAT` (default 3), `BENCH_DIR` (default /var/tmp).
 
 mod common;
 
-use common::{link, wait_status, write_load, Bed, Rng};
+use common::{cpu_secs, link, wait_status, write_load, Bed, Rng};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -22,6 +28,9 @@ fn env(name: &str, default: u64) -> u64 {
 struct Figures {
     seq_mib_s: f64,
     rand_iops: f64,
+    /// CPU seconds per GiB of the best sequential run: the shim process(es), then this
+    /// process (the NBD client).
+    seq_cpu_s_per_gib: Vec<f64>,
 }
 
 fn measure(
@@ -30,6 +39,7 @@ fn measure(
     size: u64,
     ops: u64,
     repeat: u64,
+    pids: &[u32],
 ) -> Figures {
     let block = 1u64 << 20;
     let seq: Vec<u64> = (0..size / block).map(|i| i * block).collect();
@@ -40,10 +50,23 @@ fn measure(
     let mut best = Figures {
         seq_mib_s: 0.0,
         rand_iops: 0.0,
+        seq_cpu_s_per_gib: Vec::new(),
     };
+    let me = std::process::id();
+    let cpu = || -> Vec<f64> { pids.iter().chain([&me]).map(|&p| cpu_secs(p)).collect() };
     for _ in 0..repeat {
+        let before = cpu();
         let t = write_load(rt, sock, seq.clone(), 1 << 20, 8);
-        best.seq_mib_s = best.seq_mib_s.max((size >> 20) as f64 / t);
+        let gib = size as f64 / f64::from(1u32 << 30);
+        let used: Vec<f64> = cpu()
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| ((a - b) / gib * 1000.0).round() / 1000.0)
+            .collect();
+        if (size >> 20) as f64 / t > best.seq_mib_s {
+            best.seq_mib_s = (size >> 20) as f64 / t;
+            best.seq_cpu_s_per_gib = used;
+        }
         let t = write_load(rt, sock, rand.clone(), 4096, 16);
         best.rand_iops = best.rand_iops.max(ops as f64 / t);
     }
@@ -62,8 +85,8 @@ fn main() {
 
     let bed = Bed::new(size);
     let q = {
-        let _p = bed.qemu_nbd("qemu.img", "qemu.sock");
-        measure(&rt, &bed.p("qemu.sock"), size, ops, repeat)
+        let p = bed.qemu_nbd("qemu.img", "qemu.sock");
+        measure(&rt, &bed.p("qemu.sock"), size, ops, repeat, &[p.0.id()])
     };
     let _ = std::fs::remove_file(bed.p("qemu.img"));
     eprintln!(
@@ -72,8 +95,8 @@ fn main() {
     );
 
     let s = {
-        let _p = bed.local("local.img", "local.sock");
-        measure(&rt, &bed.p("local.sock"), size, ops, repeat)
+        let p = bed.local("local.img", "local.sock");
+        measure(&rt, &bed.p("local.sock"), size, ops, repeat, &[p.0.id()])
     };
     let _ = std::fs::remove_file(bed.p("local.img"));
     eprintln!(
@@ -82,10 +105,17 @@ fn main() {
     );
 
     let m = {
-        let _sec = bed.secondary();
-        let _pri = bed.primary("primary.sock");
+        let sec = bed.secondary();
+        let pri = bed.primary("primary.sock");
         wait_status(&bed.p("primary.ctl"), |v| link(v) == "in_sync");
-        let f = measure(&rt, &bed.p("primary.sock"), size, ops, repeat);
+        let f = measure(
+            &rt,
+            &bed.p("primary.sock"),
+            size,
+            ops,
+            repeat,
+            &[pri.0.id(), sec.0.id()],
+        );
         let st = wait_status(&bed.p("primary.ctl"), |_| true);
         assert_eq!(
             link(&st),
@@ -108,10 +138,17 @@ fn main() {
     let mut bed = Bed::new(size);
     bed.tcp = true;
     let t = {
-        let _sec = bed.secondary();
-        let _pri = bed.primary("primary.sock");
+        let sec = bed.secondary();
+        let pri = bed.primary("primary.sock");
         wait_status(&bed.p("primary.ctl"), |v| link(v) == "in_sync");
-        measure(&rt, &bed.p("primary.sock"), size, ops, repeat)
+        measure(
+            &rt,
+            &bed.p("primary.sock"),
+            size,
+            ops,
+            repeat,
+            &[pri.0.id(), sec.0.id()],
+        )
     };
     eprintln!(
         "shim mirrored over plain TCP: seq {:.0} MiB/s, rand {:.0} IOPS",
@@ -122,6 +159,18 @@ fn main() {
     let r = |a: f64, b: f64| {
         if b > 0.0 {
             (a / b * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }
+    };
+    // The CPU-bound ceiling of the mirrored path on this machine: every CPU second it needs
+    // per GiB (primary, secondary and client share the same cores) at full use of all cores.
+    let ncpu = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let cpu_total = |f: &Figures| f.seq_cpu_s_per_gib.iter().sum::<f64>();
+    let ceiling = |f: &Figures| {
+        let c = cpu_total(f);
+        if c > 0.0 {
+            (ncpu / c * 1024.0).round()
         } else {
             0.0
         }
@@ -146,6 +195,20 @@ fn main() {
         "rand_shim_vs_qemu_nbd": r(s.rand_iops, q.rand_iops),
         "rand_mirrored_vs_unmirrored": r(m.rand_iops, s.rand_iops),
         "mirror_copies_identical": identical,
+        "seq_cpu_s_per_gib": {
+            "note": "best sequential run; [server processes..., NBD client]",
+            "qemu_nbd": q.seq_cpu_s_per_gib,
+            "shim": s.seq_cpu_s_per_gib,
+            "shim_mirrored": m.seq_cpu_s_per_gib,
+            "shim_mirrored_plain_tcp": t.seq_cpu_s_per_gib,
+        },
+        "cpus": ncpu,
+        "seq_cpu_bound_ceiling_mib_s": {
+            "shim": ceiling(&s),
+            "shim_mirrored": ceiling(&m),
+            "shim_mirrored_plain_tcp": ceiling(&t),
+        },
+        "mirrored_ceiling_vs_unmirrored_measured": r(ceiling(&m), s.seq_mib_s),
     });
     println!("{out}");
 }

@@ -4,7 +4,7 @@
 //! Handshake: the dialer sends Hello (path, lane, session, nonce, its name, the name it
 //! expects) under the pool secret; the acceptor checks names and path and answers HelloAck
 //! (its session and nonce, echoing the dialer's nonce). Both derive the connection key as
-//! HMAC(secret, "xenft-alink-conn-v1" | dialer nonce | acceptor nonce), so frames of one
+//! MAC(secret key, "xenft-alink-conn-v2" | dialer nonce | acceptor nonce), so frames of one
 //! connection cannot be replayed on another.
 
 use super::*;
@@ -108,11 +108,7 @@ fn take_u64(buf: &mut &[u8]) -> Result<u64, String> {
 }
 
 fn conn_key(secret: &[u8], nonce_d: &[u8; 16], nonce_a: &[u8; 16]) -> FrameMac {
-    let mut m = keyed(secret);
-    hmac::Mac::update(&mut m, b"xenft-alink-conn-v1");
-    hmac::Mac::update(&mut m, nonce_d);
-    hmac::Mac::update(&mut m, nonce_a);
-    let k = hmac::Mac::finalize(m).into_bytes();
+    let k = keyed(secret).tag_of(&[b"xenft-alink-conn-v2", nonce_d, nonce_a]);
     keyed(&k)
 }
 
@@ -133,8 +129,14 @@ async fn read_frame(
         }));
     }
     // Read straight into spare capacity: no zeroing of a fragment we are about to overwrite.
+    // The MAC is computed as the payload arrives (in runs of at least MAC_RUN bytes, so the
+    // hash keeps its SIMD width), so little of it is left once the last byte is in; nothing
+    // of the frame is used before the tag is verified.
     let want = header.len + MAC_LEN;
     let mut body = BytesMut::with_capacity(want);
+    let mut mac = key.start();
+    mac.update(&h);
+    let mut hashed = 0;
     while body.len() < want {
         let mut limited = (&mut *stream).take((want - body.len()) as u64);
         match limited.read_buf(&mut body).await {
@@ -144,9 +146,15 @@ async fn read_frame(
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
         }
+        let avail = body.len().min(header.len);
+        if avail - hashed >= MAC_RUN {
+            mac.update(&body[hashed..avail]);
+            hashed = avail;
+        }
     }
+    mac.update(&body[hashed..header.len]);
     let tag = body.split_off(header.len);
-    if !frame::verify(key, &h, &body, &tag) {
+    if !mac.verify(&tag) {
         return Err(ReadError::Frame(FrameError::BadMac));
     }
     Ok(Frame {
@@ -370,15 +378,33 @@ async fn read_loop(
     }
 }
 
+/// A frame to write: its header fields and its payload in two parts.
+struct OutFrame {
+    kind: Kind,
+    channel: Channel,
+    flags: u8,
+    seq: u64,
+    payload: Piece,
+}
+
 /// What the writer takes next: a link-internal frame of this connection, else (when it is its
 /// lane's active connection) the next unsent fragment of the lane's highest-priority channel.
-fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<Frame>, String> {
+fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<OutFrame>, String> {
     let mut st = sh.lock();
     if st.conns[conn].generation != generation || !st.conns[conn].up {
         return Err("connection replaced".into());
     }
     if let Some(f) = st.conns[conn].urgent.pop_front() {
-        return Ok(Some(f));
+        return Ok(Some(OutFrame {
+            kind: f.kind,
+            channel: f.channel,
+            flags: f.flags,
+            seq: f.seq,
+            payload: Piece {
+                head: f.payload,
+                body: Bytes::new(),
+            },
+        }));
     }
     let lane = conn % LANES;
     if st.active[lane] != Some(conn) {
@@ -390,7 +416,7 @@ fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<Frame>
     {
         let tx = &mut st.tx[ch.index()];
         if let Some((seq, flags, payload)) = tx.queue.get(tx.sent) {
-            let f = Frame {
+            let f = OutFrame {
                 kind: Kind::Data,
                 channel: ch,
                 flags: *flags,
@@ -404,15 +430,66 @@ fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<Frame>
     Ok(None)
 }
 
+/// The reader feeds the MAC in runs of at least this many bytes.
+const MAC_RUN: usize = 64 * 1024;
+
+/// Frames with payloads at least this large are written with one vectored write straight from
+/// their buffers; smaller ones are gathered in the writer's buffer.
+const DIRECT_WRITE: usize = 16 * 1024;
+/// The writer's buffer of small frames is written out once it holds this much.
+const SMALL_BUFFER: usize = 64 * 1024;
+
+/// Writes every byte of `parts` in order, with as few (vectored) writes as the socket allows.
+async fn write_all_parts(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        if off >= parts[idx].len() {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        let mut slices = Vec::with_capacity(parts.len() - idx);
+        slices.push(std::io::IoSlice::new(&parts[idx][off..]));
+        slices.extend(
+            parts[idx + 1..]
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| std::io::IoSlice::new(p)),
+        );
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && idx < parts.len() {
+            let left = parts[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn write_loop(
     sh: &Shared,
     path: usize,
     generation: u64,
-    wr: tokio::net::tcp::OwnedWriteHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
     key: &FrameMac,
     wake: &Notify,
 ) -> String {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
+    // Small frames (acks, heartbeats, small messages) are gathered here and written when the
+    // writer runs out of work, before a large frame, or when this fills up.
+    let mut small: Vec<u8> = Vec::with_capacity(SMALL_BUFFER);
     loop {
         let notified = wake.notified();
         tokio::pin!(notified);
@@ -422,32 +499,48 @@ async fn write_loop(
             Ok(f) => f,
         };
         let Some(f) = f else {
-            if let Err(e) = w.flush().await {
-                return format!("write: {e}");
+            if !small.is_empty() {
+                if let Err(e) = w.write_all(&small).await {
+                    return format!("write: {e}");
+                }
+                small.clear();
             }
             notified.await;
             continue;
         };
-        let h = encode_header(f.kind, f.channel, f.flags, f.seq, f.payload.len());
-        let tag = frame::mac(key, &h, &f.payload);
-        let res = async {
-            w.write_all(&h).await?;
-            w.write_all(&f.payload).await?;
-            w.write_all(&tag).await
-        }
-        .await;
+        let len = f.payload.len();
+        let h = encode_header(f.kind, f.channel, f.flags, f.seq, len);
+        let res = if len >= DIRECT_WRITE {
+            // Header and payload leave first; the MAC is computed while the peer reads them,
+            // and its tag leaves with whatever is written next (at the latest when the writer
+            // runs out of work).
+            let r = write_all_parts(&mut w, &[&small, &h, &f.payload.head, &f.payload.body]).await;
+            small.clear();
+            small.extend_from_slice(&key.tag_of(&[&h, &f.payload.head, &f.payload.body]));
+            r
+        } else {
+            let tag = key.tag_of(&[&h, &f.payload.head, &f.payload.body]);
+            small.extend_from_slice(&h);
+            small.extend_from_slice(&f.payload.head);
+            small.extend_from_slice(&f.payload.body);
+            small.extend_from_slice(&tag);
+            if small.len() >= SMALL_BUFFER {
+                let r = w.write_all(&small).await;
+                small.clear();
+                r
+            } else {
+                Ok(())
+            }
+        };
         if let Err(e) = res {
             return format!("write: {e}");
         }
         bump(&sh.counters.frames_sent, 1);
-        if f.payload.len() > 64 * 1024 {
+        if len > 64 * 1024 {
             // MAC'ing a large fragment holds this worker for a while: let urgent-lane tasks
             // (heartbeats, acks) run before the next one instead of after a whole budget.
             tokio::task::yield_now().await;
         }
-        bump(
-            &sh.counters.bytes_sent,
-            (HEADER_LEN + f.payload.len() + MAC_LEN) as u64,
-        );
+        bump(&sh.counters.bytes_sent, (HEADER_LEN + len + MAC_LEN) as u64);
     }
 }

@@ -17,7 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 use xenft_alink::{Channel, Link, LinkEvent};
 
-use super::transport::{PeerAcceptor, PeerConnector, PeerSession};
+use super::transport::{PeerAcceptor, PeerConnector, PeerSession, SessionTx};
 use super::wire::Frame;
 
 /// How long no path may be up before the primary ends the session (goes degraded).
@@ -34,23 +34,18 @@ fn split(frame: &Bytes) -> Option<(u64, Bytes)> {
     Some((id, frame.slice(8..)))
 }
 
-/// Starts the per-session sender: frames from the session's `tx` are prefixed with `id` and
-/// sent on the link's disk channel in order.
-fn session_sender(link: Link, id: u64) -> mpsc::UnboundedSender<Frame> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-    tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            // One copy: session id, head and body into one link message.
-            let mut b = BytesMut::with_capacity(m.len() + 8);
-            b.put_u64(id);
-            b.put_slice(&m.head);
-            b.put_slice(&m.body);
-            if link.send(Channel::Disk, b.freeze()).await.is_err() {
-                break;
-            }
-        }
-    });
-    tx
+/// The per-session sender: each frame is prefixed with `id` and queued on the link's disk
+/// channel at once (the link keeps the order of the calls), with no task in between.
+fn session_sender(link: Link, id: u64) -> SessionTx {
+    SessionTx::direct(move |m: Frame| {
+        // No copy of the data: the session id and the message head form the link message's
+        // head, the data its body (one vectored socket write).
+        let mut b = BytesMut::with_capacity(m.head.len() + 8);
+        b.put_u64(id);
+        b.put_slice(&m.head);
+        link.send_parts_now(Channel::Disk, b.freeze(), m.body.clone())
+            .map_err(|_| m)
+    })
 }
 
 /// Closes the current session whenever the peer restarts, and (`on_unreachable`) when no path

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
 use super::bitmap::{BitmapError, DirtyBitmap, AL_EXTENT, AL_MAX_EXTENTS};
-use super::transport::{PeerConnector, PeerSession};
-use super::wire::{Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, VERSION};
+use super::transport::{PeerConnector, PeerSession, SessionTx};
+use super::wire::{PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, VERSION};
 use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
 use crate::store::{Store, StoreError};
 
@@ -151,7 +151,7 @@ struct Pending {
 }
 
 struct State {
-    tx: Option<mpsc::UnboundedSender<Frame>>,
+    tx: Option<SessionTx>,
     gen: u64,
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
@@ -423,8 +423,54 @@ impl Primary {
     /// Blocking: applies a client write locally and sequences it to the peer.
     pub fn write_blocking(&self, offset: u64, data: Bytes, fua: bool) -> Ticket {
         let len = data.len() as u64;
+        let flags = if fua { FLAG_FUA } else { 0 };
         let ticket = {
             let _o = lock(&self.order);
+            let mut st = lock(&self.state);
+            let local_ok = st.local_failure.is_none();
+            if local_ok && st.tx.is_some() {
+                // Mirrored: sequence and send first, then write locally, so the peer's copy
+                // and the local write proceed at the same time. Both happen under the order
+                // lock, so the sequence order is still the local store's order.
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                let body = data.clone();
+                let mut ticket = self.submit(&mut st, PendingKind::Client { offset, len }, |seq| {
+                    PeerMsg::Write {
+                        seq,
+                        epoch,
+                        offset,
+                        flags,
+                        data: body,
+                    }
+                });
+                drop(st);
+                if let Err(e) = self.store.write_at(&data, offset) {
+                    self.local_failed(&mut lock(&self.state), &e);
+                    if matches!(ticket.try_recv(), Ok(Ok(()))) {
+                        // The session was already gone (the write went into the bitmap only)
+                        // and the local store failed: neither copy has it.
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(NBD_EIO));
+                        ticket = rx;
+                    }
+                }
+                ticket
+            } else {
+                drop(st);
+                self.write_unmirrored(offset, data, flags)
+            }
+        };
+        if fua {
+            self.sync_local();
+        }
+        ticket
+    }
+
+    /// The write path without a session (or in remote mode): local write, then sequence (which
+    /// marks the bitmap when there is no session). Called with the order lock held.
+    fn write_unmirrored(&self, offset: u64, data: Bytes, flags: u8) -> Ticket {
+        let len = data.len() as u64;
+        {
             let local_ok = lock(&self.state).local_failure.is_none();
             let mut local_err = None;
             if local_ok {
@@ -441,7 +487,6 @@ impl Primary {
                 }
                 self.local_failed(&mut st, e);
             }
-            let flags = if fua { FLAG_FUA } else { 0 };
             let epoch = self.epoch.load(Ordering::Relaxed);
             self.submit(&mut st, PendingKind::Client { offset, len }, |seq| {
                 PeerMsg::Write {
@@ -452,11 +497,7 @@ impl Primary {
                     data,
                 }
             })
-        };
-        if fua {
-            self.sync_local();
         }
-        ticket
     }
 
     /// Blocking: zeroes (or discards) a range locally and on the peer.
@@ -582,6 +623,9 @@ impl Primary {
         st.bitmap
             .al_update(&[], &active)
             .map_err(|e| e.to_string())?;
+        if synced.is_ok() {
+            st.bitmap.mark_clean().map_err(|e| e.to_string())?;
+        }
         info!(retired = active.len(), "primary stopped cleanly");
         synced
     }
@@ -702,14 +746,45 @@ impl Primary {
             );
             return;
         }
+        // Then the secondary's dirty report (a returning old primary's unacknowledged regions).
+        let report = tokio::time::timeout(Duration::from_secs(5), session.rx.recv()).await;
+        let (lineage, bits) = match report.map(|f| f.map(PeerMsg::decode)) {
+            Ok(Some(Ok(PeerMsg::DirtyReport { lineage, bits }))) => (lineage, bits),
+            other => {
+                warn!(?other, "peer sent no dirty report");
+                return;
+            }
+        };
         let (gen, full) = {
             let _o = lock(&self.order);
             let mut st = lock(&self.state);
+            if lineage != 0 {
+                match st.bitmap.accept_report(lineage, &bits) {
+                    Ok(true) => info!(
+                        lineage,
+                        dirty_bytes = st.bitmap.dirty_bytes(),
+                        "peer's dirty report merged: resyncing only the union"
+                    ),
+                    Ok(false) => info!(lineage, "peer's dirty report is not the expected one"),
+                    Err(e) => warn!(error = %e, "cannot merge the peer's dirty report"),
+                }
+            }
+            // The secondary records our lineage before anything else of this session.
+            let lineage_msg = PeerMsg::Lineage {
+                id: st.bitmap.lineage(),
+            };
+            if session.tx.send(lineage_msg.frame()).is_err() {
+                return;
+            }
             st.gen += 1;
             st.sessions += 1;
             st.tx = Some(session.tx.clone());
             st.peer_disk = Some(peer_state);
-            let full = peer_state == PeerDiskState::Fresh || !st.bitmap.peer_synced();
+            // A promoted secondary's bitmap without the old primary's report cannot tell
+            // what the peer has that we lack: full sync.
+            let full = peer_state == PeerDiskState::Fresh
+                || !st.bitmap.peer_synced()
+                || st.bitmap.expected_report().is_some();
             // Reported as resyncing from the first moment: nothing is in sync before the
             // resync's end marker is acknowledged.
             st.resync = Some((

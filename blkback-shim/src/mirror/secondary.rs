@@ -1,12 +1,20 @@
 //! The secondary side: applies the primary's messages in sequence order and acknowledges them.
 //!
-//! One blocking applier thread per session applies writes, zero ranges and flushes in the
-//! order received and sends cumulative [`PeerMsg::Ack`]s after each batch (after `fdatasync`
-//! for FUA and flush). A new session waits for the previous applier to finish, so nothing from
+//! One blocking applier thread per session takes the session's frames itself, applies writes,
+//! zero ranges and flushes in the order received and sends cumulative [`PeerMsg::Ack`]s after
+//! each batch (after `fdatasync` for FUA and flush; a write is never synced on its own). A new
+//! session waits for the previous applier to finish, so nothing from
 //! an old session can land after the new session's resync.
 //!
 //! The secondary remembers whether its copy is consistent in a small state file
 //! (`consistent` / `inconsistent`; absent = fresh), announced in [`PeerMsg::Hello`].
+//!
+//! Failover ([`super::bitmap`] has the whole scheme): the secondary also knows the path of the
+//! bitmap it uses when promoted (by default `DISK.xenft-bitmap` beside `DISK.xenft-state`).
+//! A clean stop while consistent writes a bitmap there for its promotion, expecting a report
+//! from the lineage of the primary it mirrored. At the start of a session it reads that file
+//! as a *report* (meaningful when this host is a returning old primary), sends it after the
+//! `Hello` ([`PeerMsg::DirtyReport`]) and deletes it: from then on the file is stale.
 //!
 //! Level-3 epoch mode ([`Secondary::set_epoch_mode`]): writes are held per epoch in memory and
 //! applied only when their epoch commits ([`PeerMsg::EpochCommit`] from the primary, or
@@ -23,9 +31,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::transport::{PeerAcceptor, PeerSession};
+use super::bitmap::{boot_id, DirtyBitmap, DEFAULT_CHUNK};
+use super::transport::{PeerAcceptor, PeerSession, SessionTx};
 use super::wire::{
-    block_checksum, Frame, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
+    block_checksum, PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, FLAG_RESYNC, VERSION,
 };
 use crate::store::{Store, StoreError};
 
@@ -93,6 +102,19 @@ impl EpochBuffer {
         n
     }
 
+    /// The ranges `(offset, len)` of every held op.
+    #[must_use]
+    pub fn held_ranges(&self) -> Vec<(u64, u64)> {
+        self.held
+            .values()
+            .flatten()
+            .map(|op| match op {
+                HeldOp::Write { offset, data } => (*offset, data.len() as u64),
+                HeldOp::Zero { offset, len, .. } => (*offset, *len),
+            })
+            .collect()
+    }
+
     /// Held data bytes.
     #[must_use]
     pub fn bytes(&self) -> u64 {
@@ -150,6 +172,12 @@ pub struct Secondary {
     last_seq: AtomicU64,
     failure: Mutex<Option<String>>,
     applier: tokio::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The bitmap this host uses as primary: read as a report, written for a promotion.
+    bitmap_path: Option<PathBuf>,
+    /// Lineage of the current (or last) primary's bitmap.
+    primary_lineage: AtomicU64,
+    /// Ranges of epoch-mode writes discarded on failover (dirty in a promotion bitmap).
+    discarded: Mutex<Vec<(u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -159,6 +187,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Secondary {
     /// A secondary for `store`, remembering its consistency in `state_path`.
     pub fn new(store: Arc<dyn Store>, state_path: PathBuf) -> Arc<Self> {
+        let bitmap_path = default_bitmap_path(&state_path);
+        Self::with_bitmap(store, state_path, bitmap_path)
+    }
+
+    /// Like [`Secondary::new`] with an explicit bitmap path for failover (`None`: no dirty
+    /// report, no promotion bitmap; the next promotion then needs a full sync).
+    pub fn with_bitmap(
+        store: Arc<dyn Store>,
+        state_path: PathBuf,
+        bitmap_path: Option<PathBuf>,
+    ) -> Arc<Self> {
         let disk = std::fs::read_to_string(&state_path)
             .map_or(PeerDiskState::Fresh, |text| parse_state(&text, &boot_id()));
         Arc::new(Self {
@@ -173,14 +212,72 @@ impl Secondary {
             last_seq: AtomicU64::new(0),
             failure: Mutex::new(None),
             applier: tokio::sync::Mutex::new(None),
+            bitmap_path,
+            primary_lineage: AtomicU64::new(0),
+            discarded: Mutex::new(Vec::new()),
         })
     }
 
     /// Clean stop: syncs the store and records the state as clean (valid across reboots).
+    /// A consistent copy also leaves the bitmap for its promotion (see [`super::bitmap`]).
     pub fn shutdown_blocking(&self) -> Result<(), StoreError> {
         self.store.sync()?;
         self.write_state(true);
+        let lineage = self.primary_lineage.load(Ordering::SeqCst);
+        let consistent = *lock(&self.disk) == PeerDiskState::Consistent;
+        if let (Some(path), true, true) = (&self.bitmap_path, consistent, lineage != 0) {
+            let discarded = lock(&self.discarded).clone();
+            match DirtyBitmap::create_for_promotion(
+                path,
+                self.store.size(),
+                DEFAULT_CHUNK,
+                lineage,
+                &discarded,
+            ) {
+                Ok(()) => info!(path = %path.display(), "bitmap for a promotion written"),
+                Err(e) => warn!(error = %e, "cannot write the bitmap for a promotion"),
+            }
+        }
         Ok(())
+    }
+
+    /// Session start: this host's own primary bitmap as a dirty report (lineage 0 and no bits
+    /// when there is none to trust), and the file removed (it is stale from now on).
+    fn take_report(&self) -> (u64, Bytes) {
+        let Some(path) = &self.bitmap_path else {
+            return (0, Bytes::new());
+        };
+        let report = match DirtyBitmap::read_report(path, self.store.size(), DEFAULT_CHUNK) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "own bitmap unreadable: no dirty report");
+                None
+            }
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => info!(path = %path.display(), "own bitmap consumed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(error = %e, path = %path.display(), "cannot remove own bitmap"),
+        }
+        match report {
+            Some((_, bits)) if bits.len() > super::wire::MAX_DATA => {
+                warn!(
+                    bytes = bits.len(),
+                    "own bitmap too large to report: full sync"
+                );
+                (0, Bytes::new())
+            }
+            Some((lineage, bits)) => {
+                let dirty: u32 = bits.iter().map(|b| b.count_ones()).sum();
+                info!(
+                    lineage,
+                    dirty_chunks = dirty,
+                    "reporting regions written as primary"
+                );
+                (lineage, Bytes::from(bits))
+            }
+            None => (0, Bytes::new()),
+        }
     }
 
     /// Turns level-3 epoch mode on or off (off: held writes stay held until committed).
@@ -200,7 +297,12 @@ impl Secondary {
 
     /// Failover: drops every uncommitted epoch's writes; returns how many were dropped.
     pub fn discard_uncommitted(&self) -> usize {
-        let n = lock(&self.epochs).discard();
+        let mut ep = lock(&self.epochs);
+        // The primary wrote these (and they were acknowledged to it as held): if this copy is
+        // promoted, they differ on the old primary and must be copied back to it.
+        lock(&self.discarded).extend(ep.held_ranges());
+        let n = ep.discard();
+        drop(ep);
         info!(dropped = n, "uncommitted epoch writes discarded");
         n
     }
@@ -269,11 +371,7 @@ impl Secondary {
     }
 
     /// Applies one message; returns `(seq, needs_sync)` for sequenced messages.
-    fn apply(
-        &self,
-        msg: PeerMsg,
-        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
-    ) -> Result<Option<(u64, bool)>, String> {
+    fn apply(&self, msg: PeerMsg, tx: &SessionTx) -> Result<Option<(u64, bool)>, String> {
         let epoch_mode = self.epoch_mode.load(Ordering::Relaxed);
         match msg {
             PeerMsg::Write {
@@ -348,6 +446,10 @@ impl Secondary {
                 self.commit_epoch(epoch).map_err(|e| e.to_string())?;
                 Ok(Some((seq, false)))
             }
+            PeerMsg::Lineage { id } => {
+                self.primary_lineage.store(id, Ordering::SeqCst);
+                Ok(None)
+            }
             PeerMsg::ReadReq { id, offset, len } => {
                 let mut buf = vec![0u8; len as usize];
                 let ok = self.in_range(offset, u64::from(len))
@@ -377,12 +479,8 @@ impl Secondary {
         }
     }
 
-    fn applier_loop(
-        self: Arc<Self>,
-        rx: &mut tokio::sync::mpsc::Receiver<PeerMsg>,
-        tx: &tokio::sync::mpsc::UnboundedSender<Frame>,
-    ) {
-        while let Some(first) = rx.blocking_recv() {
+    fn applier_loop(self: Arc<Self>, inbox: &mut Inbox, tx: &SessionTx) {
+        while let Some(first) = inbox.next_blocking() {
             let mut last = None;
             let mut sync = false;
             let mut next = Some(first);
@@ -414,7 +512,7 @@ impl Secondary {
                 if sync || budget == 0 {
                     break;
                 }
-                next = rx.try_recv().ok();
+                next = inbox.try_next();
             }
             if sync {
                 if let Err(e) = self.store.sync() {
@@ -438,11 +536,19 @@ impl Secondary {
     }
 
     /// Serves one session to its end.
-    pub async fn run_session(self: Arc<Self>, mut session: PeerSession) {
+    pub async fn run_session(self: Arc<Self>, session: PeerSession) {
         // Previous applier must be done before anything of this session is applied.
         let prev = self.applier.lock().await.take();
         if let Some(h) = prev {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        let me = self.clone();
+        let (lineage, bits) = tokio::task::spawn_blocking(move || me.take_report())
+            .await
+            .unwrap_or_default();
+        if lineage != 0 {
+            // This host was the primary: its copy is the peer's plus what it reports.
+            self.set_disk(PeerDiskState::Inconsistent);
         }
         let disk = *lock(&self.disk);
         let hello = PeerMsg::Hello {
@@ -453,31 +559,39 @@ impl Secondary {
         if session.tx.send(hello.frame()).is_err() {
             return;
         }
+        if session
+            .tx
+            .send(PeerMsg::DirtyReport { lineage, bits }.frame())
+            .is_err()
+        {
+            return;
+        }
         // From now on writes may be acknowledged before they are durable: tie the state to
         // this boot, so a host crash (page cache lost) is detected at the next start.
         self.write_state(false);
         self.connected.store(true, Ordering::Relaxed);
         info!(?disk, "primary session up");
-        // Bounded: a primary faster than this disk is slowed down through the session instead
-        // of growing a queue here.
-        let (atx, mut arx) = tokio::sync::mpsc::channel(64);
+        // The applier thread takes the session's frames itself (no task in between); the
+        // session's bounded receiver slows down a primary faster than this disk. It stops when
+        // the session ends, or when this task ends or is aborted (a newer session replaces
+        // this one): `_stop` closes its stop signal.
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let _stop = stop;
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut inbox = Inbox {
+            rx: session.rx,
+            stop: stop_rx,
+            rt: tokio::runtime::Handle::current(),
+        };
         let me = self.clone();
         let tx = session.tx.clone();
-        let handle = std::thread::spawn(move || me.applier_loop(&mut arx, &tx));
+        let handle = std::thread::spawn(move || {
+            me.applier_loop(&mut inbox, &tx);
+            drop(inbox);
+            let _ = done.send(());
+        });
         *self.applier.lock().await = Some(handle);
-        while let Some(frame) = session.rx.recv().await {
-            match PeerMsg::decode(frame) {
-                Ok(m) => {
-                    if atx.send(m).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "undecodable message from primary; dropping session");
-                    break;
-                }
-            }
-        }
+        let _ = done_rx.await;
         self.connected.store(false, Ordering::Relaxed);
         info!("primary session ended");
     }
@@ -499,11 +613,57 @@ impl Secondary {
     }
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if unknown.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// The applier thread's view of a session: its frames, decoded, until the session ends or the
+/// session task stops it.
+struct Inbox {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Inbox {
+    /// Waits for the next message; `None` when the session ended, was stopped, or sent
+    /// something undecodable (logged).
+    fn next_blocking(&mut self) -> Option<PeerMsg> {
+        let Self { rx, stop, rt } = self;
+        let frame = rt.block_on(async {
+            tokio::select! {
+                f = rx.recv() => f,
+                _ = stop.changed() => None,
+            }
+        })?;
+        Self::decoded(frame)
+    }
+
+    /// The next message if one is waiting (`None` also when undecodable: logged, and the
+    /// next [`Inbox::next_blocking`] ends the session).
+    fn try_next(&mut self) -> Option<PeerMsg> {
+        let frame = self.rx.try_recv().ok()?;
+        let m = Self::decoded(frame);
+        if m.is_none() {
+            self.rx.close();
+            while self.rx.try_recv().is_ok() {}
+        }
+        m
+    }
+
+    fn decoded(frame: Bytes) -> Option<PeerMsg> {
+        match PeerMsg::decode(frame) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(error = %e, "undecodable message from primary; dropping session");
+                None
+            }
+        }
+    }
+}
+
+/// The bitmap beside a state file named `DISK.xenft-state` (the daemon's defaults):
+/// `DISK.xenft-bitmap`; `None` for other names.
+fn default_bitmap_path(state_path: &std::path::Path) -> Option<PathBuf> {
+    let name = state_path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".xenft-state")?;
+    Some(state_path.with_file_name(format!("{stem}.xenft-bitmap")))
 }
 
 /// Interprets the state file. Acknowledged writes reach the page cache, not the disk, so a

@@ -23,11 +23,58 @@ use super::wire::Frame;
 /// Largest frame accepted from the peer (data cap plus headers).
 pub const MAX_FRAME: usize = super::wire::MAX_DATA + 4096;
 
+/// The sending end of a session: frames go out in the order of the `send` calls. Cheap to
+/// clone; never blocks (unbounded: the primary bounds what it has in flight).
+#[derive(Clone)]
+pub struct SessionTx(TxInner);
+
+type DirectSend = std::sync::Arc<dyn Fn(Frame) -> Result<(), Frame> + Send + Sync>;
+
+#[derive(Clone)]
+enum TxInner {
+    /// Through a channel to a writer task.
+    Channel(mpsc::UnboundedSender<Frame>),
+    /// Straight into a transport that queues without blocking (the A-link adapter), saving
+    /// a task hop per message.
+    Direct(DirectSend),
+}
+
+impl SessionTx {
+    /// A sender feeding `tx`.
+    #[must_use]
+    pub fn channel(tx: mpsc::UnboundedSender<Frame>) -> Self {
+        Self(TxInner::Channel(tx))
+    }
+
+    /// A sender calling `f` for each frame (`f` must not block, and returns the frame when the
+    /// session is gone).
+    pub fn direct(f: impl Fn(Frame) -> Result<(), Frame> + Send + Sync + 'static) -> Self {
+        Self(TxInner::Direct(std::sync::Arc::new(f)))
+    }
+
+    /// Sends a frame; gives it back when the session is gone.
+    pub fn send(&self, f: Frame) -> Result<(), Frame> {
+        match &self.0 {
+            TxInner::Channel(tx) => tx.send(f).map_err(|e| e.0),
+            TxInner::Direct(send) => send(f),
+        }
+    }
+}
+
+impl std::fmt::Debug for SessionTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            TxInner::Channel(_) => "SessionTx::Channel",
+            TxInner::Direct(_) => "SessionTx::Direct",
+        })
+    }
+}
+
 /// One live connection to the peer instance.
 #[derive(Debug)]
 pub struct PeerSession {
-    /// Outgoing frames (unbounded: the primary bounds what it has in flight).
-    pub tx: mpsc::UnboundedSender<Frame>,
+    /// Outgoing frames.
+    pub tx: SessionTx,
     /// Incoming frames; `None` means the session is over.
     pub rx: mpsc::Receiver<Bytes>,
 }
@@ -66,7 +113,10 @@ fn pipe_end(
             }
         }
     });
-    PeerSession { tx, rx }
+    PeerSession {
+        tx: SessionTx::channel(tx),
+        rx,
+    }
 }
 
 /// In-memory connector: each `connect` takes the next session the test pushes.
@@ -179,7 +229,10 @@ pub fn tcp_session(stream: TcpStream) -> PeerSession {
             }
         }
     });
-    PeerSession { tx, rx }
+    PeerSession {
+        tx: SessionTx::channel(tx),
+        rx,
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Largest data payload of one message (the NBD maximum block size).
 pub const MAX_DATA: usize = 32 * 1024 * 1024;
 /// Protocol version carried in [`PeerMsg::Hello`].
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Flag: the write must be durable on the secondary before it is acknowledged (NBD FUA).
 pub const FLAG_FUA: u8 = 1 << 0;
@@ -149,6 +149,23 @@ pub enum PeerMsg {
         /// Checksums.
         sums: Vec<u64>,
     },
+    /// Secondary → primary, right after [`PeerMsg::Hello`]: the regions this host may have
+    /// written as a primary that its peer never acknowledged (its dirty bitmap with its active
+    /// activity-log extents folded in), for a dirty-only resync after a failover. `lineage` 0
+    /// with no bits: nothing to report.
+    DirtyReport {
+        /// Lineage id of the bitmap the bits come from (see [`PeerMsg::Lineage`]).
+        lineage: u64,
+        /// Dirty bitmap bytes (chunk `i` in byte `i / 8`, bit `i % 8`).
+        bits: Bytes,
+    },
+    /// Primary → secondary at the start of a session: the lineage id of the primary's bitmap.
+    /// A secondary stopped cleanly while consistent leaves a bitmap for its own promotion that
+    /// accepts a [`PeerMsg::DirtyReport`] of this lineage only.
+    Lineage {
+        /// The primary bitmap's lineage id.
+        id: u64,
+    },
 }
 
 /// The checksum used by online verify: the first 8 bytes of SHA-256.
@@ -195,6 +212,8 @@ const T_READ_REQ: u8 = 10;
 const T_READ_RESP: u8 = 11;
 const T_VERIFY_REQ: u8 = 12;
 const T_VERIFY_RESP: u8 = 13;
+const T_DIRTY_REPORT: u8 = 14;
+const T_LINEAGE: u8 = 15;
 
 /// One encoded message as it goes to a transport: a small header and a bulk body (the data of
 /// a write or read reply), kept apart so transports can send the body without copying it.
@@ -346,6 +365,15 @@ impl PeerMsg {
                 b.put_u64(*offset);
                 b.put_u32(*len);
                 b.put_u32(*block);
+            }
+            Self::DirtyReport { lineage, bits } => {
+                b.put_u8(T_DIRTY_REPORT);
+                b.put_u64(*lineage);
+                body = bits.clone();
+            }
+            Self::Lineage { id } => {
+                b.put_u8(T_LINEAGE);
+                b.put_u64(*id);
             }
             Self::VerifyResp { id, sums } => {
                 b.reserve(sums.len() * 8 + 16);
@@ -512,6 +540,18 @@ impl PeerMsg {
                     block,
                 }
             }
+            T_DIRTY_REPORT => {
+                need(&f, 8)?;
+                let lineage = f.get_u64();
+                data_cap(&f)?;
+                Self::DirtyReport { lineage, bits: f }
+            }
+            T_LINEAGE => {
+                need(&f, 8)?;
+                let id = f.get_u64();
+                done(&f)?;
+                Self::Lineage { id }
+            }
             T_VERIFY_RESP => {
                 need(&f, 8)?;
                 let id = f.get_u64();
@@ -539,6 +579,9 @@ mod tests {
     fn arb_msg() -> impl Strategy<Value = PeerMsg> {
         let data = proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Bytes::from);
         prop_oneof![
+            (any::<u64>(), data.clone())
+                .prop_map(|(lineage, bits)| PeerMsg::DirtyReport { lineage, bits }),
+            any::<u64>().prop_map(|id| PeerMsg::Lineage { id }),
             (any::<u16>(), any::<u64>(), 0u8..3).prop_map(|(version, size, s)| PeerMsg::Hello {
                 version,
                 size,
@@ -618,7 +661,7 @@ mod tests {
         #[test]
         fn truncated_fixed_messages_are_rejected(m in arb_msg(), cut in 1usize..8) {
             let enc = m.encode();
-            let fixed = !matches!(m, PeerMsg::Write { .. } | PeerMsg::ReadResp { .. } | PeerMsg::Fail { .. } | PeerMsg::VerifyResp { .. });
+            let fixed = !matches!(m, PeerMsg::Write { .. } | PeerMsg::ReadResp { .. } | PeerMsg::Fail { .. } | PeerMsg::VerifyResp { .. } | PeerMsg::DirtyReport { .. });
             if fixed && cut < enc.len() {
                 prop_assert!(PeerMsg::decode(enc.slice(..enc.len() - cut)).is_err());
             }
