@@ -16,24 +16,36 @@
 //!   "timing": {"heartbeat_ms": 100, "path_down_ms": 350, "peer_dead_ms": 500,
 //!              "lease_ms": 600, "margin_ms": 200, "quorum_request_timeout_ms": 150},
 //!   "status": {"listen": "127.0.0.1:7481"},
-//!   "vms": [{"vm": "web01", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 2048}],
+//!   "vms": [{"vm": "web01", "level": 2, "primary": "h1", "secondary": "h2", "memory_mb": 2048}],
 //!   "alink_transport": "udp",
-//!   "xenstore": true
+//!   "xenstore": true,
+//!   "drivers": "real",
+//!   "vm_drivers": {
+//!     "web01": {
+//!       "domain": {"command": ["/usr/lib/xenft/xenft-synthetic-guest", "--memory-mib", "2048"]},
+//!       "blkback": {"control": "/run/xenft/web01-blkback.sock", "sync_timeout_ms": 3600000},
+//!       "netback": {"control": "/run/xenft/web01-netback.sock", "addresses": ["192.168.1.80"]}
+//!     }
+//!   }
 //! }
 //! ```
-//! `quorum` lists the preferred server first, then the alternate (0 to 2 entries);
+//! `drivers` says what the agent drives: `"real"` (the default) needs a `vm_drivers` entry for
+//! every VM with each component its level uses ([`crate::drivers::VmDriversFile`]); only an
+//! explicit `"record"` runs the recording stand-ins ([`crate::seams::Recorder`]), so a
+//! production config cannot silently drive nothing. `quorum` lists the preferred server first, then the alternate (0 to 2 entries);
 //! `xenft-quorum --lease-ms` must equal `timing.lease_ms`. Every field is checked: unknown
 //! fields, names with odd characters, VMs on hosts outside the pool, more than two quorum
 //! servers or a non-loopback status address without `token_file` are refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::core::{CoreConfig, VmSpec};
-use crate::ids::{HostId, PathId};
+use crate::drivers::VmDriversFile;
+use crate::ids::{HostId, PathId, VmId};
 use crate::timing::{Timing, TimingError};
 
 /// Largest accepted config or secret file.
@@ -139,6 +151,32 @@ pub struct ConfigFile {
     /// states, read the shims' reports, follow domains.
     #[serde(default)]
     pub xenstore: bool,
+    /// What drives the components.
+    #[serde(default)]
+    pub drivers: DriverMode,
+    /// Each VM's components (`drivers: real`).
+    #[serde(default)]
+    pub vm_drivers: BTreeMap<VmId, VmDriversFile>,
+}
+
+/// What the agent drives.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverMode {
+    /// The shims, the domain command: [`crate::drivers`].
+    #[default]
+    Real,
+    /// The recording stand-ins (tests, simulations); must be said explicitly.
+    Record,
+}
+
+/// The validated driver choice.
+#[derive(Clone, Debug)]
+pub enum Drivers {
+    /// Recording stand-ins.
+    Record,
+    /// Real components, per VM.
+    Real(BTreeMap<VmId, VmDriversFile>),
 }
 
 fn default_log() -> usize {
@@ -234,6 +272,8 @@ pub struct ValidConfig {
     pub alink_transport: AlinkTransport,
     /// Use xenstore.
     pub xenstore: bool,
+    /// What drives the components.
+    pub drivers: Drivers,
 }
 
 impl ConfigFile {
@@ -315,6 +355,32 @@ impl ConfigFile {
                 return bad(format!("VM {}: memory_mb is 0", v.vm));
             }
         }
+        let drivers = match self.drivers {
+            DriverMode::Record if !self.vm_drivers.is_empty() => {
+                return bad(
+                    "vm_drivers is set but drivers is \"record\": the sections would be ignored"
+                        .into(),
+                )
+            }
+            DriverMode::Record => Drivers::Record,
+            DriverMode::Real => {
+                for vm in self.vm_drivers.keys() {
+                    if !vm_names.contains(vm) {
+                        return bad(format!("vm_drivers.{vm}: not a protected VM"));
+                    }
+                }
+                for v in &self.vms {
+                    let d = self.vm_drivers.get(&v.vm).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "VM {}: no vm_drivers entry (drivers are \"real\"; say \"drivers\": \"record\" for stand-ins)",
+                            v.vm
+                        ))
+                    })?;
+                    d.check(&v.vm, v.level).map_err(ConfigError::Invalid)?;
+                }
+                Drivers::Real(self.vm_drivers)
+            }
+        };
         let status_token = match &self.status.token_file {
             Some(p) => Some(
                 String::from_utf8(read_secret(p)?)
@@ -353,6 +419,7 @@ impl ConfigFile {
             event_log: self.event_log.clamp(1, 100_000),
             alink_transport: self.alink_transport,
             xenstore: self.xenstore,
+            drivers,
         })
     }
 }
@@ -372,7 +439,8 @@ mod tests {
     const GOOD: &str = r#"{
         "host": "h1", "secret_file": "SECRET", "state_file": "/tmp/x.json",
         "peers": [{"host": "h2", "alink": [{"local": "127.0.0.1:1", "peer": "127.0.0.1:2"}]}],
-        "vms": [{"vm": "web", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 512}]
+        "vms": [{"vm": "web", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 512}],
+        "drivers": "record"
     }"#;
 
     #[test]
@@ -436,6 +504,72 @@ mod tests {
         let v = c.validate().unwrap();
         assert_eq!(v.quorum.len(), 2);
         assert!(v.xenstore && v.core.storage_heartbeat);
+    }
+
+    fn validate(json: &str) -> Result<ValidConfig, ConfigError> {
+        let d = tempfile::tempdir().map_err(|source| ConfigError::Io {
+            path: PathBuf::from("tempdir"),
+            source,
+        })?;
+        ConfigFile::load(&write(d.path(), json))?.validate()
+    }
+
+    const REAL: &str = r#""drivers": "real", "vm_drivers": {"web": {
+        "domain": {"command": ["/bin/sleep", "1000"]},
+        "blkback": {"control": "/run/xenft/web-blk.sock"},
+        "netback": {"control": "/run/xenft/web-net.sock", "addresses": ["10.0.0.5"]}}}"#;
+
+    #[test]
+    fn a_config_without_drivers_needs_real_driver_sections() {
+        let l2 = GOOD.replace(r#""level": 3"#, r#""level": 2"#);
+        let no_drivers = l2.replace(r#""drivers": "record""#, r#""xenstore": false"#);
+        let e = validate(&no_drivers).unwrap_err();
+        assert!(e.to_string().contains("no vm_drivers entry"), "{e}");
+        let real = l2.replace(r#""drivers": "record""#, REAL);
+        let c = validate(&real).unwrap();
+        assert!(matches!(&c.drivers, Drivers::Real(m) if m.len() == 1));
+    }
+
+    #[test]
+    fn driver_sections_are_checked() {
+        let l2 = GOOD.replace(r#""level": 3"#, r#""level": 2"#);
+        let cases = [
+            (REAL.replace(r#""netback": {"control": "/run/xenft/web-net.sock", "addresses": ["10.0.0.5"]}"#, r#""netback": null"#), "netback"),
+            (REAL.replace("/run/xenft/web-blk.sock", "relative.sock"), "absolute"),
+            (REAL.replace(r#"["/bin/sleep", "1000"]"#, "[]"), "command is empty"),
+            (REAL.replace(r#""vm_drivers": {"web""#, r#""vm_drivers": {"other""#), "not a protected VM"),
+        ];
+        for (drivers, want) in cases {
+            let e = validate(&l2.replace(r#""drivers": "record""#, &drivers)).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        let typo = l2.replace(
+            r#""drivers": "record""#,
+            &REAL.replace(
+                r#""control": "/run/xenft/web-blk.sock""#,
+                r#""contrl": "/x""#,
+            ),
+        );
+        assert!(matches!(
+            validate(&typo).unwrap_err(),
+            ConfigError::Parse { .. }
+        ));
+    }
+
+    #[test]
+    fn level_3_with_real_drivers_is_refused_until_the_checkpoint_engine_has_a_driver() {
+        let e = validate(&GOOD.replace(r#""drivers": "record""#, REAL)).unwrap_err();
+        assert!(e.to_string().contains("level 3"), "{e}");
+    }
+
+    #[test]
+    fn driver_sections_with_recording_stand_ins_are_refused() {
+        let both = GOOD.replace(
+            r#""drivers": "record""#,
+            &REAL.replace(r#""drivers": "real""#, r#""drivers": "record""#),
+        );
+        let e = validate(&both).unwrap_err();
+        assert!(e.to_string().contains("ignored"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,7 @@
 pub mod config;
 pub mod core;
 pub mod decision;
+pub mod drivers;
 pub mod ids;
 pub mod lifecycle;
 pub mod quorum;

@@ -183,6 +183,14 @@ impl Secondary {
         Ok(())
     }
 
+    /// Promotion: waits until the last session's applier has applied everything it queued
+    /// (call after the session's transport was closed).
+    pub async fn wait_applier_done(&self) {
+        if let Some(h) = self.applier.lock().await.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
     /// Turns level-3 epoch mode on or off (off: held writes stay held until committed).
     pub fn set_epoch_mode(&self, on: bool) {
         self.epoch_mode.store(on, Ordering::SeqCst);

@@ -1,14 +1,15 @@
 //! `xenft-agent`: the per-host xenft daemon.
 //!
 //! Reads a JSON config file, validates it, and runs the agent with its status API until
-//! SIGTERM or Ctrl-C. Until the shim and checkpoint crates are wired in, the components are
-//! the recording stand-ins: every command is logged (`--print-commands` prints them too).
+//! SIGTERM or Ctrl-C. The components are the real ones of [`xenft_agent::drivers`] (the VMs'
+//! `xenft-blkback` and `xenft-netback` control sockets, the domain command), or — only with
+//! `"drivers": "record"` in the config — the recording stand-ins.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use xenft_agent::config::ConfigFile;
+use xenft_agent::config::{ConfigFile, Drivers};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::StatusServer;
@@ -43,12 +44,18 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let recorder = Recorder::new();
+        let seams = match &cfg.drivers {
+            Drivers::Record => {
+                tracing::warn!("drivers: record — components are recording stand-ins");
+                Seams::recording(&Recorder::new())
+            }
+            Drivers::Real(vms) => xenft_agent::drivers::real_seams(vms),
+        };
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
         let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
-        let agent = Agent::start_with_links(cfg, Seams::recording(&recorder), links).await?;
+        let agent = Agent::start_with_links(cfg, seams, links).await?;
         let bridge = if use_xenstore {
             let xs = xenft_agent::xenstore::xen::XenXs::connect()
                 .await

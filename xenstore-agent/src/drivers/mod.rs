@@ -1,0 +1,277 @@
+//! The real implementations of the [`crate::seams`] traits, and their per-VM configuration.
+//!
+//! - [`blkback::BlkbackDriver`] ([`DiskMirror`]): one VM's `xenft-blkback` control socket —
+//!   wait for sync with progress, suspend, remote-mode redirect, promote the secondary copy on
+//!   take-over (level 3: commit the held disk epochs up to the memory replica's checkpoint,
+//!   discard the rest);
+//! - [`netback::NetbackDriver`] ([`NetRelay`]): one VM's `xenft-netback` control socket —
+//!   uplink redirect through the A-link tunnel, take-over announcement (GARP / NA) with
+//!   buffered output dropped and pass-through from then on;
+//! - [`domain::CommandDomain`] ([`DomainStarter`]): the local pool's VM as a process;
+//! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
+//!   drivers use.
+//!
+//! Not here yet: the XenAPI domain starter (`VM.start_on`) and a checkpoint-engine driver — the
+//! engine runs level-3 replication and fails over by itself, with no control interface an
+//! agent can drive. Configs that would need either are refused at validation
+//! ([`VmDriversFile::check`]), so a production config never runs a stand-in silently.
+
+pub mod blkback;
+pub mod control;
+pub mod domain;
+pub mod netback;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ids::{HostId, VmId};
+use crate::lifecycle::Level;
+use crate::seams::{Checkpointer, DiskMirror, NetRelay, SeamError, Seams};
+use blkback::BlkbackDriver;
+use control::ControlSocket;
+use domain::CommandDomain;
+use netback::NetbackDriver;
+
+/// Longest accepted timeout (one day).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+/// Most arguments of a domain command.
+pub const MAX_COMMAND_ARGS: usize = 256;
+
+fn default_request_timeout() -> u64 {
+    5000
+}
+
+fn default_sync_timeout() -> u64 {
+    3_600_000
+}
+
+/// Domain control of one VM.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainFile {
+    /// The local pool's VM: program and arguments (e.g. the synthetic guest).
+    pub command: Vec<String>,
+}
+
+/// One VM's `xenft-blkback`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkbackFile {
+    /// Its control socket.
+    pub control: PathBuf,
+    /// One control request at most this long (milliseconds).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// A sync (full or dirty-only) at most this long (milliseconds).
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_ms: u64,
+}
+
+/// One VM's `xenft-netback`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetbackFile {
+    /// Its control socket.
+    pub control: PathBuf,
+    /// The VM's addresses to announce on take-over.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// One control request at most this long (milliseconds).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+/// The components of one VM (`vm_drivers.<vm>` in the agent's config).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDriversFile {
+    /// Domain control (every level).
+    pub domain: Option<DomainFile>,
+    /// Disk mirror (level 2 and 3).
+    pub blkback: Option<BlkbackFile>,
+    /// Network relay (level 2 and 3).
+    pub netback: Option<NetbackFile>,
+}
+
+fn check_timeout(vm: &VmId, what: &str, ms: u64) -> Result<(), String> {
+    if ms == 0 || ms > MAX_TIMEOUT_MS {
+        return Err(format!(
+            "vm_drivers.{vm}.{what}: must be 1..={MAX_TIMEOUT_MS} ms, not {ms}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_socket(vm: &VmId, what: &str, p: &std::path::Path) -> Result<(), String> {
+    if !p.is_absolute() {
+        return Err(format!(
+            "vm_drivers.{vm}.{what}.control: {} is not an absolute path",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+impl VmDriversFile {
+    /// Checks that every component `level` needs is configured, and sane.
+    ///
+    /// # Errors
+    /// The problem, in words.
+    pub fn check(&self, vm: &VmId, level: Level) -> Result<(), String> {
+        let d = self
+            .domain
+            .as_ref()
+            .ok_or_else(|| format!("vm_drivers.{vm}: a \"domain\" section is required"))?;
+        if d.command.is_empty() || d.command[0].is_empty() {
+            return Err(format!("vm_drivers.{vm}.domain.command is empty"));
+        }
+        if d.command.len() > MAX_COMMAND_ARGS {
+            return Err(format!(
+                "vm_drivers.{vm}.domain.command has more than {MAX_COMMAND_ARGS} arguments"
+            ));
+        }
+        if level == Level::L3 {
+            return Err(format!(
+                "VM {vm}: level 3 needs a checkpoint-engine driver, which the agent does not have yet (the engine fails over by itself); use level 2, or \"drivers\": \"record\" for a simulation"
+            ));
+        }
+        let needs_shims = level != Level::L1;
+        match (&self.blkback, needs_shims) {
+            (None, true) => {
+                return Err(format!(
+                    "vm_drivers.{vm}: level 2 needs a \"blkback\" section"
+                ))
+            }
+            (Some(b), _) => {
+                check_socket(vm, "blkback", &b.control)?;
+                check_timeout(vm, "blkback.request_timeout_ms", b.request_timeout_ms)?;
+                check_timeout(vm, "blkback.sync_timeout_ms", b.sync_timeout_ms)?;
+            }
+            (None, false) => {}
+        }
+        match (&self.netback, needs_shims) {
+            (None, true) => {
+                return Err(format!(
+                    "vm_drivers.{vm}: level 2 needs a \"netback\" section"
+                ))
+            }
+            (Some(n), _) => {
+                check_socket(vm, "netback", &n.control)?;
+                check_timeout(vm, "netback.request_timeout_ms", n.request_timeout_ms)?;
+                if n.addresses.len() > 64 {
+                    return Err(format!("vm_drivers.{vm}.netback.addresses: at most 64"));
+                }
+            }
+            (None, false) => {}
+        }
+        Ok(())
+    }
+}
+
+/// The disk mirror of each VM that has one.
+struct DiskByVm(BTreeMap<VmId, BlkbackDriver>);
+
+fn missing(component: &'static str, op: &'static str, vm: &VmId) -> SeamError {
+    SeamError {
+        component,
+        operation: op,
+        vm: vm.clone(),
+        reason: format!("no {component} configured for this VM"),
+    }
+}
+
+impl DiskMirror for DiskByVm {
+    fn sync(&self, vm: &VmId, peer: &HostId, full: bool) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("blkback", "sync", vm))?
+            .sync(vm, peer, full)
+    }
+    fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
+        // Level 1: nothing replicates.
+        self.0.get(vm).map_or(Ok(()), |d| d.suspend(vm))
+    }
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("blkback", "redirect", vm))?
+            .redirect(vm, on)
+    }
+    fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
+        // Level 1: the VM boots from its (shared) disk; nothing to promote.
+        self.0
+            .get(vm)
+            .map_or(Ok(()), |d| d.promote(vm, commit_epoch))
+    }
+}
+
+/// The network relay of each VM that has one.
+struct NetByVm(BTreeMap<VmId, NetbackDriver>);
+
+impl NetRelay for NetByVm {
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("netback", "redirect", vm))?
+            .redirect(vm, on)
+    }
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
+        // Level 1: the rebooted VM announces itself.
+        self.0.get(vm).map_or(Ok(()), |d| d.announce(vm))
+    }
+}
+
+/// Level 3 is refused at validation; this answers if the core ever asks anyway.
+struct NoCheckpointEngine;
+
+impl Checkpointer for NoCheckpointEngine {
+    fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+        Err(missing("checkpoint engine driver", "committed-epoch", vm))
+    }
+    fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
+        Err(missing("checkpoint engine driver", "resume", vm))
+    }
+}
+
+/// The seams over the real components of every VM (validated sections).
+#[must_use]
+pub fn real_seams(vms: &BTreeMap<VmId, VmDriversFile>) -> Seams {
+    let ms = Duration::from_millis;
+    let mut disks = BTreeMap::new();
+    let mut nets = BTreeMap::new();
+    let mut commands = BTreeMap::new();
+    for (vm, d) in vms {
+        if let Some(dom) = &d.domain {
+            commands.insert(vm.clone(), dom.command.clone());
+        }
+        if let Some(b) = &d.blkback {
+            disks.insert(
+                vm.clone(),
+                BlkbackDriver::new(
+                    ControlSocket::new(&b.control, ms(b.request_timeout_ms)),
+                    ms(b.sync_timeout_ms),
+                ),
+            );
+        }
+        if let Some(n) = &d.netback {
+            nets.insert(
+                vm.clone(),
+                NetbackDriver::new(
+                    ControlSocket::new(&n.control, ms(n.request_timeout_ms)),
+                    n.addresses.clone(),
+                ),
+            );
+        }
+    }
+    Seams {
+        domains: Arc::new(CommandDomain::new(commands)),
+        disk: Arc::new(DiskByVm(disks)),
+        net: Arc::new(NetByVm(nets)),
+        checkpoint: Arc::new(NoCheckpointEngine),
+    }
+}

@@ -1,0 +1,83 @@
+//! [`NetbackDriver`]: the [`NetRelay`] seam over one VM's `xenft-netback` control socket
+//! (JSON lines, see `xenft_netback::control`).
+//!
+//! | seam call | control requests |
+//! |---|---|
+//! | `redirect on/off` | `{"op":"redirect","on":true/false}` (the uplink through the A-link tunnel) |
+//! | `announce` | `{"op":"add_addresses",...}` (the configured VM addresses), then `{"op":"takeover","mode":"passthrough"}`: drops what the dead primary's epochs held, releases output from now on, sends GARP / unsolicited NA / a relearn frame; repeated [`REPEATS`] times in the background (switches and hosts may miss one) |
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::control::ControlSocket;
+use crate::ids::VmId;
+use crate::seams::{NetRelay, SeamError};
+
+/// Announcements repeated after a take-over, [`REPEAT_EVERY`] apart.
+pub const REPEATS: u32 = 3;
+/// Pause between repeated announcements.
+pub const REPEAT_EVERY: Duration = Duration::from_millis(200);
+
+/// Drives one VM's `xenft-netback`.
+#[derive(Debug, Clone)]
+pub struct NetbackDriver {
+    ctl: ControlSocket,
+    addresses: Vec<IpAddr>,
+}
+
+#[allow(clippy::needless_pass_by_value)] // callers pass temporaries (errors, literals)
+fn seam(op: &'static str, vm: &VmId, e: impl ToString) -> SeamError {
+    SeamError {
+        component: "netback",
+        operation: op,
+        vm: vm.clone(),
+        reason: e.to_string(),
+    }
+}
+
+impl NetbackDriver {
+    /// A driver for the relay whose control socket is `ctl`; `addresses` are the VM's IP
+    /// addresses to announce (the relay also learns them from the VM's own frames).
+    #[must_use]
+    pub fn new(ctl: ControlSocket, addresses: Vec<IpAddr>) -> Self {
+        Self { ctl, addresses }
+    }
+}
+
+impl NetRelay for NetbackDriver {
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.ctl
+            .request(&json!({"op": "redirect", "on": on}).to_string())
+            .map_err(|e| seam("redirect", vm, e))?;
+        tracing::info!(%vm, on, "uplink redirect through the A-link tunnel");
+        Ok(())
+    }
+
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
+        if !self.addresses.is_empty() {
+            self.ctl
+                .request(&json!({"op": "add_addresses", "addresses": self.addresses}).to_string())
+                .map_err(|e| seam("announce", vm, e))?;
+        }
+        let v = self
+            .ctl
+            .request(&json!({"op": "takeover", "mode": "passthrough"}).to_string())
+            .map_err(|e| seam("announce", vm, e))?;
+        let sent = v.get("announced").and_then(serde_json::Value::as_u64);
+        tracing::warn!(%vm, announced = ?sent, "network presence taken over (GARP / NA sent)");
+        let ctl = self.ctl.clone();
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            for _ in 0..REPEATS {
+                std::thread::sleep(REPEAT_EVERY);
+                if let Err(e) = ctl.request(&json!({"op": "announce"}).to_string()) {
+                    tracing::warn!(%vm, error = %e, "repeating the announcement failed");
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+}
