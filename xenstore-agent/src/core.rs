@@ -1256,9 +1256,12 @@ impl HostCore {
     fn adopt_peer_view(&mut self, vm: &VmId) {
         let v = &self.vms[vm];
         let peer = v.rec.other(&self.cfg.me).clone();
+        // A silent peer's last report is stale (after a take-over it still says the dead
+        // primary runs the VM): nothing to adopt until the peer speaks again.
         let Some(r) = self
             .peers
             .get(&peer)
+            .filter(|p| !p.silent)
             .and_then(|p| p.reports.get(vm))
             .cloned()
         else {
