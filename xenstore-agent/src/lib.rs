@@ -25,7 +25,12 @@
 //!   crate, storage heartbeat files, quorum clients, command execution, persistence);
 //! - [`seams`]: the traits of the driven components ([`seams::DomainStarter`],
 //!   [`seams::DiskMirror`], [`seams::NetRelay`], [`seams::Checkpointer`]) with a recording
-//!   stand-in;
+//!   stand-in (`"drivers": "record"` only);
+//! - [`drivers`]: the real implementations the binary runs — `xenft-blkback` (sync, remote
+//!   mode, promote on take-over with level-3 epoch commit), `xenft-netback` (uplink redirect,
+//!   take-over announcement) over their control sockets, and the local pool's VM as a process.
+//!   Not yet: the XenAPI domain starter and a checkpoint-engine driver (level 3 is refused
+//!   with real drivers);
 //! - [`xenstore`]: the xenstore seam (trait, in-process store with xenstored semantics, the
 //!   xenstore-rs backend plus a wire-protocol client for transactions) and the agent's
 //!   xenstore bridge;

@@ -7,7 +7,7 @@
 //! - [`netback::NetbackDriver`] ([`NetRelay`]): one VM's `xenft-netback` control socket —
 //!   uplink redirect through the A-link tunnel, take-over announcement (GARP / NA) with
 //!   buffered output dropped and pass-through from then on;
-//! - [`domain::CommandDomain`] ([`DomainStarter`]): the local pool's VM as a process;
+//! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
 //! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
 //!   drivers use.
 //!
