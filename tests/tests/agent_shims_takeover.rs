@@ -29,12 +29,8 @@ fn sigkill_of_the_primary_host_makes_the_secondary_serve_every_acked_write_and_a
     pool.start_netback(0, "passthrough");
     pool.start_agent(1);
     pool.start_agent(0);
-    let protected = wait_until(Duration::from_secs(20), || {
-        pool.vm1(0)
-            .is_some_and(|(local, phase, _)| local == "running" && phase == "protected")
-    });
     assert!(
-        protected,
+        pool.wait_protected(),
         "h1 never protected vm1: {:?}\n{}",
         pool.vm1(0),
         pool.log("agent-h1.log")

@@ -364,6 +364,21 @@ impl Pool {
         ))
     }
 
+    /// Whether host `i`'s agent holds vm1's replica as consistent (a take-over is allowed).
+    pub fn consistent(&self, i: usize) -> bool {
+        self.status(i)
+            .is_some_and(|v| v["vms"][0]["record"]["consistent"] == true)
+    }
+
+    /// Waits until h1 runs vm1 protected and h2 knows its replica is consistent.
+    pub fn wait_protected(&self) -> bool {
+        wait_until(Duration::from_secs(20), || {
+            self.vm1(0)
+                .is_some_and(|(local, phase, _)| local == "running" && phase == "protected")
+                && self.consistent(1)
+        })
+    }
+
     /// One line on blkback `i`'s control socket.
     pub fn blk(&self, i: usize, cmd: &str) -> Option<Value> {
         control(&self.blk_ctl(i), cmd)

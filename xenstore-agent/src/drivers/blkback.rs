@@ -54,6 +54,9 @@ pub struct PrimaryView {
     /// Local store failure (remote mode) if any.
     #[serde(default)]
     pub local_failure: Option<String>,
+    /// Sessions opened so far.
+    #[serde(default)]
+    pub sessions: u64,
 }
 
 /// The secondary's status fields the driver reads.
@@ -80,6 +83,13 @@ pub enum BlkStatus {
 }
 
 /// Drives one VM's `xenft-blkback`.
+///
+/// `sync` trusts the shim's `in_sync`: the agent's heartbeats and the shim's A-link are
+/// separate, so the agent may see all A-links down (and suspend) while the shim's session
+/// survives and stays in sync. A peer whose shim restarted is noticed by the shim when the new
+/// process connects (`PeerRestarted` ends the session); in the short window before that the old
+/// session may still read `in_sync`. A take-over in that window is safe: `promote` refuses a
+/// copy that is not consistent.
 #[derive(Debug, Clone)]
 pub struct BlkbackDriver {
     ctl: ControlSocket,
@@ -132,7 +142,22 @@ impl DiskMirror for BlkbackDriver {
         let start = Instant::now();
         let mut last_log = start;
         loop {
-            match self.status().map_err(|e| seam("sync", vm, e))? {
+            let st = match self.status() {
+                Ok(st) => st,
+                // The shim may be (re)starting: keep waiting within the sync timeout.
+                Err(e @ (ControlError::Connect { .. } | ControlError::NoReply(_)))
+                    if start.elapsed() < self.sync_timeout =>
+                {
+                    if last_log.elapsed() >= PROGRESS_EVERY {
+                        last_log = Instant::now();
+                        tracing::warn!(%vm, error = %e, "waiting for blkback's control socket");
+                    }
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+                Err(e) => return Err(seam("sync", vm, e)),
+            };
+            match st {
                 BlkStatus::Primary(p) if p.peer == "in_sync" => {
                     tracing::info!(%vm, %peer, full, secs = start.elapsed().as_secs_f64(), "disk in sync");
                     return Ok(());
@@ -226,5 +251,144 @@ impl DiskMirror for BlkbackDriver {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+
+    type Reply = Box<dyn Fn(&str) -> String + Send>;
+
+    /// A scripted blkback control socket; records every command it got.
+    fn fake(reply: Reply) -> (tempfile::TempDir, BlkbackDriver, Arc<Mutex<Vec<String>>>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("blk.ctl");
+        let l = UnixListener::bind(&p).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let line = line.trim().to_string();
+                let out = reply(&line);
+                s2.lock().unwrap().push(line);
+                let _ = s.write_all(format!("{out}\n").as_bytes());
+            }
+        });
+        let drv = BlkbackDriver::new(
+            ControlSocket::new(&p, Duration::from_secs(2)),
+            Duration::from_secs(3),
+        );
+        (d, drv, seen)
+    }
+
+    fn primary(peer: &str, sessions: u64) -> String {
+        format!(
+            r#"{{"ok":true,"role":"primary","primary":{{"peer":"{peer}","dirty_bytes":0,"sessions":{sessions},"local_failure":null}}}}"#
+        )
+    }
+
+    fn vm() -> VmId {
+        VmId::new("vm1").unwrap()
+    }
+
+    #[test]
+    fn a_sync_waits_until_the_shim_is_in_sync() {
+        let polls = Arc::new(Mutex::new(0u32));
+        let p2 = polls.clone();
+        let (_d, drv, _) = fake(Box::new(move |_| {
+            let mut n = p2.lock().unwrap();
+            *n += 1;
+            primary(if *n < 4 { "resyncing" } else { "in_sync" }, 1)
+        }));
+        drv.sync(&vm(), &HostId::new("h2").unwrap(), false).unwrap();
+        assert!(*polls.lock().unwrap() >= 4, "sync returned before in_sync");
+    }
+
+    #[test]
+    fn a_sync_waits_for_a_shim_that_is_still_starting() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("late.ctl");
+        let p2 = p.clone();
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let l = UnixListener::bind(&p2).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            s.write_all(format!("{}\n", primary("in_sync", 1)).as_bytes())
+                .unwrap();
+        });
+        let drv = BlkbackDriver::new(
+            ControlSocket::new(&p, Duration::from_secs(2)),
+            Duration::from_secs(5),
+        );
+        drv.sync(&vm(), &HostId::new("h2").unwrap(), true).unwrap();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_sync_that_never_completes_times_out_with_the_reason() {
+        let (_d, drv, _) = fake(Box::new(|_| primary("resyncing", 1)));
+        let e = drv
+            .sync(&vm(), &HostId::new("h2").unwrap(), true)
+            .unwrap_err();
+        assert!(e.reason.contains("not in sync"), "{e}");
+    }
+
+    #[test]
+    fn promote_of_a_secondary_commits_up_to_the_checkpoint_epoch() {
+        let (_d, drv, seen) = fake(Box::new(|cmd| {
+            if cmd == "status" {
+                r#"{"ok":true,"role":"secondary","secondary":{"connected":false,"disk":"consistent","held_epochs":[7,8]}}"#.into()
+            } else {
+                r#"{"ok":true,"role":"primary","promoted":{}}"#.into()
+            }
+        }));
+        drv.promote(&vm(), Some(7)).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec!["status", "promote 7"]);
+    }
+
+    #[test]
+    fn promote_of_a_serving_primary_changes_nothing() {
+        let (_d, drv, seen) = fake(Box::new(|_| primary("in_sync", 1)));
+        drv.promote(&vm(), None).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec!["status"]);
+    }
+
+    #[test]
+    fn a_refused_promotion_and_a_hostile_status_are_errors() {
+        let (_d, drv, _) = fake(Box::new(|cmd| {
+            if cmd == "status" {
+                r#"{"ok":true,"role":"secondary","secondary":{"connected":true,"disk":"inconsistent"}}"#.into()
+            } else {
+                r#"{"ok":false,"error":"the local copy is Inconsistent"}"#.into()
+            }
+        }));
+        let e = drv.promote(&vm(), None).unwrap_err();
+        assert!(e.reason.contains("Inconsistent"), "{e}");
+        let (_d2, drv2, _) = fake(Box::new(|_| r#"{"ok":true,"role":"overlord"}"#.into()));
+        assert!(drv2.promote(&vm(), None).is_err());
+        let (_d3, drv3, _) = fake(Box::new(|_| r#"{"ok":true,"role":"primary"}"#.into()));
+        assert!(
+            drv3.suspend(&vm()).is_err(),
+            "a primary without its status fields"
+        );
+    }
+
+    #[test]
+    fn forcing_remote_mode_on_a_healthy_store_is_refused() {
+        let (_d, drv, _) = fake(Box::new(|_| primary("in_sync", 1)));
+        let e = drv.redirect(&vm(), true).unwrap_err();
+        assert!(e.reason.contains("healthy"), "{e}");
+        drv.redirect(&vm(), false).unwrap();
     }
 }
