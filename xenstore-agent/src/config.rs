@@ -16,7 +16,7 @@
 //!   "timing": {"heartbeat_ms": 100, "path_down_ms": 350, "peer_dead_ms": 500,
 //!              "lease_ms": 600, "margin_ms": 200, "quorum_request_timeout_ms": 150},
 //!   "status": {"listen": "127.0.0.1:7481"},
-//!   "vms": [{"vm": "web01", "level": 2, "primary": "h1", "secondary": "h2", "memory_mb": 2048}],
+//!   "vms": [{"vm": "web01", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 2048}],
 //!   "alink_transport": "udp",
 //!   "xenstore": true,
 //!   "drivers": "real",
@@ -24,7 +24,8 @@
 //!     "web01": {
 //!       "domain": {"command": ["/usr/lib/xenft/xenft-synthetic-guest", "--memory-mib", "2048"]},
 //!       "blkback": {"control": "/run/xenft/web01-blkback.sock", "sync_timeout_ms": 3600000},
-//!       "netback": {"control": "/run/xenft/web01-netback.sock", "addresses": ["192.168.1.80"]}
+//!       "netback": {"control": "/run/xenft/web01-netback.sock", "addresses": ["192.168.1.80"]},
+//!       "checkpoint": {"control": "/run/xenft/web01-checkpoint.sock"}
 //!     }
 //!   }
 //! }
@@ -557,9 +558,17 @@ mod tests {
     }
 
     #[test]
-    fn level_3_with_real_drivers_is_refused_until_the_checkpoint_engine_has_a_driver() {
+    fn level_3_with_real_drivers_needs_the_checkpoint_engine() {
         let e = validate(&GOOD.replace(r#""drivers": "record""#, REAL)).unwrap_err();
-        assert!(e.to_string().contains("level 3"), "{e}");
+        assert!(
+            e.to_string().contains("level 3 needs a \"checkpoint\""),
+            "{e}"
+        );
+        let with = REAL.replace(
+            r#""domain""#,
+            r#""checkpoint": {"control": "/run/xenft/web-ckpt.sock"}, "domain""#,
+        );
+        validate(&GOOD.replace(r#""drivers": "record""#, &with)).unwrap();
     }
 
     #[test]

@@ -28,9 +28,9 @@
 //!   stand-in (`"drivers": "record"` only);
 //! - [`drivers`]: the real implementations the binary runs — `xenft-blkback` (sync, remote
 //!   mode, promote on take-over with level-3 epoch commit), `xenft-netback` (uplink redirect,
-//!   take-over announcement) over their control sockets, and the local pool's VM as a process.
-//!   Not yet: the XenAPI domain starter and a checkpoint-engine driver (level 3 is refused
-//!   with real drivers);
+//!   take-over announcement), the checkpoint engine's secondary (freeze at the last committed
+//!   checkpoint, resume) over their control sockets, and the local pool's VM as a process.
+//!   Not yet: the XenAPI domain starter (`VM.start_on`);
 //! - [`xenstore`]: the xenstore seam (trait, in-process store with xenstored semantics, the
 //!   xenstore-rs backend plus a wire-protocol client for transactions) and the agent's
 //!   xenstore bridge;

@@ -7,16 +7,20 @@
 //! - [`netback::NetbackDriver`] ([`NetRelay`]): one VM's `xenft-netback` control socket —
 //!   uplink redirect through the A-link tunnel, take-over announcement (GARP / NA) with
 //!   buffered output dropped and pass-through from then on;
+//! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's secondary
+//!   control socket — freeze the replica at its last committed checkpoint, then resume it;
 //! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
 //! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
 //!   drivers use.
 //!
-//! Not here yet: the XenAPI domain starter (`VM.start_on`) and a checkpoint-engine driver — the
-//! engine runs level-3 replication and fails over by itself, with no control interface an
-//! agent can drive. Configs that would need either are refused at validation
-//! ([`VmDriversFile::check`]), so a production config never runs a stand-in silently.
+//! Not here yet: the XenAPI domain starter (`VM.start_on`); the primary-side wiring of the
+//! checkpoint engine's commit hook to the shims (`checkpoint`/`commit` on blkback, epochs on
+//! netback) lives with the engine's primary, not in the agent. Every component a VM's level
+//! needs must be configured ([`VmDriversFile::check`]), so a production config never runs a
+//! stand-in silently.
 
 pub mod blkback;
+pub mod checkpoint;
 pub mod control;
 pub mod domain;
 pub mod netback;
@@ -33,6 +37,7 @@ use crate::ids::{HostId, VmId};
 use crate::lifecycle::Level;
 use crate::seams::{Checkpointer, DiskMirror, NetRelay, SeamError, Seams};
 use blkback::BlkbackDriver;
+use checkpoint::CheckpointDriver;
 use control::ControlSocket;
 use domain::CommandDomain;
 use netback::NetbackDriver;
@@ -86,6 +91,17 @@ pub struct NetbackFile {
     pub request_timeout_ms: u64,
 }
 
+/// One VM's checkpoint-engine secondary (level 3).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointFile {
+    /// Its control socket (`xenft-checkpoint secondary --control`).
+    pub control: PathBuf,
+    /// One control request at most this long (milliseconds; `stop` joins the receiver).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
 /// The components of one VM (`vm_drivers.<vm>` in the agent's config).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +112,8 @@ pub struct VmDriversFile {
     pub blkback: Option<BlkbackFile>,
     /// Network relay (level 2 and 3).
     pub netback: Option<NetbackFile>,
+    /// Checkpoint engine (level 3).
+    pub checkpoint: Option<CheckpointFile>,
 }
 
 fn check_timeout(vm: &VmId, what: &str, ms: u64) -> Result<(), String> {
@@ -135,10 +153,17 @@ impl VmDriversFile {
                 "vm_drivers.{vm}.domain.command has more than {MAX_COMMAND_ARGS} arguments"
             ));
         }
-        if level == Level::L3 {
-            return Err(format!(
-                "VM {vm}: level 3 needs a checkpoint-engine driver, which the agent does not have yet (the engine fails over by itself); use level 2, or \"drivers\": \"record\" for a simulation"
-            ));
+        match (&self.checkpoint, level == Level::L3) {
+            (None, true) => {
+                return Err(format!(
+                    "vm_drivers.{vm}: level 3 needs a \"checkpoint\" section"
+                ))
+            }
+            (Some(c), _) => {
+                check_socket(vm, "checkpoint", &c.control)?;
+                check_timeout(vm, "checkpoint.request_timeout_ms", c.request_timeout_ms)?;
+            }
+            (None, false) => {}
         }
         let needs_shims = level != Level::L1;
         match (&self.blkback, needs_shims) {
@@ -226,15 +251,21 @@ impl NetRelay for NetByVm {
     }
 }
 
-/// Level 3 is refused at validation; this answers if the core ever asks anyway.
-struct NoCheckpointEngine;
+/// The checkpoint engine of each level-3 VM.
+struct CheckpointByVm(BTreeMap<VmId, CheckpointDriver>);
 
-impl Checkpointer for NoCheckpointEngine {
+impl Checkpointer for CheckpointByVm {
     fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
-        Err(missing("checkpoint engine driver", "committed-epoch", vm))
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("checkpoint", "committed-epoch", vm))?
+            .committed_epoch(vm)
     }
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
-        Err(missing("checkpoint engine driver", "resume", vm))
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("checkpoint", "resume", vm))?
+            .resume_last_epoch(vm)
     }
 }
 
@@ -245,7 +276,14 @@ pub fn real_seams(vms: &BTreeMap<VmId, VmDriversFile>) -> Seams {
     let mut disks = BTreeMap::new();
     let mut nets = BTreeMap::new();
     let mut commands = BTreeMap::new();
+    let mut checkpoints = BTreeMap::new();
     for (vm, d) in vms {
+        if let Some(c) = &d.checkpoint {
+            checkpoints.insert(
+                vm.clone(),
+                CheckpointDriver::new(ControlSocket::new(&c.control, ms(c.request_timeout_ms))),
+            );
+        }
         if let Some(dom) = &d.domain {
             commands.insert(vm.clone(), dom.command.clone());
         }
@@ -272,6 +310,6 @@ pub fn real_seams(vms: &BTreeMap<VmId, VmDriversFile>) -> Seams {
         domains: Arc::new(CommandDomain::new(commands)),
         disk: Arc::new(DiskByVm(disks)),
         net: Arc::new(NetByVm(nets)),
-        checkpoint: Arc::new(NoCheckpointEngine),
+        checkpoint: Arc::new(CheckpointByVm(checkpoints)),
     }
 }
