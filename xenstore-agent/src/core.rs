@@ -1844,6 +1844,33 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_take_over_start_does_not_hand_the_vm_back_to_the_dead_primary() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        let report = Some(VmReport {
+            running: true,
+            ..secondary_report(Phase::Protected)
+        });
+        r.run(1000, &ALL, report.as_ref());
+        r.run(600, &[], None);
+        assert_eq!(r.core.records()[0].primary.as_str(), "h2");
+        r.input(Input::VmStarted {
+            vm: vm(),
+            ok: false,
+            detail: "blkback: promote refused".into(),
+        });
+        r.run(500, &[], None);
+        // The silent peer's last report (it ran the VM, older generation) is stale: this host
+        // stays the primary (and retries), the generation never goes back.
+        let rec = &r.core.records()[0];
+        assert_eq!(rec.primary.as_str(), "h2");
+        assert!(
+            rec.generation >= 4,
+            "generation went back to {}",
+            rec.generation
+        );
+    }
+
+    #[test]
     fn level_one_vm_is_restarted_from_disk_on_the_reserved_host() {
         let mut rec = rec(Phase::Protected, true);
         rec.level = Level::L1;
