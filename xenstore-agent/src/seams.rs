@@ -148,8 +148,20 @@ impl Seams {
     pub fn start(&self, vm: &VmId, mode: StartMode) -> Result<(), SeamError> {
         match mode {
             StartMode::ResumeCheckpoint => {
-                let epoch = self.checkpoint.committed_epoch(vm)?;
-                self.disk.promote(vm, epoch)?;
+                // Without a checkpoint there is nothing to resume: fail before the disk's held
+                // epochs are touched.
+                let epoch = self
+                    .checkpoint
+                    .committed_epoch(vm)?
+                    .ok_or_else(|| SeamError {
+                        component: "checkpoint",
+                        operation: "committed-epoch",
+                        vm: vm.clone(),
+                        reason:
+                            "no committed checkpoint yet (still in pre-copy): nothing to resume"
+                                .into(),
+                    })?;
+                self.disk.promote(vm, Some(epoch))?;
                 self.checkpoint.resume_last_epoch(vm)?;
             }
             StartMode::Boot => {
@@ -276,13 +288,61 @@ impl NetRelay for Recorder {
     }
 }
 
+/// The recorder's checkpoint engine always holds checkpoint 0.
 impl Checkpointer for Recorder {
     fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
         self.rec(format!("committed-epoch {vm}"));
-        Ok(None)
+        Ok(Some(0))
     }
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
         self.rec(format!("resume-epoch {vm}"));
         self.start_result("resume-epoch", vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoCheckpoint;
+
+    impl Checkpointer for NoCheckpoint {
+        fn committed_epoch(&self, _: &VmId) -> Result<Option<u64>, SeamError> {
+            Ok(None)
+        }
+        fn resume_last_epoch(&self, _: &VmId) -> Result<(), SeamError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_level3_start_promotes_the_disk_at_the_checkpoint_between_freeze_and_resume() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        Seams::recording(&r)
+            .start(&vm, StartMode::ResumeCheckpoint)
+            .unwrap();
+        assert_eq!(
+            r.calls(),
+            vec![
+                "committed-epoch vm1",
+                "promote vm1 0",
+                "resume-epoch vm1",
+                "announce vm1"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_checkpoint_the_disk_is_not_promoted() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        let seams = Seams {
+            checkpoint: Arc::new(NoCheckpoint),
+            ..Seams::recording(&r)
+        };
+        let e = seams.start(&vm, StartMode::ResumeCheckpoint).unwrap_err();
+        assert!(e.reason.contains("no committed checkpoint"), "{e}");
+        assert!(r.calls().is_empty(), "{:?}", r.calls());
     }
 }

@@ -71,3 +71,37 @@ impl Checkpointer for CheckpointDriver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::control::fake;
+    use super::*;
+    use std::time::Duration;
+
+    fn vm() -> VmId {
+        VmId::new("vm1").unwrap()
+    }
+
+    #[test]
+    fn take_over_freezes_the_replica_then_resumes_it() {
+        let (_d, p, seen) = fake::serve(Box::new(|l| match l {
+            "stop" => r#"{"ok":true,"committed_epoch":41}"#.into(),
+            _ => r#"{"ok":true,"epoch":41}"#.into(),
+        }));
+        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)));
+        assert_eq!(drv.committed_epoch(&vm()).unwrap(), Some(41));
+        drv.resume_last_epoch(&vm()).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec!["stop", "failover"]);
+    }
+
+    #[test]
+    fn no_checkpoint_yet_and_a_hostile_epoch_are_told_apart() {
+        let (_d, p, _) = fake::serve(Box::new(|_| r#"{"ok":true,"committed_epoch":null}"#.into()));
+        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)));
+        assert_eq!(drv.committed_epoch(&vm()).unwrap(), None);
+        let (_d2, p2, _) = fake::serve(Box::new(|_| r#"{"ok":true,"committed_epoch":-3}"#.into()));
+        let drv2 = CheckpointDriver::new(ControlSocket::new(&p2, Duration::from_secs(2)));
+        let e = drv2.committed_epoch(&vm()).unwrap_err();
+        assert!(e.reason.contains("not an epoch"), "{e}");
+    }
+}

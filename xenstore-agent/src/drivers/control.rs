@@ -244,3 +244,39 @@ mod tests {
         assert!(matches!(e, ControlError::Connect { .. }), "{e}");
     }
 }
+
+/// A scripted control socket for the drivers' unit tests: answers each request line with
+/// `reply(line)` and records the lines.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    /// The reply function.
+    pub(crate) type Reply = Box<dyn Fn(&str) -> String + Send>;
+
+    /// Serves `reply` on a fresh socket; returns its directory (keep it alive), path and log.
+    pub(crate) fn serve(reply: Reply) -> (tempfile::TempDir, PathBuf, Arc<Mutex<Vec<String>>>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ctl.sock");
+        let l = UnixListener::bind(&p).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let line = line.trim().to_string();
+                let out = reply(&line);
+                s2.lock().unwrap().push(line);
+                let _ = s.write_all(format!("{out}\n").as_bytes());
+            }
+        });
+        (d, p, seen)
+    }
+}

@@ -81,3 +81,54 @@ impl NetRelay for NetbackDriver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::control::fake;
+    use super::*;
+
+    fn vm() -> VmId {
+        VmId::new("vm1").unwrap()
+    }
+
+    #[test]
+    fn announce_adds_the_addresses_then_takes_over_in_passthrough() {
+        let (_d, p, seen) = fake::serve(Box::new(|_| r#"{"ok":true,"announced":2}"#.into()));
+        let drv = NetbackDriver::new(
+            ControlSocket::new(&p, Duration::from_secs(2)),
+            vec!["10.0.0.5".parse().unwrap()],
+        );
+        drv.announce(&vm()).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let ops: Vec<serde_json::Value> = seen
+            .iter()
+            .take(2)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(ops[0]["op"], "add_addresses");
+        assert_eq!(ops[0]["addresses"], serde_json::json!(["10.0.0.5"]));
+        assert_eq!(
+            ops[1],
+            serde_json::json!({"op": "takeover", "mode": "passthrough"})
+        );
+    }
+
+    #[test]
+    fn redirect_is_sent_and_a_refusal_is_an_error() {
+        let (_d, p, seen) = fake::serve(Box::new(|l| {
+            if l.contains("true") {
+                r#"{"ok":true}"#.into()
+            } else {
+                r#"{"ok":false,"error":"no tunnel"}"#.into()
+            }
+        }));
+        let drv = NetbackDriver::new(ControlSocket::new(&p, Duration::from_secs(2)), vec![]);
+        drv.redirect(&vm(), true).unwrap();
+        let e = drv.redirect(&vm(), false).unwrap_err();
+        assert!(e.reason.contains("no tunnel"), "{e}");
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            serde_json::json!({"op": "redirect", "on": true}).to_string()
+        );
+    }
+}
