@@ -41,9 +41,13 @@ pub struct Bins {
 pub fn bins() -> Bins {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let t = xenft_tests::lab::target_dir();
+    // Same profile as this binary (a benchmark runs from target/release).
+    let release = t.file_name().is_some_and(|n| n == "release");
     let st = Command::new(cargo)
+        .arg("build")
+        .args(release.then_some("--release"))
         .args([
-            "build",
             "-q",
             "-p",
             "xenft-agent",
@@ -58,7 +62,6 @@ pub fn bins() -> Bins {
         .status()
         .expect("run cargo build");
     assert!(st.success(), "building the agent and shim binaries failed");
-    let t = xenft_tests::lab::target_dir();
     Bins {
         agent: t.join("xenft-agent"),
         blkback: t.join("xenft-blkback"),
@@ -372,10 +375,16 @@ impl Pool {
 
     /// Waits until h1 runs vm1 protected and h2 knows its replica is consistent.
     pub fn wait_protected(&self) -> bool {
-        wait_until(Duration::from_secs(20), || {
-            self.vm1(0)
+        self.wait_protected_on(0)
+    }
+
+    /// Waits until host `p` runs vm1 protected and the other host knows its replica is
+    /// consistent.
+    pub fn wait_protected_on(&self, p: usize) -> bool {
+        wait_until(Duration::from_secs(30), || {
+            self.vm1(p)
                 .is_some_and(|(local, phase, _)| local == "running" && phase == "protected")
-                && self.consistent(1)
+                && self.consistent(1 - p)
         })
     }
 
