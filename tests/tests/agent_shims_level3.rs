@@ -207,24 +207,27 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
 
     // Act: the agent's take-over with the real drivers.
     let vm = VmId::new("vm1").unwrap();
-    let seams = real_seams(&BTreeMap::from([(
-        vm.clone(),
-        VmDriversFile {
-            domain: Some(DomainFile {
-                command: vec!["true".into()],
-            }),
-            blkback: Some(BlkbackFile {
-                control: p("sec.ctl"),
-                request_timeout_ms: 5000,
-                sync_timeout_ms: 5000,
-            }),
-            netback: None,
-            checkpoint: Some(CheckpointFile {
-                control: p("ck.ctl"),
-                request_timeout_ms: 10_000,
-            }),
-        },
-    )]));
+    let seams = real_seams(
+        &BTreeMap::from([(
+            vm.clone(),
+            VmDriversFile {
+                domain: Some(DomainFile {
+                    command: vec!["true".into()],
+                }),
+                blkback: Some(BlkbackFile {
+                    control: p("sec.ctl"),
+                    request_timeout_ms: 5000,
+                    sync_timeout_ms: 5000,
+                }),
+                netback: None,
+                checkpoint: Some(CheckpointFile {
+                    control: p("ck.ctl"),
+                    request_timeout_ms: 10_000,
+                }),
+            },
+        )]),
+        None,
+    );
     seams.start(&vm, StartMode::ResumeCheckpoint).unwrap();
 
     // Assert: memory resumed at N, disk holds epoch N and not N + 1, served as primary.

@@ -49,7 +49,15 @@ fn main() -> anyhow::Result<()> {
                 tracing::warn!("drivers: record — components are recording stand-ins");
                 Seams::recording(&Recorder::new())
             }
-            Drivers::Real(vms) => xenft_agent::drivers::real_seams(vms),
+            Drivers::Real(vms) => {
+                // The VM processes' pids live next to the agent's state file.
+                let mut dir = cfg.state_file.clone().into_os_string();
+                dir.push(".domains");
+                let dir = std::path::PathBuf::from(dir);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                xenft_agent::drivers::real_seams(vms, Some(dir))
+            }
         };
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();

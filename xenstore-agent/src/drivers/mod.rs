@@ -269,9 +269,13 @@ impl Checkpointer for CheckpointByVm {
     }
 }
 
-/// The seams over the real components of every VM (validated sections).
+/// The seams over the real components of every VM (validated sections). `domain_state`: where
+/// the local VM processes' pids are kept across agent restarts.
 #[must_use]
-pub fn real_seams(vms: &BTreeMap<VmId, VmDriversFile>) -> Seams {
+pub fn real_seams(
+    vms: &BTreeMap<VmId, VmDriversFile>,
+    domain_state: Option<std::path::PathBuf>,
+) -> Seams {
     let ms = Duration::from_millis;
     let mut disks = BTreeMap::new();
     let mut nets = BTreeMap::new();
@@ -307,7 +311,7 @@ pub fn real_seams(vms: &BTreeMap<VmId, VmDriversFile>) -> Seams {
         }
     }
     Seams {
-        domains: Arc::new(CommandDomain::new(commands)),
+        domains: Arc::new(CommandDomain::new(commands, domain_state)),
         disk: Arc::new(DiskByVm(disks)),
         net: Arc::new(NetByVm(nets)),
         checkpoint: Arc::new(CheckpointByVm(checkpoints)),

@@ -3,7 +3,7 @@
 //!
 //! | seam call | control requests |
 //! |---|---|
-//! | `redirect on/off` | `{"op":"redirect","on":true/false}` (the uplink through the A-link tunnel) |
+//! | `redirect on` / `off` | `{"op":"redirect","on":true}` (force the uplink through the A-link tunnel) / `{"op":"redirect","on":null}` (back to the relay's own uplink detection) |
 //! | `announce` | `{"op":"add_addresses",...}` (the configured VM addresses), then `{"op":"takeover","mode":"passthrough"}`: drops what the dead primary's epochs held, releases output from now on, sends GARP / unsolicited NA / a relearn frame; repeated [`REPEATS`] times in the background (switches and hosts may miss one) |
 
 use std::net::IpAddr;
@@ -48,8 +48,10 @@ impl NetbackDriver {
 
 impl NetRelay for NetbackDriver {
     fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        // Off means "stop forcing": the relay's own uplink monitor decides again.
+        let forced = on.then_some(true);
         self.ctl
-            .request(&json!({"op": "redirect", "on": on}).to_string())
+            .request(&json!({"op": "redirect", "on": forced}).to_string())
             .map_err(|e| seam("redirect", vm, e))?;
         tracing::info!(%vm, on, "uplink redirect through the A-link tunnel");
         Ok(())
@@ -116,7 +118,7 @@ mod tests {
     #[test]
     fn redirect_is_sent_and_a_refusal_is_an_error() {
         let (_d, p, seen) = fake::serve(Box::new(|l| {
-            if l.contains("true") {
+            if !l.contains("null") {
                 r#"{"ok":true}"#.into()
             } else {
                 r#"{"ok":false,"error":"no tunnel"}"#.into()
@@ -126,9 +128,14 @@ mod tests {
         drv.redirect(&vm(), true).unwrap();
         let e = drv.redirect(&vm(), false).unwrap_err();
         assert!(e.reason.contains("no tunnel"), "{e}");
+        let seen = seen.lock().unwrap().clone();
         assert_eq!(
-            seen.lock().unwrap()[0],
+            seen[0],
             serde_json::json!({"op": "redirect", "on": true}).to_string()
+        );
+        assert_eq!(
+            seen[1],
+            serde_json::json!({"op": "redirect", "on": null}).to_string()
         );
     }
 }
