@@ -152,12 +152,6 @@ pub struct ConfigFile {
     /// states, read the shims' reports, follow domains.
     #[serde(default)]
     pub xenstore: bool,
-    /// What drives the components.
-    #[serde(default)]
-    pub drivers: DriverMode,
-    /// Each VM's components (`drivers: real`).
-    #[serde(default)]
-    pub vm_drivers: BTreeMap<VmId, VmDriversFile>,
 }
 
 /// What the agent drives.
@@ -178,6 +172,101 @@ pub enum Drivers {
     Record,
     /// Real components, per VM.
     Real(BTreeMap<VmId, VmDriversFile>),
+}
+
+/// The agent's configuration file: the pool settings ([`ConfigFile`]) plus what drives the
+/// components (`drivers`, `vm_drivers`).
+#[derive(Clone, Debug)]
+pub struct AgentFile {
+    /// Pool, peers, timing, VMs, status API.
+    pub config: ConfigFile,
+    /// What drives the components.
+    pub drivers: DriverMode,
+    /// Each VM's components (`drivers: real`).
+    pub vm_drivers: BTreeMap<VmId, VmDriversFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriversPart {
+    #[serde(default)]
+    drivers: DriverMode,
+    #[serde(default)]
+    vm_drivers: BTreeMap<VmId, VmDriversFile>,
+}
+
+impl AgentFile {
+    /// Reads and parses an agent config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let bytes = read_bounded(path)?;
+        Self::parse(&bytes).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Parses the JSON text of an agent config file.
+    ///
+    /// # Errors
+    /// Not a JSON object, or a field the schema does not know or cannot read.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut top: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)?;
+        let mut part = serde_json::Map::new();
+        for key in ["drivers", "vm_drivers"] {
+            if let Some(v) = top.remove(key) {
+                part.insert(key.to_string(), v);
+            }
+        }
+        let d: DriversPart = serde_json::from_value(serde_json::Value::Object(part))?;
+        let config: ConfigFile = serde_json::from_value(serde_json::Value::Object(top))?;
+        Ok(Self {
+            config,
+            drivers: d.drivers,
+            vm_drivers: d.vm_drivers,
+        })
+    }
+
+    /// Checks the pool settings ([`ConfigFile::validate`]) and the driver sections: with
+    /// `"real"` drivers every VM needs an entry with each component its level uses.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first problem.
+    pub fn validate(self) -> Result<(ValidConfig, Drivers), ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        let vms = self.config.vms.clone();
+        let cfg = self.config.validate()?;
+        let vm_names: BTreeSet<&VmId> = vms.iter().map(|v| &v.vm).collect();
+        let drivers = match self.drivers {
+            DriverMode::Record if !self.vm_drivers.is_empty() => {
+                return bad(
+                    "vm_drivers is set but drivers is \"record\": the sections would be ignored"
+                        .into(),
+                )
+            }
+            DriverMode::Record => Drivers::Record,
+            DriverMode::Real => {
+                for vm in self.vm_drivers.keys() {
+                    if !vm_names.contains(vm) {
+                        return bad(format!("vm_drivers.{vm}: not a protected VM"));
+                    }
+                }
+                for v in &vms {
+                    let d = self.vm_drivers.get(&v.vm).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "VM {}: no vm_drivers entry (drivers are \"real\"; say \"drivers\": \"record\" for stand-ins)",
+                            v.vm
+                        ))
+                    })?;
+                    d.check(&v.vm, v.level).map_err(ConfigError::Invalid)?;
+                }
+                Drivers::Real(self.vm_drivers)
+            }
+        };
+        Ok((cfg, drivers))
+    }
 }
 
 fn default_log() -> usize {
@@ -273,8 +362,6 @@ pub struct ValidConfig {
     pub alink_transport: AlinkTransport,
     /// Use xenstore.
     pub xenstore: bool,
-    /// What drives the components.
-    pub drivers: Drivers,
 }
 
 impl ConfigFile {
@@ -356,32 +443,6 @@ impl ConfigFile {
                 return bad(format!("VM {}: memory_mb is 0", v.vm));
             }
         }
-        let drivers = match self.drivers {
-            DriverMode::Record if !self.vm_drivers.is_empty() => {
-                return bad(
-                    "vm_drivers is set but drivers is \"record\": the sections would be ignored"
-                        .into(),
-                )
-            }
-            DriverMode::Record => Drivers::Record,
-            DriverMode::Real => {
-                for vm in self.vm_drivers.keys() {
-                    if !vm_names.contains(vm) {
-                        return bad(format!("vm_drivers.{vm}: not a protected VM"));
-                    }
-                }
-                for v in &self.vms {
-                    let d = self.vm_drivers.get(&v.vm).ok_or_else(|| {
-                        ConfigError::Invalid(format!(
-                            "VM {}: no vm_drivers entry (drivers are \"real\"; say \"drivers\": \"record\" for stand-ins)",
-                            v.vm
-                        ))
-                    })?;
-                    d.check(&v.vm, v.level).map_err(ConfigError::Invalid)?;
-                }
-                Drivers::Real(self.vm_drivers)
-            }
-        };
         let status_token = match &self.status.token_file {
             Some(p) => Some(
                 String::from_utf8(read_secret(p)?)
@@ -420,7 +481,6 @@ impl ConfigFile {
             event_log: self.event_log.clamp(1, 100_000),
             alink_transport: self.alink_transport,
             xenstore: self.xenstore,
-            drivers,
         })
     }
 }
@@ -441,7 +501,7 @@ mod tests {
         "host": "h1", "secret_file": "SECRET", "state_file": "/tmp/x.json",
         "peers": [{"host": "h2", "alink": [{"local": "127.0.0.1:1", "peer": "127.0.0.1:2"}]}],
         "vms": [{"vm": "web", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 512}],
-        "drivers": "record"
+        "xenstore": false
     }"#;
 
     #[test]
@@ -501,18 +561,21 @@ mod tests {
         let secret = d.path().join("secret");
         std::fs::write(&secret, "0123456789abcdef0123").unwrap();
         let json = json.replace("/etc/xenft/pool-secret", secret.to_str().unwrap());
-        let c: ConfigFile = serde_json::from_str(&json).unwrap();
-        let v = c.validate().unwrap();
+        let (v, drivers) = AgentFile::parse(json.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(matches!(drivers, Drivers::Real(m) if m.len() == 1));
         assert_eq!(v.quorum.len(), 2);
         assert!(v.xenstore && v.core.storage_heartbeat);
     }
 
-    fn validate(json: &str) -> Result<ValidConfig, ConfigError> {
+    fn validate(json: &str) -> Result<(ValidConfig, Drivers), ConfigError> {
         let d = tempfile::tempdir().map_err(|source| ConfigError::Io {
             path: PathBuf::from("tempdir"),
             source,
         })?;
-        ConfigFile::load(&write(d.path(), json))?.validate()
+        AgentFile::load(&write(d.path(), json))?.validate()
     }
 
     const REAL: &str = r#""drivers": "real", "vm_drivers": {"web": {
@@ -523,12 +586,13 @@ mod tests {
     #[test]
     fn a_config_without_drivers_needs_real_driver_sections() {
         let l2 = GOOD.replace(r#""level": 3"#, r#""level": 2"#);
-        let no_drivers = l2.replace(r#""drivers": "record""#, r#""xenstore": false"#);
-        let e = validate(&no_drivers).unwrap_err();
+        let e = validate(&l2).unwrap_err();
         assert!(e.to_string().contains("no vm_drivers entry"), "{e}");
-        let real = l2.replace(r#""drivers": "record""#, REAL);
-        let c = validate(&real).unwrap();
-        assert!(matches!(&c.drivers, Drivers::Real(m) if m.len() == 1));
+        let real = l2.replace(r#""xenstore": false"#, REAL);
+        let (_, drivers) = validate(&real).unwrap();
+        assert!(matches!(&drivers, Drivers::Real(m) if m.len() == 1));
+        let record = l2.replace(r#""xenstore": false"#, r#""drivers": "record""#);
+        assert!(matches!(validate(&record).unwrap().1, Drivers::Record));
     }
 
     #[test]
@@ -541,11 +605,11 @@ mod tests {
             (REAL.replace(r#""vm_drivers": {"web""#, r#""vm_drivers": {"other""#), "not a protected VM"),
         ];
         for (drivers, want) in cases {
-            let e = validate(&l2.replace(r#""drivers": "record""#, &drivers)).unwrap_err();
+            let e = validate(&l2.replace(r#""xenstore": false"#, &drivers)).unwrap_err();
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
         let typo = l2.replace(
-            r#""drivers": "record""#,
+            r#""xenstore": false"#,
             &REAL.replace(
                 r#""control": "/run/xenft/web-blk.sock""#,
                 r#""contrl": "/x""#,
@@ -559,7 +623,7 @@ mod tests {
 
     #[test]
     fn level_3_with_real_drivers_needs_the_checkpoint_engine() {
-        let e = validate(&GOOD.replace(r#""drivers": "record""#, REAL)).unwrap_err();
+        let e = validate(&GOOD.replace(r#""xenstore": false"#, REAL)).unwrap_err();
         assert!(
             e.to_string().contains("level 3 needs a \"checkpoint\""),
             "{e}"
@@ -568,13 +632,13 @@ mod tests {
             r#""domain""#,
             r#""checkpoint": {"control": "/run/xenft/web-ckpt.sock"}, "domain""#,
         );
-        validate(&GOOD.replace(r#""drivers": "record""#, &with)).unwrap();
+        validate(&GOOD.replace(r#""xenstore": false"#, &with)).unwrap();
     }
 
     #[test]
     fn driver_sections_with_recording_stand_ins_are_refused() {
         let both = GOOD.replace(
-            r#""drivers": "record""#,
+            r#""xenstore": false"#,
             &REAL.replace(r#""drivers": "real""#, r#""drivers": "record""#),
         );
         let e = validate(&both).unwrap_err();

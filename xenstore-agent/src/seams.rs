@@ -77,11 +77,15 @@ pub trait DiskMirror: Send + Sync {
     /// Before the VM starts here: make the local copy the one that serves the disk. On a
     /// take-over the secondary copy is promoted; with `commit_epoch` (level 3) the held disk
     /// epochs up to it are applied first and every later (uncommitted) epoch is discarded. A
-    /// copy that already serves is left as it is.
+    /// copy that already serves is left as it is. The default is for mirrors without roles
+    /// (nothing to promote).
     ///
     /// # Errors
     /// [`SeamError`].
-    fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError>;
+    fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
+        let _ = (vm, commit_epoch);
+        Ok(())
+    }
 }
 
 /// The network relay (netback-shim).
@@ -100,12 +104,17 @@ pub trait NetRelay: Send + Sync {
 
 /// The level-3 checkpoint engine.
 pub trait Checkpointer: Send + Sync {
-    /// On the secondary: the last checkpoint epoch whose memory image is complete here (the
-    /// disk epochs up to it are committed before the VM resumes); `None` if none is.
+    /// On the secondary, at take-over: stop receiving and name the last checkpoint epoch
+    /// whose memory image is complete here; the disk epochs up to it are committed before the
+    /// VM resumes. An engine with no checkpoint to resume must fail here, before the disk is
+    /// touched. `None` (the default): this engine does not number epochs for the disk.
     ///
     /// # Errors
     /// [`SeamError`].
-    fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError>;
+    fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+        let _ = vm;
+        Ok(None)
+    }
     /// On the secondary: discard any uncommitted epoch and resume the VM from the last
     /// committed one.
     ///
@@ -148,20 +157,8 @@ impl Seams {
     pub fn start(&self, vm: &VmId, mode: StartMode) -> Result<(), SeamError> {
         match mode {
             StartMode::ResumeCheckpoint => {
-                // Without a checkpoint there is nothing to resume: fail before the disk's held
-                // epochs are touched.
-                let epoch = self
-                    .checkpoint
-                    .committed_epoch(vm)?
-                    .ok_or_else(|| SeamError {
-                        component: "checkpoint",
-                        operation: "committed-epoch",
-                        vm: vm.clone(),
-                        reason:
-                            "no committed checkpoint yet (still in pre-copy): nothing to resume"
-                                .into(),
-                    })?;
-                self.disk.promote(vm, Some(epoch))?;
+                let epoch = self.checkpoint.committed_epoch(vm)?;
+                self.disk.promote(vm, epoch)?;
                 self.checkpoint.resume_last_epoch(vm)?;
             }
             StartMode::Boot => {
@@ -307,8 +304,13 @@ mod tests {
     struct NoCheckpoint;
 
     impl Checkpointer for NoCheckpoint {
-        fn committed_epoch(&self, _: &VmId) -> Result<Option<u64>, SeamError> {
-            Ok(None)
+        fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+            Err(SeamError {
+                component: "checkpoint",
+                operation: "committed-epoch",
+                vm: vm.clone(),
+                reason: "no committed checkpoint yet".into(),
+            })
         }
         fn resume_last_epoch(&self, _: &VmId) -> Result<(), SeamError> {
             Ok(())

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xenft_agent::config::{
-    AlinkTransport, ConfigFile, DriverMode, PathAddrs, PeerFile, StatusFile,
-};
+use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
 use xenft_agent::core::VmSpec;
 use xenft_agent::ids::{HostId, PathId, VmId};
 use xenft_agent::lifecycle::{Level, Phase};
@@ -73,8 +71,6 @@ impl Pool {
             event_log: 100,
             alink_transport: AlinkTransport::Udp,
             xenstore: false,
-            drivers: DriverMode::Record,
-            vm_drivers: Default::default(),
         }
     }
 }

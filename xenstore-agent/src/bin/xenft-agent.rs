@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use xenft_agent::config::{ConfigFile, Drivers};
+use xenft_agent::config::{AgentFile, Drivers};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::StatusServer;
@@ -35,8 +35,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = ConfigFile::load(&args.config)
-        .and_then(ConfigFile::validate)
+    let (cfg, drivers) = AgentFile::load(&args.config)
+        .and_then(AgentFile::validate)
         .with_context(|| format!("configuration {}", args.config.display()))?;
     if args.check {
         println!("configuration ok: host {}", cfg.core.me);
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let seams = match &cfg.drivers {
+        let seams = match &drivers {
             Drivers::Record => {
                 tracing::warn!("drivers: record — components are recording stand-ins");
                 Seams::recording(&Recorder::new())

@@ -56,9 +56,16 @@ impl Checkpointer for CheckpointDriver {
             .map_err(|e| seam("committed-epoch", vm, e))?;
         let n = self
             .epoch(&v, "committed_epoch")
-            .map_err(|e| seam("committed-epoch", vm, e))?;
-        tracing::warn!(%vm, epoch = ?n, "memory replica frozen at its last committed checkpoint");
-        Ok(n)
+            .map_err(|e| seam("committed-epoch", vm, e))?
+            .ok_or_else(|| {
+                seam(
+                    "committed-epoch",
+                    vm,
+                    "no committed checkpoint yet (still in pre-copy): nothing to resume",
+                )
+            })?;
+        tracing::warn!(%vm, epoch = n, "memory replica frozen at its last committed checkpoint");
+        Ok(Some(n))
     }
 
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
@@ -98,7 +105,8 @@ mod tests {
     fn no_checkpoint_yet_and_a_hostile_epoch_are_told_apart() {
         let (_d, p, _) = fake::serve(Box::new(|_| r#"{"ok":true,"committed_epoch":null}"#.into()));
         let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)));
-        assert_eq!(drv.committed_epoch(&vm()).unwrap(), None);
+        let e = drv.committed_epoch(&vm()).unwrap_err();
+        assert!(e.reason.contains("no committed checkpoint"), "{e}");
         let (_d2, p2, _) = fake::serve(Box::new(|_| r#"{"ok":true,"committed_epoch":-3}"#.into()));
         let drv2 = CheckpointDriver::new(ControlSocket::new(&p2, Duration::from_secs(2)));
         let e = drv2.committed_epoch(&vm()).unwrap_err();
