@@ -94,6 +94,11 @@ enum Cmd {
         /// Append "commit N" lines here when epochs commit.
         #[arg(long)]
         commit_log: Option<PathBuf>,
+        /// The VM's `xenft-blkback` primary control socket: each checkpoint N is sent as
+        /// `checkpoint N` (later writes belong to epoch N + 1) and each commit as `commit N`
+        /// (the secondary applies the disk writes of epochs <= N).
+        #[arg(long)]
+        blkback_control: Option<PathBuf>,
         /// Kill this process at --crash-point of the K-th checkpoint.
         #[arg(long, requires = "crash_point")]
         crash_at: Option<u64>,
@@ -197,10 +202,36 @@ impl FrameReceiver for CrashReceiver {
 struct CrashSink {
     inner: RecordingSink,
     crash: Option<Arc<Crash>>,
+    /// The blkback primary's control socket (`--blkback-control`).
+    blkback: Option<PathBuf>,
+}
+
+/// One line to a shim's control socket; the reply must say `"ok":true`. A shim that fails
+/// is logged: the disk then lags the memory checkpoints (its writes stay held), which the
+/// take-over's commit-up-to-checkpoint handles.
+fn shim_request(path: &std::path::Path, line: &str) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let r = (|| -> std::io::Result<String> {
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(format!("{line}\n").as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(s.take(64 * 1024)).read_line(&mut reply)?;
+        Ok(reply)
+    })();
+    match r {
+        Ok(reply) if reply.contains("\"ok\":true") => {}
+        Ok(reply) => tracing::warn!(%line, reply = %reply.trim(), "blkback refused"),
+        Err(e) => tracing::warn!(%line, error = %e, "blkback control socket"),
+    }
 }
 
 impl CommitSink for CrashSink {
     fn checkpoint(&self, epoch: u64) {
+        // Inside the pause: the disk writes issued from now on belong to the next epoch.
+        if let Some(b) = &self.blkback {
+            shim_request(b, &format!("checkpoint {epoch}"));
+        }
         self.inner.checkpoint(epoch);
     }
     fn commit(&self, epoch: u64) {
@@ -210,6 +241,9 @@ impl CommitSink for CrashSink {
         });
         if hit.is_some_and(|c| c.point == CrashPoint::BeforeCommit) {
             die();
+        }
+        if let Some(b) = &self.blkback {
+            shim_request(b, &format!("commit {epoch}"));
         }
         self.inner.commit(epoch);
         if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
@@ -235,6 +269,7 @@ fn main() -> anyhow::Result<()> {
             epoch_ms,
             checkpoints,
             commit_log,
+            blkback_control,
             crash_at,
             crash_point,
         } => {
@@ -300,7 +335,11 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => RecordingSink::new(),
             };
-            let sink = Arc::new(CrashSink { inner, crash });
+            let sink = Arc::new(CrashSink {
+                inner,
+                crash,
+                blkback: blkback_control,
+            });
             let protection = start_protection(
                 domain,
                 (tx, rx),

@@ -55,6 +55,8 @@ pub fn bins() -> Bins {
             "xenft-blkback",
             "-p",
             "xenft-netback",
+            "-p",
+            "xenft-checkpoint",
             "--bins",
             "--manifest-path",
         ])
@@ -75,12 +77,19 @@ pub struct HostProcs {
     pub agent: Option<Child>,
     pub blkback: Option<Child>,
     pub netback: Option<Child>,
+    /// The checkpoint engine (level 3).
+    pub checkpoint: Option<Child>,
 }
 
 impl HostProcs {
     /// SIGKILL of every process of the host, and of the VM process its agent started.
     pub fn kill_all(&mut self, vm_pid_file: &Path) {
-        for c in [&mut self.agent, &mut self.blkback, &mut self.netback] {
+        for c in [
+            &mut self.agent,
+            &mut self.blkback,
+            &mut self.netback,
+            &mut self.checkpoint,
+        ] {
             if let Some(mut c) = c.take() {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -104,6 +113,8 @@ fn kill_pid_file(p: &Path) {
 
 pub struct Pool {
     pub bins: Bins,
+    /// vm1's protection level (2 unless a test says 3).
+    pub level: u8,
     pub dir: tempfile::TempDir,
     pub procs: [HostProcs; 2],
     // Namespaces last: processes die before their namespaces go.
@@ -172,6 +183,7 @@ impl Pool {
         }
         Self {
             bins,
+            level: 2,
             dir,
             procs: [HostProcs::default(), HostProcs::default()],
             h,
@@ -190,6 +202,35 @@ impl Pool {
 
     pub fn blk_ctl(&self, i: usize) -> PathBuf {
         self.p(&format!("blk-h{}.ctl", i + 1))
+    }
+
+    pub fn ckpt_ctl(&self, i: usize) -> PathBuf {
+        self.p(&format!("ck-h{}.ctl", i + 1))
+    }
+
+    /// Starts the checkpoint engine of vm1 on host `i`: `secondary` (listens, control socket)
+    /// or `primary` (a synthetic guest protected towards the secondary, stamping blkback's
+    /// epochs through its control socket).
+    pub fn start_checkpoint(&mut self, i: usize, role: &str) {
+        let xs = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+        let sock = self.p("ck.sock").display().to_string();
+        let mut args = xs(&[role, "--memory-mib", "16"]);
+        if role == "secondary" {
+            args.extend(xs(&["--listen", &sock, "--control"]));
+            args.push(self.ckpt_ctl(i).display().to_string());
+        } else {
+            args.extend(xs(&[
+                "--connect",
+                &sock,
+                "--epoch-ms",
+                "25",
+                "--blkback-control",
+            ]));
+            args.push(self.blk_ctl(i).display().to_string());
+        }
+        let bin = self.bins.agent.with_file_name("xenft-checkpoint");
+        let c = self.spawn(i, &bin, &args, &format!("ck-h{}.log", i + 1));
+        self.procs[i].checkpoint = Some(c);
     }
 
     pub fn nbd_sock(&self, i: usize) -> PathBuf {
@@ -299,7 +340,7 @@ impl Pool {
                 ],
                 "mgmt": {"local": format!("10.62.0.{a}:7480"), "peer": format!("10.62.0.{b}:7480")}
             }],
-            "vms": [{"vm": "vm1", "level": 2, "primary": "h1", "secondary": "h2", "memory_mb": 256}],
+            "vms": [{"vm": "vm1", "level": self.level, "primary": "h1", "secondary": "h2", "memory_mb": 256}],
             "free_memory_mb": 4096,
             "drivers": "real",
             "vm_drivers": {"vm1": {
@@ -310,6 +351,11 @@ impl Pool {
                             "addresses": ["10.70.0.42"]}
             }}
         });
+        let mut cfg = cfg;
+        if self.level == 3 {
+            cfg["vm_drivers"]["vm1"]["checkpoint"] =
+                serde_json::json!({"control": self.ckpt_ctl(i), "request_timeout_ms": 10000});
+        }
         let p = self.p(&format!("agent-h{a}.json"));
         std::fs::write(&p, cfg.to_string()).unwrap();
         p
