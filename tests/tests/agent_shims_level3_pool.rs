@@ -34,7 +34,7 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
         .blk(1, "epoch-mode on")
         .is_some_and(|v| v["ok"] == true)));
     pool.start_blkback(0, "primary");
-    pool.start_netback(0, "passthrough");
+    pool.start_netback(0, "buffered");
     assert!(wait_until(Duration::from_secs(10), || pool
         .p("ck.sock")
         .exists()));
@@ -54,6 +54,18 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
         .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > 3)),
         "the memory replica holds no checkpoint\n{}",
         pool.log("ck-h2.log")
+    );
+    // The engine drives h1's relay too: its output epochs follow the checkpoints.
+    let relay_committed = || {
+        control(&pool.p("net-h1.ctl"), r#"{"op":"counters"}"#)
+            .and_then(|v| v["counters"]["committed_epoch"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || relay_committed() > 3),
+        "the relay's epochs are not committed by the engine: {:?}\n{}",
+        control(&pool.p("net-h1.ctl"), r#"{"op":"counters"}"#),
+        pool.log("ck-h1.log")
     );
 
     // The client writes while checkpoints stamp the epochs.

@@ -99,6 +99,10 @@ enum Cmd {
         /// (the secondary applies the disk writes of epochs <= N).
         #[arg(long)]
         blkback_control: Option<PathBuf>,
+        /// The VM's `xenft-netback` control socket (relay in buffered mode): checkpoint N is
+        /// sent as `begin_epoch N + 1` and each commit as `commit N` (releases the output).
+        #[arg(long)]
+        netback_control: Option<PathBuf>,
         /// Kill this process at --crash-point of the K-th checkpoint.
         #[arg(long, requires = "crash_point")]
         crash_at: Option<u64>,
@@ -204,11 +208,13 @@ struct CrashSink {
     crash: Option<Arc<Crash>>,
     /// The blkback primary's control socket (`--blkback-control`).
     blkback: Option<PathBuf>,
+    /// The netback relay's control socket (`--netback-control`).
+    netback: Option<PathBuf>,
 }
 
 /// One line to a shim's control socket; the reply must say `"ok":true`. A shim that fails
-/// is logged: the disk then lags the memory checkpoints (its writes stay held), which the
-/// take-over's commit-up-to-checkpoint handles.
+/// is logged: the disk then lags the memory checkpoints (its writes stay held, which the
+/// take-over's commit-up-to-checkpoint handles), the relay holds its output longer.
 fn shim_request(path: &std::path::Path, line: &str) {
     use std::io::{BufRead, BufReader, Read, Write};
     let r = (|| -> std::io::Result<String> {
@@ -221,8 +227,8 @@ fn shim_request(path: &std::path::Path, line: &str) {
     })();
     match r {
         Ok(reply) if reply.contains("\"ok\":true") => {}
-        Ok(reply) => tracing::warn!(%line, reply = %reply.trim(), "blkback refused"),
-        Err(e) => tracing::warn!(%line, error = %e, "blkback control socket"),
+        Ok(reply) => tracing::warn!(%line, reply = %reply.trim(), "shim refused"),
+        Err(e) => tracing::warn!(%line, error = %e, "shim control socket"),
     }
 }
 
@@ -231,6 +237,10 @@ impl CommitSink for CrashSink {
         // Inside the pause: the disk writes issued from now on belong to the next epoch.
         if let Some(b) = &self.blkback {
             shim_request(b, &format!("checkpoint {epoch}"));
+        }
+        if let Some(n) = &self.netback {
+            let next = epoch.saturating_add(1);
+            shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
         }
         self.inner.checkpoint(epoch);
     }
@@ -244,6 +254,9 @@ impl CommitSink for CrashSink {
         }
         if let Some(b) = &self.blkback {
             shim_request(b, &format!("commit {epoch}"));
+        }
+        if let Some(n) = &self.netback {
+            shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{epoch}}}"));
         }
         self.inner.commit(epoch);
         if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
@@ -270,6 +283,7 @@ fn main() -> anyhow::Result<()> {
             checkpoints,
             commit_log,
             blkback_control,
+            netback_control,
             crash_at,
             crash_point,
         } => {
@@ -339,6 +353,7 @@ fn main() -> anyhow::Result<()> {
                 inner,
                 crash,
                 blkback: blkback_control,
+                netback: netback_control,
             });
             let protection = start_protection(
                 domain,

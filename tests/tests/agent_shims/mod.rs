@@ -133,6 +133,8 @@ impl Drop for Pool {
                 "blk-h2.log",
                 "net-h1.log",
                 "net-h2.log",
+                "ck-h1.log",
+                "ck-h2.log",
             ] {
                 let _ = std::fs::copy(self.dir.path().join(f), Path::new(&keep).join(f));
             }
@@ -227,6 +229,8 @@ impl Pool {
                 "--blkback-control",
             ]));
             args.push(self.blk_ctl(i).display().to_string());
+            args.push("--netback-control".into());
+            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
         }
         let bin = self.bins.agent.with_file_name("xenft-checkpoint");
         let c = self.spawn(i, &bin, &args, &format!("ck-h{}.log", i + 1));
