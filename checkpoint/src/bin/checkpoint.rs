@@ -3,6 +3,11 @@
 //!
 //! `--crash-at K --crash-point P` kills this process with SIGKILL at point P of the K-th
 //! checkpoint, to test what the secondary keeps.
+//!
+//! With the shims: `primary --blkback-control S --netback-control T` stamps and commits the
+//! VM's disk epochs on its blkback primary and output epochs on its relay (the engine's
+//! `CommitSink`); `secondary --control C` leaves the take-over to the agent (`status`, `stop`
+//! = freeze at the last committed checkpoint, `failover` = resume from it).
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
