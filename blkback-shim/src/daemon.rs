@@ -253,6 +253,8 @@ async fn serve_nbd(
 const MAX_CONTROL_LINE: u64 = 64 * 1024;
 /// Control connections served at once; more wait.
 const MAX_CONTROL_CONNECTIONS: usize = 16;
+/// A control connection silent this long is closed (frees its slot).
+const CONTROL_IDLE: Duration = Duration::from_secs(30);
 /// How long promotion waits for the old session's applier to finish.
 const APPLIER_DRAIN: Duration = Duration::from_secs(5);
 /// How long promotion retries starting the new A-link (the old one's listeners close
@@ -467,13 +469,11 @@ impl Controller {
                 let mut buf = Vec::new();
                 loop {
                     buf.clear();
-                    match (&mut rd)
-                        .take(MAX_CONTROL_LINE)
-                        .read_until(b'\n', &mut buf)
-                        .await
-                    {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
+                    let mut limited = (&mut rd).take(MAX_CONTROL_LINE);
+                    let read = limited.read_until(b'\n', &mut buf);
+                    match tokio::time::timeout(CONTROL_IDLE, read).await {
+                        Ok(Ok(0) | Err(_)) | Err(_) => break,
+                        Ok(Ok(_)) => {}
                     }
                     if buf.last() != Some(&b'\n') && buf.len() as u64 >= MAX_CONTROL_LINE {
                         let _ = wr

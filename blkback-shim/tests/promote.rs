@@ -98,3 +98,36 @@ fn promote_refuses_a_never_synced_copy_unless_forced_then_serves_nbd() {
     let r = control(&p("ctl"), "promote");
     assert_eq!(r["ok"], false, "a second promotion: {r}");
 }
+
+#[test]
+fn an_oversized_control_line_is_refused_and_the_socket_keeps_serving() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    let _local = Proc(
+        Command::new(BIN)
+            .args(["--role", "local", "--size", "1M"])
+            .arg("--disk")
+            .arg(p("d.img"))
+            .arg("--nbd-unix")
+            .arg(p("nbd.sock"))
+            .arg("--control")
+            .arg(p("ctl"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while !p("ctl").exists() {
+        assert!(Instant::now() < end, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = UnixStream::connect(p("ctl")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // No newline in 100 KiB: the shim must answer without buffering it all.
+    let _ = s.write_all(&vec![b'x'; 100 * 1024]);
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("line too long"), "{line}");
+    assert_eq!(control(&p("ctl"), "status")["role"], "local");
+    assert_eq!(control(&p("ctl"), "bogus")["ok"], false);
+}
