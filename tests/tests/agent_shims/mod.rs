@@ -360,6 +360,13 @@ impl Pool {
             cfg["vm_drivers"]["vm1"]["checkpoint"] =
                 serde_json::json!({"control": self.ckpt_ctl(i), "request_timeout_ms": 10000});
         }
+        if self.level == 1 {
+            // Level 1: no shims, the VM restarts from its (shared) disk.
+            if let Some(d) = cfg["vm_drivers"]["vm1"].as_object_mut() {
+                d.remove("blkback");
+                d.remove("netback");
+            }
+        }
         let p = self.p(&format!("agent-h{a}.json"));
         std::fs::write(&p, cfg.to_string()).unwrap();
         p
