@@ -122,6 +122,21 @@ fn sigkill_of_the_primary_host_makes_the_secondary_serve_every_acked_write_and_a
         );
     }
 
+    // h2's status API shows the components' own state.
+    let components_ok = wait_until(Duration::from_secs(5), || {
+        pool.status(1).is_some_and(|v| {
+            let c = &v["components"]["vm1"];
+            c["disk"]["role"] == "primary" && c["net"]["mode"] == "passthrough"
+        })
+    });
+    assert!(
+        components_ok,
+        "components not in h2's status: {}",
+        pool.status(1)
+            .map(|v| v["components"].clone())
+            .unwrap_or_default()
+    );
+
     // The client network sees the VM's address announced from h2.
     assert!(
         wait_until(Duration::from_secs(5), || arp.seen_since(killed) > 0),

@@ -86,6 +86,12 @@ pub trait DiskMirror: Send + Sync {
         let _ = (vm, commit_epoch);
         Ok(())
     }
+    /// The mirror's state for the status API (role, link, dirty bytes, resync progress), if
+    /// it reports one.
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        let _ = vm;
+        None
+    }
 }
 
 /// The network relay (netback-shim).
@@ -100,6 +106,11 @@ pub trait NetRelay: Send + Sync {
     /// # Errors
     /// [`SeamError`].
     fn announce(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// The relay's state for the status API (mode, epochs, redirect), if it reports one.
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        let _ = vm;
+        None
+    }
 }
 
 /// The level-3 checkpoint engine.

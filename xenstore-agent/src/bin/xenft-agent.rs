@@ -63,7 +63,18 @@ fn main() -> anyhow::Result<()> {
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
         let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
-        let agent = Agent::start_with_links(cfg, seams, links).await?;
+        let vm_names: Vec<_> = cfg.vms.iter().map(|v| v.vm.clone()).collect();
+        let agent = Agent::start_with_links(cfg, seams.clone(), links).await?;
+        // The components' own state (disk role and resync progress, relay mode) in /status.
+        let (stop_reports, stop_rx) = tokio::sync::watch::channel(false);
+        let reports = matches!(drivers, Drivers::Real(_)).then(|| {
+            tokio::spawn(xenft_agent::drivers::publish_reports(
+                seams,
+                vm_names,
+                agent.hub(),
+                stop_rx,
+            ))
+        });
         let bridge = if use_xenstore {
             let xs = xenft_agent::xenstore::xen::XenXs::connect()
                 .await
@@ -83,6 +94,10 @@ fn main() -> anyhow::Result<()> {
         println!("status {}", status.addr());
         wait_for_signal().await;
         status.shutdown().await;
+        let _ = stop_reports.send(true);
+        if let Some(r) = reports {
+            let _ = r.await;
+        }
         if let Some(b) = bridge {
             b.shutdown().await;
         }

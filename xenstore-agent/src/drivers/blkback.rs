@@ -233,6 +233,32 @@ impl DiskMirror for BlkbackDriver {
         }
     }
 
+    fn report(&self, _vm: &VmId) -> Option<serde_json::Value> {
+        // Re-serialised from the typed view: only known fields reach the status API.
+        Some(match self.status() {
+            Ok(BlkStatus::Local) => serde_json::json!({"role": "local"}),
+            Ok(BlkStatus::Primary(p)) => {
+                let r = p.resync.unwrap_or_default();
+                serde_json::json!({
+                    "role": "primary",
+                    "peer": p.peer.chars().take(32).collect::<String>(),
+                    "dirty_bytes": p.dirty_bytes,
+                    "remote_mode": p.local_failure.is_some(),
+                    "resync": {"total_bytes": r.total_bytes, "bytes_left": r.bytes_left,
+                               "bytes_copied": r.bytes_copied,
+                               "rate_bytes_per_sec": r.rate_bytes_per_sec},
+                })
+            }
+            Ok(BlkStatus::Secondary(s)) => serde_json::json!({
+                "role": "secondary",
+                "connected": s.connected,
+                "disk": s.disk.chars().take(32).collect::<String>(),
+                "held_epochs": s.held_epochs.len(),
+            }),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        })
+    }
+
     fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
         match self.status().map_err(|e| seam("promote", vm, e))? {
             BlkStatus::Primary(_) | BlkStatus::Local => Ok(()),
@@ -382,6 +408,23 @@ mod tests {
             drv3.suspend(&vm()).is_err(),
             "a primary without its status fields"
         );
+    }
+
+    #[test]
+    fn the_status_report_keeps_only_known_bounded_fields() {
+        let (_d, drv, _) = fake(Box::new(|_| {
+            format!(
+                r#"{{"ok":true,"role":"primary","secret":"x","primary":{{"peer":"{}","dirty_bytes":7,"sessions":1}}}}"#,
+                "y".repeat(5000)
+            )
+        }));
+        let r = drv.report(&vm()).unwrap();
+        assert_eq!(r["role"], "primary");
+        assert_eq!(r["dirty_bytes"], 7);
+        assert!(r.get("secret").is_none());
+        assert_eq!(r["peer"].as_str().unwrap().len(), 32);
+        let (_d2, drv2, _) = fake(Box::new(|_| "garbage".into()));
+        assert!(drv2.report(&vm()).unwrap()["error"].is_string());
     }
 
     #[test]

@@ -233,6 +233,9 @@ impl DiskMirror for DiskByVm {
             .get(vm)
             .map_or(Ok(()), |d| d.promote(vm, commit_epoch))
     }
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        self.0.get(vm).and_then(|d| d.report(vm))
+    }
 }
 
 /// The network relay of each VM that has one.
@@ -248,6 +251,9 @@ impl NetRelay for NetByVm {
     fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
         // Level 1: the rebooted VM announces itself.
         self.0.get(vm).map_or(Ok(()), |d| d.announce(vm))
+    }
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        self.0.get(vm).and_then(|d| d.report(vm))
     }
 }
 
@@ -315,5 +321,40 @@ pub fn real_seams(
         disk: Arc::new(DiskByVm(disks)),
         net: Arc::new(NetByVm(nets)),
         checkpoint: Arc::new(CheckpointByVm(checkpoints)),
+    }
+}
+
+/// Publishes what each VM's components report into the status API every second, until
+/// `stop` turns true. (Blocking control-socket requests run on a blocking thread.)
+pub async fn publish_reports(
+    seams: Seams,
+    vms: Vec<VmId>,
+    hub: Arc<crate::status::StatusHub>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (s, list) = (seams.clone(), vms.clone());
+        let reports = tokio::task::spawn_blocking(move || {
+            list.iter()
+                .map(|vm| {
+                    let mut v = serde_json::Map::new();
+                    if let Some(d) = s.disk.report(vm) {
+                        v.insert("disk".into(), d);
+                    }
+                    if let Some(n) = s.net.report(vm) {
+                        v.insert("net".into(), n);
+                    }
+                    (vm.as_str().to_string(), serde_json::Value::Object(v))
+                })
+                .collect::<BTreeMap<_, _>>()
+        })
+        .await;
+        if let Ok(r) = reports {
+            hub.update(|s| s.components = r);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }

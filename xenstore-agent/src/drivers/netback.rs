@@ -57,6 +57,23 @@ impl NetRelay for NetbackDriver {
         Ok(())
     }
 
+    fn report(&self, _vm: &VmId) -> Option<serde_json::Value> {
+        let v = match self.ctl.request(&json!({"op": "counters"}).to_string()) {
+            Ok(v) => v,
+            Err(e) => return Some(json!({"error": e.to_string()})),
+        };
+        // Only known fields, re-serialised.
+        let c = &v["counters"];
+        let mode: String = c["mode"].as_str().unwrap_or("").chars().take(32).collect();
+        Some(json!({
+            "mode": mode,
+            "epoch": c["epoch"].as_u64(),
+            "committed_epoch": c["committed_epoch"].as_u64(),
+            "held_bytes": c["held_bytes_now"].as_u64(),
+            "redirecting": c["redirect"]["redirecting"].as_bool(),
+        }))
+    }
+
     fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
         if !self.addresses.is_empty() {
             self.ctl
