@@ -373,16 +373,17 @@ impl Controller {
         }
         let sec = pr.secondary.clone();
         let deadline = tokio::time::Instant::now() + APPLIER_DRAIN;
-        while sec.status().connected && old_link.is_some() {
+        // (Over plain TCP the session ends when the old primary's connection does: a primary
+        // still connected makes the promotion fail here rather than serve two writers.)
+        while sec.status().connected {
             if tokio::time::Instant::now() >= deadline {
                 return Err(PromoteError::SessionStuck(APPLIER_DRAIN));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if old_link.is_some()
-            && tokio::time::timeout(APPLIER_DRAIN, sec.wait_applier_done())
-                .await
-                .is_err()
+        if tokio::time::timeout(APPLIER_DRAIN, sec.wait_applier_done())
+            .await
+            .is_err()
         {
             return Err(PromoteError::SessionStuck(APPLIER_DRAIN));
         }
