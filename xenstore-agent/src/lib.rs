@@ -7,8 +7,8 @@
 //! through traits, persists each VM's protection state, and serves the status API. The
 //! `xenft-quorum` server binary lives here too.
 //!
-//! Where it sits: above the shims and the checkpoint engine (it starts, pauses, redirects and
-//! resyncs them; they report faults back through xenstore), beside xapi (the registry of
+//! Where it sits: above the shims and the checkpoint engine (it promotes, redirects and
+//! resyncs them, pauses and starts the VM; they report faults back through xenstore), beside xapi (the registry of
 //! protected VMs), and on top of the A-links (`xenft-alink`) for peer traffic.
 //!
 //! Main pieces:

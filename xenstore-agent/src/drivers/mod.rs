@@ -13,11 +13,15 @@
 //! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
 //!   drivers use.
 //!
-//! Not here yet: the XenAPI domain starter (`VM.start_on`); the primary-side wiring of the
-//! checkpoint engine's commit hook to the shims (`checkpoint`/`commit` on blkback, epochs on
-//! netback) lives with the engine's primary, not in the agent. Every component a VM's level
-//! needs must be configured ([`VmDriversFile::check`]), so a production config never runs a
-//! stand-in silently.
+//! [`publish_reports`] puts what the shims report (disk role, link, dirty bytes, resync
+//! progress; relay mode and epochs) into the status API every second.
+//!
+//! Not here: the XenAPI domain starter (`VM.start_on`, not written yet), and the primary-side
+//! wiring of the checkpoint engine's commit hook to the shims, which the engine's primary does
+//! itself (`xenft-checkpoint primary --blkback-control --netback-control`). The agent does not
+//! start the shims; the host does, with the role the pool assigns. Every component a VM's
+//! level needs must be configured ([`VmDriversFile::check`]), so a production config never
+//! runs a stand-in silently.
 
 pub mod blkback;
 pub mod checkpoint;
