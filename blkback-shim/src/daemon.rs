@@ -1,5 +1,21 @@
 //! The `xenft-blkback` process: wires a validated [`Config`] into stores, the mirror, the NBD
 //! listeners and the control socket, then runs until killed.
+//!
+//! ## Take-over in place: `promote [EPOCH] [force]`
+//! On a secondary's control socket (the agent's `BlkbackDriver` sends it when this host takes
+//! the VM over): the shim stops taking the old primary's writes (aborts its acceptor, closes
+//! its A-link, waits until the session ended and everything received is applied); level 3:
+//! applies the held epochs `<= EPOCH` (the checkpoint the memory replica resumes) and drops
+//! the later ones; then it stops the secondary cleanly (store synced) and serves the disk on
+//! its `--nbd-unix`/`--nbd-tcp` as a primary with the bitmap at `--bitmap`, mirroring to the
+//! old primary's host over a new A-link instance when that host returns as secondary. The
+//! bitmap file is removed before the clean stop: whatever the stop leaves there is the bitmap
+//! for this promotion (with a mirror that writes one, the returning host then gets a
+//! dirty-only resync), otherwise the bitmap starts fresh and the first session is a full sync
+//! (holes and zero chunks skipped). A copy that is not consistent (resync in flight) is
+//! refused unless `force`; a plain-TCP primary still connected makes the promotion fail
+//! rather than leave two writers. Stopping the secondary (SIGTERM) and starting
+//! `--role primary` on the same disk is the out-of-process equivalent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -312,6 +328,11 @@ enum PromoteError {
     Sync(StoreError),
     #[error("the promotion task panicked")]
     TaskFailed,
+    #[error("removing the old bitmap {path}: {source}")]
+    OldBitmap {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Daemon(#[from] DaemonError),
 }
@@ -387,7 +408,17 @@ impl Controller {
         {
             return Err(PromoteError::SessionStuck(APPLIER_DRAIN));
         }
-        // 2. Level 3: the checkpoint the memory replica holds decides which writes count.
+        // 2. Level 3: the checkpoint the memory replica holds decides which writes count. The
+        //    clean stop that follows may leave the bitmap for this promotion: clear any older
+        //    file first.
+        if let Err(e) = std::fs::remove_file(&pr.bitmap) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(PromoteError::OldBitmap {
+                    path: pr.bitmap.clone(),
+                    source: e,
+                });
+            }
+        }
         let s2 = sec.clone();
         let (committed_writes, discarded_writes) = tokio::task::spawn_blocking(move || {
             let c = match epoch {
@@ -403,7 +434,6 @@ impl Controller {
         .await
         .map_err(|_| PromoteError::TaskFailed)??;
         // 3. Serve as primary, mirroring to the old primary's host when it returns.
-        let _ = std::fs::remove_file(&pr.bitmap);
         let bm = DirtyBitmap::open(&pr.bitmap, self.store.size(), DEFAULT_CHUNK)
             .map_err(DaemonError::from)?;
         let p = Primary::new(self.store.clone(), bm, self.cfg.mirror.clone());

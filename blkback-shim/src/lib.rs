@@ -40,7 +40,7 @@
 //! - `resync-rate <bytes/s>`, `verify [block]` (primary);
 //! - level 3: `checkpoint <n>` / `epoch <n>` and `commit <n>` (primary), `epoch-mode on|off`,
 //!   `commit-local <n>` and `discard` (secondary, on failover);
-//! - `promote [EPOCH] [force]` (secondary): take-over, see below.
+//! - `promote [EPOCH] [force]` (secondary): take-over in place, see [`daemon`].
 //!
 //! The checkpoint engine's `CommitSink` maps directly: `checkpoint(n)` → [`mirror::primary::Primary::checkpoint_boundary`],
 //!   `commit(n)` → [`mirror::primary::Primary::commit_epoch`] (resolves once the secondary
@@ -57,15 +57,10 @@
 //! and [`mirror::secondary::Secondary::discard_uncommitted`].
 //!
 //! ## Failover (what the agent does)
-//! 1. `promote [EPOCH] [force]` on the secondary's control socket (the agent's
-//!    `BlkbackDriver`): the shim stops taking the old primary's writes (closes its A-link,
-//!    waits until everything received is applied), level 3: applies held epochs `<= EPOCH`
-//!    (the checkpoint the memory replica resumes) and drops later ones, syncs the store, then
-//!    serves the disk on its `--nbd-unix`/`--nbd-tcp` as a primary with a fresh bitmap
-//!    (`--bitmap`), mirroring to the old primary's host over a new A-link instance when that
-//!    host returns. A copy that is not consistent (resync in flight) is refused unless `force`.
-//!    (Stopping the secondary and starting `--role primary` on the same disk does the same.)
-//! 2. When the old primary's host returns, start it as `--role secondary`. The new primary's
+//! 1. Level 3 only: `discard` on the secondary's control socket drops uncommitted epochs.
+//! 2. Stop the secondary shim (SIGTERM: its store is synced) and start `--role primary` on the
+//!    same disk with a new bitmap file; serve the VM from its NBD socket.
+//! 3. When the old primary's host returns, start it as `--role secondary`. The new primary's
 //!    bitmap has never seen a synced peer, so the first session is a full sync (holes and zero
 //!    chunks are not copied). There is no bitmap exchange yet: writes the old primary had in
 //!    flight when it died are overwritten by that full sync, not merged.

@@ -183,14 +183,6 @@ impl Secondary {
         Ok(())
     }
 
-    /// Promotion: waits until the last session's applier has applied everything it queued
-    /// (call after the session's transport was closed).
-    pub async fn wait_applier_done(&self) {
-        if let Some(h) = self.applier.lock().await.take() {
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
-        }
-    }
-
     /// Turns level-3 epoch mode on or off (off: held writes stay held until committed).
     pub fn set_epoch_mode(&self, on: bool) {
         self.epoch_mode.store(on, Ordering::SeqCst);
@@ -233,6 +225,14 @@ impl Secondary {
     fn set_disk(&self, d: PeerDiskState) {
         *lock(&self.disk) = d;
         self.write_state(false);
+    }
+
+    /// Promotion: waits until the last session's applier has applied everything it queued
+    /// (call after the session's transport was closed).
+    pub async fn wait_applier_done(&self) {
+        if let Some(h) = self.applier.lock().await.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
     }
 
     /// Records the disk state with the current boot id (writes applied since may sit in the
