@@ -1,10 +1,28 @@
 //! The `xenft-blkback` process: wires a validated [`Config`] into stores, the mirror, the NBD
 //! listeners and the control socket, then runs until killed.
+//!
+//! ## Take-over in place: `promote [EPOCH] [force]`
+//! On a secondary's control socket (the agent's `BlkbackDriver` sends it when this host takes
+//! the VM over): the shim stops taking the old primary's writes (aborts its acceptor, closes
+//! its A-link, waits until the session ended and everything received is applied); level 3:
+//! applies the held epochs `<= EPOCH` (the checkpoint the memory replica resumes) and drops
+//! the later ones; then it stops the secondary cleanly (store synced) and serves the disk on
+//! its `--nbd-unix`/`--nbd-tcp` as a primary with the bitmap at `--bitmap`, mirroring to the
+//! old primary's host over a new A-link instance when that host returns as secondary. The
+//! bitmap file is removed before the clean stop: whatever the stop leaves there is the bitmap
+//! for this promotion (with a mirror that writes one, the returning host then gets a
+//! dirty-only resync), otherwise the bitmap starts fresh and the first session is a full sync
+//! (holes and zero chunks skipped). A copy that is not consistent (resync in flight) is
+//! refused unless `force`; a plain-TCP primary still connected makes the promotion fail
+//! rather than leave two writers. Stopping the secondary (SIGTERM) and starting
+//! `--role primary` on the same disk is the out-of-process equivalent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
@@ -13,7 +31,8 @@ use crate::mirror::alink::{AlinkAcceptor, AlinkConnector};
 use crate::mirror::bitmap::{BitmapError, DirtyBitmap, DEFAULT_CHUNK};
 use crate::mirror::primary::{MirrorConfig, Primary};
 use crate::mirror::secondary::Secondary;
-use crate::mirror::transport::{TcpAcceptor, TcpConnector};
+use crate::mirror::transport::{PeerConnector, PeerSession, TcpAcceptor, TcpConnector};
+use crate::mirror::wire::PeerDiskState;
 use crate::nbd::server::{ExportConfig, NbdServer};
 use crate::status::Node;
 use crate::store::{FileStore, Store, StoreError};
@@ -47,6 +66,9 @@ pub enum Role {
         peer: PeerTransport,
         /// Consistency state file.
         state: PathBuf,
+        /// Dirty bitmap file of the primary this process becomes on `promote` (created
+        /// afresh then: the first session with the old primary's host is a full sync).
+        bitmap: PathBuf,
     },
 }
 
@@ -115,6 +137,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     info!(disk = %cfg.disk.display(), size = store.size(), role = ?cfg.role, "starting");
     let mut tasks = tokio::task::JoinSet::new();
     let mut own_link = None;
+    let mut promotable = None;
     let (node, volume) = match &cfg.role {
         Role::Local => (Node::Local, Some(Volume::local(store.clone()))),
         Role::Primary { peer, bitmap } => {
@@ -136,50 +159,50 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 Some(Volume::mirrored(store.clone(), p)),
             )
         }
-        Role::Secondary { peer, state } => {
+        Role::Secondary {
+            peer,
+            state,
+            bitmap,
+        } => {
             let s = Secondary::new(store.clone(), state.clone());
-            match peer {
+            let serve = match peer {
                 PeerTransport::Tcp(listen) => {
                     let listener = TcpListener::bind(listen)
                         .await
                         .map_err(sock(format!("bind {listen}")))?;
-                    tasks.spawn(s.clone().serve(TcpAcceptor { listener }));
+                    tasks.spawn(s.clone().serve(TcpAcceptor { listener }))
                 }
                 PeerTransport::Alink(lc) => {
                     let link = xenft_alink::Link::start(lc.clone()).await?;
                     own_link = Some(link.clone());
                     let a = AlinkAcceptor::new(&link).ok_or_else(taken)?;
-                    tasks.spawn(s.clone().serve(a));
+                    tasks.spawn(s.clone().serve(a))
                 }
-            }
+            };
+            promotable = Some(Promotable {
+                secondary: s.clone(),
+                serve,
+                bitmap: bitmap.clone(),
+                peer: peer.clone(),
+            });
             (Node::Secondary(s), None)
         }
     };
     if let Some(vol) = volume {
-        let server = NbdServer::new(vol, cfg.export.clone());
-        if let Some(p) = &cfg.nbd_unix {
-            let l = bind_unix(p)?;
-            let s = server.clone();
-            tasks.spawn(async move {
-                let _ = s.serve_unix(l).await;
-            });
-        }
-        if let Some(a) = cfg.nbd_tcp {
-            let l = TcpListener::bind(a)
-                .await
-                .map_err(sock(format!("bind {a}")))?;
-            let s = server.clone();
-            tasks.spawn(async move {
-                let _ = s.serve_tcp(l).await;
-            });
+        for t in serve_nbd(&cfg, vol).await? {
+            tasks.spawn(t);
         }
     }
+    let ctl = Arc::new(Controller {
+        node: Mutex::new(node),
+        link: Mutex::new(own_link),
+        promotable: tokio::sync::Mutex::new(promotable),
+        cfg: cfg.clone(),
+        store: store.clone(),
+    });
     if let Some(c) = &cfg.control {
         let l = bind_unix(c)?;
-        let n = node.clone();
-        tasks.spawn(async move {
-            let _ = n.serve(l, own_link).await;
-        });
+        tasks.spawn(ctl.clone().serve(l));
     }
     info!("ready");
     let mut term = signal(SignalKind::terminate()).map_err(sock("SIGTERM handler"))?;
@@ -190,6 +213,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         _ = async { while tasks.join_next().await.is_some() {} } => {}
     }
     // Clean stop: durable local store, bitmap and activity log consistent.
+    let node = ctl.node();
     if let Node::Primary(p) = &node {
         let p = p.clone();
         match tokio::task::spawn_blocking(move || p.shutdown_blocking()).await {
@@ -213,4 +237,305 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Binds the configured NBD sockets for `vol`; returns their serving tasks.
+async fn serve_nbd(
+    cfg: &Config,
+    vol: Arc<Volume>,
+) -> Result<Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>, DaemonError> {
+    let server = NbdServer::new(vol, cfg.export.clone());
+    let mut out: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = Vec::new();
+    if let Some(p) = &cfg.nbd_unix {
+        let l = bind_unix(p)?;
+        let s = server.clone();
+        out.push(Box::pin(async move {
+            let _ = s.serve_unix(l).await;
+        }));
+    }
+    if let Some(a) = cfg.nbd_tcp {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(sock(format!("bind {a}")))?;
+        let s = server.clone();
+        out.push(Box::pin(async move {
+            let _ = s.serve_tcp(l).await;
+        }));
+    }
+    Ok(out)
+}
+
+/// Longest accepted control line.
+const MAX_CONTROL_LINE: u64 = 64 * 1024;
+/// Control connections served at once; more wait.
+const MAX_CONTROL_CONNECTIONS: usize = 16;
+/// A control connection silent this long is closed (frees its slot).
+const CONTROL_IDLE: Duration = Duration::from_secs(30);
+/// How long promotion waits for the old session's applier to finish.
+const APPLIER_DRAIN: Duration = Duration::from_secs(5);
+/// How long promotion retries starting the new A-link (the old one's listeners close
+/// asynchronously).
+const RELINK_FOR: Duration = Duration::from_secs(5);
+
+/// What a secondary needs to become the primary.
+struct Promotable {
+    secondary: Arc<Secondary>,
+    serve: tokio::task::AbortHandle,
+    bitmap: PathBuf,
+    peer: PeerTransport,
+}
+
+/// The control socket's state: the node it serves, which `promote` turns from a secondary
+/// into a primary (take-over), and the process's own A-link.
+struct Controller {
+    node: Mutex<Node>,
+    link: Mutex<Option<xenft_alink::Link>>,
+    promotable: tokio::sync::Mutex<Option<Promotable>>,
+    cfg: Config,
+    store: Arc<dyn Store>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A primary without a reachable peer: plain-TCP secondaries only listen, so a promoted
+/// TCP secondary has no address to dial; it runs degraded and records every write as dirty.
+struct NoPeer;
+
+impl PeerConnector for NoPeer {
+    async fn connect(&mut self) -> std::io::Result<PeerSession> {
+        std::future::pending().await
+    }
+}
+
+/// Why `promote` was refused or failed.
+#[derive(Debug, thiserror::Error)]
+enum PromoteError {
+    #[error("this process is not a secondary (role {0})")]
+    NotSecondary(&'static str),
+    #[error("promote [EPOCH] [force]: bad argument {0:?}")]
+    BadArgument(String),
+    #[error("the local copy is {0:?}, not consistent (a resync was in flight): serving it would expose a half-copied disk; `promote force` overrides")]
+    NotConsistent(PeerDiskState),
+    #[error("no NBD socket configured (--nbd-unix or --nbd-tcp): nothing to serve the disk on")]
+    NoNbd,
+    #[error("the old primary's session did not end within {0:?}")]
+    SessionStuck(Duration),
+    #[error("committing held epochs up to {epoch}: {source}")]
+    Commit { epoch: u64, source: StoreError },
+    #[error("syncing the local copy: {0}")]
+    Sync(StoreError),
+    #[error("the promotion task panicked")]
+    TaskFailed,
+    #[error("removing the old bitmap {path}: {source}")]
+    OldBitmap {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+/// What a successful promotion did.
+#[derive(Debug, serde::Serialize)]
+struct Promoted {
+    /// Held epoch writes applied (level 3, `promote EPOCH`).
+    committed_writes: usize,
+    /// Uncommitted epoch writes dropped.
+    discarded_writes: usize,
+    /// Whether a session with the old primary was still up when promotion began.
+    was_connected: bool,
+}
+
+impl Controller {
+    fn node(&self) -> Node {
+        lock(&self.node).clone()
+    }
+
+    /// Take-over: stop accepting the old primary's writes, wait until everything received is
+    /// applied, commit held epochs up to `EPOCH` (level 3) and drop the rest, then serve the
+    /// disk over NBD as a primary whose bitmap starts fresh (the old primary's host gets a full
+    /// sync when it returns as secondary).
+    async fn promote(&self, args: &[&str]) -> Result<Promoted, PromoteError> {
+        let mut epoch = None;
+        let mut force = false;
+        for a in args {
+            match (*a, a.parse::<u64>()) {
+                ("force", _) => force = true,
+                (_, Ok(n)) if epoch.is_none() => epoch = Some(n),
+                _ => return Err(PromoteError::BadArgument((*a).to_string())),
+            }
+        }
+        let mut slot = self.promotable.lock().await;
+        let Some(pr) = slot.take() else {
+            return Err(PromoteError::NotSecondary(match self.node() {
+                Node::Local => "local",
+                Node::Primary(_) => "primary",
+                Node::Secondary(_) => "secondary (promotion failed before)",
+            }));
+        };
+        let st = pr.secondary.status();
+        if st.disk != PeerDiskState::Consistent && !force {
+            *slot = Some(pr);
+            return Err(PromoteError::NotConsistent(st.disk));
+        }
+        if self.cfg.nbd_unix.is_none() && self.cfg.nbd_tcp.is_none() {
+            *slot = Some(pr);
+            return Err(PromoteError::NoNbd);
+        }
+        info!(?epoch, force, "promoting the secondary to primary");
+        // 1. No more writes from the old primary: stop accepting sessions and close the link
+        //    (which ends the current session).
+        pr.serve.abort();
+        let old_link = lock(&self.link).take();
+        if let Some(l) = &old_link {
+            l.shutdown();
+        }
+        let sec = pr.secondary.clone();
+        let deadline = tokio::time::Instant::now() + APPLIER_DRAIN;
+        // (Over plain TCP the session ends when the old primary's connection does: a primary
+        // still connected makes the promotion fail here rather than serve two writers.)
+        while sec.status().connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PromoteError::SessionStuck(APPLIER_DRAIN));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if tokio::time::timeout(APPLIER_DRAIN, sec.wait_applier_done())
+            .await
+            .is_err()
+        {
+            return Err(PromoteError::SessionStuck(APPLIER_DRAIN));
+        }
+        // 2. Level 3: the checkpoint the memory replica holds decides which writes count. The
+        //    clean stop that follows may leave the bitmap for this promotion: clear any older
+        //    file first.
+        if let Err(e) = std::fs::remove_file(&pr.bitmap) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(PromoteError::OldBitmap {
+                    path: pr.bitmap.clone(),
+                    source: e,
+                });
+            }
+        }
+        let s2 = sec.clone();
+        let (committed_writes, discarded_writes) = tokio::task::spawn_blocking(move || {
+            let c = match epoch {
+                Some(e) => s2
+                    .commit_epoch(e)
+                    .map_err(|source| PromoteError::Commit { epoch: e, source })?,
+                None => 0,
+            };
+            let d = s2.discard_uncommitted();
+            s2.shutdown_blocking().map_err(PromoteError::Sync)?;
+            Ok::<_, PromoteError>((c, d))
+        })
+        .await
+        .map_err(|_| PromoteError::TaskFailed)??;
+        // 3. Serve as primary, mirroring to the old primary's host when it returns.
+        let bm = DirtyBitmap::open(&pr.bitmap, self.store.size(), DEFAULT_CHUNK)
+            .map_err(DaemonError::from)?;
+        let p = Primary::new(self.store.clone(), bm, self.cfg.mirror.clone());
+        match &pr.peer {
+            PeerTransport::Tcp(_) => {
+                tokio::spawn(p.clone().run(NoPeer));
+            }
+            PeerTransport::Alink(lc) => {
+                let link = relink(lc).await?;
+                let c = AlinkConnector::new(link.clone()).ok_or_else(taken)?;
+                *lock(&self.link) = Some(link);
+                tokio::spawn(p.clone().run(c));
+            }
+        }
+        for t in serve_nbd(&self.cfg, Volume::mirrored(self.store.clone(), p.clone())).await? {
+            tokio::spawn(t);
+        }
+        *lock(&self.node) = Node::Primary(p);
+        info!(
+            committed_writes,
+            discarded_writes, "promoted: serving the disk as primary"
+        );
+        Ok(Promoted {
+            committed_writes,
+            discarded_writes,
+            was_connected: st.connected,
+        })
+    }
+
+    async fn command(&self, line: &str) -> serde_json::Value {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"promote") {
+            return match self.promote(&words[1..]).await {
+                Ok(p) => serde_json::json!({"ok": true, "role": "primary", "promoted": p}),
+                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+            };
+        }
+        let mut v = self.node().command(line).await;
+        if words.first() == Some(&"status") {
+            if let (Some(l), Some(obj)) = (lock(&self.link).clone(), v.as_object_mut()) {
+                obj.insert("alink".into(), serde_json::json!(l.status()));
+            }
+        }
+        v
+    }
+
+    /// Serves the control socket: one command per line (at most [`MAX_CONTROL_LINE`] bytes),
+    /// one JSON line back; [`MAX_CONTROL_CONNECTIONS`] connections at once.
+    async fn serve(self: Arc<Self>, listener: UnixListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let (rd, mut wr) = stream.into_split();
+                let mut rd = BufReader::new(rd);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    let mut limited = (&mut rd).take(MAX_CONTROL_LINE);
+                    let read = limited.read_until(b'\n', &mut buf);
+                    match tokio::time::timeout(CONTROL_IDLE, read).await {
+                        Ok(Ok(0) | Err(_)) | Err(_) => break,
+                        Ok(Ok(_)) => {}
+                    }
+                    if buf.last() != Some(&b'\n') && buf.len() as u64 >= MAX_CONTROL_LINE {
+                        let _ = wr
+                            .write_all(b"{\"ok\":false,\"error\":\"line too long\"}\n")
+                            .await;
+                        break;
+                    }
+                    let reply = match std::str::from_utf8(&buf) {
+                        Ok(line) => me.command(line.trim()).await,
+                        Err(_) => serde_json::json!({"ok": false, "error": "not UTF-8"}),
+                    };
+                    let mut out = reply.to_string();
+                    out.push('\n');
+                    if wr.write_all(out.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Starts a new A-link instance with the old one's configuration, retrying while the old
+/// instance's listeners are still closing.
+async fn relink(lc: &xenft_alink::LinkConfig) -> Result<xenft_alink::Link, DaemonError> {
+    let deadline = tokio::time::Instant::now() + RELINK_FOR;
+    loop {
+        match xenft_alink::Link::start(lc.clone()).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }

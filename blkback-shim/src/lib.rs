@@ -39,8 +39,10 @@
 //!   `{"role":"secondary","secondary":{...}}` with `connected`, `disk`, `held_epochs`, ...;
 //! - `resync-rate <bytes/s>`, `verify [block]` (primary);
 //! - level 3: `checkpoint <n>` / `epoch <n>` and `commit <n>` (primary), `epoch-mode on|off`,
-//!   `commit-local <n>` and `discard` (secondary, on failover). The checkpoint engine's
-//!   `CommitSink` maps directly: `checkpoint(n)` → [`mirror::primary::Primary::checkpoint_boundary`],
+//!   `commit-local <n>` and `discard` (secondary, on failover);
+//! - `promote [EPOCH] [force]` (secondary): take-over in place, see [`daemon`].
+//!
+//! The checkpoint engine's `CommitSink` maps directly: `checkpoint(n)` → [`mirror::primary::Primary::checkpoint_boundary`],
 //!   `commit(n)` → [`mirror::primary::Primary::commit_epoch`] (resolves once the secondary
 //!   applied epoch `n`).
 //!

@@ -31,7 +31,7 @@ struct Args {
     /// Create/extend the disk file to this many bytes (suffixes K, M, G allowed).
     #[arg(long)]
     size: Option<String>,
-    /// NBD Unix socket path.
+    /// NBD Unix socket path (secondary: served once `promote`d).
     #[arg(long)]
     nbd_unix: Option<PathBuf>,
     /// NBD TCP listen address (e.g. 127.0.0.1:10809).
@@ -63,7 +63,7 @@ struct Args {
     /// A-link: a path silent this long is down (milliseconds; default: the link's own).
     #[arg(long)]
     alink_path_timeout_ms: Option<u64>,
-    /// Primary: dirty bitmap file (default: DISK.xenft-bitmap).
+    /// Primary, or secondary once promoted: dirty bitmap file (default: DISK.xenft-bitmap).
     #[arg(long)]
     bitmap: Option<PathBuf>,
     /// Secondary: consistency state file (default: DISK.xenft-state).
@@ -150,6 +150,10 @@ fn config(a: Args) -> anyhow::Result<Config> {
                 _ => bail!("--role secondary needs exactly one of --listen or --alink-path"),
             },
             state: a.state.clone().unwrap_or_else(|| with_ext(".xenft-state")),
+            bitmap: a
+                .bitmap
+                .clone()
+                .unwrap_or_else(|| with_ext(".xenft-bitmap")),
         },
     };
     if !matches!(role, Role::Secondary { .. }) && a.nbd_unix.is_none() && a.nbd_tcp.is_none() {

@@ -18,22 +18,35 @@
 //!   "status": {"listen": "127.0.0.1:7481"},
 //!   "vms": [{"vm": "web01", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 2048}],
 //!   "alink_transport": "udp",
-//!   "xenstore": true
+//!   "xenstore": true,
+//!   "drivers": "real",
+//!   "vm_drivers": {
+//!     "web01": {
+//!       "domain": {"command": ["/usr/lib/xenft/xenft-synthetic-guest", "--memory-mib", "2048"]},
+//!       "blkback": {"control": "/run/xenft/web01-blkback.sock", "sync_timeout_ms": 3600000},
+//!       "netback": {"control": "/run/xenft/web01-netback.sock", "addresses": ["192.168.1.80"]},
+//!       "checkpoint": {"control": "/run/xenft/web01-checkpoint.sock"}
+//!     }
+//!   }
 //! }
 //! ```
-//! `quorum` lists the preferred server first, then the alternate (0 to 2 entries);
+//! `drivers` says what the agent drives: `"real"` (the default) needs a `vm_drivers` entry for
+//! every VM with each component its level uses ([`crate::drivers::VmDriversFile`]); only an
+//! explicit `"record"` runs the recording stand-ins ([`crate::seams::Recorder`]), so a
+//! production config cannot silently drive nothing. `quorum` lists the preferred server first, then the alternate (0 to 2 entries);
 //! `xenft-quorum --lease-ms` must equal `timing.lease_ms`. Every field is checked: unknown
 //! fields, names with odd characters, VMs on hosts outside the pool, more than two quorum
 //! servers or a non-loopback status address without `token_file` are refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::core::{CoreConfig, VmSpec};
-use crate::ids::{HostId, PathId};
+use crate::drivers::VmDriversFile;
+use crate::ids::{HostId, PathId, VmId};
 use crate::timing::{Timing, TimingError};
 
 /// Largest accepted config or secret file.
@@ -139,6 +152,121 @@ pub struct ConfigFile {
     /// states, read the shims' reports, follow domains.
     #[serde(default)]
     pub xenstore: bool,
+}
+
+/// What the agent drives.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverMode {
+    /// The shims, the domain command: [`crate::drivers`].
+    #[default]
+    Real,
+    /// The recording stand-ins (tests, simulations); must be said explicitly.
+    Record,
+}
+
+/// The validated driver choice.
+#[derive(Clone, Debug)]
+pub enum Drivers {
+    /// Recording stand-ins.
+    Record,
+    /// Real components, per VM.
+    Real(BTreeMap<VmId, VmDriversFile>),
+}
+
+/// The agent's configuration file: the pool settings ([`ConfigFile`]) plus what drives the
+/// components (`drivers`, `vm_drivers`).
+#[derive(Clone, Debug)]
+pub struct AgentFile {
+    /// Pool, peers, timing, VMs, status API.
+    pub config: ConfigFile,
+    /// What drives the components.
+    pub drivers: DriverMode,
+    /// Each VM's components (`drivers: real`).
+    pub vm_drivers: BTreeMap<VmId, VmDriversFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriversPart {
+    #[serde(default)]
+    drivers: DriverMode,
+    #[serde(default)]
+    vm_drivers: BTreeMap<VmId, VmDriversFile>,
+}
+
+impl AgentFile {
+    /// Reads and parses an agent config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let bytes = read_bounded(path)?;
+        Self::parse(&bytes).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Parses the JSON text of an agent config file.
+    ///
+    /// # Errors
+    /// Not a JSON object, or a field the schema does not know or cannot read.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut top: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)?;
+        let mut part = serde_json::Map::new();
+        for key in ["drivers", "vm_drivers"] {
+            if let Some(v) = top.remove(key) {
+                part.insert(key.to_string(), v);
+            }
+        }
+        let d: DriversPart = serde_json::from_value(serde_json::Value::Object(part))?;
+        let config: ConfigFile = serde_json::from_value(serde_json::Value::Object(top))?;
+        Ok(Self {
+            config,
+            drivers: d.drivers,
+            vm_drivers: d.vm_drivers,
+        })
+    }
+
+    /// Checks the pool settings ([`ConfigFile::validate`]) and the driver sections: with
+    /// `"real"` drivers every VM needs an entry with each component its level uses.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first problem.
+    pub fn validate(self) -> Result<(ValidConfig, Drivers), ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        let vms = self.config.vms.clone();
+        let cfg = self.config.validate()?;
+        let vm_names: BTreeSet<&VmId> = vms.iter().map(|v| &v.vm).collect();
+        let drivers = match self.drivers {
+            DriverMode::Record if !self.vm_drivers.is_empty() => {
+                return bad(
+                    "vm_drivers is set but drivers is \"record\": the sections would be ignored"
+                        .into(),
+                )
+            }
+            DriverMode::Record => Drivers::Record,
+            DriverMode::Real => {
+                for vm in self.vm_drivers.keys() {
+                    if !vm_names.contains(vm) {
+                        return bad(format!("vm_drivers.{vm}: not a protected VM"));
+                    }
+                }
+                for v in &vms {
+                    let d = self.vm_drivers.get(&v.vm).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "VM {}: no vm_drivers entry (drivers are \"real\"; say \"drivers\": \"record\" for stand-ins)",
+                            v.vm
+                        ))
+                    })?;
+                    d.check(&v.vm, v.level).map_err(ConfigError::Invalid)?;
+                }
+                Drivers::Real(self.vm_drivers)
+            }
+        };
+        Ok((cfg, drivers))
+    }
 }
 
 fn default_log() -> usize {
@@ -372,7 +500,8 @@ mod tests {
     const GOOD: &str = r#"{
         "host": "h1", "secret_file": "SECRET", "state_file": "/tmp/x.json",
         "peers": [{"host": "h2", "alink": [{"local": "127.0.0.1:1", "peer": "127.0.0.1:2"}]}],
-        "vms": [{"vm": "web", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 512}]
+        "vms": [{"vm": "web", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 512}],
+        "xenstore": false
     }"#;
 
     #[test]
@@ -432,10 +561,88 @@ mod tests {
         let secret = d.path().join("secret");
         std::fs::write(&secret, "0123456789abcdef0123").unwrap();
         let json = json.replace("/etc/xenft/pool-secret", secret.to_str().unwrap());
-        let c: ConfigFile = serde_json::from_str(&json).unwrap();
-        let v = c.validate().unwrap();
+        let (v, drivers) = AgentFile::parse(json.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(matches!(drivers, Drivers::Real(m) if m.len() == 1));
         assert_eq!(v.quorum.len(), 2);
         assert!(v.xenstore && v.core.storage_heartbeat);
+    }
+
+    fn validate(json: &str) -> Result<(ValidConfig, Drivers), ConfigError> {
+        let d = tempfile::tempdir().map_err(|source| ConfigError::Io {
+            path: PathBuf::from("tempdir"),
+            source,
+        })?;
+        AgentFile::load(&write(d.path(), json))?.validate()
+    }
+
+    const REAL: &str = r#""drivers": "real", "vm_drivers": {"web": {
+        "domain": {"command": ["/bin/sleep", "1000"]},
+        "blkback": {"control": "/run/xenft/web-blk.sock"},
+        "netback": {"control": "/run/xenft/web-net.sock", "addresses": ["10.0.0.5"]}}}"#;
+
+    #[test]
+    fn a_config_without_drivers_needs_real_driver_sections() {
+        let l2 = GOOD.replace(r#""level": 3"#, r#""level": 2"#);
+        let e = validate(&l2).unwrap_err();
+        assert!(e.to_string().contains("no vm_drivers entry"), "{e}");
+        let real = l2.replace(r#""xenstore": false"#, REAL);
+        let (_, drivers) = validate(&real).unwrap();
+        assert!(matches!(&drivers, Drivers::Real(m) if m.len() == 1));
+        let record = l2.replace(r#""xenstore": false"#, r#""drivers": "record""#);
+        assert!(matches!(validate(&record).unwrap().1, Drivers::Record));
+    }
+
+    #[test]
+    fn driver_sections_are_checked() {
+        let l2 = GOOD.replace(r#""level": 3"#, r#""level": 2"#);
+        let cases = [
+            (REAL.replace(r#""netback": {"control": "/run/xenft/web-net.sock", "addresses": ["10.0.0.5"]}"#, r#""netback": null"#), "netback"),
+            (REAL.replace("/run/xenft/web-blk.sock", "relative.sock"), "absolute"),
+            (REAL.replace(r#"["/bin/sleep", "1000"]"#, "[]"), "command is empty"),
+            (REAL.replace(r#""vm_drivers": {"web""#, r#""vm_drivers": {"other""#), "not a protected VM"),
+        ];
+        for (drivers, want) in cases {
+            let e = validate(&l2.replace(r#""xenstore": false"#, &drivers)).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        let typo = l2.replace(
+            r#""xenstore": false"#,
+            &REAL.replace(
+                r#""control": "/run/xenft/web-blk.sock""#,
+                r#""contrl": "/x""#,
+            ),
+        );
+        assert!(matches!(
+            validate(&typo).unwrap_err(),
+            ConfigError::Parse { .. }
+        ));
+    }
+
+    #[test]
+    fn level_3_with_real_drivers_needs_the_checkpoint_engine() {
+        let e = validate(&GOOD.replace(r#""xenstore": false"#, REAL)).unwrap_err();
+        assert!(
+            e.to_string().contains("level 3 needs a \"checkpoint\""),
+            "{e}"
+        );
+        let with = REAL.replace(
+            r#""domain""#,
+            r#""checkpoint": {"control": "/run/xenft/web-ckpt.sock"}, "domain""#,
+        );
+        validate(&GOOD.replace(r#""xenstore": false"#, &with)).unwrap();
+    }
+
+    #[test]
+    fn driver_sections_with_recording_stand_ins_are_refused() {
+        let both = GOOD.replace(
+            r#""xenstore": false"#,
+            &REAL.replace(r#""drivers": "real""#, r#""drivers": "record""#),
+        );
+        let e = validate(&both).unwrap_err();
+        assert!(e.to_string().contains("ignored"), "{e}");
     }
 
     #[test]

@@ -1256,9 +1256,12 @@ impl HostCore {
     fn adopt_peer_view(&mut self, vm: &VmId) {
         let v = &self.vms[vm];
         let peer = v.rec.other(&self.cfg.me).clone();
+        // A silent peer's last report is stale (after a take-over it still says the dead
+        // primary runs the VM): nothing to adopt until the peer speaks again.
         let Some(r) = self
             .peers
             .get(&peer)
+            .filter(|p| !p.silent)
             .and_then(|p| p.reports.get(vm))
             .cloned()
         else {
@@ -1838,6 +1841,33 @@ mod tests {
         }));
         let rec = &r.core.records()[0];
         assert_eq!((rec.primary.as_str(), rec.generation), ("h2", 4));
+    }
+
+    #[test]
+    fn a_failed_take_over_start_does_not_hand_the_vm_back_to_the_dead_primary() {
+        let mut r = Rig::new(cfg("h2", 0), vec![rec(Phase::Protected, true)], &[]);
+        let report = Some(VmReport {
+            running: true,
+            ..secondary_report(Phase::Protected)
+        });
+        r.run(1000, &ALL, report.as_ref());
+        r.run(600, &[], None);
+        assert_eq!(r.core.records()[0].primary.as_str(), "h2");
+        r.input(Input::VmStarted {
+            vm: vm(),
+            ok: false,
+            detail: "blkback: promote refused".into(),
+        });
+        r.run(500, &[], None);
+        // The silent peer's last report (it ran the VM, older generation) is stale: this host
+        // stays the primary (and retries), the generation never goes back.
+        let rec = &r.core.records()[0];
+        assert_eq!(rec.primary.as_str(), "h2");
+        assert!(
+            rec.generation >= 4,
+            "generation went back to {}",
+            rec.generation
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! through traits, persists each VM's protection state, and serves the status API. The
 //! `xenft-quorum` server binary lives here too.
 //!
-//! Where it sits: above the shims and the checkpoint engine (it starts, pauses, redirects and
-//! resyncs them; they report faults back through xenstore), beside xapi (the registry of
+//! Where it sits: above the shims and the checkpoint engine (it promotes, redirects and
+//! resyncs them, pauses and starts the VM; they report faults back through xenstore), beside xapi (the registry of
 //! protected VMs), and on top of the A-links (`xenft-alink`) for peer traffic.
 //!
 //! Main pieces:
@@ -25,7 +25,12 @@
 //!   crate, storage heartbeat files, quorum clients, command execution, persistence);
 //! - [`seams`]: the traits of the driven components ([`seams::DomainStarter`],
 //!   [`seams::DiskMirror`], [`seams::NetRelay`], [`seams::Checkpointer`]) with a recording
-//!   stand-in;
+//!   stand-in (`"drivers": "record"` only);
+//! - [`drivers`]: the real implementations the binary runs — `xenft-blkback` (sync, remote
+//!   mode, promote on take-over with level-3 epoch commit), `xenft-netback` (uplink redirect,
+//!   take-over announcement), the checkpoint engine's secondary (freeze at the last committed
+//!   checkpoint, resume) over their control sockets, and the local pool's VM as a process.
+//!   Not yet: the XenAPI domain starter (`VM.start_on`);
 //! - [`xenstore`]: the xenstore seam (trait, in-process store with xenstored semantics, the
 //!   xenstore-rs backend plus a wire-protocol client for transactions) and the agent's
 //!   xenstore bridge;
@@ -49,6 +54,7 @@
 pub mod config;
 pub mod core;
 pub mod decision;
+pub mod drivers;
 pub mod ids;
 pub mod lifecycle;
 pub mod quorum;

@@ -1,8 +1,9 @@
 //! The agent's view of the components it drives, as traits: the domain control (start, pause,
 //! resume, destroy; XenAPI `VM.start_on` or the local synthetic guest in production), the disk
 //! mirror (blkback-shim), the network relay (netback-shim) and the level-3 checkpoint engine.
-//! The real implementations live in their crates and are wired in by the binary; the
-//! [`Recorder`] stand-in records every call for tests and the demo.
+//! The real implementations (driving the shims' control sockets and a local domain command)
+//! are in [`crate::drivers`] and are wired in by the binary; the [`Recorder`] stand-in
+//! records every call for tests and the demo (`"drivers": "record"` in the config).
 //!
 //! The methods are blocking (they may talk to xapi or a shim's control socket); the runtime
 //! calls them from a blocking thread.
@@ -73,6 +74,24 @@ pub trait DiskMirror: Send + Sync {
     /// # Errors
     /// [`SeamError`].
     fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError>;
+    /// Before the VM starts here: make the local copy the one that serves the disk. On a
+    /// take-over the secondary copy is promoted; with `commit_epoch` (level 3) the held disk
+    /// epochs up to it are applied first and every later (uncommitted) epoch is discarded. A
+    /// copy that already serves is left as it is. The default is for mirrors without roles
+    /// (nothing to promote).
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
+        let _ = (vm, commit_epoch);
+        Ok(())
+    }
+    /// The mirror's state for the status API (role, link, dirty bytes, resync progress), if
+    /// it reports one.
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        let _ = vm;
+        None
+    }
 }
 
 /// The network relay (netback-shim).
@@ -87,10 +106,26 @@ pub trait NetRelay: Send + Sync {
     /// # Errors
     /// [`SeamError`].
     fn announce(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// The relay's state for the status API (mode, epochs, redirect), if it reports one.
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        let _ = vm;
+        None
+    }
 }
 
 /// The level-3 checkpoint engine.
 pub trait Checkpointer: Send + Sync {
+    /// On the secondary, at take-over: stop receiving and name the last checkpoint epoch
+    /// whose memory image is complete here; the disk epochs up to it are committed before the
+    /// VM resumes. An engine with no checkpoint to resume must fail here, before the disk is
+    /// touched. `None` (the default): this engine does not number epochs for the disk.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+        let _ = vm;
+        Ok(None)
+    }
     /// On the secondary: discard any uncommitted epoch and resume the VM from the last
     /// committed one.
     ///
@@ -124,14 +159,23 @@ impl Seams {
         }
     }
 
-    /// Starts a VM as the core asked: resume the checkpoint (level 3) or boot, then announce.
+    /// Starts a VM as the core asked: make the local disk copy the serving one (committing
+    /// the disk epochs up to the memory replica's checkpoint, level 3), resume the checkpoint
+    /// (level 3) or boot, then announce.
     ///
     /// # Errors
     /// [`SeamError`] of the failing step.
     pub fn start(&self, vm: &VmId, mode: StartMode) -> Result<(), SeamError> {
         match mode {
-            StartMode::ResumeCheckpoint => self.checkpoint.resume_last_epoch(vm)?,
-            StartMode::Boot => self.domains.start(vm)?,
+            StartMode::ResumeCheckpoint => {
+                let epoch = self.checkpoint.committed_epoch(vm)?;
+                self.disk.promote(vm, epoch)?;
+                self.checkpoint.resume_last_epoch(vm)?;
+            }
+            StartMode::Boot => {
+                self.disk.promote(vm, None)?;
+                self.domains.start(vm)?;
+            }
         }
         self.net.announce(vm)
     }
@@ -232,6 +276,13 @@ impl DiskMirror for Recorder {
         self.rec(format!("disk-redirect {vm} {on}"));
         Ok(())
     }
+    fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
+        match commit_epoch {
+            Some(e) => self.rec(format!("promote {vm} {e}")),
+            None => self.rec(format!("promote {vm}")),
+        }
+        Ok(())
+    }
 }
 
 impl NetRelay for Recorder {
@@ -245,9 +296,66 @@ impl NetRelay for Recorder {
     }
 }
 
+/// The recorder's checkpoint engine always holds checkpoint 0.
 impl Checkpointer for Recorder {
+    fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+        self.rec(format!("committed-epoch {vm}"));
+        Ok(Some(0))
+    }
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
         self.rec(format!("resume-epoch {vm}"));
         self.start_result("resume-epoch", vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoCheckpoint;
+
+    impl Checkpointer for NoCheckpoint {
+        fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+            Err(SeamError {
+                component: "checkpoint",
+                operation: "committed-epoch",
+                vm: vm.clone(),
+                reason: "no committed checkpoint yet".into(),
+            })
+        }
+        fn resume_last_epoch(&self, _: &VmId) -> Result<(), SeamError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_level3_start_promotes_the_disk_at_the_checkpoint_between_freeze_and_resume() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        Seams::recording(&r)
+            .start(&vm, StartMode::ResumeCheckpoint)
+            .unwrap();
+        assert_eq!(
+            r.calls(),
+            vec![
+                "committed-epoch vm1",
+                "promote vm1 0",
+                "resume-epoch vm1",
+                "announce vm1"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_checkpoint_the_disk_is_not_promoted() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        let seams = Seams {
+            checkpoint: Arc::new(NoCheckpoint),
+            ..Seams::recording(&r)
+        };
+        let e = seams.start(&vm, StartMode::ResumeCheckpoint).unwrap_err();
+        assert!(e.reason.contains("no committed checkpoint"), "{e}");
+        assert!(r.calls().is_empty(), "{:?}", r.calls());
     }
 }

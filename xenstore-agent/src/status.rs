@@ -58,6 +58,9 @@ pub struct StatusSnapshot {
     pub counters: Counters,
     /// Domains on this host (domid, name), from xenstore when the bridge runs.
     pub local_domains: Vec<(u32, String)>,
+    /// Per VM, what its components report (`{"disk": {...}, "net": {...}}`), refreshed every
+    /// second by the binary with real drivers: disk role, link, dirty bytes, resync progress.
+    pub components: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Shared between the runtime (writer) and the HTTP server (reader).

@@ -67,7 +67,8 @@ fn config(dir: &Path, me: usize) -> std::path::PathBuf {
         "peers": peers,
         "quorum": ["10.20.0.254:7479"],
         "vms": vms,
-        "free_memory_mb": 4096
+        "free_memory_mb": 4096,
+        "drivers": "record"
     });
     let p = dir.join(format!("h{}.json", me + 1));
     std::fs::write(&p, cfg.to_string()).unwrap();

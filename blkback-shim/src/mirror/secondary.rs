@@ -329,6 +329,14 @@ impl Secondary {
         self.write_state(false);
     }
 
+    /// Promotion: waits until the last session's applier has applied everything it queued
+    /// (call after the session's transport was closed).
+    pub async fn wait_applier_done(&self) {
+        if let Some(h) = self.applier.lock().await.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
     /// Records the disk state with the current boot id (writes applied since may sit in the
     /// page cache only), or `clean` after a sync on a clean stop.
     fn write_state(&self, clean: bool) {

@@ -3,6 +3,11 @@
 //!
 //! `--crash-at K --crash-point P` kills this process with SIGKILL at point P of the K-th
 //! checkpoint, to test what the secondary keeps.
+//!
+//! With the shims: `primary --blkback-control S --netback-control T` stamps and commits the
+//! VM's disk epochs on its blkback primary and output epochs on its relay (the engine's
+//! `CommitSink`); `secondary --control C` leaves the take-over to the agent (`status`, `stop`
+//! = freeze at the last committed checkpoint, `failover` = resume from it).
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -15,7 +20,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use xenft_checkpoint::engine::commit::{CommitSink, RecordingSink};
 use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, PrimaryConfig};
-use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig};
+use xenft_checkpoint::engine::secondary::{
+    start_secondary, SecondaryConfig, SecondaryHandle, StoppedSecondary,
+};
 use xenft_checkpoint::engine::transport::{
     unix_stream, FrameReceiver, FrameSender, TransportError,
 };
@@ -92,6 +99,15 @@ enum Cmd {
         /// Append "commit N" lines here when epochs commit.
         #[arg(long)]
         commit_log: Option<PathBuf>,
+        /// The VM's `xenft-blkback` primary control socket: each checkpoint N is sent as
+        /// `checkpoint N` (later writes belong to epoch N + 1) and each commit as `commit N`
+        /// (the secondary applies the disk writes of epochs <= N).
+        #[arg(long)]
+        blkback_control: Option<PathBuf>,
+        /// The VM's `xenft-netback` control socket (relay in buffered mode): checkpoint N is
+        /// sent as `begin_epoch N + 1` and each commit as `commit N` (releases the output).
+        #[arg(long)]
+        netback_control: Option<PathBuf>,
         /// Kill this process at --crash-point of the K-th checkpoint.
         #[arg(long, requires = "crash_point")]
         crash_at: Option<u64>,
@@ -99,7 +115,8 @@ enum Cmd {
         crash_point: Option<CrashPoint>,
     },
     /// Receive checkpoints on --listen; when the primary goes away, fail over and run the
-    /// guest for --run-ms, then print the outcome as JSON.
+    /// guest for --run-ms, then print the outcome as JSON. With --control, the agent decides
+    /// instead: nothing happens by itself; see `control_mode`.
     Secondary {
         #[command(flatten)]
         guest: GuestArgs,
@@ -107,6 +124,10 @@ enum Cmd {
         listen: PathBuf,
         #[arg(long, default_value_t = 1000)]
         run_ms: u64,
+        /// Control socket for the agent (`status`, `stop`, `failover`); the process then
+        /// runs until killed.
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
 }
 
@@ -190,10 +211,42 @@ impl FrameReceiver for CrashReceiver {
 struct CrashSink {
     inner: RecordingSink,
     crash: Option<Arc<Crash>>,
+    /// The blkback primary's control socket (`--blkback-control`).
+    blkback: Option<PathBuf>,
+    /// The netback relay's control socket (`--netback-control`).
+    netback: Option<PathBuf>,
+}
+
+/// One line to a shim's control socket; the reply must say `"ok":true`. A shim that fails
+/// is logged: the disk then lags the memory checkpoints (its writes stay held, which the
+/// take-over's commit-up-to-checkpoint handles), the relay holds its output longer.
+fn shim_request(path: &std::path::Path, line: &str) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let r = (|| -> std::io::Result<String> {
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(format!("{line}\n").as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(s.take(64 * 1024)).read_line(&mut reply)?;
+        Ok(reply)
+    })();
+    match r {
+        Ok(reply) if reply.contains("\"ok\":true") => {}
+        Ok(reply) => tracing::warn!(%line, reply = %reply.trim(), "shim refused"),
+        Err(e) => tracing::warn!(%line, error = %e, "shim control socket"),
+    }
 }
 
 impl CommitSink for CrashSink {
     fn checkpoint(&self, epoch: u64) {
+        // Inside the pause: the disk writes issued from now on belong to the next epoch.
+        if let Some(b) = &self.blkback {
+            shim_request(b, &format!("checkpoint {epoch}"));
+        }
+        if let Some(n) = &self.netback {
+            let next = epoch.saturating_add(1);
+            shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
+        }
         self.inner.checkpoint(epoch);
     }
     fn commit(&self, epoch: u64) {
@@ -203,6 +256,12 @@ impl CommitSink for CrashSink {
         });
         if hit.is_some_and(|c| c.point == CrashPoint::BeforeCommit) {
             die();
+        }
+        if let Some(b) = &self.blkback {
+            shim_request(b, &format!("commit {epoch}"));
+        }
+        if let Some(n) = &self.netback {
+            shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{epoch}}}"));
         }
         self.inner.commit(epoch);
         if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
@@ -228,6 +287,8 @@ fn main() -> anyhow::Result<()> {
             epoch_ms,
             checkpoints,
             commit_log,
+            blkback_control,
+            netback_control,
             crash_at,
             crash_point,
         } => {
@@ -293,7 +354,12 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => RecordingSink::new(),
             };
-            let sink = Arc::new(CrashSink { inner, crash });
+            let sink = Arc::new(CrashSink {
+                inner,
+                crash,
+                blkback: blkback_control,
+                netback: netback_control,
+            });
             let protection = start_protection(
                 domain,
                 (tx, rx),
@@ -324,7 +390,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Secondary {
             guest,
             listen,
+            control: Some(control),
+            ..
+        } => control_mode(&guest, &listen, &control)?,
+        Cmd::Secondary {
+            guest,
+            listen,
             run_ms,
+            control: None,
         } => {
             let _ = std::fs::remove_file(&listen);
             let l = UnixListener::bind(&listen)
@@ -354,4 +427,167 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The secondary as the agent drives it (`--control`).
+enum Replica {
+    /// No primary connected yet.
+    Waiting,
+    /// Receiving checkpoints.
+    Receiving(SecondaryHandle<LocalDomain>),
+    /// Frozen at its last committed checkpoint (take-over begun).
+    Stopped(StoppedSecondary<LocalDomain>),
+    /// Resumed from checkpoint `epoch`; the guest runs.
+    Running { _domain: LocalDomain, epoch: u64 },
+    /// A step failed; why.
+    Failed(String),
+}
+
+/// Longest control request line.
+const MAX_CONTROL_LINE: u64 = 4096;
+
+/// `--control`: receive checkpoints; the agent's control socket decides the take-over:
+/// - `status` → `{"ok":true,"state":"waiting|receiving|stopped|running|failed",
+///   "committed_epoch":N|null,"applied_epochs":..,"rejected_epochs":..,"primary_gone":..}`;
+/// - `stop` → stops receiving (a partly received epoch is discarded) and freezes the replica at
+///   its last committed checkpoint: `{"ok":true,"committed_epoch":N|null}` (the agent commits
+///   the disk epochs up to N before resuming);
+/// - `failover` → resumes the replica from that checkpoint: `{"ok":true,"epoch":N}`.
+///
+/// `stop` and `failover` are idempotent. One JSON line per request line; lines are capped at
+/// 4 KiB, a connection idle for 5 s is closed.
+fn control_mode(
+    guest: &GuestArgs,
+    listen: &std::path::Path,
+    control: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::Mutex;
+    let state = Arc::new(Mutex::new(Replica::Waiting));
+    let _ = std::fs::remove_file(control);
+    let cl =
+        UnixListener::bind(control).with_context(|| format!("binding {}", control.display()))?;
+    let st = Arc::clone(&state);
+    std::thread::spawn(move || {
+        for conn in cl.incoming() {
+            let Ok(conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let Ok(mut out) = conn.try_clone() else {
+                continue;
+            };
+            let mut rd = BufReader::new(conn);
+            loop {
+                let mut buf = Vec::new();
+                match rd
+                    .by_ref()
+                    .take(MAX_CONTROL_LINE)
+                    .read_until(b'\n', &mut buf)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let reply = match std::str::from_utf8(&buf) {
+                    Ok(line) if buf.last() == Some(&b'\n') => {
+                        let mut g = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        control_command(&mut g, line.trim())
+                    }
+                    _ => serde_json::json!({"ok": false, "error": "bad request line"}),
+                };
+                if writeln!(out, "{reply}").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let _ = std::fs::remove_file(listen);
+    let l = UnixListener::bind(listen).with_context(|| format!("binding {}", listen.display()))?;
+    let (sock, _) = l.accept()?;
+    let binary = guest_binary(guest.guest_binary.clone())?;
+    let replica = LocalDomain::replica(binary, guest.memory_mib << 20)?;
+    let sec = start_secondary(replica, unix_stream(sock)?, SecondaryConfig::default())?;
+    *state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Replica::Receiving(sec);
+    loop {
+        std::thread::park();
+    }
+}
+
+fn control_command(state: &mut Replica, line: &str) -> serde_json::Value {
+    use serde_json::json;
+    let fail = |e: &str| json!({"ok": false, "error": e});
+    match line {
+        "status" => {
+            let (name, committed, engine) = match &*state {
+                Replica::Waiting => ("waiting", None, None),
+                Replica::Receiving(h) => {
+                    let s = h.status();
+                    ("receiving", s.committed_epoch, Some(s))
+                }
+                Replica::Stopped(s) => ("stopped", s.committed().map(|(e, _)| e), None),
+                Replica::Running { epoch, .. } => ("running", Some(*epoch), None),
+                Replica::Failed(_) => ("failed", None, None),
+            };
+            let mut v = json!({"ok": true, "state": name, "committed_epoch": committed});
+            if let Some(s) = engine {
+                v["applied_epochs"] = json!(s.applied_epochs);
+                v["rejected_epochs"] = json!(s.rejected_epochs);
+                v["primary_gone"] = json!(s.primary_gone);
+            }
+            if let Replica::Failed(why) = &*state {
+                v["error"] = json!(why);
+            }
+            v
+        }
+        "stop" => {
+            if matches!(state, Replica::Receiving(_)) {
+                let Replica::Receiving(h) = std::mem::replace(state, Replica::Waiting) else {
+                    return fail("state changed");
+                };
+                *state = match h.stop() {
+                    Ok(s) => Replica::Stopped(s),
+                    Err(e) => Replica::Failed(e.to_string()),
+                };
+            }
+            match &*state {
+                Replica::Stopped(s) => {
+                    json!({"ok": true, "committed_epoch": s.committed().map(|(e, _)| e)})
+                }
+                Replica::Running { epoch, .. } => json!({"ok": true, "committed_epoch": epoch}),
+                Replica::Waiting => fail("no primary has connected: nothing to stop"),
+                Replica::Failed(why) => fail(why),
+                Replica::Receiving(_) => fail("still receiving"),
+            }
+        }
+        "failover" => {
+            if let Replica::Running { epoch, .. } = &*state {
+                return json!({"ok": true, "epoch": epoch});
+            }
+            let stopped = match std::mem::replace(state, Replica::Waiting) {
+                Replica::Receiving(h) => h.stop(),
+                Replica::Stopped(s) => Ok(s),
+                Replica::Waiting => return fail("no primary has connected: no checkpoint"),
+                other @ (Replica::Failed(_) | Replica::Running { .. }) => {
+                    *state = other;
+                    return fail("the replica failed before");
+                }
+            };
+            match stopped.and_then(StoppedSecondary::failover) {
+                Ok((domain, epoch)) => {
+                    tracing::warn!(epoch, "failover: the replica runs from its last checkpoint");
+                    *state = Replica::Running {
+                        _domain: domain,
+                        epoch,
+                    };
+                    json!({"ok": true, "epoch": epoch})
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    *state = Replica::Failed(why.clone());
+                    fail(&why)
+                }
+            }
+        }
+        _ => fail("unknown command (status, stop, failover)"),
+    }
 }

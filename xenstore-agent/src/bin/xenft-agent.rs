@@ -1,14 +1,15 @@
 //! `xenft-agent`: the per-host xenft daemon.
 //!
 //! Reads a JSON config file, validates it, and runs the agent with its status API until
-//! SIGTERM or Ctrl-C. Until the shim and checkpoint crates are wired in, the components are
-//! the recording stand-ins: every command is logged (`--print-commands` prints them too).
+//! SIGTERM or Ctrl-C. The components are the real ones of [`xenft_agent::drivers`] (the VMs'
+//! `xenft-blkback` and `xenft-netback` control sockets, the domain command), or — only with
+//! `"drivers": "record"` in the config — the recording stand-ins.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use xenft_agent::config::ConfigFile;
+use xenft_agent::config::{AgentFile, Drivers};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::StatusServer;
@@ -34,8 +35,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = ConfigFile::load(&args.config)
-        .and_then(ConfigFile::validate)
+    let (cfg, drivers) = AgentFile::load(&args.config)
+        .and_then(AgentFile::validate)
         .with_context(|| format!("configuration {}", args.config.display()))?;
     if args.check {
         println!("configuration ok: host {}", cfg.core.me);
@@ -43,12 +44,37 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let recorder = Recorder::new();
+        let seams = match &drivers {
+            Drivers::Record => {
+                tracing::warn!("drivers: record — components are recording stand-ins");
+                Seams::recording(&Recorder::new())
+            }
+            Drivers::Real(vms) => {
+                // The VM processes' pids live next to the agent's state file.
+                let mut dir = cfg.state_file.clone().into_os_string();
+                dir.push(".domains");
+                let dir = std::path::PathBuf::from(dir);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                xenft_agent::drivers::real_seams(vms, Some(dir))
+            }
+        };
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
         let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
-        let agent = Agent::start_with_links(cfg, Seams::recording(&recorder), links).await?;
+        let vm_names: Vec<_> = cfg.vms.iter().map(|v| v.vm.clone()).collect();
+        let agent = Agent::start_with_links(cfg, seams.clone(), links).await?;
+        // The components' own state (disk role and resync progress, relay mode) in /status.
+        let (stop_reports, stop_rx) = tokio::sync::watch::channel(false);
+        let reports = matches!(drivers, Drivers::Real(_)).then(|| {
+            tokio::spawn(xenft_agent::drivers::publish_reports(
+                seams,
+                vm_names,
+                agent.hub(),
+                stop_rx,
+            ))
+        });
         let bridge = if use_xenstore {
             let xs = xenft_agent::xenstore::xen::XenXs::connect()
                 .await
@@ -68,6 +94,10 @@ fn main() -> anyhow::Result<()> {
         println!("status {}", status.addr());
         wait_for_signal().await;
         status.shutdown().await;
+        let _ = stop_reports.send(true);
+        if let Some(r) = reports {
+            let _ = r.await;
+        }
         if let Some(b) = bridge {
             b.shutdown().await;
         }

@@ -130,7 +130,8 @@ impl Pool {
             }],
             "quorum": [format!("10.30.{a}.2:7479")],
             "vms": [{"vm": "vm1", "level": 3, "primary": "h1", "secondary": "h2", "memory_mb": 256}],
-            "free_memory_mb": 4096
+            "free_memory_mb": 4096,
+            "drivers": "record"
         });
         let p = dir.join(format!("h{a}.json"));
         std::fs::write(&p, cfg.to_string()).unwrap();

@@ -1,0 +1,562 @@
+//! Two hosts of real processes in network namespaces: each runs `xenft-agent` (drivers
+//! "real"), `xenft-blkback` and `xenft-netback` built from the workspace.
+//!
+//! ```text
+//!  h1 ── al0 (10.60.0.0/24), al1 (10.61.0.0/24), mgmt (10.62.0.0/24) ── h2
+//!  h1 up0 ── sw:pa ┐
+//!  h2 up0 ── sw:pb ┼─ br0        client eth0 ── sw:pc ┘
+//!  each host: vif0 ── vm0 (a veth pair standing in for the VM's vif)
+//! ```
+//! The agents use UDP heartbeats on port 7480 over al0/al1/mgmt and no quorum server (the
+//! two-host rule); blkback mirrors over its own A-link on port 7490. VM vm1 is level 2,
+//! primary h1; its "domain" is a `sleep` process whose pid file lets the fixture kill it.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xenft_tests::netns::{veth, Netns};
+
+pub const SECRET: &str = "agent-shims-pool-secret-0123456789";
+pub const VM_MAC: &str = "00:16:3e:00:00:42";
+pub const VM_MAC_BYTES: [u8; 6] = [0x00, 0x16, 0x3e, 0x00, 0x00, 0x42];
+pub const VM_IP: [u8; 4] = [10, 70, 0, 42];
+pub const DISK: &str = "128M";
+pub const MIB: u64 = 1 << 20;
+
+/// The workspace binaries, built once (a no-op after a workspace build).
+pub struct Bins {
+    pub agent: PathBuf,
+    pub blkback: PathBuf,
+    pub netback: PathBuf,
+}
+
+pub fn bins() -> Bins {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let t = xenft_tests::lab::target_dir();
+    // Same profile as this binary (a benchmark runs from target/release).
+    let release = t.file_name().is_some_and(|n| n == "release");
+    let st = Command::new(cargo)
+        .arg("build")
+        .args(release.then_some("--release"))
+        .args([
+            "-q",
+            "-p",
+            "xenft-agent",
+            "-p",
+            "xenft-blkback",
+            "-p",
+            "xenft-netback",
+            "-p",
+            "xenft-checkpoint",
+            "--bins",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "building the agent and shim binaries failed");
+    Bins {
+        agent: t.join("xenft-agent"),
+        blkback: t.join("xenft-blkback"),
+        netback: t.join("xenft-netback"),
+    }
+}
+
+/// One host's processes.
+#[derive(Default)]
+pub struct HostProcs {
+    pub agent: Option<Child>,
+    pub blkback: Option<Child>,
+    pub netback: Option<Child>,
+    /// The checkpoint engine (level 3).
+    pub checkpoint: Option<Child>,
+}
+
+impl HostProcs {
+    /// SIGKILL of every process of the host, and of the VM process its agent started.
+    pub fn kill_all(&mut self, vm_pid_file: &Path) {
+        for c in [
+            &mut self.agent,
+            &mut self.blkback,
+            &mut self.netback,
+            &mut self.checkpoint,
+        ] {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        kill_pid_file(vm_pid_file);
+    }
+}
+
+fn kill_pid_file(p: &Path) {
+    if let Some(pid) = std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+pub struct Pool {
+    pub bins: Bins,
+    /// vm1's protection level (2 unless a test says 3).
+    pub level: u8,
+    pub dir: tempfile::TempDir,
+    pub procs: [HostProcs; 2],
+    // Namespaces last: processes die before their namespaces go.
+    pub h: [Netns; 2],
+    pub sw: Netns,
+    pub client: Netns,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(keep) = std::env::var("XENFT_KEEP_LOGS") {
+            for f in [
+                "agent-h1.log",
+                "agent-h2.log",
+                "blk-h1.log",
+                "blk-h2.log",
+                "net-h1.log",
+                "net-h2.log",
+                "ck-h1.log",
+                "ck-h2.log",
+            ] {
+                let _ = std::fs::copy(self.dir.path().join(f), Path::new(&keep).join(f));
+            }
+        }
+        for i in 0..2 {
+            let pid = self.vm_pid_file(i);
+            self.procs[i].kill_all(&pid);
+        }
+    }
+}
+
+fn bare_pair_in(ns: &Netns, a: &str, b: &str) {
+    ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
+        .unwrap();
+    ns.ip(&["link", "set", a, "up"]).unwrap();
+    ns.ip(&["link", "set", b, "up"]).unwrap();
+}
+
+fn bare_veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    veth(a, a_if, "192.0.2.1/32", b, b_if, "192.0.2.2/32").unwrap();
+    a.ip(&["addr", "flush", "dev", a_if]).unwrap();
+    b.ip(&["addr", "flush", "dev", b_if]).unwrap();
+}
+
+impl Pool {
+    /// The namespaces and links; no process yet.
+    pub fn new() -> Self {
+        let bins = bins();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+        let h = [Netns::new().unwrap(), Netns::new().unwrap()];
+        let sw = Netns::new().unwrap();
+        let client = Netns::new().unwrap();
+        veth(&h[0], "al0", "10.60.0.1/24", &h[1], "al0", "10.60.0.2/24").unwrap();
+        veth(&h[0], "al1", "10.61.0.1/24", &h[1], "al1", "10.61.0.2/24").unwrap();
+        veth(&h[0], "mgmt", "10.62.0.1/24", &h[1], "mgmt", "10.62.0.2/24").unwrap();
+        sw.ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"])
+            .unwrap();
+        sw.ip(&["link", "set", "br0", "up"]).unwrap();
+        bare_veth(&h[0], "up0", &sw, "pa");
+        bare_veth(&h[1], "up0", &sw, "pb");
+        bare_veth(&client, "eth0", &sw, "pc");
+        for port in ["pa", "pb", "pc"] {
+            sw.ip(&["link", "set", port, "master", "br0"]).unwrap();
+        }
+        for ns in &h {
+            bare_pair_in(ns, "vif0", "vm0");
+        }
+        Self {
+            bins,
+            level: 2,
+            dir,
+            procs: [HostProcs::default(), HostProcs::default()],
+            h,
+            sw,
+            client,
+        }
+    }
+
+    pub fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn vm_pid_file(&self, i: usize) -> PathBuf {
+        self.p(&format!("vm-h{}.pid", i + 1))
+    }
+
+    pub fn blk_ctl(&self, i: usize) -> PathBuf {
+        self.p(&format!("blk-h{}.ctl", i + 1))
+    }
+
+    pub fn ckpt_ctl(&self, i: usize) -> PathBuf {
+        self.p(&format!("ck-h{}.ctl", i + 1))
+    }
+
+    /// Starts the checkpoint engine of vm1 on host `i`: `secondary` (listens, control socket)
+    /// or `primary` (a synthetic guest protected towards the secondary, stamping blkback's
+    /// epochs through its control socket).
+    pub fn start_checkpoint(&mut self, i: usize, role: &str) {
+        let xs = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+        let sock = self.p("ck.sock").display().to_string();
+        let mut args = xs(&[role, "--memory-mib", "16"]);
+        if role == "secondary" {
+            args.extend(xs(&["--listen", &sock, "--control"]));
+            args.push(self.ckpt_ctl(i).display().to_string());
+        } else {
+            args.extend(xs(&[
+                "--connect",
+                &sock,
+                "--epoch-ms",
+                "25",
+                "--blkback-control",
+            ]));
+            args.push(self.blk_ctl(i).display().to_string());
+            args.push("--netback-control".into());
+            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
+        }
+        let bin = self.bins.agent.with_file_name("xenft-checkpoint");
+        let c = self.spawn(i, &bin, &args, &format!("ck-h{}.log", i + 1));
+        self.procs[i].checkpoint = Some(c);
+    }
+
+    pub fn nbd_sock(&self, i: usize) -> PathBuf {
+        self.p(&format!("nbd-h{}.sock", i + 1))
+    }
+
+    pub fn nbd_uri(&self, i: usize) -> String {
+        format!("nbd+unix:///xenft?socket={}", self.nbd_sock(i).display())
+    }
+
+    fn spawn(&self, i: usize, bin: &Path, args: &[String], log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.p(log))
+            .unwrap();
+        self.h[i]
+            .command(bin.to_str().unwrap())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts host `i`'s blkback: `primary` or `secondary` (the disk is created sparse).
+    pub fn start_blkback(&mut self, i: usize, role: &str) {
+        let (a, b) = (i + 1, 2 - i);
+        let s = |x: &str| x.to_string();
+        let mut args = vec![
+            s("--role"),
+            s(role),
+            s("--disk"),
+            self.p(&format!("disk-h{a}.img")).display().to_string(),
+            s("--size"),
+            s(DISK),
+            s("--nbd-unix"),
+            self.nbd_sock(i).display().to_string(),
+            s("--control"),
+            self.blk_ctl(i).display().to_string(),
+            s("--host"),
+            format!("h{a}"),
+            s("--peer-host"),
+            format!("h{b}"),
+            s("--secret-file"),
+            self.p("secret").display().to_string(),
+            s("--alink-path-timeout-ms"),
+            s("400"),
+        ];
+        for net in [60, 61] {
+            args.push(s("--alink-path"));
+            args.push(format!("10.{net}.0.{a}:7490=10.{net}.0.{b}:7490"));
+        }
+        let c = self.spawn(
+            i,
+            &self.bins.blkback.clone(),
+            &args,
+            &format!("blk-h{a}.log"),
+        );
+        self.procs[i].blkback = Some(c);
+    }
+
+    /// Starts host `i`'s netback in `mode` (`passthrough` on the primary, `standby` on the
+    /// secondary).
+    pub fn start_netback(&mut self, i: usize, mode: &str) {
+        let a = i + 1;
+        let args: Vec<String> = [
+            "--vif",
+            "vif0",
+            "--uplink",
+            "up0",
+            "--mac",
+            VM_MAC,
+            "--mode",
+            mode,
+            "--control",
+        ]
+        .iter()
+        .map(|x| (*x).to_string())
+        .chain(std::iter::once(
+            self.p(&format!("net-h{a}.ctl")).display().to_string(),
+        ))
+        .collect();
+        let c = self.spawn(
+            i,
+            &self.bins.netback.clone(),
+            &args,
+            &format!("net-h{a}.log"),
+        );
+        self.procs[i].netback = Some(c);
+    }
+
+    fn agent_config(&self, i: usize) -> PathBuf {
+        let (a, b) = (i + 1, 2 - i);
+        let vm_pid = self.vm_pid_file(i);
+        let cfg = serde_json::json!({
+            "host": format!("h{a}"),
+            "secret_file": self.p("secret"),
+            "state_file": self.p(&format!("state-h{a}.json")),
+            "peers": [{
+                "host": format!("h{b}"),
+                "alink": [
+                    {"local": format!("10.60.0.{a}:7480"), "peer": format!("10.60.0.{b}:7480")},
+                    {"local": format!("10.61.0.{a}:7480"), "peer": format!("10.61.0.{b}:7480")}
+                ],
+                "mgmt": {"local": format!("10.62.0.{a}:7480"), "peer": format!("10.62.0.{b}:7480")}
+            }],
+            "vms": [{"vm": "vm1", "level": self.level, "primary": "h1", "secondary": "h2", "memory_mb": 256}],
+            "free_memory_mb": 4096,
+            "drivers": "real",
+            "vm_drivers": {"vm1": {
+                "domain": {"command": ["sh", "-c",
+                    format!("echo $$ > {}; exec sleep 55", vm_pid.display())]},
+                "blkback": {"control": self.blk_ctl(i), "sync_timeout_ms": 30000},
+                "netback": {"control": self.p(&format!("net-h{a}.ctl")),
+                            "addresses": ["10.70.0.42"]}
+            }}
+        });
+        let mut cfg = cfg;
+        if self.level == 3 {
+            cfg["vm_drivers"]["vm1"]["checkpoint"] =
+                serde_json::json!({"control": self.ckpt_ctl(i), "request_timeout_ms": 10000});
+        }
+        if self.level == 1 {
+            // Level 1: no shims, the VM restarts from its (shared) disk.
+            if let Some(d) = cfg["vm_drivers"]["vm1"].as_object_mut() {
+                d.remove("blkback");
+                d.remove("netback");
+            }
+        }
+        let p = self.p(&format!("agent-h{a}.json"));
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        p
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let cfg = self.agent_config(i);
+        let args = vec!["--config".to_string(), cfg.display().to_string()];
+        let c = self.spawn(
+            i,
+            &self.bins.agent.clone(),
+            &args,
+            &format!("agent-h{}.log", i + 1),
+        );
+        self.procs[i].agent = Some(c);
+    }
+
+    /// SIGKILL of host `i`'s agent, shims and VM process.
+    pub fn kill_host(&mut self, i: usize) {
+        let pid = self.vm_pid_file(i);
+        self.procs[i].kill_all(&pid);
+    }
+
+    /// GET /status of host `i`'s agent.
+    pub fn status(&self, i: usize) -> Option<Value> {
+        let ns = self.h[i].name().to_string();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}")).ok()?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:7481".parse().ok()?,
+                Duration::from_millis(300),
+            )
+            .ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            serde_json::from_str::<Value>(out.split_once("\r\n\r\n")?.1).ok()
+        })
+        .join()
+        .ok()?
+    }
+
+    /// vm1 as host `i`'s agent sees it: (local copy, phase, primary).
+    pub fn vm1(&self, i: usize) -> Option<(String, String, String)> {
+        let v = self.status(i)?;
+        let vm = v["vms"].get(0)?;
+        let f = |x: &Value| x.as_str().unwrap_or("-").to_string();
+        Some((
+            f(&vm["local"]),
+            f(&vm["record"]["phase"]),
+            f(&vm["record"]["primary"]),
+        ))
+    }
+
+    /// Whether host `i`'s agent holds vm1's replica as consistent (a take-over is allowed).
+    pub fn consistent(&self, i: usize) -> bool {
+        self.status(i)
+            .is_some_and(|v| v["vms"][0]["record"]["consistent"] == true)
+    }
+
+    /// Waits until h1 runs vm1 protected and h2 knows its replica is consistent.
+    pub fn wait_protected(&self) -> bool {
+        self.wait_protected_on(0)
+    }
+
+    /// Waits until host `p` runs vm1 protected and the other host knows its replica is
+    /// consistent.
+    pub fn wait_protected_on(&self, p: usize) -> bool {
+        wait_until(Duration::from_secs(30), || {
+            self.vm1(p)
+                .is_some_and(|(local, phase, _)| local == "running" && phase == "protected")
+                && self.consistent(1 - p)
+        })
+    }
+
+    /// One line on blkback `i`'s control socket.
+    pub fn blk(&self, i: usize, cmd: &str) -> Option<Value> {
+        control(&self.blk_ctl(i), cmd)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.p(name)).unwrap_or_default()
+    }
+}
+
+pub fn control(path: &Path, cmd: &str) -> Option<Value> {
+    let mut s = UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("{cmd}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `qemu-io` on an NBD URI with `cmds`; returns (success, stdout).
+pub fn qemu_io(uri: &str, read_only: bool, cmds: &[String]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c
+        .arg(uri)
+        .output()
+        .expect("qemu-io installed (scripts/deps/blkback.apt)");
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    (o.status.success(), out)
+}
+
+/// Gratuitous ARPs for the VM's address seen on an interface (AF_PACKET capture).
+pub struct ArpWatch {
+    pub seen: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ArpWatch {
+    pub fn start(ns: &Netns, ifname: &str) -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2, ifname) = (seen.clone(), stop.clone(), ifname.to_string());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = ns
+            .spawn(move || {
+                let sock =
+                    xenft_netback::sys::PacketSocket::open(&ifname).expect("AF_PACKET socket");
+                let _ = sock.set_recv_timeout(Duration::from_millis(50));
+                let _ = ready_tx.send(());
+                let mut buf = vec![0u8; 65_600];
+                while !st2.load(Ordering::Relaxed) {
+                    if let Ok(Some(n)) = sock.recv(&mut buf) {
+                        if is_garp_for_vm(&buf[..n.min(buf.len())]) {
+                            s2.lock().unwrap().push(Instant::now());
+                        }
+                    }
+                }
+            })
+            .unwrap();
+        ready_rx.recv().unwrap();
+        Self {
+            seen,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn seen_since(&self, t: Instant) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| **s >= t)
+            .count()
+    }
+}
+
+impl Drop for ArpWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// An ARP frame from the VM's MAC whose sender and target address are both the VM's.
+fn is_garp_for_vm(f: &[u8]) -> bool {
+    f.len() >= 42
+        && f[6..12] == VM_MAC_BYTES
+        && f[12..14] == [0x08, 0x06]
+        && f[28..32] == VM_IP
+        && f[38..42] == VM_IP
+}

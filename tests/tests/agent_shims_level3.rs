@@ -1,0 +1,248 @@
+//! Level-3 take-over through the agent's real drivers (root: the synthetic guest uses
+//! userfaultfd): the checkpoint engine's secondary (`xenft-checkpoint secondary --control`)
+//! holds checkpoint N of a synthetic guest; the blkback secondary (epoch mode) holds the disk
+//! writes of epochs N and N + 1, none committed (the primary died before `commit N`). The
+//! agent's `Seams::start(ResumeCheckpoint)` must freeze the memory replica at N, make the disk
+//! hold exactly the writes of epochs <= N, serve it as primary, and resume the guest from N.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use xenft_agent::core::StartMode;
+use xenft_agent::drivers::{real_seams, BlkbackFile, CheckpointFile, DomainFile, VmDriversFile};
+use xenft_agent::ids::VmId;
+use xenft_tests::netns::require_root;
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn build() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "xenft-blkback",
+            "-p",
+            "xenft-checkpoint",
+            "--bins",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .status()
+        .expect("run cargo build");
+    assert!(
+        st.success(),
+        "building blkback and checkpoint binaries failed"
+    );
+    xenft_tests::lab::target_dir()
+}
+
+fn spawn(bin: &Path, args: &[&str], log: &Path) -> Kill {
+    let log = std::fs::File::create(log).unwrap();
+    Kill(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ctl(p: &Path, cmd: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(p).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(s, "{cmd}").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn qemu_io(sock: &Path, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let o = c
+        .arg(format!("nbd+unix:///xenft?socket={}", sock.display()))
+        .output()
+        .expect("qemu-io installed");
+    assert!(o.status.success(), "qemu-io {cmds:?}: {o:?}");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
+    if !require_root("a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint") {
+        return;
+    }
+    let bin = build();
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    let s = |x: &Path| x.display().to_string();
+
+    // The memory replica: a synthetic guest protected for 5 checkpoints, then the primary ends.
+    let _ck_sec = spawn(
+        &bin.join("xenft-checkpoint"),
+        &[
+            "secondary",
+            "--memory-mib",
+            "16",
+            "--listen",
+            &s(&p("ck.sock")),
+            "--control",
+            &s(&p("ck.ctl")),
+        ],
+        &p("ck-sec.log"),
+    );
+    wait_for("the engine's sockets", || {
+        p("ck.sock").exists() && p("ck.ctl").exists()
+    });
+    let mut ck_pri = spawn(
+        &bin.join("xenft-checkpoint"),
+        &[
+            "primary",
+            "--memory-mib",
+            "16",
+            "--connect",
+            &s(&p("ck.sock")),
+            "--epoch-ms",
+            "20",
+            "--checkpoints",
+            "5",
+        ],
+        &p("ck-pri.log"),
+    );
+    wait_for("the engine's primary to finish", || {
+        matches!(ck_pri.0.try_wait(), Ok(Some(_)))
+    });
+    let st = ctl(&p("ck.ctl"), "status");
+    assert_eq!(st["state"], "receiving", "{st}");
+    let n = st["committed_epoch"]
+        .as_u64()
+        .expect("a committed checkpoint");
+
+    // The disk: epoch N and N + 1 written on the primary, held uncommitted on the secondary.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let blk = bin.join("xenft-blkback");
+    let _blk_sec = spawn(
+        &blk,
+        &[
+            "--role",
+            "secondary",
+            "--disk",
+            &s(&p("sec.img")),
+            "--size",
+            "16M",
+            "--listen",
+            &addr,
+            "--nbd-unix",
+            &s(&p("sec-nbd.sock")),
+            "--control",
+            &s(&p("sec.ctl")),
+        ],
+        &p("blk-sec.log"),
+    );
+    wait_for("the secondary's control socket", || p("sec.ctl").exists());
+    let blk_pri = spawn(
+        &blk,
+        &[
+            "--role",
+            "primary",
+            "--disk",
+            &s(&p("pri.img")),
+            "--size",
+            "16M",
+            "--peer",
+            &addr,
+            "--nbd-unix",
+            &s(&p("pri-nbd.sock")),
+            "--control",
+            &s(&p("pri.ctl")),
+        ],
+        &p("blk-pri.log"),
+    );
+    wait_for("the mirror in sync", || {
+        p("pri.ctl").exists() && ctl(&p("pri.ctl"), "status")["primary"]["peer"] == "in_sync"
+    });
+    assert_eq!(ctl(&p("sec.ctl"), "epoch-mode on")["ok"], true);
+    ctl(&p("pri.ctl"), &format!("epoch {n}"));
+    qemu_io(&p("pri-nbd.sock"), &["write -P 0x0a 0 1M", "flush"]);
+    ctl(&p("pri.ctl"), &format!("epoch {}", n + 1));
+    qemu_io(&p("pri-nbd.sock"), &["write -P 0x0b 2M 1M", "flush"]);
+    wait_for("both epochs held on the secondary", || {
+        ctl(&p("sec.ctl"), "status")["secondary"]["held_epochs"] == serde_json::json!([n, n + 1])
+    });
+    drop(blk_pri); // SIGKILL: the primary dies before committing epoch N
+
+    // Act: the agent's take-over with the real drivers.
+    let vm = VmId::new("vm1").unwrap();
+    let seams = real_seams(
+        &BTreeMap::from([(
+            vm.clone(),
+            VmDriversFile {
+                domain: Some(DomainFile {
+                    command: vec!["true".into()],
+                }),
+                blkback: Some(BlkbackFile {
+                    control: p("sec.ctl"),
+                    request_timeout_ms: 5000,
+                    sync_timeout_ms: 5000,
+                }),
+                netback: None,
+                checkpoint: Some(CheckpointFile {
+                    control: p("ck.ctl"),
+                    request_timeout_ms: 10_000,
+                }),
+            },
+        )]),
+        None,
+    );
+    seams.start(&vm, StartMode::ResumeCheckpoint).unwrap();
+
+    // Assert: memory resumed at N, disk holds epoch N and not N + 1, served as primary.
+    let st = ctl(&p("ck.ctl"), "status");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["committed_epoch"], n, "{st}");
+    let b = ctl(&p("sec.ctl"), "status");
+    assert_eq!(b["role"], "primary", "{b}");
+    let out = qemu_io(
+        &p("sec-nbd.sock"),
+        &["read -P 0x0a 0 1M", "read -P 0 2M 1M"],
+    );
+    assert!(
+        !out.contains("Pattern verification failed")
+            && out.matches("read 1048576/1048576").count() == 2,
+        "the disk does not match checkpoint {n}:\n{out}"
+    );
+}

@@ -1,0 +1,259 @@
+//! [`CommandDomain`]: the [`DomainStarter`] seam for the local pool — the VM is a process
+//! (the synthetic guest, or any configured command) that this agent spawns (`start`), stops
+//! with SIGSTOP (`pause`), continues with SIGCONT (`resume`) and kills (`destroy`).
+//!
+//! Like a real domain, the process outlives the agent: with a state directory each started
+//! VM's pid and kernel start time are recorded (`<dir>/<vm>.pid`), and a restarted agent adopts
+//! the processes still alive (`running`), so it neither loses nor duplicates them. The start
+//! time guards against a recycled pid.
+//!
+//! On a Xen host the same seam is XenAPI: `VM.start_on` (level 1 and 2), `VM.pause`,
+//! `VM.unpause`, `VM.hard_shutdown`, and for level 3 the checkpoint engine's restore. That
+//! backend is not written yet: a config cannot select it, so a Xen pool cannot silently run
+//! this process-based starter in its place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::ids::VmId;
+use crate::seams::{DomainStarter, SeamError};
+
+/// A VM process: spawned by this agent instance, or adopted from a previous one.
+#[derive(Debug)]
+struct VmProc {
+    pid: i32,
+    start_time: u64,
+    child: Option<Child>,
+}
+
+impl VmProc {
+    fn alive(&mut self) -> bool {
+        if let Some(c) = &mut self.child {
+            return matches!(c.try_wait(), Ok(None));
+        }
+        proc_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// The kernel start time of `pid` (field 22 of `/proc/<pid>/stat`), if it exists.
+fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Starts, pauses, resumes and kills each VM's configured command.
+#[derive(Debug, Default)]
+pub struct CommandDomain {
+    commands: BTreeMap<VmId, Vec<String>>,
+    state_dir: Option<PathBuf>,
+    procs: Mutex<BTreeMap<VmId, VmProc>>,
+}
+
+fn seam(op: &'static str, vm: &VmId, e: &dyn std::fmt::Display) -> SeamError {
+    SeamError {
+        component: "domain",
+        operation: op,
+        vm: vm.clone(),
+        reason: e.to_string(),
+    }
+}
+
+impl CommandDomain {
+    /// One command line (program and arguments) per VM; with `state_dir`, pids are recorded
+    /// there and live processes of a previous agent are adopted.
+    #[must_use]
+    pub fn new(commands: BTreeMap<VmId, Vec<String>>, state_dir: Option<PathBuf>) -> Self {
+        let mut procs = BTreeMap::new();
+        if let Some(dir) = &state_dir {
+            for vm in commands.keys() {
+                if let Some(p) = Self::read_pid_file(&dir.join(format!("{vm}.pid"))) {
+                    tracing::info!(%vm, pid = p.pid, "adopted the VM process of a previous agent");
+                    procs.insert(vm.clone(), p);
+                }
+            }
+        }
+        Self {
+            commands,
+            state_dir,
+            procs: Mutex::new(procs),
+        }
+    }
+
+    /// A live process recorded in `path` (pid and start time), or `None`.
+    fn read_pid_file(path: &Path) -> Option<VmProc> {
+        let meta = std::fs::metadata(path).ok()?;
+        if meta.len() > 64 {
+            return None;
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut w = text.split_whitespace();
+        let pid: i32 = w.next()?.parse().ok()?;
+        let start_time: u64 = w.next()?.parse().ok()?;
+        let mut p = VmProc {
+            pid,
+            start_time,
+            child: None,
+        };
+        (pid > 1 && p.alive()).then_some(p)
+    }
+
+    fn pid_file(&self, vm: &VmId) -> Option<PathBuf> {
+        self.state_dir.as_ref().map(|d| d.join(format!("{vm}.pid")))
+    }
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, VmProc>> {
+        self.procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends `sig` to the VM's live process.
+    fn signal(&self, op: &'static str, vm: &VmId, sig: Signal) -> Result<(), SeamError> {
+        let mut procs = self.procs();
+        let p = procs
+            .get_mut(vm)
+            .ok_or_else(|| seam(op, vm, &"not started by this agent"))?;
+        if !p.alive() {
+            procs.remove(vm);
+            return Err(seam(op, vm, &"the VM's process exited"));
+        }
+        kill(Pid::from_raw(p.pid), sig).map_err(|e| seam(op, vm, &e))
+    }
+}
+
+impl DomainStarter for CommandDomain {
+    fn running(&self) -> Vec<VmId> {
+        let mut procs = self.procs();
+        procs.retain(|_, p| p.alive());
+        procs.keys().cloned().collect()
+    }
+
+    fn start(&self, vm: &VmId) -> Result<(), SeamError> {
+        let argv = self
+            .commands
+            .get(vm)
+            .ok_or_else(|| seam("start", vm, &"no command configured"))?;
+        let (prog, args) = argv
+            .split_first()
+            .ok_or_else(|| seam("start", vm, &"empty command"))?;
+        let mut procs = self.procs();
+        if procs.get_mut(vm).is_some_and(VmProc::alive) {
+            return Ok(());
+        }
+        let child = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| seam("start", vm, &format!("{prog}: {e}")))?;
+        let pid = i32::try_from(child.id()).map_err(|_| seam("start", vm, &"pid out of range"))?;
+        let start_time = proc_start_time(pid).unwrap_or(0);
+        if let Some(f) = self.pid_file(vm) {
+            if let Err(e) = std::fs::write(&f, format!("{pid} {start_time}\n")) {
+                tracing::warn!(%vm, file = %f.display(), error = %e, "cannot record the VM's pid");
+            }
+        }
+        tracing::info!(%vm, pid, %prog, "VM process started");
+        procs.insert(
+            vm.clone(),
+            VmProc {
+                pid,
+                start_time,
+                child: Some(child),
+            },
+        );
+        Ok(())
+    }
+
+    fn pause(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.signal("pause", vm, Signal::SIGSTOP)
+    }
+
+    fn resume(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.signal("resume", vm, Signal::SIGCONT)
+    }
+
+    fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
+        let Some(mut p) = self.procs().remove(vm) else {
+            return Ok(());
+        };
+        if p.alive() {
+            let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+        }
+        if let Some(mut c) = p.child.take() {
+            let _ = c.wait();
+        }
+        if let Some(f) = self.pid_file(vm) {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> VmId {
+        VmId::new("vm1").unwrap()
+    }
+
+    fn sleeper(dir: Option<PathBuf>) -> CommandDomain {
+        CommandDomain::new(
+            BTreeMap::from([(vm(), vec!["sleep".to_string(), "30".to_string()])]),
+            dir,
+        )
+    }
+
+    #[test]
+    fn a_started_command_runs_pauses_resumes_and_dies() {
+        let d = sleeper(None);
+        d.start(&vm()).unwrap();
+        assert_eq!(d.running(), vec![vm()]);
+        d.pause(&vm()).unwrap();
+        d.resume(&vm()).unwrap();
+        d.destroy(&vm()).unwrap();
+        assert!(d.running().is_empty());
+        assert!(d.pause(&vm()).is_err());
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_the_running_vm_instead_of_starting_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = sleeper(Some(dir.path().to_path_buf()));
+        first.start(&vm()).unwrap();
+        drop(first); // the agent dies; the VM process lives on
+        let second = sleeper(Some(dir.path().to_path_buf()));
+        assert_eq!(second.running(), vec![vm()]);
+        second.pause(&vm()).unwrap();
+        second.destroy(&vm()).unwrap();
+        assert!(second.running().is_empty());
+        assert!(sleeper(Some(dir.path().to_path_buf())).running().is_empty());
+    }
+
+    #[test]
+    fn a_recycled_or_garbage_pid_file_is_not_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = std::process::id();
+        std::fs::write(dir.path().join("vm1.pid"), format!("{own} 1\n")).unwrap();
+        assert!(sleeper(Some(dir.path().to_path_buf())).running().is_empty());
+        std::fs::write(dir.path().join("vm1.pid"), "not a pid").unwrap();
+        assert!(sleeper(Some(dir.path().to_path_buf())).running().is_empty());
+    }
+
+    #[test]
+    fn a_missing_program_is_a_start_error() {
+        let d = CommandDomain::new(
+            BTreeMap::from([(vm(), vec!["/nonexistent/guest".to_string()])]),
+            None,
+        );
+        let e = d.start(&vm()).unwrap_err();
+        assert!(e.reason.contains("/nonexistent/guest"), "{e}");
+    }
+}

@@ -1,0 +1,364 @@
+//! The real implementations of the [`crate::seams`] traits, and their per-VM configuration.
+//!
+//! - [`blkback::BlkbackDriver`] ([`DiskMirror`]): one VM's `xenft-blkback` control socket —
+//!   wait for sync with progress, suspend, remote-mode redirect, promote the secondary copy on
+//!   take-over (level 3: commit the held disk epochs up to the memory replica's checkpoint,
+//!   discard the rest);
+//! - [`netback::NetbackDriver`] ([`NetRelay`]): one VM's `xenft-netback` control socket —
+//!   uplink redirect through the A-link tunnel, take-over announcement (GARP / NA) with
+//!   buffered output dropped and pass-through from then on;
+//! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's secondary
+//!   control socket — freeze the replica at its last committed checkpoint, then resume it;
+//! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
+//! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
+//!   drivers use.
+//!
+//! [`publish_reports`] puts what the shims report (disk role, link, dirty bytes, resync
+//! progress; relay mode and epochs) into the status API every second.
+//!
+//! Not here: the XenAPI domain starter (`VM.start_on`, not written yet), and the primary-side
+//! wiring of the checkpoint engine's commit hook to the shims, which the engine's primary does
+//! itself (`xenft-checkpoint primary --blkback-control --netback-control`). The agent does not
+//! start the shims; the host does, with the role the pool assigns. Every component a VM's
+//! level needs must be configured ([`VmDriversFile::check`]), so a production config never
+//! runs a stand-in silently.
+
+pub mod blkback;
+pub mod checkpoint;
+pub mod control;
+pub mod domain;
+pub mod netback;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ids::{HostId, VmId};
+use crate::lifecycle::Level;
+use crate::seams::{Checkpointer, DiskMirror, NetRelay, SeamError, Seams};
+use blkback::BlkbackDriver;
+use checkpoint::CheckpointDriver;
+use control::ControlSocket;
+use domain::CommandDomain;
+use netback::NetbackDriver;
+
+/// Longest accepted timeout (one day).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+/// Most arguments of a domain command.
+pub const MAX_COMMAND_ARGS: usize = 256;
+
+fn default_request_timeout() -> u64 {
+    5000
+}
+
+fn default_sync_timeout() -> u64 {
+    3_600_000
+}
+
+/// Domain control of one VM.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainFile {
+    /// The local pool's VM: program and arguments (e.g. the synthetic guest).
+    pub command: Vec<String>,
+}
+
+/// One VM's `xenft-blkback`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkbackFile {
+    /// Its control socket.
+    pub control: PathBuf,
+    /// One control request at most this long (milliseconds).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// A sync (full or dirty-only) at most this long (milliseconds).
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_ms: u64,
+}
+
+/// One VM's `xenft-netback`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetbackFile {
+    /// Its control socket.
+    pub control: PathBuf,
+    /// The VM's addresses to announce on take-over.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// One control request at most this long (milliseconds).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+/// One VM's checkpoint-engine secondary (level 3).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointFile {
+    /// Its control socket (`xenft-checkpoint secondary --control`).
+    pub control: PathBuf,
+    /// One control request at most this long (milliseconds; `stop` joins the receiver).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+/// The components of one VM (`vm_drivers.<vm>` in the agent's config).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDriversFile {
+    /// Domain control (every level).
+    pub domain: Option<DomainFile>,
+    /// Disk mirror (level 2 and 3).
+    pub blkback: Option<BlkbackFile>,
+    /// Network relay (level 2 and 3).
+    pub netback: Option<NetbackFile>,
+    /// Checkpoint engine (level 3).
+    pub checkpoint: Option<CheckpointFile>,
+}
+
+fn check_timeout(vm: &VmId, what: &str, ms: u64) -> Result<(), String> {
+    if ms == 0 || ms > MAX_TIMEOUT_MS {
+        return Err(format!(
+            "vm_drivers.{vm}.{what}: must be 1..={MAX_TIMEOUT_MS} ms, not {ms}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_socket(vm: &VmId, what: &str, p: &std::path::Path) -> Result<(), String> {
+    if !p.is_absolute() {
+        return Err(format!(
+            "vm_drivers.{vm}.{what}.control: {} is not an absolute path",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+impl VmDriversFile {
+    /// Checks that every component `level` needs is configured, and sane.
+    ///
+    /// # Errors
+    /// The problem, in words.
+    pub fn check(&self, vm: &VmId, level: Level) -> Result<(), String> {
+        let d = self
+            .domain
+            .as_ref()
+            .ok_or_else(|| format!("vm_drivers.{vm}: a \"domain\" section is required"))?;
+        if d.command.is_empty() || d.command[0].is_empty() {
+            return Err(format!("vm_drivers.{vm}.domain.command is empty"));
+        }
+        if d.command.len() > MAX_COMMAND_ARGS {
+            return Err(format!(
+                "vm_drivers.{vm}.domain.command has more than {MAX_COMMAND_ARGS} arguments"
+            ));
+        }
+        match (&self.checkpoint, level == Level::L3) {
+            (None, true) => {
+                return Err(format!(
+                    "vm_drivers.{vm}: level 3 needs a \"checkpoint\" section"
+                ))
+            }
+            (Some(c), _) => {
+                check_socket(vm, "checkpoint", &c.control)?;
+                check_timeout(vm, "checkpoint.request_timeout_ms", c.request_timeout_ms)?;
+            }
+            (None, false) => {}
+        }
+        let needs_shims = level != Level::L1;
+        match (&self.blkback, needs_shims) {
+            (None, true) => {
+                return Err(format!(
+                    "vm_drivers.{vm}: level 2 needs a \"blkback\" section"
+                ))
+            }
+            (Some(b), _) => {
+                check_socket(vm, "blkback", &b.control)?;
+                check_timeout(vm, "blkback.request_timeout_ms", b.request_timeout_ms)?;
+                check_timeout(vm, "blkback.sync_timeout_ms", b.sync_timeout_ms)?;
+            }
+            (None, false) => {}
+        }
+        match (&self.netback, needs_shims) {
+            (None, true) => {
+                return Err(format!(
+                    "vm_drivers.{vm}: level 2 needs a \"netback\" section"
+                ))
+            }
+            (Some(n), _) => {
+                check_socket(vm, "netback", &n.control)?;
+                check_timeout(vm, "netback.request_timeout_ms", n.request_timeout_ms)?;
+                if n.addresses.len() > 64 {
+                    return Err(format!("vm_drivers.{vm}.netback.addresses: at most 64"));
+                }
+            }
+            (None, false) => {}
+        }
+        Ok(())
+    }
+}
+
+/// The disk mirror of each VM that has one.
+struct DiskByVm(BTreeMap<VmId, BlkbackDriver>);
+
+fn missing(component: &'static str, op: &'static str, vm: &VmId) -> SeamError {
+    SeamError {
+        component,
+        operation: op,
+        vm: vm.clone(),
+        reason: format!("no {component} configured for this VM"),
+    }
+}
+
+impl DiskMirror for DiskByVm {
+    fn sync(&self, vm: &VmId, peer: &HostId, full: bool) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("blkback", "sync", vm))?
+            .sync(vm, peer, full)
+    }
+    fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
+        // Level 1: nothing replicates.
+        self.0.get(vm).map_or(Ok(()), |d| d.suspend(vm))
+    }
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("blkback", "redirect", vm))?
+            .redirect(vm, on)
+    }
+    fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
+        // Level 1: the VM boots from its (shared) disk; nothing to promote.
+        self.0
+            .get(vm)
+            .map_or(Ok(()), |d| d.promote(vm, commit_epoch))
+    }
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        self.0.get(vm).and_then(|d| d.report(vm))
+    }
+}
+
+/// The network relay of each VM that has one.
+struct NetByVm(BTreeMap<VmId, NetbackDriver>);
+
+impl NetRelay for NetByVm {
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("netback", "redirect", vm))?
+            .redirect(vm, on)
+    }
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
+        // Level 1: the rebooted VM announces itself.
+        self.0.get(vm).map_or(Ok(()), |d| d.announce(vm))
+    }
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        self.0.get(vm).and_then(|d| d.report(vm))
+    }
+}
+
+/// The checkpoint engine of each level-3 VM.
+struct CheckpointByVm(BTreeMap<VmId, CheckpointDriver>);
+
+impl Checkpointer for CheckpointByVm {
+    fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("checkpoint", "committed-epoch", vm))?
+            .committed_epoch(vm)
+    }
+    fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.0
+            .get(vm)
+            .ok_or_else(|| missing("checkpoint", "resume", vm))?
+            .resume_last_epoch(vm)
+    }
+}
+
+/// The seams over the real components of every VM (validated sections). `domain_state`: where
+/// the local VM processes' pids are kept across agent restarts.
+#[must_use]
+pub fn real_seams(
+    vms: &BTreeMap<VmId, VmDriversFile>,
+    domain_state: Option<std::path::PathBuf>,
+) -> Seams {
+    let ms = Duration::from_millis;
+    let mut disks = BTreeMap::new();
+    let mut nets = BTreeMap::new();
+    let mut commands = BTreeMap::new();
+    let mut checkpoints = BTreeMap::new();
+    for (vm, d) in vms {
+        if let Some(c) = &d.checkpoint {
+            checkpoints.insert(
+                vm.clone(),
+                CheckpointDriver::new(ControlSocket::new(&c.control, ms(c.request_timeout_ms))),
+            );
+        }
+        if let Some(dom) = &d.domain {
+            commands.insert(vm.clone(), dom.command.clone());
+        }
+        if let Some(b) = &d.blkback {
+            disks.insert(
+                vm.clone(),
+                BlkbackDriver::new(
+                    ControlSocket::new(&b.control, ms(b.request_timeout_ms)),
+                    ms(b.sync_timeout_ms),
+                ),
+            );
+        }
+        if let Some(n) = &d.netback {
+            nets.insert(
+                vm.clone(),
+                NetbackDriver::new(
+                    ControlSocket::new(&n.control, ms(n.request_timeout_ms)),
+                    n.addresses.clone(),
+                ),
+            );
+        }
+    }
+    Seams {
+        domains: Arc::new(CommandDomain::new(commands, domain_state)),
+        disk: Arc::new(DiskByVm(disks)),
+        net: Arc::new(NetByVm(nets)),
+        checkpoint: Arc::new(CheckpointByVm(checkpoints)),
+    }
+}
+
+/// Publishes what each VM's components report into the status API every second, until
+/// `stop` turns true. (Blocking control-socket requests run on a blocking thread.)
+pub async fn publish_reports(
+    seams: Seams,
+    vms: Vec<VmId>,
+    hub: Arc<crate::status::StatusHub>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (s, list) = (seams.clone(), vms.clone());
+        let reports = tokio::task::spawn_blocking(move || {
+            list.iter()
+                .map(|vm| {
+                    let mut v = serde_json::Map::new();
+                    if let Some(d) = s.disk.report(vm) {
+                        v.insert("disk".into(), d);
+                    }
+                    if let Some(n) = s.net.report(vm) {
+                        v.insert("net".into(), n);
+                    }
+                    (vm.as_str().to_string(), serde_json::Value::Object(v))
+                })
+                .collect::<BTreeMap<_, _>>()
+        })
+        .await;
+        if let Ok(r) = reports {
+            hub.update(|s| s.components = r);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
