@@ -1,4 +1,4 @@
-//! `scripts/bench failover-shims`: 20 take-overs with the real components (root): two hosts
+//! `scripts/bench failover`: 20 take-overs with the real components (root): two hosts
 //! in network namespaces, each running `xenft-agent` (drivers "real"), `xenft-blkback` and
 //! `xenft-netback`. Each trial SIGKILLs the current primary host's agent, shims and VM
 //! process, and times until the other host (a) reports the VM running — its blkback promoted
@@ -109,7 +109,7 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "failover-shims",
+                "bench": "failover",
                 "level": 3,
                 "trials": trials,
                 "failover_p50_ms": pct(&serve, 50).round(),
@@ -166,7 +166,7 @@ fn main() {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "failover-shims",
+            "bench": "failover",
             "level": 2,
             "trials": trials,
             "failover_p50_ms": pct(&serve, 50).round(),

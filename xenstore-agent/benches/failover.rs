@@ -1,4 +1,4 @@
-//! `scripts/bench failover`: 20 trials of SIGKILL of the primary host's agent in a 2-host pool
+//! `scripts/bench failover-agent`: 20 trials of SIGKILL of the primary host's agent in a 2-host pool
 //! of real processes in network namespaces (needs root), timing until the secondary reports
 //! the VM running (after its checkpoint-resume and address-announcement calls returned).
 //!
@@ -82,7 +82,7 @@ fn main() {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "failover",
+            "bench": "failover-agent",
             "trials": trials,
             "failover_p50_ms": pct(50).round(),
             "failover_p99_ms": p99.round(),
