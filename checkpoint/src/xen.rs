@@ -207,6 +207,14 @@ impl<X: XenOps> XenDomain<X> {
         self.hvm
     }
 
+    /// Whether the domain is suspended right now (shut down with `SHUTDOWN_suspend`); used
+    /// to time checkpoints from outside (ours and `xl remus`'s alike).
+    pub fn is_suspended(&mut self) -> Result<bool, DomainError> {
+        use crate::sys::xen::{DOMINF_SHUTDOWN, DOMINF_SHUTDOWN_SHIFT, SHUTDOWN_SUSPEND};
+        let f = self.ctrl.domain_flags(self.domid)?;
+        Ok(f & DOMINF_SHUTDOWN != 0 && (f >> DOMINF_SHUTDOWN_SHIFT) & 0xff == SHUTDOWN_SUSPEND)
+    }
+
     /// Pfns found to be holes so far (not mapped in the domain's physmap).
     pub fn known_holes(&self) -> u64 {
         self.holes.iter().map(|b| u64::from(b.count_ones())).sum()

@@ -17,6 +17,7 @@ if [ "$H" = 1 ]; then
   say "protecting domain $D, tick $(last_tick)"
   xenft-xen-lab protect "$D" --me host1 --peer host2 $LINK --epoch-ms "$EPOCH_MS" > /tmp/protect.log 2>&1 &
   P=$!
+  tail -f /tmp/protect.log &
   # protection starts after pre-copy; then run for RUNFOR seconds
   wait_until 600 grep -q "committed=" /tmp/protect.log || { cat /tmp/protect.log; fail "no checkpoint committed"; }
   say "protected, tick $(last_tick)"
@@ -31,8 +32,13 @@ if [ "$H" = 1 ]; then
 fi
 xl create -q -p $CFG || fail "xl create -p (replica)"
 D=$(domid_of domu1); say "replica is domain $D (paused)"
-xenft-xen-lab replica "$D" --me host2 --peer host1 $LINK --dead-after 5 --timeout 1500 > /tmp/replica.log 2>&1
+xenft-xen-lab replica "$D" --me host2 --peer host1 $LINK --timeout 1500 > /tmp/replica.log 2>&1 &
+RP=$!
+tail -f /tmp/replica.log &
+TP=$!
+wait $RP
 rc=$?
+kill $TP
 grep -a "XENLAB" /tmp/replica.log | tail -n 8
 [ $rc = 0 ] || { tail -n 30 /tmp/replica.log; fail "replica rc=$rc"; }
 xl list

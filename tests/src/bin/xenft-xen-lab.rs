@@ -66,6 +66,24 @@ enum Cmd {
         /// Stop after this many checkpoints (default: until killed).
         #[arg(long)]
         checkpoints: Option<u64>,
+        /// Stop this many seconds after protection started (default: until killed).
+        #[arg(long)]
+        run_secs: Option<u64>,
+    },
+    /// Time the suspends of domain DOMID (ours or `xl remus`'s checkpoints) by polling its
+    /// state: count, p50/p99 of the time it spends suspended.
+    SuspendWatch {
+        /// Domain id.
+        domid: u32,
+        /// How long to watch.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Prefix of the result keys (ours, remus).
+        #[arg(long)]
+        label: String,
+        /// Poll period in ms.
+        #[arg(long, default_value_t = 5)]
+        poll_ms: u64,
     },
     /// Receive checkpoints into paused domain DOMID; fail over when the primary vanishes.
     Replica {
@@ -74,11 +92,14 @@ enum Cmd {
         #[command(flatten)]
         link: LinkArgs,
         /// Fail over after the link has been down for this many seconds.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 15)]
         dead_after: u64,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// When the primary vanishes, stop without failing over (benchmark).
+        #[arg(long)]
+        no_failover: bool,
     },
 }
 
@@ -118,13 +139,21 @@ fn main() -> Result<()> {
             link,
             epoch_ms,
             checkpoints,
-        } => protect(&rt, domid, &link, epoch_ms, checkpoints),
+            run_secs,
+        } => protect(&rt, domid, &link, epoch_ms, checkpoints, run_secs),
+        Cmd::SuspendWatch {
+            domid,
+            secs,
+            label,
+            poll_ms,
+        } => suspend_watch(domid, secs, &label, poll_ms),
         Cmd::Replica {
             domid,
             link,
             dead_after,
             timeout,
-        } => replica(&rt, domid, &link, dead_after, timeout),
+            no_failover,
+        } => replica(&rt, domid, &link, dead_after, timeout, no_failover),
     }
 }
 
@@ -289,6 +318,52 @@ fn domain_probe(domid: u32, run_secs: u64) -> Result<()> {
     Ok(())
 }
 
+fn suspend_watch(domid: u32, secs: u64, label: &str, poll_ms: u64) -> Result<()> {
+    let mut d = XenDomain::open(domid, 1).context("opening the domain")?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut since: Option<Instant> = None;
+    let mut pauses: Vec<f64> = Vec::new();
+    let t0 = Instant::now();
+    while Instant::now() < end {
+        let now_suspended = d.is_suspended()?;
+        match (now_suspended, since) {
+            (true, None) => since = Some(Instant::now()),
+            (false, Some(s)) => {
+                pauses.push(s.elapsed().as_secs_f64() * 1000.0);
+                since = None;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(poll_ms));
+    }
+    pauses.sort_by(f64::total_cmp);
+    let pct = |q: f64| -> f64 {
+        if pauses.is_empty() {
+            return 0.0;
+        }
+        // nearest-rank percentile on integers: index = ceil(q * n) - 1
+        let n = pauses.len();
+        let q_per_mille = if q >= 0.99 { 990 } else { 500 };
+        let i = (n * q_per_mille).div_ceil(1000).saturating_sub(1);
+        pauses[i.min(n - 1)]
+    };
+    let elapsed = t0.elapsed().as_secs_f64();
+    result(&format!("{label}_suspends"), pauses.len());
+    result(
+        &format!("{label}_suspends_per_s"),
+        format!("{:.3}", pauses.len() as f64 / elapsed),
+    );
+    result(
+        &format!("{label}_suspended_p50_ms"),
+        format!("{:.1}", pct(0.5)),
+    );
+    result(
+        &format!("{label}_suspended_p99_ms"),
+        format!("{:.1}", pct(0.99)),
+    );
+    Ok(())
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
@@ -300,11 +375,15 @@ fn start_link(rt: &tokio::runtime::Runtime, a: &LinkArgs) -> Result<xenft_alink:
             peer: SocketAddr::new(a.peer_ip, a.port + i),
         })
         .collect();
-    let mut cfg =
-        xenft_alink::LinkConfig::new(a.me.clone(), a.peer.clone(), b"xen-lab".to_vec(), paths);
+    let mut cfg = xenft_alink::LinkConfig::new(
+        a.me.clone(),
+        a.peer.clone(),
+        b"xenft-xen-lab-private-wire-secret".to_vec(),
+        paths,
+    );
     // Everything is slow under TCG: do not take a busy path for a dead one.
     cfg.heartbeat_interval = Duration::from_millis(500);
-    cfg.path_timeout = Duration::from_secs(4);
+    cfg.path_timeout = Duration::from_secs(8);
     let link = rt.block_on(xenft_alink::Link::start(cfg))?;
     if !rt.block_on(link.wait_connected(Duration::from_secs(120))) {
         bail!("A-link to {} not connected after 120 s", a.peer);
@@ -319,6 +398,7 @@ fn protect(
     a: &LinkArgs,
     epoch_ms: u64,
     checkpoints: Option<u64>,
+    run_secs: Option<u64>,
 ) -> Result<()> {
     let link = start_link(rt, a)?;
     let ep = xenft_checkpoint::alink::endpoint(&link, rt.handle().clone())?;
@@ -355,7 +435,7 @@ fn protect(
             );
         }
         result("ours_checkpoints", st.checkpoints);
-        result("ours_pause_p99_ms", format!("{:.1}", st.pause.p99));
+        result("ours_engine_pause_p99_ms", format!("{:.1}", st.pause.p99));
         result(
             "ours_protected_s",
             format!("{:.1}", st.protected_for.as_secs_f64()),
@@ -364,6 +444,15 @@ fn protect(
             bail!("protection failed: {r}");
         }
         if matches!(st.phase, Phase::Stopped) {
+            break;
+        }
+        if run_secs.is_some_and(|r| st.protected_for >= Duration::from_secs(r)) {
+            let secs = st.protected_for.as_secs_f64();
+            result(
+                "ours_epochs_per_s",
+                format!("{:.3}", st.checkpoints as f64 / secs.max(0.001)),
+            );
+            println!("XENLAB protect: done after {secs:.1} s protected");
             break;
         }
     }
@@ -377,6 +466,7 @@ fn replica(
     a: &LinkArgs,
     dead_after: u64,
     timeout: u64,
+    no_failover: bool,
 ) -> Result<()> {
     let link = start_link(rt, a)?;
     let ep = xenft_checkpoint::alink::endpoint(&link, rt.handle().clone())?;
@@ -396,11 +486,17 @@ fn replica(
             );
         }
         let up = link.status().paths.iter().any(|p| p.up);
-        if up {
+        // Nothing to fail over to before the first committed checkpoint: keep waiting.
+        if up || st.committed_epoch.is_none() {
             down_since = None;
         } else if down_since.get_or_insert_with(Instant::now).elapsed()
             >= Duration::from_secs(dead_after)
         {
+            if no_failover {
+                println!("XENLAB replica: primary gone, stopping at epoch {last:?}");
+                sec.stop()?;
+                return Ok(());
+            }
             println!("XENLAB replica: primary gone, failing over at epoch {last:?}");
             let t = Instant::now();
             let (_d, epoch) = sec.failover()?;
