@@ -30,7 +30,8 @@ pub trait XenOps: Send {
     fn pause(&mut self, domid: u32) -> Result<(), DomainError>;
     /// `xc_domain_unpause`.
     fn unpause(&mut self, domid: u32) -> Result<(), DomainError>;
-    /// `xc_domain_maximum_gpfn` + 1.
+    /// Pfns to replicate, `0..n`: `xc_domain_maximum_gpfn` + 1, capped at `max_pages` for
+    /// HVM/PVH domains (their RAM; the special pages near 4 GiB are host-local).
     fn memory_pages(&mut self, domid: u32) -> Result<u64, DomainError>;
     /// Log-dirty mode on or off.
     fn logdirty(&mut self, domid: u32, enable: bool) -> Result<(), DomainError>;
@@ -91,6 +92,7 @@ pub struct XenDomain<X: XenOps = XenCtrlHandle> {
     bitmap: Vec<u8>,
     /// One bit per pfn: known not to be mapped (holes in the physmap).
     holes: Vec<u8>,
+    skipped_writes: u64,
     pending_ctx: Option<VcpuContext>,
 }
 
@@ -105,7 +107,16 @@ impl XenOps for XenCtrlHandle {
         self.0.unpause(domid)
     }
     fn memory_pages(&mut self, domid: u32) -> Result<u64, DomainError> {
-        self.0.memory_pages(domid)
+        // An HVM/PVH guest's pfn space runs up to its special pages just below 4 GiB
+        // (0xfefff for a 128 MiB guest): tracking all of it would mean a 4 GiB shadow. Its
+        // RAM starts at pfn 0 and fits under max_pages; pfns above (xenstore and console
+        // rings, ioreq pages) belong to the host's own daemons and are not replicated.
+        let top = self.0.memory_pages(domid)?;
+        let flags = self.0.domain_flags(domid)?;
+        if flags & crate::sys::xen::DOMINF_HVM_GUEST == 0 {
+            return Ok(top);
+        }
+        Ok(top.min(self.0.max_pages(domid)?))
     }
     fn logdirty(&mut self, domid: u32, enable: bool) -> Result<(), DomainError> {
         self.0.logdirty(domid, enable)
@@ -188,6 +199,7 @@ impl<X: XenOps> XenDomain<X> {
             suspended: false,
             bitmap: Vec::new(),
             holes,
+            skipped_writes: 0,
             pending_ctx: None,
         })
     }
@@ -220,6 +232,11 @@ impl<X: XenOps> XenDomain<X> {
         self.holes.iter().map(|b| u64::from(b.count_ones())).sum()
     }
 
+    /// Non-zero pages the replica could not store because it lacks the pfn.
+    pub fn skipped_writes(&self) -> u64 {
+        self.skipped_writes
+    }
+
     fn is_hole(&self, pfn: u64) -> bool {
         usize::try_from(pfn / 8)
             .ok()
@@ -244,10 +261,7 @@ impl<X: XenOps> XenDomain<X> {
             let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             if self.is_hole(p) {
                 if write && page.iter().any(|&b| b != 0) {
-                    return Err(DomainError::PfnOutOfRange {
-                        pfn: p,
-                        pages: self.pages,
-                    });
+                    self.skipped_writes += 1;
                 }
                 continue;
             }
@@ -293,11 +307,10 @@ impl<X: XenOps> XenDomain<X> {
             self.mark_hole(p);
             let page = buf.get(i * PAGE_SIZE..(i + 1) * PAGE_SIZE).unwrap_or(&[]);
             if write && page.iter().any(|&b| b != 0) {
-                // Data for a page the replica does not have: the domains differ.
-                return Err(DomainError::PfnOutOfRange {
-                    pfn: p,
-                    pages: self.pages,
-                });
+                // Data for a page the replica does not have (a frame the guest mapped into
+                // its physmap, e.g. shared info or grant frames, which it re-maps on resume).
+                self.skipped_writes += 1;
+                tracing::warn!(pfn = p, "page data for a hole in the replica skipped");
             }
         }
         Ok(())
@@ -665,13 +678,17 @@ mod tests {
         let mut data = vec![0; 2 * PAGE_SIZE];
         data[PAGE_SIZE] = 1;
         d.write_pages(&[4, 3], &vec![0; 2 * PAGE_SIZE]).unwrap();
-        assert!(
-            matches!(
-                d.write_pages(&[4, 3], &data),
-                Err(DomainError::PfnOutOfRange { pfn: 3, .. })
-            ),
-            "data for a page the replica lacks is refused"
+        assert_eq!(d.skipped_writes(), 0);
+        data[0] = 9;
+        d.write_pages(&[4, 3], &data).unwrap();
+        assert_eq!(
+            d.skipped_writes(),
+            1,
+            "data for a page the replica lacks is counted"
         );
+        let mut back = vec![0; PAGE_SIZE];
+        d.read_pages(&[4], &mut back).unwrap();
+        assert_eq!(back[0], 9, "the mapped page of the batch was written");
     }
 
     #[test]

@@ -460,8 +460,19 @@ impl XenCtrl {
 
     /// The `XEN_DOMINF_*` flags of `domid` (`xc_domain_getinfolist` for one domain).
     pub fn domain_flags(&mut self, domid: u32) -> Result<u32, DomainError> {
+        self.domain_info(domid).map(|(flags, _)| flags)
+    }
+
+    /// `max_pages` of `domid`: the most RAM pages it may own (the toolstack's memory
+    /// setting plus slack).
+    pub fn max_pages(&mut self, domid: u32) -> Result<u64, DomainError> {
+        self.domain_info(domid).map(|(_, max)| max)
+    }
+
+    fn domain_info(&mut self, domid: u32) -> Result<(u32, u64), DomainError> {
         // xc_domaininfo_t is struct xen_domctl_getdomaininfo: domid_t domain at offset 0,
-        // uint32_t flags at offset 4; the whole struct is well under 1 KiB.
+        // uint32_t flags at offset 4, tot_pages at 8, max_pages at 16 (uint64_aligned_t);
+        // the whole struct is well under 1 KiB.
         let mut info = [0u64; 128];
         // SAFETY: `info` is 1 KiB, 8-byte aligned: room for one xc_domaininfo_t.
         let n = unsafe { (self.fns.infolist)(self.xch, domid, 1, info.as_mut_ptr().cast()) };
@@ -477,7 +488,10 @@ impl XenCtrl {
                 source: io::Error::from_raw_os_error(libc::ESRCH),
             });
         }
-        Ok(u32::from_le_bytes([word[4], word[5], word[6], word[7]]))
+        Ok((
+            u32::from_le_bytes([word[4], word[5], word[6], word[7]]),
+            info[2],
+        ))
     }
 
     /// Writes `value` to xenstore node `path` (opens the xenstore connection on first use).

@@ -128,6 +128,7 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
@@ -418,7 +419,7 @@ fn protect(
     loop {
         std::thread::sleep(Duration::from_secs(2));
         let st = p.status();
-        if st.committed_epoch != last {
+        if st.committed_epoch != last || t0.elapsed().as_secs() % 10 < 2 {
             last = st.committed_epoch;
             println!(
                 "XENLAB protect: t={:.0}s phase={:?} epoch={} committed={} checkpoints={} \
@@ -475,16 +476,22 @@ fn replica(
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut down_since: Option<Instant> = None;
     let mut last = None;
+    let mut ticks = 0u64;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         let st = sec.status();
-        if st.committed_epoch != last {
+        if st.committed_epoch != last || ticks.is_multiple_of(20) {
             last = st.committed_epoch;
             println!(
-                "XENLAB replica: committed={:?} applied={} rejected={} bytes={}",
-                st.committed_epoch, st.applied_epochs, st.rejected_epochs, st.bytes_received
+                "XENLAB replica: committed={:?} applied={} rejected={} bytes={} error={:?}",
+                st.committed_epoch,
+                st.applied_epochs,
+                st.rejected_epochs,
+                st.bytes_received,
+                st.last_error
             );
         }
+        ticks += 1;
         let up = link.status().paths.iter().any(|p| p.up);
         // Nothing to fail over to before the first committed checkpoint: keep waiting.
         if up || st.committed_epoch.is_none() {
