@@ -43,8 +43,14 @@ grep -a "XENLAB" /tmp/replica.log | tail -n 8
 [ $rc = 0 ] || { tail -n 30 /tmp/replica.log; fail "replica rc=$rc"; }
 xl list
 n0=$(grep -c DOMU-TICK $CON)
-sleep 25
+for i in 1 2 3 4; do
+  sleep 5
+  say "replica vCPU after failover ($i):"
+  xenctx -s /domu/System.map -S "$D" 0 2>&1 | head -n 30
+done
+sleep 5
 xl list
+xl dmesg | tail -n 20
 tail -n 8 $CON
 first=$(sed -n 's/.*DOMU-TICK \([0-9]*\).*/\1/p' $CON | sed -n "$((n0 + 1))p")
 t=$(last_tick)
