@@ -178,7 +178,34 @@ impl XenDomain {
     }
 }
 
+impl XenDomain {
+    /// Opens the paused replica `domid` on the secondary and zeroes its memory: the
+    /// secondary decodes XOR deltas against the replica's pages, which must start as the
+    /// all-zero base the primary's encoder assumes, and a toolstack-built domain
+    /// (`xl create -p`) already holds the kernel, start info and page tables.
+    pub fn open_replica(domid: u32, vcpus: u32) -> Result<Self, DomainError> {
+        let mut d = Self::open(domid, vcpus)?;
+        d.zero_memory()?;
+        Ok(d)
+    }
+}
+
 impl<X: XenOps> XenDomain<X> {
+    /// Writes zeros over every page of the domain (holes are learned and skipped).
+    pub fn zero_memory(&mut self) -> Result<(), DomainError> {
+        const BATCH: u64 = 1024;
+        let zeros = vec![0u8; usize::try_from(BATCH).unwrap_or(1024) * PAGE_SIZE];
+        let mut first = 0;
+        while first < self.pages {
+            let n = BATCH.min(self.pages - first);
+            let pfns: Vec<u64> = (first..first + n).collect();
+            let len = pfns.len() * PAGE_SIZE;
+            self.write_pages(&pfns, &zeros[..len])?;
+            first += n;
+        }
+        Ok(())
+    }
+
     /// A domain driven through `ops` (tests use a fake).
     pub fn with_ops(mut ops: X, domid: u32, vcpus: u32) -> Result<Self, DomainError> {
         if vcpus == 0 {
@@ -656,6 +683,21 @@ mod tests {
             d.read_pages(&[8], &mut buf),
             Err(DomainError::PfnOutOfRange { pfn: 8, pages: 8 })
         ));
+    }
+
+    #[test]
+    fn a_replica_is_zeroed_before_it_takes_deltas() {
+        let mut fake = FakeXen::new(2050, 1);
+        fake.memory.fill(0x5a);
+        fake.holes = vec![2049];
+        let mut d = XenDomain::with_ops(fake, 1, 1).unwrap();
+        d.zero_memory().unwrap();
+        assert!(d
+            .ops()
+            .memory
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == 0 || i / PAGE_SIZE == 2049));
     }
 
     #[test]

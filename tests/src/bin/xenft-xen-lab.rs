@@ -471,7 +471,9 @@ fn replica(
 ) -> Result<()> {
     let link = start_link(rt, a)?;
     let ep = xenft_checkpoint::alink::endpoint(&link, rt.handle().clone())?;
-    let domain = XenDomain::open(domid, 1).context("opening the replica")?;
+    let t = Instant::now();
+    let domain = XenDomain::open_replica(domid, 1).context("opening the replica")?;
+    result("replica_zeroing_ms", ms(t.elapsed()));
     let sec = start_secondary(domain, ep, SecondaryConfig::default())?;
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut down_since: Option<Instant> = None;
