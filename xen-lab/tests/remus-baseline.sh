@@ -37,7 +37,10 @@ ls /var/log/xen/console/
 CON2=$(ls /var/log/xen/console/guest-domu1*.log | tail -n 1)
 tail -n 5 "$CON2"
 t=$(last_tick "$CON2")
-say "secondary tick $t"
+first=$(sed -n 's/.*DOMU-TICK \([0-9]*\).*/\1/p' "$CON2" | head -n 1)
+say "secondary ticks: first $first, last $t"
+echo "XENLAB-RESULT remus_receiver_checkpoints=$(grep -c 'All records processed' /tmp/recv.err)"
 echo "XENLAB-SECONDARY-LAST-TICK $t"
 xl list | grep -q domu1 || fail "no domu1 on host 2"
 [ -n "$t" ] || fail "the failed-over guest printed no tick"
+[ "$first" -gt 1 ] || fail "the counter restarted"
