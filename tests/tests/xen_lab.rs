@@ -102,7 +102,7 @@ fn agent_xenstore_backend_sees_a_real_domain_come_and_go() {
 /// enable/clean, dirty pages mapped and copied, vCPU context, the guest keeps running.
 #[test]
 fn checkpoint_xen_backend_tracks_and_maps_a_real_guest() {
-    run_lab("domain", 1, false);
+    run_lab("domain", 1, true);
 }
 
 /// Our engine protects the guest from host 1 to host 2; host 1's QEMU is killed; the

@@ -16,14 +16,16 @@ if [ "$H" = 1 ]; then
   xenft-xen-lab protect "$D" --me host1 --peer host2 $LINK --epoch-ms "$EPOCH_MS" --run-secs "$SECS" > /tmp/protect.log 2>&1 &
   P=$!
   tail -f /tmp/protect.log &
-  wait_until 600 grep -q "committed=" /tmp/protect.log || { cat /tmp/protect.log; fail "ours: no checkpoint committed"; }
+  wait_until 600 grep -q "phase=Protected" /tmp/protect.log || { cat /tmp/protect.log; fail "ours: no checkpoint committed"; }
   xenft-xen-lab suspend-watch "$D" --secs "$((SECS - 5))" --label ours
   wait $P || { tail -n 20 /tmp/protect.log; fail "ours: protect failed"; }
   grep -a "XENLAB" /tmp/protect.log | tail -n 6
   say "remus: waiting for host 2's receiver"
   wait_until 300 sh -c "echo | socat - TCP:10.99.0.2:8003,connect-timeout=1" || fail "no remus receiver"
+  say "remus: starting"
   xl remus -i "$EPOCH_MS" -F -n -d -s "" domu1 "socat - TCP:10.99.0.2:8003" > /tmp/remus.log 2>&1 &
   R=$!
+  tail -f /tmp/remus.log &
   # remus starts with a full copy; time it once it checkpoints
   wait_until 300 sh -c "xenft-xen-lab suspend-watch $D --secs 2 --label probe | grep -q 'probe_suspends=[1-9]'" || fail "remus never checkpointed"
   xenft-xen-lab suspend-watch "$D" --secs "$((SECS - 5))" --label remus
@@ -43,9 +45,13 @@ wait $RP ||
 kill $TP
 grep -a XENLAB /tmp/replica.log | tail -n 3
 xl destroy domu1
+wait_until 30 sh -c "! xl list | grep -q domu1"
+xl list
 mkfifo /tmp/rfifo; trap "" PIPE
 socat TCP-LISTEN:8003,reuseaddr - </dev/null >/dev/null
 socat -T 5 TCP-LISTEN:8003,reuseaddr STDIO < /tmp/rfifo | xl migrate-receive -r > /tmp/rfifo 2>/tmp/recv.err &
+say "remus receiver listening"
 wait
 say "remus receiver done"
+tail -n 15 /tmp/recv.err
 echo "XENLAB-RESULT remus_receiver_checkpoints=$(grep -c 'All records processed' /tmp/recv.err)"

@@ -19,7 +19,7 @@ if [ "$H" = 1 ]; then
   P=$!
   tail -f /tmp/protect.log &
   # protection starts after pre-copy; then run for RUNFOR seconds
-  wait_until 600 grep -q "committed=" /tmp/protect.log || { cat /tmp/protect.log; fail "no checkpoint committed"; }
+  wait_until 600 grep -q "phase=Protected" /tmp/protect.log || { cat /tmp/protect.log; fail "no checkpoint committed"; }
   say "protected, tick $(last_tick)"
   sleep "$RUNFOR"
   kill -0 $P 2>/dev/null || { cat /tmp/protect.log; fail "protection ended early"; }
