@@ -49,7 +49,7 @@ wait_until 30 sh -c "! xl list | grep -q domu1"
 xl list
 mkfifo /tmp/rfifo; trap "" PIPE
 socat TCP-LISTEN:8003,reuseaddr - </dev/null >/dev/null
-socat -T 5 TCP-LISTEN:8003,reuseaddr STDIO < /tmp/rfifo | xl migrate-receive -r > /tmp/rfifo 2>/tmp/recv.err &
+socat -T 30 TCP-LISTEN:8003,reuseaddr STDIO < /tmp/rfifo | xl migrate-receive -r > /tmp/rfifo 2>/tmp/recv.err &
 say "remus receiver listening"
 wait
 say "remus receiver done"

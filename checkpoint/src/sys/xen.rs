@@ -25,6 +25,7 @@
 //! int  xc_domain_resume(xc_interface *, uint32_t domid, int fast);          // libxenguest
 //! struct xs_handle *xs_open(unsigned long flags);                          // libxenstore
 //! bool xs_write(struct xs_handle *, uint32_t t, const char *path, const void *data, unsigned len);
+//! bool xs_resume_domain(struct xs_handle *, unsigned domid);
 //! void xs_close(struct xs_handle *);
 //! ```
 //! Checked in the nested Xen lab (`scripts/xen-lab run domain`, Xen 4.17, PVH guest): pause,
@@ -106,6 +107,7 @@ type XsOpenFn = unsafe extern "C" fn(c_ulong) -> *mut c_void;
 type XsWriteFn =
     unsafe extern "C" fn(*mut c_void, u32, *const std::ffi::c_char, *const c_void, c_uint) -> bool;
 type XsCloseFn = unsafe extern "C" fn(*mut c_void);
+type XsResumeFn = unsafe extern "C" fn(*mut c_void, c_uint) -> bool;
 
 struct Fns {
     close: CloseFn,
@@ -127,6 +129,7 @@ struct Fns {
     xs_open: XsOpenFn,
     xs_write: XsWriteFn,
     xs_close: XsCloseFn,
+    xs_resume: XsResumeFn,
 }
 
 /// Open handles on libxenctrl and libxenforeignmemory.
@@ -219,6 +222,7 @@ impl XenCtrl {
             xs_open: sym!(store, "xs_open", XsOpenFn),
             xs_write: sym!(store, "xs_write", XsWriteFn),
             xs_close: sym!(store, "xs_close", XsCloseFn),
+            xs_resume: sym!(store, "xs_resume_domain", XsResumeFn),
         };
         // SAFETY: NULL loggers select libxenctrl's default logger; flags 0.
         let xch = unsafe { open(std::ptr::null_mut(), std::ptr::null_mut(), 0) };
@@ -494,8 +498,7 @@ impl XenCtrl {
         ))
     }
 
-    /// Writes `value` to xenstore node `path` (opens the xenstore connection on first use).
-    pub fn xs_write(&mut self, path: &str, value: &str) -> Result<(), DomainError> {
+    fn xs_handle(&mut self) -> Result<*mut c_void, DomainError> {
         if self.xs.is_null() {
             // SAFETY: flags 0 = a socket connection to xenstored.
             self.xs = unsafe { (self.fns.xs_open)(0) };
@@ -503,21 +506,36 @@ impl XenCtrl {
                 return Err(errno("xs_open", 0));
             }
         }
+        Ok(self.xs)
+    }
+
+    /// Writes `value` to xenstore node `path` (opens the xenstore connection on first use).
+    pub fn xs_write(&mut self, path: &str, value: &str) -> Result<(), DomainError> {
+        let xs = self.xs_handle()?;
         let p = std::ffi::CString::new(path).map_err(|_| DomainError::WrongState("path"))?;
         let len = c_uint::try_from(value.len()).map_err(|_| DomainError::WrongState("value"))?;
         // SAFETY: open handle, NUL-terminated path, `len` bytes of value; XBT_NULL = 0.
-        if !unsafe { (self.fns.xs_write)(self.xs, 0, p.as_ptr(), value.as_ptr().cast(), len) } {
+        if !unsafe { (self.fns.xs_write)(xs, 0, p.as_ptr(), value.as_ptr().cast(), len) } {
             return Err(errno("xs_write", 0));
         }
         Ok(())
     }
 
     /// `xc_domain_resume(.., fast = 1)`: ends a guest's suspend as cancelled (the guest's
-    /// suspend hypercall returns 1 and it carries on with its event channels intact).
+    /// suspend hypercall returns 1 and it carries on with its event channels intact), then
+    /// `xs_resume_domain`, as libxl does: xenstored marked the domain shut down when it
+    /// suspended and fires `@releaseDomain` for a later suspend only once told it resumed
+    /// (without it the next `xl` suspend of the guest waits forever).
     pub fn resume_cancelled(&mut self, domid: u32) -> Result<(), DomainError> {
         // SAFETY: valid handle; integer arguments.
         if unsafe { (self.fns.resume)(self.xch, domid, 1) } != 0 {
             return Err(errno("xc_domain_resume", domid));
+        }
+        let xs = self.xs_handle()?;
+        let id = c_uint::try_from(domid).map_err(|_| DomainError::WrongState("domid"))?;
+        // SAFETY: open handle; integer domid.
+        if !unsafe { (self.fns.xs_resume)(xs, id) } {
+            return Err(errno("xs_resume_domain", domid));
         }
         Ok(())
     }
