@@ -54,4 +54,6 @@ say "remus receiver listening"
 wait
 say "remus receiver done"
 tail -n 15 /tmp/recv.err
-echo "XENLAB-RESULT remus_receiver_checkpoints=$(grep -c 'All records processed' /tmp/recv.err)"
+n=$(grep -c 'All records processed' /tmp/recv.err)
+echo "XENLAB-RESULT remus_receiver_checkpoints=$n"
+[ "$n" -gt 0 ] || fail "xl remus never checkpointed"
