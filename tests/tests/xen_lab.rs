@@ -31,7 +31,7 @@ fn has_command(c: &str) -> bool {
 fn lab_unavailable(hosts: u64, needs_opt_in: bool) -> Option<String> {
     let opted_in = std::env::var("XENFT_XEN_LAB").is_ok_and(|v| v == "1");
     if needs_opt_in && !opted_in {
-        return Some("long two-host lab test; set XENFT_XEN_LAB=1 to run it".into());
+        return Some("long lab test (over a minute); set XENFT_XEN_LAB=1 to run it".into());
     }
     if !has_command("qemu-system-x86_64") && !opted_in {
         return Some("qemu-system-x86_64 is not installed (XENFT_XEN_LAB=1 installs it)".into());
