@@ -56,7 +56,9 @@
 //! # }
 //! ```
 //! **Secondary host.** Build the replica (an all-zero domain of the same size, paused; for
-//! the synthetic guest [`local::LocalDomain::replica`]) and start receiving:
+//! the synthetic guest [`local::LocalDomain::replica`]; on Xen a domain created paused from the
+//! same configuration, `xl create -p`, opened with [`xen::XenDomain::open_replica`], which
+//! zeroes it) and start receiving:
 //! ```no_run
 //! # use xenft_checkpoint::engine::{secondary::*, transport::memory_pair};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
