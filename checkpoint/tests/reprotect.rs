@@ -163,6 +163,14 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     );
     assert_eq!(st["guest_pid"].as_u64(), Some(pid), "{st}");
     assert!(alive(pid));
+    // The guest keeps running while protected: its workload counter grows.
+    let counter = |v: &Value| v["primary"]["guest_counter"].as_u64().unwrap_or(0);
+    let c0 = counter(&st);
+    assert!(
+        wait_until(Duration::from_secs(10), || control(&b_ctl, "status")
+            .is_some_and(|v| counter(&v) > c0)),
+        "the protected guest makes no progress: {st}"
+    );
 
     // `unprotect` ends protection; the guest keeps running.
     let u = control(&b_ctl, "unprotect").unwrap();

@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use xenft_checkpoint::domain::{Domain, DomainError, VcpuContext};
 use xenft_checkpoint::engine::commit::{CommitSink, RecordingSink};
 use xenft_checkpoint::engine::primary::{
     start_protection, start_protection_keep_domain, EpochPolicy, Phase, PrimaryConfig, Protection,
@@ -438,7 +439,6 @@ fn main() -> anyhow::Result<()> {
             let status = sec.status();
             let (mut domain, epoch) = sec.failover()?;
             std::thread::sleep(Duration::from_millis(run_ms));
-            use xenft_checkpoint::domain::Domain;
             domain.pause()?;
             let st = WorkloadState::decode(&domain.vcpu_context()?.0)?;
             println!(
@@ -476,9 +476,70 @@ enum Replica {
     Failed(String),
 }
 
+/// The resumed guest as the engine sees it while protecting: each checkpoint's vCPU state
+/// (the synthetic guest's workload counter) is noted, so `status` shows the guest progressing.
+struct Observed {
+    inner: LocalDomain,
+    /// The workload counter at the last checkpoint.
+    counter: Arc<AtomicU64>,
+}
+
+impl Observed {
+    fn note(&self, ctx: &VcpuContext) {
+        if let Ok(w) = WorkloadState::decode(&ctx.0) {
+            self.counter.store(w.counter, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Domain for Observed {
+    fn memory_pages(&self) -> u64 {
+        self.inner.memory_pages()
+    }
+    fn pause(&mut self) -> Result<(), DomainError> {
+        self.inner.pause()
+    }
+    fn resume(&mut self) -> Result<(), DomainError> {
+        self.inner.resume()
+    }
+    fn enable_dirty_log(&mut self) -> Result<(), DomainError> {
+        self.inner.enable_dirty_log()
+    }
+    fn disable_dirty_log(&mut self) -> Result<(), DomainError> {
+        self.inner.disable_dirty_log()
+    }
+    fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError> {
+        self.inner.read_and_clear_dirty()
+    }
+    fn read_pages(&mut self, pfns: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
+        self.inner.read_pages(pfns, out)
+    }
+    fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), DomainError> {
+        self.inner.write_pages(pfns, data)
+    }
+    fn vcpu_context(&mut self) -> Result<VcpuContext, DomainError> {
+        let c = self.inner.vcpu_context()?;
+        self.note(&c);
+        Ok(c)
+    }
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        let (d, c) = self.inner.pause_and_collect()?;
+        self.note(&c);
+        Ok((d, c))
+    }
+    fn set_vcpu_context(&mut self, ctx: &VcpuContext) -> Result<(), DomainError> {
+        self.inner.set_vcpu_context(ctx)
+    }
+    fn start_from_replica(&mut self) -> Result<(), DomainError> {
+        self.inner.start_from_replica()
+    }
+}
+
 /// The resumed guest, protected by this process as a primary.
 struct Reprotection {
-    protection: Protection<LocalDomain>,
+    protection: Protection<Observed>,
+    /// The guest's workload counter at the last checkpoint.
+    counter: Arc<AtomicU64>,
     /// A handle on the link, to cut it when protection must end now (`unprotect`).
     link: UnixStream,
     /// The secondary's socket.
@@ -543,12 +604,12 @@ fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
     let epoch = r.resumed_epoch;
     match r.protection.stop_keep_domain() {
         Ok(domain) => Replica::Running {
-            domain,
+            domain: domain.inner,
             epoch,
             last_error: why,
         },
         Err((Some(domain), e)) => Replica::Running {
-            domain,
+            domain: domain.inner,
             epoch,
             last_error: why.or_else(|| Some(e.to_string())),
         },
@@ -614,11 +675,17 @@ fn protect(
         epoch: EpochPolicy::Fixed(Duration::from_millis(re.protect_epoch_ms)),
         ..PrimaryConfig::default()
     };
-    match start_protection_keep_domain(domain, endpoint, sink, config) {
+    let counter = Arc::new(AtomicU64::new(0));
+    let observed = Observed {
+        inner: domain,
+        counter: Arc::clone(&counter),
+    };
+    match start_protection_keep_domain(observed, endpoint, sink, config) {
         Ok(protection) => {
             tracing::warn!(peer = %peer.display(), "the resumed guest is protected again");
             *state = Replica::Protecting(Box::new(Reprotection {
                 protection,
+                counter,
                 link,
                 peer: peer.clone(),
                 resumed_epoch: epoch,
@@ -630,7 +697,7 @@ fn protect(
             let why = e.to_string();
             *state = match domain {
                 Some(domain) => Replica::Running {
-                    domain,
+                    domain: domain.inner,
                     epoch,
                     last_error: Some(why.clone()),
                 },
@@ -645,7 +712,8 @@ fn protect(
 /// - `status` → `{"ok":true,"state":"waiting|receiving|stopped|running|protecting|failed",
 ///   "committed_epoch":N|null,"applied_epochs":..,"rejected_epochs":..,"primary_gone":..}`;
 ///   once resumed also `"guest_pid"`, and while protecting `"primary":{"phase","reason",
-///   "epoch","committed_epoch","checkpoints","pause_p99_ms","pause_max_ms","peer"}`; after a
+///   "epoch","committed_epoch","checkpoints","pause_p99_ms","pause_max_ms","guest_counter"
+///   (the guest's workload counter at the last checkpoint),"peer"}`; after a
 ///   failed protection `"last_error"`;
 /// - `stop` → stops receiving (a partly received epoch is discarded) and freezes the replica at
 ///   its last committed checkpoint: `{"ok":true,"committed_epoch":N|null}` (the agent commits
@@ -767,6 +835,7 @@ fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde
                         "checkpoints": s.checkpoints,
                         "pause_p99_ms": s.pause.p99,
                         "pause_max_ms": s.pause.max,
+                        "guest_counter": r.counter.load(Ordering::Relaxed),
                         "peer": r.peer,
                     });
                 }
