@@ -1,0 +1,147 @@
+//! Level-3 re-protection end to end with the real components (root, namespaces): h1 protects
+//! a synthetic guest toward h2 (checkpoint engine, blkback, netback, agents); h1 is SIGKILLed
+//! and h2's agent resumes the guest from its last checkpoint. h1 then comes back the way a
+//! host does — a fresh `xenft-checkpoint secondary --control`, blkback secondary, relay in
+//! standby, agent — and nobody else acts: h2's agent resyncs the disk and asks its engine to
+//! protect the running guest toward h1, so vm1 is protected again, h1's replica commits
+//! growing checkpoints, and the guest on h2 kept running (same process, its workload counter
+//! moving) throughout.
+
+mod agent_shims;
+
+use std::time::{Duration, Instant};
+
+use agent_shims::{control, wait_until, Pool};
+use serde_json::Value;
+use xenft_tests::netns::require_root;
+
+fn alive(pid: u64) -> bool {
+    i32::try_from(pid)
+        .is_ok_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok())
+}
+
+/// The committed checkpoint of host `i`'s engine (0 when unknown).
+fn committed(pool: &Pool, i: usize) -> u64 {
+    control(&pool.ckpt_ctl(i), "status")
+        .and_then(|v| v["committed_epoch"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_protected_again() {
+    if !require_root(
+        "after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_protected_again",
+    ) {
+        return;
+    }
+    // Arrange: the level-3 pool of agent_shims_level3_pool, protected on h1.
+    let mut pool = Pool::new();
+    pool.level = 3;
+    pool.start_blkback(1, "secondary");
+    pool.start_netback(1, "standby");
+    pool.start_checkpoint(1, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .blk(1, "epoch-mode on")
+        .is_some_and(|v| v["ok"] == true)));
+    pool.start_blkback(0, "primary");
+    pool.start_netback(0, "buffered");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .p("ck.sock")
+        .exists()));
+    pool.start_checkpoint(0, "primary");
+    pool.start_agent(1);
+    pool.start_agent(0);
+    assert!(
+        pool.wait_protected(),
+        "h1 never protected vm1\n{}",
+        pool.log("agent-h1.log")
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&pool, 1) > 3),
+        "h2's replica holds no checkpoint\n{}",
+        pool.log("ck-h2.log")
+    );
+
+    // h1 dies; h2 takes over and resumes the guest.
+    pool.kill_host(0);
+    assert!(
+        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
+            |(local, _, primary)| local == "running" && primary == "h2"
+        )),
+        "h2 did not take over: {:?}\n{}",
+        pool.vm1(1),
+        pool.log("agent-h2.log")
+    );
+    let st = control(&pool.ckpt_ctl(1), "status").unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+    let pid = st["guest_pid"].as_u64().expect("the resumed guest's pid");
+
+    // Act: h1 comes back as a host does, with every component in the secondary role.
+    let back = Instant::now();
+    pool.start_blkback(0, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .blk(0, "epoch-mode on")
+        .is_some_and(|v| v["ok"] == true)));
+    pool.start_netback(0, "standby");
+    pool.start_checkpoint(0, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .ckpt_ctl(0)
+        .exists()));
+    pool.start_agent(0);
+
+    // Assert: protected again on h2, through the agent's status API.
+    let protected = wait_until(Duration::from_secs(30), || {
+        pool.vm1(1).is_some_and(|(local, phase, primary)| {
+            local == "running" && phase == "protected" && primary == "h2"
+        })
+    });
+    assert!(
+        protected,
+        "vm1 not protected again: h2 {:?}, h1 {:?}\n{}\n{}",
+        pool.vm1(1),
+        pool.vm1(0),
+        pool.log("agent-h2.log"),
+        pool.log("ck-h2.log")
+    );
+    let (local, _, primary) = pool.vm1(0).unwrap();
+    assert_eq!(
+        (local.as_str(), primary.as_str()),
+        ("stopped", "h2"),
+        "h1 must be the secondary"
+    );
+    // h1's new replica commits growing checkpoints of the guest running on h2.
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&pool, 0) > 3),
+        "h1's replica receives no checkpoint: {:?}\n{}",
+        control(&pool.ckpt_ctl(0), "status"),
+        pool.log("ck-h2.log")
+    );
+    let first = committed(&pool, 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&pool, 0) > first + 3),
+        "h1's committed epoch does not grow past {first}"
+    );
+    let st = control(&pool.ckpt_ctl(1), "status").unwrap();
+    assert_eq!(st["state"], "protecting", "{st}");
+    assert_eq!(st["primary"]["phase"], "protected", "{st}");
+    // The guest was never stopped or restarted: same process, and its work goes on.
+    assert_eq!(st["guest_pid"].as_u64(), Some(pid), "{st}");
+    assert!(alive(pid), "the guest on h2 died");
+    let counter = |v: &Value| v["primary"]["guest_counter"].as_u64().unwrap_or(0);
+    let c0 = counter(&st);
+    assert!(
+        wait_until(Duration::from_secs(10), || control(
+            &pool.ckpt_ctl(1),
+            "status"
+        )
+        .is_some_and(|v| counter(&v) > c0)),
+        "the guest on h2 makes no progress while protected: {st}"
+    );
+    eprintln!(
+        "re-protected {:?} after h1 came back; h1 committed epoch {}, checkpoint pause p99 {} ms, max {} ms",
+        back.elapsed(),
+        committed(&pool, 0),
+        st["primary"]["pause_p99_ms"],
+        st["primary"]["pause_max_ms"]
+    );
+}
