@@ -121,6 +121,20 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         wait_until(Duration::from_secs(10), || committed(&pool, 0) > first + 3),
         "h1's committed epoch does not grow past {first}"
     );
+    // h2's relay, in pass-through since the take-over, buffers output per epoch again.
+    let relay = |k: &str| {
+        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#)
+            .and_then(|v| v["counters"][k].as_u64())
+            .unwrap_or(0)
+    };
+    let r0 = relay("committed_epoch");
+    assert!(
+        wait_until(Duration::from_secs(10), || relay("committed_epoch")
+            > r0 + 3),
+        "h2's relay does not commit output epochs: {:?}\n{}",
+        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#),
+        pool.log("ck-h2.log")
+    );
     let st = control(&pool.ckpt_ctl(1), "status").unwrap();
     assert_eq!(st["state"], "protecting", "{st}");
     assert_eq!(st["primary"]["phase"], "protected", "{st}");

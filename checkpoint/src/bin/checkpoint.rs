@@ -7,7 +7,10 @@
 //! With the shims: `primary --blkback-control S --netback-control T` stamps and commits the
 //! VM's disk epochs on its blkback primary and output epochs on its relay (the engine's
 //! `CommitSink`); `secondary --control C` leaves the take-over to the agent (`status`, `stop`
-//! = freeze at the last committed checkpoint, `failover` = resume from it).
+//! = freeze at the last committed checkpoint, `failover` = resume from it). After `failover`,
+//! `protect <socket>` protects the resumed guest toward a fresh secondary (the old primary's
+//! host, returned) as `primary` does — level-3 re-protection — and `unprotect` ends it; the
+//! guest keeps running whatever happens to the protection.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -78,7 +81,10 @@ struct ReprotectArgs {
     /// This host's `xenft-blkback` control socket (stamped as `primary --blkback-control`).
     #[arg(long)]
     blkback_control: Option<PathBuf>,
-    /// This host's `xenft-netback` control socket (as `primary --netback-control`).
+    /// This host's `xenft-netback` control socket (as `primary --netback-control`). The relay
+    /// runs in pass-through after the take-over: it is switched to buffered at the first
+    /// checkpoint (its epochs numbered after its own) and back to pass-through, releasing
+    /// what it holds, when protection ends.
     #[arg(long)]
     netback_control: Option<PathBuf>,
     /// Epoch length in ms when protecting.
@@ -235,12 +241,63 @@ struct CrashSink {
     blkback: Option<PathBuf>,
     /// The netback relay's control socket (`--netback-control`).
     netback: Option<PathBuf>,
+    /// Re-protection after a take-over: the relay runs in pass-through with epoch numbers of
+    /// its own; it is switched to buffered at the first checkpoint.
+    relay: Option<RelayBuffering>,
+}
+
+/// The relay's output buffering when protection starts on a running guest (`protect`).
+#[derive(Default)]
+struct RelayBuffering {
+    /// Relay epoch = engine epoch + `base` (the relay's epochs only ever increase).
+    base: AtomicU64,
+    /// Buffered mode is on.
+    on: std::sync::atomic::AtomicBool,
+}
+
+impl RelayBuffering {
+    /// The relay epoch of engine epoch `epoch`, once buffering is on.
+    fn map(&self, epoch: u64) -> Option<u64> {
+        self.on
+            .load(Ordering::Acquire)
+            .then(|| epoch.saturating_add(self.base.load(Ordering::Acquire)))
+    }
+
+    /// Turns buffering on, numbering after the relay's own epochs; false if the relay could
+    /// not be asked (retried at the next checkpoint; output is not held meanwhile).
+    fn start(&self, relay: &std::path::Path) -> bool {
+        if self.on.load(Ordering::Acquire) {
+            return true;
+        }
+        let Ok(v) = shim_call(relay, r#"{"op":"counters"}"#) else {
+            return false;
+        };
+        let c = &v["counters"];
+        let base = c["epoch"]
+            .as_u64()
+            .unwrap_or(0)
+            .max(c["committed_epoch"].as_u64().unwrap_or(0));
+        if let Err(e) = shim_call(relay, r#"{"op":"set_mode","mode":"buffered"}"#) {
+            tracing::warn!(error = %e, "the relay did not switch to buffered mode");
+            return false;
+        }
+        self.base.store(base, Ordering::Release);
+        self.on.store(true, Ordering::Release);
+        true
+    }
 }
 
 /// One line to a shim's control socket; the reply must say `"ok":true`. A shim that fails
 /// is logged: the disk then lags the memory checkpoints (its writes stay held, which the
 /// take-over's commit-up-to-checkpoint handles), the relay holds its output longer.
 fn shim_request(path: &std::path::Path, line: &str) {
+    if let Err(e) = shim_call(path, line) {
+        tracing::warn!(%line, error = %e, "shim request failed");
+    }
+}
+
+/// One line to a shim's control socket; the reply object if it says `"ok":true`.
+fn shim_call(path: &std::path::Path, line: &str) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, BufReader, Read, Write};
     let r = (|| -> std::io::Result<String> {
         let mut s = UnixStream::connect(path)?;
@@ -251,9 +308,11 @@ fn shim_request(path: &std::path::Path, line: &str) {
         Ok(reply)
     })();
     match r {
-        Ok(reply) if reply.contains("\"ok\":true") => {}
-        Ok(reply) => tracing::warn!(%line, reply = %reply.trim(), "shim refused"),
-        Err(e) => tracing::warn!(%line, error = %e, "shim control socket"),
+        Ok(reply) => match serde_json::from_str::<serde_json::Value>(&reply) {
+            Ok(v) if v["ok"] == true => Ok(v),
+            _ => Err(format!("refused: {}", reply.trim())),
+        },
+        Err(e) => Err(format!("control socket: {e}")),
     }
 }
 
@@ -264,8 +323,16 @@ impl CommitSink for CrashSink {
             shim_request(b, &format!("checkpoint {epoch}"));
         }
         if let Some(n) = &self.netback {
-            let next = epoch.saturating_add(1);
-            shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
+            let next = match &self.relay {
+                None => Some(epoch.saturating_add(1)),
+                Some(r) => {
+                    r.start(n);
+                    r.map(epoch.saturating_add(1))
+                }
+            };
+            if let Some(next) = next {
+                shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
+            }
         }
         self.inner.checkpoint(epoch);
     }
@@ -281,7 +348,13 @@ impl CommitSink for CrashSink {
             shim_request(b, &format!("commit {epoch}"));
         }
         if let Some(n) = &self.netback {
-            shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{epoch}}}"));
+            let at = match &self.relay {
+                None => Some(epoch),
+                Some(r) => r.map(epoch),
+            };
+            if let Some(at) = at {
+                shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{at}}}"));
+            }
         }
         self.inner.commit(epoch);
         if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
@@ -379,6 +452,7 @@ fn main() -> anyhow::Result<()> {
                 crash,
                 blkback: blkback_control,
                 netback: netback_control,
+                relay: None,
             });
             let protection = start_protection(
                 domain,
@@ -540,6 +614,8 @@ struct Reprotection {
     protection: Protection<Observed>,
     /// The guest's workload counter at the last checkpoint.
     counter: Arc<AtomicU64>,
+    /// The relay to put back in pass-through when protection ends.
+    relay: Option<PathBuf>,
     /// A handle on the link, to cut it when protection must end now (`unprotect`).
     link: UnixStream,
     /// The secondary's socket.
@@ -602,7 +678,12 @@ fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
         let _ = r.link.shutdown(std::net::Shutdown::Both);
     }
     let epoch = r.resumed_epoch;
-    match r.protection.stop_keep_domain() {
+    let stopped = r.protection.stop_keep_domain();
+    // Unprotected again: the relay releases what it holds and passes output through.
+    if let Some(n) = &r.relay {
+        shim_request(n, r#"{"op":"set_mode","mode":"passthrough"}"#);
+    }
+    match stopped {
         Ok(domain) => Replica::Running {
             domain: domain.inner,
             epoch,
@@ -670,6 +751,7 @@ fn protect(
         crash: None,
         blkback: re.blkback_control.clone(),
         netback: re.netback_control.clone(),
+        relay: Some(RelayBuffering::default()),
     });
     let config = PrimaryConfig {
         epoch: EpochPolicy::Fixed(Duration::from_millis(re.protect_epoch_ms)),
@@ -686,6 +768,7 @@ fn protect(
             *state = Replica::Protecting(Box::new(Reprotection {
                 protection,
                 counter,
+                relay: re.netback_control.clone(),
                 link,
                 peer: peer.clone(),
                 resumed_epoch: epoch,
