@@ -5,7 +5,7 @@
 //! standby, agent — and nobody else acts: h2's agent resyncs the disk and asks its engine to
 //! protect the running guest toward h1, so vm1 is protected again, h1's replica commits
 //! growing checkpoints, and the guest on h2 kept running (same process, its workload counter
-//! moving) throughout.
+//! moving) throughout. Then h2 dies in turn and h1 resumes the guest from those checkpoints.
 
 mod agent_shims;
 
@@ -158,4 +158,24 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         st["primary"]["pause_p99_ms"],
         st["primary"]["pause_max_ms"]
     );
+
+    // The protection is real: when h2 dies in turn, h1 resumes the guest from the checkpoints
+    // it received since it came back.
+    let before = committed(&pool, 0);
+    pool.kill_host(1);
+    assert!(
+        wait_until(Duration::from_secs(15), || pool.vm1(0).is_some_and(
+            |(local, _, primary)| local == "running" && primary == "h1"
+        )),
+        "h1 did not take over in turn: {:?}\n{}",
+        pool.vm1(0),
+        pool.log("agent-h1.log")
+    );
+    let st = control(&pool.ckpt_ctl(0), "status").unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(
+        st["committed_epoch"].as_u64().unwrap() >= before,
+        "h1 resumed from an older checkpoint than it held: {st}"
+    );
+    assert!(st["guest_pid"].as_u64().is_some_and(alive), "{st}");
 }
