@@ -5,9 +5,10 @@
 //! ends protection with the guest still running.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -36,23 +37,55 @@ fn spawn(dir: &Path, args: &[&str], log: &str) -> KillOnDrop {
     KillOnDrop(c)
 }
 
-fn secondary(dir: &Path, name: &str) -> (KillOnDrop, PathBuf, PathBuf) {
+fn secondary(dir: &Path, name: &str, extra: &[&str]) -> (KillOnDrop, PathBuf, PathBuf) {
     let listen = dir.join(format!("{name}.sock"));
     let ctl = dir.join(format!("{name}.ctl"));
-    let c = spawn(
-        dir,
-        &[
-            "secondary",
-            "--listen",
-            listen.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-            "--protect-epoch-ms",
-            "20",
-        ],
-        &format!("{name}.log"),
-    );
+    let mut args = vec![
+        "secondary",
+        "--listen",
+        listen.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+        "--protect-epoch-ms",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    let c = spawn(dir, &args, &format!("{name}.log"));
     (c, listen, ctl)
+}
+
+/// A stand-in relay control socket (`xenft-netback --control`): records each request line,
+/// says ok, and reports epoch 50 as its own.
+fn fake_relay(path: &Path) -> Arc<Mutex<Vec<String>>> {
+    let l = UnixListener::bind(path).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut line = String::new();
+            if BufReader::new(&s).read_line(&mut line).is_err() {
+                continue;
+            }
+            let reply = if line.contains("counters") {
+                r#"{"ok":true,"counters":{"epoch":50,"committed_epoch":49}}"#
+            } else {
+                r#"{"ok":true}"#
+            };
+            s2.lock().unwrap().push(line.trim().to_string());
+            let _ = writeln!(s, "{reply}");
+        }
+    });
+    seen
+}
+
+fn passthrough_requests(relay: &Mutex<Vec<String>>) -> usize {
+    relay
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(r#""mode":"passthrough""#))
+        .count()
 }
 
 fn control(path: &Path, cmd: &str) -> Option<Value> {
@@ -91,7 +124,10 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Arrange: A protects its guest toward B; A dies; B's agent fails over.
-    let (_b, b_sock, b_ctl) = secondary(d, "b");
+    let relay_sock = d.join("relay.ctl");
+    let relay = fake_relay(&relay_sock);
+    let (_b, b_sock, b_ctl) =
+        secondary(d, "b", &["--netback-control", relay_sock.to_str().unwrap()]);
     assert!(wait_until(Duration::from_secs(10), || b_sock.exists()));
     let mut a = spawn(
         d,
@@ -136,7 +172,7 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     }
 
     // Act: C (the returning host) listens; B protects its running guest toward it.
-    let (mut c, c_sock, c_ctl) = secondary(d, "c");
+    let (mut c, c_sock, c_ctl) = secondary(d, "c", &[]);
     assert!(wait_until(Duration::from_secs(10), || c_sock.exists()));
     let p = control(&b_ctl, &format!("protect {}", c_sock.display())).unwrap();
     assert_eq!(p["ok"], true, "{p}");
@@ -172,6 +208,29 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
         "the protected guest makes no progress: {st}"
     );
 
+    // The relay buffers the guest's output again, numbered after its own epochs (50).
+    {
+        let seen = relay.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|l| l.contains(r#""op":"set_mode","mode":"buffered""#)),
+            "{seen:?}"
+        );
+        let first_begin = seen.iter().find(|l| l.contains("begin_epoch")).unwrap();
+        let n: u64 = first_begin
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('}')
+            .parse()
+            .unwrap();
+        assert!(n > 50, "relay epochs must keep increasing: {first_begin}");
+        assert!(
+            seen.iter().any(|l| l.contains(r#""op":"commit""#)),
+            "{seen:?}"
+        );
+    }
+
     // `unprotect` ends protection; the guest keeps running.
     let u = control(&b_ctl, "unprotect").unwrap();
     assert_eq!(u["ok"], true, "{u}");
@@ -183,12 +242,21 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     // Protected again, then the secondary dies: B reports it and keeps the guest.
     let _ = c.0.kill();
     let _ = c.0.wait();
-    let (c2, c2_sock, c2_ctl) = secondary(d, "c2");
+    let (c2, c2_sock, c2_ctl) = secondary(d, "c2", &[]);
     assert!(wait_until(Duration::from_secs(10), || c2_sock.exists()));
     let p = control(&b_ctl, &format!("protect {}", c2_sock.display())).unwrap();
     assert_eq!(p["ok"], true, "{p}");
     assert!(wait_until(Duration::from_secs(20), || committed(&c2_ctl) > 1));
+    let held = passthrough_requests(&relay);
     drop(c2);
+    // Noticed without any request: the relay is put back in pass-through (releasing what it
+    // held), so the unprotected guest's output is not held until someone asks.
+    assert!(
+        wait_until(Duration::from_secs(10), || passthrough_requests(&relay)
+            > held),
+        "the relay still holds output after the secondary died: {:?}",
+        relay.lock().unwrap()
+    );
     assert!(
         wait_until(Duration::from_secs(10), || control(&b_ctl, "status")
             .is_some_and(

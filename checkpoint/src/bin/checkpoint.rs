@@ -854,6 +854,13 @@ fn control_mode(
             }
         }
     });
+    // A protection that ends by itself (the secondary died) is noticed without waiting for a
+    // request: the guest is taken back and the relay stops holding its output.
+    let st = Arc::clone(&state);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        refresh(&mut st.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    });
     let _ = std::fs::remove_file(listen);
     let l = UnixListener::bind(listen).with_context(|| format!("binding {}", listen.display()))?;
     let (sock, _) = l.accept()?;
