@@ -44,7 +44,9 @@
 //! when the old primary's host returns with a fresh secondary, the agent resyncs the disk and
 //! then asks the engine to `protect` toward that socket, so the VM is fully protected again
 //! without operator action. Like `xenft-checkpoint primary --connect`, it is a Unix socket
-//! path (the local pool's hosts share a filesystem); absolute, at most 107 bytes.
+//! path (the local pool's hosts share a filesystem); absolute, at most 107 bytes. The VM counts
+//! as protected once that host holds the first checkpoint, within
+//! `checkpoint.protect_timeout_ms` (default 120000).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -715,6 +715,24 @@ fn refresh(state: &mut Replica) {
     *state = reclaim(*r, true, Some(why));
 }
 
+/// Before a new protection numbers its checkpoints from 1 again: writes from now on are
+/// stamped epoch 0 (committed with the first checkpoint), and every write still held on the
+/// secondary under an older, higher number is committed — all of them precede the first
+/// checkpoint, so a take-over from any checkpoint of the new protection must keep them.
+fn restart_disk_epochs(blkback: &std::path::Path) {
+    let current = shim_call(blkback, "status")
+        .ok()
+        .and_then(|v| v["primary"]["epoch"].as_u64());
+    let Some(current) = current else {
+        tracing::warn!("blkback is not a primary: the disk epochs are not stamped");
+        return;
+    };
+    shim_request(blkback, "epoch 0");
+    if current > 0 {
+        shim_request(blkback, &format!("commit {current}"));
+    }
+}
+
 /// `protect <socket>`: the resumed guest is protected toward a secondary at `socket`.
 fn protect(
     state: &mut Replica,
@@ -742,6 +760,9 @@ fn protect(
         .try_clone()
         .map_err(|e| ProtectError::Engine(e.to_string()))?;
     let endpoint = unix_stream(sock).map_err(|e| ProtectError::Engine(e.to_string()))?;
+    if let Some(b) = &re.blkback_control {
+        restart_disk_epochs(b);
+    }
     let Replica::Running { domain, epoch, .. } = std::mem::replace(state, Replica::Waiting) else {
         return Err(ProtectError::NotRunning("changed"));
     };

@@ -12,7 +12,8 @@
 //! runtime first resyncs the disk, then calls `protect`: if the local engine is that resumed
 //! replica (`status` says `running`), it is asked to `protect <peer_listen>`, and memory
 //! replication resumes toward the returning host without pausing the guest beyond an epoch's
-//! checkpoint. An engine started as `primary` by the host has no control socket here, and
+//! checkpoint. The sync counts as done (the VM `protected`) once the returning host holds the
+//! first checkpoint, within `checkpoint.protect_timeout_ms`. An engine started as `primary` by the host has no control socket here, and
 //! protects by itself.
 
 use std::path::PathBuf;
@@ -30,12 +31,13 @@ pub struct CheckpointDriver {
     ctl: ControlSocket,
     /// The peer's secondary socket, for re-protection.
     peer_listen: Option<PathBuf>,
-    /// How long `protect` waits for the returning host's secondary to listen.
+    /// How long `protect` waits for the returning host's secondary to listen and hold its
+    /// first checkpoint.
     protect_wait: Duration,
 }
 
 /// Default of [`CheckpointDriver::with_protect_wait`].
-pub const PROTECT_WAIT: Duration = Duration::from_secs(30);
+pub const PROTECT_WAIT: Duration = Duration::from_secs(120);
 const PROTECT_POLL: Duration = Duration::from_millis(200);
 
 /// One `protect` attempt's failure: worth retrying (the peer's secondary may not listen yet)
@@ -99,7 +101,13 @@ impl CheckpointDriver {
                     // The engine hands the guest back by itself; ask again.
                     return Err(Attempt::Retry("the previous protection failed".into()));
                 }
-                Ok(())
+                // Protected once the peer holds a checkpoint to resume from.
+                match st["primary"]["committed_epoch"].as_u64() {
+                    Some(n) if n > 0 => Ok(()),
+                    _ => Err(Attempt::Retry(
+                        "waiting for the peer's first committed checkpoint".into(),
+                    )),
+                }
             }
             Some("running") => {
                 let Some(peer) = &self.peer_listen else {
@@ -110,7 +118,9 @@ impl CheckpointDriver {
                     ));
                 };
                 match self.ctl.request(&format!("protect {}", peer.display())) {
-                    Ok(_) => Ok(()),
+                    Ok(_) => Err(Attempt::Retry(
+                        "protection started; waiting for the peer's first checkpoint".into(),
+                    )),
                     // Typically: the returning host's secondary does not listen yet.
                     Err(e) => Err(Attempt::Retry(e.to_string())),
                 }
@@ -219,24 +229,42 @@ mod tests {
     }
 
     #[test]
-    fn a_resumed_replica_is_asked_to_protect_toward_the_peer() {
-        let (_d, p, seen) = fake::serve(Box::new(|l| match l {
-            "status" => r#"{"ok":true,"state":"running","committed_epoch":7}"#.into(),
-            _ => r#"{"ok":true}"#.into(),
+    fn a_resumed_replica_is_asked_to_protect_and_counts_once_the_peer_holds_a_checkpoint() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        // running → (protect) → protecting in pre-copy → protecting with checkpoint 3.
+        let step = std::sync::Arc::new(AtomicU32::new(0));
+        let (_d, p, seen) = fake::serve(Box::new(move |l| {
+            match (l, step.load(Ordering::SeqCst)) {
+            ("status", 0) => r#"{"ok":true,"state":"running","committed_epoch":7}"#.into(),
+            ("status", 1) => {
+                step.store(2, Ordering::SeqCst);
+                r#"{"ok":true,"state":"protecting","primary":{"phase":"precopy","committed_epoch":0}}"#.into()
+            }
+            ("status", _) => r#"{"ok":true,"state":"protecting","primary":{"phase":"protected","committed_epoch":3}}"#.into(),
+            _ => {
+                step.store(1, Ordering::SeqCst);
+                r#"{"ok":true}"#.into()
+            }
+        }
         }));
         let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)))
             .with_peer_listen(Some("/run/xenft/peer-ck.sock".into()));
         drv.protect(&vm(), &host()).unwrap();
         assert_eq!(
             *seen.lock().unwrap(),
-            vec!["status", "protect /run/xenft/peer-ck.sock"]
+            vec![
+                "status",
+                "protect /run/xenft/peer-ck.sock",
+                "status",
+                "status"
+            ]
         );
     }
 
     #[test]
     fn an_engine_already_protecting_or_without_control_socket_is_left_alone() {
         let (_d, p, seen) = fake::serve(Box::new(|_| {
-            r#"{"ok":true,"state":"protecting","primary":{"phase":"protected"}}"#.into()
+            r#"{"ok":true,"state":"protecting","primary":{"phase":"protected","committed_epoch":9}}"#.into()
         }));
         let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)))
             .with_peer_listen(Some("/x.sock".into()));

@@ -112,6 +112,14 @@ pub struct CheckpointFile {
     /// toward it. Without it a level-3 VM cannot be re-protected after a take-over here.
     #[serde(default)]
     pub peer_listen: Option<PathBuf>,
+    /// Re-protection at most this long (milliseconds): until the peer's secondary listens and
+    /// holds the first checkpoint (pre-copy of the whole memory included).
+    #[serde(default = "default_protect_timeout")]
+    pub protect_timeout_ms: u64,
+}
+
+fn default_protect_timeout() -> u64 {
+    120_000
 }
 
 /// The components of one VM (`vm_drivers.<vm>` in the agent's config).
@@ -193,6 +201,7 @@ impl VmDriversFile {
             (Some(c), _) => {
                 check_socket(vm, "checkpoint", &c.control)?;
                 check_timeout(vm, "checkpoint.request_timeout_ms", c.request_timeout_ms)?;
+                check_timeout(vm, "checkpoint.protect_timeout_ms", c.protect_timeout_ms)?;
                 if let Some(p) = &c.peer_listen {
                     check_peer_listen(vm, p)?;
                 }
@@ -330,7 +339,8 @@ pub fn real_seams(
             checkpoints.insert(
                 vm.clone(),
                 CheckpointDriver::new(ControlSocket::new(&c.control, ms(c.request_timeout_ms)))
-                    .with_peer_listen(c.peer_listen.clone()),
+                    .with_peer_listen(c.peer_listen.clone())
+                    .with_protect_wait(ms(c.protect_timeout_ms)),
             );
         }
         if let Some(dom) = &d.domain {
