@@ -8,9 +8,10 @@
 //!
 //! `-- --level 3`: the VM is a synthetic guest protected by the checkpoint engine (which also
 //! drives blkback's and netback's epochs); the take-over freezes the memory replica, commits
-//! the disk epochs up to its checkpoint, resumes the guest and announces it. The engine cannot
-//! re-protect a resumed guest yet, so each level-3 trial builds a fresh pool (no re-protection
-//! figure).
+//! the disk epochs up to its checkpoint, resumes the guest and announces it. The killed host
+//! then returns as secondary (a fresh `xenft-checkpoint secondary` too): the agent resyncs the
+//! disk and the resumed guest's engine protects it toward that host again (re-protection timed
+//! until the agent reports it protected and the returning replica holds a checkpoint).
 //!
 //! Baseline measured side by side: the agent's configured detection timeout (`peer_dead_ms`),
 //! the floor below which no take-over can legally happen. Last line: one JSON object.
@@ -58,39 +59,70 @@ fn take_over(pool: &mut Pool, arp: &ArpWatch, primary: usize, trial: usize) -> f
     took
 }
 
-/// Level 3: a fresh pool per trial (see the module doc).
-fn level3(trials: usize) -> Vec<f64> {
-    let mut serve = Vec::new();
+/// Waits until host `i`'s memory replica holds more than `n` checkpoints.
+fn replica_holds(pool: &Pool, i: usize, n: u64) -> bool {
+    wait_until(Duration::from_secs(20), || {
+        agent_shims::control(&pool.ckpt_ctl(i), "status")
+            .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > n)
+    })
+}
+
+/// Level 3: one pool; after each take-over the dead host returns as the secondary (engine,
+/// shims, agent) and the resumed guest is protected toward it again (see the module doc).
+/// Returns (serve times, re-protect times).
+fn level3(trials: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut pool = Pool::new();
+    pool.level = 3;
+    pool.start_blkback(1, "secondary");
+    pool.start_netback(1, "standby");
+    pool.start_checkpoint(1, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .blk(1, "epoch-mode on")
+        .is_some_and(|v| v["ok"] == true)));
+    pool.start_blkback(0, "primary");
+    pool.start_netback(0, "buffered");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .p("ck.sock")
+        .exists()));
+    pool.start_checkpoint(0, "primary");
+    pool.start_agent(1);
+    pool.start_agent(0);
+    let arp = ArpWatch::start(&pool.client, "eth0");
+    let mut primary = 0;
+    let (mut serve, mut reprotect) = (Vec::new(), Vec::new());
     for trial in 0..trials {
-        let mut pool = Pool::new();
-        pool.level = 3;
-        pool.start_blkback(1, "secondary");
-        pool.start_netback(1, "standby");
-        pool.start_checkpoint(1, "secondary");
-        assert!(wait_until(Duration::from_secs(10), || pool
-            .blk(1, "epoch-mode on")
-            .is_some_and(|v| v["ok"] == true)));
-        pool.start_blkback(0, "primary");
-        pool.start_netback(0, "buffered");
-        assert!(wait_until(Duration::from_secs(10), || pool
-            .p("ck.sock")
-            .exists()));
-        pool.start_checkpoint(0, "primary");
-        pool.start_agent(1);
-        pool.start_agent(0);
-        assert!(pool.wait_protected(), "trial {trial}: not protected");
+        let secondary = 1 - primary;
         assert!(
-            wait_until(Duration::from_secs(20), || agent_shims::control(
-                &pool.ckpt_ctl(1),
-                "status"
-            )
-            .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > 3)),
+            pool.wait_protected_on(primary),
+            "trial {trial}: vm1 not protected on h{}",
+            primary + 1
+        );
+        assert!(
+            replica_holds(&pool, secondary, 3),
             "trial {trial}: no checkpoint"
         );
-        let arp = ArpWatch::start(&pool.client, "eth0");
-        serve.push(take_over(&mut pool, &arp, 0, trial));
+        // The last take-over's repeated announcements must be over (see level 2).
+        std::thread::sleep(Duration::from_millis(1000));
+        serve.push(take_over(&mut pool, &arp, primary, trial));
+        // The dead host returns as the secondary: its engine listens for the resumed guest.
+        let back = Instant::now();
+        pool.start_blkback(primary, "secondary");
+        assert!(wait_until(Duration::from_secs(10), || pool
+            .blk(primary, "epoch-mode on")
+            .is_some_and(|v| v["ok"] == true)));
+        pool.start_netback(primary, "standby");
+        pool.start_checkpoint(primary, "secondary");
+        pool.start_agent(primary);
+        assert!(
+            pool.wait_protected_on(secondary) && replica_holds(&pool, primary, 0),
+            "trial {trial}: not re-protected"
+        );
+        let re = back.elapsed().as_secs_f64() * 1000.0;
+        reprotect.push(re);
+        eprintln!("trial {trial}: re-protected (memory too) {re:.0} ms after the host returned");
+        primary = secondary;
     }
-    serve
+    (serve, reprotect)
 }
 
 fn main() {
@@ -102,8 +134,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let level3_run = args.windows(2).any(|w| w[0] == "--level" && w[1] == "3");
     if level3_run {
-        let mut serve = level3(trials);
+        let (mut serve, mut reprotect) = level3(trials);
         serve.sort_by(f64::total_cmp);
+        reprotect.sort_by(f64::total_cmp);
         let floor = xenft_agent::timing::Timing::default().peer_dead_ms as f64;
         let p99 = pct(&serve, 99);
         println!(
@@ -115,6 +148,8 @@ fn main() {
                 "failover_p50_ms": pct(&serve, 50).round(),
                 "failover_p99_ms": p99.round(),
                 "failover_max_ms": serve.last().copied().unwrap_or(0.0).round(),
+                "reprotect_p50_ms": pct(&reprotect, 50).round(),
+                "reprotect_max_ms": reprotect.last().copied().unwrap_or(0.0).round(),
                 "baseline_detection_floor_ms": floor,
                 "p99_over_floor_ratio": (p99 / floor * 100.0).round() / 100.0,
                 "target_p99_ms": 1000,

@@ -223,6 +223,8 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
                 checkpoint: Some(CheckpointFile {
                     control: p("ck.ctl"),
                     request_timeout_ms: 10_000,
+                    peer_listen: None,
+                    protect_timeout_ms: 120_000,
                 }),
             },
         )]),

@@ -25,7 +25,8 @@
 //!       "domain": {"command": ["/usr/lib/xenft/xenft-synthetic-guest", "--memory-mib", "2048"]},
 //!       "blkback": {"control": "/run/xenft/web01-blkback.sock", "sync_timeout_ms": 3600000},
 //!       "netback": {"control": "/run/xenft/web01-netback.sock", "addresses": ["192.168.1.80"]},
-//!       "checkpoint": {"control": "/run/xenft/web01-checkpoint.sock"}
+//!       "checkpoint": {"control": "/run/xenft/web01-checkpoint.sock",
+//!                      "peer_listen": "/run/xenft/h2/web01-checkpoint-listen.sock"}
 //!     }
 //!   }
 //! }
@@ -37,6 +38,15 @@
 //! `xenft-quorum --lease-ms` must equal `timing.lease_ms`. Every field is checked: unknown
 //! fields, names with odd characters, VMs on hosts outside the pool, more than two quorum
 //! servers or a non-loopback status address without `token_file` are refused.
+//!
+//! `checkpoint.peer_listen` (level 3, optional): the peer host's `xenft-checkpoint secondary
+//! --listen` socket. After a take-over here the guest runs in this host's resumed replica;
+//! when the old primary's host returns with a fresh secondary, the agent resyncs the disk and
+//! then asks the engine to `protect` toward that socket, so the VM is fully protected again
+//! without operator action. Like `xenft-checkpoint primary --connect`, it is a Unix socket
+//! path (the local pool's hosts share a filesystem); absolute, at most 107 bytes. The VM counts
+//! as protected once that host holds the first checkpoint, within
+//! `checkpoint.protect_timeout_ms` (default 120000).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -633,6 +643,19 @@ mod tests {
             r#""checkpoint": {"control": "/run/xenft/web-ckpt.sock"}, "domain""#,
         );
         validate(&GOOD.replace(r#""xenstore": false"#, &with)).unwrap();
+        let peer = |p: &str| {
+            REAL.replace(
+                r#""domain""#,
+                &format!(
+                    r#""checkpoint": {{"control": "/run/xenft/web-ckpt.sock", "peer_listen": "{p}"}}, "domain""#
+                ),
+            )
+        };
+        validate(&GOOD.replace(r#""xenstore": false"#, &peer("/run/xenft/peer-ck.sock"))).unwrap();
+        for bad in ["relative.sock".to_string(), format!("/{}", "x".repeat(200))] {
+            let e = validate(&GOOD.replace(r#""xenstore": false"#, &peer(&bad))).unwrap_err();
+            assert!(e.to_string().contains("peer_listen"), "{bad}: {e}");
+        }
     }
 
     #[test]

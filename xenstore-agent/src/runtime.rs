@@ -389,7 +389,11 @@ fn run_command(seams: &Seams, c: Command) -> Option<Input> {
             peer,
             sync_id,
             full,
-        } => match seams.disk.sync(&vm, &peer, full) {
+        } => match seams
+            .disk
+            .sync(&vm, &peer, full)
+            .and_then(|()| seams.checkpoint.protect(&vm, &peer))
+        {
             Ok(()) => Some(Input::SyncDone { vm, sync_id }),
             Err(e) => {
                 tracing::warn!(error = %e, "sync failed; retried when the peer is back");

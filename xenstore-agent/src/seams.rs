@@ -132,6 +132,17 @@ pub trait Checkpointer: Send + Sync {
     /// # Errors
     /// [`SeamError`].
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// On the primary, once the disk is in sync with `peer`: make sure memory replicates to
+    /// it. After a take-over the guest runs inside this host's resumed replica, which must now
+    /// protect it toward the returning host (level-3 re-protection). An engine that protects
+    /// by itself (started as primary by the host) has nothing to do. Default: nothing.
+    ///
+    /// # Errors
+    /// [`SeamError`]: the memory is not replicated (the VM must not count as protected).
+    fn protect(&self, vm: &VmId, peer: &HostId) -> Result<(), SeamError> {
+        let _ = (vm, peer);
+        Ok(())
+    }
 }
 
 /// The set of components the runtime drives.

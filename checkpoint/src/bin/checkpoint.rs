@@ -7,7 +7,10 @@
 //! With the shims: `primary --blkback-control S --netback-control T` stamps and commits the
 //! VM's disk epochs on its blkback primary and output epochs on its relay (the engine's
 //! `CommitSink`); `secondary --control C` leaves the take-over to the agent (`status`, `stop`
-//! = freeze at the last committed checkpoint, `failover` = resume from it).
+//! = freeze at the last committed checkpoint, `failover` = resume from it). After `failover`,
+//! `protect <socket>` protects the resumed guest toward a fresh secondary (the old primary's
+//! host, returned) as `primary` does — level-3 re-protection — and `unprotect` ends it; the
+//! guest keeps running whatever happens to the protection.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -18,8 +21,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use xenft_checkpoint::domain::{Domain, DomainError, VcpuContext};
 use xenft_checkpoint::engine::commit::{CommitSink, RecordingSink};
-use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, PrimaryConfig};
+use xenft_checkpoint::engine::primary::{
+    start_protection, start_protection_keep_domain, EpochPolicy, Phase, PrimaryConfig, Protection,
+};
 use xenft_checkpoint::engine::secondary::{
     start_secondary, SecondaryConfig, SecondaryHandle, StoppedSecondary,
 };
@@ -66,6 +72,24 @@ struct GuestArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 64)]
     memory_mib: u64,
+}
+
+/// How the resumed guest is protected after a take-over (`protect` on the control socket):
+/// the engine then acts as `primary` does, toward the returning host's secondary.
+#[derive(clap::Args, Clone)]
+struct ReprotectArgs {
+    /// This host's `xenft-blkback` control socket (stamped as `primary --blkback-control`).
+    #[arg(long)]
+    blkback_control: Option<PathBuf>,
+    /// This host's `xenft-netback` control socket (as `primary --netback-control`). The relay
+    /// runs in pass-through after the take-over: it is switched to buffered at the first
+    /// checkpoint (its epochs numbered after its own) and back to pass-through, releasing
+    /// what it holds, when protection ends.
+    #[arg(long)]
+    netback_control: Option<PathBuf>,
+    /// Epoch length in ms when protecting.
+    #[arg(long, default_value_t = 25)]
+    protect_epoch_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -124,10 +148,12 @@ enum Cmd {
         listen: PathBuf,
         #[arg(long, default_value_t = 1000)]
         run_ms: u64,
-        /// Control socket for the agent (`status`, `stop`, `failover`); the process then
-        /// runs until killed.
+        /// Control socket for the agent (`status`, `stop`, `failover`, and after a take-over
+        /// `protect`, `unprotect`); the process then runs until killed.
         #[arg(long)]
         control: Option<PathBuf>,
+        #[command(flatten)]
+        reprotect: ReprotectArgs,
     },
 }
 
@@ -215,12 +241,63 @@ struct CrashSink {
     blkback: Option<PathBuf>,
     /// The netback relay's control socket (`--netback-control`).
     netback: Option<PathBuf>,
+    /// Re-protection after a take-over: the relay runs in pass-through with epoch numbers of
+    /// its own; it is switched to buffered at the first checkpoint.
+    relay: Option<RelayBuffering>,
+}
+
+/// The relay's output buffering when protection starts on a running guest (`protect`).
+#[derive(Default)]
+struct RelayBuffering {
+    /// Relay epoch = engine epoch + `base` (the relay's epochs only ever increase).
+    base: AtomicU64,
+    /// Buffered mode is on.
+    on: std::sync::atomic::AtomicBool,
+}
+
+impl RelayBuffering {
+    /// The relay epoch of engine epoch `epoch`, once buffering is on.
+    fn map(&self, epoch: u64) -> Option<u64> {
+        self.on
+            .load(Ordering::Acquire)
+            .then(|| epoch.saturating_add(self.base.load(Ordering::Acquire)))
+    }
+
+    /// Turns buffering on, numbering after the relay's own epochs; false if the relay could
+    /// not be asked (retried at the next checkpoint; output is not held meanwhile).
+    fn start(&self, relay: &std::path::Path) -> bool {
+        if self.on.load(Ordering::Acquire) {
+            return true;
+        }
+        let Ok(v) = shim_call(relay, r#"{"op":"counters"}"#) else {
+            return false;
+        };
+        let c = &v["counters"];
+        let base = c["epoch"]
+            .as_u64()
+            .unwrap_or(0)
+            .max(c["committed_epoch"].as_u64().unwrap_or(0));
+        if let Err(e) = shim_call(relay, r#"{"op":"set_mode","mode":"buffered"}"#) {
+            tracing::warn!(error = %e, "the relay did not switch to buffered mode");
+            return false;
+        }
+        self.base.store(base, Ordering::Release);
+        self.on.store(true, Ordering::Release);
+        true
+    }
 }
 
 /// One line to a shim's control socket; the reply must say `"ok":true`. A shim that fails
 /// is logged: the disk then lags the memory checkpoints (its writes stay held, which the
 /// take-over's commit-up-to-checkpoint handles), the relay holds its output longer.
 fn shim_request(path: &std::path::Path, line: &str) {
+    if let Err(e) = shim_call(path, line) {
+        tracing::warn!(%line, error = %e, "shim request failed");
+    }
+}
+
+/// One line to a shim's control socket; the reply object if it says `"ok":true`.
+fn shim_call(path: &std::path::Path, line: &str) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, BufReader, Read, Write};
     let r = (|| -> std::io::Result<String> {
         let mut s = UnixStream::connect(path)?;
@@ -231,9 +308,11 @@ fn shim_request(path: &std::path::Path, line: &str) {
         Ok(reply)
     })();
     match r {
-        Ok(reply) if reply.contains("\"ok\":true") => {}
-        Ok(reply) => tracing::warn!(%line, reply = %reply.trim(), "shim refused"),
-        Err(e) => tracing::warn!(%line, error = %e, "shim control socket"),
+        Ok(reply) => match serde_json::from_str::<serde_json::Value>(&reply) {
+            Ok(v) if v["ok"] == true => Ok(v),
+            _ => Err(format!("refused: {}", reply.trim())),
+        },
+        Err(e) => Err(format!("control socket: {e}")),
     }
 }
 
@@ -244,8 +323,16 @@ impl CommitSink for CrashSink {
             shim_request(b, &format!("checkpoint {epoch}"));
         }
         if let Some(n) = &self.netback {
-            let next = epoch.saturating_add(1);
-            shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
+            let next = match &self.relay {
+                None => Some(epoch.saturating_add(1)),
+                Some(r) => {
+                    r.start(n);
+                    r.map(epoch.saturating_add(1))
+                }
+            };
+            if let Some(next) = next {
+                shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
+            }
         }
         self.inner.checkpoint(epoch);
     }
@@ -261,7 +348,13 @@ impl CommitSink for CrashSink {
             shim_request(b, &format!("commit {epoch}"));
         }
         if let Some(n) = &self.netback {
-            shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{epoch}}}"));
+            let at = match &self.relay {
+                None => Some(epoch),
+                Some(r) => r.map(epoch),
+            };
+            if let Some(at) = at {
+                shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{at}}}"));
+            }
         }
         self.inner.commit(epoch);
         if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
@@ -359,6 +452,7 @@ fn main() -> anyhow::Result<()> {
                 crash,
                 blkback: blkback_control,
                 netback: netback_control,
+                relay: None,
             });
             let protection = start_protection(
                 domain,
@@ -391,13 +485,20 @@ fn main() -> anyhow::Result<()> {
             guest,
             listen,
             control: Some(control),
+            reprotect,
             ..
-        } => control_mode(&guest, &listen, &control)?,
+        } => {
+            if reprotect.protect_epoch_ms == 0 || reprotect.protect_epoch_ms > 60_000 {
+                bail!("--protect-epoch-ms must be 1..=60000");
+            }
+            control_mode(&guest, &listen, &control, reprotect)?;
+        }
         Cmd::Secondary {
             guest,
             listen,
             run_ms,
             control: None,
+            ..
         } => {
             let _ = std::fs::remove_file(&listen);
             let l = UnixListener::bind(&listen)
@@ -412,7 +513,6 @@ fn main() -> anyhow::Result<()> {
             let status = sec.status();
             let (mut domain, epoch) = sec.failover()?;
             std::thread::sleep(Duration::from_millis(run_ms));
-            use xenft_checkpoint::domain::Domain;
             domain.pause()?;
             let st = WorkloadState::decode(&domain.vcpu_context()?.0)?;
             println!(
@@ -437,29 +537,305 @@ enum Replica {
     Receiving(SecondaryHandle<LocalDomain>),
     /// Frozen at its last committed checkpoint (take-over begun).
     Stopped(StoppedSecondary<LocalDomain>),
-    /// Resumed from checkpoint `epoch`; the guest runs.
-    Running { _domain: LocalDomain, epoch: u64 },
+    /// Resumed from checkpoint `epoch`; the guest runs unprotected. `last_error`: why the
+    /// last protection ended, if it failed.
+    Running {
+        domain: LocalDomain,
+        epoch: u64,
+        last_error: Option<String>,
+    },
+    /// Resumed, and protected again toward a returning host (`protect`).
+    Protecting(Box<Reprotection>),
     /// A step failed; why.
     Failed(String),
 }
 
+/// The resumed guest as the engine sees it while protecting: each checkpoint's vCPU state
+/// (the synthetic guest's workload counter) is noted, so `status` shows the guest progressing.
+struct Observed {
+    inner: LocalDomain,
+    /// The workload counter at the last checkpoint.
+    counter: Arc<AtomicU64>,
+}
+
+impl Observed {
+    fn note(&self, ctx: &VcpuContext) {
+        if let Ok(w) = WorkloadState::decode(&ctx.0) {
+            self.counter.store(w.counter, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Domain for Observed {
+    fn memory_pages(&self) -> u64 {
+        self.inner.memory_pages()
+    }
+    fn pause(&mut self) -> Result<(), DomainError> {
+        self.inner.pause()
+    }
+    fn resume(&mut self) -> Result<(), DomainError> {
+        self.inner.resume()
+    }
+    fn enable_dirty_log(&mut self) -> Result<(), DomainError> {
+        self.inner.enable_dirty_log()
+    }
+    fn disable_dirty_log(&mut self) -> Result<(), DomainError> {
+        self.inner.disable_dirty_log()
+    }
+    fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError> {
+        self.inner.read_and_clear_dirty()
+    }
+    fn read_pages(&mut self, pfns: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
+        self.inner.read_pages(pfns, out)
+    }
+    fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), DomainError> {
+        self.inner.write_pages(pfns, data)
+    }
+    fn vcpu_context(&mut self) -> Result<VcpuContext, DomainError> {
+        let c = self.inner.vcpu_context()?;
+        self.note(&c);
+        Ok(c)
+    }
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        let (d, c) = self.inner.pause_and_collect()?;
+        self.note(&c);
+        Ok((d, c))
+    }
+    fn set_vcpu_context(&mut self, ctx: &VcpuContext) -> Result<(), DomainError> {
+        self.inner.set_vcpu_context(ctx)
+    }
+    fn start_from_replica(&mut self) -> Result<(), DomainError> {
+        self.inner.start_from_replica()
+    }
+}
+
+/// The resumed guest, protected by this process as a primary.
+struct Reprotection {
+    protection: Protection<Observed>,
+    /// The guest's workload counter at the last checkpoint.
+    counter: Arc<AtomicU64>,
+    /// The relay to put back in pass-through when protection ends.
+    relay: Option<PathBuf>,
+    /// A handle on the link, to cut it when protection must end now (`unprotect`).
+    link: UnixStream,
+    /// The secondary's socket.
+    peer: PathBuf,
+    /// The checkpoint the guest resumed from at take-over.
+    resumed_epoch: u64,
+    guest_pid: Option<u32>,
+}
+
 /// Longest control request line.
 const MAX_CONTROL_LINE: u64 = 4096;
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Why a `protect` request is refused (the guest keeps running in every case).
+#[derive(Debug, thiserror::Error)]
+enum ProtectError {
+    #[error("protect needs the secondary's socket: protect <absolute path>")]
+    MissingPeer,
+    #[error("the secondary's socket must be an absolute path of at most {MAX_SOCKET_PATH} bytes without control characters")]
+    BadPeer,
+    #[error("no resumed guest to protect (state {0}): protect follows failover")]
+    NotRunning(&'static str),
+    #[error("already protecting toward {0}")]
+    AlreadyProtecting(String),
+    #[error("connecting to the secondary at {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("starting protection: {0}")]
+    Engine(String),
+}
+
+/// Parses and checks `protect`'s argument.
+fn peer_socket(arg: Option<&str>) -> Result<PathBuf, ProtectError> {
+    let a = arg.map(str::trim).filter(|a| !a.is_empty());
+    let a = a.ok_or(ProtectError::MissingPeer)?;
+    if a.len() > MAX_SOCKET_PATH || !a.starts_with('/') || a.chars().any(char::is_control) {
+        return Err(ProtectError::BadPeer);
+    }
+    Ok(PathBuf::from(a))
+}
+
+fn state_name(state: &Replica) -> &'static str {
+    match state {
+        Replica::Waiting => "waiting",
+        Replica::Receiving(_) => "receiving",
+        Replica::Stopped(_) => "stopped",
+        Replica::Running { .. } => "running",
+        Replica::Protecting(_) => "protecting",
+        Replica::Failed(_) => "failed",
+    }
+}
+
+/// Ends a protection and takes the (running) guest back. `cut`: cut the link first, so a
+/// send in progress cannot hold the stop.
+fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
+    if cut {
+        let _ = r.link.shutdown(std::net::Shutdown::Both);
+    }
+    let epoch = r.resumed_epoch;
+    let stopped = r.protection.stop_keep_domain();
+    // Unprotected again: the relay releases what it holds and passes output through.
+    if let Some(n) = &r.relay {
+        shim_request(n, r#"{"op":"set_mode","mode":"passthrough"}"#);
+    }
+    match stopped {
+        Ok(domain) => Replica::Running {
+            domain: domain.inner,
+            epoch,
+            last_error: why,
+        },
+        Err((Some(domain), e)) => Replica::Running {
+            domain: domain.inner,
+            epoch,
+            last_error: why.or_else(|| Some(e.to_string())),
+        },
+        Err((None, e)) => Replica::Failed(format!("protection lost the guest: {e}")),
+    }
+}
+
+/// A protection that ended by itself (the secondary went away) gives the guest back.
+fn refresh(state: &mut Replica) {
+    let ended = matches!(state, Replica::Protecting(r) if r.protection.is_finished());
+    if !ended {
+        return;
+    }
+    let Replica::Protecting(r) = std::mem::replace(state, Replica::Waiting) else {
+        return;
+    };
+    let why = match r.protection.status().phase {
+        Phase::Failed(why) => why,
+        _ => "protection ended".to_string(),
+    };
+    tracing::warn!(reason = %why, "protection of the resumed guest ended; the guest keeps running");
+    *state = reclaim(*r, true, Some(why));
+}
+
+/// Before a new protection numbers its checkpoints from 1 again: writes from now on are
+/// stamped epoch 0 (committed with the first checkpoint), and every write still held on the
+/// secondary under an older, higher number is committed — all of them precede the first
+/// checkpoint, so a take-over from any checkpoint of the new protection must keep them.
+fn restart_disk_epochs(blkback: &std::path::Path) {
+    let current = shim_call(blkback, "status")
+        .ok()
+        .and_then(|v| v["primary"]["epoch"].as_u64());
+    let Some(current) = current else {
+        tracing::warn!("blkback is not a primary: the disk epochs are not stamped");
+        return;
+    };
+    shim_request(blkback, "epoch 0");
+    if current > 0 {
+        shim_request(blkback, &format!("commit {current}"));
+    }
+}
+
+/// `protect <socket>`: the resumed guest is protected toward a secondary at `socket`.
+fn protect(
+    state: &mut Replica,
+    arg: Option<&str>,
+    re: &ReprotectArgs,
+) -> Result<serde_json::Value, ProtectError> {
+    let peer = peer_socket(arg)?;
+    match &*state {
+        Replica::Running { .. } => {}
+        Replica::Protecting(r) if r.peer == peer => {
+            return Ok(serde_json::json!({"ok": true, "peer": peer, "already": true}));
+        }
+        Replica::Protecting(r) => {
+            return Err(ProtectError::AlreadyProtecting(
+                r.peer.display().to_string(),
+            ))
+        }
+        other => return Err(ProtectError::NotRunning(state_name(other))),
+    }
+    let sock = UnixStream::connect(&peer).map_err(|source| ProtectError::Connect {
+        path: peer.display().to_string(),
+        source,
+    })?;
+    let link = sock
+        .try_clone()
+        .map_err(|e| ProtectError::Engine(e.to_string()))?;
+    let endpoint = unix_stream(sock).map_err(|e| ProtectError::Engine(e.to_string()))?;
+    if let Some(b) = &re.blkback_control {
+        restart_disk_epochs(b);
+    }
+    let Replica::Running { domain, epoch, .. } = std::mem::replace(state, Replica::Waiting) else {
+        return Err(ProtectError::NotRunning("changed"));
+    };
+    let guest_pid = domain.guest_pid();
+    let sink = Arc::new(CrashSink {
+        inner: RecordingSink::new(),
+        crash: None,
+        blkback: re.blkback_control.clone(),
+        netback: re.netback_control.clone(),
+        relay: Some(RelayBuffering::default()),
+    });
+    let config = PrimaryConfig {
+        epoch: EpochPolicy::Fixed(Duration::from_millis(re.protect_epoch_ms)),
+        ..PrimaryConfig::default()
+    };
+    let counter = Arc::new(AtomicU64::new(0));
+    let observed = Observed {
+        inner: domain,
+        counter: Arc::clone(&counter),
+    };
+    match start_protection_keep_domain(observed, endpoint, sink, config) {
+        Ok(protection) => {
+            tracing::warn!(peer = %peer.display(), "the resumed guest is protected again");
+            *state = Replica::Protecting(Box::new(Reprotection {
+                protection,
+                counter,
+                relay: re.netback_control.clone(),
+                link,
+                peer: peer.clone(),
+                resumed_epoch: epoch,
+                guest_pid,
+            }));
+            Ok(serde_json::json!({"ok": true, "peer": peer}))
+        }
+        Err((domain, e)) => {
+            let why = e.to_string();
+            *state = match domain {
+                Some(domain) => Replica::Running {
+                    domain: domain.inner,
+                    epoch,
+                    last_error: Some(why.clone()),
+                },
+                None => Replica::Failed(format!("protection lost the guest: {why}")),
+            };
+            Err(ProtectError::Engine(why))
+        }
+    }
+}
 
 /// `--control`: receive checkpoints; the agent's control socket decides the take-over:
-/// - `status` → `{"ok":true,"state":"waiting|receiving|stopped|running|failed",
+/// - `status` → `{"ok":true,"state":"waiting|receiving|stopped|running|protecting|failed",
 ///   "committed_epoch":N|null,"applied_epochs":..,"rejected_epochs":..,"primary_gone":..}`;
+///   once resumed also `"guest_pid"`, and while protecting `"primary":{"phase","reason",
+///   "epoch","committed_epoch","checkpoints","pause_p99_ms","pause_max_ms","guest_counter"
+///   (the guest's workload counter at the last checkpoint),"peer"}`; after a
+///   failed protection `"last_error"`;
 /// - `stop` → stops receiving (a partly received epoch is discarded) and freezes the replica at
 ///   its last committed checkpoint: `{"ok":true,"committed_epoch":N|null}` (the agent commits
 ///   the disk epochs up to N before resuming);
-/// - `failover` → resumes the replica from that checkpoint: `{"ok":true,"epoch":N}`.
+/// - `failover` → resumes the replica from that checkpoint: `{"ok":true,"epoch":N}`;
+/// - `protect <socket>` (after `failover`) → protects the running guest toward a fresh
+///   `xenft-checkpoint secondary --listen <socket>` (the returning host), stamping this
+///   host's shims as `primary` does (`--blkback-control`, `--netback-control`); a failure is
+///   reported and the guest keeps running;
+/// - `unprotect` → ends that protection; the guest keeps running.
 ///
-/// `stop` and `failover` are idempotent. One JSON line per request line; lines are capped at
-/// 4 KiB, a connection idle for 5 s is closed.
+/// `stop`, `failover`, `protect` (same socket) and `unprotect` are idempotent. One JSON line per
+/// request line; lines are capped at 4 KiB, a connection idle for 5 s is closed.
 fn control_mode(
     guest: &GuestArgs,
     listen: &std::path::Path,
     control: &std::path::Path,
+    reprotect: ReprotectArgs,
 ) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::Mutex;
@@ -489,7 +865,7 @@ fn control_mode(
                 let reply = match std::str::from_utf8(&buf) {
                     Ok(line) if buf.last() == Some(&b'\n') => {
                         let mut g = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        control_command(&mut g, line.trim())
+                        control_command(&mut g, line.trim(), &reprotect)
                     }
                     _ => serde_json::json!({"ok": false, "error": "bad request line"}),
                 };
@@ -498,6 +874,13 @@ fn control_mode(
                 }
             }
         }
+    });
+    // A protection that ends by itself (the secondary died) is noticed without waiting for a
+    // request: the guest is taken back and the relay stops holding its output.
+    let st = Arc::clone(&state);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        refresh(&mut st.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     });
     let _ = std::fs::remove_file(listen);
     let l = UnixListener::bind(listen).with_context(|| format!("binding {}", listen.display()))?;
@@ -513,33 +896,65 @@ fn control_mode(
     }
 }
 
-fn control_command(state: &mut Replica, line: &str) -> serde_json::Value {
+fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde_json::Value {
     use serde_json::json;
     let fail = |e: &str| json!({"ok": false, "error": e});
-    match line {
-        "status" => {
-            let (name, committed, engine) = match &*state {
-                Replica::Waiting => ("waiting", None, None),
+    refresh(state);
+    let (verb, arg) = match line.split_once(' ') {
+        Some((v, a)) => (v, Some(a)),
+        None => (line, None),
+    };
+    match (verb, arg) {
+        ("status", None) => {
+            let committed = match &*state {
+                Replica::Waiting | Replica::Failed(_) => None,
+                Replica::Receiving(h) => h.status().committed_epoch,
+                Replica::Stopped(s) => s.committed().map(|(e, _)| e),
+                Replica::Running { epoch, .. } => Some(*epoch),
+                Replica::Protecting(r) => Some(r.resumed_epoch),
+            };
+            let mut v =
+                json!({"ok": true, "state": state_name(state), "committed_epoch": committed});
+            match &*state {
                 Replica::Receiving(h) => {
                     let s = h.status();
-                    ("receiving", s.committed_epoch, Some(s))
+                    v["applied_epochs"] = json!(s.applied_epochs);
+                    v["rejected_epochs"] = json!(s.rejected_epochs);
+                    v["primary_gone"] = json!(s.primary_gone);
                 }
-                Replica::Stopped(s) => ("stopped", s.committed().map(|(e, _)| e), None),
-                Replica::Running { epoch, .. } => ("running", Some(*epoch), None),
-                Replica::Failed(_) => ("failed", None, None),
-            };
-            let mut v = json!({"ok": true, "state": name, "committed_epoch": committed});
-            if let Some(s) = engine {
-                v["applied_epochs"] = json!(s.applied_epochs);
-                v["rejected_epochs"] = json!(s.rejected_epochs);
-                v["primary_gone"] = json!(s.primary_gone);
-            }
-            if let Replica::Failed(why) = &*state {
-                v["error"] = json!(why);
+                Replica::Failed(why) => v["error"] = json!(why),
+                Replica::Running {
+                    domain, last_error, ..
+                } => {
+                    v["guest_pid"] = json!(domain.guest_pid());
+                    v["last_error"] = json!(last_error);
+                }
+                Replica::Protecting(r) => {
+                    let s = r.protection.status();
+                    let (phase, reason) = match &s.phase {
+                        Phase::Precopy => ("precopy", None),
+                        Phase::Protected => ("protected", None),
+                        Phase::Stopped => ("stopped", None),
+                        Phase::Failed(why) => ("failed", Some(why.clone())),
+                    };
+                    v["guest_pid"] = json!(r.guest_pid);
+                    v["primary"] = json!({
+                        "phase": phase,
+                        "reason": reason,
+                        "epoch": s.epoch,
+                        "committed_epoch": s.committed_epoch,
+                        "checkpoints": s.checkpoints,
+                        "pause_p99_ms": s.pause.p99,
+                        "pause_max_ms": s.pause.max,
+                        "guest_counter": r.counter.load(Ordering::Relaxed),
+                        "peer": r.peer,
+                    });
+                }
+                Replica::Waiting | Replica::Stopped(_) => {}
             }
             v
         }
-        "stop" => {
+        ("stop", None) => {
             if matches!(state, Replica::Receiving(_)) {
                 let Replica::Receiving(h) = std::mem::replace(state, Replica::Waiting) else {
                     return fail("state changed");
@@ -554,20 +969,23 @@ fn control_command(state: &mut Replica, line: &str) -> serde_json::Value {
                     json!({"ok": true, "committed_epoch": s.committed().map(|(e, _)| e)})
                 }
                 Replica::Running { epoch, .. } => json!({"ok": true, "committed_epoch": epoch}),
+                Replica::Protecting(r) => json!({"ok": true, "committed_epoch": r.resumed_epoch}),
                 Replica::Waiting => fail("no primary has connected: nothing to stop"),
                 Replica::Failed(why) => fail(why),
                 Replica::Receiving(_) => fail("still receiving"),
             }
         }
-        "failover" => {
-            if let Replica::Running { epoch, .. } = &*state {
-                return json!({"ok": true, "epoch": epoch});
+        ("failover", None) => {
+            match &*state {
+                Replica::Running { epoch, .. } => return json!({"ok": true, "epoch": epoch}),
+                Replica::Protecting(r) => return json!({"ok": true, "epoch": r.resumed_epoch}),
+                _ => {}
             }
             let stopped = match std::mem::replace(state, Replica::Waiting) {
                 Replica::Receiving(h) => h.stop(),
                 Replica::Stopped(s) => Ok(s),
                 Replica::Waiting => return fail("no primary has connected: no checkpoint"),
-                other @ (Replica::Failed(_) | Replica::Running { .. }) => {
+                other @ (Replica::Failed(_) | Replica::Running { .. } | Replica::Protecting(_)) => {
                     *state = other;
                     return fail("the replica failed before");
                 }
@@ -576,8 +994,9 @@ fn control_command(state: &mut Replica, line: &str) -> serde_json::Value {
                 Ok((domain, epoch)) => {
                     tracing::warn!(epoch, "failover: the replica runs from its last checkpoint");
                     *state = Replica::Running {
-                        _domain: domain,
+                        domain,
                         epoch,
+                        last_error: None,
                     };
                     json!({"ok": true, "epoch": epoch})
                 }
@@ -588,6 +1007,38 @@ fn control_command(state: &mut Replica, line: &str) -> serde_json::Value {
                 }
             }
         }
-        _ => fail("unknown command (status, stop, failover)"),
+        ("protect", arg) => match protect(state, arg, re) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "protect refused; the guest keeps running");
+                fail(&e.to_string())
+            }
+        },
+        ("unprotect", None) => {
+            if matches!(state, Replica::Protecting(_)) {
+                let Replica::Protecting(r) = std::mem::replace(state, Replica::Waiting) else {
+                    return fail("state changed");
+                };
+                *state = match reclaim(*r, true, None) {
+                    // The cut link is how it was asked to end: not an error.
+                    Replica::Running { domain, epoch, .. } => Replica::Running {
+                        domain,
+                        epoch,
+                        last_error: None,
+                    },
+                    other => other,
+                };
+                tracing::warn!("protection ended on request; the guest keeps running");
+            }
+            match &*state {
+                Replica::Running { epoch, .. } => json!({"ok": true, "epoch": epoch}),
+                Replica::Failed(why) => fail(why),
+                other => fail(&format!(
+                    "nothing to unprotect (state {})",
+                    state_name(other)
+                )),
+            }
+        }
+        _ => fail("unknown command (status, stop, failover, protect <socket>, unprotect)"),
     }
 }

@@ -280,12 +280,31 @@ pub fn start_protection<D: Domain + 'static>(
     sink: Arc<dyn CommitSink>,
     config: PrimaryConfig,
 ) -> Result<Protection<D>, EngineError> {
+    start_protection_keep_domain(domain, link, sink, config).map_err(|(_, e)| e)
+}
+
+/// Like [`start_protection`], but a protection that cannot start hands the domain back
+/// (untouched, still running) with the error, so the caller keeps the VM. `None` only if the
+/// last thread could not be spawned (the domain went with it).
+///
+/// # Errors
+/// The reason, with the domain when it survived.
+pub fn start_protection_keep_domain<D: Domain + 'static>(
+    domain: D,
+    link: Endpoint,
+    sink: Arc<dyn CommitSink>,
+    config: PrimaryConfig,
+) -> Result<Protection<D>, (Option<D>, EngineError)> {
     if config.window == 0 || config.precopy_chunk_pages == 0 {
-        return Err(EngineError::Config(
-            "window and precopy_chunk_pages must be > 0",
+        return Err((
+            Some(domain),
+            EngineError::Config("window and precopy_chunk_pages must be > 0"),
         ));
     }
-    let encoder = EpochEncoder::new(domain.memory_pages())?;
+    let encoder = match EpochEncoder::new(domain.memory_pages()) {
+        Ok(e) => e,
+        Err(e) => return Err((Some(domain), e.into())),
+    };
     let (tx, rx) = link;
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -319,13 +338,22 @@ pub fn start_protection<D: Domain + 'static>(
     let resend_after = config.resend_after;
     let sender = std::thread::Builder::new()
         .name("ckpt-send".into())
-        .spawn(move || sender_loop(&s, encoder, &stage_rx, tx, window))
-        .map_err(spawn_err)?;
+        .spawn(move || sender_loop(&s, encoder, &stage_rx, tx, window));
+    let sender = match sender {
+        Ok(h) => h,
+        Err(e) => return Err((Some(domain), spawn_err(e))),
+    };
     let s = Arc::clone(&shared);
     let acker = std::thread::Builder::new()
         .name("ckpt-ack".into())
-        .spawn(move || acker_loop(&s, rx, resend_after))
-        .map_err(spawn_err)?;
+        .spawn(move || acker_loop(&s, rx, resend_after));
+    let acker = match acker {
+        Ok(h) => h,
+        Err(e) => {
+            shared.request_stop();
+            return Err((Some(domain), spawn_err(e)));
+        }
+    };
     let s = Arc::clone(&shared);
     let checkpointer = std::thread::Builder::new()
         .name("ckpt-epochs".into())
@@ -345,7 +373,7 @@ pub fn start_protection<D: Domain + 'static>(
                 Err(e) => Err((domain, e)),
             }
         })
-        .map_err(spawn_err)?;
+        .map_err(|e| (None, spawn_err(e)))?;
     Ok(Protection {
         shared,
         checkpointer: Some(checkpointer),
@@ -411,15 +439,25 @@ impl<D: Domain + 'static> Protection<D> {
     /// Stops checkpointing and returns the (running) domain. Returns once a send in progress
     /// completes: if the peer may be unresponsive, shut the channel down first.
     pub fn stop(mut self) -> Result<D, EngineError> {
+        self.shutdown().map_err(|(_, e)| e)
+    }
+
+    /// Like [`Protection::stop`], but a protection that failed (the peer went away) still
+    /// hands back its domain, which the engine left running: the caller keeps the VM.
+    /// `None` only if the checkpointer thread panicked.
+    ///
+    /// # Errors
+    /// The error that ended the protection, with the domain when it survived.
+    pub fn stop_keep_domain(mut self) -> Result<D, (Option<D>, EngineError)> {
         self.shutdown()
     }
 
-    fn shutdown(&mut self) -> Result<D, EngineError> {
+    fn shutdown(&mut self) -> Result<D, (Option<D>, EngineError)> {
         self.shared.request_stop();
         let res = match self.checkpointer.take().map(JoinHandle::join) {
             Some(Ok(Ok(d))) => Ok(d),
-            Some(Ok(Err((_, e)))) => Err(e),
-            _ => Err(EngineError::Thread("checkpointer panicked".into())),
+            Some(Ok(Err((d, e)))) => Err((Some(d), e)),
+            _ => Err((None, EngineError::Thread("checkpointer panicked".into()))),
         };
         if let Some(h) = self.sender.take() {
             let _ = h.join();

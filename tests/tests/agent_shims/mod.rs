@@ -220,6 +220,11 @@ impl Pool {
         if role == "secondary" {
             args.extend(xs(&["--listen", &sock, "--control"]));
             args.push(self.ckpt_ctl(i).display().to_string());
+            // After a take-over it protects the resumed guest as `primary` would.
+            args.push("--blkback-control".into());
+            args.push(self.blk_ctl(i).display().to_string());
+            args.push("--netback-control".into());
+            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
         } else {
             args.extend(xs(&[
                 "--connect",
@@ -357,8 +362,8 @@ impl Pool {
         });
         let mut cfg = cfg;
         if self.level == 3 {
-            cfg["vm_drivers"]["vm1"]["checkpoint"] =
-                serde_json::json!({"control": self.ckpt_ctl(i), "request_timeout_ms": 10000});
+            cfg["vm_drivers"]["vm1"]["checkpoint"] = serde_json::json!({"control": self.ckpt_ctl(i), "request_timeout_ms": 10000,
+                                   "peer_listen": self.p("ck.sock")});
         }
         if self.level == 1 {
             // Level 1: no shims, the VM restarts from its (shared) disk.

@@ -9,6 +9,8 @@
 //!   buffered output dropped and pass-through from then on;
 //! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's secondary
 //!   control socket — freeze the replica at its last committed checkpoint, then resume it;
+//!   when the old primary's host returns, after the disk resync, `protect` the resumed guest
+//!   toward its fresh secondary (`checkpoint.peer_listen`): level-3 re-protection works;
 //! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
 //! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
 //!   drivers use.
@@ -104,6 +106,20 @@ pub struct CheckpointFile {
     /// One control request at most this long (milliseconds; `stop` joins the receiver).
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
+    /// The peer host's `xenft-checkpoint secondary --listen` socket. After a take-over the
+    /// guest runs in this host's resumed replica; when the peer returns (a fresh secondary
+    /// listening there) and the disk is resynced, the agent asks the engine to `protect`
+    /// toward it. Without it a level-3 VM cannot be re-protected after a take-over here.
+    #[serde(default)]
+    pub peer_listen: Option<PathBuf>,
+    /// Re-protection at most this long (milliseconds): until the peer's secondary listens and
+    /// holds the first checkpoint (pre-copy of the whole memory included).
+    #[serde(default = "default_protect_timeout")]
+    pub protect_timeout_ms: u64,
+}
+
+fn default_protect_timeout() -> u64 {
+    120_000
 }
 
 /// The components of one VM (`vm_drivers.<vm>` in the agent's config).
@@ -139,6 +155,25 @@ fn check_socket(vm: &VmId, what: &str, p: &std::path::Path) -> Result<(), String
     Ok(())
 }
 
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+fn check_peer_listen(vm: &VmId, p: &std::path::Path) -> Result<(), String> {
+    let s = p.to_str().unwrap_or_default();
+    if !p.is_absolute()
+        || s.is_empty()
+        || s.len() > MAX_SOCKET_PATH
+        || s.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "vm_drivers.{vm}.checkpoint.peer_listen: {} must be an absolute path of at most \
+             {MAX_SOCKET_PATH} bytes",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
 impl VmDriversFile {
     /// Checks that every component `level` needs is configured, and sane.
     ///
@@ -166,6 +201,10 @@ impl VmDriversFile {
             (Some(c), _) => {
                 check_socket(vm, "checkpoint", &c.control)?;
                 check_timeout(vm, "checkpoint.request_timeout_ms", c.request_timeout_ms)?;
+                check_timeout(vm, "checkpoint.protect_timeout_ms", c.protect_timeout_ms)?;
+                if let Some(p) = &c.peer_listen {
+                    check_peer_listen(vm, p)?;
+                }
             }
             (None, false) => {}
         }
@@ -277,6 +316,10 @@ impl Checkpointer for CheckpointByVm {
             .ok_or_else(|| missing("checkpoint", "resume", vm))?
             .resume_last_epoch(vm)
     }
+    fn protect(&self, vm: &VmId, peer: &HostId) -> Result<(), SeamError> {
+        // Levels 1 and 2: no memory replication.
+        self.0.get(vm).map_or(Ok(()), |d| d.protect(vm, peer))
+    }
 }
 
 /// The seams over the real components of every VM (validated sections). `domain_state`: where
@@ -295,7 +338,9 @@ pub fn real_seams(
         if let Some(c) = &d.checkpoint {
             checkpoints.insert(
                 vm.clone(),
-                CheckpointDriver::new(ControlSocket::new(&c.control, ms(c.request_timeout_ms))),
+                CheckpointDriver::new(ControlSocket::new(&c.control, ms(c.request_timeout_ms)))
+                    .with_peer_listen(c.peer_listen.clone())
+                    .with_protect_wait(ms(c.protect_timeout_ms)),
             );
         }
         if let Some(dom) = &d.domain {

@@ -1,0 +1,264 @@
+//! Level-3 re-protection end to end with the real components (root, namespaces): h1 protects
+//! a synthetic guest toward h2 (checkpoint engine, blkback, netback, agents); h1 is SIGKILLed
+//! and h2's agent resumes the guest from its last checkpoint. h1 then comes back the way a
+//! host does — a fresh `xenft-checkpoint secondary --control`, blkback secondary, relay in
+//! standby, agent — and nobody else acts: h2's agent resyncs the disk and asks its engine to
+//! protect the running guest toward h1, so vm1 is protected again, h1's replica commits
+//! growing checkpoints, and the guest on h2 kept running (same process, its workload counter
+//! moving) throughout. Then, with a client writing through h2, h2 dies in turn: h1 resumes the
+//! guest from those checkpoints with exactly the disk writes of the resumed checkpoint.
+
+mod agent_shims;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_shims::{control, qemu_io, wait_until, Pool};
+use serde_json::Value;
+use xenft_tests::netns::require_root;
+
+const WRITE: u64 = 64 * 1024;
+
+/// A write acknowledged by h2: offset, pattern, blkback's epoch before and after it.
+type Acked = (u64, u8, u64, u64);
+
+fn alive(pid: u64) -> bool {
+    i32::try_from(pid)
+        .is_ok_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok())
+}
+
+/// The committed checkpoint of host `i`'s engine (0 when unknown).
+fn committed(pool: &Pool, i: usize) -> u64 {
+    control(&pool.ckpt_ctl(i), "status")
+        .and_then(|v| v["committed_epoch"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_protected_again() {
+    if !require_root(
+        "after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_protected_again",
+    ) {
+        return;
+    }
+    // Arrange: the level-3 pool of agent_shims_level3_pool, protected on h1.
+    let mut pool = Pool::new();
+    pool.level = 3;
+    pool.start_blkback(1, "secondary");
+    pool.start_netback(1, "standby");
+    pool.start_checkpoint(1, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .blk(1, "epoch-mode on")
+        .is_some_and(|v| v["ok"] == true)));
+    pool.start_blkback(0, "primary");
+    pool.start_netback(0, "buffered");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .p("ck.sock")
+        .exists()));
+    pool.start_checkpoint(0, "primary");
+    pool.start_agent(1);
+    pool.start_agent(0);
+    assert!(
+        pool.wait_protected(),
+        "h1 never protected vm1\n{}",
+        pool.log("agent-h1.log")
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&pool, 1) > 3),
+        "h2's replica holds no checkpoint\n{}",
+        pool.log("ck-h2.log")
+    );
+
+    // h1 dies; h2 takes over and resumes the guest.
+    pool.kill_host(0);
+    assert!(
+        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
+            |(local, _, primary)| local == "running" && primary == "h2"
+        )),
+        "h2 did not take over: {:?}\n{}",
+        pool.vm1(1),
+        pool.log("agent-h2.log")
+    );
+    let st = control(&pool.ckpt_ctl(1), "status").unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+    let pid = st["guest_pid"].as_u64().expect("the resumed guest's pid");
+
+    // Act: h1 comes back as a host does, with every component in the secondary role.
+    let back = Instant::now();
+    pool.start_blkback(0, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .blk(0, "epoch-mode on")
+        .is_some_and(|v| v["ok"] == true)));
+    pool.start_netback(0, "standby");
+    pool.start_checkpoint(0, "secondary");
+    assert!(wait_until(Duration::from_secs(10), || pool
+        .ckpt_ctl(0)
+        .exists()));
+    pool.start_agent(0);
+
+    // Assert: protected again on h2, through the agent's status API.
+    let protected = wait_until(Duration::from_secs(30), || {
+        pool.vm1(1).is_some_and(|(local, phase, primary)| {
+            local == "running" && phase == "protected" && primary == "h2"
+        })
+    });
+    assert!(
+        protected,
+        "vm1 not protected again: h2 {:?}, h1 {:?}\n{}\n{}",
+        pool.vm1(1),
+        pool.vm1(0),
+        pool.log("agent-h2.log"),
+        pool.log("ck-h2.log")
+    );
+    let (local, _, primary) = pool.vm1(0).unwrap();
+    assert_eq!(
+        (local.as_str(), primary.as_str()),
+        ("stopped", "h2"),
+        "h1 must be the secondary"
+    );
+    // h1's new replica commits growing checkpoints of the guest running on h2.
+    assert!(
+        wait_until(Duration::from_secs(20), || committed(&pool, 0) > 3),
+        "h1's replica receives no checkpoint: {:?}\n{}",
+        control(&pool.ckpt_ctl(0), "status"),
+        pool.log("ck-h2.log")
+    );
+    let first = committed(&pool, 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&pool, 0) > first + 3),
+        "h1's committed epoch does not grow past {first}"
+    );
+    // h2's relay, in pass-through since the take-over, buffers output per epoch again.
+    let relay = |k: &str| {
+        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#)
+            .and_then(|v| v["counters"][k].as_u64())
+            .unwrap_or(0)
+    };
+    let r0 = relay("committed_epoch");
+    assert!(
+        wait_until(Duration::from_secs(10), || relay("committed_epoch")
+            > r0 + 3),
+        "h2's relay does not commit output epochs: {:?}\n{}",
+        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#),
+        pool.log("ck-h2.log")
+    );
+    let st = control(&pool.ckpt_ctl(1), "status").unwrap();
+    assert_eq!(st["state"], "protecting", "{st}");
+    assert_eq!(st["primary"]["phase"], "protected", "{st}");
+    // The guest was never stopped or restarted: same process, and its work goes on.
+    assert_eq!(st["guest_pid"].as_u64(), Some(pid), "{st}");
+    assert!(alive(pid), "the guest on h2 died");
+    let counter = |v: &Value| v["primary"]["guest_counter"].as_u64().unwrap_or(0);
+    let c0 = counter(&st);
+    assert!(
+        wait_until(Duration::from_secs(10), || control(
+            &pool.ckpt_ctl(1),
+            "status"
+        )
+        .is_some_and(|v| counter(&v) > c0)),
+        "the guest on h2 makes no progress while protected: {st}"
+    );
+    eprintln!(
+        "re-protected {:?} after h1 came back; h1 committed epoch {}, checkpoint pause p99 {} ms, max {} ms",
+        back.elapsed(),
+        committed(&pool, 0),
+        st["primary"]["pause_p99_ms"],
+        st["primary"]["pause_max_ms"]
+    );
+
+    // The protection is real: a client writes through h2 while checkpoints stamp the disk
+    // epochs; when h2 dies in turn, h1 resumes the guest from the checkpoints it received
+    // since it came back, with exactly the disk writes of that checkpoint.
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, uri, ctl) = (
+            acked.clone(),
+            stop.clone(),
+            pool.nbd_uri(1),
+            pool.blk_ctl(1),
+        );
+        std::thread::spawn(move || {
+            let epoch = || control(&ctl, "status").and_then(|v| v["primary"]["epoch"].as_u64());
+            for k in 0u64..1500 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let pat = u8::try_from(k % 250).unwrap() + 1;
+                let Some(e0) = epoch() else { break };
+                let (ok, out) =
+                    qemu_io(&uri, false, &[format!("write -P {pat} {} 64k", k * WRITE)]);
+                if !ok || !out.contains("wrote 65536/65536 bytes") {
+                    break;
+                }
+                let Some(e1) = epoch() else { break };
+                acked.lock().unwrap().push((k * WRITE, pat, e0, e1));
+            }
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || acked.lock().unwrap().len()
+            >= 30),
+        "the NBD client could not write through h2"
+    );
+    let before = committed(&pool, 0);
+    // h2 dies — its engine (and with it the guest) first, so that the last acknowledged writes
+    // belong to an epoch no checkpoint completed.
+    if let Some(mut c) = pool.procs[1].checkpoint.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let written = acked.lock().unwrap().len();
+    assert!(wait_until(Duration::from_secs(10), || acked
+        .lock()
+        .unwrap()
+        .len()
+        >= written + 3));
+    pool.kill_host(1);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        wait_until(Duration::from_secs(15), || pool.vm1(0).is_some_and(
+            |(local, _, primary)| local == "running" && primary == "h1"
+        )),
+        "h1 did not take over in turn: {:?}\n{}",
+        pool.vm1(0),
+        pool.log("agent-h1.log")
+    );
+    let st = control(&pool.ckpt_ctl(0), "status").unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(
+        st["committed_epoch"].as_u64().unwrap() >= before,
+        "h1 resumed from an older checkpoint than it held: {st}"
+    );
+    assert!(st["guest_pid"].as_u64().is_some_and(alive), "{st}");
+    let n = st["committed_epoch"].as_u64().unwrap();
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for (off, pat, e0, e1) in &acked {
+        if *e1 <= n {
+            kept.push(format!("read -P {pat} {off} 64k"));
+        } else if *e0 > n {
+            dropped.push(format!("read -P 0 {off} 64k"));
+        }
+    }
+    assert!(
+        !kept.is_empty() && !dropped.is_empty(),
+        "writes on both sides of checkpoint {n} expected: {acked:?}"
+    );
+    for chunk in kept.chunks(200).chain(dropped.chunks(200)) {
+        let (ok, out) = qemu_io(&pool.nbd_uri(0), true, chunk);
+        assert!(
+            ok && !out.contains("Pattern verification failed")
+                && out.matches("read 65536/65536 bytes").count() == chunk.len(),
+            "h1's disk is not checkpoint {n}'s:\n{out}"
+        );
+    }
+    eprintln!(
+        "second take-over at checkpoint {n}: {} acked writes kept, {} of later epochs dropped, {} straddling",
+        kept.len(),
+        dropped.len(),
+        acked.len() - kept.len() - dropped.len()
+    );
+}
