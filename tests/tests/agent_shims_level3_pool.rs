@@ -8,17 +8,10 @@
 
 mod agent_shims;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_shims::{control, qemu_io, wait_until, Pool};
+use agent_shims::{assert_disk_is_checkpoint, control, wait_until, EpochWriter, Pool};
 use xenft_tests::netns::require_root;
-
-const WRITE: u64 = 64 * 1024;
-
-/// A write acknowledged by h1: offset, pattern, blkback's epoch before and after it.
-type Acked = (u64, u8, u64, u64);
 
 #[test]
 fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() {
@@ -69,36 +62,9 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     );
 
     // The client writes while checkpoints stamp the epochs.
-    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop, uri, ctl) = (
-            acked.clone(),
-            stop.clone(),
-            pool.nbd_uri(0),
-            pool.blk_ctl(0),
-        );
-        std::thread::spawn(move || {
-            let epoch = || control(&ctl, "status").and_then(|v| v["primary"]["epoch"].as_u64());
-            for k in 0u64..1500 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let pat = u8::try_from(k % 250).unwrap() + 1;
-                let Some(e0) = epoch() else { break };
-                let (ok, out) =
-                    qemu_io(&uri, false, &[format!("write -P {pat} {} 64k", k * WRITE)]);
-                if !ok || !out.contains("wrote 65536/65536 bytes") {
-                    break;
-                }
-                let Some(e1) = epoch() else { break };
-                acked.lock().unwrap().push((k * WRITE, pat, e0, e1));
-            }
-        })
-    };
+    let writer = EpochWriter::start(&pool, 0);
     assert!(
-        wait_until(Duration::from_secs(20), || acked.lock().unwrap().len()
-            >= 30),
+        wait_until(Duration::from_secs(20), || writer.count() >= 30),
         "the NBD client could not write through h1"
     );
 
@@ -109,16 +75,10 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
         let _ = c.kill();
         let _ = c.wait();
     }
-    let before = acked.lock().unwrap().len();
-    assert!(wait_until(Duration::from_secs(10), || acked
-        .lock()
-        .unwrap()
-        .len()
-        >= before + 3));
+    let before = writer.count();
+    assert!(wait_until(Duration::from_secs(10), || writer.count() >= before + 3));
     pool.kill_host(0);
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    let acked = acked.lock().unwrap().clone();
+    let acked = writer.finish();
     assert!(
         wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
             |(local, _, primary)| local == "running" && primary == "h2"
@@ -134,30 +94,12 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     let n = ck["committed_epoch"].as_u64().unwrap();
     let blk = pool.blk(1, "status").unwrap();
     assert_eq!(blk["role"], "primary", "{blk}");
-    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
-    for (off, pat, e0, e1) in &acked {
-        if *e1 <= n {
-            kept.push(format!("read -P {pat} {off} 64k"));
-        } else if *e0 > n {
-            dropped.push(format!("read -P 0 {off} 64k"));
-        }
-    }
-    assert!(
-        !kept.is_empty(),
-        "no write landed in an epoch <= {n}: {acked:?}"
-    );
-    for chunk in kept.chunks(200).chain(dropped.chunks(200)) {
-        let (ok, out) = qemu_io(&pool.nbd_uri(1), true, chunk);
-        assert!(
-            ok && !out.contains("Pattern verification failed")
-                && out.matches("read 65536/65536 bytes").count() == chunk.len(),
-            "the disk is not checkpoint {n}'s:\n{out}"
-        );
-    }
+    let (kept, dropped) = assert_disk_is_checkpoint(&pool, 1, n, &acked);
+    assert!(kept > 0, "no write landed in an epoch <= {n}: {acked:?}");
     eprintln!(
         "checkpoint {n}: {} acked writes kept, {} of later epochs dropped, {} straddling",
-        kept.len(),
-        dropped.len(),
-        acked.len() - kept.len() - dropped.len()
+        kept,
+        dropped,
+        acked.len() - kept - dropped
     );
 }

@@ -10,18 +10,11 @@
 
 mod agent_shims;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_shims::{control, qemu_io, wait_until, Pool};
+use agent_shims::{assert_disk_is_checkpoint, control, wait_until, EpochWriter, Pool};
 use serde_json::Value;
 use xenft_tests::netns::require_root;
-
-const WRITE: u64 = 64 * 1024;
-
-/// A write acknowledged by h2: offset, pattern, blkback's epoch before and after it.
-type Acked = (u64, u8, u64, u64);
 
 fn alive(pid: u64) -> bool {
     i32::try_from(pid)
@@ -170,36 +163,9 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     // The protection is real: a client writes through h2 while checkpoints stamp the disk
     // epochs; when h2 dies in turn, h1 resumes the guest from the checkpoints it received
     // since it came back, with exactly the disk writes of that checkpoint.
-    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop, uri, ctl) = (
-            acked.clone(),
-            stop.clone(),
-            pool.nbd_uri(1),
-            pool.blk_ctl(1),
-        );
-        std::thread::spawn(move || {
-            let epoch = || control(&ctl, "status").and_then(|v| v["primary"]["epoch"].as_u64());
-            for k in 0u64..1500 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let pat = u8::try_from(k % 250).unwrap() + 1;
-                let Some(e0) = epoch() else { break };
-                let (ok, out) =
-                    qemu_io(&uri, false, &[format!("write -P {pat} {} 64k", k * WRITE)]);
-                if !ok || !out.contains("wrote 65536/65536 bytes") {
-                    break;
-                }
-                let Some(e1) = epoch() else { break };
-                acked.lock().unwrap().push((k * WRITE, pat, e0, e1));
-            }
-        })
-    };
+    let writer = EpochWriter::start(&pool, 1);
     assert!(
-        wait_until(Duration::from_secs(20), || acked.lock().unwrap().len()
-            >= 30),
+        wait_until(Duration::from_secs(20), || writer.count() >= 30),
         "the NBD client could not write through h2"
     );
     let before = committed(&pool, 0);
@@ -209,16 +175,10 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         let _ = c.kill();
         let _ = c.wait();
     }
-    let written = acked.lock().unwrap().len();
-    assert!(wait_until(Duration::from_secs(10), || acked
-        .lock()
-        .unwrap()
-        .len()
-        >= written + 3));
+    let written = writer.count();
+    assert!(wait_until(Duration::from_secs(10), || writer.count() >= written + 3));
     pool.kill_host(1);
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    let acked = acked.lock().unwrap().clone();
+    let acked = writer.finish();
     assert!(
         wait_until(Duration::from_secs(15), || pool.vm1(0).is_some_and(
             |(local, _, primary)| local == "running" && primary == "h1"
@@ -235,30 +195,15 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     );
     assert!(st["guest_pid"].as_u64().is_some_and(alive), "{st}");
     let n = st["committed_epoch"].as_u64().unwrap();
-    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
-    for (off, pat, e0, e1) in &acked {
-        if *e1 <= n {
-            kept.push(format!("read -P {pat} {off} 64k"));
-        } else if *e0 > n {
-            dropped.push(format!("read -P 0 {off} 64k"));
-        }
-    }
+    let (kept, dropped) = assert_disk_is_checkpoint(&pool, 0, n, &acked);
     assert!(
-        !kept.is_empty() && !dropped.is_empty(),
+        kept > 0 && dropped > 0,
         "writes on both sides of checkpoint {n} expected: {acked:?}"
     );
-    for chunk in kept.chunks(200).chain(dropped.chunks(200)) {
-        let (ok, out) = qemu_io(&pool.nbd_uri(0), true, chunk);
-        assert!(
-            ok && !out.contains("Pattern verification failed")
-                && out.matches("read 65536/65536 bytes").count() == chunk.len(),
-            "h1's disk is not checkpoint {n}'s:\n{out}"
-        );
-    }
     eprintln!(
         "second take-over at checkpoint {n}: {} acked writes kept, {} of later epochs dropped, {} straddling",
-        kept.len(),
-        dropped.len(),
-        acked.len() - kept.len() - dropped.len()
+        kept,
+        dropped,
+        acked.len() - kept - dropped
     );
 }

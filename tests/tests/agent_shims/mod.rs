@@ -501,6 +501,98 @@ pub fn qemu_io(uri: &str, read_only: bool, cmds: &[String]) -> (bool, String) {
     (o.status.success(), out)
 }
 
+/// Size of each client write of [`EpochWriter`].
+pub const WRITE: u64 = 64 * 1024;
+
+/// A write the client had acknowledged: offset, pattern, the primary blkback's epoch before
+/// and after it.
+pub type Acked = (u64, u8, u64, u64);
+
+/// A client writing 64 KiB patterns (1, 2, … 250, again) at consecutive offsets through host
+/// `i`'s NBD export while checkpoints stamp the disk epochs, noting each acknowledged write
+/// with the primary's epoch before and after it (so a write is known to belong to an epoch
+/// `<= N` when its later epoch is).
+pub struct EpochWriter {
+    acked: Arc<Mutex<Vec<Acked>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EpochWriter {
+    /// Starts writing through host `i` (up to 1500 writes; stops at the first failure).
+    pub fn start(pool: &Pool, i: usize) -> Self {
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (acked, stop, uri, ctl) = (
+                acked.clone(),
+                stop.clone(),
+                pool.nbd_uri(i),
+                pool.blk_ctl(i),
+            );
+            std::thread::spawn(move || {
+                let epoch = || control(&ctl, "status").and_then(|v| v["primary"]["epoch"].as_u64());
+                for k in 0u64..1500 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let pat = u8::try_from(k % 250).unwrap() + 1;
+                    let Some(e0) = epoch() else { break };
+                    let (ok, out) =
+                        qemu_io(&uri, false, &[format!("write -P {pat} {} 64k", k * WRITE)]);
+                    if !ok || !out.contains("wrote 65536/65536 bytes") {
+                        break;
+                    }
+                    let Some(e1) = epoch() else { break };
+                    acked.lock().unwrap().push((k * WRITE, pat, e0, e1));
+                }
+            })
+        };
+        Self {
+            acked,
+            stop,
+            thread,
+        }
+    }
+
+    /// How many writes were acknowledged so far.
+    pub fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the client and returns every acknowledged write.
+    pub fn finish(self) -> Vec<Acked> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+}
+
+/// Asserts that host `i`'s disk is checkpoint `n`'s: every acknowledged write of an epoch
+/// `<= n` reads back with its pattern and every write begun after `n` reads back as zeroes
+/// (writes straddling the boundary are not checked). Returns (kept, dropped) counts.
+pub fn assert_disk_is_checkpoint(pool: &Pool, i: usize, n: u64, acked: &[Acked]) -> (usize, usize) {
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for (off, pat, e0, e1) in acked {
+        if *e1 <= n {
+            kept.push(format!("read -P {pat} {off} 64k"));
+        } else if *e0 > n {
+            dropped.push(format!("read -P 0 {off} 64k"));
+        }
+    }
+    for chunk in kept.chunks(200).chain(dropped.chunks(200)) {
+        let (ok, out) = qemu_io(&pool.nbd_uri(i), true, chunk);
+        assert!(
+            ok && !out.contains("Pattern verification failed")
+                && out.matches("read 65536/65536 bytes").count() == chunk.len(),
+            "h{}'s disk is not checkpoint {n}'s:\n{out}",
+            i + 1
+        );
+    }
+    (kept.len(), dropped.len())
+}
+
 /// Gratuitous ARPs for the VM's address seen on an interface (AF_PACKET capture).
 pub struct ArpWatch {
     pub seen: Arc<Mutex<Vec<Instant>>>,
