@@ -3,14 +3,13 @@
 //! secondary. The resync copies only the union of what the new primary wrote since its
 //! promotion and what the old primary reported as possibly unacknowledged, new → old.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, peer_link, wait_for_status};
 use xenft_blkback::mirror::bitmap::{DirtyBitmap, DEFAULT_CHUNK};
 
 const MIB: u64 = 1 << 20;
@@ -38,14 +37,6 @@ impl Proc {
     fn sigkill(self) {
         drop(self);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Two hosts, A and B, each with its disk and its default bitmap and state files beside it,
@@ -162,37 +153,6 @@ impl Pair {
     }
 }
 
-fn control(sock: &Path, cmd: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    writeln!(s, "{cmd}").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
-fn wait_for_status(sock: &Path, f: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = control(sock, "status") {
-            if f(&v) {
-                return v;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timeout waiting on {}: last {:?}",
-            sock.display(),
-            control(sock, "status")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn peer(v: &Value) -> &str {
-    v["primary"]["peer"].as_str().unwrap_or("")
-}
-
 fn block(i: u64, len: usize) -> Vec<u8> {
     (0..len)
         .map(|k| u8::try_from((i * 31 + k as u64 * 7) % 251).unwrap() | 1)
@@ -224,7 +184,7 @@ fn failover_resyncs_only_the_union(pair: &Pair) {
     // A primary, B secondary, in sync.
     let b = pair.secondary("b", port_ab);
     let a = pair.primary("a", port_ab);
-    wait_for_status(&pair.p("a.ctl"), |v| peer(v) == "in_sync");
+    wait_for_status(&pair.p("a.ctl"), |v| peer_link(v) == "in_sync");
 
     // A stream of 64 KiB writes over the first 16 MiB; A dies mid-stream (SIGKILL).
     let killer = {
@@ -261,7 +221,7 @@ fn failover_resyncs_only_the_union(pair: &Pair) {
         pair.log()
     );
     let b = pair.primary("b", port_ba);
-    let v = wait_for_status(&pair.p("b.ctl"), |v| peer(v) == "degraded");
+    let v = wait_for_status(&pair.p("b.ctl"), |v| peer_link(v) == "degraded");
     assert_eq!(v["primary"]["dirty_bytes"], 0, "{v}");
 
     // B takes writes while A is away: 3 MiB at 40 MiB and 64 KiB inside A's region.
@@ -298,7 +258,7 @@ fn failover_resyncs_only_the_union(pair: &Pair) {
     // A returns as B's secondary: B resyncs only the union, B → A.
     let a = pair.secondary("a", port_ba);
     let v = wait_for_status(&pair.p("b.ctl"), |v| {
-        peer(v) == "in_sync" && v["primary"]["last_resync"].is_object()
+        peer_link(v) == "in_sync" && v["primary"]["last_resync"].is_object()
     });
     let r = &v["primary"]["last_resync"];
     assert_eq!(r["full"], false, "{v}\n{}", pair.log());
@@ -332,7 +292,7 @@ fn a_promoted_secondary_without_the_old_primarys_report_does_a_full_sync() {
     let (port_ab, port_ba) = (free_port(), free_port());
     let b = pair.secondary("b", port_ab);
     let a = pair.primary("a", port_ab);
-    wait_for_status(&pair.p("a.ctl"), |v| peer(v) == "in_sync");
+    wait_for_status(&pair.p("a.ctl"), |v| peer_link(v) == "in_sync");
     a.sigkill();
     b.stop(&pair.log());
     let b = pair.primary("b", port_ba);
@@ -341,7 +301,7 @@ fn a_promoted_secondary_without_the_old_primarys_report_does_a_full_sync() {
     std::fs::write(pair.p("a.img.xenft-state"), "consistent clean\n").unwrap();
     let a = pair.secondary("a", port_ba);
     let v = wait_for_status(&pair.p("b.ctl"), |v| {
-        peer(v) == "in_sync" && v["primary"]["last_resync"].is_object()
+        peer_link(v) == "in_sync" && v["primary"]["last_resync"].is_object()
     });
     assert_eq!(v["primary"]["last_resync"]["full"], true, "{v}");
     b.stop(&pair.log());

@@ -3,15 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{nbd_uri, run_ok};
-use serde_json::Value;
+use common::{control, free_port, nbd_uri, peer_link, run_ok, wait_for_status};
 
 const MIB: u64 = 1 << 20;
 /// Write slots (8 KiB apart) of the SIGKILL test: 16 MiB of the disk.
@@ -26,14 +22,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Setup {
@@ -169,38 +157,6 @@ impl Setup {
     }
 }
 
-/// Sends one control command; `None` if the socket is not there (yet).
-fn control(sock: &Path, cmd: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    writeln!(s, "{cmd}").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
-fn wait_for_status(sock: &Path, f: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = control(sock, "status") {
-            if f(&v) {
-                return v;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timeout waiting on {}: last {:?}",
-            sock.display(),
-            control(sock, "status")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn link(v: &Value) -> &str {
-    v["primary"]["peer"].as_str().unwrap_or("")
-}
-
 fn files_identical(a: &Path, b: &Path) -> bool {
     Command::new("cmp")
         .arg(a)
@@ -223,7 +179,7 @@ fn over_alink_qemu_io_pattern_is_byte_identical_on_secondary_after_flush() {
 fn pattern_identical_after_flush(s: &Setup) {
     let _sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     run_ok(
         "qemu-io",
         &[
@@ -250,7 +206,7 @@ fn pattern_identical_after_flush(s: &Setup) {
         // The link dropped during the run (an overloaded host can delay heartbeats past the
         // path timeout): the guarantee then holds once back in sync and flushed.
         eprintln!("link dropped during the run: {v}");
-        wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+        wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
         run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
     } else {
         assert_eq!(p["writes_mirrored"], 5, "{v}");
@@ -275,7 +231,7 @@ fn over_alink_secondary_killed_and_restarted_resyncs_only_dirty_regions() {
 fn kill_and_restart_secondary(s: &Setup) {
     let mut sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     // A write stream in the background; the secondary dies in the middle of it.
     let uri = s.uri();
     let stream = std::thread::spawn(move || {
@@ -310,13 +266,13 @@ fn kill_and_restart_secondary(s: &Setup) {
             &s.uri(),
         ],
     );
-    let degraded = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "degraded");
+    let degraded = wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "degraded");
     let dirty = degraded["primary"]["dirty_bytes"].as_u64().unwrap();
     assert!(dirty >= 3 * 65536, "dirty {dirty}");
     assert!(!files_identical(&s.p("primary.img"), &s.p("secondary.img")));
     // Restart the secondary: resync copies exactly the dirty chunks.
     let _sec2 = s.secondary();
-    let done = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    let done = wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     let last = &done["primary"]["last_resync"];
     assert_eq!(last["full"], false);
     assert_eq!(last["bytes_copied"].as_u64().unwrap(), dirty, "{done}");
@@ -336,7 +292,7 @@ fn every_acked_write_is_on_the_secondary_after_sigkill_of_the_primary() {
     let s = Setup::new(64 * MIB);
     let _sec = s.secondary();
     let pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pri.0.id()).unwrap());
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
@@ -379,7 +335,7 @@ fn every_acked_write_is_on_the_secondary_after_sigkill_of_the_primary() {
     }
     // Restart the primary: its activity log makes it resync whatever was in flight.
     let _pri = s.primary();
-    let v = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    let v = wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     assert!(
         v["primary"]["al_recovered_extents"].as_u64().unwrap() > 0,
         "{v}"
@@ -405,7 +361,7 @@ fn truncating_the_primary_backing_file_mid_stream_switches_to_remote_mode_withou
     let s = Setup::new(32 * MIB);
     let _sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     run_ok(
         "qemu-io",
         &[
@@ -485,7 +441,7 @@ fn full_local_filesystem_switches_to_remote_mode_without_client_errors() {
     s.primary_disk = Some(mnt.join("primary.img"));
     let _sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     // 24 MiB of data on a filesystem of 8 MiB: the local store hits ENOSPC part way.
     let out = run_ok(
         "qemu-io",
@@ -517,10 +473,10 @@ fn over_alink_idle_primary_goes_degraded_when_the_secondary_dies() {
     let s = Setup::over_alink(16 * MIB);
     let sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     drop(sec);
     // No client traffic, so no acknowledgement can time out: the link itself must tell.
-    let v = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "degraded");
+    let v = wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "degraded");
     assert_eq!(v["primary"]["dirty_bytes"], 0);
     // And a write now is recorded for resync.
     run_ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &s.uri()]);
@@ -533,13 +489,13 @@ fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
     let s = Setup::new(64 * MIB);
     let sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     drop(sec);
     run_ok(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x44 0 32M", &s.uri()],
     );
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "degraded");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "degraded");
     // The resync (32 MiB dirty, rate-limited so it overlaps) races with a new write stream.
     control(&s.p("primary.ctl"), "resync-rate 8388608").unwrap();
     let uri = s.uri();
@@ -558,10 +514,10 @@ fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
         run_ok("qemu-io", &a)
     });
     let _sec2 = s.secondary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "resyncing");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "resyncing");
     stream.join().unwrap();
     control(&s.p("primary.ctl"), "resync-rate 0").unwrap();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
     assert!(
         files_identical(&s.p("primary.img"), &s.p("secondary.img")),
@@ -575,7 +531,7 @@ fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
     let s = Setup::new(16 * MIB);
     let _sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     let (pc, sc) = (s.p("primary.ctl"), s.p("secondary.ctl"));
     assert_eq!(control(&sc, "epoch-mode on").unwrap()["ok"], true);
     // Checkpoint 0 ends: the writes that follow belong to epoch 1.
@@ -627,7 +583,7 @@ fn sigterm_stops_the_primary_cleanly_so_a_restart_resyncs_nothing() {
     let s = Setup::new(32 * MIB);
     let _sec = s.secondary();
     let pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     run_ok(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x21 0 8M", &s.uri()],
@@ -643,7 +599,7 @@ fn sigterm_stops_the_primary_cleanly_so_a_restart_resyncs_nothing() {
     let status = pri.0.wait().unwrap();
     assert!(status.success(), "clean exit: {status:?}\n{}", s.log());
     let _pri2 = s.primary();
-    let v = wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    let v = wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     assert_eq!(v["primary"]["al_recovered_extents"], 0, "{v}");
     assert_eq!(v["primary"]["last_resync"]["bytes_copied"], 0, "{v}");
     assert!(files_identical(&s.p("primary.img"), &s.p("secondary.img")));
@@ -654,7 +610,7 @@ fn secondary_from_a_previous_boot_without_clean_stop_gets_a_full_sync() {
     let s = Setup::new(16 * MIB);
     let sec = s.secondary();
     let _pri = s.primary();
-    wait_for_status(&s.p("primary.ctl"), |v| link(v) == "in_sync");
+    wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     run_ok(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x51 0 2M", &s.uri()],
@@ -671,7 +627,7 @@ fn secondary_from_a_previous_boot_without_clean_stop_gets_a_full_sync() {
     .unwrap();
     let _sec2 = s.secondary();
     let v = wait_for_status(&s.p("primary.ctl"), |v| {
-        link(v) == "in_sync" && v["primary"]["sessions"].as_u64() == Some(2)
+        peer_link(v) == "in_sync" && v["primary"]["sessions"].as_u64() == Some(2)
     });
     assert_eq!(v["primary"]["last_resync"]["full"], true, "{v}");
     assert_eq!(v["primary"]["last_resync"]["bytes_copied"], 2 * MIB, "{v}");

@@ -206,3 +206,48 @@ impl MirrorPair {
         std::fs::read(&self.pdisk).unwrap() == std::fs::read(&self.sdisk).unwrap()
     }
 }
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends one command to a shim's control socket; `None` if the socket is not there (yet).
+pub fn control(sock: &Path, cmd: &str) -> Option<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    writeln!(s, "{cmd}").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Polls the shim's `status` until `f` accepts it (panics after 30 s with the last status).
+pub fn wait_for_status(sock: &Path, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = control(sock, "status") {
+            if f(&v) {
+                return v;
+            }
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "timeout waiting on {}: last {:?}",
+            sock.display(),
+            control(sock, "status")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A primary's view of its peer link in a status reply (`""` when absent).
+pub fn peer_link(v: &serde_json::Value) -> &str {
+    v["primary"]["peer"].as_str().unwrap_or("")
+}
