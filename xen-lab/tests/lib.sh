@@ -14,3 +14,17 @@ peer() { if [ "$H" = 1 ]; then echo 10.99.0.2; else echo 10.99.0.1; fi; }
 wait_peer() { wait_until "${1:-120}" busybox ping -c1 -W1 "$(peer)"; }
 # ask scripts/xen-lab to kill this host's QEMU (a crash the guest cannot see coming)
 crash_me() { say "asking for a crash"; sync; echo "XENLAB-KILL-HOST $H"; sleep 600; }
+# qemu-xen in dom0 as the userspace block backend (qdisk), as xencommons starts it
+start_qdisk_backend() {
+  /usr/libexec/xen-qemu-system-i386 -xen-domid 0 -xen-attach -name dom0 -nographic -M xenpv \
+    -daemonize -monitor /dev/null -serial /dev/null -parallel /dev/null -nodefaults \
+    -no-user-config -pidfile /run/qemu-dom0.pid || fail "qemu-xen (qdisk backend) did not start"
+}
+# A-link between the two dom0s on the lab wire (pool secret shared by both images)
+ALINK_SECRET=/run/xenft/secret
+alink_args() { # alink_args PORT
+  mkdir -p /run/xenft; [ -e $ALINK_SECRET ] || echo "xen-lab pool secret, not a real one" > $ALINK_SECRET
+  echo "--alink-path 10.99.0.$H:$1=$(peer):$1 --host host$H --peer-host host$((3 - H)) --secret-file $ALINK_SECRET --alink-path-timeout-ms 8000"
+}
+# ctl SOCKET LINE: one request on a JSON-lines control socket, the reply on stdout
+ctl() { echo "$2" | socat -t 10 - "UNIX-CONNECT:$1" 2>/dev/null; }
