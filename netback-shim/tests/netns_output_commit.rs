@@ -6,7 +6,9 @@ mod common;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{shim_config, start_shim, wait_until, Capture, Line, CLIENT_IP, R, VM_IP, VM_MAC};
+use common::{
+    shim_config, start_shim, tcp_from_vm, wait_until, Capture, Line, CLIENT_IP, R, VM_IP, VM_MAC,
+};
 use xenft_netback::Mode;
 use xenft_tests::netns::require_root;
 
@@ -291,30 +293,18 @@ fn bulk_tcp_with_offloads_on_crosses_intact_as_super_frames() -> R<()> {
     const TOTAL: usize = 8 << 20;
     let line = Line::new()?;
     let shim = start_shim(&line.host, shim_config())?;
-    let listener = line
-        .client
-        .spawn(|| std::net::TcpListener::bind((CLIENT_IP, 9200)))?
-        .join()
-        .map_err(|_| "bind panicked")??;
-    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
-        let (mut c, _) = listener.accept()?;
+    let (mut conn, reader) = tcp_from_vm(&line.client, &line.vm, 9200, |mut c| {
         c.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut all = Vec::with_capacity(TOTAL);
         c.read_to_end(&mut all)?;
         Ok(all)
-    });
+    })?;
     let pattern: Vec<u8> = (0..TOTAL)
         .map(|i| u8::try_from(i % 251).unwrap_or(0))
         .collect();
-    let sent = pattern.clone();
-    line.vm
-        .spawn(move || -> std::io::Result<()> {
-            let mut c = std::net::TcpStream::connect((CLIENT_IP, 9200))?;
-            c.write_all(&sent)
-        })?
-        .join()
-        .map_err(|_| "writer panicked")??;
-    let got = reader.join().map_err(|_| "reader panicked")??;
+    conn.write_all(&pattern)?;
+    drop(conn);
+    let got = reader.join()?;
     assert!(
         got == pattern,
         "{} bytes arrived, content intact: {}",

@@ -3,7 +3,8 @@
 //! the returned values drop (namespaces delete their interfaces).
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -293,4 +294,53 @@ pub fn udp_payload(f: &[u8], port: u16) -> Option<Vec<u8>> {
         return None;
     }
     Some(udp.get(8..)?.to_vec())
+}
+
+/// A thread in the client namespace serving one TCP connection; `join` returns what it served.
+pub struct Server<T>(JoinHandle<std::io::Result<T>>);
+
+impl<T> Server<T> {
+    /// Waits for the server to finish (the connection closed) and returns its result.
+    pub fn join(self) -> R<T> {
+        Ok(self.0.join().map_err(|_| "server panicked")??)
+    }
+}
+
+/// A TCP server on `CLIENT_IP:port` inside `client` that serves the first connection with
+/// `serve` in its own thread, and that connection opened from `vm` (5 s to connect, 10 s read
+/// timeout, so a lost reply fails the test instead of hanging it).
+pub fn tcp_from_vm<T: Send + 'static>(
+    client: &Netns,
+    vm: &Netns,
+    port: u16,
+    serve: impl FnOnce(TcpStream) -> std::io::Result<T> + Send + 'static,
+) -> R<(TcpStream, Server<T>)> {
+    let listener = client
+        .spawn(move || TcpListener::bind((CLIENT_IP, port)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = Server(std::thread::spawn(move || {
+        let (c, _) = listener.accept()?;
+        serve(c)
+    }));
+    let conn = vm
+        .spawn(move || {
+            TcpStream::connect_timeout(&(CLIENT_IP, port).into(), Duration::from_secs(5))
+        })?
+        .join()
+        .map_err(|_| "connect panicked")??;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok((conn, server))
+}
+
+/// Echoes what arrives on `c` until the peer closes it.
+pub fn echo(mut c: TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        c.write_all(&buf[..n])?;
+    }
 }
