@@ -76,6 +76,11 @@ fn exchange(conn: &mut TcpStream, round: u32) -> R<()> {
     Ok(())
 }
 
+/// Whether `shim` is redirecting (`on`) or not within `timeout`.
+fn redirect_is(shim: &Shim, on: bool, timeout: Duration) -> bool {
+    wait_until(timeout, || shim.counters().redirect.redirecting == on)
+}
+
 /// Primary (pass-through, `primary_cfg`) in host_a, secondary (standby) in host_b.
 fn shims(pool: &Pool, primary_cfg: ShimConfig) -> R<(Arc<Shim>, Arc<Shim>)> {
     let primary = Arc::new(start_shim(&pool.host_a, primary_cfg)?);
@@ -161,10 +166,7 @@ fn silent_uplink_with_carrier_is_detected_and_redirected_while_the_peer_sees_the
     );
     pool.sw.ip(&["link", "set", "pa", "master", "br0"])?;
     assert!(
-        wait_until(Duration::from_secs(3), || !primary
-            .counters()
-            .redirect
-            .redirecting),
+        redirect_is(&primary, false, Duration::from_secs(3)),
         "frames arriving again end the redirect"
     );
     for round in 25..30 {
@@ -293,10 +295,7 @@ fn cut_and_restore_uplink(pool: &Pool, primary: &Shim, secondary: &Shim) -> R<()
     // Cable cut between the primary and the switch.
     pool.sw.ip(&["link", "set", "pa", "down"])?;
     assert!(
-        wait_until(Duration::from_secs(2), || primary
-            .counters()
-            .redirect
-            .redirecting),
+        redirect_is(primary, true, Duration::from_secs(2)),
         "the primary redirects when its uplink loses carrier"
     );
     for round in 5..25 {
@@ -317,10 +316,7 @@ fn cut_and_restore_uplink(pool: &Pool, primary: &Shim, secondary: &Shim) -> R<()
     // Cable back: traffic returns to the local path.
     pool.sw.ip(&["link", "set", "pa", "up"])?;
     assert!(
-        wait_until(Duration::from_secs(3), || !primary
-            .counters()
-            .redirect
-            .redirecting),
+        redirect_is(primary, false, Duration::from_secs(3)),
         "the primary stops redirecting when its uplink is back"
     );
     let tunnelled = primary.counters().tunnel_out_frames;
@@ -441,10 +437,7 @@ fn agent_can_force_the_redirect_on_and_off_without_losing_the_connection() -> R<
     let (mut conn, server) = tcp_from_vm(&pool.client, &pool.vm_a, PORT, echo)?;
     exchange(&mut conn, 0)?;
     primary.set_redirect(Some(true));
-    assert!(wait_until(Duration::from_secs(2), || primary
-        .counters()
-        .redirect
-        .redirecting));
+    assert!(redirect_is(&primary, true, Duration::from_secs(2)));
     assert_eq!(
         primary.counters().redirect.reason,
         Some(xenft_netback::RedirectReason::Forced)
@@ -455,10 +448,7 @@ fn agent_can_force_the_redirect_on_and_off_without_losing_the_connection() -> R<
     assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
     assert!(primary.counters().tunnel_out_frames >= 9);
     primary.set_redirect(Some(false));
-    assert!(wait_until(Duration::from_secs(2), || !primary
-        .counters()
-        .redirect
-        .redirecting));
+    assert!(redirect_is(&primary, false, Duration::from_secs(2)));
     for round in 10..15 {
         exchange(&mut conn, round)?;
     }
