@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    echo, shim_config, start_shim, tcp_from_vm, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC,
+    echo, relay_command, shim_config, start_shim, tcp_from_vm, wait_until, Child, Pool, CLIENT_IP,
+    R, VM_IP, VM_MAC,
 };
 use xenft_netback::alink_tunnel::attach;
 use xenft_netback::tunnel::{memory_pair, TunnelMsg};
@@ -176,15 +177,6 @@ fn silent_uplink_with_carrier_is_detected_and_redirected_while_the_peer_sees_the
     server.join()
 }
 
-/// Kills the child on drop, so a failing test leaves no relay running.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Control-socket view of a relay run as the binary.
 fn counters(sock: &std::path::Path) -> R<xenft_netback::Counters> {
     let mut conn = std::io::BufReader::new(std::os::unix::net::UnixStream::connect(sock)?);
@@ -214,16 +206,7 @@ fn binaries_joined_by_an_alink_between_the_hosts_carry_a_tcp_connection_over_an_
     std::fs::write(&secret, b"netback test pool secret, 32 by")?;
     let run = |ns: &xenft_tests::netns::Netns, me: &str, peer: &str, path: &str, mode: &str| {
         let sock = dir.path().join(format!("{me}.sock"));
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_xenft-netback"))
-            .args([
-                "--vif",
-                "vif0",
-                "--uplink",
-                "up0",
-                "--mac",
-                &VM_MAC.to_string(),
-            ])
+        let child = relay_command(ns)
             .args(["--mode", mode, "--alink-host", me, "--alink-peer", peer])
             .arg("--alink-secret-file")
             .arg(&secret)

@@ -263,6 +263,15 @@ impl Capture {
         })
     }
 
+    /// The sequence numbers (first four payload bytes, big-endian) of the captured IPv4/UDP
+    /// frames to destination `port`, as `vm_send_udp` numbers them.
+    pub fn udp_seqs(&self, port: u16) -> Vec<u32> {
+        self.udp_payloads(port)
+            .iter()
+            .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            .collect()
+    }
+
     /// Payloads of captured IPv4/UDP frames to destination `port`.
     pub fn udp_payloads(&self, port: u16) -> Vec<Vec<u8>> {
         self.frames
@@ -343,4 +352,45 @@ pub fn echo(mut c: TcpStream) -> std::io::Result<()> {
         }
         c.write_all(&buf[..n])?;
     }
+}
+
+/// Sends UDP datagrams carrying `seqs` (as 4-byte big-endian numbers, padded to `size` bytes)
+/// from the VM's address in `vm` to the client's `port`.
+pub fn vm_send_udp(vm: &Netns, port: u16, seqs: std::ops::Range<u32>, size: usize) -> R<()> {
+    let h = vm.spawn(move || -> std::io::Result<()> {
+        let s = std::net::UdpSocket::bind((VM_IP, 0))?;
+        for seq in seqs {
+            let mut payload = seq.to_be_bytes().to_vec();
+            payload.resize(size.max(4), 0xab);
+            s.send_to(&payload, (CLIENT_IP, port))?;
+        }
+        Ok(())
+    })?;
+    h.join().map_err(|_| "sender panicked")??;
+    Ok(())
+}
+
+/// Kills the child on drop, so a failing test leaves no relay running.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The relay binary run in `ns` between `vif0` and `up0` for the VM's MAC; the caller adds the
+/// mode, control socket and A-link options.
+pub fn relay_command(ns: &Netns) -> std::process::Command {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_xenft-netback"));
+    cmd.args([
+        "--vif",
+        "vif0",
+        "--uplink",
+        "up0",
+        "--mac",
+        &VM_MAC.to_string(),
+    ]);
+    cmd
 }
