@@ -65,6 +65,6 @@ fn a_restarted_agent_adopts_its_running_vm_instead_of_starting_a_second_one() {
         "{}",
         pool.log("agent-h2.log")
     );
-    let (ok, out) = qemu_io(&pool.nbd_uri(1), false, &["write -P 0x44 0 64k".into()]);
+    let (ok, out) = qemu_io(&pool.nbd_uri(1), false, &["write -P 0x44 0 64k"]);
     assert!(ok && out.contains("wrote 65536/65536"), "{out}");
 }

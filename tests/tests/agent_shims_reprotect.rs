@@ -31,11 +31,7 @@ fn the_old_primary_returns_as_secondary_and_the_vm_is_protected_again_without_op
         "h1 never protected vm1\n{}",
         pool.log("agent-h1.log")
     );
-    let (ok, out) = qemu_io(
-        &pool.nbd_uri(0),
-        false,
-        &["write -P 0x11 0 4M".into(), "flush".into()],
-    );
+    let (ok, out) = qemu_io(&pool.nbd_uri(0), false, &["write -P 0x11 0 4M", "flush"]);
     assert!(ok && out.contains("wrote 4194304/4194304"), "{out}");
     pool.kill_host(0);
     assert!(
@@ -46,11 +42,7 @@ fn the_old_primary_returns_as_secondary_and_the_vm_is_protected_again_without_op
         pool.log("agent-h2.log")
     );
     // The VM keeps writing on h2 while h1 is away: 2 MiB more.
-    let (ok, out) = qemu_io(
-        &pool.nbd_uri(1),
-        false,
-        &["write -P 0x22 64M 2M".into(), "flush".into()],
-    );
+    let (ok, out) = qemu_io(&pool.nbd_uri(1), false, &["write -P 0x22 64M 2M", "flush"]);
     assert!(ok && out.contains("wrote 2097152/2097152"), "{out}");
     let phase = pool.vm1(1).map(|(_, phase, _)| phase).unwrap_or_default();
     assert!(

@@ -36,6 +36,7 @@ pub struct Bins {
     pub agent: PathBuf,
     pub blkback: PathBuf,
     pub netback: PathBuf,
+    pub checkpoint: PathBuf,
 }
 
 pub fn bins() -> Bins {
@@ -68,6 +69,7 @@ pub fn bins() -> Bins {
         agent: t.join("xenft-agent"),
         blkback: t.join("xenft-blkback"),
         netback: t.join("xenft-netback"),
+        checkpoint: t.join("xenft-checkpoint"),
     }
 }
 
@@ -237,8 +239,12 @@ impl Pool {
             args.push("--netback-control".into());
             args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
         }
-        let bin = self.bins.agent.with_file_name("xenft-checkpoint");
-        let c = self.spawn(i, &bin, &args, &format!("ck-h{}.log", i + 1));
+        let c = self.spawn(
+            i,
+            &self.bins.checkpoint.clone(),
+            &args,
+            &format!("ck-h{}.log", i + 1),
+        );
         self.procs[i].checkpoint = Some(c);
     }
 
@@ -247,7 +253,7 @@ impl Pool {
     }
 
     pub fn nbd_uri(&self, i: usize) -> String {
-        format!("nbd+unix:///xenft?socket={}", self.nbd_sock(i).display())
+        nbd_unix_uri(&self.nbd_sock(i))
     }
 
     fn spawn(&self, i: usize, bin: &Path, args: &[String], log: &str) -> Child {
@@ -483,15 +489,20 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// `qemu-io` on an NBD URI with `cmds`; returns (success, stdout).
-pub fn qemu_io(uri: &str, read_only: bool, cmds: &[String]) -> (bool, String) {
+/// The NBD URI of blkback's export `xenft` on the unix socket `sock`.
+pub fn nbd_unix_uri(sock: &Path) -> String {
+    format!("nbd+unix:///xenft?socket={}", sock.display())
+}
+
+/// `qemu-io` on an NBD URI with `cmds`; returns (success, stdout and stderr).
+pub fn qemu_io(uri: &str, read_only: bool, cmds: &[impl AsRef<str>]) -> (bool, String) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
     if read_only {
         c.arg("-r");
     }
     for cmd in cmds {
-        c.args(["-c", cmd]);
+        c.args(["-c", cmd.as_ref()]);
     }
     let o = c
         .arg(uri)
