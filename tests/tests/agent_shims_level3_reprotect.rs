@@ -38,20 +38,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     // Arrange: the level-3 pool of agent_shims_level3_pool, protected on h1.
     let mut pool = Pool::new();
     pool.level = 3;
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_checkpoint(1, "secondary");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .blk(1, "epoch-mode on")
-        .is_some_and(|v| v["ok"] == true)));
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "buffered");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .p("ck.sock")
-        .exists()));
-    pool.start_checkpoint(0, "primary");
-    pool.start_agent(1);
-    pool.start_agent(0);
+    pool.start_primary_on_h1();
     assert!(
         pool.wait_protected(),
         "h1 never protected vm1\n{}",
@@ -66,9 +53,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     // h1 dies; h2 takes over and resumes the guest.
     pool.kill_host(0);
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h2"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(1)),
         "h2 did not take over: {:?}\n{}",
         pool.vm1(1),
         pool.log("agent-h2.log")
@@ -79,12 +64,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
 
     // Act: h1 comes back as a host does, with every component in the secondary role.
     let back = Instant::now();
-    pool.start_blkback(0, "secondary");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .blk(0, "epoch-mode on")
-        .is_some_and(|v| v["ok"] == true)));
-    pool.start_netback(0, "standby");
-    pool.start_checkpoint(0, "secondary");
+    pool.start_secondary_components(0);
     assert!(wait_until(Duration::from_secs(10), || pool
         .ckpt_ctl(0)
         .exists()));
@@ -171,18 +151,9 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     let before = committed(&pool, 0);
     // h2 dies — its engine (and with it the guest) first, so that the last acknowledged writes
     // belong to an epoch no checkpoint completed.
-    if let Some(mut c) = pool.procs[1].checkpoint.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let written = writer.count();
-    assert!(wait_until(Duration::from_secs(10), || writer.count() >= written + 3));
-    pool.kill_host(1);
-    let acked = writer.finish();
+    let acked = pool.kill_host_mid_epoch(1, writer);
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(0).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h1"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(0)),
         "h1 did not take over in turn: {:?}\n{}",
         pool.vm1(0),
         pool.log("agent-h1.log")

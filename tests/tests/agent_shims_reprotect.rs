@@ -20,12 +20,7 @@ fn the_old_primary_returns_as_secondary_and_the_vm_is_protected_again_without_op
     }
     // Arrange: vm1 protected on h1, 4 MiB written through h1, then h1 dies and h2 takes over.
     let mut pool = Pool::new();
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "passthrough");
-    pool.start_agent(1);
-    pool.start_agent(0);
+    pool.start_primary_on_h1();
     assert!(
         pool.wait_protected(),
         "h1 never protected vm1\n{}",
@@ -35,9 +30,7 @@ fn the_old_primary_returns_as_secondary_and_the_vm_is_protected_again_without_op
     assert!(ok && out.contains("wrote 4194304/4194304"), "{out}");
     pool.kill_host(0);
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h2"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(1)),
         "h2 did not take over\n{}",
         pool.log("agent-h2.log")
     );
@@ -53,8 +46,7 @@ fn the_old_primary_returns_as_secondary_and_the_vm_is_protected_again_without_op
     // Act: h1 comes back — its host starts the blkback as secondary (the role the pool now
     // gives it), the relay in standby and the agent; nobody asks for a resync.
     let back = Instant::now();
-    pool.start_blkback(0, "secondary");
-    pool.start_netback(0, "standby");
+    pool.start_secondary_components(0);
     pool.start_agent(0);
 
     // Assert: protected again, roles swapped, both copies identical.

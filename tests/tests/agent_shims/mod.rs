@@ -395,6 +395,70 @@ impl Pool {
         self.procs[i].agent = Some(c);
     }
 
+    /// Starts host `i`'s components as vm1's secondary at the pool's level: blkback
+    /// `secondary` and the relay in standby; at level 3 blkback in epoch mode and the checkpoint
+    /// engine's replica.
+    pub fn start_secondary_components(&mut self, i: usize) {
+        self.start_blkback(i, "secondary");
+        if self.level == 3 {
+            assert!(wait_until(Duration::from_secs(10), || self
+                .blk(i, "epoch-mode on")
+                .is_some_and(|v| v["ok"] == true)));
+        }
+        self.start_netback(i, "standby");
+        if self.level == 3 {
+            self.start_checkpoint(i, "secondary");
+        }
+    }
+
+    /// Starts host `i`'s components as vm1's primary at the pool's level: blkback `primary`
+    /// and the relay in pass-through; at level 3 the relay buffered per epoch and, once the
+    /// replica listens, the checkpoint engine protecting the synthetic guest.
+    pub fn start_primary_components(&mut self, i: usize) {
+        self.start_blkback(i, "primary");
+        if self.level == 3 {
+            self.start_netback(i, "buffered");
+            assert!(wait_until(Duration::from_secs(10), || self
+                .p("ck.sock")
+                .exists()));
+            self.start_checkpoint(i, "primary");
+        } else {
+            self.start_netback(i, "passthrough");
+        }
+    }
+
+    /// Starts the pool with vm1 primary on h1: h2's components, h1's, then both agents (h2's
+    /// first). The caller waits for the protection.
+    pub fn start_primary_on_h1(&mut self) {
+        self.start_secondary_components(1);
+        self.start_primary_components(0);
+        self.start_agent(1);
+        self.start_agent(0);
+    }
+
+    /// Whether host `i`'s agent runs vm1 as its primary (local copy running, the record names
+    /// host `i` primary).
+    pub fn runs_vm1(&self, i: usize) -> bool {
+        let me = format!("h{}", i + 1);
+        self.vm1(i)
+            .is_some_and(|(local, _, primary)| local == "running" && primary == me)
+    }
+
+    /// SIGKILL of host `i` between two checkpoints while `writer` writes through it: its
+    /// checkpoint engine first, then, once three more writes are acknowledged (writes of an
+    /// epoch no checkpoint completed), its agent, shims and VM. Returns every acknowledged
+    /// write.
+    pub fn kill_host_mid_epoch(&mut self, i: usize, writer: EpochWriter) -> Vec<Acked> {
+        if let Some(mut c) = self.procs[i].checkpoint.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let before = writer.count();
+        assert!(wait_until(Duration::from_secs(10), || writer.count() >= before + 3));
+        self.kill_host(i);
+        writer.finish()
+    }
+
     /// SIGKILL of host `i`'s agent, shims and VM process.
     pub fn kill_host(&mut self, i: usize) {
         let pid = self.vm_pid_file(i);
