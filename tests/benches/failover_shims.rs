@@ -61,10 +61,7 @@ fn take_over(pool: &mut Pool, arp: &ArpWatch, primary: usize, trial: usize) -> f
 
 /// Waits until host `i`'s memory replica holds more than `n` checkpoints.
 fn replica_holds(pool: &Pool, i: usize, n: u64) -> bool {
-    wait_until(Duration::from_secs(20), || {
-        agent_shims::control(&pool.ckpt_ctl(i), "status")
-            .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > n)
-    })
+    wait_until(Duration::from_secs(20), || pool.committed(i) > n)
 }
 
 /// Level 3: one pool; after each take-over the dead host returns as the secondary (engine,

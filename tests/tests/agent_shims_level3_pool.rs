@@ -27,24 +27,20 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
         pool.log("agent-h1.log")
     );
     assert!(
-        wait_until(Duration::from_secs(20), || control(
-            &pool.ckpt_ctl(1),
-            "status"
-        )
-        .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > 3)),
+        wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
         "the memory replica holds no checkpoint\n{}",
         pool.log("ck-h2.log")
     );
     // The engine drives h1's relay too: its output epochs follow the checkpoints.
     let relay_committed = || {
-        control(&pool.p("net-h1.ctl"), r#"{"op":"counters"}"#)
+        pool.relay_counters(0)
             .and_then(|v| v["counters"]["committed_epoch"].as_u64())
             .unwrap_or(0)
     };
     assert!(
         wait_until(Duration::from_secs(10), || relay_committed() > 3),
         "the relay's epochs are not committed by the engine: {:?}\n{}",
-        control(&pool.p("net-h1.ctl"), r#"{"op":"counters"}"#),
+        pool.relay_counters(0),
         pool.log("ck-h1.log")
     );
 

@@ -21,13 +21,6 @@ fn alive(pid: u64) -> bool {
         .is_ok_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok())
 }
 
-/// The committed checkpoint of host `i`'s engine (0 when unknown).
-fn committed(pool: &Pool, i: usize) -> u64 {
-    control(&pool.ckpt_ctl(i), "status")
-        .and_then(|v| v["committed_epoch"].as_u64())
-        .unwrap_or(0)
-}
-
 #[test]
 fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_protected_again() {
     if !require_root(
@@ -45,7 +38,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         pool.log("agent-h1.log")
     );
     assert!(
-        wait_until(Duration::from_secs(20), || committed(&pool, 1) > 3),
+        wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
         "h2's replica holds no checkpoint\n{}",
         pool.log("ck-h2.log")
     );
@@ -92,19 +85,19 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     );
     // h1's new replica commits growing checkpoints of the guest running on h2.
     assert!(
-        wait_until(Duration::from_secs(20), || committed(&pool, 0) > 3),
+        wait_until(Duration::from_secs(20), || pool.committed(0) > 3),
         "h1's replica receives no checkpoint: {:?}\n{}",
         control(&pool.ckpt_ctl(0), "status"),
         pool.log("ck-h2.log")
     );
-    let first = committed(&pool, 0);
+    let first = pool.committed(0);
     assert!(
-        wait_until(Duration::from_secs(10), || committed(&pool, 0) > first + 3),
+        wait_until(Duration::from_secs(10), || pool.committed(0) > first + 3),
         "h1's committed epoch does not grow past {first}"
     );
     // h2's relay, in pass-through since the take-over, buffers output per epoch again.
     let relay = |k: &str| {
-        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#)
+        pool.relay_counters(1)
             .and_then(|v| v["counters"][k].as_u64())
             .unwrap_or(0)
     };
@@ -113,7 +106,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         wait_until(Duration::from_secs(10), || relay("committed_epoch")
             > r0 + 3),
         "h2's relay does not commit output epochs: {:?}\n{}",
-        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#),
+        pool.relay_counters(1),
         pool.log("ck-h2.log")
     );
     let st = control(&pool.ckpt_ctl(1), "status").unwrap();
@@ -135,7 +128,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     eprintln!(
         "re-protected {:?} after h1 came back; h1 committed epoch {}, checkpoint pause p99 {} ms, max {} ms",
         back.elapsed(),
-        committed(&pool, 0),
+        pool.committed(0),
         st["primary"]["pause_p99_ms"],
         st["primary"]["pause_max_ms"]
     );
@@ -148,7 +141,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         wait_until(Duration::from_secs(20), || writer.count() >= 30),
         "the NBD client could not write through h2"
     );
-    let before = committed(&pool, 0);
+    let before = pool.committed(0);
     // h2 dies — its engine (and with it the guest) first, so that the last acknowledged writes
     // belong to an epoch no checkpoint completed.
     let acked = pool.kill_host_mid_epoch(1, writer);

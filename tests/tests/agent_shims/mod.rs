@@ -212,6 +212,10 @@ impl Pool {
         self.p(&format!("ck-h{}.ctl", i + 1))
     }
 
+    pub fn net_ctl(&self, i: usize) -> PathBuf {
+        self.p(&format!("net-h{}.ctl", i + 1))
+    }
+
     /// Starts the checkpoint engine of vm1 on host `i`: `secondary` (listens, control socket)
     /// or `primary` (a synthetic guest protected towards the secondary, stamping blkback's
     /// epochs through its control socket).
@@ -226,7 +230,7 @@ impl Pool {
             args.push("--blkback-control".into());
             args.push(self.blk_ctl(i).display().to_string());
             args.push("--netback-control".into());
-            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
+            args.push(self.net_ctl(i).display().to_string());
         } else {
             args.extend(xs(&[
                 "--connect",
@@ -237,7 +241,7 @@ impl Pool {
             ]));
             args.push(self.blk_ctl(i).display().to_string());
             args.push("--netback-control".into());
-            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
+            args.push(self.net_ctl(i).display().to_string());
         }
         let c = self.spawn(
             i,
@@ -327,9 +331,7 @@ impl Pool {
         ]
         .iter()
         .map(|x| (*x).to_string())
-        .chain(std::iter::once(
-            self.p(&format!("net-h{a}.ctl")).display().to_string(),
-        ))
+        .chain(std::iter::once(self.net_ctl(i).display().to_string()))
         .collect();
         let c = self.spawn(
             i,
@@ -362,7 +364,7 @@ impl Pool {
                 "domain": {"command": ["sh", "-c",
                     format!("echo $$ > {}; exec sleep 55", vm_pid.display())]},
                 "blkback": {"control": self.blk_ctl(i), "sync_timeout_ms": 30000},
-                "netback": {"control": self.p(&format!("net-h{a}.ctl")),
+                "netback": {"control": self.net_ctl(i),
                             "addresses": ["10.70.0.42"]}
             }}
         });
@@ -518,6 +520,18 @@ impl Pool {
                 .is_some_and(|(local, phase, _)| local == "running" && phase == "protected")
                 && self.consistent(1 - p)
         })
+    }
+
+    /// The committed checkpoint of host `i`'s engine (0 when unknown).
+    pub fn committed(&self, i: usize) -> u64 {
+        control(&self.ckpt_ctl(i), "status")
+            .and_then(|v| v["committed_epoch"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Host `i`'s relay counters (the reply to `counters` on its control socket).
+    pub fn relay_counters(&self, i: usize) -> Option<Value> {
+        control(&self.net_ctl(i), r#"{"op":"counters"}"#)
     }
 
     /// One line on blkback `i`'s control socket.
