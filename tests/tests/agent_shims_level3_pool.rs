@@ -18,19 +18,7 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     if !require_root("a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint") {
         return;
     }
-    let mut pool = Pool::new();
-    pool.level = 3;
-    pool.start_primary_on_h1();
-    assert!(
-        pool.wait_protected(),
-        "h1 never protected vm1\n{}",
-        pool.log("agent-h1.log")
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
-        "the memory replica holds no checkpoint\n{}",
-        pool.log("ck-h2.log")
-    );
+    let mut pool = Pool::level3_protected_on_h1();
     // The engine drives h1's relay too: its output epochs follow the checkpoints.
     let relay_committed = || {
         pool.relay_counters(0)

@@ -29,19 +29,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         return;
     }
     // Arrange: the level-3 pool of agent_shims_level3_pool, protected on h1.
-    let mut pool = Pool::new();
-    pool.level = 3;
-    pool.start_primary_on_h1();
-    assert!(
-        pool.wait_protected(),
-        "h1 never protected vm1\n{}",
-        pool.log("agent-h1.log")
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
-        "h2's replica holds no checkpoint\n{}",
-        pool.log("ck-h2.log")
-    );
+    let mut pool = Pool::level3_protected_on_h1();
 
     // h1 dies; h2 takes over and resumes the guest.
     pool.kill_host(0);
@@ -64,11 +52,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     pool.start_agent(0);
 
     // Assert: protected again on h2, through the agent's status API.
-    let protected = wait_until(Duration::from_secs(30), || {
-        pool.vm1(1).is_some_and(|(local, phase, primary)| {
-            local == "running" && phase == "protected" && primary == "h2"
-        })
-    });
+    let protected = wait_until(Duration::from_secs(30), || pool.runs_vm1_protected(1));
     assert!(
         protected,
         "vm1 not protected again: h2 {:?}, h1 {:?}\n{}\n{}",
@@ -77,11 +61,10 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         pool.log("agent-h2.log"),
         pool.log("ck-h2.log")
     );
-    let (local, _, primary) = pool.vm1(0).unwrap();
-    assert_eq!(
-        (local.as_str(), primary.as_str()),
-        ("stopped", "h2"),
-        "h1 must be the secondary"
+    assert!(
+        pool.holds_vm1_for(0, 1),
+        "h1 must be the secondary: {:?}",
+        pool.vm1(0)
     );
     // h1's new replica commits growing checkpoints of the guest running on h2.
     assert!(

@@ -438,12 +438,48 @@ impl Pool {
         self.start_agent(0);
     }
 
+    /// A level-3 pool protected on h1 whose replica on h2 holds more than 3 checkpoints.
+    pub fn level3_protected_on_h1() -> Self {
+        let mut pool = Self::new();
+        pool.level = 3;
+        pool.start_primary_on_h1();
+        assert!(
+            pool.wait_protected(),
+            "h1 never protected vm1\n{}",
+            pool.log("agent-h1.log")
+        );
+        assert!(
+            wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
+            "h2's memory replica holds no checkpoint\n{}",
+            pool.log("ck-h2.log")
+        );
+        pool
+    }
+
     /// Whether host `i`'s agent runs vm1 as its primary (local copy running, the record names
     /// host `i` primary).
     pub fn runs_vm1(&self, i: usize) -> bool {
+        self.runs_vm1_in(i, |_| true)
+    }
+
+    /// Whether host `i`'s agent runs vm1 as its primary, protected.
+    pub fn runs_vm1_protected(&self, i: usize) -> bool {
+        self.runs_vm1_in(i, |phase| phase == "protected")
+    }
+
+    fn runs_vm1_in(&self, i: usize, phase_ok: impl Fn(&str) -> bool) -> bool {
         let me = format!("h{}", i + 1);
+        self.vm1(i).is_some_and(|(local, phase, primary)| {
+            local == "running" && phase_ok(&phase) && primary == me
+        })
+    }
+
+    /// Whether host `i`'s agent holds vm1 as the secondary of host `primary` (its local copy
+    /// stopped, the record naming `primary`).
+    pub fn holds_vm1_for(&self, i: usize, primary: usize) -> bool {
+        let p = format!("h{}", primary + 1);
         self.vm1(i)
-            .is_some_and(|(local, _, primary)| local == "running" && primary == me)
+            .is_some_and(|(local, _, rec)| local == "stopped" && rec == p)
     }
 
     /// SIGKILL of host `i` between two checkpoints while `writer` writes through it: its
