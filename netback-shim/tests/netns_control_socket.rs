@@ -5,24 +5,15 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{wait_until, Capture, Line, CLIENT_IP, R, VM_IP, VM_MAC};
+use common::{relay_command, vm_send_udp, wait_until, Capture, Child, Line, R, VM_MAC};
 use xenft_netback::control::{request, Request};
 use xenft_netback::Mode;
 use xenft_tests::netns::require_root;
 
 const PORT: u16 = 9100;
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_requests() -> R<()> {
@@ -34,16 +25,7 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("ctl.sock");
     let _relay = Child(
-        line.host
-            .command(env!("CARGO_BIN_EXE_xenft-netback"))
-            .args([
-                "--vif",
-                "vif0",
-                "--uplink",
-                "up0",
-                "--mac",
-                &VM_MAC.to_string(),
-            ])
+        relay_command(&line.host)
             .args(["--mode", "buffered", "--buffer-bytes", "21040"])
             .arg("--control")
             .arg(&sock)
@@ -67,18 +49,7 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
     assert!(!r.ok && r.error.is_some_and(|e| e.contains("epoch 5")));
 
     assert!(request(&mut ctl, &Request::BeginEpoch { epoch: 1 })?.ok);
-    line.vm
-        .spawn(|| -> std::io::Result<()> {
-            let s = UdpSocket::bind((VM_IP, 0))?;
-            for seq in 0u32..30 {
-                let mut p = seq.to_be_bytes().to_vec();
-                p.resize(1000, 0);
-                s.send_to(&p, (CLIENT_IP, PORT))?;
-            }
-            Ok(())
-        })?
-        .join()
-        .map_err(|_| "sender panicked")??;
+    vm_send_udp(&line.vm, PORT, 0..30, 1000)?;
 
     // 20 frames (1042 B + 10 B offload header each) fill the 21 040-byte buffer: the agent hears about it before it overflows.
     events
@@ -110,12 +81,7 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
         .udp_payloads(PORT)
         .len()
         == 30));
-    let seqs: Vec<u32> = cap
-        .udp_payloads(PORT)
-        .iter()
-        .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
-        .collect();
-    assert_eq!(seqs, (0..30).collect::<Vec<_>>());
+    assert_eq!(cap.udp_seqs(PORT), (0..30).collect::<Vec<_>>());
 
     let c = request(&mut ctl, &Request::Counters)?
         .counters

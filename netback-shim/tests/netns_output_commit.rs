@@ -6,33 +6,14 @@ mod common;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{shim_config, start_shim, wait_until, Capture, Line, CLIENT_IP, R, VM_IP, VM_MAC};
+use common::{
+    shim_config, start_shim, tcp_from_vm, vm_send_udp, wait_until, Capture, Line, CLIENT_IP, R,
+    VM_IP, VM_MAC,
+};
 use xenft_netback::Mode;
 use xenft_tests::netns::require_root;
 
 const PORT: u16 = 9000;
-
-/// Sends UDP datagrams carrying `seqs` (as 4-byte big-endian numbers) from the VM namespace.
-fn vm_send(line: &Line, seqs: std::ops::Range<u32>, size: usize) -> R<()> {
-    let h = line.vm.spawn(move || -> std::io::Result<()> {
-        let s = UdpSocket::bind((VM_IP, 0))?;
-        for seq in seqs {
-            let mut payload = seq.to_be_bytes().to_vec();
-            payload.resize(size.max(4), 0xab);
-            s.send_to(&payload, (CLIENT_IP, PORT))?;
-        }
-        Ok(())
-    })?;
-    h.join().map_err(|_| "sender panicked")??;
-    Ok(())
-}
-
-fn seqs(cap: &Capture) -> Vec<u32> {
-    cap.udp_payloads(PORT)
-        .iter()
-        .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
-        .collect()
-}
 
 #[test]
 fn client_sees_no_frame_of_an_epoch_before_its_commit_and_all_in_order_after() -> R<()> {
@@ -47,7 +28,7 @@ fn client_sees_no_frame_of_an_epoch_before_its_commit_and_all_in_order_after() -
     let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
 
     shim.begin_epoch(1)?;
-    vm_send(&line, 0..20, 64)?;
+    vm_send_udp(&line.vm, PORT, 0..20, 64)?;
     assert!(
         wait_until(Duration::from_secs(3), || shim.counters().held_frames_now
             == 20),
@@ -55,30 +36,36 @@ fn client_sees_no_frame_of_an_epoch_before_its_commit_and_all_in_order_after() -
         shim.counters()
     );
     shim.begin_epoch(2)?;
-    vm_send(&line, 20..25, 64)?;
+    vm_send_udp(&line.vm, PORT, 20..25, 64)?;
     assert!(wait_until(Duration::from_secs(3), || shim
         .counters()
         .held_frames_now
         == 25));
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        seqs(&cap).is_empty(),
+        cap.udp_seqs(PORT).is_empty(),
         "nothing left before commit: {:?}",
-        seqs(&cap)
+        cap.udp_seqs(PORT)
     );
 
     assert_eq!(shim.commit(1)?, 20);
-    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() >= 20));
+    assert!(wait_until(Duration::from_secs(3), || cap
+        .udp_seqs(PORT)
+        .len()
+        >= 20));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
-        seqs(&cap),
+        cap.udp_seqs(PORT),
         (0..20).collect::<Vec<_>>(),
         "epoch 1 only, in order"
     );
 
     assert_eq!(shim.commit(2)?, 5);
-    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() >= 25));
-    assert_eq!(seqs(&cap), (0..25).collect::<Vec<_>>());
+    assert!(wait_until(Duration::from_secs(3), || cap
+        .udp_seqs(PORT)
+        .len()
+        >= 25));
+    assert_eq!(cap.udp_seqs(PORT), (0..25).collect::<Vec<_>>());
 
     let c = shim.counters();
     assert_eq!(c.held_frames_total, 25);
@@ -146,11 +133,14 @@ fn oversize_frames_from_vm_are_dropped_and_counted_never_forwarded() -> R<()> {
     line.host.ip(&["link", "set", "vif0", "mtu", "9000"])?;
     let shim = start_shim(&line.host, shim_config())?;
     let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
-    vm_send(&line, 0..1, 4000)?;
-    vm_send(&line, 1..2, 100)?;
-    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 1));
+    vm_send_udp(&line.vm, PORT, 0..1, 4000)?;
+    vm_send_udp(&line.vm, PORT, 1..2, 100)?;
+    assert!(wait_until(Duration::from_secs(3), || cap
+        .udp_seqs(PORT)
+        .len()
+        == 1));
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(seqs(&cap), vec![1], "only the small frame crossed");
+    assert_eq!(cap.udp_seqs(PORT), vec![1], "only the small frame crossed");
     assert_eq!(shim.counters().dropped.oversize, 1);
     Ok(())
 }
@@ -173,7 +163,7 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
     }));
     let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
     shim.begin_epoch(1)?;
-    vm_send(&line, 0..30, 1000)?; // 1000 B payload = 1042 B frames
+    vm_send_udp(&line.vm, PORT, 0..30, 1000)?; // 1000 B payload = 1042 B frames
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(3))?,
         1,
@@ -195,9 +185,12 @@ fn full_buffer_asks_for_early_checkpoint_and_stalls_instead_of_dropping() -> R<(
         .held_frames_now
         == 10));
     shim.commit(2)?;
-    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 30));
+    assert!(wait_until(Duration::from_secs(3), || cap
+        .udp_seqs(PORT)
+        .len()
+        == 30));
     assert_eq!(
-        seqs(&cap),
+        cap.udp_seqs(PORT),
         (0..30).collect::<Vec<_>>(),
         "none dropped, order kept"
     );
@@ -216,8 +209,11 @@ fn vm_mac_is_learnt_from_first_frame_and_other_sources_are_refused_as_spoofed() 
     cfg.vm_mac = None;
     let shim = start_shim(&line.host, cfg)?;
     let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
-    vm_send(&line, 0..3, 64)?;
-    assert!(wait_until(Duration::from_secs(3), || seqs(&cap).len() == 3));
+    vm_send_udp(&line.vm, PORT, 0..3, 64)?;
+    assert!(wait_until(Duration::from_secs(3), || cap
+        .udp_seqs(PORT)
+        .len()
+        == 3));
     assert_eq!(shim.counters().vm_mac, Some(VM_MAC.to_string()));
     // The VM forges frames from another MAC (raw socket inside the VM).
     let forged = line.vm.spawn(|| -> std::io::Result<()> {
@@ -291,30 +287,18 @@ fn bulk_tcp_with_offloads_on_crosses_intact_as_super_frames() -> R<()> {
     const TOTAL: usize = 8 << 20;
     let line = Line::new()?;
     let shim = start_shim(&line.host, shim_config())?;
-    let listener = line
-        .client
-        .spawn(|| std::net::TcpListener::bind((CLIENT_IP, 9200)))?
-        .join()
-        .map_err(|_| "bind panicked")??;
-    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
-        let (mut c, _) = listener.accept()?;
+    let (mut conn, reader) = tcp_from_vm(&line.client, &line.vm, 9200, |mut c| {
         c.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut all = Vec::with_capacity(TOTAL);
         c.read_to_end(&mut all)?;
         Ok(all)
-    });
+    })?;
     let pattern: Vec<u8> = (0..TOTAL)
         .map(|i| u8::try_from(i % 251).unwrap_or(0))
         .collect();
-    let sent = pattern.clone();
-    line.vm
-        .spawn(move || -> std::io::Result<()> {
-            let mut c = std::net::TcpStream::connect((CLIENT_IP, 9200))?;
-            c.write_all(&sent)
-        })?
-        .join()
-        .map_err(|_| "writer panicked")??;
-    let got = reader.join().map_err(|_| "reader panicked")??;
+    conn.write_all(&pattern)?;
+    drop(conn);
+    let got = reader.join()?;
     assert!(
         got == pattern,
         "{} bytes arrived, content intact: {}",

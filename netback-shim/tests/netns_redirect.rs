@@ -6,27 +6,27 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
+use common::{
+    echo, relay_command, shim_config, start_shim, tcp_from_vm, wait_until, Child, Pool, CLIENT_IP,
+    R, VM_IP, VM_MAC,
+};
 use xenft_netback::alink_tunnel::attach;
 use xenft_netback::tunnel::{memory_pair, TunnelMsg};
-use xenft_netback::{Mode, Shim};
+use xenft_netback::{Mode, Shim, ShimConfig};
 use xenft_tests::netns::require_root;
 
 const PORT: u16 = 7100;
 
 /// Hands what arrives in `inbox` to `shim` until `stop`.
-fn pump(
-    inbox: Receiver<Bytes>,
-    shim: Arc<Shim>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+fn pump(inbox: Receiver<Bytes>, shim: Arc<Shim>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             if let Ok(m) = inbox.recv_timeout(Duration::from_millis(50)) {
@@ -34,6 +34,37 @@ fn pump(
             }
         }
     })
+}
+
+/// The two shims joined by an in-memory tunnel, each end's messages handed to its shim by a
+/// pump thread. Dropping it stops and joins the pumps and any thread added to `threads` (which
+/// watch `stop`), whether the test passed or not.
+struct MemoryTunnel {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl MemoryTunnel {
+    fn new(primary: &Arc<Shim>, secondary: &Arc<Shim>) -> MemoryTunnel {
+        let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
+        primary.set_tunnel(Arc::new(a_tx));
+        secondary.set_tunnel(Arc::new(b_tx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = vec![
+            pump(a_inbox, Arc::clone(primary), Arc::clone(&stop)),
+            pump(b_inbox, Arc::clone(secondary), Arc::clone(&stop)),
+        ];
+        MemoryTunnel { stop, threads }
+    }
+}
+
+impl Drop for MemoryTunnel {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn exchange(conn: &mut TcpStream, round: u32) -> R<()> {
@@ -46,9 +77,14 @@ fn exchange(conn: &mut TcpStream, round: u32) -> R<()> {
     Ok(())
 }
 
-/// Primary (pass-through) in host_a, secondary (standby) in host_b.
-fn shims(pool: &Pool) -> R<(Arc<Shim>, Arc<Shim>)> {
-    let primary = Arc::new(start_shim(&pool.host_a, shim_config())?);
+/// Whether `shim` is redirecting (`on`) or not within `timeout`.
+fn redirect_is(shim: &Shim, on: bool, timeout: Duration) -> bool {
+    wait_until(timeout, || shim.counters().redirect.redirecting == on)
+}
+
+/// Primary (pass-through, `primary_cfg`) in host_a, secondary (standby) in host_b.
+fn shims(pool: &Pool, primary_cfg: ShimConfig) -> R<(Arc<Shim>, Arc<Shim>)> {
+    let primary = Arc::new(start_shim(&pool.host_a, primary_cfg)?);
     let mut cfg = shim_config();
     cfg.mode = Mode::Standby;
     let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
@@ -61,21 +97,9 @@ fn open_tcp_connection_survives_uplink_loss_through_the_tunnel_and_returns_local
         return Ok(());
     }
     let pool = Pool::new()?;
-    let (primary, secondary) = shims(&pool)?;
-    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
-    primary.set_tunnel(Arc::new(a_tx));
-    secondary.set_tunnel(Arc::new(b_tx));
-    let stop = Arc::new(AtomicBool::new(false));
-    let pumps = [
-        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
-        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
-    ];
-    let result = cut_and_restore_uplink(&pool, &primary, &secondary);
-    stop.store(true, Ordering::Relaxed);
-    for p in pumps {
-        let _ = p.join();
-    }
-    result
+    let (primary, secondary) = shims(&pool, shim_config())?;
+    let _tunnel = MemoryTunnel::new(&primary, &secondary);
+    cut_and_restore_uplink(&pool, &primary, &secondary)
 }
 
 #[test]
@@ -84,7 +108,7 @@ fn open_tcp_connection_survives_uplink_loss_over_the_alink() -> R<()> {
         return Ok(());
     }
     let pool = Pool::new()?;
-    let (primary, secondary) = shims(&pool)?;
+    let (primary, secondary) = shims(&pool, shim_config())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -111,100 +135,46 @@ fn silent_uplink_with_carrier_is_detected_and_redirected_while_the_peer_sees_the
     let pool = Pool::new()?;
     let mut cfg = shim_config();
     cfg.silence_timeout = Some(Duration::from_millis(300));
-    let primary = Arc::new(start_shim(&pool.host_a, cfg)?);
-    let mut cfg = shim_config();
-    cfg.mode = Mode::Standby;
-    let secondary = Arc::new(start_shim(&pool.host_b, cfg)?);
-    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
-    primary.set_tunnel(Arc::new(a_tx));
-    secondary.set_tunnel(Arc::new(b_tx));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = vec![
-        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
-        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
-    ];
+    let (primary, secondary) = shims(&pool, cfg)?;
+    let mut tunnel = MemoryTunnel::new(&primary, &secondary);
     // The rest of the LAN: a broadcast every 100 ms, as any network has.
-    let stop2 = Arc::clone(&stop);
-    threads.push(pool.client.spawn(move || {
+    let stop = Arc::clone(&tunnel.stop);
+    tunnel.threads.push(pool.client.spawn(move || {
         let Ok(s) = std::net::UdpSocket::bind((CLIENT_IP, 0)) else {
             return;
         };
         let _ = s.set_broadcast(true);
-        while !stop2.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) {
             let _ = s.send_to(b"lan chatter", ("10.77.0.255", 9999));
             std::thread::sleep(Duration::from_millis(100));
         }
     })?);
-    let listener = pool
-        .client
-        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
-        .join()
-        .map_err(|_| "bind panicked")??;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut c, _) = listener.accept()?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = c.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            c.write_all(&buf[..n])?;
-        }
-    });
-    let result = (|| -> R<()> {
-        let mut conn = pool
-            .vm_a
-            .spawn(|| {
-                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
-            })?
-            .join()
-            .map_err(|_| "connect panicked")??;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        for round in 0..5 {
-            exchange(&mut conn, round)?;
-        }
-        // The switch port stays up (carrier on) but no longer forwards anything.
-        pool.sw.ip(&["link", "set", "pa", "nomaster"])?;
-        for round in 5..25 {
-            exchange(&mut conn, round)?;
-        }
-        let c = primary.counters();
-        assert!(c.redirect.uplink_up, "carrier never went away");
-        assert!(c.redirect.redirecting, "{:?}", c.redirect);
-        assert_eq!(
-            c.redirect.reason,
-            Some(xenft_netback::RedirectReason::Silence)
-        );
-        pool.sw.ip(&["link", "set", "pa", "master", "br0"])?;
-        assert!(
-            wait_until(Duration::from_secs(3), || !primary
-                .counters()
-                .redirect
-                .redirecting),
-            "frames arriving again end the redirect"
-        );
-        for round in 25..30 {
-            exchange(&mut conn, round)?;
-        }
-        Ok(())
-    })();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
+    let (mut conn, server) = tcp_from_vm(&pool.client, &pool.vm_a, PORT, echo)?;
+    for round in 0..5 {
+        exchange(&mut conn, round)?;
     }
-    let served = server.join().map_err(|_| "server panicked")?;
-    result?;
-    served?;
-    Ok(())
-}
-
-/// Kills the child on drop, so a failing test leaves no relay running.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    // The switch port stays up (carrier on) but no longer forwards anything.
+    pool.sw.ip(&["link", "set", "pa", "nomaster"])?;
+    for round in 5..25 {
+        exchange(&mut conn, round)?;
     }
+    let c = primary.counters();
+    assert!(c.redirect.uplink_up, "carrier never went away");
+    assert!(c.redirect.redirecting, "{:?}", c.redirect);
+    assert_eq!(
+        c.redirect.reason,
+        Some(xenft_netback::RedirectReason::Silence)
+    );
+    pool.sw.ip(&["link", "set", "pa", "master", "br0"])?;
+    assert!(
+        redirect_is(&primary, false, Duration::from_secs(3)),
+        "frames arriving again end the redirect"
+    );
+    for round in 25..30 {
+        exchange(&mut conn, round)?;
+    }
+    drop(conn);
+    server.join()
 }
 
 /// Control-socket view of a relay run as the binary.
@@ -236,16 +206,7 @@ fn binaries_joined_by_an_alink_between_the_hosts_carry_a_tcp_connection_over_an_
     std::fs::write(&secret, b"netback test pool secret, 32 by")?;
     let run = |ns: &xenft_tests::netns::Netns, me: &str, peer: &str, path: &str, mode: &str| {
         let sock = dir.path().join(format!("{me}.sock"));
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_xenft-netback"))
-            .args([
-                "--vif",
-                "vif0",
-                "--uplink",
-                "up0",
-                "--mac",
-                &VM_MAC.to_string(),
-            ])
+        let child = relay_command(ns)
             .args(["--mode", mode, "--alink-host", me, "--alink-peer", peer])
             .arg("--alink-secret-file")
             .arg(&secret)
@@ -274,28 +235,7 @@ fn binaries_joined_by_an_alink_between_the_hosts_carry_a_tcp_connection_over_an_
     let _b = b?;
     assert!(wait_until(Duration::from_secs(5), || sock_a.exists()
         && sock_b.exists()));
-    let listener = pool
-        .client
-        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
-        .join()
-        .map_err(|_| "bind panicked")??;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut c, _) = listener.accept()?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = c.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            c.write_all(&buf[..n])?;
-        }
-    });
-    let mut conn = pool
-        .vm_a
-        .spawn(|| TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5)))?
-        .join()
-        .map_err(|_| "connect panicked")??;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (mut conn, server) = tcp_from_vm(&pool.client, &pool.vm_a, PORT, echo)?;
     for round in 0..5 {
         exchange(&mut conn, round)?;
     }
@@ -321,100 +261,63 @@ fn binaries_joined_by_an_alink_between_the_hosts_carry_a_tcp_connection_over_an_
         exchange(&mut conn, round)?;
     }
     drop(conn);
-    server.join().map_err(|_| "server panicked")??;
-    Ok(())
+    server.join()
 }
 
 /// The scenario: a TCP connection from the VM to the client, the primary's switch port goes
 /// down and comes back; every exchange succeeds, on the same connection.
 fn cut_and_restore_uplink(pool: &Pool, primary: &Shim, secondary: &Shim) -> R<()> {
-    // Echo server in the client namespace.
-    let listener = pool
-        .client
-        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
-        .join()
-        .map_err(|_| "bind panicked")??;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut c, _) = listener.accept()?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = c.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            c.write_all(&buf[..n])?;
-        }
-    });
+    // Echo server in the client namespace, a connection to it from the primary's VM.
+    let (mut conn, server) = tcp_from_vm(&pool.client, &pool.vm_a, PORT, echo)?;
+    assert_eq!(conn.local_addr()?.ip(), VM_IP);
+    for round in 0..5 {
+        exchange(&mut conn, round)?;
+    }
+    assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
 
-    let result = (|| -> R<()> {
-        let mut conn = pool
-            .vm_a
-            .spawn(|| {
-                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
-            })?
-            .join()
-            .map_err(|_| "connect panicked")??;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        assert_eq!(conn.local_addr()?.ip(), VM_IP);
-        for round in 0..5 {
-            exchange(&mut conn, round)?;
-        }
-        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+    // Cable cut between the primary and the switch.
+    pool.sw.ip(&["link", "set", "pa", "down"])?;
+    assert!(
+        redirect_is(primary, true, Duration::from_secs(2)),
+        "the primary redirects when its uplink loses carrier"
+    );
+    for round in 5..25 {
+        exchange(&mut conn, round)?;
+    }
+    let (p, s) = (primary.counters(), secondary.counters());
+    assert!(
+        p.tunnel_out_frames >= 20 && p.tunnel_in_frames >= 20,
+        "{p:?}"
+    );
+    assert!(s.redirect.serving_peer && s.tunnel_in_frames >= 20, "{s:?}");
+    assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
+    assert_eq!(
+        s.to_vm_frames, 0,
+        "the standby copy of the VM received nothing"
+    );
 
-        // Cable cut between the primary and the switch.
-        pool.sw.ip(&["link", "set", "pa", "down"])?;
-        assert!(
-            wait_until(Duration::from_secs(2), || primary
-                .counters()
-                .redirect
-                .redirecting),
-            "the primary redirects when its uplink loses carrier"
-        );
-        for round in 5..25 {
-            exchange(&mut conn, round)?;
-        }
-        let (p, s) = (primary.counters(), secondary.counters());
-        assert!(
-            p.tunnel_out_frames >= 20 && p.tunnel_in_frames >= 20,
-            "{p:?}"
-        );
-        assert!(s.redirect.serving_peer && s.tunnel_in_frames >= 20, "{s:?}");
-        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
-        assert_eq!(
-            s.to_vm_frames, 0,
-            "the standby copy of the VM received nothing"
-        );
-
-        // Cable back: traffic returns to the local path.
-        pool.sw.ip(&["link", "set", "pa", "up"])?;
-        assert!(
-            wait_until(Duration::from_secs(3), || !primary
-                .counters()
-                .redirect
-                .redirecting),
-            "the primary stops redirecting when its uplink is back"
-        );
-        let tunnelled = primary.counters().tunnel_out_frames;
-        for round in 25..30 {
-            exchange(&mut conn, round)?;
-        }
-        assert_eq!(
-            primary.counters().tunnel_out_frames,
-            tunnelled,
-            "local path again"
-        );
-        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
-        assert!(wait_until(Duration::from_secs(2), || !secondary
-            .counters()
-            .redirect
-            .serving_peer));
-        drop(conn);
-        Ok(())
-    })();
-    let served = server.join().map_err(|_| "server panicked")?;
-    result?;
-    served?;
-    Ok(())
+    // Cable back: traffic returns to the local path.
+    pool.sw.ip(&["link", "set", "pa", "up"])?;
+    assert!(
+        redirect_is(primary, false, Duration::from_secs(3)),
+        "the primary stops redirecting when its uplink is back"
+    );
+    let tunnelled = primary.counters().tunnel_out_frames;
+    for round in 25..30 {
+        exchange(&mut conn, round)?;
+    }
+    assert_eq!(
+        primary.counters().tunnel_out_frames,
+        tunnelled,
+        "local path again"
+    );
+    assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+    assert!(wait_until(Duration::from_secs(2), || !secondary
+        .counters()
+        .redirect
+        .serving_peer));
+    drop(conn);
+    server.join()
 }
 
 #[test]
@@ -512,78 +415,33 @@ fn agent_can_force_the_redirect_on_and_off_without_losing_the_connection() -> R<
         return Ok(());
     }
     let pool = Pool::new()?;
-    let (primary, secondary) = shims(&pool)?;
-    let (a_tx, a_inbox, b_tx, b_inbox) = memory_pair(4096);
-    primary.set_tunnel(Arc::new(a_tx));
-    secondary.set_tunnel(Arc::new(b_tx));
-    let stop = Arc::new(AtomicBool::new(false));
-    let pumps = [
-        pump(a_inbox, Arc::clone(&primary), Arc::clone(&stop)),
-        pump(b_inbox, Arc::clone(&secondary), Arc::clone(&stop)),
-    ];
-    let listener = pool
-        .client
-        .spawn(|| TcpListener::bind((CLIENT_IP, PORT)))?
-        .join()
-        .map_err(|_| "bind panicked")??;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut c, _) = listener.accept()?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = c.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            c.write_all(&buf[..n])?;
-        }
-    });
-    let result = (|| -> R<()> {
-        let mut conn = pool
-            .vm_a
-            .spawn(|| {
-                TcpStream::connect_timeout(&(CLIENT_IP, PORT).into(), Duration::from_secs(5))
-            })?
-            .join()
-            .map_err(|_| "connect panicked")??;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        exchange(&mut conn, 0)?;
-        primary.set_redirect(Some(true));
-        assert!(wait_until(Duration::from_secs(2), || primary
-            .counters()
-            .redirect
-            .redirecting));
-        assert_eq!(
-            primary.counters().redirect.reason,
-            Some(xenft_netback::RedirectReason::Forced)
-        );
-        for round in 1..10 {
-            exchange(&mut conn, round)?;
-        }
-        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
-        assert!(primary.counters().tunnel_out_frames >= 9);
-        primary.set_redirect(Some(false));
-        assert!(wait_until(Duration::from_secs(2), || !primary
-            .counters()
-            .redirect
-            .redirecting));
-        for round in 10..15 {
-            exchange(&mut conn, round)?;
-        }
-        assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
-        primary.set_redirect(None);
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(
-            !primary.counters().redirect.redirecting,
-            "healthy uplink: stays local"
-        );
-        Ok(())
-    })();
-    stop.store(true, Ordering::Relaxed);
-    for p in pumps {
-        let _ = p.join();
+    let (primary, secondary) = shims(&pool, shim_config())?;
+    let _tunnel = MemoryTunnel::new(&primary, &secondary);
+    let (mut conn, server) = tcp_from_vm(&pool.client, &pool.vm_a, PORT, echo)?;
+    exchange(&mut conn, 0)?;
+    primary.set_redirect(Some(true));
+    assert!(redirect_is(&primary, true, Duration::from_secs(2)));
+    assert_eq!(
+        primary.counters().redirect.reason,
+        Some(xenft_netback::RedirectReason::Forced)
+    );
+    for round in 1..10 {
+        exchange(&mut conn, round)?;
     }
-    let served = server.join().map_err(|_| "server panicked")?;
-    result?;
-    served?;
-    Ok(())
+    assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pb"));
+    assert!(primary.counters().tunnel_out_frames >= 9);
+    primary.set_redirect(Some(false));
+    assert!(redirect_is(&primary, false, Duration::from_secs(2)));
+    for round in 10..15 {
+        exchange(&mut conn, round)?;
+    }
+    assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
+    primary.set_redirect(None);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !primary.counters().redirect.redirecting,
+        "healthy uplink: stays local"
+    );
+    drop(conn);
+    server.join()
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{shim_config, start_shim, wait_until, Pool, CLIENT_IP, R, VM_IP, VM_MAC};
+use common::{
+    relay_command, shim_config, start_shim, wait_until, Child, Pool, CLIENT_IP, R, VM_IP, VM_MAC,
+};
 use xenft_netback::control::{self, Request};
 use xenft_netback::Mode;
 use xenft_tests::netns::{require_root, Netns};
@@ -77,15 +79,6 @@ fn count(answers: &Mutex<Vec<u8>>, tag: u8) -> usize {
         .count()
 }
 
-/// Kills the child on drop, so a failing test leaves no relay running.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn secondary_takes_over_same_mac_and_ip_when_primary_shim_is_killed() -> R<()> {
     if !require_root("takeover") {
@@ -95,16 +88,7 @@ fn secondary_takes_over_same_mac_and_ip_when_primary_shim_is_killed() -> R<()> {
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("primary.sock");
     let mut primary = Child(
-        pool.host_a
-            .command(env!("CARGO_BIN_EXE_xenft-netback"))
-            .args([
-                "--vif",
-                "vif0",
-                "--uplink",
-                "up0",
-                "--mac",
-                &VM_MAC.to_string(),
-            ])
+        relay_command(&pool.host_a)
             .arg("--control")
             .arg(&sock)
             .spawn()?,

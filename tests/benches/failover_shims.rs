@@ -61,10 +61,7 @@ fn take_over(pool: &mut Pool, arp: &ArpWatch, primary: usize, trial: usize) -> f
 
 /// Waits until host `i`'s memory replica holds more than `n` checkpoints.
 fn replica_holds(pool: &Pool, i: usize, n: u64) -> bool {
-    wait_until(Duration::from_secs(20), || {
-        agent_shims::control(&pool.ckpt_ctl(i), "status")
-            .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > n)
-    })
+    wait_until(Duration::from_secs(20), || pool.committed(i) > n)
 }
 
 /// Level 3: one pool; after each take-over the dead host returns as the secondary (engine,
@@ -73,20 +70,7 @@ fn replica_holds(pool: &Pool, i: usize, n: u64) -> bool {
 fn level3(trials: usize) -> (Vec<f64>, Vec<f64>) {
     let mut pool = Pool::new();
     pool.level = 3;
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_checkpoint(1, "secondary");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .blk(1, "epoch-mode on")
-        .is_some_and(|v| v["ok"] == true)));
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "buffered");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .p("ck.sock")
-        .exists()));
-    pool.start_checkpoint(0, "primary");
-    pool.start_agent(1);
-    pool.start_agent(0);
+    pool.start_primary_on_h1();
     let arp = ArpWatch::start(&pool.client, "eth0");
     let mut primary = 0;
     let (mut serve, mut reprotect) = (Vec::new(), Vec::new());
@@ -106,12 +90,7 @@ fn level3(trials: usize) -> (Vec<f64>, Vec<f64>) {
         serve.push(take_over(&mut pool, &arp, primary, trial));
         // The dead host returns as the secondary: its engine listens for the resumed guest.
         let back = Instant::now();
-        pool.start_blkback(primary, "secondary");
-        assert!(wait_until(Duration::from_secs(10), || pool
-            .blk(primary, "epoch-mode on")
-            .is_some_and(|v| v["ok"] == true)));
-        pool.start_netback(primary, "standby");
-        pool.start_checkpoint(primary, "secondary");
+        pool.start_secondary_components(primary);
         pool.start_agent(primary);
         assert!(
             pool.wait_protected_on(secondary) && replica_holds(&pool, primary, 0),
@@ -159,12 +138,7 @@ fn main() {
         return;
     }
     let mut pool = Pool::new();
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "passthrough");
-    pool.start_agent(1);
-    pool.start_agent(0);
+    pool.start_primary_on_h1();
     let arp = ArpWatch::start(&pool.client, "eth0");
     let mut primary = 0;
     let (mut serve, mut reprotect) = (Vec::new(), Vec::new());
@@ -182,8 +156,7 @@ fn main() {
         serve.push(took);
         // The dead host returns as the secondary.
         let back = Instant::now();
-        pool.start_blkback(primary, "secondary");
-        pool.start_netback(primary, "standby");
+        pool.start_secondary_components(primary);
         pool.start_agent(primary);
         assert!(
             pool.wait_protected_on(secondary),

@@ -15,19 +15,11 @@ fn a_restarted_agent_adopts_its_running_vm_instead_of_starting_a_second_one() {
         return;
     }
     let mut pool = Pool::new();
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "passthrough");
-    pool.start_agent(1);
-    pool.start_agent(0);
+    pool.start_primary_on_h1();
     assert!(pool.wait_protected(), "h1 never protected vm1");
     pool.kill_host(0);
     assert!(
-        wait_until(Duration::from_secs(15), || {
-            pool.vm1(1)
-                .is_some_and(|(local, _, primary)| local == "running" && primary == "h2")
-        }),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(1)),
         "h2 did not take over"
     );
     assert!(wait_until(Duration::from_secs(5), || pool
@@ -45,10 +37,7 @@ fn a_restarted_agent_adopts_its_running_vm_instead_of_starting_a_second_one() {
 
     // Assert: same VM process, still the primary, disk still served.
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            pool.vm1(1)
-                .is_some_and(|(local, _, primary)| local == "running" && primary == "h2")
-        }),
+        wait_until(Duration::from_secs(10), || pool.runs_vm1(1)),
         "the restarted agent lost the VM: {:?}\n{}",
         pool.vm1(1),
         pool.log("agent-h2.log")
@@ -65,6 +54,6 @@ fn a_restarted_agent_adopts_its_running_vm_instead_of_starting_a_second_one() {
         "{}",
         pool.log("agent-h2.log")
     );
-    let (ok, out) = qemu_io(&pool.nbd_uri(1), false, &["write -P 0x44 0 64k".into()]);
+    let (ok, out) = qemu_io(&pool.nbd_uri(1), false, &["write -P 0x44 0 64k"]);
     assert!(ok && out.contains("wrote 65536/65536"), "{out}");
 }

@@ -35,9 +35,7 @@ fn a_level1_vm_is_restarted_on_the_reserved_host_by_its_command() {
     pool.kill_host(0);
 
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h2"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(1)),
         "h2 did not restart vm1: {:?}\n{}",
         pool.vm1(1),
         pool.log("agent-h2.log")

@@ -5,11 +5,14 @@
 //! agent's `Seams::start(ResumeCheckpoint)` must freeze the memory replica at N, make the disk
 //! hold exactly the writes of epochs <= N, serve it as primary, and resume the guest from N.
 
+mod agent_shims;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use agent_shims::{bins, control, nbd_unix_uri, qemu_io, wait_until};
 use xenft_agent::core::StartMode;
 use xenft_agent::drivers::{real_seams, BlkbackFile, CheckpointFile, DomainFile, VmDriversFile};
 use xenft_agent::ids::VmId;
@@ -22,30 +25,6 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn build() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "xenft-blkback",
-            "-p",
-            "xenft-checkpoint",
-            "--bins",
-            "--manifest-path",
-        ])
-        .arg(manifest)
-        .status()
-        .expect("run cargo build");
-    assert!(
-        st.success(),
-        "building blkback and checkpoint binaries failed"
-    );
-    xenft_tests::lab::target_dir()
 }
 
 fn spawn(bin: &Path, args: &[&str], log: &Path) -> Kill {
@@ -61,39 +40,16 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Kill {
     )
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < end,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    assert!(
+        wait_until(Duration::from_secs(20), f),
+        "timed out waiting for {what}"
+    );
 }
 
+/// One line on a control socket; its JSON reply.
 fn ctl(p: &Path, cmd: &str) -> serde_json::Value {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(p).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "{cmd}").unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
-fn qemu_io(sock: &Path, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let o = c
-        .arg(format!("nbd+unix:///xenft?socket={}", sock.display()))
-        .output()
-        .expect("qemu-io installed");
-    assert!(o.status.success(), "qemu-io {cmds:?}: {o:?}");
-    String::from_utf8_lossy(&o.stdout).to_string()
+    control(p, cmd).unwrap_or_else(|| panic!("no reply to {cmd:?} on {}", p.display()))
 }
 
 #[test]
@@ -101,14 +57,14 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     if !require_root("a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint") {
         return;
     }
-    let bin = build();
+    let bins = bins();
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n);
     let s = |x: &Path| x.display().to_string();
 
     // The memory replica: a synthetic guest protected for 5 checkpoints, then the primary ends.
     let _ck_sec = spawn(
-        &bin.join("xenft-checkpoint"),
+        &bins.checkpoint,
         &[
             "secondary",
             "--memory-mib",
@@ -124,7 +80,7 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
         p("ck.sock").exists() && p("ck.ctl").exists()
     });
     let mut ck_pri = spawn(
-        &bin.join("xenft-checkpoint"),
+        &bins.checkpoint,
         &[
             "primary",
             "--memory-mib",
@@ -154,9 +110,9 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let blk = bin.join("xenft-blkback");
+    let blk = &bins.blkback;
     let _blk_sec = spawn(
-        &blk,
+        blk,
         &[
             "--role",
             "secondary",
@@ -175,7 +131,7 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     );
     wait_for("the secondary's control socket", || p("sec.ctl").exists());
     let blk_pri = spawn(
-        &blk,
+        blk,
         &[
             "--role",
             "primary",
@@ -197,9 +153,12 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     });
     assert_eq!(ctl(&p("sec.ctl"), "epoch-mode on")["ok"], true);
     ctl(&p("pri.ctl"), &format!("epoch {n}"));
-    qemu_io(&p("pri-nbd.sock"), &["write -P 0x0a 0 1M", "flush"]);
+    let pri_nbd = nbd_unix_uri(&p("pri-nbd.sock"));
+    let (ok, out) = qemu_io(&pri_nbd, false, &["write -P 0x0a 0 1M", "flush"]);
+    assert!(ok, "{out}");
     ctl(&p("pri.ctl"), &format!("epoch {}", n + 1));
-    qemu_io(&p("pri-nbd.sock"), &["write -P 0x0b 2M 1M", "flush"]);
+    let (ok, out) = qemu_io(&pri_nbd, false, &["write -P 0x0b 2M 1M", "flush"]);
+    assert!(ok, "{out}");
     wait_for("both epochs held on the secondary", || {
         ctl(&p("sec.ctl"), "status")["secondary"]["held_epochs"] == serde_json::json!([n, n + 1])
     });
@@ -238,12 +197,13 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     assert_eq!(st["committed_epoch"], n, "{st}");
     let b = ctl(&p("sec.ctl"), "status");
     assert_eq!(b["role"], "primary", "{b}");
-    let out = qemu_io(
-        &p("sec-nbd.sock"),
+    let (ok, out) = qemu_io(
+        &nbd_unix_uri(&p("sec-nbd.sock")),
+        false,
         &["read -P 0x0a 0 1M", "read -P 0 2M 1M"],
     );
     assert!(
-        !out.contains("Pattern verification failed")
+        ok && !out.contains("Pattern verification failed")
             && out.matches("read 1048576/1048576").count() == 2,
         "the disk does not match checkpoint {n}:\n{out}"
     );

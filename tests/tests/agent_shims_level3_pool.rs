@@ -18,46 +18,17 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     if !require_root("a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint") {
         return;
     }
-    let mut pool = Pool::new();
-    pool.level = 3;
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_checkpoint(1, "secondary");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .blk(1, "epoch-mode on")
-        .is_some_and(|v| v["ok"] == true)));
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "buffered");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .p("ck.sock")
-        .exists()));
-    pool.start_checkpoint(0, "primary");
-    pool.start_agent(1);
-    pool.start_agent(0);
-    assert!(
-        pool.wait_protected(),
-        "h1 never protected vm1\n{}",
-        pool.log("agent-h1.log")
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || control(
-            &pool.ckpt_ctl(1),
-            "status"
-        )
-        .is_some_and(|v| v["committed_epoch"].as_u64().unwrap_or(0) > 3)),
-        "the memory replica holds no checkpoint\n{}",
-        pool.log("ck-h2.log")
-    );
+    let mut pool = Pool::level3_protected_on_h1();
     // The engine drives h1's relay too: its output epochs follow the checkpoints.
     let relay_committed = || {
-        control(&pool.p("net-h1.ctl"), r#"{"op":"counters"}"#)
+        pool.relay_counters(0)
             .and_then(|v| v["counters"]["committed_epoch"].as_u64())
             .unwrap_or(0)
     };
     assert!(
         wait_until(Duration::from_secs(10), || relay_committed() > 3),
         "the relay's epochs are not committed by the engine: {:?}\n{}",
-        control(&pool.p("net-h1.ctl"), r#"{"op":"counters"}"#),
+        pool.relay_counters(0),
         pool.log("ck-h1.log")
     );
 
@@ -71,18 +42,9 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     // Act: h1 dies — its checkpoint engine first, so that the last acknowledged writes
     // belong to an epoch no checkpoint completed (the writes of a host that dies between two
     // checkpoints).
-    if let Some(mut c) = pool.procs[0].checkpoint.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let before = writer.count();
-    assert!(wait_until(Duration::from_secs(10), || writer.count() >= before + 3));
-    pool.kill_host(0);
-    let acked = writer.finish();
+    let acked = pool.kill_host_mid_epoch(0, writer);
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h2"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(1)),
         "h2 did not take over: {:?}\n{}",
         pool.vm1(1),
         pool.log("agent-h2.log")

@@ -21,13 +21,6 @@ fn alive(pid: u64) -> bool {
         .is_ok_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok())
 }
 
-/// The committed checkpoint of host `i`'s engine (0 when unknown).
-fn committed(pool: &Pool, i: usize) -> u64 {
-    control(&pool.ckpt_ctl(i), "status")
-        .and_then(|v| v["committed_epoch"].as_u64())
-        .unwrap_or(0)
-}
-
 #[test]
 fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_protected_again() {
     if !require_root(
@@ -36,39 +29,12 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         return;
     }
     // Arrange: the level-3 pool of agent_shims_level3_pool, protected on h1.
-    let mut pool = Pool::new();
-    pool.level = 3;
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_checkpoint(1, "secondary");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .blk(1, "epoch-mode on")
-        .is_some_and(|v| v["ok"] == true)));
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "buffered");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .p("ck.sock")
-        .exists()));
-    pool.start_checkpoint(0, "primary");
-    pool.start_agent(1);
-    pool.start_agent(0);
-    assert!(
-        pool.wait_protected(),
-        "h1 never protected vm1\n{}",
-        pool.log("agent-h1.log")
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || committed(&pool, 1) > 3),
-        "h2's replica holds no checkpoint\n{}",
-        pool.log("ck-h2.log")
-    );
+    let mut pool = Pool::level3_protected_on_h1();
 
     // h1 dies; h2 takes over and resumes the guest.
     pool.kill_host(0);
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(1).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h2"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(1)),
         "h2 did not take over: {:?}\n{}",
         pool.vm1(1),
         pool.log("agent-h2.log")
@@ -79,23 +45,14 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
 
     // Act: h1 comes back as a host does, with every component in the secondary role.
     let back = Instant::now();
-    pool.start_blkback(0, "secondary");
-    assert!(wait_until(Duration::from_secs(10), || pool
-        .blk(0, "epoch-mode on")
-        .is_some_and(|v| v["ok"] == true)));
-    pool.start_netback(0, "standby");
-    pool.start_checkpoint(0, "secondary");
+    pool.start_secondary_components(0);
     assert!(wait_until(Duration::from_secs(10), || pool
         .ckpt_ctl(0)
         .exists()));
     pool.start_agent(0);
 
     // Assert: protected again on h2, through the agent's status API.
-    let protected = wait_until(Duration::from_secs(30), || {
-        pool.vm1(1).is_some_and(|(local, phase, primary)| {
-            local == "running" && phase == "protected" && primary == "h2"
-        })
-    });
+    let protected = wait_until(Duration::from_secs(30), || pool.runs_vm1_protected(1));
     assert!(
         protected,
         "vm1 not protected again: h2 {:?}, h1 {:?}\n{}\n{}",
@@ -104,27 +61,26 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         pool.log("agent-h2.log"),
         pool.log("ck-h2.log")
     );
-    let (local, _, primary) = pool.vm1(0).unwrap();
-    assert_eq!(
-        (local.as_str(), primary.as_str()),
-        ("stopped", "h2"),
-        "h1 must be the secondary"
+    assert!(
+        pool.holds_vm1_for(0, 1),
+        "h1 must be the secondary: {:?}",
+        pool.vm1(0)
     );
     // h1's new replica commits growing checkpoints of the guest running on h2.
     assert!(
-        wait_until(Duration::from_secs(20), || committed(&pool, 0) > 3),
+        wait_until(Duration::from_secs(20), || pool.committed(0) > 3),
         "h1's replica receives no checkpoint: {:?}\n{}",
         control(&pool.ckpt_ctl(0), "status"),
         pool.log("ck-h2.log")
     );
-    let first = committed(&pool, 0);
+    let first = pool.committed(0);
     assert!(
-        wait_until(Duration::from_secs(10), || committed(&pool, 0) > first + 3),
+        wait_until(Duration::from_secs(10), || pool.committed(0) > first + 3),
         "h1's committed epoch does not grow past {first}"
     );
     // h2's relay, in pass-through since the take-over, buffers output per epoch again.
     let relay = |k: &str| {
-        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#)
+        pool.relay_counters(1)
             .and_then(|v| v["counters"][k].as_u64())
             .unwrap_or(0)
     };
@@ -133,7 +89,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         wait_until(Duration::from_secs(10), || relay("committed_epoch")
             > r0 + 3),
         "h2's relay does not commit output epochs: {:?}\n{}",
-        control(&pool.p("net-h2.ctl"), r#"{"op":"counters"}"#),
+        pool.relay_counters(1),
         pool.log("ck-h2.log")
     );
     let st = control(&pool.ckpt_ctl(1), "status").unwrap();
@@ -155,7 +111,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     eprintln!(
         "re-protected {:?} after h1 came back; h1 committed epoch {}, checkpoint pause p99 {} ms, max {} ms",
         back.elapsed(),
-        committed(&pool, 0),
+        pool.committed(0),
         st["primary"]["pause_p99_ms"],
         st["primary"]["pause_max_ms"]
     );
@@ -168,21 +124,12 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         wait_until(Duration::from_secs(20), || writer.count() >= 30),
         "the NBD client could not write through h2"
     );
-    let before = committed(&pool, 0);
+    let before = pool.committed(0);
     // h2 dies — its engine (and with it the guest) first, so that the last acknowledged writes
     // belong to an epoch no checkpoint completed.
-    if let Some(mut c) = pool.procs[1].checkpoint.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let written = writer.count();
-    assert!(wait_until(Duration::from_secs(10), || writer.count() >= written + 3));
-    pool.kill_host(1);
-    let acked = writer.finish();
+    let acked = pool.kill_host_mid_epoch(1, writer);
     assert!(
-        wait_until(Duration::from_secs(15), || pool.vm1(0).is_some_and(
-            |(local, _, primary)| local == "running" && primary == "h1"
-        )),
+        wait_until(Duration::from_secs(15), || pool.runs_vm1(0)),
         "h1 did not take over in turn: {:?}\n{}",
         pool.vm1(0),
         pool.log("agent-h1.log")

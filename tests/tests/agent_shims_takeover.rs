@@ -23,12 +23,7 @@ fn sigkill_of_the_primary_host_makes_the_secondary_serve_every_acked_write_and_a
     }
     // Arrange: both hosts up, vm1 protected (disk in sync).
     let mut pool = Pool::new();
-    pool.start_blkback(1, "secondary");
-    pool.start_netback(1, "standby");
-    pool.start_blkback(0, "primary");
-    pool.start_netback(0, "passthrough");
-    pool.start_agent(1);
-    pool.start_agent(0);
+    pool.start_primary_on_h1();
     assert!(
         pool.wait_protected(),
         "h1 never protected vm1: {:?}\n{}",
@@ -74,10 +69,7 @@ fn sigkill_of_the_primary_host_makes_the_secondary_serve_every_acked_write_and_a
     let acked = acked.lock().unwrap().clone();
 
     // Assert: h2 takes over, says why, and runs the VM.
-    let took_over = wait_until(Duration::from_secs(15), || {
-        pool.vm1(1)
-            .is_some_and(|(local, _, primary)| local == "running" && primary == "h2")
-    });
+    let took_over = wait_until(Duration::from_secs(15), || pool.runs_vm1(1));
     assert!(
         took_over,
         "h2 did not take over: {:?}\n{}",

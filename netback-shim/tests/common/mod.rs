@@ -3,7 +3,8 @@
 //! the returned values drop (namespaces delete their interfaces).
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -262,6 +263,15 @@ impl Capture {
         })
     }
 
+    /// The sequence numbers (first four payload bytes, big-endian) of the captured IPv4/UDP
+    /// frames to destination `port`, as `vm_send_udp` numbers them.
+    pub fn udp_seqs(&self, port: u16) -> Vec<u32> {
+        self.udp_payloads(port)
+            .iter()
+            .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            .collect()
+    }
+
     /// Payloads of captured IPv4/UDP frames to destination `port`.
     pub fn udp_payloads(&self, port: u16) -> Vec<Vec<u8>> {
         self.frames
@@ -293,4 +303,94 @@ pub fn udp_payload(f: &[u8], port: u16) -> Option<Vec<u8>> {
         return None;
     }
     Some(udp.get(8..)?.to_vec())
+}
+
+/// A thread in the client namespace serving one TCP connection; `join` returns what it served.
+pub struct Server<T>(JoinHandle<std::io::Result<T>>);
+
+impl<T> Server<T> {
+    /// Waits for the server to finish (the connection closed) and returns its result.
+    pub fn join(self) -> R<T> {
+        Ok(self.0.join().map_err(|_| "server panicked")??)
+    }
+}
+
+/// A TCP server on `CLIENT_IP:port` inside `client` that serves the first connection with
+/// `serve` in its own thread, and that connection opened from `vm` (5 s to connect, 10 s read
+/// timeout, so a lost reply fails the test instead of hanging it).
+pub fn tcp_from_vm<T: Send + 'static>(
+    client: &Netns,
+    vm: &Netns,
+    port: u16,
+    serve: impl FnOnce(TcpStream) -> std::io::Result<T> + Send + 'static,
+) -> R<(TcpStream, Server<T>)> {
+    let listener = client
+        .spawn(move || TcpListener::bind((CLIENT_IP, port)))?
+        .join()
+        .map_err(|_| "bind panicked")??;
+    let server = Server(std::thread::spawn(move || {
+        let (c, _) = listener.accept()?;
+        serve(c)
+    }));
+    let conn = vm
+        .spawn(move || {
+            TcpStream::connect_timeout(&(CLIENT_IP, port).into(), Duration::from_secs(5))
+        })?
+        .join()
+        .map_err(|_| "connect panicked")??;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok((conn, server))
+}
+
+/// Echoes what arrives on `c` until the peer closes it.
+pub fn echo(mut c: TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        c.write_all(&buf[..n])?;
+    }
+}
+
+/// Sends UDP datagrams carrying `seqs` (as 4-byte big-endian numbers, padded to `size` bytes)
+/// from the VM's address in `vm` to the client's `port`.
+pub fn vm_send_udp(vm: &Netns, port: u16, seqs: std::ops::Range<u32>, size: usize) -> R<()> {
+    let h = vm.spawn(move || -> std::io::Result<()> {
+        let s = std::net::UdpSocket::bind((VM_IP, 0))?;
+        for seq in seqs {
+            let mut payload = seq.to_be_bytes().to_vec();
+            payload.resize(size.max(4), 0xab);
+            s.send_to(&payload, (CLIENT_IP, port))?;
+        }
+        Ok(())
+    })?;
+    h.join().map_err(|_| "sender panicked")??;
+    Ok(())
+}
+
+/// Kills the child on drop, so a failing test leaves no relay running.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The relay binary run in `ns` between `vif0` and `up0` for the VM's MAC; the caller adds the
+/// mode, control socket and A-link options.
+pub fn relay_command(ns: &Netns) -> std::process::Command {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_xenft-netback"));
+    cmd.args([
+        "--vif",
+        "vif0",
+        "--uplink",
+        "up0",
+        "--mac",
+        &VM_MAC.to_string(),
+    ]);
+    cmd
 }

@@ -36,6 +36,7 @@ pub struct Bins {
     pub agent: PathBuf,
     pub blkback: PathBuf,
     pub netback: PathBuf,
+    pub checkpoint: PathBuf,
 }
 
 pub fn bins() -> Bins {
@@ -68,6 +69,7 @@ pub fn bins() -> Bins {
         agent: t.join("xenft-agent"),
         blkback: t.join("xenft-blkback"),
         netback: t.join("xenft-netback"),
+        checkpoint: t.join("xenft-checkpoint"),
     }
 }
 
@@ -210,6 +212,10 @@ impl Pool {
         self.p(&format!("ck-h{}.ctl", i + 1))
     }
 
+    pub fn net_ctl(&self, i: usize) -> PathBuf {
+        self.p(&format!("net-h{}.ctl", i + 1))
+    }
+
     /// Starts the checkpoint engine of vm1 on host `i`: `secondary` (listens, control socket)
     /// or `primary` (a synthetic guest protected towards the secondary, stamping blkback's
     /// epochs through its control socket).
@@ -224,7 +230,7 @@ impl Pool {
             args.push("--blkback-control".into());
             args.push(self.blk_ctl(i).display().to_string());
             args.push("--netback-control".into());
-            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
+            args.push(self.net_ctl(i).display().to_string());
         } else {
             args.extend(xs(&[
                 "--connect",
@@ -235,10 +241,14 @@ impl Pool {
             ]));
             args.push(self.blk_ctl(i).display().to_string());
             args.push("--netback-control".into());
-            args.push(self.p(&format!("net-h{}.ctl", i + 1)).display().to_string());
+            args.push(self.net_ctl(i).display().to_string());
         }
-        let bin = self.bins.agent.with_file_name("xenft-checkpoint");
-        let c = self.spawn(i, &bin, &args, &format!("ck-h{}.log", i + 1));
+        let c = self.spawn(
+            i,
+            &self.bins.checkpoint.clone(),
+            &args,
+            &format!("ck-h{}.log", i + 1),
+        );
         self.procs[i].checkpoint = Some(c);
     }
 
@@ -247,7 +257,7 @@ impl Pool {
     }
 
     pub fn nbd_uri(&self, i: usize) -> String {
-        format!("nbd+unix:///xenft?socket={}", self.nbd_sock(i).display())
+        nbd_unix_uri(&self.nbd_sock(i))
     }
 
     fn spawn(&self, i: usize, bin: &Path, args: &[String], log: &str) -> Child {
@@ -321,9 +331,7 @@ impl Pool {
         ]
         .iter()
         .map(|x| (*x).to_string())
-        .chain(std::iter::once(
-            self.p(&format!("net-h{a}.ctl")).display().to_string(),
-        ))
+        .chain(std::iter::once(self.net_ctl(i).display().to_string()))
         .collect();
         let c = self.spawn(
             i,
@@ -356,7 +364,7 @@ impl Pool {
                 "domain": {"command": ["sh", "-c",
                     format!("echo $$ > {}; exec sleep 55", vm_pid.display())]},
                 "blkback": {"control": self.blk_ctl(i), "sync_timeout_ms": 30000},
-                "netback": {"control": self.p(&format!("net-h{a}.ctl")),
+                "netback": {"control": self.net_ctl(i),
                             "addresses": ["10.70.0.42"]}
             }}
         });
@@ -387,6 +395,106 @@ impl Pool {
             &format!("agent-h{}.log", i + 1),
         );
         self.procs[i].agent = Some(c);
+    }
+
+    /// Starts host `i`'s components as vm1's secondary at the pool's level: blkback
+    /// `secondary` and the relay in standby; at level 3 blkback in epoch mode and the checkpoint
+    /// engine's replica.
+    pub fn start_secondary_components(&mut self, i: usize) {
+        self.start_blkback(i, "secondary");
+        if self.level == 3 {
+            assert!(wait_until(Duration::from_secs(10), || self
+                .blk(i, "epoch-mode on")
+                .is_some_and(|v| v["ok"] == true)));
+        }
+        self.start_netback(i, "standby");
+        if self.level == 3 {
+            self.start_checkpoint(i, "secondary");
+        }
+    }
+
+    /// Starts host `i`'s components as vm1's primary at the pool's level: blkback `primary`
+    /// and the relay in pass-through; at level 3 the relay buffered per epoch and, once the
+    /// replica listens, the checkpoint engine protecting the synthetic guest.
+    pub fn start_primary_components(&mut self, i: usize) {
+        self.start_blkback(i, "primary");
+        if self.level == 3 {
+            self.start_netback(i, "buffered");
+            assert!(wait_until(Duration::from_secs(10), || self
+                .p("ck.sock")
+                .exists()));
+            self.start_checkpoint(i, "primary");
+        } else {
+            self.start_netback(i, "passthrough");
+        }
+    }
+
+    /// Starts the pool with vm1 primary on h1: h2's components, h1's, then both agents (h2's
+    /// first). The caller waits for the protection.
+    pub fn start_primary_on_h1(&mut self) {
+        self.start_secondary_components(1);
+        self.start_primary_components(0);
+        self.start_agent(1);
+        self.start_agent(0);
+    }
+
+    /// A level-3 pool protected on h1 whose replica on h2 holds more than 3 checkpoints.
+    pub fn level3_protected_on_h1() -> Self {
+        let mut pool = Self::new();
+        pool.level = 3;
+        pool.start_primary_on_h1();
+        assert!(
+            pool.wait_protected(),
+            "h1 never protected vm1\n{}",
+            pool.log("agent-h1.log")
+        );
+        assert!(
+            wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
+            "h2's memory replica holds no checkpoint\n{}",
+            pool.log("ck-h2.log")
+        );
+        pool
+    }
+
+    /// Whether host `i`'s agent runs vm1 as its primary (local copy running, the record names
+    /// host `i` primary).
+    pub fn runs_vm1(&self, i: usize) -> bool {
+        self.runs_vm1_in(i, |_| true)
+    }
+
+    /// Whether host `i`'s agent runs vm1 as its primary, protected.
+    pub fn runs_vm1_protected(&self, i: usize) -> bool {
+        self.runs_vm1_in(i, |phase| phase == "protected")
+    }
+
+    fn runs_vm1_in(&self, i: usize, phase_ok: impl Fn(&str) -> bool) -> bool {
+        let me = format!("h{}", i + 1);
+        self.vm1(i).is_some_and(|(local, phase, primary)| {
+            local == "running" && phase_ok(&phase) && primary == me
+        })
+    }
+
+    /// Whether host `i`'s agent holds vm1 as the secondary of host `primary` (its local copy
+    /// stopped, the record naming `primary`).
+    pub fn holds_vm1_for(&self, i: usize, primary: usize) -> bool {
+        let p = format!("h{}", primary + 1);
+        self.vm1(i)
+            .is_some_and(|(local, _, rec)| local == "stopped" && rec == p)
+    }
+
+    /// SIGKILL of host `i` between two checkpoints while `writer` writes through it: its
+    /// checkpoint engine first, then, once three more writes are acknowledged (writes of an
+    /// epoch no checkpoint completed), its agent, shims and VM. Returns every acknowledged
+    /// write.
+    pub fn kill_host_mid_epoch(&mut self, i: usize, writer: EpochWriter) -> Vec<Acked> {
+        if let Some(mut c) = self.procs[i].checkpoint.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let before = writer.count();
+        assert!(wait_until(Duration::from_secs(10), || writer.count() >= before + 3));
+        self.kill_host(i);
+        writer.finish()
     }
 
     /// SIGKILL of host `i`'s agent, shims and VM process.
@@ -450,6 +558,18 @@ impl Pool {
         })
     }
 
+    /// The committed checkpoint of host `i`'s engine (0 when unknown).
+    pub fn committed(&self, i: usize) -> u64 {
+        control(&self.ckpt_ctl(i), "status")
+            .and_then(|v| v["committed_epoch"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Host `i`'s relay counters (the reply to `counters` on its control socket).
+    pub fn relay_counters(&self, i: usize) -> Option<Value> {
+        control(&self.net_ctl(i), r#"{"op":"counters"}"#)
+    }
+
     /// One line on blkback `i`'s control socket.
     pub fn blk(&self, i: usize, cmd: &str) -> Option<Value> {
         control(&self.blk_ctl(i), cmd)
@@ -483,15 +603,20 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// `qemu-io` on an NBD URI with `cmds`; returns (success, stdout).
-pub fn qemu_io(uri: &str, read_only: bool, cmds: &[String]) -> (bool, String) {
+/// The NBD URI of blkback's export `xenft` on the unix socket `sock`.
+pub fn nbd_unix_uri(sock: &Path) -> String {
+    format!("nbd+unix:///xenft?socket={}", sock.display())
+}
+
+/// `qemu-io` on an NBD URI with `cmds`; returns (success, stdout and stderr).
+pub fn qemu_io(uri: &str, read_only: bool, cmds: &[impl AsRef<str>]) -> (bool, String) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
     if read_only {
         c.arg("-r");
     }
     for cmd in cmds {
-        c.args(["-c", cmd]);
+        c.args(["-c", cmd.as_ref()]);
     }
     let o = c
         .arg(uri)
