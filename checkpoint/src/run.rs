@@ -44,6 +44,14 @@ pub enum RunError {
     /// The primary did not go away before the deadline.
     #[error("the primary was still alive at the deadline")]
     Deadline,
+    /// The primary's process restarted (its host is alive and talks to us again): the epochs
+    /// in flight are lost and protection must start over; no failover.
+    #[error("the primary restarted: protection must start over (no failover)")]
+    PrimaryRestarted,
+    /// The checkpoint stream ended before any checkpoint was committed: nothing to fail over
+    /// to, and nothing more will arrive.
+    #[error("the checkpoint stream ended before any checkpoint was committed: {0}")]
+    EndedWithoutCheckpoint(String),
 }
 
 /// Starts the A-link on `rt`; with `wait`, waits that long for a first path to come up.
@@ -108,7 +116,9 @@ pub enum Liveness<'a> {
     /// ([`SecondaryStatus::primary_gone`]).
     Stream,
     /// An A-link: the link reconnects by itself, so the primary is gone when no path has been
-    /// up for `dead_after` after a checkpoint was committed ([`PrimaryLoss`]).
+    /// up for `dead_after` after a checkpoint was committed ([`PrimaryLoss`]). A stream that
+    /// ended while the link is up means the primary restarted
+    /// ([`RunError::PrimaryRestarted`]).
     Link {
         /// The link carrying the checkpoint channel.
         link: &'a Link,
@@ -122,7 +132,8 @@ pub enum Liveness<'a> {
 /// [`SecondaryHandle::failover`].
 ///
 /// # Errors
-/// [`RunError::Deadline`] if `deadline` passes first.
+/// [`RunError::Deadline`] if `deadline` passes first; over an A-link,
+/// [`RunError::PrimaryRestarted`] and [`RunError::EndedWithoutCheckpoint`].
 pub fn wait_primary_lost<D: Domain + 'static>(
     sec: &SecondaryHandle<D>,
     liveness: &Liveness<'_>,
@@ -139,7 +150,15 @@ pub fn wait_primary_lost<D: Domain + 'static>(
         tick(&st);
         let gone = match (liveness, loss.as_mut()) {
             (Liveness::Link { link, .. }, Some(loss)) => {
-                st.primary_gone || loss.observe(Instant::now(), link_up(link), st.committed_epoch)
+                let up = link_up(link);
+                if st.primary_gone && up {
+                    return Err(RunError::PrimaryRestarted);
+                }
+                if st.primary_gone && st.committed_epoch.is_none() {
+                    let why = st.last_error.clone().unwrap_or_else(|| "closed".into());
+                    return Err(RunError::EndedWithoutCheckpoint(why));
+                }
+                loss.observe(Instant::now(), up, st.committed_epoch)
             }
             _ => st.primary_gone,
         };
@@ -192,5 +211,39 @@ mod tests {
         assert!(!loss.observe(s(7500), false, Some(4)));
         assert!(!loss.observe(s(8400), false, Some(4)));
         assert!(loss.observe(s(8500), false, Some(4)));
+    }
+
+    #[test]
+    fn a_dead_link_before_any_commit_keeps_the_secondary_waiting() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (l1, l2) = rt.block_on(xenft_alink::testing::loopback_pair(2)).unwrap();
+        assert!(rt.block_on(l2.wait_connected(Duration::from_secs(5))));
+        let ep = crate::alink::endpoint(&l2, rt.handle().clone()).unwrap();
+        let sec = crate::engine::secondary::start_secondary(
+            crate::testing::MemoryDomain::new(16),
+            ep,
+            crate::engine::secondary::SecondaryConfig::default(),
+        )
+        .unwrap();
+        l1.shutdown();
+        drop(l1);
+        let liveness = Liveness::Link {
+            link: &l2,
+            dead_after: Duration::from_millis(200),
+        };
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let mut saw_down = false;
+        let r = wait_primary_lost(
+            &sec,
+            &liveness,
+            Duration::from_millis(20),
+            Some(deadline),
+            |_| {
+                saw_down |= !link_up(&l2);
+            },
+        );
+        assert!(saw_down, "the link never went down");
+        assert!(matches!(r, Err(RunError::Deadline)), "{r:?}");
+        assert_eq!(sec.status().committed_epoch, None);
     }
 }
