@@ -80,16 +80,17 @@ pub fn link_up(link: &Link) -> bool {
     link.status().paths.iter().any(|p| p.up)
 }
 
-/// The secondary's judgement that the primary is gone, from what it observes over time: the
-/// link has had no live path for `dead_after` **and** a checkpoint was committed. Before the
-/// first committed checkpoint there is nothing to fail over to, so it keeps waiting.
+/// The judgement that the peer is gone, from what is observed over time: the link has had no
+/// live path for `dead_after` **and** a checkpoint was committed. On the secondary, before the
+/// first committed checkpoint there is nothing to fail over to, so it keeps waiting; the
+/// primary, which gives up protection when its secondary is gone, passes any `Some`.
 #[derive(Debug, Clone)]
-pub struct PrimaryLoss {
+pub struct PeerLoss {
     dead_after: Duration,
     down_since: Option<Instant>,
 }
 
-impl PrimaryLoss {
+impl PeerLoss {
     /// A judge that declares the primary gone after `dead_after` without a live path.
     #[must_use]
     pub fn new(dead_after: Duration) -> Self {
@@ -116,7 +117,7 @@ pub enum Liveness<'a> {
     /// ([`SecondaryStatus::primary_gone`]).
     Stream,
     /// An A-link: the link reconnects by itself, so the primary is gone when no path has been
-    /// up for `dead_after` after a checkpoint was committed ([`PrimaryLoss`]). A stream that
+    /// up for `dead_after` after a checkpoint was committed ([`PeerLoss`]). A stream that
     /// ended while the link is up means the primary restarted
     /// ([`RunError::PrimaryRestarted`]).
     Link {
@@ -143,7 +144,7 @@ pub fn wait_primary_lost<D: Domain + 'static>(
 ) -> Result<SecondaryStatus, RunError> {
     let mut loss = match liveness {
         Liveness::Stream => None,
-        Liveness::Link { dead_after, .. } => Some(PrimaryLoss::new(*dead_after)),
+        Liveness::Link { dead_after, .. } => Some(PeerLoss::new(*dead_after)),
     };
     loop {
         let st = sec.status();
@@ -199,7 +200,7 @@ mod tests {
     fn the_primary_is_gone_only_after_a_commit_and_a_dead_link_for_the_timeout() {
         let t0 = Instant::now();
         let s = |ms| t0 + Duration::from_millis(ms);
-        let mut loss = PrimaryLoss::new(Duration::from_millis(1000));
+        let mut loss = PeerLoss::new(Duration::from_millis(1000));
         // Link down but nothing committed: keep waiting, however long.
         assert!(!loss.observe(s(0), false, None));
         assert!(!loss.observe(s(5000), false, None));

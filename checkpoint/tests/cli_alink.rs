@@ -1,7 +1,8 @@
 //! `xenft-checkpoint primary` / `secondary` as processes over a real two-path A-link on
 //! 127.0.0.1: the secondary fails over by itself once the SIGKILLed primary's link has been
 //! dead for the path timeout, from a checkpoint at least as recent as the last one the
-//! primary released; and the A-link / Xen argument errors are clear and never panic.
+//! primary released; the primary ends protection the same way when the secondary is killed;
+//! and the A-link / Xen argument errors are clear and never panic.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -66,76 +67,108 @@ fn commits(log: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// A `secondary` and a `primary` (synthetic guest, 20 ms epochs) over a two-path A-link on
+/// 127.0.0.1 with a 1 s path timeout, once 5 checkpoints committed.
+struct Pair {
+    dir: tempfile::TempDir,
+    primary: KillOnDrop,
+    secondary: KillOnDrop,
+}
+
+impl Pair {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"a pool secret of more than 16 bytes").unwrap();
+        let log = dir.path().join("commits");
+        let guest = env!("CARGO_BIN_EXE_xenft-synthetic-guest");
+        let addrs = free_addrs(4);
+        let (p_addrs, s_addrs) = (&addrs[..2], &addrs[2..]);
+        let secondary = checkpoint_bin()
+            .args(["secondary", "--guest-binary", guest, "--memory-mib", "16"])
+            .args(["--run-ms", "300"])
+            .args(link_args(s_addrs, p_addrs, "h2", "h1", &secret))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("secondary.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let secondary = KillOnDrop(secondary);
+        let primary = checkpoint_bin()
+            .args(["primary", "--guest-binary", guest, "--memory-mib", "16"])
+            .args(["--epoch-ms", "20", "--seed", "7"])
+            .args(["--commit-log", log.to_str().unwrap()])
+            .args(link_args(p_addrs, s_addrs, "h1", "h2", &secret))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("primary.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut primary = KillOnDrop(primary);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while commits(&log).len() < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "no 5 commits over the A-link in 30 s; primary: {}",
+                std::fs::read_to_string(dir.path().join("primary.err")).unwrap_or_default()
+            );
+            assert!(primary.0.try_wait().unwrap().is_none(), "primary exited");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Pair {
+            dir,
+            primary,
+            secondary,
+        }
+    }
+
+    fn released(&self) -> u64 {
+        *commits(&self.dir.path().join("commits")).last().unwrap()
+    }
+
+    /// Waits (30 s at most) for the primary or the secondary to exit by itself; its JSON
+    /// outcome line.
+    fn outcome(&mut self, name: &str) -> Value {
+        let dir = self.dir.path().to_path_buf();
+        let side = if name == "primary" {
+            &mut self.primary
+        } else {
+            &mut self.secondary
+        };
+        let log = || std::fs::read_to_string(dir.join(format!("{name}.err")));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = side.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the {name} did not finish within 30 s; its log: {}",
+                log().unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        side.0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert!(
+            status.success(),
+            "the {name} failed: {}",
+            log().unwrap_or_default()
+        );
+        serde_json::from_str(out.lines().last().expect("an outcome line")).unwrap()
+    }
+}
+
 #[test]
 fn secondary_fails_over_over_the_alink_when_the_primary_is_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, b"a pool secret of more than 16 bytes").unwrap();
-    let log = dir.path().join("commits");
-    let guest = env!("CARGO_BIN_EXE_xenft-synthetic-guest");
-    let addrs = free_addrs(4);
-    let (p_addrs, s_addrs) = (&addrs[..2], &addrs[2..]);
-
-    let secondary = checkpoint_bin()
-        .args(["secondary", "--guest-binary", guest, "--memory-mib", "16"])
-        .args(["--run-ms", "300"])
-        .args(link_args(s_addrs, p_addrs, "h2", "h1", &secret))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("secondary.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut secondary = KillOnDrop(secondary);
-    let primary = checkpoint_bin()
-        .args(["primary", "--guest-binary", guest, "--memory-mib", "16"])
-        .args(["--epoch-ms", "20", "--seed", "7"])
-        .args(["--commit-log", log.to_str().unwrap()])
-        .args(link_args(p_addrs, s_addrs, "h1", "h2", &secret))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("primary.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut primary = KillOnDrop(primary);
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while commits(&log).len() < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "no 5 commits over the A-link in 30 s; primary: {}",
-            std::fs::read_to_string(dir.path().join("primary.err")).unwrap_or_default()
-        );
-        assert!(primary.0.try_wait().unwrap().is_none(), "primary exited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    primary.0.kill().unwrap();
-    primary.0.wait().unwrap();
-    let released = *commits(&log).last().unwrap();
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = secondary.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the secondary did not fail over within 30 s; its log: {}",
-            std::fs::read_to_string(dir.path().join("secondary.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut out = String::new();
-    secondary
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(
-        status.success(),
-        "secondary failed: {}",
-        std::fs::read_to_string(dir.path().join("secondary.err")).unwrap_or_default()
-    );
-    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let mut pair = Pair::start();
+    pair.primary.0.kill().unwrap();
+    pair.primary.0.wait().unwrap();
+    let released = pair.released();
+    let v = pair.outcome("secondary");
     let epoch = v["failover_epoch"].as_u64().unwrap();
     assert!(
         epoch >= released,
@@ -147,6 +180,16 @@ fn secondary_fails_over_over_the_alink_when_the_primary_is_killed() {
         v["guest_counter_after_run"].as_u64().unwrap() > 0,
         "the resumed guest ran: {v}"
     );
+}
+
+#[test]
+fn primary_ends_protection_when_the_secondary_is_killed() {
+    let mut pair = Pair::start();
+    pair.secondary.0.kill().unwrap();
+    pair.secondary.0.wait().unwrap();
+    let v = pair.outcome("primary");
+    assert_eq!(v["secondary_lost"], true, "{v}");
+    assert!(v["committed_epoch"].as_u64().unwrap() >= 5, "{v}");
 }
 
 fn run(args: &[&str]) -> Output {

@@ -8,6 +8,9 @@
 //! stream ends, over an A-link when no path has been up for the path timeout after a
 //! checkpoint was committed. It prints the outcome as JSON; a synthetic guest then runs for
 //! `--run-ms` and the process exits, a Xen domain lives on and the process keeps running.
+//! The primary over an A-link ends protection (the guest runs on, unprotected) when the link
+//! has had no live path for the path timeout, and prints its outcome with
+//! `"secondary_lost":true`.
 //!
 //! `--crash-at K --crash-point P` kills this process with SIGKILL at point P of the K-th
 //! checkpoint, to test what the secondary keeps.
@@ -24,7 +27,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -43,7 +46,9 @@ use xenft_checkpoint::engine::transport::{
     unix_stream, Endpoint, FrameReceiver, FrameSender, TransportError,
 };
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
-use xenft_checkpoint::run::{drive_primary, start_link, wait_primary_lost, Liveness};
+use xenft_checkpoint::run::{
+    drive_primary, link_up, start_link, wait_primary_lost, Liveness, PeerLoss,
+};
 use xenft_checkpoint::wire::Frame;
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
 use xenft_checkpoint::xen::XenDomain;
@@ -693,7 +698,21 @@ fn main() -> anyhow::Result<()> {
                     ..PrimaryConfig::default()
                 },
             )?;
+            // Over the A-link a dead secondary does not close the stream: protection ends
+            // when the link has had no live path for the path timeout; the guest runs on.
+            let mut loss = _link
+                .as_ref()
+                .map(|h| (PeerLoss::new(h.path_timeout), &h.link));
+            let mut peer_lost = false;
             let st = drive_primary(&protection, Duration::from_millis(20), |_| {
+                if let Some((loss, link)) = loss.as_mut() {
+                    if loss.observe(Instant::now(), link_up(link), Some(0)) {
+                        tracing::warn!("the secondary is gone: protection ends, the guest runs on");
+                        link.shutdown();
+                        peer_lost = true;
+                        return std::ops::ControlFlow::Break(());
+                    }
+                }
                 std::ops::ControlFlow::Continue(())
             });
             drop(protection.stop());
@@ -701,6 +720,7 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({
                     "phase": format!("{:?}", st.phase),
+                    "secondary_lost": peer_lost,
                     "checkpoints": st.checkpoints,
                     "committed_epoch": st.committed_epoch,
                     "pause_p99_ms": st.pause.p99,
