@@ -76,7 +76,8 @@ struct Pair {
 }
 
 impl Pair {
-    fn start() -> Self {
+    /// `secondary_extra`: more `secondary` options (`{dir}` stands for the temp dir).
+    fn start(secondary_extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, b"a pool secret of more than 16 bytes").unwrap();
@@ -88,6 +89,11 @@ impl Pair {
             .args(["secondary", "--guest-binary", guest, "--memory-mib", "16"])
             .args(["--run-ms", "300"])
             .args(link_args(s_addrs, p_addrs, "h2", "h1", &secret))
+            .args(
+                secondary_extra
+                    .iter()
+                    .map(|a| a.replace("{dir}", dir.path().to_str().unwrap())),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("secondary.err")).unwrap())
             .spawn()
@@ -164,7 +170,7 @@ impl Pair {
 
 #[test]
 fn secondary_fails_over_over_the_alink_when_the_primary_is_killed() {
-    let mut pair = Pair::start();
+    let mut pair = Pair::start(&[]);
     pair.primary.0.kill().unwrap();
     pair.primary.0.wait().unwrap();
     let released = pair.released();
@@ -184,7 +190,7 @@ fn secondary_fails_over_over_the_alink_when_the_primary_is_killed() {
 
 #[test]
 fn primary_ends_protection_when_the_secondary_is_killed() {
-    let mut pair = Pair::start();
+    let mut pair = Pair::start(&[]);
     pair.secondary.0.kill().unwrap();
     pair.secondary.0.wait().unwrap();
     let v = pair.outcome("primary");
@@ -333,4 +339,39 @@ fn xen_domid_on_a_host_without_xen_is_a_clear_error() {
         ],
         "cannot be used with",
     );
+}
+
+/// One request line on a control socket; the JSON reply.
+fn control(path: &Path, line: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+#[test]
+fn with_control_the_agent_decides_the_takeover_over_the_alink() {
+    let mut pair = Pair::start(&["--control", "{dir}/ctl"]);
+    let ctl = pair.dir.path().join("ctl");
+    assert_eq!(control(&ctl, "status")["state"], "receiving");
+    pair.primary.0.kill().unwrap();
+    pair.primary.0.wait().unwrap();
+    let released = pair.released();
+    // The link is dead well past the path timeout: nothing happens by itself.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(pair.secondary.0.try_wait().unwrap().is_none());
+    let st = control(&ctl, "status");
+    assert_eq!(st["state"], "receiving", "{st}");
+    let stop = control(&ctl, "stop");
+    let committed = stop["committed_epoch"].as_u64().unwrap();
+    assert!(committed >= released, "{stop} < released {released}");
+    let f = control(&ctl, "failover");
+    assert_eq!(f["ok"], true, "{f}");
+    assert_eq!(f["epoch"].as_u64(), Some(committed), "{f}");
+    let st = control(&ctl, "status");
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(st["guest_pid"].as_u64().is_some(), "{st}");
 }
