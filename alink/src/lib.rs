@@ -49,6 +49,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 mod config;
 pub mod frame;
 mod link;

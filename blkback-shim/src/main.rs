@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
-use xenft_alink::{LinkConfig, PathConfig};
+use xenft_alink::cli::AlinkArgs;
 use xenft_blkback::daemon::{Config, PeerTransport, Role};
 use xenft_blkback::mirror::primary::MirrorConfig;
 use xenft_blkback::nbd::server::ExportConfig;
@@ -48,21 +48,8 @@ struct Args {
     /// listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// A-link transport: one path as LOCAL_ADDR=PEER_ADDR (repeat for each path).
-    #[arg(long = "alink-path")]
-    alink_paths: Vec<String>,
-    /// A-link: this host's name.
-    #[arg(long)]
-    host: Option<String>,
-    /// A-link: the peer host's name.
-    #[arg(long)]
-    peer_host: Option<String>,
-    /// A-link: file holding the pool secret (at least 16 bytes).
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// A-link: a path silent this long is down (milliseconds; default: the link's own).
-    #[arg(long)]
-    alink_path_timeout_ms: Option<u64>,
+    #[command(flatten)]
+    alink: AlinkArgs,
     /// Primary, or secondary once promoted: dirty bitmap file (default: DISK.xenft-bitmap).
     #[arg(long)]
     bitmap: Option<PathBuf>,
@@ -97,39 +84,11 @@ fn config(a: Args) -> anyhow::Result<Config> {
         p.push(ext);
         PathBuf::from(p)
     };
-    let alink = if a.alink_paths.is_empty() {
-        None
-    } else {
-        let mut paths = Vec::new();
-        for p in &a.alink_paths {
-            let (l, r) = p
-                .split_once('=')
-                .with_context(|| format!("--alink-path {p:?}: expected LOCAL=PEER"))?;
-            paths.push(PathConfig {
-                local: l.parse().with_context(|| format!("bad address {l:?}"))?,
-                peer: r.parse().with_context(|| format!("bad address {r:?}"))?,
-            });
-        }
-        let secret_file = a
-            .secret_file
-            .as_ref()
-            .context("--alink-path needs --secret-file")?;
-        let secret = std::fs::read(secret_file)
-            .with_context(|| format!("reading {}", secret_file.display()))?;
-        let mut cfg = LinkConfig::new(
-            a.host.clone().context("--alink-path needs --host")?,
-            a.peer_host
-                .clone()
-                .context("--alink-path needs --peer-host")?,
-            secret,
-            paths,
-        );
-        if let Some(ms) = a.alink_path_timeout_ms {
-            cfg.path_timeout = Duration::from_millis(ms);
-        }
-        cfg.validate().context("a-link configuration")?;
-        Some(PeerTransport::Alink(cfg))
-    };
+    let alink = a
+        .alink
+        .link_config()
+        .context("a-link configuration")?
+        .map(PeerTransport::Alink);
     let role = match a.role {
         RoleArg::Local => Role::Local,
         RoleArg::Primary => Role::Primary {

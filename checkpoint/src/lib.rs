@@ -23,6 +23,8 @@
 //! - [`engine`]: primary ([`engine::primary`]), secondary ([`engine::secondary`]), transport
 //!   trait and implementations ([`engine::transport`]), commit hook ([`engine::commit`]).
 //! - [`alink`]: the engine's channel over the A-link (`Channel::Checkpoint`).
+//! - [`run`]: driving the engine from a process — A-link start, the secondary's "primary
+//!   gone" judgement (no live path for the path timeout after a commit), the primary's loop.
 //! - [`testing`]: in-memory domain for tests.
 //!
 //! # API for the agent
@@ -110,6 +112,7 @@ pub mod alink;
 pub mod domain;
 pub mod engine;
 pub mod local;
+pub mod run;
 #[allow(unsafe_code)]
 mod sys;
 pub mod testing;

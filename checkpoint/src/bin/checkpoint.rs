@@ -1,5 +1,16 @@
-//! `xenft-checkpoint`: run one side of level-3 protection for a synthetic guest over a Unix
-//! socket (the Xen path is driven by the agent). Used by the failover tests and for demos.
+//! `xenft-checkpoint`: run one side of level-3 protection: of a synthetic guest (default) or
+//! of a real Xen domain (`--xen-domid D`; on the secondary the paused replica the toolstack
+//! built with `xl create -p`), over a Unix socket (`--connect` / `--listen`) or an A-link
+//! between two hosts (`--alink-path LOCAL=PEER` (repeat), `--host`, `--peer-host`,
+//! `--secret-file`, `--alink-path-timeout-ms`: the options of `xenft-blkback`).
+//!
+//! Without `--control` the secondary fails over by itself: over a Unix socket when the
+//! stream ends, over an A-link when no path has been up for the path timeout after a
+//! checkpoint was committed. It prints the outcome as JSON; a synthetic guest then runs for
+//! `--run-ms` and the process exits, a Xen domain lives on and the process keeps running.
+//! The primary over an A-link ends protection (the guest runs on, unprotected) when the link
+//! has had no live path for the path timeout, and prints its outcome with
+//! `"secondary_lost":true`.
 //!
 //! `--crash-at K --crash-point P` kills this process with SIGKILL at point P of the K-th
 //! checkpoint, to test what the secondary keeps.
@@ -16,11 +27,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use xenft_alink::cli::AlinkArgs;
+use xenft_alink::{Link, LinkConfig};
 use xenft_checkpoint::domain::{Domain, DomainError, VcpuContext};
 use xenft_checkpoint::engine::commit::{CommitSink, RecordingSink};
 use xenft_checkpoint::engine::primary::{
@@ -30,14 +43,18 @@ use xenft_checkpoint::engine::secondary::{
     start_secondary, SecondaryConfig, SecondaryHandle, StoppedSecondary,
 };
 use xenft_checkpoint::engine::transport::{
-    unix_stream, FrameReceiver, FrameSender, TransportError,
+    unix_stream, Endpoint, FrameReceiver, FrameSender, TransportError,
 };
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
+use xenft_checkpoint::run::{
+    drive_primary, link_up, start_link, wait_primary_lost, Liveness, PeerLoss,
+};
 use xenft_checkpoint::wire::Frame;
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
+use xenft_checkpoint::xen::XenDomain;
 
 #[derive(Parser)]
-#[command(about = "Level-3 checkpoint replication of a synthetic guest")]
+#[command(about = "Level-3 checkpoint replication of a synthetic guest or a Xen domain")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -94,13 +111,31 @@ struct ReprotectArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a synthetic guest and protect it, streaming to a secondary at --connect.
+    /// Start a synthetic guest (or take running Xen domain --xen-domid) and protect it,
+    /// streaming to a secondary at --connect or over the A-link (--alink-path ...).
     Primary {
         #[command(flatten)]
         guest: GuestArgs,
+        /// Protect running Xen domain D instead of a synthetic guest.
+        #[arg(long, value_name = "D", conflicts_with_all = [
+            "guest_binary", "memory_mib", "pattern", "hot_pages", "rate_mib", "write_len", "seed",
+        ])]
+        xen_domid: Option<u32>,
+        /// The Xen domain's vCPU count.
+        #[arg(long, default_value_t = 1, requires = "xen_domid")]
+        xen_vcpus: u32,
         /// Unix socket of the secondary.
-        #[arg(long)]
-        connect: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "alink_paths",
+            conflicts_with = "alink_paths"
+        )]
+        connect: Option<PathBuf>,
+        #[command(flatten)]
+        alink: AlinkArgs,
+        /// A-link: give up when no path is up after this many seconds.
+        #[arg(long, default_value_t = 120, requires = "alink_paths")]
+        alink_wait_s: u64,
         #[arg(long, value_enum, default_value_t = PatternArg::Random)]
         pattern: PatternArg,
         /// Hot-set size in pages (pattern hot).
@@ -138,14 +173,30 @@ enum Cmd {
         #[arg(long, value_enum)]
         crash_point: Option<CrashPoint>,
     },
-    /// Receive checkpoints on --listen; when the primary goes away, fail over and run the
-    /// guest for --run-ms, then print the outcome as JSON. With --control, the agent decides
+    /// Receive checkpoints on --listen (or over the A-link) into a synthetic replica (or the
+    /// paused Xen domain --xen-domid); when the primary goes away, fail over, print the outcome
+    /// as JSON (a synthetic guest first runs for --run-ms, then the process exits; a Xen
+    /// domain lives on and the process keeps running). With --control, the agent decides
     /// instead: nothing happens by itself; see `control_mode`.
     Secondary {
         #[command(flatten)]
         guest: GuestArgs,
-        #[arg(long)]
-        listen: PathBuf,
+        /// Receive into paused Xen domain D (`xl create -p` of the primary's configuration);
+        /// its memory is zeroed first.
+        #[arg(long, value_name = "D", conflicts_with_all = ["guest_binary", "memory_mib", "run_ms"])]
+        xen_domid: Option<u32>,
+        /// The Xen domain's vCPU count.
+        #[arg(long, default_value_t = 1, requires = "xen_domid")]
+        xen_vcpus: u32,
+        /// Unix socket to receive on.
+        #[arg(
+            long,
+            required_unless_present = "alink_paths",
+            conflicts_with = "alink_paths"
+        )]
+        listen: Option<PathBuf>,
+        #[command(flatten)]
+        alink: AlinkArgs,
         #[arg(long, default_value_t = 1000)]
         run_ms: u64,
         /// Control socket for the agent (`status`, `stop`, `failover`, and after a take-over
@@ -163,6 +214,161 @@ fn guest_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
     let me = std::env::current_exe().context("locating this binary")?;
     Ok(me.with_file_name("xenft-synthetic-guest"))
+}
+
+/// The guest the engine protects or replicates.
+enum GuestKind {
+    Synthetic { binary: PathBuf, memory_bytes: u64 },
+    Xen { domid: u32, vcpus: u32 },
+}
+
+impl GuestKind {
+    fn new(guest: GuestArgs, xen_domid: Option<u32>, xen_vcpus: u32) -> anyhow::Result<Self> {
+        Ok(match xen_domid {
+            Some(domid) => {
+                if xen_vcpus == 0 {
+                    bail!("--xen-vcpus must be > 0");
+                }
+                Self::Xen {
+                    domid,
+                    vcpus: xen_vcpus,
+                }
+            }
+            None => Self::Synthetic {
+                binary: guest_binary(guest.guest_binary)?,
+                memory_bytes: guest
+                    .memory_mib
+                    .checked_mul(1 << 20)
+                    .context("--memory-mib is too large")?,
+            },
+        })
+    }
+
+    /// The replica to receive into: an all-zero synthetic guest, or the paused Xen domain
+    /// (zeroed).
+    fn replica(&self) -> anyhow::Result<Guest> {
+        Ok(match self {
+            Self::Synthetic {
+                binary,
+                memory_bytes,
+            } => Guest::Local(LocalDomain::replica(binary.clone(), *memory_bytes)?),
+            Self::Xen { domid, vcpus } => Guest::Xen(Box::new(
+                XenDomain::open_replica(*domid, *vcpus)
+                    .with_context(|| format!("opening the replica, Xen domain {domid}"))?,
+            )),
+        })
+    }
+}
+
+/// A synthetic guest or a Xen domain, as one [`Domain`].
+enum Guest {
+    Local(LocalDomain),
+    Xen(Box<XenDomain>),
+}
+
+macro_rules! on_guest {
+    ($g:expr, $d:ident => $e:expr) => {
+        match $g {
+            Guest::Local($d) => $e,
+            Guest::Xen($d) => $e,
+        }
+    };
+}
+
+impl Guest {
+    /// The synthetic guest's process id (none for a Xen domain).
+    fn guest_pid(&self) -> Option<u32> {
+        match self {
+            Guest::Local(d) => d.guest_pid(),
+            Guest::Xen(_) => None,
+        }
+    }
+}
+
+impl Domain for Guest {
+    fn memory_pages(&self) -> u64 {
+        on_guest!(self, d => d.memory_pages())
+    }
+    fn pause(&mut self) -> Result<(), DomainError> {
+        on_guest!(self, d => d.pause())
+    }
+    fn resume(&mut self) -> Result<(), DomainError> {
+        on_guest!(self, d => d.resume())
+    }
+    fn enable_dirty_log(&mut self) -> Result<(), DomainError> {
+        on_guest!(self, d => d.enable_dirty_log())
+    }
+    fn disable_dirty_log(&mut self) -> Result<(), DomainError> {
+        on_guest!(self, d => d.disable_dirty_log())
+    }
+    fn read_and_clear_dirty(&mut self) -> Result<Vec<u64>, DomainError> {
+        on_guest!(self, d => d.read_and_clear_dirty())
+    }
+    fn read_pages(&mut self, pfns: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
+        on_guest!(self, d => d.read_pages(pfns, out))
+    }
+    fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), DomainError> {
+        on_guest!(self, d => d.write_pages(pfns, data))
+    }
+    fn vcpu_context(&mut self) -> Result<VcpuContext, DomainError> {
+        on_guest!(self, d => d.vcpu_context())
+    }
+    fn pause_and_collect(&mut self) -> Result<(Vec<u64>, VcpuContext), DomainError> {
+        on_guest!(self, d => d.pause_and_collect())
+    }
+    fn set_vcpu_context(&mut self, ctx: &VcpuContext) -> Result<(), DomainError> {
+        on_guest!(self, d => d.set_vcpu_context(ctx))
+    }
+    fn start_from_replica(&mut self) -> Result<(), DomainError> {
+        on_guest!(self, d => d.start_from_replica())
+    }
+}
+
+/// An A-link carrying the checkpoint channel, and the runtime it runs on; dropping it ends
+/// the link.
+struct LinkHold {
+    link: Link,
+    /// No live path this long after a commit: the primary is gone (secondary).
+    path_timeout: Duration,
+    _rt: tokio::runtime::Runtime,
+}
+
+/// The checkpoint channel over an A-link; with `wait`, fails unless a path comes up in time.
+fn alink_endpoint(cfg: LinkConfig, wait: Option<Duration>) -> anyhow::Result<(Endpoint, LinkHold)> {
+    let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    let path_timeout = cfg.path_timeout;
+    let link = start_link(&rt, cfg, wait)?;
+    let ep = xenft_checkpoint::alink::endpoint(&link, rt.handle().clone())?;
+    Ok((
+        ep,
+        LinkHold {
+            link,
+            path_timeout,
+            _rt: rt,
+        },
+    ))
+}
+
+/// The secondary's end of the checkpoint channel: the first connection on the Unix socket
+/// `listen`, or the A-link.
+fn secondary_endpoint(
+    listen: Option<&std::path::Path>,
+    alink: Option<LinkConfig>,
+) -> anyhow::Result<(Endpoint, Option<LinkHold>)> {
+    match (listen, alink) {
+        (Some(listen), None) => {
+            let _ = std::fs::remove_file(listen);
+            let l = UnixListener::bind(listen)
+                .with_context(|| format!("binding {}", listen.display()))?;
+            let (sock, _) = l.accept()?;
+            Ok((unix_stream(sock)?, None))
+        }
+        (None, Some(cfg)) => {
+            let (ep, hold) = alink_endpoint(cfg, None)?;
+            Ok((ep, Some(hold)))
+        }
+        _ => bail!("secondary needs exactly one of --listen or --alink-path"),
+    }
 }
 
 fn die() -> ! {
@@ -371,7 +577,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Primary {
             guest,
+            xen_domid,
+            xen_vcpus,
             connect,
+            alink,
+            alink_wait_s,
             pattern,
             hot_pages,
             rate_mib,
@@ -396,23 +606,47 @@ fn main() -> anyhow::Result<()> {
             if epoch_ms == 0 {
                 bail!("--epoch-ms must be > 0");
             }
-            let workload = WorkloadState::new(
-                WorkloadSpec {
-                    pattern,
-                    write_len,
-                    rate_bytes_per_s: rate_mib << 20,
-                },
-                seed,
-            )?;
-            let domain = LocalDomain::spawn(&LocalGuestConfig {
-                binary: guest_binary(guest.guest_binary)?,
-                memory_bytes: guest.memory_mib << 20,
-                workload,
-                tracking: Default::default(),
-            })?;
-            let sock = UnixStream::connect(&connect)
-                .with_context(|| format!("connecting to {}", connect.display()))?;
-            let (tx, rx) = unix_stream(sock)?;
+            // A bad link configuration is reported before the guest is touched.
+            let link_cfg = alink.link_config()?;
+            let domain = match GuestKind::new(guest, xen_domid, xen_vcpus)? {
+                GuestKind::Xen { domid, vcpus } => Guest::Xen(Box::new(
+                    XenDomain::open(domid, vcpus)
+                        .with_context(|| format!("opening Xen domain {domid}"))?,
+                )),
+                GuestKind::Synthetic {
+                    binary,
+                    memory_bytes,
+                } => {
+                    let workload = WorkloadState::new(
+                        WorkloadSpec {
+                            pattern,
+                            write_len,
+                            rate_bytes_per_s: rate_mib << 20,
+                        },
+                        seed,
+                    )?;
+                    Guest::Local(LocalDomain::spawn(&LocalGuestConfig {
+                        binary,
+                        memory_bytes,
+                        workload,
+                        tracking: Default::default(),
+                    })?)
+                }
+            };
+            let (endpoint, _link) = match (connect, link_cfg) {
+                (Some(connect), None) => {
+                    let sock = UnixStream::connect(&connect)
+                        .with_context(|| format!("connecting to {}", connect.display()))?;
+                    (unix_stream(sock)?, None)
+                }
+                (None, Some(cfg)) => {
+                    let wait = Duration::from_secs(alink_wait_s.max(1));
+                    let (ep, hold) = alink_endpoint(cfg, Some(wait))?;
+                    (ep, Some(hold))
+                }
+                _ => bail!("primary needs exactly one of --connect or --alink-path"),
+            };
+            let (tx, rx) = endpoint;
             let crash = match (crash_at, crash_point) {
                 (Some(k), Some(point)) => Some(Arc::new(Crash {
                     k,
@@ -464,15 +698,29 @@ fn main() -> anyhow::Result<()> {
                     ..PrimaryConfig::default()
                 },
             )?;
-            while !protection.is_finished() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let st = protection.status();
+            // Over the A-link a dead secondary does not close the stream: protection ends
+            // when the link has had no live path for the path timeout; the guest runs on.
+            let mut loss = _link
+                .as_ref()
+                .map(|h| (PeerLoss::new(h.path_timeout), &h.link));
+            let mut peer_lost = false;
+            let st = drive_primary(&protection, Duration::from_millis(20), |_| {
+                if let Some((loss, link)) = loss.as_mut() {
+                    if loss.observe(Instant::now(), link_up(link), Some(0)) {
+                        tracing::warn!("the secondary is gone: protection ends, the guest runs on");
+                        link.shutdown();
+                        peer_lost = true;
+                        return std::ops::ControlFlow::Break(());
+                    }
+                }
+                std::ops::ControlFlow::Continue(())
+            });
             drop(protection.stop());
             println!(
                 "{}",
                 serde_json::json!({
                     "phase": format!("{:?}", st.phase),
+                    "secondary_lost": peer_lost,
                     "checkpoints": st.checkpoints,
                     "committed_epoch": st.committed_epoch,
                     "pause_p99_ms": st.pause.p99,
@@ -483,7 +731,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Secondary {
             guest,
+            xen_domid,
+            xen_vcpus,
             listen,
+            alink,
             control: Some(control),
             reprotect,
             ..
@@ -491,39 +742,67 @@ fn main() -> anyhow::Result<()> {
             if reprotect.protect_epoch_ms == 0 || reprotect.protect_epoch_ms > 60_000 {
                 bail!("--protect-epoch-ms must be 1..=60000");
             }
-            control_mode(&guest, &listen, &control, reprotect)?;
+            let link_cfg = alink.link_config()?;
+            let kind = GuestKind::new(guest, xen_domid, xen_vcpus)?;
+            control_mode(&kind, listen.as_deref(), link_cfg, &control, reprotect)?;
         }
         Cmd::Secondary {
             guest,
+            xen_domid,
+            xen_vcpus,
             listen,
+            alink,
             run_ms,
             control: None,
             ..
         } => {
-            let _ = std::fs::remove_file(&listen);
-            let l = UnixListener::bind(&listen)
-                .with_context(|| format!("binding {}", listen.display()))?;
-            let (sock, _) = l.accept()?;
-            let binary = guest_binary(guest.guest_binary)?;
-            let replica = LocalDomain::replica(binary, guest.memory_mib << 20)?;
-            let sec = start_secondary(replica, unix_stream(sock)?, SecondaryConfig::default())?;
-            while !sec.status().primary_gone {
-                std::thread::sleep(Duration::from_millis(20));
+            let link_cfg = alink.link_config()?;
+            let replica = GuestKind::new(guest, xen_domid, xen_vcpus)?.replica()?;
+            let (endpoint, link) = secondary_endpoint(listen.as_deref(), link_cfg)?;
+            let sec = start_secondary(replica, endpoint, SecondaryConfig::default())?;
+            let liveness = match &link {
+                Some(h) => Liveness::Link {
+                    link: &h.link,
+                    dead_after: h.path_timeout,
+                },
+                None => Liveness::Stream,
+            };
+            let status =
+                wait_primary_lost(&sec, &liveness, Duration::from_millis(20), None, |_| {})?;
+            let (domain, epoch) = sec.failover()?;
+            tracing::warn!(epoch, "failover: the replica runs from its last checkpoint");
+            match domain {
+                Guest::Local(mut domain) => {
+                    std::thread::sleep(Duration::from_millis(run_ms));
+                    domain.pause()?;
+                    let st = WorkloadState::decode(&domain.vcpu_context()?.0)?;
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "failover_epoch": epoch,
+                            "applied_epochs": status.applied_epochs,
+                            "rejected_epochs": status.rejected_epochs,
+                            "guest_counter_after_run": st.counter,
+                        })
+                    );
+                }
+                Guest::Xen(domain) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "failover_epoch": epoch,
+                            "applied_epochs": status.applied_epochs,
+                            "rejected_epochs": status.rejected_epochs,
+                            "xen_domid": xen_domid,
+                        })
+                    );
+                    // The domain lives on: this process keeps it (and the link) until killed.
+                    let _keep = (domain, link);
+                    loop {
+                        std::thread::park();
+                    }
+                }
             }
-            let status = sec.status();
-            let (mut domain, epoch) = sec.failover()?;
-            std::thread::sleep(Duration::from_millis(run_ms));
-            domain.pause()?;
-            let st = WorkloadState::decode(&domain.vcpu_context()?.0)?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "failover_epoch": epoch,
-                    "applied_epochs": status.applied_epochs,
-                    "rejected_epochs": status.rejected_epochs,
-                    "guest_counter_after_run": st.counter,
-                })
-            );
         }
     }
     Ok(())
@@ -534,13 +813,13 @@ enum Replica {
     /// No primary connected yet.
     Waiting,
     /// Receiving checkpoints.
-    Receiving(SecondaryHandle<LocalDomain>),
+    Receiving(SecondaryHandle<Guest>),
     /// Frozen at its last committed checkpoint (take-over begun).
-    Stopped(StoppedSecondary<LocalDomain>),
+    Stopped(StoppedSecondary<Guest>),
     /// Resumed from checkpoint `epoch`; the guest runs unprotected. `last_error`: why the
     /// last protection ended, if it failed.
     Running {
-        domain: LocalDomain,
+        domain: Guest,
         epoch: u64,
         last_error: Option<String>,
     },
@@ -553,7 +832,7 @@ enum Replica {
 /// The resumed guest as the engine sees it while protecting: each checkpoint's vCPU state
 /// (the synthetic guest's workload counter) is noted, so `status` shows the guest progressing.
 struct Observed {
-    inner: LocalDomain,
+    inner: Guest,
     /// The workload counter at the last checkpoint.
     counter: Arc<AtomicU64>,
 }
@@ -832,8 +1111,9 @@ fn protect(
 /// `stop`, `failover`, `protect` (same socket) and `unprotect` are idempotent. One JSON line per
 /// request line; lines are capped at 4 KiB, a connection idle for 5 s is closed.
 fn control_mode(
-    guest: &GuestArgs,
-    listen: &std::path::Path,
+    kind: &GuestKind,
+    listen: Option<&std::path::Path>,
+    link_cfg: Option<LinkConfig>,
     control: &std::path::Path,
     reprotect: ReprotectArgs,
 ) -> anyhow::Result<()> {
@@ -882,12 +1162,9 @@ fn control_mode(
         std::thread::sleep(Duration::from_millis(100));
         refresh(&mut st.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     });
-    let _ = std::fs::remove_file(listen);
-    let l = UnixListener::bind(listen).with_context(|| format!("binding {}", listen.display()))?;
-    let (sock, _) = l.accept()?;
-    let binary = guest_binary(guest.guest_binary.clone())?;
-    let replica = LocalDomain::replica(binary, guest.memory_mib << 20)?;
-    let sec = start_secondary(replica, unix_stream(sock)?, SecondaryConfig::default())?;
+    let replica = kind.replica()?;
+    let (endpoint, _link) = secondary_endpoint(listen, link_cfg)?;
+    let sec = start_secondary(replica, endpoint, SecondaryConfig::default())?;
     *state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Replica::Receiving(sec);

@@ -14,6 +14,7 @@
 //! `XENLAB-RESULT key=value`.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use xenft_checkpoint::domain::Domain;
 use xenft_checkpoint::engine::commit::RecordingSink;
 use xenft_checkpoint::engine::primary::{start_protection, EpochPolicy, Phase, PrimaryConfig};
 use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig};
+use xenft_checkpoint::run;
 use xenft_checkpoint::workload::PAGE_SIZE;
 use xenft_checkpoint::xen::XenDomain;
 
@@ -385,10 +387,7 @@ fn start_link(rt: &tokio::runtime::Runtime, a: &LinkArgs) -> Result<xenft_alink:
     // Everything is slow under TCG: do not take a busy path for a dead one.
     cfg.heartbeat_interval = Duration::from_millis(500);
     cfg.path_timeout = Duration::from_secs(8);
-    let link = rt.block_on(xenft_alink::Link::start(cfg))?;
-    if !rt.block_on(link.wait_connected(Duration::from_secs(120))) {
-        bail!("A-link to {} not connected after 120 s", a.peer);
-    }
+    let link = run::start_link(rt, cfg, Some(Duration::from_secs(120)))?;
     println!("XENLAB link: connected to {}", a.peer);
     Ok(link)
 }
@@ -416,9 +415,7 @@ fn protect(
     )?;
     let t0 = Instant::now();
     let mut last = 0;
-    loop {
-        std::thread::sleep(Duration::from_secs(2));
-        let st = p.status();
+    let st = run::drive_primary(&p, Duration::from_secs(2), |st| {
         if st.committed_epoch != last || t0.elapsed().as_secs() % 10 < 2 {
             last = st.committed_epoch;
             println!(
@@ -441,12 +438,6 @@ fn protect(
             "ours_protected_s",
             format!("{:.1}", st.protected_for.as_secs_f64()),
         );
-        if let Phase::Failed(r) = &st.phase {
-            bail!("protection failed: {r}");
-        }
-        if matches!(st.phase, Phase::Stopped) {
-            break;
-        }
         if run_secs.is_some_and(|r| st.protected_for >= Duration::from_secs(r)) {
             let secs = st.protected_for.as_secs_f64();
             result(
@@ -454,8 +445,12 @@ fn protect(
                 format!("{:.3}", st.checkpoints as f64 / secs.max(0.001)),
             );
             println!("XENLAB protect: done after {secs:.1} s protected");
-            break;
+            return ControlFlow::Break(());
         }
+        ControlFlow::Continue(())
+    });
+    if let Phase::Failed(r) = &st.phase {
+        bail!("protection failed: {r}");
     }
     p.stop()?;
     Ok(())
@@ -476,12 +471,13 @@ fn replica(
     result("replica_zeroing_ms", ms(t.elapsed()));
     let sec = start_secondary(domain, ep, SecondaryConfig::default())?;
     let deadline = Instant::now() + Duration::from_secs(timeout);
-    let mut down_since: Option<Instant> = None;
     let mut last = None;
     let mut ticks = 0u64;
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        let st = sec.status();
+    let liveness = run::Liveness::Link {
+        link: &link,
+        dead_after: Duration::from_secs(dead_after),
+    };
+    let tick = |st: &xenft_checkpoint::engine::secondary::SecondaryStatus| {
         if st.committed_epoch != last || ticks.is_multiple_of(20) {
             last = st.committed_epoch;
             println!(
@@ -494,13 +490,16 @@ fn replica(
             );
         }
         ticks += 1;
-        let up = link.status().paths.iter().any(|p| p.up);
-        // Nothing to fail over to before the first committed checkpoint: keep waiting.
-        if up || st.committed_epoch.is_none() {
-            down_since = None;
-        } else if down_since.get_or_insert_with(Instant::now).elapsed()
-            >= Duration::from_secs(dead_after)
-        {
+    };
+    match run::wait_primary_lost(
+        &sec,
+        &liveness,
+        Duration::from_millis(500),
+        Some(deadline),
+        tick,
+    ) {
+        Ok(st) => {
+            let last = st.committed_epoch;
             if no_failover {
                 println!("XENLAB replica: primary gone, stopping at epoch {last:?}");
                 sec.stop()?;
@@ -512,8 +511,9 @@ fn replica(
             result("failover_ms", ms(t.elapsed()));
             result("failover_epoch", epoch);
             println!("XENLAB replica: replica running from epoch {epoch}");
-            return Ok(());
+            Ok(())
         }
+        Err(run::RunError::Deadline) => bail!("timeout: the primary never went away"),
+        Err(e) => Err(e.into()),
     }
-    bail!("timeout: the primary never went away")
 }
