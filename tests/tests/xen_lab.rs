@@ -106,8 +106,9 @@ fn checkpoint_xen_backend_tracks_and_maps_a_real_guest() {
     run_lab("domain", 1, false);
 }
 
-/// Our engine protects the guest from host 1 to host 2; host 1's QEMU is killed; the
-/// replica runs on with its counter continuing.
+/// The product's `xenft-checkpoint` protects the guest from host 1 to host 2 over the
+/// A-link; host 1's QEMU is killed; the replica fails over by itself and runs on with its
+/// counter continuing.
 #[test]
 fn checkpoint_engine_fails_a_real_guest_over_to_the_second_host() {
     run_lab("checkpoint", 2, true);

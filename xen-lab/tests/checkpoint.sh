@@ -1,30 +1,29 @@
 #!/bin/sh
 # xenlab-hosts: 2
-# xenlab-about: OUR checkpoint engine protects the PVH guest from host 1 to host 2 over the A-link; host 1's QEMU is killed; the replica runs on
-# Host 1 (primary) runs the guest and `xenft-xen-lab protect` (cooperative-suspend checkpoints,
-# A-link on the lab wire); host 2 builds a paused replica with `xl create -p` and runs
-# `xenft-xen-lab replica`, which fails over when the link stays down. PASS: the replica runs and
-# its counter continues (first tick after the failover > 1).
+# xenlab-about: the product's xenft-checkpoint protects the PVH guest from host 1 to host 2 over the A-link; host 1's QEMU is killed; the replica runs on
+# Host 1 (primary) runs the guest and `xenft-checkpoint primary --xen-domid D` (cooperative-
+# suspend checkpoints, A-link on the lab wire); host 2 builds a paused replica with
+# `xl create -p` and runs `xenft-checkpoint secondary --xen-domid D`, which fails over by
+# itself once the link has had no live path for the path timeout after a committed checkpoint.
+# PASS: the replica runs and its counter continues (first tick after the failover > 1).
 . /xentest/lib.sh "$@"
 EPOCH_MS=${CKPT_EPOCH_MS:-500}
 RUNFOR=${CKPT_RUN_SECS:-60}
-LINK="--local-ip 10.99.0.$H --peer-ip $(peer) --port 7400"
+ALINK="$(alink_args 7400) $(alink_args 7401 | sed 's/ --host.*//')"
 if [ "$H" = 1 ]; then
   xl create -q $CFG || fail "xl create"
   wait_until 120 grep -q DOMU-TICK $CON || fail "guest never ticked"
   D=$(domid_of domu1)
   wait_peer 120 || fail "host 2 unreachable"
   say "protecting domain $D, tick $(last_tick)"
-  xenft-xen-lab protect "$D" --me host1 --peer host2 $LINK --epoch-ms "$EPOCH_MS" > /tmp/protect.log 2>&1 &
+  xenft-checkpoint primary --xen-domid "$D" --epoch-ms "$EPOCH_MS" $ALINK > /tmp/protect.log 2>&1 &
   P=$!
-  tail -f /tmp/protect.log &
   # protection starts after pre-copy; then run for RUNFOR seconds
-  wait_until 600 grep -q "phase=Protected" /tmp/protect.log || { cat /tmp/protect.log; fail "no checkpoint committed"; }
-  say "protected, tick $(last_tick)"
+  wait_until 600 grep -q "pre-copy done" /tmp/protect.log || { tail -n 30 /tmp/protect.log; fail "pre-copy never ended"; }
+  say "protected (pre-copy done), tick $(last_tick)"
   sleep "$RUNFOR"
-  kill -0 $P 2>/dev/null || { cat /tmp/protect.log; fail "protection ended early"; }
-  grep -a "XENLAB protect" /tmp/protect.log | tail -n 3
-  grep -a "XENLAB-RESULT" /tmp/protect.log | tail -n 3
+  kill -0 $P 2>/dev/null || { tail -n 30 /tmp/protect.log; fail "protection ended early"; }
+  grep -a "commit" /tmp/protect.log | tail -n 2
   tail -n 2 $CON
   t=$(last_tick); say "primary last tick $t"
   echo "XENLAB-PRIMARY-LAST-TICK $t"
@@ -32,15 +31,14 @@ if [ "$H" = 1 ]; then
 fi
 xl create -q -p $CFG || fail "xl create -p (replica)"
 D=$(domid_of domu1); say "replica is domain $D (paused)"
-xenft-xen-lab replica "$D" --me host2 --peer host1 $LINK --timeout 1500 > /tmp/replica.log 2>&1 &
+xenft-checkpoint secondary --xen-domid "$D" $ALINK > /tmp/replica.out 2> /tmp/replica.log &
 RP=$!
-tail -f /tmp/replica.log &
-TP=$!
-wait $RP
-rc=$?
-kill $TP
-grep -a "XENLAB" /tmp/replica.log | tail -n 8
-[ $rc = 0 ] || { tail -n 30 /tmp/replica.log; fail "replica rc=$rc"; }
+wait_until 1500 grep -q failover_epoch /tmp/replica.out || { tail -n 30 /tmp/replica.log; fail "no failover"; }
+grep -a -i 'applied\|failover\|gone' /tmp/replica.log | tail -n 5
+kill -0 $RP 2>/dev/null || fail "xenft-checkpoint secondary exited after the failover (it must keep the domain)"
+out=$(cat /tmp/replica.out); say "failover: $out"
+result failover_epoch "$(echo "$out" | sed -n 's/.*"failover_epoch":\([0-9]*\).*/\1/p')"
+result applied_epochs "$(echo "$out" | sed -n 's/.*"applied_epochs":\([0-9]*\).*/\1/p')"
 xl list
 n0=$(grep -c DOMU-TICK $CON)
 for i in 1 2 3 4; do
