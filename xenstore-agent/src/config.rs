@@ -43,8 +43,12 @@
 //! --listen` socket. After a take-over here the guest runs in this host's resumed replica;
 //! when the old primary's host returns with a fresh secondary, the agent resyncs the disk and
 //! then asks the engine to `protect` toward that socket, so the VM is fully protected again
-//! without operator action. Like `xenft-checkpoint primary --connect`, it is a Unix socket
-//! path (the local pool's hosts share a filesystem); absolute, at most 107 bytes. The VM counts
+//! without operator action. Either a Unix socket path, like `xenft-checkpoint primary
+//! --connect` (the local pool's hosts share a filesystem; absolute, at most 107 bytes), or the
+//! string `"alink"`: the engine (`xenft-checkpoint secondary --alink-path ...`) protects over
+//! its own A-link toward the returning host's fresh secondary, started with the mirrored
+//! A-link options (the agent sends a plain `protect`); that is the case between real hosts.
+//! Anything else is refused, naming the field. The VM counts
 //! as protected once that host holds the first checkpoint, within
 //! `checkpoint.protect_timeout_ms` (default 120000).
 
@@ -652,7 +656,13 @@ mod tests {
             )
         };
         validate(&GOOD.replace(r#""xenstore": false"#, &peer("/run/xenft/peer-ck.sock"))).unwrap();
-        for bad in ["relative.sock".to_string(), format!("/{}", "x".repeat(200))] {
+        validate(&GOOD.replace(r#""xenstore": false"#, &peer("alink"))).unwrap();
+        for bad in [
+            "relative.sock".to_string(),
+            format!("/{}", "x".repeat(200)),
+            "ALINK".to_string(),
+            "alink ".to_string(),
+        ] {
             let e = validate(&GOOD.replace(r#""xenstore": false"#, &peer(&bad))).unwrap_err();
             assert!(e.to_string().contains("peer_listen"), "{bad}: {e}");
         }

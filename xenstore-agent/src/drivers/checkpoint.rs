@@ -10,7 +10,8 @@
 //!
 //! Re-protection (level 3): when the old primary's host returns with a fresh secondary, the
 //! runtime first resyncs the disk, then calls `protect`: if the local engine is that resumed
-//! replica (`status` says `running`), it is asked to `protect <peer_listen>`, and memory
+//! replica (`status` says `running`), it is asked to `protect <peer_listen>` (plain `protect`
+//! when `peer_listen` is `"alink"`: toward the peer over the engine's own A-link), and memory
 //! replication resumes toward the returning host without pausing the guest beyond an epoch's
 //! checkpoint. The sync counts as done (the VM `protected`) once the returning host holds the
 //! first checkpoint, within `checkpoint.protect_timeout_ms`. An engine started as `primary` by the host has no control socket here, and
@@ -34,6 +35,20 @@ pub struct CheckpointDriver {
     /// How long `protect` waits for the returning host's secondary to listen and hold its
     /// first checkpoint.
     protect_wait: Duration,
+}
+
+/// `checkpoint.peer_listen` value meaning: protect over the engine's own A-link (the engine
+/// runs with `--alink-path`), toward the returning host's fresh secondary on the same link.
+pub const PEER_ALINK: &str = "alink";
+
+/// The control request that protects toward `peer`: `protect` over the engine's A-link
+/// ([`PEER_ALINK`]), else `protect <socket>`.
+fn protect_request(peer: &std::path::Path) -> String {
+    if peer == std::path::Path::new(PEER_ALINK) {
+        "protect".to_string()
+    } else {
+        format!("protect {}", peer.display())
+    }
 }
 
 /// Default of [`CheckpointDriver::with_protect_wait`].
@@ -117,7 +132,7 @@ impl CheckpointDriver {
                             .into(),
                     ));
                 };
-                match self.ctl.request(&format!("protect {}", peer.display())) {
+                match self.ctl.request(&protect_request(peer)) {
                     Ok(_) => Err(Attempt::Retry(
                         "protection started; waiting for the peer's first checkpoint".into(),
                     )),
@@ -258,6 +273,33 @@ mod tests {
                 "status",
                 "status"
             ]
+        );
+    }
+
+    #[test]
+    fn peer_listen_alink_sends_a_plain_protect_over_the_engines_own_link() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let asked = std::sync::Arc::new(AtomicBool::new(false));
+        let a = asked.clone();
+        let (_d, p, seen) = fake::serve(Box::new(move |l| {
+            match l {
+            "status" if a.load(Ordering::SeqCst) => {
+                r#"{"ok":true,"state":"protecting","primary":{"phase":"protected","committed_epoch":2}}"#.into()
+            }
+            "status" => r#"{"ok":true,"state":"running","committed_epoch":7}"#.into(),
+            _ => {
+                a.store(true, Ordering::SeqCst);
+                r#"{"ok":true,"peer":"alink:h1"}"#.into()
+            }
+        }
+        }));
+        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)))
+            .with_peer_listen(Some(PEER_ALINK.into()));
+        drv.protect(&vm(), &host()).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec!["status", "protect", "status"]);
+        assert_eq!(
+            protect_request(std::path::Path::new("/run/p.sock")),
+            "protect /run/p.sock"
         );
     }
 

@@ -10,7 +10,8 @@
 //! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's secondary
 //!   control socket — freeze the replica at its last committed checkpoint, then resume it;
 //!   when the old primary's host returns, after the disk resync, `protect` the resumed guest
-//!   toward its fresh secondary (`checkpoint.peer_listen`): level-3 re-protection works;
+//!   toward its fresh secondary (`checkpoint.peer_listen`: a socket, or `"alink"` for the
+//!   engine's own A-link): level-3 re-protection works;
 //! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
 //! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
 //!   drivers use.
@@ -106,7 +107,8 @@ pub struct CheckpointFile {
     /// One control request at most this long (milliseconds; `stop` joins the receiver).
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
-    /// The peer host's `xenft-checkpoint secondary --listen` socket. After a take-over the
+    /// The peer host's `xenft-checkpoint secondary --listen` socket, or `"alink"`: the peer
+    /// is reached over the engine's own A-link (plain `protect`). After a take-over the
     /// guest runs in this host's resumed replica; when the peer returns (a fresh secondary
     /// listening there) and the disk is resynced, the agent asks the engine to `protect`
     /// toward it. Without it a level-3 VM cannot be re-protected after a take-over here.
@@ -160,15 +162,19 @@ pub const MAX_SOCKET_PATH: usize = 107;
 
 fn check_peer_listen(vm: &VmId, p: &std::path::Path) -> Result<(), String> {
     let s = p.to_str().unwrap_or_default();
+    if s == checkpoint::PEER_ALINK {
+        return Ok(());
+    }
     if !p.is_absolute()
         || s.is_empty()
         || s.len() > MAX_SOCKET_PATH
         || s.chars().any(char::is_control)
     {
         return Err(format!(
-            "vm_drivers.{vm}.checkpoint.peer_listen: {} must be an absolute path of at most \
-             {MAX_SOCKET_PATH} bytes",
-            p.display()
+            "vm_drivers.{vm}.checkpoint.peer_listen: {} must be \"{}\" (the engine's own \
+             A-link) or an absolute path of at most {MAX_SOCKET_PATH} bytes",
+            p.display(),
+            checkpoint::PEER_ALINK
         ));
     }
     Ok(())
