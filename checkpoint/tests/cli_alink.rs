@@ -375,3 +375,181 @@ fn with_control_the_agent_decides_the_takeover_over_the_alink() {
     assert_eq!(st["state"], "running", "{st}");
     assert!(st["guest_pid"].as_u64().is_some(), "{st}");
 }
+
+/// A `xenft-checkpoint secondary --control` over the A-link (`--protect-epoch-ms 20`).
+fn control_secondary(
+    dir: &Path,
+    name: &str,
+    mine: &[SocketAddr],
+    theirs: &[SocketAddr],
+    hosts: (&str, &str),
+) -> (KillOnDrop, std::path::PathBuf) {
+    let ctl = dir.join(format!("{name}.ctl"));
+    let c = checkpoint_bin()
+        .args(["secondary", "--guest-binary"])
+        .arg(env!("CARGO_BIN_EXE_xenft-synthetic-guest"))
+        .args([
+            "--memory-mib",
+            "16",
+            "--protect-epoch-ms",
+            "20",
+            "--control",
+        ])
+        .arg(&ctl)
+        .args(link_args(
+            mine,
+            theirs,
+            hosts.0,
+            hosts.1,
+            &dir.join("secret"),
+        ))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+        .spawn()
+        .unwrap();
+    let c = KillOnDrop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctl.exists() {
+        assert!(Instant::now() < deadline, "{name} has no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (c, ctl)
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn committed_on(ctl: &Path) -> u64 {
+    control(ctl, "status")["committed_epoch"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// `stop` + `failover` on `ctl`: (resumed epoch, guest counter in that checkpoint).
+fn take_over(ctl: &Path) -> (u64, u64) {
+    assert_eq!(control(ctl, "stop")["ok"], true);
+    let f = control(ctl, "failover");
+    assert_eq!(f["ok"], true, "{f}");
+    let st = control(ctl, "status");
+    assert_eq!(st["state"], "running", "{st}");
+    (
+        f["epoch"].as_u64().unwrap(),
+        f["guest_counter"]
+            .as_u64()
+            .expect("a synthetic guest's counter"),
+    )
+}
+
+/// `protect` (plain: over the engine's own A-link) until accepted; the accepting reply.
+fn protect_over_alink(ctl: &Path) -> Value {
+    let mut last = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        last = control(ctl, "protect");
+        if last["ok"] == true {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("protect over the A-link never accepted: {last}");
+}
+
+#[test]
+fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survives_a_second_takeover(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("secret"), b"a pool secret of more than 16 bytes").unwrap();
+    let addrs = free_addrs(4);
+    let (a_addrs, b_addrs) = (&addrs[..2], &addrs[2..]);
+    let guest = env!("CARGO_BIN_EXE_xenft-synthetic-guest");
+
+    // Host A protects its guest toward host B (agent-driven secondary).
+    let (mut b, b_ctl) = control_secondary(d, "b", b_addrs, a_addrs, ("h2", "h1"));
+    let mut a = KillOnDrop(
+        checkpoint_bin()
+            .args(["primary", "--guest-binary", guest, "--memory-mib", "16"])
+            .args(["--epoch-ms", "20", "--seed", "7"])
+            .args(link_args(a_addrs, b_addrs, "h1", "h2", &d.join("secret")))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("a.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("B's first checkpoints", 30, || committed_on(&b_ctl) >= 3);
+
+    // A dies; B takes over.
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let (_, b_resumed) = take_over(&b_ctl);
+    let pid = control(&b_ctl, "status")["guest_pid"].as_u64().unwrap();
+    // Nobody to protect toward yet: refused, the guest runs on.
+    let r = control(&b_ctl, "protect");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("no live path"), "{r}");
+    assert_eq!(control(&b_ctl, "status")["state"], "running");
+
+    // A returns with a fresh secondary on the same A-link; B protects toward it.
+    let (a2, a2_ctl) = control_secondary(d, "a2", a_addrs, b_addrs, ("h1", "h2"));
+    let p = protect_over_alink(&b_ctl);
+    assert_eq!(p["peer"], "alink:h1", "{p}");
+    assert_eq!(control(&b_ctl, "protect alink")["already"], true);
+    wait_for("A2's committed checkpoints", 30, || {
+        committed_on(&a2_ctl) > 3
+    });
+    let st = control(&b_ctl, "status");
+    assert_eq!(st["state"], "protecting", "{st}");
+    assert_eq!(st["primary"]["phase"], "protected", "{st}");
+    assert_eq!(st["guest_pid"].as_u64(), Some(pid), "{st}");
+
+    // `unprotect` ends it (the guest runs on); the same secondary process is not reused.
+    let u = control(&b_ctl, "unprotect");
+    assert_eq!(u["ok"], true, "{u}");
+    let st = control(&b_ctl, "status");
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(st["last_error"].is_null(), "{st}");
+    let again = control(&b_ctl, "protect");
+    assert_eq!(again["ok"], false, "{again}");
+    assert!(
+        again["error"].as_str().unwrap().contains("fresh"),
+        "{again}"
+    );
+    drop(a2);
+
+    // A fresh secondary again: protected, and A's replica keeps committing.
+    let (_a3, a3_ctl) = control_secondary(d, "a3", a_addrs, b_addrs, ("h1", "h2"));
+    protect_over_alink(&b_ctl);
+    wait_for("A3's committed checkpoints", 30, || {
+        committed_on(&a3_ctl) > 3
+    });
+    wait_for("B protected", 10, || {
+        control(&b_ctl, "status")["primary"]["phase"] == "protected"
+    });
+    let st = control(&b_ctl, "status");
+    let (taken, counter) = (
+        st["primary"]["epoch"].as_u64().unwrap(),
+        st["primary"]["guest_counter"].as_u64().unwrap(),
+    );
+    assert!(counter >= b_resumed, "{st}");
+    // A3 holds a checkpoint later than the one whose counter B reported.
+    wait_for("A3 past B's reported checkpoint", 20, || {
+        committed_on(&a3_ctl) >= taken + 5
+    });
+
+    // B dies; A3 takes over: the guest continues from a checkpoint, its counter never back.
+    b.0.kill().unwrap();
+    b.0.wait().unwrap();
+    let (epoch, a_resumed) = take_over(&a3_ctl);
+    assert!(epoch >= taken + 5, "resumed from {epoch}, B took {taken}");
+    assert!(
+        a_resumed >= counter && a_resumed > b_resumed,
+        "the guest went back: A resumed at {a_resumed}, B had {counter} (resumed at {b_resumed})"
+    );
+    let st = control(&a3_ctl, "status");
+    assert!(st["guest_pid"].as_u64().is_some(), "{st}");
+}

@@ -170,6 +170,9 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
         assert_eq!(st["guest_pid"].as_u64(), Some(pid));
         assert!(alive(pid), "{bad} killed the guest");
     }
+    // Without a socket, `protect` means the engine's own A-link, which this one has not.
+    let r = control(&b_ctl, "protect").unwrap();
+    assert!(r["error"].as_str().unwrap().contains("no A-link"), "{r}");
 
     // Act: C (the returning host) listens; B protects its running guest toward it.
     let (mut c, c_sock, c_ctl) = secondary(d, "c", &[]);

@@ -19,9 +19,10 @@
 //! VM's disk epochs on its blkback primary and output epochs on its relay (the engine's
 //! `CommitSink`); `secondary --control C` leaves the take-over to the agent (`status`, `stop`
 //! = freeze at the last committed checkpoint, `failover` = resume from it). After `failover`,
-//! `protect <socket>` protects the resumed guest toward a fresh secondary (the old primary's
-//! host, returned) as `primary` does — level-3 re-protection — and `unprotect` ends it; the
-//! guest keeps running whatever happens to the protection.
+//! `protect <socket>` (Unix socket) or `protect` / `protect alink` (over this process's own
+//! A-link, toward a fresh `secondary` the returning host started with the mirrored A-link
+//! options) protects the resumed guest as `primary` does — level-3 re-protection — and
+//! `unprotect` ends it; the guest keeps running whatever happens to the protection.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use xenft_alink::cli::AlinkArgs;
 use xenft_alink::{Link, LinkConfig};
+use xenft_checkpoint::alink::{CheckpointChannel, Cut};
 use xenft_checkpoint::domain::{Domain, DomainError, VcpuContext};
 use xenft_checkpoint::engine::commit::{CommitSink, RecordingSink};
 use xenft_checkpoint::engine::primary::{
@@ -328,6 +330,8 @@ impl Domain for Guest {
 /// the link.
 struct LinkHold {
     link: Link,
+    /// The link's checkpoint channel, for each engine run on it.
+    channel: CheckpointChannel,
     /// No live path this long after a commit: the primary is gone (secondary).
     path_timeout: Duration,
     _rt: tokio::runtime::Runtime,
@@ -338,11 +342,13 @@ fn alink_endpoint(cfg: LinkConfig, wait: Option<Duration>) -> anyhow::Result<(En
     let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
     let path_timeout = cfg.path_timeout;
     let link = start_link(&rt, cfg, wait)?;
-    let ep = xenft_checkpoint::alink::endpoint(&link, rt.handle().clone())?;
+    let channel = CheckpointChannel::new(&link, rt.handle().clone())?;
+    let (ep, _) = channel.endpoint();
     Ok((
         ep,
         LinkHold {
             link,
+            channel,
             path_timeout,
             _rt: rt,
         },
@@ -895,13 +901,51 @@ struct Reprotection {
     counter: Arc<AtomicU64>,
     /// The relay to put back in pass-through when protection ends.
     relay: Option<PathBuf>,
-    /// A handle on the link, to cut it when protection must end now (`unprotect`).
-    link: UnixStream,
-    /// The secondary's socket.
-    peer: PathBuf,
+    /// A handle on the channel, to cut it when protection must end now (`unprotect`).
+    link: PeerCut,
+    /// Where the secondary is.
+    peer: Peer,
+    /// Over the A-link: the judgement that the secondary is gone (no live path for the path
+    /// timeout), which ends protection as `primary` does.
+    loss: Option<PeerLoss>,
     /// The checkpoint the guest resumed from at take-over.
     resumed_epoch: u64,
     guest_pid: Option<u32>,
+}
+
+/// Where `protect` sends the checkpoints.
+#[derive(Clone, PartialEq, Eq)]
+enum Peer {
+    /// A `secondary --listen` Unix socket.
+    Socket(PathBuf),
+    /// The returning host's fresh secondary over this process's own A-link (its peer host).
+    Alink(String),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Socket(p) => write!(f, "{}", p.display()),
+            Peer::Alink(host) => write!(f, "alink:{host}"),
+        }
+    }
+}
+
+/// Ends a protection's channel now.
+enum PeerCut {
+    Socket(UnixStream),
+    Alink(Cut),
+}
+
+impl PeerCut {
+    fn cut(&self) {
+        match self {
+            PeerCut::Socket(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            PeerCut::Alink(c) => c.cut(),
+        }
+    }
 }
 
 /// Longest control request line.
@@ -912,8 +956,12 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Why a `protect` request is refused (the guest keeps running in every case).
 #[derive(Debug, thiserror::Error)]
 enum ProtectError {
-    #[error("protect needs the secondary's socket: protect <absolute path>")]
-    MissingPeer,
+    #[error("this secondary has no A-link (it listens on a Unix socket): protect <absolute path of the returning host's secondary socket>")]
+    NoAlink,
+    #[error("the A-link to {0} has no live path: start the returning host's `xenft-checkpoint secondary` with the mirrored A-link options first")]
+    AlinkDown(String),
+    #[error("the peer on the A-link to {0} is still the process this host last exchanged checkpoints with: protect needs a fresh `xenft-checkpoint secondary` there")]
+    SamePeer(String),
     #[error("the secondary's socket must be an absolute path of at most {MAX_SOCKET_PATH} bytes without control characters")]
     BadPeer,
     #[error("no resumed guest to protect (state {0}): protect follows failover")]
@@ -929,14 +977,21 @@ enum ProtectError {
     Engine(String),
 }
 
-/// Parses and checks `protect`'s argument.
-fn peer_socket(arg: Option<&str>) -> Result<PathBuf, ProtectError> {
+/// Parses and checks `protect`'s argument: none or `alink` is this process's A-link (to
+/// `alink_peer`, if it has one), else a socket path.
+fn peer_of(arg: Option<&str>, alink_peer: Option<&str>) -> Result<Peer, ProtectError> {
     let a = arg.map(str::trim).filter(|a| !a.is_empty());
-    let a = a.ok_or(ProtectError::MissingPeer)?;
-    if a.len() > MAX_SOCKET_PATH || !a.starts_with('/') || a.chars().any(char::is_control) {
-        return Err(ProtectError::BadPeer);
+    match a {
+        None | Some("alink") => alink_peer
+            .map(|h| Peer::Alink(h.to_string()))
+            .ok_or(ProtectError::NoAlink),
+        Some(a) => {
+            if a.len() > MAX_SOCKET_PATH || !a.starts_with('/') || a.chars().any(char::is_control) {
+                return Err(ProtectError::BadPeer);
+            }
+            Ok(Peer::Socket(PathBuf::from(a)))
+        }
     }
-    Ok(PathBuf::from(a))
 }
 
 fn state_name(state: &Replica) -> &'static str {
@@ -954,7 +1009,7 @@ fn state_name(state: &Replica) -> &'static str {
 /// send in progress cannot hold the stop.
 fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
     if cut {
-        let _ = r.link.shutdown(std::net::Shutdown::Both);
+        r.link.cut();
     }
     let epoch = r.resumed_epoch;
     let stopped = r.protection.stop_keep_domain();
@@ -977,17 +1032,30 @@ fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
     }
 }
 
-/// A protection that ended by itself (the secondary went away) gives the guest back.
-fn refresh(state: &mut Replica) {
-    let ended = matches!(state, Replica::Protecting(r) if r.protection.is_finished());
+/// A protection that ended by itself (the secondary went away) gives the guest back. Over
+/// the A-link (`alink`), a secondary with no live path for the path timeout is gone too.
+fn refresh(state: &mut Replica, alink: Option<&LinkHold>) {
+    let mut lost = None;
+    if let (Replica::Protecting(r), Some(hold)) = (&mut *state, alink) {
+        if let Some(loss) = r.loss.as_mut() {
+            if loss.observe(Instant::now(), link_up(&hold.link), Some(0)) {
+                lost = Some(format!(
+                    "the secondary is gone: no A-link path for {:?}",
+                    hold.path_timeout
+                ));
+            }
+        }
+    }
+    let ended =
+        lost.is_some() || matches!(state, Replica::Protecting(r) if r.protection.is_finished());
     if !ended {
         return;
     }
     let Replica::Protecting(r) = std::mem::replace(state, Replica::Waiting) else {
         return;
     };
-    let why = match r.protection.status().phase {
-        Phase::Failed(why) => why,
+    let why = match (lost, r.protection.status().phase) {
+        (Some(why), _) | (None, Phase::Failed(why)) => why,
         _ => "protection ended".to_string(),
     };
     tracing::warn!(reason = %why, "protection of the resumed guest ended; the guest keeps running");
@@ -1012,33 +1080,65 @@ fn restart_disk_epochs(blkback: &std::path::Path) {
     }
 }
 
-/// `protect <socket>`: the resumed guest is protected toward a secondary at `socket`.
+/// The checkpoint channel toward `peer`, and how to cut it; over the A-link also the judge
+/// of the secondary's loss.
+fn protect_channel(
+    peer: &Peer,
+    alink: Option<&LinkHold>,
+) -> Result<(Endpoint, PeerCut, Option<PeerLoss>), ProtectError> {
+    match (peer, alink) {
+        (Peer::Socket(path), _) => {
+            let sock = UnixStream::connect(path).map_err(|source| ProtectError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let cut = sock
+                .try_clone()
+                .map_err(|e| ProtectError::Engine(e.to_string()))?;
+            let endpoint = unix_stream(sock).map_err(|e| ProtectError::Engine(e.to_string()))?;
+            Ok((endpoint, PeerCut::Socket(cut), None))
+        }
+        (Peer::Alink(host), Some(hold)) => {
+            if !link_up(&hold.link) {
+                return Err(ProtectError::AlinkDown(host.clone()));
+            }
+            // The returning host's secondary is a fresh process: a peer session this host
+            // already exchanged checkpoints with is the old primary (still alive behind a
+            // partition) or a secondary that already received a protection.
+            let now = hold.link.status().peer_session;
+            if now.is_none() || now == hold.channel.last_peer_session() {
+                return Err(ProtectError::SamePeer(host.clone()));
+            }
+            let (endpoint, cut) = hold.channel.endpoint();
+            Ok((
+                endpoint,
+                PeerCut::Alink(cut),
+                Some(PeerLoss::new(hold.path_timeout)),
+            ))
+        }
+        (Peer::Alink(_), None) => Err(ProtectError::NoAlink),
+    }
+}
+
+/// `protect [<socket>|alink]`: the resumed guest is protected toward a secondary at `socket`,
+/// or toward the peer over this process's A-link (`alink`).
 fn protect(
     state: &mut Replica,
     arg: Option<&str>,
     re: &ReprotectArgs,
+    alink: Option<&LinkHold>,
 ) -> Result<serde_json::Value, ProtectError> {
-    let peer = peer_socket(arg)?;
+    let alink_peer = alink.map(|h| h.link.status().peer_host);
+    let peer = peer_of(arg, alink_peer.as_deref())?;
     match &*state {
         Replica::Running { .. } => {}
         Replica::Protecting(r) if r.peer == peer => {
-            return Ok(serde_json::json!({"ok": true, "peer": peer, "already": true}));
+            return Ok(serde_json::json!({"ok": true, "peer": peer.to_string(), "already": true}));
         }
-        Replica::Protecting(r) => {
-            return Err(ProtectError::AlreadyProtecting(
-                r.peer.display().to_string(),
-            ))
-        }
+        Replica::Protecting(r) => return Err(ProtectError::AlreadyProtecting(r.peer.to_string())),
         other => return Err(ProtectError::NotRunning(state_name(other))),
     }
-    let sock = UnixStream::connect(&peer).map_err(|source| ProtectError::Connect {
-        path: peer.display().to_string(),
-        source,
-    })?;
-    let link = sock
-        .try_clone()
-        .map_err(|e| ProtectError::Engine(e.to_string()))?;
-    let endpoint = unix_stream(sock).map_err(|e| ProtectError::Engine(e.to_string()))?;
+    let (endpoint, link, loss) = protect_channel(&peer, alink)?;
     if let Some(b) = &re.blkback_control {
         restart_disk_epochs(b);
     }
@@ -1064,19 +1164,21 @@ fn protect(
     };
     match start_protection_keep_domain(observed, endpoint, sink, config) {
         Ok(protection) => {
-            tracing::warn!(peer = %peer.display(), "the resumed guest is protected again");
+            tracing::warn!(%peer, "the resumed guest is protected again");
             *state = Replica::Protecting(Box::new(Reprotection {
                 protection,
                 counter,
                 relay: re.netback_control.clone(),
                 link,
                 peer: peer.clone(),
+                loss,
                 resumed_epoch: epoch,
                 guest_pid,
             }));
-            Ok(serde_json::json!({"ok": true, "peer": peer}))
+            Ok(serde_json::json!({"ok": true, "peer": peer.to_string()}))
         }
         Err((domain, e)) => {
+            link.cut();
             let why = e.to_string();
             *state = match domain {
                 Some(domain) => Replica::Running {
@@ -1101,11 +1203,19 @@ fn protect(
 /// - `stop` → stops receiving (a partly received epoch is discarded) and freezes the replica at
 ///   its last committed checkpoint: `{"ok":true,"committed_epoch":N|null}` (the agent commits
 ///   the disk epochs up to N before resuming);
-/// - `failover` → resumes the replica from that checkpoint: `{"ok":true,"epoch":N}`;
+/// - `failover` → resumes the replica from that checkpoint: `{"ok":true,"epoch":N,
+///   "guest_counter":C|null}` (a synthetic guest's workload counter in that checkpoint);
 /// - `protect <socket>` (after `failover`) → protects the running guest toward a fresh
 ///   `xenft-checkpoint secondary --listen <socket>` (the returning host), stamping this
 ///   host's shims as `primary` does (`--blkback-control`, `--netback-control`); a failure is
 ///   reported and the guest keeps running;
+/// - `protect` or `protect alink` (after `failover`, this secondary runs over an A-link) →
+///   the same toward the peer over this process's A-link, where the returning host runs a
+///   fresh `xenft-checkpoint secondary` with the mirrored A-link options. Refused while no
+///   path is up, or while the peer is still the process this one last exchanged checkpoints
+///   with (the old primary, or a secondary that already received): the agent retries. The
+///   peer counts as gone, and protection ends, after the path timeout without a live path.
+///   On a Unix-socket secondary it is an error naming the socket form;
 /// - `unprotect` → ends that protection; the guest keeps running.
 ///
 /// `stop`, `failover`, `protect` (same socket) and `unprotect` are idempotent. One JSON line per
@@ -1120,10 +1230,13 @@ fn control_mode(
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::Mutex;
     let state = Arc::new(Mutex::new(Replica::Waiting));
+    // The A-link, once started (after the control socket listens): `protect` reuses it.
+    let alink: Arc<std::sync::OnceLock<LinkHold>> = Arc::default();
     let _ = std::fs::remove_file(control);
     let cl =
         UnixListener::bind(control).with_context(|| format!("binding {}", control.display()))?;
     let st = Arc::clone(&state);
+    let al = Arc::clone(&alink);
     std::thread::spawn(move || {
         for conn in cl.incoming() {
             let Ok(conn) = conn else { continue };
@@ -1145,7 +1258,7 @@ fn control_mode(
                 let reply = match std::str::from_utf8(&buf) {
                     Ok(line) if buf.last() == Some(&b'\n') => {
                         let mut g = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        control_command(&mut g, line.trim(), &reprotect)
+                        control_command(&mut g, line.trim(), &reprotect, al.get())
                     }
                     _ => serde_json::json!({"ok": false, "error": "bad request line"}),
                 };
@@ -1158,12 +1271,19 @@ fn control_mode(
     // A protection that ends by itself (the secondary died) is noticed without waiting for a
     // request: the guest is taken back and the relay stops holding its output.
     let st = Arc::clone(&state);
+    let al = Arc::clone(&alink);
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(100));
-        refresh(&mut st.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        refresh(
+            &mut st.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            al.get(),
+        );
     });
     let replica = kind.replica()?;
-    let (endpoint, _link) = secondary_endpoint(listen, link_cfg)?;
+    let (endpoint, hold) = secondary_endpoint(listen, link_cfg)?;
+    if let Some(hold) = hold {
+        let _ = alink.set(hold);
+    }
     let sec = start_secondary(replica, endpoint, SecondaryConfig::default())?;
     *state
         .lock()
@@ -1173,10 +1293,15 @@ fn control_mode(
     }
 }
 
-fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde_json::Value {
+fn control_command(
+    state: &mut Replica,
+    line: &str,
+    re: &ReprotectArgs,
+    alink: Option<&LinkHold>,
+) -> serde_json::Value {
     use serde_json::json;
     let fail = |e: &str| json!({"ok": false, "error": e});
-    refresh(state);
+    refresh(state, alink);
     let (verb, arg) = match line.split_once(' ') {
         Some((v, a)) => (v, Some(a)),
         None => (line, None),
@@ -1224,7 +1349,7 @@ fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde
                         "pause_p99_ms": s.pause.p99,
                         "pause_max_ms": s.pause.max,
                         "guest_counter": r.counter.load(Ordering::Relaxed),
-                        "peer": r.peer,
+                        "peer": r.peer.to_string(),
                     });
                 }
                 Replica::Waiting | Replica::Stopped(_) => {}
@@ -1267,15 +1392,26 @@ fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde
                     return fail("the replica failed before");
                 }
             };
-            match stopped.and_then(StoppedSecondary::failover) {
-                Ok((domain, epoch)) => {
+            // A synthetic guest's workload counter in that checkpoint: where it resumes.
+            let counter = |s: &mut StoppedSecondary<Guest>| {
+                let ctx = s.committed().map(|(_, c)| c.0.clone())?;
+                matches!(s.domain_mut(), Guest::Local(_))
+                    .then(|| WorkloadState::decode(&ctx).ok().map(|w| w.counter))
+                    .flatten()
+            };
+            let resumed = stopped.and_then(|mut s| {
+                let c = counter(&mut s);
+                s.failover().map(|r| (r, c))
+            });
+            match resumed {
+                Ok(((domain, epoch), guest_counter)) => {
                     tracing::warn!(epoch, "failover: the replica runs from its last checkpoint");
                     *state = Replica::Running {
                         domain,
                         epoch,
                         last_error: None,
                     };
-                    json!({"ok": true, "epoch": epoch})
+                    json!({"ok": true, "epoch": epoch, "guest_counter": guest_counter})
                 }
                 Err(e) => {
                     let why = e.to_string();
@@ -1284,7 +1420,7 @@ fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde
                 }
             }
         }
-        ("protect", arg) => match protect(state, arg, re) {
+        ("protect", arg) => match protect(state, arg, re, alink) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "protect refused; the guest keeps running");
@@ -1316,6 +1452,6 @@ fn control_command(state: &mut Replica, line: &str, re: &ReprotectArgs) -> serde
                 )),
             }
         }
-        _ => fail("unknown command (status, stop, failover, protect <socket>, unprotect)"),
+        _ => fail("unknown command (status, stop, failover, protect [<socket>|alink], unprotect)"),
     }
 }
