@@ -2,7 +2,9 @@
 //! 127.0.0.1: the secondary fails over by itself once the SIGKILLed primary's link has been
 //! dead for the path timeout, from a checkpoint at least as recent as the last one the
 //! primary released; the primary ends protection the same way when the secondary is killed;
-//! and the A-link / Xen argument errors are clear and never panic.
+//! after an agent-driven take-over, `protect` re-protects the resumed guest over the same
+//! A-link toward the returning host's fresh secondary, which can take over in turn; and the
+//! A-link / Xen argument errors are clear and never panic.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -494,7 +496,25 @@ fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survive
     assert!(r["error"].as_str().unwrap().contains("no live path"), "{r}");
     assert_eq!(control(&b_ctl, "status")["state"], "running");
 
-    // A returns with a fresh secondary on the same A-link; B protects toward it.
+    // A returns with a fresh secondary; B protects toward it; that secondary dies: B notices
+    // (the path timeout) and keeps its guest running.
+    let (a1, a1_ctl) = control_secondary(d, "a1", a_addrs, b_addrs, ("h1", "h2"));
+    protect_over_alink(&b_ctl);
+    wait_for("A1's committed checkpoints", 30, || {
+        committed_on(&a1_ctl) > 1
+    });
+    drop(a1);
+    wait_for("B to notice the lost secondary", 15, || {
+        let st = control(&b_ctl, "status");
+        st["state"] == "running" && !st["last_error"].is_null()
+    });
+    assert_eq!(
+        control(&b_ctl, "status")["guest_pid"].as_u64(),
+        Some(pid),
+        "same guest"
+    );
+
+    // Again with a fresh secondary: protected.
     let (a2, a2_ctl) = control_secondary(d, "a2", a_addrs, b_addrs, ("h1", "h2"));
     let p = protect_over_alink(&b_ctl);
     assert_eq!(p["peer"], "alink:h1", "{p}");
