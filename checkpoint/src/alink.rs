@@ -181,6 +181,12 @@ impl CheckpointChannel {
         *self.heard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Notes `session` as the peer the latest run talks to, before it heard anything (a
+    /// primary run toward a known peer: that peer is then not a fresh secondary any more).
+    pub fn note_peer_session(&self, session: Option<u64>) {
+        *self.heard.lock().unwrap_or_else(PoisonError::into_inner) = session;
+    }
+
     /// The link.
     #[must_use]
     pub fn link(&self) -> &Link {

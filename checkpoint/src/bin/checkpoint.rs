@@ -1110,6 +1110,8 @@ fn protect_channel(
                 return Err(ProtectError::SamePeer(host.clone()));
             }
             let (endpoint, cut) = hold.channel.endpoint();
+            // Once streamed to, that secondary is not fresh any more (whatever happens next).
+            hold.channel.note_peer_session(now);
             Ok((
                 endpoint,
                 PeerCut::Alink(cut),
@@ -1198,7 +1200,8 @@ fn protect(
 ///   "committed_epoch":N|null,"applied_epochs":..,"rejected_epochs":..,"primary_gone":..}`;
 ///   once resumed also `"guest_pid"`, and while protecting `"primary":{"phase","reason",
 ///   "epoch","committed_epoch","checkpoints","pause_p99_ms","pause_max_ms","guest_counter"
-///   (the guest's workload counter at the last checkpoint),"peer"}`; after a
+///   (the guest's workload counter at the last checkpoint),"peer" (the socket, or
+///   `alink:<peer host>`)}`; after a
 ///   failed protection `"last_error"`;
 /// - `stop` → stops receiving (a partly received epoch is discarded) and freezes the replica at
 ///   its last committed checkpoint: `{"ok":true,"committed_epoch":N|null}` (the agent commits
