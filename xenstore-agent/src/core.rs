@@ -1571,6 +1571,16 @@ impl HostCore {
                 FaultClass::PeerSilent,
                 "the local replica is not consistent (sync was not complete)".to_string(),
             ))
+        } else if v.rec.phase == Phase::Unprotected {
+            // Level 1 has no replica to be inconsistent, but a primary never heard reporting
+            // the VM protected may simply not run its agent yet (both hosts booting, the
+            // agent installed on this host first): restarting here could run a second copy.
+            Some((
+                FaultClass::PeerSilent,
+                "protection was never established: the primary was never heard reporting the \
+                 VM protected"
+                    .to_string(),
+            ))
         } else if !self.memory_ok(v) {
             Some((
                 FaultClass::LackOfResources,
@@ -1883,6 +1893,26 @@ mod tests {
         assert!(r
             .decisions()
             .contains(&(FaultClass::PeerSilent, Action::FailOver)));
+    }
+
+    /// Found in the nested Xen lab: host 2's agent came up first, never heard host 1's
+    /// agent (still starting) and restarted a level-1 VM that was running on host 1.
+    #[test]
+    fn level_one_vm_never_reported_protected_is_not_restarted_by_the_reserved_host() {
+        let mut rec = rec(Phase::Unprotected, true);
+        rec.level = Level::L1;
+        let mut r = Rig::new(cfg("h2", 0), vec![rec], &[]);
+        r.run(1000, &[], None);
+        assert!(
+            !r.commands()
+                .iter()
+                .any(|c| matches!(c, Command::StartVm { .. })),
+            "restarted a VM whose primary was never heard: {:?}",
+            r.commands()
+        );
+        assert!(r
+            .decisions()
+            .contains(&(FaultClass::PeerSilent, Action::Refuse)));
     }
 
     #[test]
