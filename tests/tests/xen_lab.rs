@@ -5,7 +5,7 @@
 //! `XENFT_XEN_LAB=1` does not ask to build them, or when the machine lacks the memory (each
 //! nested host takes ~2.1 GB). With `XENFT_XEN_LAB=1` a missing image is built first
 //! (`scripts/xen-lab build`, ~3 min from scratch). The two-host tests (checkpoint ~3.5 min,
-//! mirror ~1.5 min, vif ~1 min) only run with `XENFT_XEN_LAB=1`; xenstore (~30 s) and domain (~45 s) run
+//! mirror ~1.5 min, vif ~1 min, ha ~1 min) only run with `XENFT_XEN_LAB=1`; xenstore (~30 s) and domain (~45 s) run
 //! whenever the images are there.
 
 use std::path::{Path, PathBuf};
@@ -128,4 +128,12 @@ fn guest_disk_through_qdisk_is_mirrored_and_survives_the_primary_host() {
 #[test]
 fn guest_vif_traffic_goes_through_our_netback_relay() {
     run_lab("vif", 2, true);
+}
+
+/// Level 1 run by the product's agent on both dom0s (real xenstored): the guest runs on host
+/// 1, protected; host 1's QEMU killed: host 2's agent restarts it with `xl create` and
+/// records it on h2.
+#[test]
+fn agent_restarts_a_level1_guest_on_the_reserved_host() {
+    run_lab("ha", 2, true);
 }
