@@ -109,6 +109,34 @@ impl Line {
         Ok(Line { vm, host, client })
     }
 
+    /// Like [`Line::new`] but without the VM and its vif (`vif0`): the domain is not running
+    /// yet. [`Line::add_vif`] creates them.
+    pub fn without_vif() -> R<Line> {
+        let vm = Netns::new()?;
+        let host = Netns::new()?;
+        let client = Netns::new()?;
+        for ns in [&vm, &host, &client] {
+            no_ipv6(ns)?;
+        }
+        bare_veth(&host, "up0", &client, "eth0")?;
+        setup_client(&client)?;
+        Ok(Line { vm, host, client })
+    }
+
+    /// Creates the vif (`vif0` in the host, `eth0` in the VM) with the VM's MAC and address,
+    /// as a domain start does, and the static neighbour entries.
+    pub fn add_vif(&self) -> R<()> {
+        bare_veth(&self.vm, "eth0", &self.host, "vif0")?;
+        setup_vm(&self.vm)?;
+        self.static_neighbours()
+    }
+
+    /// Removes the vif (both ends), as a domain destroy does.
+    pub fn del_vif(&self) -> R<()> {
+        self.host.ip(&["link", "del", "vif0"])?;
+        Ok(())
+    }
+
     /// Static neighbour entries both ways, so no ARP exchange is needed.
     pub fn static_neighbours(&self) -> R<()> {
         self.vm.ip(&[
