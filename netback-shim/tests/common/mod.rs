@@ -95,18 +95,9 @@ pub struct Line {
 
 impl Line {
     pub fn new() -> R<Line> {
-        let vm = Netns::new()?;
-        let host = Netns::new()?;
-        let client = Netns::new()?;
-        // No IPv6 autoconfiguration: the tests count the VM's frames exactly.
-        for ns in [&vm, &host, &client] {
-            no_ipv6(ns)?;
-        }
-        bare_veth(&vm, "eth0", &host, "vif0")?;
-        bare_veth(&host, "up0", &client, "eth0")?;
-        setup_vm(&vm)?;
-        setup_client(&client)?;
-        Ok(Line { vm, host, client })
+        let line = Line::without_vif()?;
+        line.create_vif()?;
+        Ok(line)
     }
 
     /// Like [`Line::new`] but without the VM and its vif (`vif0`): the domain is not running
@@ -115,6 +106,7 @@ impl Line {
         let vm = Netns::new()?;
         let host = Netns::new()?;
         let client = Netns::new()?;
+        // No IPv6 autoconfiguration: the tests count the VM's frames exactly.
         for ns in [&vm, &host, &client] {
             no_ipv6(ns)?;
         }
@@ -126,9 +118,13 @@ impl Line {
     /// Creates the vif (`vif0` in the host, `eth0` in the VM) with the VM's MAC and address,
     /// as a domain start does, and the static neighbour entries.
     pub fn add_vif(&self) -> R<()> {
-        bare_veth(&self.vm, "eth0", &self.host, "vif0")?;
-        setup_vm(&self.vm)?;
+        self.create_vif()?;
         self.static_neighbours()
+    }
+
+    fn create_vif(&self) -> R<()> {
+        bare_veth(&self.vm, "eth0", &self.host, "vif0")?;
+        setup_vm(&self.vm)
     }
 
     /// Removes the vif (both ends), as a domain destroy does.
