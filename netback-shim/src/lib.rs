@@ -42,6 +42,17 @@
 //! that transmits completes the frame. Offloads can stay on, on the vif and on the uplink;
 //! plain frames above MTU + 18 bytes are refused and counted as `oversize`.
 //!
+//! ## The vif comes and goes
+//! The vif exists only while the domain runs: `vif<domid>.<n>`, or a fixed name given with
+//! `vifname=` in the xl config (which the relay's `--vif` then names). The relay does not need
+//! it to start: on a secondary host it runs, and answers `takeover`, before the domain is
+//! started there. Its monitor polls `if_nametoindex` every 50 ms and binds the vif as soon as
+//! the interface appears; when it disappears (name gone, or a new ifindex after a domain
+//! restart) the socket is dropped and the relay waits for the next one. Meanwhile frames for
+//! the VM are dropped and counted as `dropped.vif_absent`; the uplink side, announcements and
+//! the redirect are unaffected. [`Counters`] say `vif_bound`, `vif_ifindex`, `vif_binds` and
+//! `vif_losses`.
+//!
 //! ## Uplink failure and redirect
 //! The relay polls the uplink every 50 ms through its own socket (`SIOCGIFFLAGS`: up and
 //! running), which answers for the socket's network namespace — `/sys/class/net` would show

@@ -6,7 +6,9 @@
 //! ```
 //! With `--alink-host/--alink-peer/--alink-secret-file/--alink-path LOCAL=PEER` the relay gets
 //! an A-link of its own to the peer host's shim and redirects the VM's frames over it when the
-//! uplink fails. Stops on SIGTERM or SIGINT.
+//! uplink fails. The vif need not exist at start: it is bound when it appears and again after
+//! each domain restart (use `vifname=` in the xl config for a fixed name). Stops on SIGTERM or
+//! SIGINT.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +32,9 @@ enum ModeArg {
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The VM's interface (vif).
+    /// The VM's interface (vif). It may not exist yet and may come and go (the domain is
+    /// started later or restarted): the relay binds it whenever an interface of this name
+    /// exists. `vifname=` in the xl config gives the vif a fixed name.
     #[arg(long)]
     vif: String,
     /// The uplink interface.

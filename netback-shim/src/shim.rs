@@ -6,7 +6,8 @@
 //!   tunnelled (redirect) or dropped (standby);
 //! - `uplink-rx`: frames from the uplink → for the VM's MAC or a group address → vif, or the
 //!   tunnel when this shim carries the peer's traffic;
-//! - `monitor`: polls the uplink's carrier and starts/stops the redirect.
+//! - `monitor`: polls the uplink's carrier and starts/stops the redirect, and binds the vif
+//!   when an interface of its name appears (drops the socket when it goes or is replaced).
 //!
 //! All state sits behind one mutex; frames for the uplink are sent while holding it, which
 //! keeps the order "released frames of epoch N, then anything newer" without a second queue.
@@ -152,6 +153,10 @@ pub struct Drops {
     pub send_failed: u64,
     /// The VM's frames had to leave by the tunnel but no tunnel is configured.
     pub no_tunnel: u64,
+    /// Frames for the VM that arrived while its vif did not exist (domain not running yet,
+    /// or being restarted).
+    #[serde(default)]
+    pub vif_absent: u64,
 }
 
 /// Why the VM's frames are redirected.
@@ -237,6 +242,18 @@ pub struct Counters {
     pub announcements_sent: u64,
     /// Dropped frames by reason.
     pub dropped: Drops,
+    /// A socket is bound to the vif now (false while the interface does not exist).
+    #[serde(default)]
+    pub vif_bound: bool,
+    /// The interface index the vif socket is bound to (`None` while unbound).
+    #[serde(default)]
+    pub vif_ifindex: Option<i32>,
+    /// Times the vif was bound (1 after a start with the vif present; +1 per reappearance).
+    #[serde(default)]
+    pub vif_binds: u64,
+    /// Times the bound vif disappeared (removed, or replaced under the same name).
+    #[serde(default)]
+    pub vif_losses: u64,
     /// Redirect state.
     pub redirect: RedirectStatus,
     /// IPv4 addresses learned from the VM's traffic (or given by the agent).
@@ -285,7 +302,12 @@ struct State {
 
 struct Inner {
     cfg: ShimConfig,
-    vif: PacketSocket,
+    /// The socket on the vif while the interface exists. Taken (an `Arc` clone) for each
+    /// receive or send; replaced by the monitor when the interface comes and goes. Never held
+    /// while taking `state`.
+    vif: Mutex<Option<Arc<PacketSocket>>>,
+    /// Binding the (existing) vif failed at the last try: logged once, until it succeeds.
+    vif_open_failed: AtomicBool,
     uplink: PacketSocket,
     state: Mutex<State>,
     space: Condvar,
@@ -339,7 +361,98 @@ fn wire_len(packet: &[u8]) -> u64 {
     packet.len().saturating_sub(frame::VNET_HDR_LEN) as u64
 }
 
+/// Opens a relay socket (offload headers, receive timeout) on `ifname`.
+fn open_relay_socket(role: &'static str, ifname: &str) -> Result<PacketSocket, ShimError> {
+    let err = |source| ShimError::Open {
+        role,
+        ifname: ifname.to_string(),
+        source,
+    };
+    let s = PacketSocket::open_vnet(ifname).map_err(err)?;
+    s.set_recv_timeout(RECV_TIMEOUT).map_err(err)?;
+    Ok(s)
+}
+
+/// The index of the interface called `ifname` in the calling thread's network namespace, if
+/// one exists.
+fn current_ifindex(ifname: &str) -> Option<i32> {
+    nix::net::if_::if_nametoindex(ifname)
+        .ok()
+        .and_then(|i| i32::try_from(i).ok())
+}
+
+/// An error of a socket whose interface may have gone (removed, or its domain destroyed).
+fn interface_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENXIO | libc::ENETDOWN | libc::ENODEV)
+    )
+}
+
 impl Inner {
+    /// The vif socket, while the interface exists.
+    fn vif_socket(&self) -> Option<Arc<PacketSocket>> {
+        self.vif
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Compares the vif socket with the interface that has the vif's name now: drops a socket
+    /// whose interface is gone or was replaced (new ifindex), and binds one when the interface
+    /// exists and none is bound. Called by the monitor at each poll, and by the forwarding
+    /// threads when the vif socket fails; never with the state lock held.
+    fn check_vif(&self) {
+        let now = current_ifindex(&self.cfg.vif);
+        let mut slot = self
+            .vif
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut lost = None;
+        if let Some(s) = slot.as_ref() {
+            if now != Some(s.ifindex()) {
+                lost = Some(s.ifindex());
+                *slot = None;
+            }
+        }
+        let mut bound = None;
+        let mut open_error = None;
+        if slot.is_none() && now.is_some() {
+            match open_relay_socket("vif", &self.cfg.vif) {
+                Ok(s) => {
+                    bound = Some(s.ifindex());
+                    *slot = Some(Arc::new(s));
+                }
+                Err(e) => open_error = Some(e),
+            }
+        }
+        drop(slot);
+        if let Some(old) = lost {
+            tracing::warn!(vif = %self.cfg.vif, ifindex = old, "vif gone: frames for the VM are dropped until it is back");
+        }
+        if let Some(e) = open_error {
+            // Retried at the next poll (the interface may be half set up, or just removed).
+            if !self.vif_open_failed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "cannot bind the vif yet");
+            }
+        }
+        if let Some(index) = bound {
+            self.vif_open_failed.store(false, Ordering::Relaxed);
+            tracing::info!(vif = %self.cfg.vif, ifindex = index, "vif bound");
+        }
+        if lost.is_some() || bound.is_some() {
+            let mut st = self.lock();
+            if lost.is_some() {
+                st.c.vif_losses += 1;
+            }
+            if bound.is_some() {
+                st.c.vif_binds += 1;
+            }
+            st.c.vif_bound = bound.is_some();
+            st.c.vif_ifindex = bound;
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the counters inconsistent in a way that
         // matters more than stopping the relay would; keep going with the inner value.
@@ -434,9 +547,23 @@ impl Inner {
         self.enter_realtime();
         let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
         while !self.stop.load(Ordering::Relaxed) {
-            match self.vif.recv_batch(&mut batch) {
+            let Some(vif) = self.vif_socket() else {
+                // No vif, no frames from the VM: wait for the monitor to bind it.
+                std::thread::sleep(self.cfg.monitor_interval.min(RECV_TIMEOUT));
+                continue;
+            };
+            let got = vif.recv_batch(&mut batch);
+            drop(vif);
+            match got {
                 Ok(0) => continue,
                 Ok(_) => {}
+                Err(e) if interface_gone(&e) => {
+                    // Removed, or down: drops the socket only when the interface is gone.
+                    tracing::debug!(error = %e, vif = %self.cfg.vif, "vif receive failed");
+                    self.check_vif();
+                    std::thread::sleep(self.cfg.monitor_interval.min(RECV_TIMEOUT));
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, vif = %self.cfg.vif, "vif receive failed");
                     std::thread::sleep(RECV_TIMEOUT);
@@ -606,11 +733,28 @@ impl Inner {
             if to_vm.is_empty() {
                 continue;
             }
-            let sent = self.vif.send_batch(&to_vm).unwrap_or(0);
+            let Some(vif) = self.vif_socket() else {
+                self.lock().c.dropped.vif_absent += to_vm.len() as u64;
+                continue;
+            };
+            let (sent, absent) = match vif.send_batch(&to_vm) {
+                Ok(n) => (n, false),
+                Err(e) if interface_gone(&e) => {
+                    drop(vif);
+                    self.check_vif();
+                    (0, self.vif_socket().is_none())
+                }
+                Err(_) => (0, false),
+            };
             let mut st = self.lock();
             st.c.to_vm_frames += sent as u64;
             st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
-            st.c.dropped.send_failed += (to_vm.len() - sent) as u64;
+            let failed = (to_vm.len() - sent) as u64;
+            if absent {
+                st.c.dropped.vif_absent += failed;
+            } else {
+                st.c.dropped.send_failed += failed;
+            }
         }
     }
 
@@ -664,6 +808,7 @@ impl Inner {
             last_tx: Instant::now(),
         };
         while !self.stop.load(Ordering::Relaxed) {
+            self.check_vif();
             let up = self.uplink.link_up().unwrap_or(false);
             let mut st = self.lock();
             self.monitor_step(&mut st, &mut m, up);
@@ -843,7 +988,11 @@ impl Inner {
                     return;
                 }
                 st.c.tunnel_in_frames += 1;
-                match self.vif.send(&f) {
+                let Some(vif) = self.vif_socket() else {
+                    st.c.dropped.vif_absent += 1;
+                    return;
+                };
+                match vif.send(&f) {
                     Ok(()) => {
                         st.c.to_vm_frames += 1;
                         st.c.to_vm_bytes += wire_len(&f);
@@ -876,22 +1025,24 @@ impl Shim {
                 "vif and uplink are the same interface".into(),
             ));
         }
-        let open = |role: &'static str, ifname: &str| {
-            let s = PacketSocket::open_vnet(ifname).map_err(|source| ShimError::Open {
-                role,
-                ifname: ifname.to_string(),
-                source,
-            })?;
-            s.set_recv_timeout(RECV_TIMEOUT)
-                .map_err(|source| ShimError::Open {
-                    role,
-                    ifname: ifname.to_string(),
-                    source,
-                })?;
-            Ok::<_, ShimError>(s)
+        if cfg.vif.is_empty() || cfg.vif.len() >= libc::IFNAMSIZ || cfg.vif.contains('\0') {
+            return Err(ShimError::Config(format!(
+                "vif name {:?} must be 1..=15 bytes without NUL",
+                cfg.vif
+            )));
+        }
+        // The vif may not exist yet (the domain is started later, on a secondary after the
+        // takeover): the monitor binds it when it appears.
+        let vif = match open_relay_socket("vif", &cfg.vif) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(ShimError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                tracing::info!(vif = %cfg.vif, "vif does not exist yet: waiting for it");
+                None
+            }
+            Err(e) => return Err(e),
         };
-        let vif = open("vif", &cfg.vif)?;
-        let uplink = open("uplink", &cfg.uplink)?;
+        let vif_ifindex = vif.as_ref().map(|s| s.ifindex());
+        let uplink = open_relay_socket("uplink", &cfg.uplink)?;
         let uplink_up = uplink.link_up().unwrap_or(false);
         let buffer = EpochBuffer::new(cfg.buffer_limit);
         let c = Counters {
@@ -919,6 +1070,10 @@ impl Shim {
             overflow_stalls: 0,
             announcements_sent: 0,
             dropped: Drops::default(),
+            vif_bound: vif_ifindex.is_some(),
+            vif_ifindex,
+            vif_binds: u64::from(vif_ifindex.is_some()),
+            vif_losses: 0,
             redirect: RedirectStatus {
                 uplink_up,
                 ..RedirectStatus::default()
@@ -940,7 +1095,8 @@ impl Shim {
                 c,
             }),
             cfg,
-            vif,
+            vif: Mutex::new(vif),
+            vif_open_failed: AtomicBool::new(false),
             uplink,
             space: Condvar::new(),
             stop: AtomicBool::new(false),

@@ -95,6 +95,14 @@ pub struct Line {
 
 impl Line {
     pub fn new() -> R<Line> {
+        let line = Line::without_vif()?;
+        line.create_vif()?;
+        Ok(line)
+    }
+
+    /// Like [`Line::new`] but without the VM and its vif (`vif0`): the domain is not running
+    /// yet. [`Line::add_vif`] creates them.
+    pub fn without_vif() -> R<Line> {
         let vm = Netns::new()?;
         let host = Netns::new()?;
         let client = Netns::new()?;
@@ -102,11 +110,27 @@ impl Line {
         for ns in [&vm, &host, &client] {
             no_ipv6(ns)?;
         }
-        bare_veth(&vm, "eth0", &host, "vif0")?;
         bare_veth(&host, "up0", &client, "eth0")?;
-        setup_vm(&vm)?;
         setup_client(&client)?;
         Ok(Line { vm, host, client })
+    }
+
+    /// Creates the vif (`vif0` in the host, `eth0` in the VM) with the VM's MAC and address,
+    /// as a domain start does, and the static neighbour entries.
+    pub fn add_vif(&self) -> R<()> {
+        self.create_vif()?;
+        self.static_neighbours()
+    }
+
+    fn create_vif(&self) -> R<()> {
+        bare_veth(&self.vm, "eth0", &self.host, "vif0")?;
+        setup_vm(&self.vm)
+    }
+
+    /// Removes the vif (both ends), as a domain destroy does.
+    pub fn del_vif(&self) -> R<()> {
+        self.host.ip(&["link", "del", "vif0"])?;
+        Ok(())
     }
 
     /// Static neighbour entries both ways, so no ARP exchange is needed.
