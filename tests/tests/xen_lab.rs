@@ -5,7 +5,7 @@
 //! `XENFT_XEN_LAB=1` does not ask to build them, or when the machine lacks the memory (each
 //! nested host takes ~2.1 GB). With `XENFT_XEN_LAB=1` a missing image is built first
 //! (`scripts/xen-lab build`, ~3 min from scratch). The two-host tests (checkpoint ~3.5 min,
-//! mirror ~1.5 min, vif ~1 min, ha ~1 min) only run with `XENFT_XEN_LAB=1`; xenstore (~30 s) and domain (~45 s) run
+//! mirror ~1.5 min, vif ~1 min, ha ~1 min, level2 ~1.5 min) only run with `XENFT_XEN_LAB=1`; xenstore (~30 s) and domain (~45 s) run
 //! whenever the images are there.
 
 use std::path::{Path, PathBuf};
@@ -136,4 +136,13 @@ fn guest_vif_traffic_goes_through_our_netback_relay() {
 #[test]
 fn agent_restarts_a_level1_guest_on_the_reserved_host() {
     run_lab("ha", 2, true);
+}
+
+/// Level 2 run by the product's agent with the real drivers: the guest's disk (qdisk onto
+/// our mirrored blkback) and vif (our netback) on host 1; host 1's QEMU killed: host 2's
+/// agent promotes the copy and restarts the guest, which finds every block host 1's guest
+/// saw acknowledged; host 2's relay binds the new vif and announces the guest.
+#[test]
+fn agent_takes_a_level2_guest_over_with_its_disk_and_network() {
+    run_lab("level2", 2, true);
 }
