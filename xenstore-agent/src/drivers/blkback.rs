@@ -283,32 +283,14 @@ impl DiskMirror for BlkbackDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drivers::control::fake::{serve, Reply};
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
     use std::sync::{Arc, Mutex};
 
-    type Reply = Box<dyn Fn(&str) -> String + Send>;
-
     /// A scripted blkback control socket; records every command it got.
     fn fake(reply: Reply) -> (tempfile::TempDir, BlkbackDriver, Arc<Mutex<Vec<String>>>) {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("blk.ctl");
-        let l = UnixListener::bind(&p).unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s2 = seen.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { return };
-                let mut line = String::new();
-                if BufReader::new(&s).read_line(&mut line).is_err() {
-                    continue;
-                }
-                let line = line.trim().to_string();
-                let out = reply(&line);
-                s2.lock().unwrap().push(line);
-                let _ = s.write_all(format!("{out}\n").as_bytes());
-            }
-        });
+        let (d, p, seen) = serve(reply);
         let drv = BlkbackDriver::new(
             ControlSocket::new(&p, Duration::from_secs(2)),
             Duration::from_secs(3),
