@@ -6,35 +6,7 @@
 # machines; the agent takes over when the peer is silent on every path for peer_dead_ms.
 # Timing is slowed for TCG (heartbeat 300 ms, peer dead after 6 s).
 . /xentest/lib.sh "$@"
-O=$((3 - H))
-mkdir -p /var/lib/xenft /run/xenft
-alink_args 7480 >/dev/null   # writes the pool secret
-cat > /etc/xenft-agent.json <<JSON
-{
-  "host": "h$H",
-  "secret_file": "$ALINK_SECRET",
-  "state_file": "/var/lib/xenft/agent-state.json",
-  "peers": [{
-    "host": "h$O",
-    "alink": [{"local": "10.99.0.$H:7480", "peer": "10.99.0.$O:7480"}],
-    "mgmt": {"local": "10.99.0.$H:7482", "peer": "10.99.0.$O:7482"}
-  }],
-  "timing": {"heartbeat_ms": 300, "path_down_ms": 3000, "peer_dead_ms": 6000,
-             "lease_ms": 8000, "margin_ms": 2000, "quorum_request_timeout_ms": 1000},
-  "status": {"listen": "127.0.0.1:7481"},
-  "vms": [{"vm": "domu1", "level": 1, "primary": "h1", "secondary": "h2", "memory_mb": 128}],
-  "free_memory_mb": 512,
-  "xenstore": true,
-  "drivers": "real",
-  "vm_drivers": {"domu1": {"domain": {"command": ["xl", "create", "-F", "$CFG"]}}}
-}
-JSON
-# the agent's status (JSON, one line, no blanks after colons)
-status() {
-  printf 'GET /status HTTP/1.0\r\n\r\n' | socat -t 5 - TCP:127.0.0.1:7481 2>/dev/null |
-    awk 'b { print } /^\r?$/ { b = 1 }' | tr -d '\r\n' | sed 's/": */":/g; s/  */ /g'
-}
-status_has() { status | grep -q "$1"; }
+agent_config 1 "{\"domain\": {\"command\": [\"xl\", \"create\", \"-F\", \"$CFG\"]}}"
 vm_state() { status | grep -o '"local":"[a-z_-]*"' | head -n1; }
 # host 1: the operator's running guest, then protected (the agent takes the primary's VM as
 # running, as `xenft vm-protect` of a running VM does)
@@ -42,7 +14,7 @@ if [ "$H" = 1 ]; then
   xl create -q $CFG || fail "xl create"
   wait_until 120 grep -q DOMU-TICK $CON || fail "the guest never ticked"
 fi
-xenft-agent --config /etc/xenft-agent.json > /tmp/agent.log 2>&1 &
+xenft-agent --config $AGENT_CFG > /tmp/agent.log 2>&1 &
 AP=$!
 wait_until 30 status_has '"vms"' ||
   { tail -n 30 /tmp/agent.log; fail "xenft-agent did not start"; }
@@ -74,7 +46,7 @@ wait_until 120 grep -q DOMU-TICK $CON || fail "the restarted guest does not run"
 say "domu1 restarted here (domain $(domid_of domu1)) $(echo "$t1 $t0" | awk '{printf "%.1f", $1 - $2}') s after host 1 stopped answering pings; it boots and ticks"
 st=$(status)
 echo "$st" | grep -q '"primary":"h2"' || { echo "$st"; fail "the agent does not record domu1 on h2"; }
-why=$(echo "$st" | grep -o '"reason":"[^"]*taking over[^"]*"' | tail -n 1)
+why=$(takeover_reason)
 say "agent's decision: $why"
 [ -n "$why" ] || { echo "$st"; fail "the agent's status gives no take-over reason"; }
 result restart_after_ping_loss_s "$(echo "$t1 $t0" | awk '{printf "%.1f", $1 - $2}')"

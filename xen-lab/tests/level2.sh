@@ -23,7 +23,6 @@ if [ "${3:-}" = start-domu ]; then   # the agent's domain command (also the oper
     "vif=['mac=$MAC,script=/etc/xen/scripts/vif-xenft,vifname=xftvif0']"
 fi
 
-O=$((3 - H))
 mkdir -p /var/lib/xenft /run/xenft
 if [ "$H" = 1 ]; then ROLE=primary; else ROLE=secondary; fi
 xenft-blkback --role $ROLE --disk $DISK --size 32M --nbd-tcp 127.0.0.1:10809 --control $BCTL \
@@ -31,36 +30,11 @@ xenft-blkback --role $ROLE --disk $DISK --size 32M --nbd-tcp 127.0.0.1:10809 --c
 start_qdisk_backend
 xenft-netback --vif xftvif0 --uplink eth0 --mac $MAC --control $NCTL > /tmp/netback.log 2>&1 &
 wait_until 30 test -S $NCTL || { tail -n 20 /tmp/netback.log; fail "xenft-netback did not start (no vif yet)"; }
-cat > /etc/xenft-agent.json <<JSON
-{
-  "host": "h$H",
-  "secret_file": "$ALINK_SECRET",
-  "state_file": "/var/lib/xenft/agent-state.json",
-  "peers": [{
-    "host": "h$O",
-    "alink": [{"local": "10.99.0.$H:7480", "peer": "10.99.0.$O:7480"}],
-    "mgmt": {"local": "10.99.0.$H:7482", "peer": "10.99.0.$O:7482"}
-  }],
-  "timing": {"heartbeat_ms": 300, "path_down_ms": 3000, "peer_dead_ms": 6000,
-             "lease_ms": 8000, "margin_ms": 2000, "quorum_request_timeout_ms": 1000},
-  "status": {"listen": "127.0.0.1:7481"},
-  "vms": [{"vm": "domu1", "level": 2, "primary": "h1", "secondary": "h2", "memory_mb": 128}],
-  "free_memory_mb": 512,
-  "xenstore": true,
-  "drivers": "real",
-  "vm_drivers": {"domu1": {
-    "domain": {"command": ["/xentest/level2.sh", "$H", "2", "start-domu"]},
-    "blkback": {"control": "$BCTL", "sync_timeout_ms": 300000, "request_timeout_ms": 20000},
-    "netback": {"control": "$NCTL", "addresses": ["$GUEST_IP"], "request_timeout_ms": 20000}
-  }}
-}
-JSON
-status() {
-  printf 'GET /status HTTP/1.0\r\n\r\n' | socat -t 5 - TCP:127.0.0.1:7481 2>/dev/null |
-    awk 'b { print } /^\r?$/ { b = 1 }' | tr -d '\r\n' | sed 's/": */":/g; s/  */ /g'
-}
-status_has() { status | grep -q "$1"; }
-last_ack() { sed -n 's/.*DOMU-DISK-ACK \([0-9]*\).*/\1/p' "${1:-$CON}" 2>/dev/null | tail -n1; }
+agent_config 2 "{
+    \"domain\": {\"command\": [\"/xentest/level2.sh\", \"$H\", \"2\", \"start-domu\"]},
+    \"blkback\": {\"control\": \"$BCTL\", \"sync_timeout_ms\": 300000, \"request_timeout_ms\": 20000},
+    \"netback\": {\"control\": \"$NCTL\", \"addresses\": [\"$GUEST_IP\"], \"request_timeout_ms\": 20000}
+  }"
 
 if [ "$H" = 1 ]; then
   wait_peer 120 || fail "host 2 unreachable"
@@ -69,7 +43,7 @@ if [ "$H" = 1 ]; then
   # the operator runs the VM, then the agent protects it
   /xentest/level2.sh 1 2 start-domu > /tmp/xl.log 2>&1 &
   wait_until 300 grep -q 'DOMU-DISK-ACK 5' $CON || { tail -n 20 $CON; cat /tmp/xl.log; fail "the guest does not write"; }
-  xenft-agent --config /etc/xenft-agent.json > /tmp/agent.log 2>&1 &
+  xenft-agent --config $AGENT_CFG > /tmp/agent.log 2>&1 &
   wait_until 300 status_has '"phase":"protected"' || { status; tail -n 30 /tmp/agent.log; fail "domu1 never protected"; }
   say "protected: $(status | grep -o '"record":{[^}]*}' | head -n1)"
   tail -n +1 -f $CON | grep --line-buffered 'DOMU-DISK-ACK' | socat -u - TCP:$(peer):7602 &
@@ -81,7 +55,7 @@ if [ "$H" = 1 ]; then
 fi
 
 socat -u TCP-LISTEN:7602,reuseaddr OPEN:/tmp/acks,creat,append &
-xenft-agent --config /etc/xenft-agent.json > /tmp/agent.log 2>&1 &
+xenft-agent --config $AGENT_CFG > /tmp/agent.log 2>&1 &
 wait_until 600 status_has '"phase":"protected"' || { status; tail -n 30 /tmp/agent.log; fail "host 2 never saw domu1 protected"; }
 say "host 2 sees domu1 protected on h1; disk: $(ctl $BCTL status | cut -c1-200)"
 xl list | grep -q domu1 && fail "host 2 runs domu1 while host 1 does"
@@ -101,7 +75,7 @@ say "the guest restarted here finds $g pattern blocks; $((acked + 1)) were ackno
 wait_until 60 grep -q "DOMU-DISK-ACK $g" $CON || fail "the restarted guest cannot write its disk"
 st=$(status)
 echo "$st" | grep -q '"primary":"h2"' || { echo "$st"; fail "the agent does not record domu1 on h2"; }
-why=$(echo "$st" | grep -o '"reason":"[^"]*taking over[^"]*"' | tail -n 1)
+why=$(takeover_reason)
 say "agent's decision: $why"
 [ -n "$why" ] || fail "no take-over reason in the agent's status"
 c=$(ctl $NCTL '{"op":"counters"}'); say "relay: $c"

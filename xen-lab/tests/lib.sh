@@ -9,6 +9,8 @@ result() { echo "XENLAB-RESULT $1=$2"; }
 # wait_until SECONDS CMD...: polls CMD every second
 wait_until() { _n=$1; shift; while [ "$_n" -gt 0 ]; do "$@" >/dev/null 2>&1 && return 0; sleep 1; _n=$((_n - 1)); done; return 1; }
 domid_of() { xl domid "$1" 2>/dev/null; }
+# the last DOMU-DISK-ACK k in the guest's console log (or FILE)
+last_ack() { sed -n 's/.*DOMU-DISK-ACK \([0-9]*\).*/\1/p' "${1:-$CON}" 2>/dev/null | tail -n1; }
 last_tick() { sed -n 's/.*DOMU-TICK \([0-9]*\).*/\1/p' "${1:-$CON}" 2>/dev/null | tail -n1; }
 peer() { if [ "$H" = 1 ]; then echo 10.99.0.2; else echo 10.99.0.1; fi; }
 wait_peer() { wait_until "${1:-120}" busybox ping -c1 -W1 "$(peer)"; }
@@ -28,3 +30,40 @@ alink_args() { # alink_args PORT
 }
 # ctl SOCKET LINE: one request on a JSON-lines control socket, the reply on stdout
 ctl() { echo "$2" | socat -t 10 - "UNIX-CONNECT:$1" 2>/dev/null; }
+# agent_config LEVEL VM_DRIVERS: writes /etc/xenft-agent.json for domu1 (primary h1, secondary
+# h2): heartbeats and management on the lab wire, no quorum server (two-host rule), timing
+# slowed for TCG, xenstore on, the real drivers; VM_DRIVERS is domu1's vm_drivers JSON object
+AGENT_CFG=/etc/xenft-agent.json
+agent_config() {
+  _o=$((3 - H))
+  mkdir -p /var/lib/xenft /run/xenft
+  alink_args 7480 >/dev/null   # writes the pool secret
+  cat > $AGENT_CFG <<JSON
+{
+  "host": "h$H",
+  "secret_file": "$ALINK_SECRET",
+  "state_file": "/var/lib/xenft/agent-state.json",
+  "peers": [{
+    "host": "h$_o",
+    "alink": [{"local": "10.99.0.$H:7480", "peer": "10.99.0.$_o:7480"}],
+    "mgmt": {"local": "10.99.0.$H:7482", "peer": "10.99.0.$_o:7482"}
+  }],
+  "timing": {"heartbeat_ms": 300, "path_down_ms": 3000, "peer_dead_ms": 6000,
+             "lease_ms": 8000, "margin_ms": 2000, "quorum_request_timeout_ms": 1000},
+  "status": {"listen": "127.0.0.1:7481"},
+  "vms": [{"vm": "domu1", "level": $1, "primary": "h1", "secondary": "h2", "memory_mb": 128}],
+  "free_memory_mb": 512,
+  "xenstore": true,
+  "drivers": "real",
+  "vm_drivers": {"domu1": $2}
+}
+JSON
+}
+# the agent's status (JSON, one line, no blanks after colons)
+status() {
+  printf 'GET /status HTTP/1.0\r\n\r\n' | socat -t 5 - TCP:127.0.0.1:7481 2>/dev/null |
+    awk 'b { print } /^\r?$/ { b = 1 }' | tr -d '\r\n' | sed 's/": */":/g; s/  */ /g'
+}
+status_has() { status | grep -q "$1"; }
+# the agent's take-over reason, from its decision log
+takeover_reason() { status | grep -o '"reason":"[^"]*taking over[^"]*"' | tail -n 1; }

@@ -26,7 +26,6 @@ pattern_prefix() {
   done
   echo $k
 }
-last_ack() { sed -n 's/.*DOMU-DISK-ACK \([0-9]*\).*/\1/p' "${1:-$CON}" 2>/dev/null | tail -n1; }
 disk_of() { echo "disk=['format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$1']"; }
 
 # host 2 serves this on port 7601 during the comparison: reads "ACK SUM" of host 1, answers
