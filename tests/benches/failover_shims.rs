@@ -113,27 +113,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let level3_run = args.windows(2).any(|w| w[0] == "--level" && w[1] == "3");
     if level3_run {
-        let (mut serve, mut reprotect) = level3(trials);
-        serve.sort_by(f64::total_cmp);
-        reprotect.sort_by(f64::total_cmp);
-        let floor = xenft_agent::timing::Timing::default().peer_dead_ms as f64;
-        let p99 = pct(&serve, 99);
-        println!(
-            "{}",
-            serde_json::json!({
-                "bench": "failover",
-                "level": 3,
-                "trials": trials,
-                "failover_p50_ms": pct(&serve, 50).round(),
-                "failover_p99_ms": p99.round(),
-                "failover_max_ms": serve.last().copied().unwrap_or(0.0).round(),
-                "reprotect_p50_ms": pct(&reprotect, 50).round(),
-                "reprotect_max_ms": reprotect.last().copied().unwrap_or(0.0).round(),
-                "baseline_detection_floor_ms": floor,
-                "p99_over_floor_ratio": (p99 / floor * 100.0).round() / 100.0,
-                "target_p99_ms": 1000,
-                "components": "real: xenft-agent, xenft-blkback (epochs, promote), xenft-netback (epochs, GARP), xenft-checkpoint (synthetic guest, 16 MiB)"
-            })
+        let (serve, reprotect) = level3(trials);
+        report(
+            3,
+            trials,
+            serve,
+            reprotect,
+            "real: xenft-agent, xenft-blkback (epochs, promote), xenft-netback (epochs, GARP), xenft-checkpoint (synthetic guest, 16 MiB)",
         );
         return;
     }
@@ -167,6 +153,24 @@ fn main() {
         eprintln!("trial {trial}: re-protected {re:.0} ms after the host returned");
         primary = secondary;
     }
+    report(
+        2,
+        trials,
+        serve,
+        reprotect,
+        "real: xenft-agent, xenft-blkback (promote, NBD), xenft-netback (GARP), VM = a process",
+    );
+}
+
+/// Prints the run's JSON line: take-over and re-protection percentiles against the
+/// detection floor (the agent's default peer-dead time).
+fn report(
+    level: u8,
+    trials: usize,
+    mut serve: Vec<f64>,
+    mut reprotect: Vec<f64>,
+    components: &str,
+) {
     serve.sort_by(f64::total_cmp);
     reprotect.sort_by(f64::total_cmp);
     let floor = xenft_agent::timing::Timing::default().peer_dead_ms as f64;
@@ -175,7 +179,7 @@ fn main() {
         "{}",
         serde_json::json!({
             "bench": "failover",
-            "level": 2,
+            "level": level,
             "trials": trials,
             "failover_p50_ms": pct(&serve, 50).round(),
             "failover_p99_ms": p99.round(),
@@ -185,7 +189,7 @@ fn main() {
             "baseline_detection_floor_ms": floor,
             "p99_over_floor_ratio": (p99 / floor * 100.0).round() / 100.0,
             "target_p99_ms": 1000,
-            "components": "real: xenft-agent, xenft-blkback (promote, NBD), xenft-netback (GARP), VM = a process"
+            "components": components
         })
     );
 }
