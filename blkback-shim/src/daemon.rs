@@ -1,7 +1,7 @@
 //! The `xenft-blkback` process: wires a validated [`Config`] into stores, the mirror, the NBD
 //! listeners and the control socket, then runs until killed.
 //!
-//! ## Take-over in place: `promote [EPOCH] [force]`
+//! ## Take-over in place: `promote {epoch?, force}`
 //! On a secondary's control socket (the agent's `BlkbackDriver` sends it when this host takes
 //! the VM over): the shim stops taking the old primary's writes (aborts its acceptor, closes
 //! its A-link, waits until the session ended and everything received is applied); level 3:
@@ -13,7 +13,7 @@
 //! for this promotion (with a mirror that writes one, the returning host then gets a
 //! dirty-only resync), otherwise the bitmap starts fresh and the first session is a full sync
 //! (holes and zero chunks skipped). A copy that is not consistent (resync in flight) is
-//! refused unless `force`; a plain-TCP primary still connected makes the promotion fail
+//! refused unless `force` is set; a plain-TCP primary still connected makes the promotion fail
 //! rather than leave two writers. Stopping the secondary (SIGTERM) and starting
 //! `--role primary` on the same disk is the out-of-process equivalent.
 
@@ -22,10 +22,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
+use xenft_control::blkback::{Event, Promoted, Reply, Request, Status};
+use xenft_control::{Blkback, ErrorReply, Events, Server, ServerOptions};
 
 use crate::mirror::alink::{AlinkAcceptor, AlinkConnector};
 use crate::mirror::bitmap::{BitmapError, DirtyBitmap, DEFAULT_CHUNK};
@@ -34,7 +35,7 @@ use crate::mirror::secondary::Secondary;
 use crate::mirror::transport::{PeerConnector, PeerSession, TcpAcceptor, TcpConnector};
 use crate::mirror::wire::PeerDiskState;
 use crate::nbd::server::{ExportConfig, NbdServer};
-use crate::status::Node;
+use crate::status::{self, Node};
 use crate::store::{FileStore, Store, StoreError};
 use crate::volume::Volume;
 
@@ -193,17 +194,32 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             tasks.spawn(t);
         }
     }
+    let events = Events::new();
     let ctl = Arc::new(Controller {
         node: Mutex::new(node),
         link: Mutex::new(own_link),
         promotable: tokio::sync::Mutex::new(promotable),
         cfg: cfg.clone(),
         store: store.clone(),
+        events: Arc::clone(&events),
     });
-    if let Some(c) = &cfg.control {
-        let l = bind_unix(c)?;
-        tasks.spawn(ctl.clone().serve(l));
-    }
+    let _control = match &cfg.control {
+        Some(path) => {
+            let (c, rt) = (Arc::clone(&ctl), tokio::runtime::Handle::current());
+            let handler = move |req| rt.block_on(c.handle(req));
+            let server = Server::start::<Blkback, _>(
+                path,
+                Arc::new(handler),
+                Arc::clone(&events),
+                ServerOptions::default(),
+            )
+            .map_err(sock(format!("bind {}", path.display())))?;
+            let c = Arc::clone(&ctl);
+            tasks.spawn(status::publish_events(move || c.node(), events));
+            Some(server)
+        }
+        None => None,
+    };
     info!("ready");
     let mut term = signal(SignalKind::terminate()).map_err(sock("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(sock("SIGINT handler"))?;
@@ -233,7 +249,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let _ = tokio::task::spawn_blocking(move || s.sync()).await;
     }
     tasks.abort_all();
-    for p in [&cfg.nbd_unix, &cfg.control].into_iter().flatten() {
+    drop(_control);
+    if let Some(p) = &cfg.nbd_unix {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
@@ -265,12 +282,6 @@ async fn serve_nbd(
     Ok(out)
 }
 
-/// Longest accepted control line.
-const MAX_CONTROL_LINE: u64 = 64 * 1024;
-/// Control connections served at once; more wait.
-const MAX_CONTROL_CONNECTIONS: usize = 16;
-/// A control connection silent this long is closed (frees its slot).
-const CONTROL_IDLE: Duration = Duration::from_secs(30);
 /// How long promotion waits for the old session's applier to finish.
 const APPLIER_DRAIN: Duration = Duration::from_secs(5);
 /// How long promotion retries starting the new A-link (the old one's listeners close
@@ -293,6 +304,7 @@ struct Controller {
     promotable: tokio::sync::Mutex<Option<Promotable>>,
     cfg: Config,
     store: Arc<dyn Store>,
+    events: Arc<Events<Event>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -314,9 +326,7 @@ impl PeerConnector for NoPeer {
 enum PromoteError {
     #[error("this process is not a secondary (role {0})")]
     NotSecondary(&'static str),
-    #[error("promote [EPOCH] [force]: bad argument {0:?}")]
-    BadArgument(String),
-    #[error("the local copy is {0:?}, not consistent (a resync was in flight): serving it would expose a half-copied disk; `promote force` overrides")]
+    #[error("the local copy is {0:?}, not consistent (a resync was in flight): serving it would expose a half-copied disk; promote with force overrides")]
     NotConsistent(PeerDiskState),
     #[error("no NBD socket configured (--nbd-unix or --nbd-tcp): nothing to serve the disk on")]
     NoNbd,
@@ -337,17 +347,6 @@ enum PromoteError {
     Daemon(#[from] DaemonError),
 }
 
-/// What a successful promotion did.
-#[derive(Debug, serde::Serialize)]
-struct Promoted {
-    /// Held epoch writes applied (level 3, `promote EPOCH`).
-    committed_writes: usize,
-    /// Uncommitted epoch writes dropped.
-    discarded_writes: usize,
-    /// Whether a session with the old primary was still up when promotion began.
-    was_connected: bool,
-}
-
 impl Controller {
     fn node(&self) -> Node {
         lock(&self.node).clone()
@@ -357,16 +356,7 @@ impl Controller {
     /// applied, commit held epochs up to `EPOCH` (level 3) and drop the rest, then serve the
     /// disk over NBD as a primary whose bitmap starts fresh (the old primary's host gets a full
     /// sync when it returns as secondary).
-    async fn promote(&self, args: &[&str]) -> Result<Promoted, PromoteError> {
-        let mut epoch = None;
-        let mut force = false;
-        for a in args {
-            match (*a, a.parse::<u64>()) {
-                ("force", _) => force = true,
-                (_, Ok(n)) if epoch.is_none() => epoch = Some(n),
-                _ => return Err(PromoteError::BadArgument((*a).to_string())),
-            }
-        }
+    async fn promote(&self, epoch: Option<u64>, force: bool) -> Result<Promoted, PromoteError> {
         let mut slot = self.promotable.lock().await;
         let Some(pr) = slot.take() else {
             return Err(PromoteError::NotSecondary(match self.node() {
@@ -463,66 +453,29 @@ impl Controller {
         })
     }
 
-    async fn command(&self, line: &str) -> serde_json::Value {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first() == Some(&"promote") {
-            return match self.promote(&words[1..]).await {
-                Ok(p) => serde_json::json!({"ok": true, "role": "primary", "promoted": p}),
-                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
-            };
-        }
-        let mut v = self.node().command(line).await;
-        if words.first() == Some(&"status") {
-            if let (Some(l), Some(obj)) = (lock(&self.link).clone(), v.as_object_mut()) {
-                obj.insert("alink".into(), serde_json::json!(l.status()));
-            }
-        }
-        v
-    }
-
-    /// Serves the control socket: one command per line (at most [`MAX_CONTROL_LINE`] bytes),
-    /// one JSON line back; [`MAX_CONTROL_CONNECTIONS`] connections at once.
-    async fn serve(self: Arc<Self>, listener: UnixListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let (rd, mut wr) = stream.into_split();
-                let mut rd = BufReader::new(rd);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    let mut limited = (&mut rd).take(MAX_CONTROL_LINE);
-                    let read = limited.read_until(b'\n', &mut buf);
-                    match tokio::time::timeout(CONTROL_IDLE, read).await {
-                        Ok(Ok(0) | Err(_)) | Err(_) => break,
-                        Ok(Ok(_)) => {}
-                    }
-                    if buf.last() != Some(&b'\n') && buf.len() as u64 >= MAX_CONTROL_LINE {
-                        let _ = wr
-                            .write_all(b"{\"ok\":false,\"error\":\"line too long\"}\n")
-                            .await;
-                        break;
-                    }
-                    let reply = match std::str::from_utf8(&buf) {
-                        Ok(line) => me.command(line.trim()).await,
-                        Err(_) => serde_json::json!({"ok": false, "error": "not UTF-8"}),
-                    };
-                    let mut out = reply.to_string();
-                    out.push('\n');
-                    if wr.write_all(out.as_bytes()).await.is_err() {
-                        break;
-                    }
+    /// One request of the contract: `promote` here, the others by the current node; `status`
+    /// carries the A-link's status too.
+    async fn handle(&self, req: Request) -> Result<Reply, ErrorReply> {
+        match req {
+            Request::Promote { epoch, force } => match self.promote(epoch, force).await {
+                Ok(p) => {
+                    self.events.publish(&Event::Promoted(p.clone()));
+                    Ok(Reply::Promoted { promoted: p })
                 }
-            });
+                Err(
+                    e @ (PromoteError::NotSecondary(_)
+                    | PromoteError::NotConsistent(_)
+                    | PromoteError::NoNbd),
+                ) => Err(ErrorReply::refused(e)),
+                Err(e) => Err(ErrorReply::failed(e)),
+            },
+            Request::Status => Ok(Reply::Status(Box::new(Status {
+                node: self.node().status(),
+                alink: lock(&self.link)
+                    .as_ref()
+                    .and_then(|l| serde_json::to_value(l.status()).ok()),
+            }))),
+            req => self.node().handle(req).await,
         }
     }
 }

@@ -1,27 +1,22 @@
-//! The control socket the agent uses: one text command per line, one JSON line back.
+//! What the control socket serves: a [`Node`] (this process's role) answers the requests of
+//! the contract `xenft_control::blkback` (the daemon adds `promote` and the A-link's status),
+//! and [`EventWatch`] turns changes of its status into the contract's events.
 //!
-//! Commands:
-//! - `status` → the node's status (plus `alink`, the A-link's path status, when this process
-//!   runs one) (role, link state, dirty bytes, resync progress with bytes
-//!   left / rate / ETA, local store failure cause, counters);
-//! - `resync-rate <bytes/s>` → sets the resync rate limit (0 = unlimited);
-//! - `verify [block]` (primary) → online verify by block checksums (default 64 KiB blocks):
-//!   `{"verify":{"bytes_checked","differing":[[offset,len],..],"differing_bytes"}}`;
-//! - `checkpoint <n>` (primary) → checkpoint boundary: later writes belong to epoch `n + 1`
-//!   (the checkpoint engine's `CommitSink::checkpoint`);
-//! - `epoch <n>` (primary) → stamps subsequent writes with epoch `n`;
-//! - `commit <n>` (primary) → commits epoch `n` on the secondary, replies when applied;
-//! - `epoch-mode on|off` (secondary) → hold writes per epoch;
-//! - `commit-local <n>` (secondary) → applies held epochs `<= n`;
-//! - `discard` (secondary) → failover: drops uncommitted epochs.
-//!
-//! Replies are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! Requests by role (anything else is refused with `refused`):
+//! - any: `status` → the role and its status (`peer` `degraded` / `resyncing` / `in_sync`,
+//!   `dirty_bytes`, `resync` progress with bytes left / rate / ETA, `local_failure`, counters;
+//!   or the secondary's `connected`, `disk`, `held_epochs`, ...);
+//! - primary: `resync_rate`, `verify`, `checkpoint` (the checkpoint engine's
+//!   `CommitSink::checkpoint`: later writes belong to epoch `n + 1`), `set_epoch`, `commit`
+//!   (replies once the secondary applied epoch `n`);
+//! - secondary: `epoch_mode`, `commit_local` (applies held epochs `<= n`), `discard`
+//!   (failover: drops uncommitted epochs).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixListener;
+use xenft_control::blkback::{Event, NodeStatus, PeerLink, PrimaryStatus, Reply, Request, Status};
+use xenft_control::{ErrorReply, Events};
 
 use crate::mirror::primary::Primary;
 use crate::mirror::secondary::Secondary;
@@ -38,123 +33,242 @@ pub enum Node {
 }
 
 impl Node {
-    /// The status JSON.
-    pub fn status(&self) -> Value {
+    /// The role's name.
+    #[must_use]
+    pub fn role(&self) -> &'static str {
         match self {
-            Self::Local => json!({"ok": true, "role": "local"}),
-            Self::Primary(p) => json!({"ok": true, "role": "primary", "primary": p.status()}),
-            Self::Secondary(s) => {
-                json!({"ok": true, "role": "secondary", "secondary": s.status()})
-            }
+            Self::Local => "local",
+            Self::Primary(_) => "primary",
+            Self::Secondary(_) => "secondary",
         }
     }
 
-    /// Executes one command line.
-    pub async fn command(&self, line: &str) -> Value {
-        let mut words = line.split_whitespace();
-        let cmd = words.next().unwrap_or("");
-        let arg = words.next();
-        let num = || arg.and_then(|a| a.parse::<u64>().ok());
-        let err = |e: &str| json!({"ok": false, "error": e});
-        match (cmd, self) {
-            ("status", _) => self.status(),
-            ("resync-rate", Self::Primary(p)) => match num() {
-                Some(n) => {
-                    p.set_resync_rate(n);
-                    json!({"ok": true})
-                }
-                None => err("resync-rate needs bytes per second"),
+    /// The role and its status.
+    #[must_use]
+    pub fn status(&self) -> NodeStatus {
+        match self {
+            Self::Local => NodeStatus::Local,
+            Self::Primary(p) => NodeStatus::Primary {
+                primary: p.status(),
             },
-            ("verify", Self::Primary(p)) => {
-                let block = num().unwrap_or(64 * 1024);
-                match p.verify(block).await {
-                    Ok(r) => json!({"ok": true, "verify": r}),
-                    Err(e) => err(&e.to_string()),
-                }
-            }
-            ("checkpoint", Self::Primary(p)) => match num() {
-                Some(n) => {
-                    p.checkpoint_boundary(n);
-                    json!({"ok": true, "epoch": n.saturating_add(1)})
-                }
-                None => err("checkpoint needs an epoch"),
+            Self::Secondary(s) => NodeStatus::Secondary {
+                secondary: s.status(),
             },
-            ("epoch", Self::Primary(p)) => match num() {
-                Some(n) => {
-                    p.set_epoch(n);
-                    json!({"ok": true})
-                }
-                None => err("epoch needs a number"),
-            },
-            ("commit", Self::Primary(p)) => match num() {
-                Some(n) => {
-                    let t = p.commit_epoch(n);
-                    match t.await {
-                        Ok(Ok(())) => json!({"ok": true}),
-                        _ => err("commit failed"),
-                    }
-                }
-                None => err("commit needs an epoch"),
-            },
-            ("epoch-mode", Self::Secondary(s)) => match arg {
-                Some("on") => {
-                    s.set_epoch_mode(true);
-                    json!({"ok": true})
-                }
-                Some("off") => {
-                    s.set_epoch_mode(false);
-                    json!({"ok": true})
-                }
-                _ => err("epoch-mode on|off"),
-            },
-            ("commit-local", Self::Secondary(s)) => match num() {
-                Some(n) => {
-                    let s = s.clone();
-                    match tokio::task::spawn_blocking(move || s.commit_epoch(n)).await {
-                        Ok(Ok(applied)) => json!({"ok": true, "applied": applied}),
-                        Ok(Err(e)) => err(&e.to_string()),
-                        Err(_) => err("commit task failed"),
-                    }
-                }
-                None => err("commit-local needs an epoch"),
-            },
-            ("discard", Self::Secondary(s)) => {
-                json!({"ok": true, "discarded": s.discard_uncommitted()})
-            }
-            _ => err("unknown command for this role"),
         }
     }
 
-    /// Serves the control socket until the listener fails. With `link` (the process's own
-    /// A-link), `status` replies also carry `"alink"`: per-path liveness and counters.
-    pub async fn serve(
-        self,
-        listener: UnixListener,
-        link: Option<xenft_alink::Link>,
-    ) -> std::io::Result<()> {
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let me = self.clone();
-            let link = link.clone();
-            tokio::spawn(async move {
-                let (rd, mut wr) = stream.into_split();
-                let mut lines = BufReader::new(rd.take(64 * 1024)).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut v = me.command(&line).await;
-                    if let (Some(l), Some(obj)) = (&link, v.as_object_mut()) {
-                        if line.trim() == "status" {
-                            obj.insert("alink".into(), json!(l.status()));
-                        }
-                    }
-                    let mut out = v.to_string();
-                    out.push('\n');
-                    if wr.write_all(out.as_bytes()).await.is_err() {
-                        break;
-                    }
+    /// Carries out one request (everything but `promote`, which the daemon owns).
+    ///
+    /// # Errors
+    /// `refused` for a request of another role, `failed` when the operation failed.
+    pub async fn handle(&self, req: Request) -> Result<Reply, ErrorReply> {
+        match (req, self) {
+            (Request::Status, _) => Ok(Reply::Status(Box::new(Status {
+                node: self.status(),
+                alink: None,
+            }))),
+            (Request::ResyncRate { bytes_per_sec }, Self::Primary(p)) => {
+                p.set_resync_rate(bytes_per_sec);
+                Ok(Reply::Done)
+            }
+            (Request::Verify { block }, Self::Primary(p)) => p
+                .verify(block.unwrap_or(64 * 1024))
+                .await
+                .map(|verify| Reply::Verify { verify })
+                .map_err(ErrorReply::failed),
+            (Request::Checkpoint { epoch }, Self::Primary(p)) => {
+                p.checkpoint_boundary(epoch);
+                Ok(Reply::Checkpoint {
+                    next_epoch: epoch.saturating_add(1),
+                })
+            }
+            (Request::SetEpoch { epoch }, Self::Primary(p)) => {
+                p.set_epoch(epoch);
+                Ok(Reply::Done)
+            }
+            (Request::Commit { epoch }, Self::Primary(p)) => match p.commit_epoch(epoch).await {
+                Ok(Ok(())) => Ok(Reply::Done),
+                _ => Err(ErrorReply::failed(format!(
+                    "commit of epoch {epoch} failed: no session with the secondary"
+                ))),
+            },
+            (Request::EpochMode { on }, Self::Secondary(s)) => {
+                s.set_epoch_mode(on);
+                Ok(Reply::Done)
+            }
+            (Request::CommitLocal { epoch }, Self::Secondary(s)) => {
+                let s = s.clone();
+                match tokio::task::spawn_blocking(move || s.commit_epoch(epoch)).await {
+                    Ok(Ok(applied)) => Ok(Reply::Applied { applied }),
+                    Ok(Err(e)) => Err(ErrorReply::failed(e)),
+                    Err(_) => Err(ErrorReply::failed("commit task failed")),
                 }
-            });
+            }
+            (Request::Discard, Self::Secondary(s)) => Ok(Reply::Discarded {
+                discarded: s.discard_uncommitted(),
+            }),
+            (req, node) => Err(ErrorReply::refused(format!(
+                "{} is not a request for a {} (see xenft_control::blkback)",
+                op_name(&req),
+                node.role()
+            ))),
         }
     }
 }
 
-use tokio::io::AsyncReadExt as _;
+/// The request's `op`, for messages.
+fn op_name(req: &Request) -> String {
+    serde_json::to_value(req)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str().map(str::to_string)))
+        .unwrap_or_else(|| "request".into())
+}
+
+/// How often [`EventWatch`] looks at the status.
+pub const EVENT_POLL: Duration = Duration::from_millis(50);
+/// How often a running resync's progress is published.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Turns changes of a primary's status into events: the session lost (`peer_lost`), the copy
+/// in sync again (`in_sync`), a running resync's progress, the local store failing
+/// (`disk_redirected`: the mirror serves from the peer's copy by itself).
+#[derive(Debug, Default)]
+pub struct EventWatch {
+    last: Option<(PeerLink, bool)>,
+    progress_at: Option<Instant>,
+}
+
+impl EventWatch {
+    /// The events between the last status seen and `st` (pure: `now` is given).
+    pub fn observe(&mut self, st: &PrimaryStatus, now: Instant) -> Vec<Event> {
+        let mut out = Vec::new();
+        let failed = st.local_failure.is_some();
+        let (was_link, was_failed) = self.last.unwrap_or((PeerLink::InSync, false));
+        let first = self.last.is_none();
+        if failed && !was_failed {
+            out.push(Event::DiskRedirected {
+                cause: st.local_failure.clone().unwrap_or_default(),
+            });
+        }
+        if st.peer != was_link || first {
+            match st.peer {
+                PeerLink::Degraded if !first || st.sessions > 0 => out.push(Event::PeerLost {
+                    reason: st.peer_failure.clone(),
+                }),
+                PeerLink::InSync if !first => out.push(Event::InSync),
+                _ => {}
+            }
+        }
+        match &st.resync {
+            Some(r) if self.progress_at.is_none_or(|t| now >= t + PROGRESS_EVERY) => {
+                out.push(Event::ResyncProgress(r.clone()));
+                self.progress_at = Some(now);
+            }
+            Some(_) => {}
+            None => self.progress_at = None,
+        }
+        self.last = Some((st.peer, failed));
+        out
+    }
+}
+
+/// Publishes `node`'s events on `events` until the task is aborted (the node may change from
+/// secondary to primary on `promote`: `current` is read each time).
+pub async fn publish_events(current: impl Fn() -> Node + Send, events: Arc<Events<Event>>) {
+    let mut watch = EventWatch::default();
+    let mut tick = tokio::time::interval(EVENT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Node::Primary(p) = current() {
+            for e in watch.observe(&p.status(), Instant::now()) {
+                tracing::info!(event = ?e, "blkback event");
+                events.publish(&e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xenft_control::blkback::ResyncProgress;
+
+    fn st(peer: PeerLink) -> PrimaryStatus {
+        PrimaryStatus {
+            peer,
+            peer_disk: None,
+            dirty_bytes: 0,
+            peer_synced: true,
+            resync: None,
+            last_resync: None,
+            local_failure: None,
+            peer_failure: None,
+            resync_rate_limit: 0,
+            writes_mirrored: 0,
+            writes_degraded: 0,
+            sessions: 1,
+            epoch: 0,
+            al_active_extents: 0,
+            al_recovered_extents: 0,
+        }
+    }
+
+    #[test]
+    fn a_lost_session_a_resync_and_the_return_to_sync_are_events() {
+        let t0 = Instant::now();
+        let mut w = EventWatch::default();
+        assert!(w.observe(&st(PeerLink::InSync), t0).is_empty());
+        let mut lost = st(PeerLink::Degraded);
+        lost.peer_failure = Some("A-link: no path".into());
+        assert_eq!(
+            w.observe(&lost, t0),
+            vec![Event::PeerLost {
+                reason: Some("A-link: no path".into())
+            }]
+        );
+        assert!(w.observe(&lost, t0).is_empty(), "said once");
+        let mut resync = st(PeerLink::Resyncing);
+        resync.resync = Some(ResyncProgress {
+            total_bytes: 100,
+            bytes_left: 60,
+            ..ResyncProgress::default()
+        });
+        assert!(matches!(
+            w.observe(&resync, t0)[..],
+            [Event::ResyncProgress(_)]
+        ));
+        assert!(w
+            .observe(&resync, t0 + Duration::from_millis(500))
+            .is_empty());
+        assert_eq!(
+            w.observe(&resync, t0 + Duration::from_millis(1100)).len(),
+            1,
+            "progress about once a second"
+        );
+        assert_eq!(w.observe(&st(PeerLink::InSync), t0), vec![Event::InSync]);
+    }
+
+    #[test]
+    fn a_failed_local_store_is_a_redirect_event_once() {
+        let mut w = EventWatch::default();
+        let t0 = Instant::now();
+        let mut failed = st(PeerLink::InSync);
+        failed.local_failure = Some("Write of 4096 bytes at offset 0: EIO".into());
+        assert_eq!(
+            w.observe(&failed, t0),
+            vec![Event::DiskRedirected {
+                cause: "Write of 4096 bytes at offset 0: EIO".into()
+            }]
+        );
+        assert!(w.observe(&failed, t0).is_empty());
+    }
+
+    #[test]
+    fn a_primary_that_starts_without_its_peer_has_lost_nothing() {
+        let mut w = EventWatch::default();
+        let mut fresh = st(PeerLink::Degraded);
+        fresh.sessions = 0;
+        assert!(w.observe(&fresh, Instant::now()).is_empty());
+    }
+}

@@ -3,8 +3,6 @@
 //! disturb the mirror: no degraded write, no new session, identical copies.
 //! Privileged: needs root (skips with a message otherwise); namespaces are removed on drop.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,14 +21,7 @@ impl Drop for Proc {
     }
 }
 
-fn status(sock: &Path) -> Option<Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    writeln!(s, "status").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
+use xenft_tests::components::blkback_status as status;
 
 fn wait_for(sock: &Path, f: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();

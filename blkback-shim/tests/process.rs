@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{control, free_port, nbd_uri, peer_link, run_ok, wait_for_status};
+use common::{call, free_port, nbd_uri, peer_link, run_ok, status, wait_for_status};
+use xenft_control::blkback::{Reply, Request};
 
 const MIB: u64 = 1 << 20;
 /// Write slots (8 KiB apart) of the SIGKILL test: 16 MiB of the disk.
@@ -200,7 +201,7 @@ fn pattern_identical_after_flush(s: &Setup) {
             &s.uri(),
         ],
     );
-    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let v = status(&s.p("primary.ctl")).unwrap();
     let p = &v["primary"];
     if p["sessions"] != 1 || p["writes_degraded"] != 0 {
         // The link dropped during the run (an overloaded host can delay heartbeats past the
@@ -276,7 +277,7 @@ fn kill_and_restart_secondary(s: &Setup) {
     let last = &done["primary"]["last_resync"];
     assert_eq!(last["full"], false);
     assert_eq!(last["bytes_copied"].as_u64().unwrap(), dirty, "{done}");
-    let sst = control(&s.p("secondary.ctl"), "status").unwrap();
+    let sst = status(&s.p("secondary.ctl")).unwrap();
     assert_eq!(sst["secondary"]["resync_bytes"].as_u64().unwrap(), dirty);
     assert_eq!(sst["secondary"]["disk"], "consistent");
     run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
@@ -400,7 +401,7 @@ fn truncating_the_primary_backing_file_mid_stream_switches_to_remote_mode_withou
         ],
     );
     assert!(!out.contains("failed"), "{out}");
-    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let v = status(&s.p("primary.ctl")).unwrap();
     let cause = v["primary"]["local_failure"]
         .as_str()
         .expect("failure reported")
@@ -458,7 +459,7 @@ fn full_local_filesystem_switches_to_remote_mode_without_client_errors() {
         ],
     );
     assert!(!out.contains("failed"), "{out}");
-    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let v = status(&s.p("primary.ctl")).unwrap();
     let cause = v["primary"]["local_failure"]
         .as_str()
         .expect("failure reported")
@@ -480,7 +481,7 @@ fn over_alink_idle_primary_goes_degraded_when_the_secondary_dies() {
     assert_eq!(v["primary"]["dirty_bytes"], 0);
     // And a write now is recorded for resync.
     run_ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &s.uri()]);
-    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let v = status(&s.p("primary.ctl")).unwrap();
     assert_eq!(v["primary"]["dirty_bytes"], 65536);
 }
 
@@ -497,7 +498,13 @@ fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
     );
     wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "degraded");
     // The resync (32 MiB dirty, rate-limited so it overlaps) races with a new write stream.
-    control(&s.p("primary.ctl"), "resync-rate 8388608").unwrap();
+    call(
+        &s.p("primary.ctl"),
+        &Request::ResyncRate {
+            bytes_per_sec: 8 << 20,
+        },
+    )
+    .unwrap();
     let uri = s.uri();
     let stream = std::thread::spawn(move || {
         let mut args = vec!["-f".to_string(), "raw".to_string()];
@@ -516,7 +523,11 @@ fn secondary_restarted_while_the_client_keeps_writing_ends_identical() {
     let _sec2 = s.secondary();
     wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "resyncing");
     stream.join().unwrap();
-    control(&s.p("primary.ctl"), "resync-rate 0").unwrap();
+    call(
+        &s.p("primary.ctl"),
+        &Request::ResyncRate { bytes_per_sec: 0 },
+    )
+    .unwrap();
     wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     run_ok("qemu-io", &["-f", "raw", "-c", "flush", &s.uri()]);
     assert!(
@@ -533,9 +544,15 @@ fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
     let _pri = s.primary();
     wait_for_status(&s.p("primary.ctl"), |v| peer_link(v) == "in_sync");
     let (pc, sc) = (s.p("primary.ctl"), s.p("secondary.ctl"));
-    assert_eq!(control(&sc, "epoch-mode on").unwrap()["ok"], true);
+    assert_eq!(
+        call(&sc, &Request::EpochMode { on: true }).unwrap(),
+        Reply::Done
+    );
     // Checkpoint 0 ends: the writes that follow belong to epoch 1.
-    assert_eq!(control(&pc, "checkpoint 0").unwrap()["epoch"], 1);
+    assert_eq!(
+        call(&pc, &Request::Checkpoint { epoch: 0 }).unwrap(),
+        Reply::Checkpoint { next_epoch: 1 }
+    );
     run_ok(
         "qemu-io",
         &[
@@ -553,29 +570,33 @@ fn epoch_mode_through_the_control_sockets_holds_commits_and_discards() {
         sec[..1 << 20].iter().all(|&b| b == 0),
         "epoch 1 applied before its commit"
     );
-    let st = control(&sc, "status").unwrap();
+    let st = status(&sc).unwrap();
     assert_eq!(st["secondary"]["held_epochs"], serde_json::json!([1]));
-    assert_eq!(control(&pc, "commit 1").unwrap()["ok"], true);
+    assert_eq!(
+        call(&pc, &Request::Commit { epoch: 1 }).unwrap(),
+        Reply::Done
+    );
     let sec = std::fs::read(s.p("secondary.img")).unwrap();
     assert!(
         sec[..1 << 20].iter().all(|&b| b == 0x0e),
         "committed epoch not applied"
     );
     // Epoch 2 never commits: failover discards it.
-    control(&pc, "epoch 2").unwrap();
+    call(&pc, &Request::SetEpoch { epoch: 2 }).unwrap();
     run_ok(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x0f 2M 1M", &s.uri()],
     );
-    let d = control(&sc, "discard").unwrap();
-    assert_eq!(d["discarded"], 1, "{d}");
-    control(&sc, "commit-local 10").unwrap();
+    let d = call(&sc, &Request::Discard).unwrap();
+    assert_eq!(d, Reply::Discarded { discarded: 1 }, "{d:?}");
+    call(&sc, &Request::CommitLocal { epoch: 10 }).unwrap();
     let sec = std::fs::read(s.p("secondary.img")).unwrap();
     assert!(
         sec[2 << 20..3 << 20].iter().all(|&b| b == 0),
         "discarded epoch reached the store"
     );
-    assert_eq!(control(&pc, "bogus").unwrap()["ok"], false);
+    let e = call(&pc, &Request::Discard).unwrap_err();
+    assert_eq!(e.kind(), Some(xenft_control::ErrorKind::Refused), "{e}");
 }
 
 #[test]
@@ -588,7 +609,7 @@ fn sigterm_stops_the_primary_cleanly_so_a_restart_resyncs_nothing() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x21 0 8M", &s.uri()],
     );
-    let v = control(&s.p("primary.ctl"), "status").unwrap();
+    let v = status(&s.p("primary.ctl")).unwrap();
     assert!(
         v["primary"]["al_active_extents"].as_u64().unwrap() >= 2,
         "{v}"

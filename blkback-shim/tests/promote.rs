@@ -1,6 +1,6 @@
 //! `promote` on a secondary's control socket (the agent's take-over step), with the real
 //! binary: a copy that never completed a sync is refused unless forced; a promoted shim serves
-//! the disk over NBD and refuses a second promotion; bad arguments are refused.
+//! the disk over NBD and refuses a second promotion; bad requests get typed error replies.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -9,6 +9,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xenft_control::blkback::{Reply, Request};
+use xenft_control::{ControlError, ErrorKind};
+
+/// One raw line to the control socket (what a script sends), the raw reply line.
+fn raw(p: &Path, line: &str) -> String {
+    let mut s = UnixStream::connect(p).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    let mut out = String::new();
+    BufReader::new(s).read_line(&mut out).unwrap();
+    out
+}
 
 const BIN: &str = env!("CARGO_BIN_EXE_xenft-blkback");
 
@@ -21,13 +33,12 @@ impl Drop for Proc {
     }
 }
 
-fn control(p: &Path, cmd: &str) -> Value {
-    let mut s = UnixStream::connect(p).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "{cmd}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+fn status(p: &Path) -> Value {
+    xenft_tests::components::blkback_status(p).expect("a status")
+}
+
+fn promote(p: &Path, epoch: Option<u64>, force: bool) -> Result<Reply, ControlError> {
+    xenft_tests::components::blkback_call(p, &Request::Promote { epoch, force })
 }
 
 #[test]
@@ -60,19 +71,19 @@ fn promote_refuses_a_never_synced_copy_unless_forced_then_serves_nbd() {
     }
     assert!(!p("nbd.sock").exists(), "a secondary must not serve NBD");
 
-    let r = control(&p("ctl"), "promote");
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(
-        r["error"].as_str().unwrap().contains("not consistent"),
-        "{r}"
+    let e = promote(&p("ctl"), None, false).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Refused), "{e}");
+    assert!(e.to_string().contains("not consistent"), "{e}");
+    let e = raw(
+        &p("ctl"),
+        "{\"v\":1,\"req\":{\"op\":\"promote\",\"epoch\":\"bogus\"}}\n",
     );
-    let r = control(&p("ctl"), "promote 3 bogus");
-    assert_eq!(r["ok"], false, "{r}");
-    assert_eq!(control(&p("ctl"), "status")["role"], "secondary");
+    assert!(e.contains("\"kind\":\"malformed\""), "{e}");
+    assert_eq!(status(&p("ctl"))["role"], "secondary");
 
-    let r = control(&p("ctl"), "promote force");
-    assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(control(&p("ctl"), "status")["role"], "primary");
+    let r = promote(&p("ctl"), None, true).unwrap();
+    assert!(matches!(r, Reply::Promoted { .. }), "{r:?}");
+    assert_eq!(status(&p("ctl"))["role"], "primary");
     let o = Command::new("qemu-io")
         .args([
             "-f",
@@ -95,8 +106,12 @@ fn promote_refuses_a_never_synced_copy_unless_forced_then_serves_nbd() {
             && !out.contains("verification failed"),
         "{out}"
     );
-    let r = control(&p("ctl"), "promote");
-    assert_eq!(r["ok"], false, "a second promotion: {r}");
+    let e = promote(&p("ctl"), None, false).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        Some(ErrorKind::Refused),
+        "a second promotion: {e}"
+    );
 }
 
 #[test]
@@ -123,11 +138,14 @@ fn an_oversized_control_line_is_refused_and_the_socket_keeps_serving() {
     }
     let mut s = UnixStream::connect(p("ctl")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // No newline in 100 KiB: the shim must answer without buffering it all.
-    let _ = s.write_all(&vec![b'x'; 100 * 1024]);
+    // No newline in 2 MiB: the shim must answer without buffering it all.
+    let _ = s.write_all(&vec![b'x'; 2 << 20]);
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).unwrap();
-    assert!(line.contains("line too long"), "{line}");
-    assert_eq!(control(&p("ctl"), "status")["role"], "local");
-    assert_eq!(control(&p("ctl"), "bogus")["ok"], false);
+    assert!(line.contains("\"kind\":\"too_long\""), "{line}");
+    assert_eq!(status(&p("ctl"))["role"], "local");
+    let r = raw(&p("ctl"), "{\"v\":1,\"req\":{\"op\":\"bogus\"}}\n");
+    assert!(r.contains("\"kind\":\"unknown_request\""), "{r}");
+    let e = promote(&p("ctl"), Some(3), false).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Refused), "{e}");
 }

@@ -113,6 +113,7 @@ pub mod domain;
 pub mod engine;
 pub mod local;
 pub mod run;
+pub mod shims;
 #[allow(unsafe_code)]
 mod sys;
 pub mod testing;

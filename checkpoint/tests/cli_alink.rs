@@ -13,6 +13,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xenft_control::checkpoint::Request;
+use xenft_control::Checkpoint;
 
 struct KillOnDrop(Child);
 impl Drop for KillOnDrop {
@@ -343,37 +345,32 @@ fn xen_domid_on_a_host_without_xen_is_a_clear_error() {
     );
 }
 
-/// One request line on a control socket; the JSON reply.
-fn control(path: &Path, line: &str) -> Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap()
+/// One request on the engine's control socket; the outcome as JSON (`"ok"`, the reply's
+/// fields or the refusal's `"error"`).
+fn control(path: &Path, req: &Request) -> Value {
+    xenft_tests::components::outcome_json::<Checkpoint>(path, req).expect("the engine answers")
 }
 
 #[test]
 fn with_control_the_agent_decides_the_takeover_over_the_alink() {
     let mut pair = Pair::start(&["--control", "{dir}/ctl"]);
     let ctl = pair.dir.path().join("ctl");
-    assert_eq!(control(&ctl, "status")["state"], "receiving");
+    assert_eq!(control(&ctl, &Request::Status)["state"], "receiving");
     pair.primary.0.kill().unwrap();
     pair.primary.0.wait().unwrap();
     let released = pair.released();
     // The link is dead well past the path timeout: nothing happens by itself.
     std::thread::sleep(Duration::from_secs(3));
     assert!(pair.secondary.0.try_wait().unwrap().is_none());
-    let st = control(&ctl, "status");
+    let st = control(&ctl, &Request::Status);
     assert_eq!(st["state"], "receiving", "{st}");
-    let stop = control(&ctl, "stop");
+    let stop = control(&ctl, &Request::Stop);
     let committed = stop["committed_epoch"].as_u64().unwrap();
     assert!(committed >= released, "{stop} < released {released}");
-    let f = control(&ctl, "failover");
+    let f = control(&ctl, &Request::Failover);
     assert_eq!(f["ok"], true, "{f}");
     assert_eq!(f["epoch"].as_u64(), Some(committed), "{f}");
-    let st = control(&ctl, "status");
+    let st = control(&ctl, &Request::Status);
     assert_eq!(st["state"], "running", "{st}");
     assert!(st["guest_pid"].as_u64().is_some(), "{st}");
 }
@@ -427,17 +424,17 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 }
 
 fn committed_on(ctl: &Path) -> u64 {
-    control(ctl, "status")["committed_epoch"]
+    control(ctl, &Request::Status)["committed_epoch"]
         .as_u64()
         .unwrap_or(0)
 }
 
 /// `stop` + `failover` on `ctl`: (resumed epoch, guest counter in that checkpoint).
 fn take_over(ctl: &Path) -> (u64, u64) {
-    assert_eq!(control(ctl, "stop")["ok"], true);
-    let f = control(ctl, "failover");
+    assert_eq!(control(ctl, &Request::Stop)["ok"], true);
+    let f = control(ctl, &Request::Failover);
     assert_eq!(f["ok"], true, "{f}");
-    let st = control(ctl, "status");
+    let st = control(ctl, &Request::Status);
     assert_eq!(st["state"], "running", "{st}");
     (
         f["epoch"].as_u64().unwrap(),
@@ -452,7 +449,7 @@ fn protect_over_alink(ctl: &Path) -> Value {
     let mut last = Value::Null;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        last = control(ctl, "protect");
+        last = control(ctl, &Request::Protect { peer: None });
         if last["ok"] == true {
             return last;
         }
@@ -489,12 +486,14 @@ fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survive
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let (_, b_resumed) = take_over(&b_ctl);
-    let pid = control(&b_ctl, "status")["guest_pid"].as_u64().unwrap();
+    let pid = control(&b_ctl, &Request::Status)["guest_pid"]
+        .as_u64()
+        .unwrap();
     // Nobody to protect toward yet: refused, the guest runs on.
-    let r = control(&b_ctl, "protect");
+    let r = control(&b_ctl, &Request::Protect { peer: None });
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("no live path"), "{r}");
-    assert_eq!(control(&b_ctl, "status")["state"], "running");
+    assert_eq!(control(&b_ctl, &Request::Status)["state"], "running");
 
     // A returns with a fresh secondary; B protects toward it; that secondary dies: B notices
     // (the path timeout) and keeps its guest running.
@@ -505,11 +504,11 @@ fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survive
     });
     drop(a1);
     wait_for("B to notice the lost secondary", 15, || {
-        let st = control(&b_ctl, "status");
+        let st = control(&b_ctl, &Request::Status);
         st["state"] == "running" && !st["last_error"].is_null()
     });
     assert_eq!(
-        control(&b_ctl, "status")["guest_pid"].as_u64(),
+        control(&b_ctl, &Request::Status)["guest_pid"].as_u64(),
         Some(pid),
         "same guest"
     );
@@ -518,22 +517,30 @@ fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survive
     let (a2, a2_ctl) = control_secondary(d, "a2", a_addrs, b_addrs, ("h1", "h2"));
     let p = protect_over_alink(&b_ctl);
     assert_eq!(p["peer"], "alink:h1", "{p}");
-    assert_eq!(control(&b_ctl, "protect alink")["already"], true);
+    assert_eq!(
+        control(
+            &b_ctl,
+            &Request::Protect {
+                peer: Some("alink".into())
+            }
+        )["already"],
+        true
+    );
     wait_for("A2's committed checkpoints", 30, || {
         committed_on(&a2_ctl) > 3
     });
-    let st = control(&b_ctl, "status");
+    let st = control(&b_ctl, &Request::Status);
     assert_eq!(st["state"], "protecting", "{st}");
     assert_eq!(st["primary"]["phase"], "protected", "{st}");
     assert_eq!(st["guest_pid"].as_u64(), Some(pid), "{st}");
 
     // `unprotect` ends it (the guest runs on); the same secondary process is not reused.
-    let u = control(&b_ctl, "unprotect");
+    let u = control(&b_ctl, &Request::Unprotect);
     assert_eq!(u["ok"], true, "{u}");
-    let st = control(&b_ctl, "status");
+    let st = control(&b_ctl, &Request::Status);
     assert_eq!(st["state"], "running", "{st}");
     assert!(st["last_error"].is_null(), "{st}");
-    let again = control(&b_ctl, "protect");
+    let again = control(&b_ctl, &Request::Protect { peer: None });
     assert_eq!(again["ok"], false, "{again}");
     assert!(
         again["error"].as_str().unwrap().contains("fresh"),
@@ -548,9 +555,9 @@ fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survive
         committed_on(&a3_ctl) > 3
     });
     wait_for("B protected", 10, || {
-        control(&b_ctl, "status")["primary"]["phase"] == "protected"
+        control(&b_ctl, &Request::Status)["primary"]["phase"] == "protected"
     });
-    let st = control(&b_ctl, "status");
+    let st = control(&b_ctl, &Request::Status);
     let (taken, counter) = (
         st["primary"]["epoch"].as_u64().unwrap(),
         st["primary"]["guest_counter"].as_u64().unwrap(),
@@ -570,6 +577,6 @@ fn after_a_takeover_the_guest_is_protected_again_over_the_same_alink_and_survive
         a_resumed >= counter && a_resumed > b_resumed,
         "the guest went back: A resumed at {a_resumed}, B had {counter} (resumed at {b_resumed})"
     );
-    let st = control(&a3_ctl, "status");
+    let st = control(&a3_ctl, &Request::Status);
     assert!(st["guest_pid"].as_u64().is_some(), "{st}");
 }

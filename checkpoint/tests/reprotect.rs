@@ -4,14 +4,14 @@
 //! bad or failing `protect` requests are refused without touching the guest, and `unprotect`
 //! ends protection with the guest still running.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xenft_control::checkpoint::Request;
+use xenft_control::{netback, Checkpoint, ErrorReply, Events, Netback, Server, ServerOptions};
 
 struct KillOnDrop(Child);
 impl Drop for KillOnDrop {
@@ -54,29 +54,34 @@ fn secondary(dir: &Path, name: &str, extra: &[&str]) -> (KillOnDrop, PathBuf, Pa
     (c, listen, ctl)
 }
 
-/// A stand-in relay control socket (`xenft-netback --control`): records each request line,
-/// says ok, and reports epoch 50 as its own.
-fn fake_relay(path: &Path) -> Arc<Mutex<Vec<String>>> {
-    let l = UnixListener::bind(path).unwrap();
+/// A stand-in relay (`xenft-netback --control`) on the contract's own server: records each
+/// request as its JSON, says done, and reports epoch 50 as its own.
+fn fake_relay(path: &Path) -> (Server, Arc<Mutex<Vec<String>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let mut line = String::new();
-            if BufReader::new(&s).read_line(&mut line).is_err() {
-                continue;
-            }
-            let reply = if line.contains("counters") {
-                r#"{"ok":true,"counters":{"epoch":50,"committed_epoch":49}}"#
-            } else {
-                r#"{"ok":true}"#
-            };
-            s2.lock().unwrap().push(line.trim().to_string());
-            let _ = writeln!(s, "{reply}");
-        }
-    });
-    seen
+    let handler = move |req: netback::Request| -> Result<netback::Reply, ErrorReply> {
+        s2.lock()
+            .unwrap()
+            .push(serde_json::to_string(&req).unwrap());
+        Ok(match req {
+            netback::Request::Counters => netback::Reply::Counters {
+                counters: Box::new(netback::Counters {
+                    epoch: 50,
+                    committed_epoch: 49,
+                    ..netback::Counters::default()
+                }),
+            },
+            _ => netback::Reply::Done,
+        })
+    };
+    let server = Server::start::<Netback, _>(
+        path,
+        Arc::new(handler),
+        Events::new(),
+        ServerOptions::default(),
+    )
+    .unwrap();
+    (server, seen)
 }
 
 fn passthrough_requests(relay: &Mutex<Vec<String>>) -> usize {
@@ -88,13 +93,15 @@ fn passthrough_requests(relay: &Mutex<Vec<String>>) -> usize {
         .count()
 }
 
-fn control(path: &Path, cmd: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("{cmd}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
+fn control(path: &Path, req: &Request) -> Option<Value> {
+    xenft_tests::components::outcome_json::<Checkpoint>(path, req)
+}
+
+/// `protect` toward the secondary listening at `sock`.
+fn protect_to(sock: impl AsRef<Path>) -> Request {
+    Request::Protect {
+        peer: Some(sock.as_ref().display().to_string()),
+    }
 }
 
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -114,7 +121,7 @@ fn alive(pid: u64) -> bool {
 }
 
 fn committed(ctl: &Path) -> u64 {
-    control(ctl, "status")
+    control(ctl, &Request::Status)
         .and_then(|v| v["committed_epoch"].as_u64())
         .unwrap_or(0)
 }
@@ -125,7 +132,7 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     let d = dir.path();
     // Arrange: A protects its guest toward B; A dies; B's agent fails over.
     let relay_sock = d.join("relay.ctl");
-    let relay = fake_relay(&relay_sock);
+    let (_relay_server, relay) = fake_relay(&relay_sock);
     let (_b, b_sock, b_ctl) =
         secondary(d, "b", &["--netback-control", relay_sock.to_str().unwrap()]);
     assert!(wait_until(Duration::from_secs(10), || b_sock.exists()));
@@ -147,53 +154,54 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     let _ = a.0.kill();
     let _ = a.0.wait();
     // Before the take-over there is nothing to protect.
-    let early = control(&b_ctl, "protect /tmp/nowhere.sock").unwrap();
+    let early = control(&b_ctl, &protect_to("/tmp/nowhere.sock")).unwrap();
     assert_eq!(early["ok"], false, "{early}");
-    assert_eq!(control(&b_ctl, "stop").unwrap()["ok"], true);
-    let f = control(&b_ctl, "failover").unwrap();
+    assert_eq!(control(&b_ctl, &Request::Stop).unwrap()["ok"], true);
+    let f = control(&b_ctl, &Request::Failover).unwrap();
     assert_eq!(f["ok"], true, "{f}");
-    let st = control(&b_ctl, "status").unwrap();
+    let st = control(&b_ctl, &Request::Status).unwrap();
     assert_eq!(st["state"], "running", "{st}");
     let pid = st["guest_pid"].as_u64().expect("guest pid");
 
     // Refused requests leave the guest running.
     for bad in [
-        "protect",
-        "protect relative.sock",
-        &format!("protect /{}", "x".repeat(200)),
-        "protect /tmp/xenft-no-such-secondary.sock",
+        Request::Protect { peer: None },
+        protect_to("relative.sock"),
+        protect_to(format!("/{}", "x".repeat(200))),
+        protect_to("/tmp/xenft-no-such-secondary.sock"),
     ] {
+        let bad = &bad;
         let r = control(&b_ctl, bad).unwrap();
-        assert_eq!(r["ok"], false, "{bad}: {r}");
-        let st = control(&b_ctl, "status").unwrap();
-        assert_eq!(st["state"], "running", "{bad}: {st}");
+        assert_eq!(r["ok"], false, "{bad:?}: {r}");
+        let st = control(&b_ctl, &Request::Status).unwrap();
+        assert_eq!(st["state"], "running", "{bad:?}: {st}");
         assert_eq!(st["guest_pid"].as_u64(), Some(pid));
-        assert!(alive(pid), "{bad} killed the guest");
+        assert!(alive(pid), "{bad:?} killed the guest");
     }
     // Without a socket, `protect` means the engine's own A-link, which this one has not.
-    let r = control(&b_ctl, "protect").unwrap();
+    let r = control(&b_ctl, &Request::Protect { peer: None }).unwrap();
     assert!(r["error"].as_str().unwrap().contains("no A-link"), "{r}");
 
     // Act: C (the returning host) listens; B protects its running guest toward it.
     let (mut c, c_sock, c_ctl) = secondary(d, "c", &[]);
     assert!(wait_until(Duration::from_secs(10), || c_sock.exists()));
-    let p = control(&b_ctl, &format!("protect {}", c_sock.display())).unwrap();
+    let p = control(&b_ctl, &protect_to(&c_sock)).unwrap();
     assert_eq!(p["ok"], true, "{p}");
-    let again = control(&b_ctl, &format!("protect {}", c_sock.display())).unwrap();
+    let again = control(&b_ctl, &protect_to(&c_sock)).unwrap();
     assert_eq!(again["ok"], true, "protect is idempotent: {again}");
 
     // Assert: C commits growing epochs; B reports the primary's progress; same guest.
     assert!(
         wait_until(Duration::from_secs(20), || committed(&c_ctl) > 3),
         "C receives no checkpoint: {:?}",
-        control(&c_ctl, "status")
+        control(&c_ctl, &Request::Status)
     );
     let first = committed(&c_ctl);
     assert!(
         wait_until(Duration::from_secs(10), || committed(&c_ctl) > first + 2),
         "C's committed epoch does not grow"
     );
-    let st = control(&b_ctl, "status").unwrap();
+    let st = control(&b_ctl, &Request::Status).unwrap();
     assert_eq!(st["state"], "protecting", "{st}");
     assert_eq!(st["primary"]["phase"], "protected", "{st}");
     assert!(
@@ -206,8 +214,11 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     let counter = |v: &Value| v["primary"]["guest_counter"].as_u64().unwrap_or(0);
     let c0 = counter(&st);
     assert!(
-        wait_until(Duration::from_secs(10), || control(&b_ctl, "status")
-            .is_some_and(|v| counter(&v) > c0)),
+        wait_until(Duration::from_secs(10), || control(
+            &b_ctl,
+            &Request::Status
+        )
+        .is_some_and(|v| counter(&v) > c0)),
         "the protected guest makes no progress: {st}"
     );
 
@@ -235,9 +246,9 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     }
 
     // `unprotect` ends protection; the guest keeps running.
-    let u = control(&b_ctl, "unprotect").unwrap();
+    let u = control(&b_ctl, &Request::Unprotect).unwrap();
     assert_eq!(u["ok"], true, "{u}");
-    let st = control(&b_ctl, "status").unwrap();
+    let st = control(&b_ctl, &Request::Status).unwrap();
     assert_eq!(st["state"], "running", "{st}");
     assert_eq!(st["guest_pid"].as_u64(), Some(pid));
     assert!(alive(pid));
@@ -247,7 +258,7 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
     let _ = c.0.wait();
     let (c2, c2_sock, c2_ctl) = secondary(d, "c2", &[]);
     assert!(wait_until(Duration::from_secs(10), || c2_sock.exists()));
-    let p = control(&b_ctl, &format!("protect {}", c2_sock.display())).unwrap();
+    let p = control(&b_ctl, &protect_to(&c2_sock)).unwrap();
     assert_eq!(p["ok"], true, "{p}");
     assert!(wait_until(Duration::from_secs(20), || committed(&c2_ctl) > 1));
     let held = passthrough_requests(&relay);
@@ -261,12 +272,13 @@ fn a_resumed_guest_is_protected_again_toward_a_returning_host_and_keeps_running(
         relay.lock().unwrap()
     );
     assert!(
-        wait_until(Duration::from_secs(10), || control(&b_ctl, "status")
-            .is_some_and(
-                |v| v["state"] == "running" && !v["last_error"].is_null()
-            )),
+        wait_until(Duration::from_secs(10), || control(
+            &b_ctl,
+            &Request::Status
+        )
+        .is_some_and(|v| v["state"] == "running" && !v["last_error"].is_null())),
         "the lost secondary is not reported: {:?}",
-        control(&b_ctl, "status")
+        control(&b_ctl, &Request::Status)
     );
     assert!(alive(pid), "losing the secondary killed the guest");
 }

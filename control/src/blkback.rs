@@ -86,7 +86,10 @@ pub enum Reply {
     /// `status`.
     Status(Box<Status>),
     /// `verify`.
-    Verify(VerifyReport),
+    Verify {
+        /// The comparison.
+        verify: VerifyReport,
+    },
     /// `checkpoint`.
     Checkpoint {
         /// The epoch later writes belong to.
@@ -103,7 +106,10 @@ pub enum Reply {
         discarded: usize,
     },
     /// `promote`.
-    Promoted(Promoted),
+    Promoted {
+        /// What the promotion did.
+        promoted: Promoted,
+    },
 }
 
 /// An event pushed by `xenft-blkback`.

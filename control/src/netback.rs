@@ -85,7 +85,10 @@ pub enum Reply {
         announced: u64,
     },
     /// `counters`.
-    Counters(Box<Counters>),
+    Counters {
+        /// The relay's counters.
+        counters: Box<Counters>,
+    },
 }
 
 /// An event pushed by `xenft-netback`.
@@ -124,10 +127,11 @@ pub enum Event {
 }
 
 /// What the shim does with the VM's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Forward at once (unprotected, or level 2 only).
+    #[default]
     Passthrough,
     /// Hold per epoch until committed (level 3 output commit).
     Buffered,
@@ -198,7 +202,7 @@ pub struct RedirectStatus {
 }
 
 /// Counters of one VM's relay, for the agent (serialised as JSON on the control socket).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Current mode.
     pub mode: Mode,

@@ -3,7 +3,6 @@
 //! NBD write load.
 #![allow(dead_code, missing_docs)]
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -196,34 +195,10 @@ pub fn wait_socket(p: &Path) {
     }
 }
 
-pub fn control(sock: &Path, cmd: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(600))).ok()?;
-    writeln!(s, "{cmd}").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
+pub use xenft_tests::components::peer_link as link;
 
 pub fn wait_status(sock: &Path, f: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = control(sock, "status") {
-            if f(&v) {
-                return v;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "timeout on {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-pub fn link(v: &Value) -> &str {
-    v["primary"]["peer"].as_str().unwrap_or("")
+    xenft_tests::components::wait_blkback_status(sock, Duration::from_secs(600), f)
 }
 
 /// Runs `offsets` writes of `block` bytes at queue depth `depth` (then a flush) against the

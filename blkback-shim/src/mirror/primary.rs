@@ -63,74 +63,7 @@ impl Default for MirrorConfig {
     }
 }
 
-/// Connection state towards the secondary, as reported by [`Primary::status`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PeerLink {
-    /// No session: writes are recorded in the dirty bitmap.
-    Degraded,
-    /// Session up, resync running.
-    Resyncing,
-    /// Session up, secondary identical as of the last acknowledgement.
-    InSync,
-}
-
-/// Resync progress.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ResyncProgress {
-    /// Whether this is the full initial sync.
-    pub full: bool,
-    /// Bytes to copy when the resync started.
-    pub total_bytes: u64,
-    /// Bytes still dirty.
-    pub bytes_left: u64,
-    /// Data bytes sent as resync copies so far.
-    pub bytes_copied: u64,
-    /// Bytes sent as zero/hole ranges (no data on the wire).
-    pub bytes_zeroed: u64,
-    /// Copy rate so far, bytes per second.
-    pub rate_bytes_per_sec: f64,
-    /// Estimated seconds to completion (`None` before a rate is known).
-    pub eta_secs: Option<f64>,
-    /// Seconds since the resync started.
-    pub elapsed_secs: f64,
-}
-
-/// Everything the agent needs to know about the primary, as JSON-serialisable data.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PrimaryStatus {
-    /// Link state.
-    pub peer: PeerLink,
-    /// State the secondary announced for its copy in the current session.
-    pub peer_disk: Option<PeerDiskState>,
-    /// Bytes the secondary may lack (dirty bitmap).
-    pub dirty_bytes: u64,
-    /// Whether the secondary completed a full sync once.
-    pub peer_synced: bool,
-    /// Current resync, if any.
-    pub resync: Option<ResyncProgress>,
-    /// Last completed resync.
-    pub last_resync: Option<ResyncProgress>,
-    /// Local store failure that switched the disk to remote mode (`None`: local store fine).
-    pub local_failure: Option<String>,
-    /// Last failure the secondary reported (its store could not apply a message), or why the
-    /// last session ended.
-    pub peer_failure: Option<String>,
-    /// Resync rate limit (bytes/s, 0 = unlimited).
-    pub resync_rate_limit: u64,
-    /// Client writes acknowledged by the secondary.
-    pub writes_mirrored: u64,
-    /// Client writes completed while degraded (recorded in the bitmap).
-    pub writes_degraded: u64,
-    /// Sessions opened so far.
-    pub sessions: u64,
-    /// Current level-3 epoch stamped on writes.
-    pub epoch: u64,
-    /// Activity-log extents currently active.
-    pub al_active_extents: usize,
-    /// Extents found active at start (unclean stop while connected), queued for resync.
-    pub al_recovered_extents: u64,
-}
+pub use xenft_control::blkback::{PeerLink, PrimaryStatus, ResyncProgress};
 
 /// Completion of a mirrored operation: `Ok` or an NBD errno.
 pub type Ticket = oneshot::Receiver<Result<(), u32>>;

@@ -134,30 +134,7 @@ impl EpochBuffer {
     }
 }
 
-/// Status of the secondary for the agent.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SecondaryStatus {
-    /// Whether a primary session is up.
-    pub connected: bool,
-    /// State of the local copy.
-    pub disk: PeerDiskState,
-    /// Client-write bytes applied.
-    pub bytes_applied: u64,
-    /// Resync bytes applied (data, not zero ranges).
-    pub resync_bytes: u64,
-    /// Highest sequence applied in the current session.
-    pub last_seq: u64,
-    /// Epoch mode on.
-    pub epoch_mode: bool,
-    /// Epochs with held writes.
-    pub held_epochs: Vec<u64>,
-    /// Held bytes.
-    pub held_bytes: u64,
-    /// Highest committed epoch.
-    pub committed_epoch: u64,
-    /// Last store failure.
-    pub failure: Option<String>,
-}
+pub use xenft_control::blkback::SecondaryStatus;
 
 /// The secondary shim for one disk.
 pub struct Secondary {

@@ -25,16 +25,7 @@ pub const FLAG_RESYNC: u8 = 1 << 1;
 pub const FLAG_PUNCH: u8 = 1 << 2;
 
 /// What the secondary knows about its own copy, announced in [`PeerMsg::Hello`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PeerDiskState {
-    /// Never synced: the primary must run a full sync.
-    Fresh,
-    /// A resync was interrupted: the primary's dirty bitmap still covers what is missing.
-    Inconsistent,
-    /// Identical to the primary as of the last acknowledged message.
-    Consistent,
-}
+pub use xenft_control::blkback::PeerDiskState;
 
 /// One replication message.
 #[derive(Debug, Clone, PartialEq, Eq)]

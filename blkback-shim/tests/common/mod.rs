@@ -216,38 +216,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Sends one command to a shim's control socket; `None` if the socket is not there (yet).
-pub fn control(sock: &Path, cmd: &str) -> Option<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    writeln!(s, "{cmd}").ok()?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use xenft_tests::components::{blkback_call as call, blkback_status as status, peer_link};
 
 /// Polls the shim's `status` until `f` accepts it (panics after 30 s with the last status).
 pub fn wait_for_status(sock: &Path, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = control(sock, "status") {
-            if f(&v) {
-                return v;
-            }
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "timeout waiting on {}: last {:?}",
-            sock.display(),
-            control(sock, "status")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-/// A primary's view of its peer link in a status reply (`""` when absent).
-pub fn peer_link(v: &serde_json::Value) -> &str {
-    v["primary"]["peer"].as_str().unwrap_or("")
+    xenft_tests::components::wait_blkback_status(sock, std::time::Duration::from_secs(30), f)
 }

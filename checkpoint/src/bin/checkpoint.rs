@@ -51,9 +51,14 @@ use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::run::{
     drive_primary, link_up, start_link, wait_primary_lost, Liveness, PeerLoss,
 };
+use xenft_checkpoint::shims::Shims;
 use xenft_checkpoint::wire::Frame;
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
 use xenft_checkpoint::xen::XenDomain;
+use xenft_control::checkpoint::{
+    Event, Phase as ProtectPhase, Protecting, Reply, Request, State, Status,
+};
+use xenft_control::{Checkpoint as CheckpointComponent, ErrorReply, Events, Server, ServerOptions};
 
 #[derive(Parser)]
 #[command(about = "Level-3 checkpoint replication of a synthetic guest or a Xen domain")]
@@ -449,103 +454,14 @@ impl FrameReceiver for CrashReceiver {
 struct CrashSink {
     inner: RecordingSink,
     crash: Option<Arc<Crash>>,
-    /// The blkback primary's control socket (`--blkback-control`).
-    blkback: Option<PathBuf>,
-    /// The netback relay's control socket (`--netback-control`).
-    netback: Option<PathBuf>,
-    /// Re-protection after a take-over: the relay runs in pass-through with epoch numbers of
-    /// its own; it is switched to buffered at the first checkpoint.
-    relay: Option<RelayBuffering>,
-}
-
-/// The relay's output buffering when protection starts on a running guest (`protect`).
-#[derive(Default)]
-struct RelayBuffering {
-    /// Relay epoch = engine epoch + `base` (the relay's epochs only ever increase).
-    base: AtomicU64,
-    /// Buffered mode is on.
-    on: std::sync::atomic::AtomicBool,
-}
-
-impl RelayBuffering {
-    /// The relay epoch of engine epoch `epoch`, once buffering is on.
-    fn map(&self, epoch: u64) -> Option<u64> {
-        self.on
-            .load(Ordering::Acquire)
-            .then(|| epoch.saturating_add(self.base.load(Ordering::Acquire)))
-    }
-
-    /// Turns buffering on, numbering after the relay's own epochs; false if the relay could
-    /// not be asked (retried at the next checkpoint; output is not held meanwhile).
-    fn start(&self, relay: &std::path::Path) -> bool {
-        if self.on.load(Ordering::Acquire) {
-            return true;
-        }
-        let Ok(v) = shim_call(relay, r#"{"op":"counters"}"#) else {
-            return false;
-        };
-        let c = &v["counters"];
-        let base = c["epoch"]
-            .as_u64()
-            .unwrap_or(0)
-            .max(c["committed_epoch"].as_u64().unwrap_or(0));
-        if let Err(e) = shim_call(relay, r#"{"op":"set_mode","mode":"buffered"}"#) {
-            tracing::warn!(error = %e, "the relay did not switch to buffered mode");
-            return false;
-        }
-        self.base.store(base, Ordering::Release);
-        self.on.store(true, Ordering::Release);
-        true
-    }
-}
-
-/// One line to a shim's control socket; the reply must say `"ok":true`. A shim that fails
-/// is logged: the disk then lags the memory checkpoints (its writes stay held, which the
-/// take-over's commit-up-to-checkpoint handles), the relay holds its output longer.
-fn shim_request(path: &std::path::Path, line: &str) {
-    if let Err(e) = shim_call(path, line) {
-        tracing::warn!(%line, error = %e, "shim request failed");
-    }
-}
-
-/// One line to a shim's control socket; the reply object if it says `"ok":true`.
-fn shim_call(path: &std::path::Path, line: &str) -> Result<serde_json::Value, String> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let r = (|| -> std::io::Result<String> {
-        let mut s = UnixStream::connect(path)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(format!("{line}\n").as_bytes())?;
-        let mut reply = String::new();
-        BufReader::new(s.take(64 * 1024)).read_line(&mut reply)?;
-        Ok(reply)
-    })();
-    match r {
-        Ok(reply) => match serde_json::from_str::<serde_json::Value>(&reply) {
-            Ok(v) if v["ok"] == true => Ok(v),
-            _ => Err(format!("refused: {}", reply.trim())),
-        },
-        Err(e) => Err(format!("control socket: {e}")),
-    }
+    /// The VM's shims, stamped and committed per epoch.
+    shims: Shims,
 }
 
 impl CommitSink for CrashSink {
     fn checkpoint(&self, epoch: u64) {
         // Inside the pause: the disk writes issued from now on belong to the next epoch.
-        if let Some(b) = &self.blkback {
-            shim_request(b, &format!("checkpoint {epoch}"));
-        }
-        if let Some(n) = &self.netback {
-            let next = match &self.relay {
-                None => Some(epoch.saturating_add(1)),
-                Some(r) => {
-                    r.start(n);
-                    r.map(epoch.saturating_add(1))
-                }
-            };
-            if let Some(next) = next {
-                shim_request(n, &format!("{{\"op\":\"begin_epoch\",\"epoch\":{next}}}"));
-            }
-        }
+        self.shims.checkpoint(epoch);
         self.inner.checkpoint(epoch);
     }
     fn commit(&self, epoch: u64) {
@@ -556,18 +472,7 @@ impl CommitSink for CrashSink {
         if hit.is_some_and(|c| c.point == CrashPoint::BeforeCommit) {
             die();
         }
-        if let Some(b) = &self.blkback {
-            shim_request(b, &format!("commit {epoch}"));
-        }
-        if let Some(n) = &self.netback {
-            let at = match &self.relay {
-                None => Some(epoch),
-                Some(r) => r.map(epoch),
-            };
-            if let Some(at) = at {
-                shim_request(n, &format!("{{\"op\":\"commit\",\"epoch\":{at}}}"));
-            }
-        }
+        self.shims.commit(epoch);
         self.inner.commit(epoch);
         if hit.is_some_and(|c| c.point == CrashPoint::AfterCommit) {
             die();
@@ -690,9 +595,7 @@ fn main() -> anyhow::Result<()> {
             let sink = Arc::new(CrashSink {
                 inner,
                 crash,
-                blkback: blkback_control,
-                netback: netback_control,
-                relay: None,
+                shims: Shims::new(blkback_control, netback_control),
             });
             let protection = start_protection(
                 domain,
@@ -948,8 +851,6 @@ impl PeerCut {
     }
 }
 
-/// Longest control request line.
-const MAX_CONTROL_LINE: u64 = 4096;
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -994,6 +895,17 @@ fn peer_of(arg: Option<&str>, alink_peer: Option<&str>) -> Result<Peer, ProtectE
     }
 }
 
+fn state_of(state: &Replica) -> State {
+    match state {
+        Replica::Waiting => State::Waiting,
+        Replica::Receiving(_) => State::Receiving,
+        Replica::Stopped(_) => State::Stopped,
+        Replica::Running { .. } => State::Running,
+        Replica::Protecting(_) => State::Protecting,
+        Replica::Failed(_) => State::Failed,
+    }
+}
+
 fn state_name(state: &Replica) -> &'static str {
     match state {
         Replica::Waiting => "waiting",
@@ -1014,9 +926,7 @@ fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
     let epoch = r.resumed_epoch;
     let stopped = r.protection.stop_keep_domain();
     // Unprotected again: the relay releases what it holds and passes output through.
-    if let Some(n) = &r.relay {
-        shim_request(n, r#"{"op":"set_mode","mode":"passthrough"}"#);
-    }
+    Shims::new(None, r.relay.clone()).relay_passthrough();
     match stopped {
         Ok(domain) => Replica::Running {
             domain: domain.inner,
@@ -1034,7 +944,8 @@ fn reclaim(r: Reprotection, cut: bool, why: Option<String>) -> Replica {
 
 /// A protection that ended by itself (the secondary went away) gives the guest back. Over
 /// the A-link (`alink`), a secondary with no live path for the path timeout is gone too.
-fn refresh(state: &mut Replica, alink: Option<&LinkHold>) {
+/// Returns why, when a protection ended.
+fn refresh(state: &mut Replica, alink: Option<&LinkHold>) -> Option<String> {
     let mut lost = None;
     if let (Replica::Protecting(r), Some(hold)) = (&mut *state, alink) {
         if let Some(loss) = r.loss.as_mut() {
@@ -1049,35 +960,18 @@ fn refresh(state: &mut Replica, alink: Option<&LinkHold>) {
     let ended =
         lost.is_some() || matches!(state, Replica::Protecting(r) if r.protection.is_finished());
     if !ended {
-        return;
+        return None;
     }
     let Replica::Protecting(r) = std::mem::replace(state, Replica::Waiting) else {
-        return;
+        return None;
     };
     let why = match (lost, r.protection.status().phase) {
         (Some(why), _) | (None, Phase::Failed(why)) => why,
         _ => "protection ended".to_string(),
     };
     tracing::warn!(reason = %why, "protection of the resumed guest ended; the guest keeps running");
-    *state = reclaim(*r, true, Some(why));
-}
-
-/// Before a new protection numbers its checkpoints from 1 again: writes from now on are
-/// stamped epoch 0 (committed with the first checkpoint), and every write still held on the
-/// secondary under an older, higher number is committed — all of them precede the first
-/// checkpoint, so a take-over from any checkpoint of the new protection must keep them.
-fn restart_disk_epochs(blkback: &std::path::Path) {
-    let current = shim_call(blkback, "status")
-        .ok()
-        .and_then(|v| v["primary"]["epoch"].as_u64());
-    let Some(current) = current else {
-        tracing::warn!("blkback is not a primary: the disk epochs are not stamped");
-        return;
-    };
-    shim_request(blkback, "epoch 0");
-    if current > 0 {
-        shim_request(blkback, &format!("commit {current}"));
-    }
+    *state = reclaim(*r, true, Some(why.clone()));
+    Some(why)
 }
 
 /// The checkpoint channel toward `peer`, and how to cut it; over the A-link also the judge
@@ -1129,21 +1023,23 @@ fn protect(
     arg: Option<&str>,
     re: &ReprotectArgs,
     alink: Option<&LinkHold>,
-) -> Result<serde_json::Value, ProtectError> {
+) -> Result<Reply, ProtectError> {
     let alink_peer = alink.map(|h| h.link.status().peer_host);
     let peer = peer_of(arg, alink_peer.as_deref())?;
     match &*state {
         Replica::Running { .. } => {}
         Replica::Protecting(r) if r.peer == peer => {
-            return Ok(serde_json::json!({"ok": true, "peer": peer.to_string(), "already": true}));
+            return Ok(Reply::Protecting {
+                peer: peer.to_string(),
+                already: true,
+            });
         }
         Replica::Protecting(r) => return Err(ProtectError::AlreadyProtecting(r.peer.to_string())),
         other => return Err(ProtectError::NotRunning(state_name(other))),
     }
     let (endpoint, link, loss) = protect_channel(&peer, alink)?;
-    if let Some(b) = &re.blkback_control {
-        restart_disk_epochs(b);
-    }
+    let shims = Shims::new(re.blkback_control.clone(), re.netback_control.clone()).reprotecting();
+    shims.restart_disk_epochs();
     let Replica::Running { domain, epoch, .. } = std::mem::replace(state, Replica::Waiting) else {
         return Err(ProtectError::NotRunning("changed"));
     };
@@ -1151,9 +1047,7 @@ fn protect(
     let sink = Arc::new(CrashSink {
         inner: RecordingSink::new(),
         crash: None,
-        blkback: re.blkback_control.clone(),
-        netback: re.netback_control.clone(),
-        relay: Some(RelayBuffering::default()),
+        shims,
     });
     let config = PrimaryConfig {
         epoch: EpochPolicy::Fixed(Duration::from_millis(re.protect_epoch_ms)),
@@ -1177,7 +1071,10 @@ fn protect(
                 resumed_epoch: epoch,
                 guest_pid,
             }));
-            Ok(serde_json::json!({"ok": true, "peer": peer.to_string()}))
+            Ok(Reply::Protecting {
+                peer: peer.to_string(),
+                already: false,
+            })
         }
         Err((domain, e)) => {
             link.cut();
@@ -1230,57 +1127,40 @@ fn control_mode(
     control: &std::path::Path,
     reprotect: ReprotectArgs,
 ) -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::Mutex;
     let state = Arc::new(Mutex::new(Replica::Waiting));
     // The A-link, once started (after the control socket listens): `protect` reuses it.
     let alink: Arc<std::sync::OnceLock<LinkHold>> = Arc::default();
-    let _ = std::fs::remove_file(control);
-    let cl =
-        UnixListener::bind(control).with_context(|| format!("binding {}", control.display()))?;
+    let events: Arc<Events<Event>> = Events::new();
     let st = Arc::clone(&state);
     let al = Arc::clone(&alink);
-    std::thread::spawn(move || {
-        for conn in cl.incoming() {
-            let Ok(conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let Ok(mut out) = conn.try_clone() else {
-                continue;
-            };
-            let mut rd = BufReader::new(conn);
-            loop {
-                let mut buf = Vec::new();
-                match rd
-                    .by_ref()
-                    .take(MAX_CONTROL_LINE)
-                    .read_until(b'\n', &mut buf)
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let reply = match std::str::from_utf8(&buf) {
-                    Ok(line) if buf.last() == Some(&b'\n') => {
-                        let mut g = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        control_command(&mut g, line.trim(), &reprotect, al.get())
-                    }
-                    _ => serde_json::json!({"ok": false, "error": "bad request line"}),
-                };
-                if writeln!(out, "{reply}").is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let handler = move |req: Request| {
+        let mut g = st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        control_command(&mut g, req, &reprotect, al.get())
+    };
+    let _server = Server::start::<CheckpointComponent, _>(
+        control,
+        Arc::new(handler),
+        Arc::clone(&events),
+        ServerOptions {
+            idle: Duration::from_secs(5),
+            ..ServerOptions::default()
+        },
+    )
+    .with_context(|| format!("binding {}", control.display()))?;
     // A protection that ends by itself (the secondary died) is noticed without waiting for a
     // request: the guest is taken back and the relay stops holding its output.
     let st = Arc::clone(&state);
     let al = Arc::clone(&alink);
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(100));
-        refresh(
+        let ended = refresh(
             &mut st.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
             al.get(),
         );
+        if let Some(reason) = ended {
+            events.publish(&Event::ProtectionEnded { reason });
+        }
     });
     let replica = kind.replica()?;
     let (endpoint, hold) = secondary_endpoint(listen, link_cfg)?;
@@ -1298,71 +1178,17 @@ fn control_mode(
 
 fn control_command(
     state: &mut Replica,
-    line: &str,
+    req: Request,
     re: &ReprotectArgs,
     alink: Option<&LinkHold>,
-) -> serde_json::Value {
-    use serde_json::json;
-    let fail = |e: &str| json!({"ok": false, "error": e});
+) -> Result<Reply, ErrorReply> {
     refresh(state, alink);
-    let (verb, arg) = match line.split_once(' ') {
-        Some((v, a)) => (v, Some(a)),
-        None => (line, None),
-    };
-    match (verb, arg) {
-        ("status", None) => {
-            let committed = match &*state {
-                Replica::Waiting | Replica::Failed(_) => None,
-                Replica::Receiving(h) => h.status().committed_epoch,
-                Replica::Stopped(s) => s.committed().map(|(e, _)| e),
-                Replica::Running { epoch, .. } => Some(*epoch),
-                Replica::Protecting(r) => Some(r.resumed_epoch),
-            };
-            let mut v =
-                json!({"ok": true, "state": state_name(state), "committed_epoch": committed});
-            match &*state {
-                Replica::Receiving(h) => {
-                    let s = h.status();
-                    v["applied_epochs"] = json!(s.applied_epochs);
-                    v["rejected_epochs"] = json!(s.rejected_epochs);
-                    v["primary_gone"] = json!(s.primary_gone);
-                }
-                Replica::Failed(why) => v["error"] = json!(why),
-                Replica::Running {
-                    domain, last_error, ..
-                } => {
-                    v["guest_pid"] = json!(domain.guest_pid());
-                    v["last_error"] = json!(last_error);
-                }
-                Replica::Protecting(r) => {
-                    let s = r.protection.status();
-                    let (phase, reason) = match &s.phase {
-                        Phase::Precopy => ("precopy", None),
-                        Phase::Protected => ("protected", None),
-                        Phase::Stopped => ("stopped", None),
-                        Phase::Failed(why) => ("failed", Some(why.clone())),
-                    };
-                    v["guest_pid"] = json!(r.guest_pid);
-                    v["primary"] = json!({
-                        "phase": phase,
-                        "reason": reason,
-                        "epoch": s.epoch,
-                        "committed_epoch": s.committed_epoch,
-                        "checkpoints": s.checkpoints,
-                        "pause_p99_ms": s.pause.p99,
-                        "pause_max_ms": s.pause.max,
-                        "guest_counter": r.counter.load(Ordering::Relaxed),
-                        "peer": r.peer.to_string(),
-                    });
-                }
-                Replica::Waiting | Replica::Stopped(_) => {}
-            }
-            v
-        }
-        ("stop", None) => {
+    match req {
+        Request::Status => Ok(Reply::Status(Box::new(status_of(state)))),
+        Request::Stop => {
             if matches!(state, Replica::Receiving(_)) {
                 let Replica::Receiving(h) = std::mem::replace(state, Replica::Waiting) else {
-                    return fail("state changed");
+                    return Err(ErrorReply::failed("state changed"));
                 };
                 *state = match h.stop() {
                     Ok(s) => Replica::Stopped(s),
@@ -1370,70 +1196,34 @@ fn control_command(
                 };
             }
             match &*state {
-                Replica::Stopped(s) => {
-                    json!({"ok": true, "committed_epoch": s.committed().map(|(e, _)| e)})
-                }
-                Replica::Running { epoch, .. } => json!({"ok": true, "committed_epoch": epoch}),
-                Replica::Protecting(r) => json!({"ok": true, "committed_epoch": r.resumed_epoch}),
-                Replica::Waiting => fail("no primary has connected: nothing to stop"),
-                Replica::Failed(why) => fail(why),
-                Replica::Receiving(_) => fail("still receiving"),
+                Replica::Stopped(s) => Ok(Reply::Stopped {
+                    committed_epoch: s.committed().map(|(e, _)| e),
+                }),
+                Replica::Running { epoch, .. } => Ok(Reply::Stopped {
+                    committed_epoch: Some(*epoch),
+                }),
+                Replica::Protecting(r) => Ok(Reply::Stopped {
+                    committed_epoch: Some(r.resumed_epoch),
+                }),
+                Replica::Waiting => Err(ErrorReply::refused(
+                    "no primary has connected: nothing to stop",
+                )),
+                Replica::Failed(why) => Err(ErrorReply::failed(why)),
+                Replica::Receiving(_) => Err(ErrorReply::failed("still receiving")),
             }
         }
-        ("failover", None) => {
-            match &*state {
-                Replica::Running { epoch, .. } => return json!({"ok": true, "epoch": epoch}),
-                Replica::Protecting(r) => return json!({"ok": true, "epoch": r.resumed_epoch}),
-                _ => {}
+        Request::Failover => failover(state),
+        Request::Protect { peer } => protect(state, peer.as_deref(), re, alink).map_err(|e| {
+            tracing::warn!(error = %e, "protect refused; the guest keeps running");
+            match e {
+                ProtectError::Engine(_) | ProtectError::Connect { .. } => ErrorReply::failed(e),
+                _ => ErrorReply::refused(e),
             }
-            let stopped = match std::mem::replace(state, Replica::Waiting) {
-                Replica::Receiving(h) => h.stop(),
-                Replica::Stopped(s) => Ok(s),
-                Replica::Waiting => return fail("no primary has connected: no checkpoint"),
-                other @ (Replica::Failed(_) | Replica::Running { .. } | Replica::Protecting(_)) => {
-                    *state = other;
-                    return fail("the replica failed before");
-                }
-            };
-            // A synthetic guest's workload counter in that checkpoint: where it resumes.
-            let counter = |s: &mut StoppedSecondary<Guest>| {
-                let ctx = s.committed().map(|(_, c)| c.0.clone())?;
-                matches!(s.domain_mut(), Guest::Local(_))
-                    .then(|| WorkloadState::decode(&ctx).ok().map(|w| w.counter))
-                    .flatten()
-            };
-            let resumed = stopped.and_then(|mut s| {
-                let c = counter(&mut s);
-                s.failover().map(|r| (r, c))
-            });
-            match resumed {
-                Ok(((domain, epoch), guest_counter)) => {
-                    tracing::warn!(epoch, "failover: the replica runs from its last checkpoint");
-                    *state = Replica::Running {
-                        domain,
-                        epoch,
-                        last_error: None,
-                    };
-                    json!({"ok": true, "epoch": epoch, "guest_counter": guest_counter})
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    *state = Replica::Failed(why.clone());
-                    fail(&why)
-                }
-            }
-        }
-        ("protect", arg) => match protect(state, arg, re, alink) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "protect refused; the guest keeps running");
-                fail(&e.to_string())
-            }
-        },
-        ("unprotect", None) => {
+        }),
+        Request::Unprotect => {
             if matches!(state, Replica::Protecting(_)) {
                 let Replica::Protecting(r) = std::mem::replace(state, Replica::Waiting) else {
-                    return fail("state changed");
+                    return Err(ErrorReply::failed("state changed"));
                 };
                 *state = match reclaim(*r, true, None) {
                     // The cut link is how it was asked to end: not an error.
@@ -1447,14 +1237,135 @@ fn control_command(
                 tracing::warn!("protection ended on request; the guest keeps running");
             }
             match &*state {
-                Replica::Running { epoch, .. } => json!({"ok": true, "epoch": epoch}),
-                Replica::Failed(why) => fail(why),
-                other => fail(&format!(
+                Replica::Running { epoch, .. } => Ok(Reply::Running { epoch: *epoch }),
+                Replica::Failed(why) => Err(ErrorReply::failed(why)),
+                other => Err(ErrorReply::refused(format!(
                     "nothing to unprotect (state {})",
                     state_name(other)
-                )),
+                ))),
             }
         }
-        _ => fail("unknown command (status, stop, failover, protect [<socket>|alink], unprotect)"),
+    }
+}
+
+/// `status`.
+fn status_of(state: &Replica) -> Status {
+    let committed_epoch = match state {
+        Replica::Waiting | Replica::Failed(_) => None,
+        Replica::Receiving(h) => h.status().committed_epoch,
+        Replica::Stopped(s) => s.committed().map(|(e, _)| e),
+        Replica::Running { epoch, .. } => Some(*epoch),
+        Replica::Protecting(r) => Some(r.resumed_epoch),
+    };
+    let mut st = Status {
+        state: state_of(state),
+        committed_epoch,
+        applied_epochs: None,
+        rejected_epochs: None,
+        primary_gone: None,
+        error: None,
+        guest_pid: None,
+        last_error: None,
+        primary: None,
+    };
+    match state {
+        Replica::Receiving(h) => {
+            let s = h.status();
+            st.applied_epochs = Some(s.applied_epochs);
+            st.rejected_epochs = Some(s.rejected_epochs);
+            st.primary_gone = Some(s.primary_gone);
+        }
+        Replica::Failed(why) => st.error = Some(why.clone()),
+        Replica::Running {
+            domain, last_error, ..
+        } => {
+            st.guest_pid = domain.guest_pid();
+            st.last_error.clone_from(last_error);
+        }
+        Replica::Protecting(r) => {
+            let s = r.protection.status();
+            let (phase, reason) = match &s.phase {
+                Phase::Precopy => (ProtectPhase::Precopy, None),
+                Phase::Protected => (ProtectPhase::Protected, None),
+                Phase::Stopped => (ProtectPhase::Stopped, None),
+                Phase::Failed(why) => (ProtectPhase::Failed, Some(why.clone())),
+            };
+            st.guest_pid = r.guest_pid;
+            st.primary = Some(Protecting {
+                phase,
+                reason,
+                epoch: s.epoch,
+                committed_epoch: s.committed_epoch,
+                checkpoints: s.checkpoints,
+                pause_p99_ms: s.pause.p99,
+                pause_max_ms: s.pause.max,
+                guest_counter: r.counter.load(Ordering::Relaxed),
+                peer: r.peer.to_string(),
+            });
+        }
+        Replica::Waiting | Replica::Stopped(_) => {}
+    }
+    st
+}
+
+/// `failover`: resume the replica from its last committed checkpoint (idempotent).
+fn failover(state: &mut Replica) -> Result<Reply, ErrorReply> {
+    match &*state {
+        Replica::Running { epoch, .. } => {
+            return Ok(Reply::Resumed {
+                epoch: *epoch,
+                guest_counter: None,
+            })
+        }
+        Replica::Protecting(r) => {
+            return Ok(Reply::Resumed {
+                epoch: r.resumed_epoch,
+                guest_counter: None,
+            })
+        }
+        _ => {}
+    }
+    let stopped = match std::mem::replace(state, Replica::Waiting) {
+        Replica::Receiving(h) => h.stop(),
+        Replica::Stopped(s) => Ok(s),
+        Replica::Waiting => {
+            return Err(ErrorReply::refused(
+                "no primary has connected: no checkpoint",
+            ))
+        }
+        other @ (Replica::Failed(_) | Replica::Running { .. } | Replica::Protecting(_)) => {
+            *state = other;
+            return Err(ErrorReply::refused("the replica failed before"));
+        }
+    };
+    // A synthetic guest's workload counter in that checkpoint: where it resumes.
+    let counter = |s: &mut StoppedSecondary<Guest>| {
+        let ctx = s.committed().map(|(_, c)| c.0.clone())?;
+        matches!(s.domain_mut(), Guest::Local(_))
+            .then(|| WorkloadState::decode(&ctx).ok().map(|w| w.counter))
+            .flatten()
+    };
+    let resumed = stopped.and_then(|mut s| {
+        let c = counter(&mut s);
+        s.failover().map(|r| (r, c))
+    });
+    match resumed {
+        Ok(((domain, epoch), guest_counter)) => {
+            tracing::warn!(epoch, "failover: the replica runs from its last checkpoint");
+            *state = Replica::Running {
+                domain,
+                epoch,
+                last_error: None,
+            };
+            Ok(Reply::Resumed {
+                epoch,
+                guest_counter,
+            })
+        }
+        Err(e) => {
+            let why = e.to_string();
+            *state = Replica::Failed(why.clone());
+            Err(ErrorReply::failed(why))
+        }
     }
 }

@@ -8,18 +8,7 @@ use tokio::sync::oneshot;
 use super::{lock, Primary};
 use crate::mirror::wire::{block_checksum, PeerMsg};
 
-/// Result of an online verify ([`Primary::verify`]).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct VerifyReport {
-    /// Bytes compared.
-    pub bytes_checked: u64,
-    /// Checksum block size.
-    pub block: u64,
-    /// Differing ranges `(offset, length)`, adjacent blocks merged.
-    pub differing: Vec<(u64, u64)>,
-    /// Total bytes in differing ranges.
-    pub differing_bytes: u64,
-}
+pub use xenft_control::blkback::VerifyReport;
 
 /// Why a verify could not complete.
 #[derive(Debug, thiserror::Error)]
