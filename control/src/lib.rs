@@ -42,7 +42,7 @@ pub trait Component: Send + Sync + 'static {
     /// Short name for logs and thread names.
     const NAME: &'static str;
     /// The requests it takes (an enum tagged by `op`).
-    type Request: Serialize + DeserializeOwned + std::fmt::Debug + Send + 'static;
+    type Request: Serialize + DeserializeOwned + std::fmt::Debug + Clone + Send + 'static;
     /// Its replies (an enum tagged by `reply`).
     type Reply: Serialize + DeserializeOwned + std::fmt::Debug + Send + 'static;
     /// The events it pushes to subscribers (an enum tagged by `event`).

@@ -12,10 +12,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use agent_shims::{bins, control, nbd_unix_uri, qemu_io, wait_until};
+use agent_shims::{bins, nbd_unix_uri, outcome_json, qemu_io, wait_until};
 use xenft_agent::core::StartMode;
 use xenft_agent::drivers::{real_seams, BlkbackFile, CheckpointFile, DomainFile, VmDriversFile};
 use xenft_agent::ids::VmId;
+use xenft_control::{blkback, checkpoint, Blkback, Checkpoint, Component};
 use xenft_tests::netns::require_root;
 
 struct Kill(Child);
@@ -47,9 +48,9 @@ fn wait_for(what: &str, f: impl FnMut() -> bool) {
     );
 }
 
-/// One line on a control socket; its JSON reply.
-fn ctl(p: &Path, cmd: &str) -> serde_json::Value {
-    control(p, cmd).unwrap_or_else(|| panic!("no reply to {cmd:?} on {}", p.display()))
+/// One request on a component's control socket; the outcome as JSON.
+fn ctl<C: Component>(p: &Path, req: &C::Request) -> serde_json::Value {
+    outcome_json::<C>(p, req).unwrap_or_else(|| panic!("no reply to {req:?} on {}", p.display()))
 }
 
 #[test]
@@ -97,7 +98,7 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     wait_for("the engine's primary to finish", || {
         matches!(ck_pri.0.try_wait(), Ok(Some(_)))
     });
-    let st = ctl(&p("ck.ctl"), "status");
+    let st = ctl::<Checkpoint>(&p("ck.ctl"), &checkpoint::Request::Status);
     assert_eq!(st["state"], "receiving", "{st}");
     let n = st["committed_epoch"]
         .as_u64()
@@ -149,18 +150,24 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
         &p("blk-pri.log"),
     );
     wait_for("the mirror in sync", || {
-        p("pri.ctl").exists() && ctl(&p("pri.ctl"), "status")["primary"]["peer"] == "in_sync"
+        p("pri.ctl").exists()
+            && ctl::<Blkback>(&p("pri.ctl"), &blkback::Request::Status)["primary"]["peer"]
+                == "in_sync"
     });
-    assert_eq!(ctl(&p("sec.ctl"), "epoch-mode on")["ok"], true);
-    ctl(&p("pri.ctl"), &format!("epoch {n}"));
+    assert_eq!(
+        ctl::<Blkback>(&p("sec.ctl"), &blkback::Request::EpochMode { on: true })["ok"],
+        true
+    );
+    ctl::<Blkback>(&p("pri.ctl"), &blkback::Request::SetEpoch { epoch: n });
     let pri_nbd = nbd_unix_uri(&p("pri-nbd.sock"));
     let (ok, out) = qemu_io(&pri_nbd, false, &["write -P 0x0a 0 1M", "flush"]);
     assert!(ok, "{out}");
-    ctl(&p("pri.ctl"), &format!("epoch {}", n + 1));
+    ctl::<Blkback>(&p("pri.ctl"), &blkback::Request::SetEpoch { epoch: n + 1 });
     let (ok, out) = qemu_io(&pri_nbd, false, &["write -P 0x0b 2M 1M", "flush"]);
     assert!(ok, "{out}");
     wait_for("both epochs held on the secondary", || {
-        ctl(&p("sec.ctl"), "status")["secondary"]["held_epochs"] == serde_json::json!([n, n + 1])
+        ctl::<Blkback>(&p("sec.ctl"), &blkback::Request::Status)["secondary"]["held_epochs"]
+            == serde_json::json!([n, n + 1])
     });
     drop(blk_pri); // SIGKILL: the primary dies before committing epoch N
 
@@ -192,10 +199,10 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     seams.start(&vm, StartMode::ResumeCheckpoint).unwrap();
 
     // Assert: memory resumed at N, disk holds epoch N and not N + 1, served as primary.
-    let st = ctl(&p("ck.ctl"), "status");
+    let st = ctl::<Checkpoint>(&p("ck.ctl"), &checkpoint::Request::Status);
     assert_eq!(st["state"], "running", "{st}");
     assert_eq!(st["committed_epoch"], n, "{st}");
-    let b = ctl(&p("sec.ctl"), "status");
+    let b = ctl::<Blkback>(&p("sec.ctl"), &blkback::Request::Status);
     assert_eq!(b["role"], "primary", "{b}");
     let (ok, out) = qemu_io(
         &nbd_unix_uri(&p("sec-nbd.sock")),

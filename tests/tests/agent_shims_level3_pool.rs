@@ -10,7 +10,7 @@ mod agent_shims;
 
 use std::time::Duration;
 
-use agent_shims::{assert_disk_is_checkpoint, control, wait_until, EpochWriter, Pool};
+use agent_shims::{assert_disk_is_checkpoint, checkpoint_status, wait_until, EpochWriter, Pool};
 use xenft_tests::netns::require_root;
 
 #[test]
@@ -51,10 +51,10 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     );
 
     // Assert: guest resumed at N, disk = writes of epochs <= N.
-    let ck = control(&pool.ckpt_ctl(1), "status").unwrap();
+    let ck = checkpoint_status(&pool.ckpt_ctl(1)).unwrap();
     assert_eq!(ck["state"], "running", "{ck}");
     let n = ck["committed_epoch"].as_u64().unwrap();
-    let blk = pool.blk(1, "status").unwrap();
+    let blk = pool.blk_status(1).unwrap();
     assert_eq!(blk["role"], "primary", "{blk}");
     let (kept, dropped) = assert_disk_is_checkpoint(&pool, 1, n, &acked);
     assert!(kept > 0, "no write landed in an epoch <= {n}: {acked:?}");

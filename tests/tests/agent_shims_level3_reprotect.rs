@@ -12,7 +12,7 @@ mod agent_shims;
 
 use std::time::{Duration, Instant};
 
-use agent_shims::{assert_disk_is_checkpoint, control, wait_until, EpochWriter, Pool};
+use agent_shims::{assert_disk_is_checkpoint, checkpoint_status, wait_until, EpochWriter, Pool};
 use serde_json::Value;
 use xenft_tests::netns::require_root;
 
@@ -39,7 +39,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         pool.vm1(1),
         pool.log("agent-h2.log")
     );
-    let st = control(&pool.ckpt_ctl(1), "status").unwrap();
+    let st = checkpoint_status(&pool.ckpt_ctl(1)).unwrap();
     assert_eq!(st["state"], "running", "{st}");
     let pid = st["guest_pid"].as_u64().expect("the resumed guest's pid");
 
@@ -70,7 +70,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     assert!(
         wait_until(Duration::from_secs(20), || pool.committed(0) > 3),
         "h1's replica receives no checkpoint: {:?}\n{}",
-        control(&pool.ckpt_ctl(0), "status"),
+        checkpoint_status(&pool.ckpt_ctl(0)),
         pool.log("ck-h2.log")
     );
     let first = pool.committed(0);
@@ -92,7 +92,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         pool.relay_counters(1),
         pool.log("ck-h2.log")
     );
-    let st = control(&pool.ckpt_ctl(1), "status").unwrap();
+    let st = checkpoint_status(&pool.ckpt_ctl(1)).unwrap();
     assert_eq!(st["state"], "protecting", "{st}");
     assert_eq!(st["primary"]["phase"], "protected", "{st}");
     // The guest was never stopped or restarted: same process, and its work goes on.
@@ -101,9 +101,8 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
     let counter = |v: &Value| v["primary"]["guest_counter"].as_u64().unwrap_or(0);
     let c0 = counter(&st);
     assert!(
-        wait_until(Duration::from_secs(10), || control(
-            &pool.ckpt_ctl(1),
-            "status"
+        wait_until(Duration::from_secs(10), || checkpoint_status(
+            &pool.ckpt_ctl(1)
         )
         .is_some_and(|v| counter(&v) > c0)),
         "the guest on h2 makes no progress while protected: {st}"
@@ -134,7 +133,7 @@ fn after_a_level3_take_over_the_returning_host_becomes_secondary_and_the_vm_is_p
         pool.vm1(0),
         pool.log("agent-h1.log")
     );
-    let st = control(&pool.ckpt_ctl(0), "status").unwrap();
+    let st = checkpoint_status(&pool.ckpt_ctl(0)).unwrap();
     assert_eq!(st["state"], "running", "{st}");
     assert!(
         st["committed_epoch"].as_u64().unwrap() >= before,

@@ -63,10 +63,10 @@ fn the_old_primary_returns_as_secondary_and_the_vm_is_protected_again_without_op
         "h1 must be the secondary: {:?}",
         pool.vm1(0)
     );
-    let blk1 = pool.blk(0, "status").unwrap();
+    let blk1 = pool.blk_status(0).unwrap();
     assert_eq!(blk1["role"], "secondary", "{blk1}");
     assert_eq!(blk1["secondary"]["disk"], "consistent", "{blk1}");
-    let blk2 = pool.blk(1, "status").unwrap();
+    let blk2 = pool.blk_status(1).unwrap();
     assert_eq!(blk2["primary"]["peer"], "in_sync", "{blk2}");
     let copied = blk2["primary"]["last_resync"]["bytes_copied"]
         .as_u64()

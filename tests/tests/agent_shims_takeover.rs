@@ -95,7 +95,7 @@ fn sigkill_of_the_primary_host_makes_the_secondary_serve_every_acked_write_and_a
     );
 
     // h2's blkback was promoted and serves every acknowledged write over NBD.
-    let blk = pool.blk(1, "status").unwrap();
+    let blk = pool.blk_status(1).unwrap();
     assert_eq!(blk["role"], "primary", "h2's blkback not promoted: {blk}");
     let cmds: Vec<String> = acked
         .iter()

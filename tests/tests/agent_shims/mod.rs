@@ -14,7 +14,6 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xenft_control::{blkback, Blkback};
+pub use xenft_tests::components::{
+    blkback_status, checkpoint_status, netback_counters, outcome_json,
+};
 use xenft_tests::netns::{veth, Netns};
 
 pub const SECRET: &str = "agent-shims-pool-secret-0123456789";
@@ -404,7 +407,7 @@ impl Pool {
         self.start_blkback(i, "secondary");
         if self.level == 3 {
             assert!(wait_until(Duration::from_secs(10), || self
-                .blk(i, "epoch-mode on")
+                .blk(i, &blkback::Request::EpochMode { on: true })
                 .is_some_and(|v| v["ok"] == true)));
         }
         self.start_netback(i, "standby");
@@ -560,33 +563,30 @@ impl Pool {
 
     /// The committed checkpoint of host `i`'s engine (0 when unknown).
     pub fn committed(&self, i: usize) -> u64 {
-        control(&self.ckpt_ctl(i), "status")
+        checkpoint_status(&self.ckpt_ctl(i))
             .and_then(|v| v["committed_epoch"].as_u64())
             .unwrap_or(0)
     }
 
     /// Host `i`'s relay counters (the reply to `counters` on its control socket).
     pub fn relay_counters(&self, i: usize) -> Option<Value> {
-        control(&self.net_ctl(i), r#"{"op":"counters"}"#)
+        netback_counters(&self.net_ctl(i))
     }
 
-    /// One line on blkback `i`'s control socket.
-    pub fn blk(&self, i: usize, cmd: &str) -> Option<Value> {
-        control(&self.blk_ctl(i), cmd)
+    /// One request to blkback `i`; the outcome as JSON (`"ok"`, the reply's fields or the
+    /// refusal's `"error"`).
+    pub fn blk(&self, i: usize, req: &blkback::Request) -> Option<Value> {
+        outcome_json::<Blkback>(&self.blk_ctl(i), req)
+    }
+
+    /// Blkback `i`'s status as JSON.
+    pub fn blk_status(&self, i: usize) -> Option<Value> {
+        blkback_status(&self.blk_ctl(i))
     }
 
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.p(name)).unwrap_or_default()
     }
-}
-
-pub fn control(path: &Path, cmd: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("{cmd}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).ok()?;
-    serde_json::from_str(&line).ok()
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passes.
@@ -656,7 +656,7 @@ impl EpochWriter {
                 pool.blk_ctl(i),
             );
             std::thread::spawn(move || {
-                let epoch = || control(&ctl, "status").and_then(|v| v["primary"]["epoch"].as_u64());
+                let epoch = || blkback_status(&ctl).and_then(|v| v["primary"]["epoch"].as_u64());
                 for k in 0u64..1500 {
                     if stop.load(Ordering::Relaxed) {
                         break;

@@ -20,16 +20,17 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use xenft_control::checkpoint::{Phase, Reply, Request, State, Status};
+use xenft_control::Checkpoint;
 
-use super::control::{ControlError, ControlSocket};
+use super::control::{Client, ControlError};
 use crate::ids::{HostId, VmId};
 use crate::seams::{Checkpointer, SeamError};
 
 /// Drives one VM's checkpoint-engine secondary.
 #[derive(Debug, Clone)]
 pub struct CheckpointDriver {
-    ctl: ControlSocket,
+    ctl: Client<Checkpoint>,
     /// The peer's secondary socket, for re-protection.
     peer_listen: Option<PathBuf>,
     /// How long `protect` waits for the returning host's secondary to listen and hold its
@@ -39,15 +40,13 @@ pub struct CheckpointDriver {
 
 /// `checkpoint.peer_listen` value meaning: protect over the engine's own A-link (the engine
 /// runs with `--alink-path`), toward the returning host's fresh secondary on the same link.
-pub const PEER_ALINK: &str = "alink";
+pub const PEER_ALINK: &str = xenft_control::checkpoint::PEER_ALINK;
 
 /// The control request that protects toward `peer`: `protect` over the engine's A-link
-/// ([`PEER_ALINK`]), else `protect <socket>`.
-fn protect_request(peer: &std::path::Path) -> String {
-    if peer == std::path::Path::new(PEER_ALINK) {
-        "protect".to_string()
-    } else {
-        format!("protect {}", peer.display())
+/// ([`PEER_ALINK`]), else `protect` naming the socket.
+fn protect_request(peer: &std::path::Path) -> Request {
+    Request::Protect {
+        peer: (peer != std::path::Path::new(PEER_ALINK)).then(|| peer.display().to_string()),
     }
 }
 
@@ -75,7 +74,7 @@ fn seam(op: &'static str, vm: &VmId, e: impl ToString) -> SeamError {
 impl CheckpointDriver {
     /// A driver for the engine whose control socket is `ctl`.
     #[must_use]
-    pub fn new(ctl: ControlSocket) -> Self {
+    pub fn new(ctl: Client<Checkpoint>) -> Self {
         Self {
             ctl,
             peer_listen: None,
@@ -97,34 +96,43 @@ impl CheckpointDriver {
         self
     }
 
+    /// The engine's status.
+    fn status(&self) -> Result<Status, ControlError> {
+        match self.ctl.call(&Request::Status)? {
+            Reply::Status(s) => Ok(*s),
+            other => Err(ControlError::unexpected(self.ctl.path(), other)),
+        }
+    }
+
     /// One re-protection attempt; `Ok`: protected (or nothing to do here).
     fn protect_once(&self) -> Result<(), Attempt> {
-        let st = match self.ctl.request("status") {
-            Ok(v) => v,
+        let st = match self.status() {
+            Ok(st) => st,
             // No control socket: the engine runs as `primary`, started by the host.
-            Err(ControlError::Connect { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Ok(());
-            }
+            Err(e) if e.is_absent() => return Ok(()),
             Err(e) => return Err(Attempt::Retry(e.to_string())),
         };
-        match st.get("state").and_then(Value::as_str) {
-            Some("protecting") => {
-                let phase = st["primary"]["phase"].as_str().unwrap_or("");
-                if phase == "failed" {
+        match st.state {
+            State::Protecting => {
+                let Some(p) = st.primary else {
+                    return Err(Attempt::Retry(
+                        "protecting, no progress reported yet".into(),
+                    ));
+                };
+                if p.phase == Phase::Failed {
                     // The engine hands the guest back by itself; ask again.
                     return Err(Attempt::Retry("the previous protection failed".into()));
                 }
                 // Protected once the peer holds a checkpoint to resume from.
-                match st["primary"]["committed_epoch"].as_u64() {
-                    Some(n) if n > 0 => Ok(()),
-                    _ => Err(Attempt::Retry(
+                if p.committed_epoch > 0 {
+                    Ok(())
+                } else {
+                    Err(Attempt::Retry(
                         "waiting for the peer's first committed checkpoint".into(),
-                    )),
+                    ))
                 }
             }
-            Some("running") => {
+            State::Running => {
                 let Some(peer) = &self.peer_listen else {
                     return Err(Attempt::Final(
                         "the guest runs in the resumed replica but no checkpoint.peer_listen is \
@@ -132,7 +140,7 @@ impl CheckpointDriver {
                             .into(),
                     ));
                 };
-                match self.ctl.request(&protect_request(peer)) {
+                match self.ctl.call(&protect_request(peer)) {
                     Ok(_) => Err(Attempt::Retry(
                         "protection started; waiting for the peer's first checkpoint".into(),
                     )),
@@ -140,55 +148,50 @@ impl CheckpointDriver {
                     Err(e) => Err(Attempt::Retry(e.to_string())),
                 }
             }
-            Some(other) => Err(Attempt::Final(format!(
-                "the local engine is in state {:?}, not a resumed guest: nothing to protect",
-                other.chars().take(32).collect::<String>()
+            other => Err(Attempt::Final(format!(
+                "the local engine is in state {other:?}, not a resumed guest: nothing to protect"
             ))),
-            None => Err(Attempt::Final(format!(
-                "{}: status has no state",
-                self.ctl.path().display()
-            ))),
-        }
-    }
-
-    fn epoch(&self, v: &Value, name: &str) -> Result<Option<u64>, ControlError> {
-        match v.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_u64().map(Some).ok_or_else(|| ControlError::Malformed {
-                path: self.ctl.path().to_path_buf(),
-                detail: format!("{name} is not an epoch number"),
-            }),
         }
     }
 }
 
 impl Checkpointer for CheckpointDriver {
     fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
-        let v = self
-            .ctl
-            .request("stop")
-            .map_err(|e| seam("committed-epoch", vm, e))?;
-        let n = self
-            .epoch(&v, "committed_epoch")
-            .map_err(|e| seam("committed-epoch", vm, e))?
-            .ok_or_else(|| {
-                seam(
+        let n = match self.ctl.call(&Request::Stop) {
+            Ok(Reply::Stopped { committed_epoch }) => committed_epoch,
+            Ok(other) => {
+                return Err(seam(
                     "committed-epoch",
                     vm,
-                    "no committed checkpoint yet (still in pre-copy): nothing to resume",
-                )
-            })?;
+                    ControlError::unexpected(self.ctl.path(), other),
+                ))
+            }
+            Err(e) => return Err(seam("committed-epoch", vm, e)),
+        }
+        .ok_or_else(|| {
+            seam(
+                "committed-epoch",
+                vm,
+                "no committed checkpoint yet (still in pre-copy): nothing to resume",
+            )
+        })?;
         tracing::warn!(%vm, epoch = n, "memory replica frozen at its last committed checkpoint");
         Ok(Some(n))
     }
 
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
-        let v = self
-            .ctl
-            .request("failover")
-            .map_err(|e| seam("resume", vm, e))?;
-        let n = self.epoch(&v, "epoch").map_err(|e| seam("resume", vm, e))?;
-        tracing::warn!(%vm, epoch = ?n, "VM resumed from its last committed checkpoint");
+        let n = match self.ctl.call(&Request::Failover) {
+            Ok(Reply::Resumed { epoch, .. }) => epoch,
+            Ok(other) => {
+                return Err(seam(
+                    "resume",
+                    vm,
+                    ControlError::unexpected(self.ctl.path(), other),
+                ))
+            }
+            Err(e) => return Err(seam("resume", vm, e)),
+        };
+        tracing::warn!(%vm, epoch = n, "VM resumed from its last committed checkpoint");
         Ok(())
     }
 
@@ -221,98 +224,141 @@ impl Checkpointer for CheckpointDriver {
 mod tests {
     use super::super::control::fake;
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
+    use xenft_control::checkpoint::Protecting;
+    use xenft_control::ErrorReply;
 
     fn vm() -> VmId {
         VmId::new("vm1").unwrap()
-    }
-
-    #[test]
-    fn take_over_freezes_the_replica_then_resumes_it() {
-        let (_d, p, seen) = fake::serve(Box::new(|l| match l {
-            "stop" => r#"{"ok":true,"committed_epoch":41}"#.into(),
-            _ => r#"{"ok":true,"epoch":41}"#.into(),
-        }));
-        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)));
-        assert_eq!(drv.committed_epoch(&vm()).unwrap(), Some(41));
-        drv.resume_last_epoch(&vm()).unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec!["stop", "failover"]);
     }
 
     fn host() -> HostId {
         HostId::new("h1").unwrap()
     }
 
+    fn status(state: State, committed: Option<u64>) -> Status {
+        Status {
+            state,
+            committed_epoch: committed,
+            applied_epochs: None,
+            rejected_epochs: None,
+            primary_gone: None,
+            error: None,
+            guest_pid: None,
+            last_error: None,
+            primary: None,
+        }
+    }
+
+    fn protecting(phase: Phase, committed: u64) -> Result<Reply, ErrorReply> {
+        let mut st = status(State::Protecting, Some(7));
+        st.primary = Some(Protecting {
+            phase,
+            reason: None,
+            epoch: committed + 1,
+            committed_epoch: committed,
+            checkpoints: committed,
+            pause_p99_ms: 1.0,
+            pause_max_ms: 1.0,
+            guest_counter: 0,
+            peer: "x".into(),
+        });
+        Ok(Reply::Status(Box::new(st)))
+    }
+
+    fn running() -> Result<Reply, ErrorReply> {
+        Ok(Reply::Status(Box::new(status(State::Running, Some(7)))))
+    }
+
+    #[test]
+    fn take_over_freezes_the_replica_then_resumes_it() {
+        let f = fake::serve::<Checkpoint>(|req| match req {
+            Request::Stop => Ok(Reply::Stopped {
+                committed_epoch: Some(41),
+            }),
+            _ => Ok(Reply::Resumed {
+                epoch: 41,
+                guest_counter: None,
+            }),
+        });
+        let drv = CheckpointDriver::new(f.client());
+        assert_eq!(drv.committed_epoch(&vm()).unwrap(), Some(41));
+        drv.resume_last_epoch(&vm()).unwrap();
+        assert_eq!(f.seen(), vec![Request::Stop, Request::Failover]);
+    }
+
     #[test]
     fn a_resumed_replica_is_asked_to_protect_and_counts_once_the_peer_holds_a_checkpoint() {
-        use std::sync::atomic::{AtomicU32, Ordering};
         // running → (protect) → protecting in pre-copy → protecting with checkpoint 3.
-        let step = std::sync::Arc::new(AtomicU32::new(0));
-        let (_d, p, seen) = fake::serve(Box::new(move |l| {
-            match (l, step.load(Ordering::SeqCst)) {
-            ("status", 0) => r#"{"ok":true,"state":"running","committed_epoch":7}"#.into(),
-            ("status", 1) => {
+        let step = Arc::new(AtomicU32::new(0));
+        let f = fake::serve::<Checkpoint>(move |req| match (req, step.load(Ordering::SeqCst)) {
+            (Request::Status, 0) => running(),
+            (Request::Status, 1) => {
                 step.store(2, Ordering::SeqCst);
-                r#"{"ok":true,"state":"protecting","primary":{"phase":"precopy","committed_epoch":0}}"#.into()
+                protecting(Phase::Precopy, 0)
             }
-            ("status", _) => r#"{"ok":true,"state":"protecting","primary":{"phase":"protected","committed_epoch":3}}"#.into(),
+            (Request::Status, _) => protecting(Phase::Protected, 3),
             _ => {
                 step.store(1, Ordering::SeqCst);
-                r#"{"ok":true}"#.into()
+                Ok(Reply::Protecting {
+                    peer: "/run/xenft/peer-ck.sock".into(),
+                    already: false,
+                })
             }
-        }
-        }));
-        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)))
+        });
+        let drv = CheckpointDriver::new(f.client())
             .with_peer_listen(Some("/run/xenft/peer-ck.sock".into()));
         drv.protect(&vm(), &host()).unwrap();
         assert_eq!(
-            *seen.lock().unwrap(),
+            f.seen(),
             vec![
-                "status",
-                "protect /run/xenft/peer-ck.sock",
-                "status",
-                "status"
+                Request::Status,
+                Request::Protect {
+                    peer: Some("/run/xenft/peer-ck.sock".into())
+                },
+                Request::Status,
+                Request::Status
             ]
         );
     }
 
     #[test]
     fn peer_listen_alink_sends_a_plain_protect_over_the_engines_own_link() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let asked = std::sync::Arc::new(AtomicBool::new(false));
+        use std::sync::atomic::AtomicBool;
+        let asked = Arc::new(AtomicBool::new(false));
         let a = asked.clone();
-        let (_d, p, seen) = fake::serve(Box::new(move |l| {
-            match l {
-            "status" if a.load(Ordering::SeqCst) => {
-                r#"{"ok":true,"state":"protecting","primary":{"phase":"protected","committed_epoch":2}}"#.into()
-            }
-            "status" => r#"{"ok":true,"state":"running","committed_epoch":7}"#.into(),
+        let f = fake::serve::<Checkpoint>(move |req| match req {
+            Request::Status if a.load(Ordering::SeqCst) => protecting(Phase::Protected, 2),
+            Request::Status => running(),
             _ => {
                 a.store(true, Ordering::SeqCst);
-                r#"{"ok":true,"peer":"alink:h1"}"#.into()
+                Ok(Reply::Protecting {
+                    peer: "alink:h1".into(),
+                    already: false,
+                })
             }
-        }
-        }));
-        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)))
-            .with_peer_listen(Some(PEER_ALINK.into()));
+        });
+        let drv = CheckpointDriver::new(f.client()).with_peer_listen(Some(PEER_ALINK.into()));
         drv.protect(&vm(), &host()).unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec!["status", "protect", "status"]);
         assert_eq!(
-            protect_request(std::path::Path::new("/run/p.sock")),
-            "protect /run/p.sock"
+            f.seen(),
+            vec![
+                Request::Status,
+                Request::Protect { peer: None },
+                Request::Status
+            ]
         );
     }
 
     #[test]
     fn an_engine_already_protecting_or_without_control_socket_is_left_alone() {
-        let (_d, p, seen) = fake::serve(Box::new(|_| {
-            r#"{"ok":true,"state":"protecting","primary":{"phase":"protected","committed_epoch":9}}"#.into()
-        }));
-        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)))
-            .with_peer_listen(Some("/x.sock".into()));
+        let f = fake::serve::<Checkpoint>(|_| protecting(Phase::Protected, 9));
+        let drv = CheckpointDriver::new(f.client()).with_peer_listen(Some("/x.sock".into()));
         drv.protect(&vm(), &host()).unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec!["status"]);
-        let none = CheckpointDriver::new(ControlSocket::new(
+        assert_eq!(f.seen(), vec![Request::Status]);
+        let none = CheckpointDriver::new(Client::new(
             "/nonexistent/xenft-ck.ctl",
             Duration::from_secs(2),
         ));
@@ -321,23 +367,24 @@ mod tests {
 
     #[test]
     fn re_protection_fails_without_a_peer_socket_or_when_the_peer_never_listens() {
-        let (_d, p, _) = fake::serve(Box::new(|l| match l {
-            "status" => r#"{"ok":true,"state":"running"}"#.into(),
-            _ => r#"{"ok":false,"error":"connecting to the secondary: refused"}"#.into(),
-        }));
-        let ctl = ControlSocket::new(&p, Duration::from_secs(2));
-        let e = CheckpointDriver::new(ctl.clone())
+        let f = fake::serve::<Checkpoint>(|req| match req {
+            Request::Status => running(),
+            _ => Err(ErrorReply::failed("connecting to the secondary: refused")),
+        });
+        let e = CheckpointDriver::new(f.client())
             .protect(&vm(), &host())
             .unwrap_err();
         assert!(e.reason.contains("peer_listen"), "{e}");
-        let e = CheckpointDriver::new(ctl)
+        let e = CheckpointDriver::new(f.client())
             .with_peer_listen(Some("/x.sock".into()))
             .with_protect_wait(Duration::from_millis(300))
             .protect(&vm(), &host())
             .unwrap_err();
         assert!(e.reason.contains("not protected after"), "{e}");
-        let (_d2, p2, _) = fake::serve(Box::new(|_| r#"{"ok":true,"state":"receiving"}"#.into()));
-        let e = CheckpointDriver::new(ControlSocket::new(&p2, Duration::from_secs(2)))
+        let f2 = fake::serve::<Checkpoint>(|_| {
+            Ok(Reply::Status(Box::new(status(State::Receiving, None))))
+        });
+        let e = CheckpointDriver::new(f2.client())
             .with_peer_listen(Some("/x.sock".into()))
             .protect(&vm(), &host())
             .unwrap_err();
@@ -346,13 +393,20 @@ mod tests {
 
     #[test]
     fn no_checkpoint_yet_and_a_hostile_epoch_are_told_apart() {
-        let (_d, p, _) = fake::serve(Box::new(|_| r#"{"ok":true,"committed_epoch":null}"#.into()));
-        let drv = CheckpointDriver::new(ControlSocket::new(&p, Duration::from_secs(2)));
-        let e = drv.committed_epoch(&vm()).unwrap_err();
+        let f = fake::serve::<Checkpoint>(|_| {
+            Ok(Reply::Stopped {
+                committed_epoch: None,
+            })
+        });
+        let e = CheckpointDriver::new(f.client())
+            .committed_epoch(&vm())
+            .unwrap_err();
         assert!(e.reason.contains("no committed checkpoint"), "{e}");
-        let (_d2, p2, _) = fake::serve(Box::new(|_| r#"{"ok":true,"committed_epoch":-3}"#.into()));
-        let drv2 = CheckpointDriver::new(ControlSocket::new(&p2, Duration::from_secs(2)));
-        let e = drv2.committed_epoch(&vm()).unwrap_err();
-        assert!(e.reason.contains("not an epoch"), "{e}");
+        let (_d, p) =
+            fake::raw("{\"v\":1,\"ok\":{\"reply\":\"stopped\",\"committed_epoch\":-3}}\n");
+        let e = CheckpointDriver::new(Client::new(&p, Duration::from_secs(2)))
+            .committed_epoch(&vm())
+            .unwrap_err();
+        assert!(e.reason.contains("malformed"), "{e}");
     }
 }

@@ -13,8 +13,8 @@
 //!   toward its fresh secondary (`checkpoint.peer_listen`: a socket, or `"alink"` for the
 //!   engine's own A-link): level-3 re-protection works;
 //! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
-//! - [`control::ControlSocket`]: the bounded, timed-out request/reply client both shim
-//!   drivers use.
+//! - [`control`]: the drivers speak to the components only through the control contract's
+//!   client (`xenft_control::Client`: typed requests and replies, bounded, timed out).
 //!
 //! [`publish_reports`] puts what the shims report (disk role, link, dirty bytes, resync
 //! progress; relay mode and epochs) into the status API every second.
@@ -45,7 +45,7 @@ use crate::lifecycle::Level;
 use crate::seams::{Checkpointer, DiskMirror, NetRelay, SeamError, Seams};
 use blkback::BlkbackDriver;
 use checkpoint::CheckpointDriver;
-use control::ControlSocket;
+use control::Client;
 use domain::CommandDomain;
 use netback::NetbackDriver;
 
@@ -344,7 +344,7 @@ pub fn real_seams(
         if let Some(c) = &d.checkpoint {
             checkpoints.insert(
                 vm.clone(),
-                CheckpointDriver::new(ControlSocket::new(&c.control, ms(c.request_timeout_ms)))
+                CheckpointDriver::new(Client::new(&c.control, ms(c.request_timeout_ms)))
                     .with_peer_listen(c.peer_listen.clone())
                     .with_protect_wait(ms(c.protect_timeout_ms)),
             );
@@ -356,7 +356,7 @@ pub fn real_seams(
             disks.insert(
                 vm.clone(),
                 BlkbackDriver::new(
-                    ControlSocket::new(&b.control, ms(b.request_timeout_ms)),
+                    Client::new(&b.control, ms(b.request_timeout_ms)),
                     ms(b.sync_timeout_ms),
                 ),
             );
@@ -365,7 +365,7 @@ pub fn real_seams(
             nets.insert(
                 vm.clone(),
                 NetbackDriver::new(
-                    ControlSocket::new(&n.control, ms(n.request_timeout_ms)),
+                    Client::new(&n.control, ms(n.request_timeout_ms)),
                     n.addresses.clone(),
                 ),
             );

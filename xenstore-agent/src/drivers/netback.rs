@@ -1,17 +1,19 @@
 //! [`NetbackDriver`]: the [`NetRelay`] seam over one VM's `xenft-netback` control socket
-//! (JSON lines, see `xenft_netback::control`).
+//! (the contract `xenft_control::netback`).
 //!
 //! | seam call | control requests |
 //! |---|---|
-//! | `redirect on` / `off` | `{"op":"redirect","on":true}` (force the uplink through the A-link tunnel) / `{"op":"redirect","on":null}` (back to the relay's own uplink detection) |
-//! | `announce` | `{"op":"add_addresses",...}` (the configured VM addresses), then `{"op":"takeover","mode":"passthrough"}`: drops what the dead primary's epochs held, releases output from now on, sends GARP / unsolicited NA / a relearn frame; repeated [`REPEATS`] times in the background (switches and hosts may miss one) |
+//! | `redirect on` / `off` | `redirect {on: true}` (force the uplink through the A-link tunnel) / `redirect {on: null}` (back to the relay's own uplink detection) |
+//! | `announce` | `add_addresses` (the configured VM addresses), then `takeover {mode: passthrough}`: drops what the dead primary's epochs held, releases output from now on, sends GARP / unsolicited NA / a relearn frame; `announce` repeated [`REPEATS`] times in the background (switches and hosts may miss one) |
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use serde_json::json;
+use xenft_control::netback::{Mode, Reply, Request};
+use xenft_control::Netback;
 
-use super::control::ControlSocket;
+use super::control::{Client, ControlError};
 use crate::ids::VmId;
 use crate::seams::{NetRelay, SeamError};
 
@@ -23,7 +25,7 @@ pub const REPEAT_EVERY: Duration = Duration::from_millis(200);
 /// Drives one VM's `xenft-netback`.
 #[derive(Debug, Clone)]
 pub struct NetbackDriver {
-    ctl: ControlSocket,
+    ctl: Client<Netback>,
     addresses: Vec<IpAddr>,
 }
 
@@ -41,7 +43,7 @@ impl NetbackDriver {
     /// A driver for the relay whose control socket is `ctl`; `addresses` are the VM's IP
     /// addresses to announce (the relay also learns them from the VM's own frames).
     #[must_use]
-    pub fn new(ctl: ControlSocket, addresses: Vec<IpAddr>) -> Self {
+    pub fn new(ctl: Client<Netback>, addresses: Vec<IpAddr>) -> Self {
         Self { ctl, addresses }
     }
 }
@@ -51,47 +53,52 @@ impl NetRelay for NetbackDriver {
         // Off means "stop forcing": the relay's own uplink monitor decides again.
         let forced = on.then_some(true);
         self.ctl
-            .request(&json!({"op": "redirect", "on": forced}).to_string())
+            .call(&Request::Redirect { on: forced })
             .map_err(|e| seam("redirect", vm, e))?;
         tracing::info!(%vm, on, "uplink redirect through the A-link tunnel");
         Ok(())
     }
 
     fn report(&self, _vm: &VmId) -> Option<serde_json::Value> {
-        let v = match self.ctl.request(&json!({"op": "counters"}).to_string()) {
-            Ok(v) => v,
+        let c = match self.ctl.call(&Request::Counters) {
+            Ok(Reply::Counters { counters }) => counters,
+            Ok(other) => {
+                let e = ControlError::unexpected(self.ctl.path(), other);
+                return Some(json!({"error": e.to_string()}));
+            }
             Err(e) => return Some(json!({"error": e.to_string()})),
         };
-        // Only known fields, re-serialised.
-        let c = &v["counters"];
-        let mode: String = c["mode"].as_str().unwrap_or("").chars().take(32).collect();
         Some(json!({
-            "mode": mode,
-            "epoch": c["epoch"].as_u64(),
-            "committed_epoch": c["committed_epoch"].as_u64(),
-            "held_bytes": c["held_bytes_now"].as_u64(),
-            "redirecting": c["redirect"]["redirecting"].as_bool(),
+            "mode": c.mode,
+            "epoch": c.epoch,
+            "committed_epoch": c.committed_epoch,
+            "held_bytes": c.held_bytes_now,
+            "redirecting": c.redirect.redirecting,
         }))
     }
 
     fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
         if !self.addresses.is_empty() {
             self.ctl
-                .request(&json!({"op": "add_addresses", "addresses": self.addresses}).to_string())
+                .call(&Request::AddAddresses {
+                    addresses: self.addresses.clone(),
+                })
                 .map_err(|e| seam("announce", vm, e))?;
         }
-        let v = self
-            .ctl
-            .request(&json!({"op": "takeover", "mode": "passthrough"}).to_string())
-            .map_err(|e| seam("announce", vm, e))?;
-        let sent = v.get("announced").and_then(serde_json::Value::as_u64);
+        let sent = match self.ctl.call(&Request::Takeover {
+            mode: Mode::Passthrough,
+        }) {
+            Ok(Reply::Announced { announced }) => Some(announced),
+            Ok(_) => None,
+            Err(e) => return Err(seam("announce", vm, e)),
+        };
         tracing::warn!(%vm, announced = ?sent, "network presence taken over (GARP / NA sent)");
         let ctl = self.ctl.clone();
         let vm = vm.clone();
         std::thread::spawn(move || {
             for _ in 0..REPEATS {
                 std::thread::sleep(REPEAT_EVERY);
-                if let Err(e) = ctl.request(&json!({"op": "announce"}).to_string()) {
+                if let Err(e) = ctl.call(&Request::Announce) {
                     tracing::warn!(%vm, error = %e, "repeating the announcement failed");
                     return;
                 }
@@ -105,6 +112,7 @@ impl NetRelay for NetbackDriver {
 mod tests {
     use super::super::control::fake;
     use super::*;
+    use xenft_control::ErrorReply;
 
     fn vm() -> VmId {
         VmId::new("vm1").unwrap()
@@ -112,47 +120,39 @@ mod tests {
 
     #[test]
     fn announce_adds_the_addresses_then_takes_over_in_passthrough() {
-        let (_d, p, seen) = fake::serve(Box::new(|_| r#"{"ok":true,"announced":2}"#.into()));
-        let drv = NetbackDriver::new(
-            ControlSocket::new(&p, Duration::from_secs(2)),
-            vec!["10.0.0.5".parse().unwrap()],
-        );
+        let f = fake::serve::<Netback>(|_| Ok(Reply::Announced { announced: 2 }));
+        let drv = NetbackDriver::new(f.client(), vec!["10.0.0.5".parse().unwrap()]);
         drv.announce(&vm()).unwrap();
-        let seen = seen.lock().unwrap().clone();
-        let ops: Vec<serde_json::Value> = seen
-            .iter()
-            .take(2)
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(ops[0]["op"], "add_addresses");
-        assert_eq!(ops[0]["addresses"], serde_json::json!(["10.0.0.5"]));
+        let seen = f.seen();
         assert_eq!(
-            ops[1],
-            serde_json::json!({"op": "takeover", "mode": "passthrough"})
+            seen[..2],
+            [
+                Request::AddAddresses {
+                    addresses: vec!["10.0.0.5".parse().unwrap()]
+                },
+                Request::Takeover {
+                    mode: Mode::Passthrough
+                }
+            ]
         );
     }
 
     #[test]
     fn redirect_is_sent_and_a_refusal_is_an_error() {
-        let (_d, p, seen) = fake::serve(Box::new(|l| {
-            if !l.contains("null") {
-                r#"{"ok":true}"#.into()
-            } else {
-                r#"{"ok":false,"error":"no tunnel"}"#.into()
-            }
-        }));
-        let drv = NetbackDriver::new(ControlSocket::new(&p, Duration::from_secs(2)), vec![]);
+        let f = fake::serve::<Netback>(|req| match req {
+            Request::Redirect { on: None } => Err(ErrorReply::refused("no tunnel")),
+            _ => Ok(Reply::Done),
+        });
+        let drv = NetbackDriver::new(f.client(), vec![]);
         drv.redirect(&vm(), true).unwrap();
         let e = drv.redirect(&vm(), false).unwrap_err();
         assert!(e.reason.contains("no tunnel"), "{e}");
-        let seen = seen.lock().unwrap().clone();
         assert_eq!(
-            seen[0],
-            serde_json::json!({"op": "redirect", "on": true}).to_string()
-        );
-        assert_eq!(
-            seen[1],
-            serde_json::json!({"op": "redirect", "on": null}).to_string()
+            f.seen(),
+            vec![
+                Request::Redirect { on: Some(true) },
+                Request::Redirect { on: None }
+            ]
         );
     }
 }
