@@ -18,6 +18,16 @@
 //! - [`control`]: the JSON-lines control socket of the `xenft-netback` binary;
 //! - [`frame`]: frame validation, address learning, announcement frames.
 //!
+//! The relay itself lives in `shim/`, one file per part:
+//! - `shim/mod.rs`: [`Shim`], [`ShimConfig`], [`Mode`], the shared state and the control API;
+//! - `shim/forward.rs`: the two forwarding threads (VM → network, network → VM);
+//! - `shim/vif.rs`: binding the vif as the interface comes and goes;
+//! - `shim/uplink.rs`: the uplink state machine (lost, redirect, restored), pure and unit-tested;
+//! - `shim/monitor.rs`: the monitor thread that polls the uplink and carries out its decisions;
+//! - `shim/peer.rs`: the messages exchanged with the peer's shim over the tunnel;
+//! - `shim/announce.rs`: the announcement frames after a move, and their repeats;
+//! - `shim/counters.rs`: [`Counters`], [`Drops`], [`RedirectStatus`].
+//!
 //! ## Epochs, as the checkpoint engine numbers them
 //! The engine's `checkpoint(N)` (VM paused; output so far belongs to checkpoint N) maps to
 //! [`Shim::begin_epoch`]`(N + 1)`, and its `commit(N)` to [`Shim::commit`]`(N)`; the agent calls

@@ -14,7 +14,14 @@
 //! Main pieces:
 //! - [`core::HostCore`]: the pure decision core (membership, failure classification, quorum
 //!   client, fencing, per-VM lifecycle), driven by ticks and observations, raft-rs style; its
-//!   module doc holds the split-brain safety argument;
+//!   module doc holds the split-brain safety argument. One file per concern:
+//!   - `core/mod.rs`: [`core::HostCore`], [`core::CoreConfig`], the entry points and views;
+//!   - `core/messages.rs`: what the core is told and asks ([`core::Input`], [`core::Output`],
+//!     [`core::Command`]);
+//!   - `core/membership.rs`: peers, per-path liveness, heartbeats ([`core::Heartbeat`]);
+//!   - `core/lease.rs`: the quorum client's leases, fencing and unfencing;
+//!   - `core/vm.rs`: a VM's protection lifecycle (sync, resync, degrade, redirects);
+//!   - `core/takeover.rs`: roles settled with the peer, restart and take-over decisions;
 //! - [`quorum`]: the quorum server's lease table ([`quorum::table::QuorumTable`]), its
 //!   HMAC-authenticated wire frames, the TCP server and client, and the zero/one/two-server
 //!   rules with the **no-quorum trade-off** (two-host rule) documented;
