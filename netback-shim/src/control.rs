@@ -1,316 +1,175 @@
-//! The control socket of the `xenft-netback` binary: JSON lines over a Unix stream socket.
+//! The control socket of the `xenft-netback` binary: the control contract
+//! `xenft_control::netback`, served by the contract's server.
 //!
-//! One request per line, one reply per line:
-//!
-//! ```text
-//! {"op":"begin_epoch","epoch":7}          → {"ok":true}
-//! {"op":"commit","epoch":7}               → {"ok":true,"released":12}
-//! {"op":"discard"}                        → {"ok":true,"discarded":3}
-//! {"op":"set_mode","mode":"buffered"}     → {"ok":true}      (passthrough | buffered | standby)
-//! {"op":"takeover","mode":"passthrough"}  → {"ok":true,"announced":3}
-//! {"op":"announce"}                       → {"ok":true,"announced":3}
-//! {"op":"redirect","on":true}             → {"ok":true}      (true | false | null = automatic)
-//! {"op":"add_addresses","addresses":["10.0.0.2","fd00::2"]} → {"ok":true}
-//! {"op":"counters"}                       → {"ok":true,"counters":{...}}
-//! {"op":"subscribe"}                      → {"ok":true}, then {"event":"early_checkpoint","epoch":N} lines
-//! ```
-//!
-//! Errors: `{"ok":false,"error":"..."}`. Lines longer than 64 KiB close the connection. The
+//! [`handle`] carries out one request on the relay (`begin_epoch`, `commit`, `discard`,
+//! `set_mode`, `takeover`, `announce`, `redirect`, `add_addresses`, `counters`; refusals are
+//! typed). Events pushed to subscribers: `early_checkpoint` (from the relay's hook, at once),
+//! and, from [`CounterWatch`] over the counters every [`EVENT_POLL`], `uplink_lost` /
+//! `uplink_restored`, `uplink_redirected` / `uplink_returned`, `vif_bound` / `vif_lost`. The
 //! socket is created mode 0600; at most 16 connections are served at once.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::IpAddr;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use xenft_control::netback::{Counters, Event, Reply, Request};
+use xenft_control::{ErrorReply, Events, Netback, Server, ServerOptions};
 
-use crate::shim::{Counters, Mode, Shim};
+use crate::shim::Shim;
 
-/// Longest accepted request line.
-const MAX_LINE: u64 = 64 * 1024;
-/// Connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 16;
-
-/// A request on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// [`Shim::begin_epoch`].
-    BeginEpoch {
-        /// The epoch.
-        epoch: u64,
-    },
-    /// [`Shim::commit`].
-    Commit {
-        /// The epoch.
-        epoch: u64,
-    },
-    /// [`Shim::discard`].
-    Discard,
-    /// [`Shim::set_mode`].
-    SetMode {
-        /// The new mode.
-        mode: Mode,
-    },
-    /// [`Shim::takeover`].
-    Takeover {
-        /// The mode after the takeover.
-        mode: Mode,
-    },
-    /// [`Shim::announce`].
-    Announce,
-    /// [`Shim::set_redirect`].
-    Redirect {
-        /// `true` redirect, `false` stay local, `null` automatic.
-        on: Option<bool>,
-    },
-    /// [`Shim::add_addresses`].
-    AddAddresses {
-        /// The addresses.
-        addresses: Vec<IpAddr>,
-    },
-    /// [`Shim::counters`].
-    Counters,
-    /// Turns the connection into a stream of early-checkpoint events.
-    Subscribe,
-}
-
-/// A reply on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Reply {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// Why it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Frames released by a commit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub released: Option<u64>,
-    /// Frames dropped by a discard.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discarded: Option<u64>,
-    /// Announcement frames sent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub announced: Option<u64>,
-    /// The counters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub counters: Option<Box<Counters>>,
-}
-
-/// An event pushed to subscribed connections.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    /// The output buffer is near its bound: checkpoint early.
-    EarlyCheckpoint {
-        /// The current epoch.
-        epoch: u64,
-    },
-}
-
-fn ok() -> Reply {
-    Reply {
-        ok: true,
-        ..Reply::default()
-    }
-}
-
-fn fail(e: impl std::fmt::Display) -> Reply {
-    Reply {
-        ok: false,
-        error: Some(e.to_string()),
-        ..Reply::default()
-    }
-}
+/// How often the counters are compared for events.
+pub const EVENT_POLL: Duration = Duration::from_millis(50);
 
 /// Applies one request to the relay.
-pub fn handle(shim: &Shim, req: &Request) -> Reply {
+///
+/// # Errors
+/// `refused` when the relay refuses (an epoch out of order, a call for another mode).
+pub fn handle(shim: &Shim, req: Request) -> Result<Reply, ErrorReply> {
     match req {
-        Request::BeginEpoch { epoch } => match shim.begin_epoch(*epoch) {
-            Ok(()) => ok(),
-            Err(e) => fail(e),
-        },
-        Request::Commit { epoch } => match shim.commit(*epoch) {
-            Ok(n) => Reply {
-                released: Some(n as u64),
-                ..ok()
-            },
-            Err(e) => fail(e),
-        },
-        Request::Discard => Reply {
-            discarded: Some(shim.discard() as u64),
-            ..ok()
-        },
+        Request::BeginEpoch { epoch } => shim
+            .begin_epoch(epoch)
+            .map(|()| Reply::Done)
+            .map_err(ErrorReply::refused),
+        Request::Commit { epoch } => shim
+            .commit(epoch)
+            .map(|n| Reply::Released { released: n as u64 })
+            .map_err(ErrorReply::refused),
+        Request::Discard => Ok(Reply::Discarded {
+            discarded: shim.discard() as u64,
+        }),
         Request::SetMode { mode } => {
-            shim.set_mode(*mode);
-            ok()
+            shim.set_mode(mode);
+            Ok(Reply::Done)
         }
-        Request::Takeover { mode } => Reply {
-            announced: Some(shim.takeover(*mode) as u64),
-            ..ok()
-        },
-        Request::Announce => Reply {
-            announced: Some(shim.announce() as u64),
-            ..ok()
-        },
+        Request::Takeover { mode } => Ok(Reply::Announced {
+            announced: shim.takeover(mode) as u64,
+        }),
+        Request::Announce => Ok(Reply::Announced {
+            announced: shim.announce() as u64,
+        }),
         Request::Redirect { on } => {
-            shim.set_redirect(*on);
-            ok()
+            shim.set_redirect(on);
+            Ok(Reply::Done)
         }
         Request::AddAddresses { addresses } => {
-            shim.add_addresses(addresses);
-            ok()
+            shim.add_addresses(&addresses);
+            Ok(Reply::Done)
         }
-        Request::Counters => Reply {
-            counters: Some(Box::new(shim.counters())),
-            ..ok()
-        },
-        Request::Subscribe => ok(),
+        Request::Counters => Ok(Reply::Counters {
+            counters: Box::new(shim.counters()),
+        }),
     }
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes. `Ok(None)` at end of stream.
-fn read_line(r: &mut BufReader<UnixStream>) -> io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    let n = r.by_ref().take(MAX_LINE + 1).read_until(b'\n', &mut buf)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "request line too long or unterminated",
-        ));
-    }
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))
+/// Turns changes of the relay's counters into events (pure: fed one snapshot at a time).
+#[derive(Debug, Default)]
+pub struct CounterWatch {
+    last: Option<Counters>,
 }
 
-type Subscribers = Arc<Mutex<Vec<mpsc::Sender<Event>>>>;
-
-fn serve_connection(shim: &Shim, stream: UnixStream, subs: &Subscribers) -> io::Result<()> {
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    while let Some(line) = read_line(&mut reader)? {
-        if line.trim().is_empty() {
-            continue;
+impl CounterWatch {
+    /// The events between the last snapshot and `c`. The first snapshot reports only what is
+    /// wrong already (an uplink down, a redirect running).
+    pub fn observe(&mut self, uplink: &str, c: &Counters) -> Vec<Event> {
+        let mut out = Vec::new();
+        let was = self.last.as_ref();
+        let up = c.redirect.uplink_up;
+        match (was.map(|w| w.redirect.uplink_up), up) {
+            (Some(true) | None, false) => out.push(Event::UplinkLost {
+                uplink: uplink.to_string(),
+            }),
+            (Some(false), true) => out.push(Event::UplinkRestored {
+                uplink: uplink.to_string(),
+            }),
+            _ => {}
         }
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Subscribe) => {
-                let (tx, rx) = mpsc::channel();
-                subs.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(tx);
-                write_json(&mut writer, &ok())?;
-                for ev in rx {
-                    write_json(&mut writer, &ev)?;
-                }
-                return Ok(());
+        let was_redirecting = was.is_some_and(|w| w.redirect.redirecting);
+        match (was_redirecting, c.redirect.redirecting, c.redirect.reason) {
+            (false, true, Some(reason)) => out.push(Event::UplinkRedirected { reason }),
+            (true, false, _) => out.push(Event::UplinkReturned),
+            _ => {}
+        }
+        if let Some(w) = was {
+            if c.vif_losses > w.vif_losses {
+                out.push(Event::VifLost);
             }
-            Ok(req) => handle(shim, &req),
-            Err(e) => fail(format!("bad request: {e}")),
-        };
-        write_json(&mut writer, &reply)?;
+            if c.vif_binds > w.vif_binds {
+                if let Some(ifindex) = c.vif_ifindex {
+                    out.push(Event::VifBound { ifindex });
+                }
+            }
+        }
+        self.last = Some(c.clone());
+        out
     }
-    Ok(())
 }
 
-fn write_json<T: Serialize>(w: &mut UnixStream, v: &T) -> io::Result<()> {
-    let mut s = serde_json::to_string(v).map_err(io::Error::other)?;
-    s.push('\n');
-    w.write_all(s.as_bytes())
-}
-
-/// The control socket server. Dropping it stops accepting and removes the socket file.
+/// The control socket server. Dropping it stops accepting, stops the event watch and removes
+/// the socket file.
 #[derive(Debug)]
 pub struct ControlServer {
-    path: PathBuf,
+    _server: Server,
     stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
+    watch: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
     /// Listens on `path` (replacing a stale socket file) and serves requests for `shim`. It
-    /// also installs the shim's early-checkpoint hook, which feeds subscribed connections.
+    /// also installs the shim's early-checkpoint hook and starts the counter watch, which feed
+    /// subscribed connections.
     ///
     /// # Errors
-    /// When the socket cannot be bound or its thread cannot start.
+    /// When the socket cannot be bound or a thread cannot start.
     pub fn start(shim: Arc<Shim>, path: &Path) -> io::Result<ControlServer> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        // Only the owner (root, the agent) may drive the relay.
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
-        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let subs: Subscribers = Arc::new(Mutex::new(Vec::new()));
+        let events: Arc<Events<Event>> = Events::new();
         {
-            let subs = Arc::clone(&subs);
+            let events = Arc::clone(&events);
             shim.set_early_checkpoint_hook(Arc::new(move |epoch| {
-                let mut list = subs
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                list.retain(|tx| tx.send(Event::EarlyCheckpoint { epoch }).is_ok());
+                events.publish(&Event::EarlyCheckpoint { epoch });
             }));
         }
+        let on_connection = shim.realtime_priority().map(|p| {
+            Arc::new(move || {
+                if let Err(e) = crate::sys::set_realtime_priority(p) {
+                    tracing::debug!(error = %e, "control thread stays on the default scheduler");
+                }
+            }) as xenft_control::server::ConnectionHook
+        });
+        let handler = {
+            let shim = Arc::clone(&shim);
+            move |req| handle(&shim, req)
+        };
+        let server = Server::start::<Netback, _>(
+            path,
+            Arc::new(handler),
+            Arc::clone(&events),
+            ServerOptions {
+                on_connection,
+                ..ServerOptions::default()
+            },
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
-        let accept = std::thread::Builder::new()
-            .name("netback-control".into())
+        let watch = std::thread::Builder::new()
+            .name("netback-events".into())
             .spawn(move || {
+                let mut w = CounterWatch::default();
+                let uplink = shim.uplink_name().to_string();
                 while !stop2.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            if live.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                                tracing::warn!("too many control connections: refusing one");
-                                drop(stream);
-                                continue;
-                            }
-                            live.fetch_add(1, Ordering::Relaxed);
-                            let live = Arc::clone(&live);
-                            let shim = Arc::clone(&shim);
-                            let subs = Arc::clone(&subs);
-                            let spawned = std::thread::Builder::new()
-                                .name("netback-control-conn".into())
-                                .spawn(move || {
-                                    if let Some(p) = shim.realtime_priority() {
-                                        if let Err(e) = crate::sys::set_realtime_priority(p) {
-                                            tracing::debug!(error = %e, "control thread stays on the default scheduler");
-                                        }
-                                    }
-                                    if stream.set_nonblocking(false).is_ok() {
-                                        if let Err(e) = serve_connection(&shim, stream, &subs) {
-                                            tracing::debug!(error = %e, "control connection closed");
-                                        }
-                                    }
-                                    live.fetch_sub(1, Ordering::Relaxed);
-                                });
-                            if let Err(e) = spawned {
-                                tracing::warn!(error = %e, "cannot serve control connection");
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "control accept failed");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+                    for e in w.observe(&uplink, &shim.counters()) {
+                        tracing::info!(event = ?e, "netback event");
+                        events.publish(&e);
                     }
+                    std::thread::sleep(EVENT_POLL);
                 }
             })?;
         Ok(ControlServer {
-            path: path.to_path_buf(),
+            _server: server,
             stop,
-            accept: Some(accept),
+            watch: Some(watch),
         })
     }
 }
@@ -318,47 +177,92 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.accept.take() {
+        if let Some(h) = self.watch.take() {
             let _ = h.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// Sends one request on a connected control socket and reads the reply (a small client for the
-/// agent, tools and tests).
-///
-/// # Errors
-/// On I/O errors or an undecodable reply.
-pub fn request(stream: &mut BufReader<UnixStream>, req: &Request) -> io::Result<Reply> {
-    write_json(stream.get_mut(), req)?;
-    let line = read_line(stream)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "control socket closed"))?;
-    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xenft_control::netback::RedirectReason;
+
+    fn counters(up: bool) -> Counters {
+        let mut c = Counters::default();
+        c.redirect.uplink_up = up;
+        c
+    }
 
     #[test]
-    fn requests_use_the_documented_json_shape() {
-        let r: Request = serde_json::from_str(r#"{"op":"commit","epoch":7}"#).unwrap();
-        assert_eq!(r, Request::Commit { epoch: 7 });
-        let r: Request = serde_json::from_str(r#"{"op":"set_mode","mode":"buffered"}"#).unwrap();
+    fn a_healthy_start_says_nothing_and_a_lost_uplink_is_said_once() {
+        let mut w = CounterWatch::default();
+        assert!(w.observe("eth0", &counters(true)).is_empty());
         assert_eq!(
-            r,
-            Request::SetMode {
-                mode: Mode::Buffered
-            }
+            w.observe("eth0", &counters(false)),
+            vec![Event::UplinkLost {
+                uplink: "eth0".into()
+            }]
         );
-        let r: Request =
-            serde_json::from_str(r#"{"op":"add_addresses","addresses":["10.0.0.2","fd00::2"]}"#)
-                .unwrap();
-        assert!(matches!(r, Request::AddAddresses { addresses } if addresses.len() == 2));
-        let r: Request = serde_json::from_str(r#"{"op":"redirect","on":null}"#).unwrap();
-        assert_eq!(r, Request::Redirect { on: None });
-        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"op":"commit","epoch":-1}"#).is_err());
+        assert!(w.observe("eth0", &counters(false)).is_empty());
+        assert_eq!(
+            w.observe("eth0", &counters(true)),
+            vec![Event::UplinkRestored {
+                uplink: "eth0".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_relay_started_without_uplink_reports_it_at_once() {
+        let mut w = CounterWatch::default();
+        assert_eq!(
+            w.observe("eth0", &counters(false)),
+            vec![Event::UplinkLost {
+                uplink: "eth0".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_redirect_and_its_end_are_events_with_the_cause() {
+        let mut w = CounterWatch::default();
+        w.observe("eth0", &counters(true));
+        let mut c = counters(false);
+        c.redirect.redirecting = true;
+        c.redirect.reason = Some(RedirectReason::Carrier);
+        assert_eq!(
+            w.observe("eth0", &c),
+            vec![
+                Event::UplinkLost {
+                    uplink: "eth0".into()
+                },
+                Event::UplinkRedirected {
+                    reason: RedirectReason::Carrier
+                }
+            ]
+        );
+        assert_eq!(
+            w.observe("eth0", &counters(true)),
+            vec![
+                Event::UplinkRestored {
+                    uplink: "eth0".into()
+                },
+                Event::UplinkReturned
+            ]
+        );
+    }
+
+    #[test]
+    fn the_vif_coming_and_going_are_events() {
+        let mut w = CounterWatch::default();
+        let mut c = counters(true);
+        w.observe("eth0", &c);
+        c.vif_losses = 1;
+        c.vif_ifindex = None;
+        assert_eq!(w.observe("eth0", &c), vec![Event::VifLost]);
+        c.vif_binds = 2;
+        c.vif_ifindex = Some(42);
+        assert_eq!(w.observe("eth0", &c), vec![Event::VifBound { ifindex: 42 }]);
     }
 }

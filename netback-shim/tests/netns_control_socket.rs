@@ -1,5 +1,5 @@
 //! The binary driven through its control socket, as the agent drives it: epochs, commit,
-//! early-checkpoint events, errors for bad requests. Privileged (root): builds and removes its
+//! early-checkpoint events, typed errors for bad requests. Privileged (root): builds and removes its
 //! own namespaces.
 
 mod common;
@@ -8,8 +8,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{relay_command, vm_send_udp, wait_until, Capture, Child, Line, R, VM_MAC};
-use xenft_netback::control::{request, Request};
+use common::{counters, relay_command, vm_send_udp, wait_until, Capture, Child, Line, R, VM_MAC};
+use xenft_control::netback::{Event, Reply, Request};
+use xenft_control::{Client, ErrorKind, Netback};
 use xenft_netback::Mode;
 use xenft_tests::netns::require_root;
 
@@ -33,49 +34,48 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
     );
     assert!(wait_until(Duration::from_secs(5), || sock.exists()));
     let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
-    let mut ctl = BufReader::new(UnixStream::connect(&sock)?);
-    let mut events = BufReader::new(UnixStream::connect(&sock)?);
-    assert!(request(&mut events, &Request::Subscribe)?.ok);
+    let ctl: Client<Netback> = Client::new(&sock, Duration::from_secs(5));
+    let mut events = ctl.subscribe()?;
 
-    // Bad requests get a reason, and the connection stays usable.
-    ctl.get_mut().write_all(b"{\"op\":\"explode\"}\n")?;
-    let mut reply = String::new();
-    ctl.read_line(&mut reply)?;
-    assert!(
-        reply.contains("\"ok\":false") && reply.contains("bad request"),
-        "{reply}"
-    );
-    let r = request(&mut ctl, &Request::Commit { epoch: 5 })?;
-    assert!(!r.ok && r.error.is_some_and(|e| e.contains("epoch 5")));
+    // Bad requests get a typed reason, and the connection stays usable.
+    let mut raw = BufReader::new(UnixStream::connect(&sock)?);
+    raw.get_mut().write_all(
+        b"{\"v\":1,\"req\":{\"op\":\"explode\"}}\n{\"v\":1,\"req\":{\"op\":\"discard\"}}\n",
+    )?;
+    let (mut reply, mut next) = (String::new(), String::new());
+    raw.read_line(&mut reply)?;
+    raw.read_line(&mut next)?;
+    assert!(reply.contains("\"kind\":\"unknown_request\""), "{reply}");
+    assert!(next.contains("\"discarded\":0"), "{next}");
+    let e = ctl.call(&Request::Commit { epoch: 5 }).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Refused), "{e}");
+    assert!(e.to_string().contains("epoch 5"), "{e}");
 
-    assert!(request(&mut ctl, &Request::BeginEpoch { epoch: 1 })?.ok);
+    assert_eq!(ctl.call(&Request::BeginEpoch { epoch: 1 })?, Reply::Done);
     vm_send_udp(&line.vm, PORT, 0..30, 1000)?;
 
     // 20 frames (1042 B + 10 B offload header each) fill the 21 040-byte buffer: the agent hears about it before it overflows.
-    events
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut ev = String::new();
-    events.read_line(&mut ev)?;
-    assert_eq!(ev.trim(), r#"{"event":"early_checkpoint","epoch":1}"#);
+    assert_eq!(
+        events.next_within(Duration::from_secs(5))?,
+        Some(Event::EarlyCheckpoint { epoch: 1 })
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert!(
         cap.udp_payloads(PORT).is_empty(),
         "nothing leaves before commit"
     );
 
-    assert!(request(&mut ctl, &Request::BeginEpoch { epoch: 2 })?.ok);
-    let r = request(&mut ctl, &Request::Commit { epoch: 1 })?;
-    assert_eq!(r.released, Some(20));
+    assert_eq!(ctl.call(&Request::BeginEpoch { epoch: 2 })?, Reply::Done);
+    assert_eq!(
+        ctl.call(&Request::Commit { epoch: 1 })?,
+        Reply::Released { released: 20 }
+    );
     assert!(wait_until(Duration::from_secs(3), || {
-        request(&mut ctl, &Request::Counters)
-            .ok()
-            .and_then(|r| r.counters)
-            .is_some_and(|c| c.held_frames_now == 10)
+        counters(&sock).is_ok_and(|c| c.held_frames_now == 10)
     }));
     assert_eq!(
-        request(&mut ctl, &Request::Commit { epoch: 2 })?.released,
-        Some(10)
+        ctl.call(&Request::Commit { epoch: 2 })?,
+        Reply::Released { released: 10 }
     );
     assert!(wait_until(Duration::from_secs(3), || cap
         .udp_payloads(PORT)
@@ -83,9 +83,7 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
         == 30));
     assert_eq!(cap.udp_seqs(PORT), (0..30).collect::<Vec<_>>());
 
-    let c = request(&mut ctl, &Request::Counters)?
-        .counters
-        .ok_or("counters")?;
+    let c = counters(&sock)?;
     assert_eq!(c.mode, Mode::Buffered);
     assert_eq!(
         (
@@ -95,15 +93,15 @@ fn agent_drives_epochs_over_the_control_socket_and_hears_early_checkpoint_reques
         ),
         (30, 1, 1)
     );
-    assert!(
-        request(
-            &mut ctl,
-            &Request::SetMode {
-                mode: Mode::Passthrough
-            }
-        )?
-        .ok
+    assert_eq!(
+        ctl.call(&Request::SetMode {
+            mode: Mode::Passthrough
+        })?,
+        Reply::Done
     );
-    assert_eq!(request(&mut ctl, &Request::Discard)?.discarded, Some(0));
+    assert_eq!(
+        ctl.call(&Request::Discard)?,
+        Reply::Discarded { discarded: 0 }
+    );
     Ok(())
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    echo, relay_command, shim_config, start_shim, tcp_from_vm, wait_until, Child, Pool, CLIENT_IP,
-    R, VM_IP, VM_MAC,
+    counters, echo, relay_command, shim_config, start_shim, tcp_from_vm, wait_until, Child, Pool,
+    CLIENT_IP, R, VM_IP, VM_MAC,
 };
 use xenft_netback::alink_tunnel::attach;
 use xenft_netback::tunnel::{memory_pair, TunnelMsg};
@@ -175,14 +175,6 @@ fn silent_uplink_with_carrier_is_detected_and_redirected_while_the_peer_sees_the
     }
     drop(conn);
     server.join()
-}
-
-/// Control-socket view of a relay run as the binary.
-fn counters(sock: &std::path::Path) -> R<xenft_netback::Counters> {
-    let mut conn = std::io::BufReader::new(std::os::unix::net::UnixStream::connect(sock)?);
-    let reply =
-        xenft_netback::control::request(&mut conn, &xenft_netback::control::Request::Counters)?;
-    Ok(*reply.counters.ok_or("no counters in reply")?)
 }
 
 #[test]

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::BufReader;
 use std::net::UdpSocket;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::{
     relay_command, shim_config, start_shim, wait_until, Child, Pool, CLIENT_IP, R, VM_IP, VM_MAC,
 };
-use xenft_netback::control::{self, Request};
 use xenft_netback::Mode;
 use xenft_tests::netns::{require_root, Netns};
 
@@ -121,9 +118,7 @@ fn secondary_takes_over_same_mac_and_ip_when_primary_shim_is_killed() -> R<()> {
         assert_eq!(pool.fdb_port(VM_MAC)?.as_deref(), Some("pa"));
 
         // The agent replicates the addresses the primary learnt from the VM's traffic.
-        let mut conn = BufReader::new(UnixStream::connect(&sock)?);
-        let reply = control::request(&mut conn, &Request::Counters)?;
-        let learned = reply.counters.ok_or("no counters")?.learned_ipv4;
+        let learned = common::counters(&sock)?.learned_ipv4;
         assert_eq!(learned, vec![VM_IP]);
         secondary.add_addresses(&learned.iter().map(|a| (*a).into()).collect::<Vec<_>>());
 

@@ -4,16 +4,15 @@
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::UdpSocket;
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{
     relay_command, shim_config, start_shim, tcp_from_vm, wait_until, Capture, Child, Line,
     CLIENT_IP, R, VM_IP, VM_MAC,
 };
-use xenft_netback::control::{self, Request};
+use xenft_control::netback::{Reply, Request};
 use xenft_netback::{Mode, Shim};
 use xenft_tests::netns::{require_root, Netns};
 
@@ -165,25 +164,28 @@ fn takeover_with_the_vif_absent_answers_ok_and_announces_on_the_uplink() -> R<()
         wait_until(Duration::from_secs(5), || sock.exists()),
         "the relay serves its control socket without the vif"
     );
-    let mut conn = BufReader::new(UnixStream::connect(&sock)?);
     let capture = Capture::start(&line.client, "eth0", VM_MAC)?;
 
     // The agent replicates the primary's addresses, then takes over before the domain runs.
-    let reply = control::request(
-        &mut conn,
+    let reply = common::call(
+        &sock,
         &Request::AddAddresses {
             addresses: vec![VM_IP.into()],
         },
     )?;
-    assert!(reply.ok, "{reply:?}");
-    let reply = control::request(
-        &mut conn,
+    assert_eq!(reply, Reply::Done);
+    let reply = common::call(
+        &sock,
         &Request::Takeover {
             mode: Mode::Passthrough,
         },
-    )?;
-    assert!(reply.ok, "takeover without vif: {reply:?}");
-    assert_eq!(reply.announced, Some(2), "gratuitous ARP and relearn frame");
+    )
+    .map_err(|e| format!("takeover without vif: {e}"))?;
+    assert_eq!(
+        reply,
+        Reply::Announced { announced: 2 },
+        "gratuitous ARP and relearn frame"
+    );
     assert!(
         wait_until(Duration::from_secs(2), || capture
             .frames
@@ -193,8 +195,7 @@ fn takeover_with_the_vif_absent_answers_ok_and_announces_on_the_uplink() -> R<()
             .any(|f| is_gratuitous_arp_for_vm(f))),
         "the client sees the gratuitous ARP"
     );
-    let reply = control::request(&mut conn, &Request::Counters)?;
-    let c = reply.counters.ok_or("no counters")?;
+    let c = common::counters(&sock)?;
     assert!(!c.vif_bound, "{c:?}");
     assert_eq!(c.mode, Mode::Passthrough);
 
@@ -202,10 +203,7 @@ fn takeover_with_the_vif_absent_answers_ok_and_announces_on_the_uplink() -> R<()
     line.add_vif()?;
     assert!(
         wait_until(Duration::from_secs(5), || {
-            control::request(&mut conn, &Request::Counters)
-                .ok()
-                .and_then(|r| r.counters)
-                .is_some_and(|c| c.vif_bound)
+            common::counters(&sock).is_ok_and(|c| c.vif_bound)
         }),
         "the relay binds the vif after the takeover"
     );

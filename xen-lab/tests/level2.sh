@@ -38,7 +38,7 @@ agent_config 2 "{
 
 if [ "$H" = 1 ]; then
   wait_peer 120 || fail "host 2 unreachable"
-  wait_until 300 sh -c "echo status | socat -t 5 - UNIX-CONNECT:$BCTL | grep -q '\"peer\":\"in_sync\"'" ||
+  wait_until 300 ctl_has $BCTL '{"op":"status"}' '"peer":"in_sync"' ||
     { tail -n 20 /tmp/blk.log; fail "the mirror never reached in_sync"; }
   # the operator runs the VM, then the agent protects it
   /xentest/level2.sh 1 2 start-domu > /tmp/xl.log 2>&1 &
@@ -57,7 +57,7 @@ fi
 socat -u TCP-LISTEN:7602,reuseaddr OPEN:/tmp/acks,creat,append &
 xenft-agent --config $AGENT_CFG > /tmp/agent.log 2>&1 &
 wait_until 600 status_has '"phase":"protected"' || { status; tail -n 30 /tmp/agent.log; fail "host 2 never saw domu1 protected"; }
-say "host 2 sees domu1 protected on h1; disk: $(ctl $BCTL status | cut -c1-200)"
+say "host 2 sees domu1 protected on h1; disk: $(ctl $BCTL '{"op":"status"}' | cut -c1-200)"
 xl list | grep -q domu1 && fail "host 2 runs domu1 while host 1 does"
 wait_until 120 busybox ping -c1 -W2 $GUEST_IP || fail "the guest on host 1 does not answer through its relay"
 say "the guest answers pings through host 1's relay"
@@ -83,4 +83,4 @@ ann=$(echo "$c" | sed -n 's/.*"announcements_sent":\([0-9]*\).*/\1/p')
 result relay_announcements "${ann:-?}"
 [ "${ann:-0}" -gt 0 ] || fail "the relay did not announce the guest after the take-over"
 echo "$c" | grep -q '"vif_bound":true' || fail "the relay is not bound to the restarted guest's vif"
-say "disk after the take-over: $(ctl $BCTL status | cut -c1-200)"
+say "disk after the take-over: $(ctl $BCTL '{"op":"status"}' | cut -c1-200)"

@@ -28,8 +28,12 @@ alink_args() { # alink_args PORT
   mkdir -p /run/xenft; [ -e $ALINK_SECRET ] || echo "xen-lab pool secret, not a real one" > $ALINK_SECRET
   echo "--alink-path 10.99.0.$H:$1=$(peer):$1 --host host$H --peer-host host$((3 - H)) --secret-file $ALINK_SECRET --alink-path-timeout-ms 8000"
 }
-# ctl SOCKET LINE: one request on a JSON-lines control socket, the reply on stdout
-ctl() { echo "$2" | socat -t 10 - "UNIX-CONNECT:$1" 2>/dev/null; }
+# ctl SOCKET REQUEST: one request of the components' control contract (xenft_control: JSON
+# lines, version 1) on a control socket, e.g. ctl $CTL '{"op":"status"}'; the reply on stdout
+# ({"v":1,"ok":{...}} or {"v":1,"err":{"kind":..,"message":..}})
+ctl() { printf '{"v":1,"req":%s}\n' "$2" | socat -t 10 - "UNIX-CONNECT:$1" 2>/dev/null; }
+# ctl_has SOCKET REQUEST PATTERN: the reply contains PATTERN (for wait_until)
+ctl_has() { ctl "$1" "$2" | grep -q "$3"; }
 # agent_config LEVEL VM_DRIVERS: writes /etc/xenft-agent.json for domu1 (primary h1, secondary
 # h2): heartbeats and management on the lab wire, no quorum server (two-host rule), timing
 # slowed for TCG, xenstore on, the real drivers; VM_DRIVERS is domu1's vm_drivers JSON object

@@ -16,7 +16,7 @@ SIZE=32M
 NBD=127.0.0.1:10809
 mkdir -p /var/lib/xenft /run/xenft
 ALINK=$(alink_args 7500)
-blk() { ctl $CTL "$1"; }
+blk() { ctl $CTL "{\"op\":\"$1\"}"; }
 sum_of() { sha256sum < "$1" | cut -c1-64; }
 # the blocks 0..n-1 of FILE that hold the pattern, n printed
 pattern_prefix() {
@@ -41,7 +41,7 @@ if [ "$H" = 1 ]; then
   wait_peer 120 || fail "host 2 unreachable"
   xenft-blkback --role primary --disk $DISK --size $SIZE --nbd-tcp $NBD --control $CTL $ALINK \
     > /tmp/blk.log 2>&1 &
-  wait_until 300 sh -c "echo status | socat -t 5 - UNIX-CONNECT:$CTL | grep -q '\"peer\":\"in_sync\"'" ||
+  wait_until 300 ctl_has $CTL '{"op":"status"}' '"peer":"in_sync"' ||
     { tail -n 20 /tmp/blk.log; blk status; fail "the mirror never reached in_sync"; }
   say "mirror in sync: $(blk status)"
   nbd-client 127.0.0.1 10809 /dev/nbd0 -N xenft -b 4096 || fail "nbd-client could not attach our NBD export"
@@ -71,17 +71,17 @@ xenft-blkback --role secondary --disk $DISK --size $SIZE --nbd-tcp $NBD --contro
   > /tmp/blk.log 2>&1 &
 socat -u TCP-LISTEN:7602,reuseaddr OPEN:/tmp/acks,creat,append &
 socat -t 120 TCP-LISTEN:7601,reuseaddr SYSTEM:"/xentest/mirror.sh 2 2 compare" &
-wait_until 600 sh -c "echo status | socat -t 5 - UNIX-CONNECT:$CTL | grep -q '\"connected\":true'" ||
+wait_until 600 ctl_has $CTL '{"op":"status"}' '"connected":true' ||
   { tail -n 20 /tmp/blk.log; fail "host 1's primary never connected"; }
 say "secondary connected: $(blk status)"
 # the primary goes silent when host 1 dies: the A-link declares the path down (8 s here)
 wait_until 900 test -s /tmp/acks || fail "no acknowledged write reached host 2's log"
-wait_until 900 sh -c "echo status | socat -t 5 - UNIX-CONNECT:$CTL | grep -q '\"connected\":false'" ||
+wait_until 900 ctl_has $CTL '{"op":"status"}' '"connected":false' ||
   fail "the secondary never saw the primary go"
 acked=$(last_ack /tmp/acks)
 say "primary gone; last acknowledged block host 1 reported: $acked; $(blk status)"
 p=$(blk promote); say "promote: $p"
-echo "$p" | grep -q '"ok":true' || fail "promote refused: $p"
+echo "$p" | grep -q '"reply":"promoted"' || fail "promote refused: $p"
 found=$(pattern_prefix $DISK)
 result acked_before_crash $((acked + 1))
 result blocks_on_copy "$found"

@@ -40,7 +40,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::epoch::{EpochBuffer, EpochError, DEFAULT_LIMIT_BYTES};
 use crate::frame::{self, Learned, MacAddr};
@@ -58,18 +57,7 @@ const SLOT_LEN: usize = frame::VNET_HDR_LEN + frame::MAX_GSO_FRAME + 1;
 /// Frames taken per receive call (and sent per send call).
 const BATCH: usize = 32;
 
-/// What the shim does with the VM's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Forward at once (unprotected, or level 2 only).
-    Passthrough,
-    /// Hold per epoch until committed (level 3 output commit).
-    Buffered,
-    /// The secondary's shim: forward nothing, learn the VM's addresses, carry the peer's
-    /// frames when asked (redirect), wait for [`Shim::takeover`].
-    Standby,
-}
+pub use xenft_control::netback::Mode;
 
 /// Configuration of one VM's relay.
 #[derive(Debug, Clone)]
@@ -287,7 +275,7 @@ impl Shim {
         let uplink = open_relay_socket("uplink", &cfg.uplink)?;
         let uplink_up = uplink.link_up().unwrap_or(false);
         let buffer = EpochBuffer::new(cfg.buffer_limit);
-        let c = Counters::at_start(&cfg, buffer.limit() as u64, vif_ifindex, uplink_up);
+        let c = counters::at_start(&cfg, buffer.limit() as u64, vif_ifindex, uplink_up);
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 mode: cfg.mode,
@@ -469,6 +457,12 @@ impl Shim {
     /// dropped.
     pub fn on_tunnel_message(&self, msg: &Bytes) {
         self.inner.on_tunnel(msg);
+    }
+
+    /// The uplink interface's name.
+    #[must_use]
+    pub fn uplink_name(&self) -> &str {
+        &self.inner.cfg.uplink
     }
 
     /// The real-time priority of the relay threads, if any. Threads that call into the shim

@@ -418,3 +418,21 @@ pub fn relay_command(ns: &Netns) -> std::process::Command {
     ]);
     cmd
 }
+
+/// One request to the relay's control socket, through the contract's client.
+pub fn call(
+    sock: &std::path::Path,
+    req: &xenft_control::netback::Request,
+) -> R<xenft_control::netback::Reply> {
+    Ok(xenft_tests::components::call::<xenft_control::Netback>(
+        sock, req,
+    )?)
+}
+
+/// The relay's counters, through the contract's client.
+pub fn counters(sock: &std::path::Path) -> R<xenft_control::netback::Counters> {
+    match call(sock, &xenft_control::netback::Request::Counters)? {
+        xenft_control::netback::Reply::Counters { counters } => Ok(*counters),
+        other => Err(format!("counters answered with {other:?}").into()),
+    }
+}
