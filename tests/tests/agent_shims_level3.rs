@@ -98,6 +98,11 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
     wait_for("the engine's primary to finish", || {
         matches!(ck_pri.0.try_wait(), Ok(Some(_)))
     });
+    // The replica has read the whole stream (the primary's last commit included) once it saw
+    // the stream end: only then is its committed checkpoint final.
+    wait_for("the replica to see the primary's stream end", || {
+        ctl::<Checkpoint>(&p("ck.ctl"), &checkpoint::Request::Status)["primary_gone"] == true
+    });
     let st = ctl::<Checkpoint>(&p("ck.ctl"), &checkpoint::Request::Status);
     assert_eq!(st["state"], "receiving", "{st}");
     let n = st["committed_epoch"]

@@ -508,7 +508,20 @@ impl Pool {
 
     /// GET /status of host `i`'s agent.
     pub fn status(&self, i: usize) -> Option<Value> {
+        self.get(i, "/status")
+    }
+
+    /// The decisions host `i`'s agent logged, oldest first (GET /events/log).
+    pub fn decisions(&self, i: usize) -> Vec<Value> {
+        self.get(i, "/events/log")
+            .and_then(|v| v["events"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// GET `path` of host `i`'s agent's status API.
+    fn get(&self, i: usize, path: &str) -> Option<Value> {
         let ns = self.h[i].name().to_string();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         std::thread::spawn(move || {
             let f = std::fs::File::open(format!("/var/run/netns/{ns}")).ok()?;
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
@@ -518,8 +531,7 @@ impl Pool {
             )
             .ok()?;
             s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
+            s.write_all(request.as_bytes()).ok()?;
             let mut out = String::new();
             s.read_to_string(&mut out).ok()?;
             serde_json::from_str::<Value>(out.split_once("\r\n\r\n")?.1).ok()

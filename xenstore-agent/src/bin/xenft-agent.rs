@@ -75,6 +75,15 @@ fn main() -> anyhow::Result<()> {
                 stop_rx,
             ))
         });
+        // What the components push (a failed disk, a lost uplink) reaches the core.
+        let stop_events = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let followers = match &drivers {
+            Drivers::Real(vms) => {
+                xenft_agent::drivers::events::follow(vms, &agent.inputs(), &stop_events)
+                    .context("starting the component event followers")?
+            }
+            Drivers::Record => Vec::new(),
+        };
         let bridge = if use_xenstore {
             let xs = xenft_agent::xenstore::xen::XenXs::connect()
                 .await
@@ -83,7 +92,6 @@ fn main() -> anyhow::Result<()> {
                 std::sync::Arc::new(xs),
                 me,
                 agent.hub(),
-                agent.inputs(),
             ))
         } else {
             None
@@ -100,6 +108,10 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(b) = bridge {
             b.shutdown().await;
+        }
+        stop_events.store(true, std::sync::atomic::Ordering::Relaxed);
+        for f in followers {
+            let _ = tokio::task::spawn_blocking(move || f.join()).await;
         }
         agent.shutdown().await;
         anyhow::Ok(())

@@ -54,6 +54,23 @@ pub(crate) mod fake {
         path: &std::path::Path,
         reply: impl Fn(&C::Request) -> Result<C::Reply, ErrorReply> + Send + Sync + 'static,
     ) -> Fake<C> {
+        start(path, reply, Events::new())
+    }
+
+    /// A component at `path` that pushes what is published on `events` (and refuses every
+    /// request).
+    pub(crate) fn serve_at_with_events<C: Component>(
+        path: &std::path::Path,
+        events: Arc<Events<C::Event>>,
+    ) -> Fake<C> {
+        start(path, |_| Err(ErrorReply::refused("events only")), events)
+    }
+
+    fn start<C: Component>(
+        path: &std::path::Path,
+        reply: impl Fn(&C::Request) -> Result<C::Reply, ErrorReply> + Send + Sync + 'static,
+        events: Arc<Events<C::Event>>,
+    ) -> Fake<C> {
         let path = path.to_path_buf();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = Arc::clone(&seen);
@@ -61,13 +78,9 @@ pub(crate) mod fake {
             s2.lock().unwrap().push(req.clone());
             reply(&req)
         };
-        let server = Server::start::<C, _>(
-            &path,
-            Arc::new(handler),
-            Events::new(),
-            ServerOptions::default(),
-        )
-        .unwrap();
+        let server =
+            Server::start::<C, _>(&path, Arc::new(handler), events, ServerOptions::default())
+                .unwrap();
         Fake {
             _dir: None,
             _server: server,

@@ -12,6 +12,9 @@
 //!   when the old primary's host returns, after the disk resync, `protect` the resumed guest
 //!   toward its fresh secondary (`checkpoint.peer_listen`: a socket, or `"alink"` for the
 //!   engine's own A-link): level-3 re-protection works;
+//! - [`events`]: each VM's blkback and netback events followed and turned into the core's
+//!   component-fault inputs (class (d): disk or uplink redirected through the peer, no
+//!   failover);
 //! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
 //! - [`control`]: the drivers speak to the components only through the control contract's
 //!   client (`xenft_control::Client`: typed requests and replies, bounded, timed out).
@@ -30,6 +33,7 @@ pub mod blkback;
 pub mod checkpoint;
 pub mod control;
 pub mod domain;
+pub mod events;
 pub mod netback;
 
 use std::collections::BTreeMap;

@@ -1,26 +1,22 @@
-//! The agent's xenstore subtree: it publishes its view of every protected VM there, and reads
-//! what the shims publish about their components.
+//! The agent's xenstore subtree: it publishes its view of every protected VM there, and
+//! follows the domains of this host (`@introduceDomain` / `@releaseDomain`).
 //!
 //! ```text
 //! /xenft/<host>/vm/<vm>/{phase,primary,secondary,generation,local}   written by the agent
-//! /xenft/<host>/shim/<vm>/disk        "ok" | "error: <text>"          written by blkback-shim
-//! /xenft/<host>/shim/<vm>/uplink      "ok" | "error: <text>"          written by netback-shim
-//! /xenft/<host>/shim/<vm>/consistent  "1" | "0"                       written by blkback-shim
 //! ```
 //! The agent's nodes are written in one transaction (retried on `EAGAIN`), so a reader never
-//! sees half an update. Shim nodes are re-read on every watch event (events may be spurious or
-//! coalesced) and only changes become inputs of the decision core.
+//! sees half an update. What the components report about themselves (a failed disk, a lost
+//! uplink) does not go through xenstore: they push it as events of the control contract
+//! (`drivers::events`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::{retry_transaction, XenStore, XsError, AGENT_ROOT};
-use crate::core::{Input, VmView};
-use crate::decision::Component;
-use crate::ids::{HostId, VmId};
+use crate::core::VmView;
+use crate::ids::HostId;
 use crate::status::StatusHub;
 
 /// The running bridge tasks.
@@ -30,14 +26,9 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Starts publishing `hub`'s VM views under `/xenft/<host>/vm` and turning shim reports
-    /// under `/xenft/<host>/shim` into core inputs.
-    pub fn start<S: XenStore + 'static>(
-        xs: Arc<S>,
-        host: HostId,
-        hub: Arc<StatusHub>,
-        inputs: mpsc::Sender<Input>,
-    ) -> Self {
+    /// Starts publishing `hub`'s VM views under `/xenft/<host>/vm` and following the
+    /// domains.
+    pub fn start<S: XenStore + 'static>(xs: Arc<S>, host: HostId, hub: Arc<StatusHub>) -> Self {
         let (stop, rx) = watch::channel(false);
         let tasks = vec![
             tokio::spawn(publish_loop(
@@ -46,8 +37,7 @@ impl Bridge {
                 hub.clone(),
                 rx.clone(),
             )),
-            tokio::spawn(domain_loop(xs.clone(), hub, rx.clone())),
-            tokio::spawn(shim_loop(xs, host, inputs, rx)),
+            tokio::spawn(domain_loop(xs, hub, rx)),
         ];
         Self { stop, tasks }
     }
@@ -160,117 +150,11 @@ async fn domain_loop<S: XenStore>(
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-struct ShimState {
-    disk: Option<String>,
-    uplink: Option<String>,
-    consistent: Option<String>,
-}
-
-/// Reads every shim node of this host.
-async fn read_shims<S: XenStore>(
-    xs: &S,
-    host: &HostId,
-) -> Result<BTreeMap<VmId, ShimState>, XsError> {
-    let base = format!("{AGENT_ROOT}/{host}/shim");
-    let names = match xs.directory(None, &base).await {
-        Ok(n) => n,
-        Err(XsError::NotFound(_)) => return Ok(BTreeMap::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = BTreeMap::new();
-    for name in names.into_iter().take(crate::config::MAX_VMS) {
-        let Ok(vm) = VmId::new(name.as_str()) else {
-            continue; // not a VM name we could have configured
-        };
-        let read = |leaf: &'static str| {
-            let p = format!("{base}/{name}/{leaf}");
-            async move { xs.read(None, &p).await }
-        };
-        let st = ShimState {
-            disk: read("disk").await?,
-            uplink: read("uplink").await?,
-            consistent: read("consistent").await?,
-        };
-        out.insert(vm, st);
-    }
-    Ok(out)
-}
-
-fn component_input(vm: &VmId, component: Component, value: Option<&str>) -> Option<Input> {
-    let value = value?;
-    let ok = value == "ok";
-    Some(Input::Component {
-        vm: Some(vm.clone()),
-        component,
-        ok,
-        detail: value.chars().take(200).collect(),
-    })
-}
-
-async fn shim_loop<S: XenStore>(
-    xs: Arc<S>,
-    host: HostId,
-    inputs: mpsc::Sender<Input>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let base = format!("{AGENT_ROOT}/{host}/shim");
-    let mut events = loop {
-        match xs.watch(&base).await {
-            Ok(w) => break w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the shims' xenstore subtree; retrying");
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
-    let mut seen: BTreeMap<VmId, ShimState> = BTreeMap::new();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            ev = events.recv() => if ev.is_none() { return },
-        }
-        let now = match read_shims(&*xs, &host).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the shims' state");
-                continue;
-            }
-        };
-        for (vm, st) in &now {
-            let old = seen.get(vm).cloned().unwrap_or_default();
-            let mut out = Vec::new();
-            if st.disk != old.disk {
-                out.extend(component_input(vm, Component::Disk, st.disk.as_deref()));
-            }
-            if st.uplink != old.uplink {
-                out.extend(component_input(vm, Component::Uplink, st.uplink.as_deref()));
-            }
-            if st.consistent != old.consistent {
-                if let Some(c) = st.consistent.as_deref() {
-                    out.push(Input::MirrorConsistent {
-                        vm: vm.clone(),
-                        consistent: c == "1",
-                    });
-                }
-            }
-            for i in out {
-                if inputs.send(i).await.is_err() {
-                    return;
-                }
-            }
-        }
-        seen = now;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::LocalCopy;
+    use crate::ids::VmId;
     use crate::lifecycle::{Level, Phase, VmRecord};
     use crate::status::StatusSnapshot;
     use crate::xenstore::memory::MemStore;
@@ -294,16 +178,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bridge_publishes_vm_state_and_turns_shim_reports_into_inputs() {
+    async fn bridge_publishes_vm_state_and_follows_domains() {
         let xs = Arc::new(MemStore::new());
         let hub = StatusHub::new(10);
         hub.set(StatusSnapshot {
             vms: vec![view()],
             ..StatusSnapshot::default()
         });
-        let (tx, mut rx) = mpsc::channel(16);
         let host = HostId::new("h1").unwrap();
-        let bridge = Bridge::start(xs.clone(), host, hub.clone(), tx);
+        let bridge = Bridge::start(xs.clone(), host, hub.clone());
         // Publication.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         loop {
@@ -324,27 +207,6 @@ mod tests {
                 .as_deref(),
             Some("running")
         );
-        // A shim reports a disk fault; a spurious event changes nothing.
-        xs.write(None, "/xenft/h1/shim/vm1/disk", "error: EIO on sector 8")
-            .await
-            .unwrap();
-        let i = tokio::time::timeout(Duration::from_secs(3), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            matches!(&i, Input::Component { component: Component::Disk, ok: false, detail, .. } if detail.contains("EIO")),
-            "{i:?}"
-        );
-        xs.fire_spurious("/xenft/h1/shim");
-        xs.write(None, "/xenft/h1/shim/vm1/disk", "ok")
-            .await
-            .unwrap();
-        let i = tokio::time::timeout(Duration::from_secs(3), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(matches!(i, Input::Component { ok: true, .. }), "{i:?}");
         // Domains appear and vanish through @introduceDomain / @releaseDomain.
         xs.introduce_domain(3, "web01");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
