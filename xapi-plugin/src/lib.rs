@@ -5,8 +5,9 @@
 //! xapi host plugin. Everything an administrator or a script does goes through here.
 //!
 //! Layers, bottom up:
-//! - [`xmlrpc`] / [`jsonrpc`]: value encodings (wire-protocol.md);
-//! - [`transport`]: HTTP(S) with reqwest, HTTP/1.1 over xapi's Unix socket;
+//! - [`xmlrpc`] / [`jsonrpc`]: value encodings (wire-protocol.md); XML by `quick-xml`, JSON by
+//!   `serde_json`;
+//! - [`transport`]: HTTP(S) with reqwest, HTTP/1.1 with hyper over xapi's Unix socket;
 //! - [`client::XenApi`]: sessions, the `Status`/`Value`/`ErrorDescription` envelope,
 //!   re-login on `SESSION_INVALID`; [`api`] adds typed calls and records and [`api::EventStream`]
 //!   (`event.from` with `EVENTS_LOST` recovery);

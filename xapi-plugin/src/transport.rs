@@ -1,9 +1,17 @@
-//! How request bytes reach xapi: HTTP(S) with reqwest, or HTTP/1.1 over xapi's Unix socket.
+//! How request bytes reach xapi: HTTP(S) with reqwest, or HTTP/1.1 with hyper over xapi's Unix
+//! socket.
 //!
 //! wire-protocol.md, "Transport Layer": HTTP/HTTPS for remote administration, HTTP over Unix
 //! domain sockets (`/var/lib/xcp/xapi` in dom0) for local administration. reqwest 0.12 has no
-//! Unix socket support, so [`Endpoint::Unix`] speaks a minimal HTTP/1.1 (one request per
-//! connection, `Connection: close`, Content-Length or chunked replies) over a tokio `UnixStream`.
+//! Unix socket support, so [`Endpoint::Unix`] hands a tokio `UnixStream` to hyper's HTTP/1.1
+//! client connection (`hyper::client::conn::http1`): one request per connection,
+//! `Connection: close`, and hyper reads Content-Length, chunked or read-to-close replies.
+//!
+//! Bounds, the same for both transports: every call is limited by the transport's timeout
+//! (plus the caller's extra time for long polls), connecting included; a reply body larger
+//! than [`MAX_REPLY_BYTES`] is refused as [`XapiError::TooLarge`] as soon as it is seen
+//! (from its Content-Length, or while it streams), and hyper bounds the reply headers; a
+//! non-2xx status is [`XapiError::Http`]; a reply cut short is [`XapiError::Connect`].
 //!
 //! TLS: certificates are verified against the system roots, or only against `ca_file` when one
 //! is given. `pin_sha256` instead accepts exactly the certificate with that SHA-256 fingerprint
@@ -14,8 +22,6 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::XapiError;
 
@@ -331,101 +337,77 @@ async fn post_unix(
     content_type: &str,
     body: Vec<u8>,
 ) -> Result<Vec<u8>, XapiError> {
+    use http_body_util::BodyExt as _;
+
     let target = format!("unix:{}", sock.display());
-    let io = |e: std::io::Error| XapiError::Connect {
-        target: target.clone(),
-        reason: e.to_string(),
-    };
-    let mut s = tokio::net::UnixStream::connect(sock).await.map_err(io)?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: xenft\r\nContent-Type: \
-         {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.map_err(io)?;
-    s.write_all(&body).await.map_err(io)?;
-    s.flush().await.map_err(io)?;
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = s.read(&mut buf).await.map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        if raw.len() + n > MAX_REPLY_BYTES + 64 * 1024 {
-            return Err(XapiError::TooLarge {
-                target,
-                limit: MAX_REPLY_BYTES,
-            });
-        }
-        raw.extend_from_slice(&buf[..n]);
-    }
-    let (status, body) = parse_http_response(&raw).map_err(|reason| XapiError::Connect {
+    let conn_err = |reason: String| XapiError::Connect {
         target: target.clone(),
         reason,
-    })?;
-    if !(200..300).contains(&status) {
-        return Err(XapiError::Http { status, target });
-    }
-    Ok(body)
-}
-
-/// Parses a complete HTTP/1.1 response (read to EOF) into status and body.
-pub(crate) fn parse_http_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let end = find(raw, b"\r\n\r\n").ok_or("HTTP reply without end of headers")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "HTTP headers not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad HTTP status line {status_line:?}"))?;
-    let mut length = None;
-    let mut chunked = false;
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            continue;
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        if k == "content-length" {
-            length = Some(v.parse::<usize>().map_err(|_| "bad Content-Length")?);
-        } else if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        }
-    }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        rest.get(..n)
-            .ok_or("HTTP reply shorter than Content-Length")?
-            .to_vec()
-    } else {
-        rest.to_vec()
     };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let e = find(rest, b"\r\n").ok_or("truncated chunk header")?;
-        let size_s = std::str::from_utf8(&rest[..e]).map_err(|_| "bad chunk header")?;
-        let size_s = size_s.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_s, 16).map_err(|_| "bad chunk size")?;
-        rest = &rest[e + 2..];
-        if size == 0 {
-            return Ok(out);
+    let stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| conn_err(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| conn_err(error_chain(&e)))?;
+    let req = hyper::Request::post(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::USER_AGENT, "xenft")
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(hyper::header::CONNECTION, "close")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| XapiError::Config(format!("HTTP request for {path:?}: {e}")))?;
+    let exchange = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| conn_err(error_chain(&e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(XapiError::Http {
+                status: status.as_u16(),
+                target: target.clone(),
+            });
         }
-        let chunk = rest.get(..size).ok_or("truncated chunk")?;
-        out.extend_from_slice(chunk);
-        rest = rest.get(size + 2..).ok_or("truncated chunk")?;
+        let too_large = || XapiError::TooLarge {
+            target: target.clone(),
+            limit: MAX_REPLY_BYTES,
+        };
+        let declared = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| usize::try_from(n).map_or(true, |n| n > MAX_REPLY_BYTES)) {
+            return Err(too_large());
+        }
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| conn_err(error_chain(&e)))?;
+            if let Ok(chunk) = frame.into_data() {
+                if out.len() + chunk.len() > MAX_REPLY_BYTES {
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&chunk);
+            }
+        }
+        Ok(out)
+    };
+    // The connection future does the socket I/O; it is polled alongside the exchange and
+    // dropped with it (closing the socket) whichever way the exchange ends.
+    let mut conn = std::pin::pin!(conn);
+    let mut exchange = std::pin::pin!(exchange);
+    tokio::select! {
+        r = &mut exchange => r,
+        c = &mut conn => match c {
+            // The connection ended first (server closed after replying): the reply is
+            // complete or its body reports the cut.
+            Ok(()) => exchange.await,
+            Err(e) => Err(conn_err(error_chain(&e))),
+        },
     }
-}
-
-pub(crate) fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
 }
 
 #[cfg(test)]
@@ -457,19 +439,5 @@ mod tests {
         );
         assert!(parse_fingerprint("abcd").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
-    }
-
-    #[test]
-    fn http_reply_parsing_handles_length_and_chunked() {
-        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef";
-        assert_eq!(parse_http_response(r).unwrap(), (200, b"abc".to_vec()));
-        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_http_response(r).unwrap(), (200, b"abcde".to_vec()));
-        assert!(parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
-        assert!(parse_http_response(b"garbage").is_err());
-        assert!(parse_http_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
-        )
-        .is_err());
     }
 }

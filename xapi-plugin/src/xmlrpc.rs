@@ -1,22 +1,46 @@
-//! XML-RPC values, calls and responses, encoded and decoded by hand.
+//! XML-RPC values, calls and responses: XenAPI's value model on top of `quick-xml`.
 //!
 //! Follows the XML-RPC specification (<http://xmlrpc.scripting.com/spec.html>) as XenAPI uses it
 //! (xen-api `doc/content/xen-api/wire-protocol.md`):
 //!
 //! - XenAPI `int` is 64-bit and travels as a `<string>` of decimal digits, never as `<int>`/`<i4>`
 //!   (32-bit in XML-RPC). [`Value::Int`] therefore only holds an `i32`, and helpers such as
-//!   [`Value::as_i64`] accept both spellings when reading.
+//!   [`Value::as_i64`] accept both spellings when reading; [`Value::int64`] writes the string.
 //! - `float`, `bool`, `datetime`, `string` map to `<double>`, `<boolean>`, `<dateTime.iso8601>`,
-//!   `<string>`; a `<value>` with bare text and no type element is a string.
+//!   `<string>`; a `<value>` with bare text and no type element is a string (this is how xapi
+//!   writes strings), its whitespace kept.
 //! - enums and refs are strings, sets are `<array>`, maps are `<struct>` with stringified keys.
 //!
-//! The decoder reads the subset of XML that XML-RPC needs (elements, text, the five predefined
-//! entities, numeric character references, CDATA, comments and the `<?xml?>` prolog). Everything
-//! else (DTDs, unknown elements, nesting deeper than [`MAX_DEPTH`]) is a [`XmlRpcError`], never a
-//! panic. The caller bounds the input size.
+//! XML itself (tokens, entity and character references, CDATA, comments, end-tag matching,
+//! escaping, `\r` preserved as `&#13;`) is `quick-xml`'s; this module only maps the XML-RPC
+//! elements onto [`Value`]. Anything else (DTDs, unknown entities or elements, nesting deeper
+//! than [`MAX_DEPTH`]) is a [`XmlRpcError`], never a panic. The caller bounds the input size
+//! (the transport caps replies at [`crate::transport::MAX_REPLY_BYTES`]).
+//!
+//! ## Why not `serde_xmlrpc`
+//!
+//! `serde_xmlrpc` 0.2.3 (the newest release) was the intended codec; it cannot carry XenAPI
+//! faithfully. Each gap is measured in `tests/serde_xmlrpc_gaps.rs`:
+//!
+//! - `<string>`, `<name>` and `<methodName>` text is returned still escaped (it uses
+//!   `quick_xml::Reader::read_text`, which does not unescape): `a &amp; b` decodes as
+//!   `"a &amp; b"`. Every JSON value the registry keeps in `other_config` would be corrupted.
+//! - Untyped `<value>` text, xapi's spelling of a string, is trimmed.
+//! - `<dateTime.iso8601>` decodes to a plain string and cannot be written at all (its
+//!   `Value::DateTime` is written as `<string>`), so date-times do not survive a round trip.
+//! - The reader recurses without a depth limit: a deeply nested document overflows the stack
+//!   and aborts the process instead of returning an error.
+//! - `<int>` silently accepts 64-bit values; trailing junk inside `<value>`/`<member>` is skipped.
+//!
+//! `quick-xml` (the parser `serde_xmlrpc` is itself built on) does the XML here instead.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+
+use quick_xml::escape::escape;
+use quick_xml::events::Event;
+use quick_xml::Reader;
 
 /// Deepest nesting of arrays/structs accepted by the decoder.
 pub const MAX_DEPTH: usize = 64;
@@ -166,8 +190,9 @@ impl Value {
             }
             Value::Double(d) => {
                 // XML-RPC doubles have no exponent form and no NaN/inf; finite values only.
+                // `Display` never uses an exponent and prints the shortest exact form.
                 let d = if d.is_finite() { *d } else { 0.0 };
-                let _ = write!(out, "<double>{d:?}</double>");
+                let _ = write!(out, "<double>{d}</double>");
             }
             Value::DateTime(s) => {
                 out.push_str("<dateTime.iso8601>");
@@ -203,17 +228,10 @@ impl Value {
     }
 }
 
+/// Appends `s` with XML's special characters (and `\r`, which XML parsers would turn into `\n`)
+/// escaped by `quick-xml`.
 fn escape_into(s: &str, out: &mut String) {
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\r' => out.push_str("&#13;"),
-            c => out.push(c),
-        }
-    }
+    out.push_str(&escape(s));
 }
 
 /// Encodes a `<methodCall>`.
@@ -251,7 +269,7 @@ pub fn encode_fault(code: i32, message: &str) -> String {
 
 /// Decodes a `<methodCall>` into its method name and parameters.
 pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), XmlRpcError> {
-    let mut p = Parser::new(xml)?;
+    let mut p = Parser::new(xml);
     p.expect_start("methodCall")?;
     p.expect_start("methodName")?;
     let name = p.text()?;
@@ -259,7 +277,6 @@ pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), XmlRpcError> {
     let mut params = Vec::new();
     match p.next()? {
         Tok::End(n) if n == "methodCall" => return p.finish().map(|()| (name, params)),
-        Tok::Empty(n) if n == "params" => {}
         Tok::Start(n) if n == "params" => {
             while p.peek_start("param")? {
                 p.expect_start("param")?;
@@ -277,7 +294,7 @@ pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), XmlRpcError> {
 
 /// Decodes a `<methodResponse>`.
 pub fn decode_response(xml: &str) -> Result<Response, XmlRpcError> {
-    let mut p = Parser::new(xml)?;
+    let mut p = Parser::new(xml);
     p.expect_start("methodResponse")?;
     let r = match p.next()? {
         Tok::Start(n) if n == "params" => {
@@ -317,50 +334,53 @@ pub fn decode_response(xml: &str) -> Result<Response, XmlRpcError> {
 
 /// Decodes a lone `<value>` document (used by tests and by tools).
 pub fn decode_value(xml: &str) -> Result<Value, XmlRpcError> {
-    let mut p = Parser::new(xml)?;
+    let mut p = Parser::new(xml);
     let v = p.value(0)?;
     p.finish()?;
     Ok(v)
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal XML tokenizer for the XML-RPC subset.
+// The XML-RPC grammar over quick-xml's events.
 
+/// What the grammar sees: elements and text. Empty elements arrive as a start and an end
+/// (`expand_empty_elements`), adjacent text, CDATA and references as one `Text`.
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
     Start(String),
     End(String),
-    Empty(String),
     Text(String),
     Eof,
 }
 
 struct Parser<'a> {
-    src: &'a str,
-    pos: usize,
-    peeked: Option<(Tok, usize)>,
-    /// Offset where the last token began (for error messages).
-    last: usize,
+    reader: Reader<&'a [u8]>,
+    peeked: Option<Tok>,
+    /// Tokens already read from quick-xml, handed out next (last first).
+    pending: Vec<Tok>,
 }
 
 impl<'a> Parser<'a> {
-    fn new(src: &'a str) -> Result<Self, XmlRpcError> {
-        let mut p = Parser {
-            src,
-            pos: 0,
+    fn new(src: &'a str) -> Self {
+        let mut reader = Reader::from_str(src);
+        let cfg = reader.config_mut();
+        cfg.expand_empty_elements = true;
+        cfg.check_end_names = true;
+        cfg.trim_text(false);
+        Parser {
+            reader,
             peeked: None,
-            last: 0,
-        };
-        // Skip a BOM.
-        if p.src.starts_with('\u{feff}') {
-            p.pos = '\u{feff}'.len_utf8();
+            pending: Vec::new(),
         }
-        Ok(p)
+    }
+
+    fn offset(&self) -> usize {
+        usize::try_from(self.reader.buffer_position()).unwrap_or(usize::MAX)
     }
 
     fn err(&self, reason: impl Into<String>) -> XmlRpcError {
         XmlRpcError::Xml {
-            offset: self.last,
+            offset: self.offset(),
             reason: reason.into(),
         }
     }
@@ -369,56 +389,91 @@ impl<'a> Parser<'a> {
         let got = match t {
             Tok::Start(n) => format!("<{n}>"),
             Tok::End(n) => format!("</{n}>"),
-            Tok::Empty(n) => format!("<{n}/>"),
             Tok::Text(_) => "text".to_string(),
             Tok::Eof => "end of document".to_string(),
         };
         XmlRpcError::Structure(format!(
             "expected {wanted}, found {got} at byte {}",
-            self.last
+            self.offset()
         ))
+    }
+
+    /// The next token, text included (possibly whitespace only).
+    fn raw_next(&mut self) -> Result<Tok, XmlRpcError> {
+        if let Some(t) = self.peeked.take() {
+            return Ok(t);
+        }
+        if let Some(t) = self.pending.pop() {
+            return Ok(t);
+        }
+        let mut text: Option<String> = None;
+        loop {
+            let ev = match self.reader.read_event() {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let offset = usize::try_from(self.reader.error_position()).unwrap_or(0);
+                    return Err(XmlRpcError::Xml {
+                        offset,
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            let tok = match ev {
+                Event::Text(t) => {
+                    text.get_or_insert_with(String::new)
+                        .push_str(&t.xml10_content());
+                    continue;
+                }
+                Event::CData(c) => {
+                    text.get_or_insert_with(String::new)
+                        .push_str(&c.xml10_content());
+                    continue;
+                }
+                Event::GeneralRef(r) => {
+                    let c = resolve_reference(&r).map_err(|e| self.err(e))?;
+                    text.get_or_insert_with(String::new).push(c);
+                    continue;
+                }
+                Event::Comment(_) | Event::PI(_) | Event::Decl(_) => continue,
+                Event::DocType(_) => {
+                    return Err(self.err("DTDs and declarations are not accepted"));
+                }
+                Event::Start(e) => Tok::Start(e.name().as_ref().to_string()),
+                Event::End(e) => Tok::End(e.name().as_ref().to_string()),
+                // `expand_empty_elements` makes these a start and an end already.
+                Event::Empty(e) => {
+                    let name = e.name().as_ref().to_string();
+                    self.pending.push(Tok::End(name.clone()));
+                    Tok::Start(name)
+                }
+                Event::Eof => Tok::Eof,
+            };
+            return Ok(match text {
+                Some(t) => {
+                    self.pending.push(tok);
+                    Tok::Text(t)
+                }
+                None => tok,
+            });
+        }
     }
 
     /// Next token with whitespace-only text skipped.
     fn next(&mut self) -> Result<Tok, XmlRpcError> {
         loop {
-            let t = self.raw_next()?;
-            match &t {
+            match self.raw_next()? {
                 Tok::Text(s) if s.trim().is_empty() => continue,
-                _ => return Ok(t),
+                t => return Ok(t),
             }
         }
     }
 
-    fn raw_next(&mut self) -> Result<Tok, XmlRpcError> {
-        if let Some((t, at)) = self.peeked.take() {
-            self.last = at;
-            return Ok(t);
-        }
-        self.lex()
-    }
-
-    fn peek_raw(&mut self) -> Result<&Tok, XmlRpcError> {
+    fn peek(&mut self) -> Result<&Tok, XmlRpcError> {
         if self.peeked.is_none() {
-            let t = self.lex()?;
-            self.peeked = Some((t, self.last));
+            let t = self.next()?;
+            self.peeked = Some(t);
         }
-        match &self.peeked {
-            Some((t, _)) => Ok(t),
-            None => Err(self.err("internal: peek")),
-        }
-    }
-
-    fn peek(&mut self) -> Result<Tok, XmlRpcError> {
-        loop {
-            let t = self.peek_raw()?.clone();
-            match &t {
-                Tok::Text(s) if s.trim().is_empty() => {
-                    self.peeked = None;
-                }
-                _ => return Ok(t),
-            }
-        }
+        Ok(self.peeked.get_or_insert(Tok::Eof))
     }
 
     fn peek_start(&mut self, name: &str) -> Result<bool, XmlRpcError> {
@@ -448,13 +503,13 @@ impl<'a> Parser<'a> {
 
     /// Text content up to the next tag (possibly empty; whitespace kept).
     fn text(&mut self) -> Result<String, XmlRpcError> {
-        let mut s = String::new();
-        while let Tok::Text(_) = self.peek_raw()? {
-            if let Some((Tok::Text(t), _)) = self.peeked.take() {
-                s.push_str(&t);
+        match self.raw_next()? {
+            Tok::Text(s) => Ok(s),
+            t => {
+                self.peeked = Some(t);
+                Ok(String::new())
             }
         }
-        Ok(s)
     }
 
     /// Parses `<value>...</value>`.
@@ -462,22 +517,11 @@ impl<'a> Parser<'a> {
         if depth > MAX_DEPTH {
             return Err(XmlRpcError::TooDeep);
         }
-        match self.next()? {
-            Tok::Empty(n) if n == "value" => return Ok(Value::String(String::new())),
-            Tok::Start(n) if n == "value" => {}
-            t => return Err(self.unexpected(&t, "<value>")),
-        }
+        self.expect_start("value")?;
         // Untyped text is a string; keep its whitespace.
         let text = self.text()?;
         let v = match self.next()? {
             Tok::End(n) if n == "value" => return Ok(Value::String(text)),
-            Tok::Empty(n) => match n.as_str() {
-                "nil" => Value::Nil,
-                "string" => Value::String(String::new()),
-                "struct" => Value::Struct(BTreeMap::new()),
-                "array" => Value::Array(Vec::new()),
-                other => return Err(XmlRpcError::Structure(format!("empty <{other}/>"))),
-            },
             Tok::Start(n) => self.typed(&n, depth)?,
             t => return Err(self.unexpected(&t, "a value type")),
         };
@@ -537,16 +581,13 @@ impl<'a> Parser<'a> {
             }
             "array" => {
                 let mut a = Vec::new();
-                match self.next()? {
-                    Tok::Empty(n) if n == "data" => {}
-                    Tok::Start(n) if n == "data" => {
-                        while matches!(self.peek()?, Tok::Start(ref n) | Tok::Empty(ref n) if n == "value")
-                        {
-                            a.push(self.value(depth + 1)?);
-                        }
-                        self.expect_end("data")?;
+                // `<array/>` (no `<data>`) is an empty array too.
+                if self.peek_start("data")? {
+                    self.expect_start("data")?;
+                    while self.peek_start("value")? {
+                        a.push(self.value(depth + 1)?);
                     }
-                    t => return Err(self.unexpected(&t, "<data>")),
+                    self.expect_end("data")?;
                 }
                 Value::Array(a)
             }
@@ -555,119 +596,26 @@ impl<'a> Parser<'a> {
         self.expect_end(ty)?;
         Ok(v)
     }
-
-    fn lex(&mut self) -> Result<Tok, XmlRpcError> {
-        loop {
-            self.last = self.pos;
-            let rest = &self.src[self.pos..];
-            if rest.is_empty() {
-                return Ok(Tok::Eof);
-            }
-            if let Some(r) = rest.strip_prefix("<?") {
-                let end = r.find("?>").ok_or_else(|| self.err("unterminated <?"))?;
-                self.pos += 2 + end + 2;
-                continue;
-            }
-            if let Some(r) = rest.strip_prefix("<!--") {
-                let end = r
-                    .find("-->")
-                    .ok_or_else(|| self.err("unterminated comment"))?;
-                self.pos += 4 + end + 3;
-                continue;
-            }
-            if let Some(r) = rest.strip_prefix("<![CDATA[") {
-                let end = r
-                    .find("]]>")
-                    .ok_or_else(|| self.err("unterminated CDATA"))?;
-                self.pos += 9 + end + 3;
-                return Ok(Tok::Text(r[..end].to_string()));
-            }
-            if rest.starts_with("<!") {
-                return Err(self.err("DTDs and declarations are not accepted"));
-            }
-            if let Some(r) = rest.strip_prefix("</") {
-                let end = r
-                    .find('>')
-                    .ok_or_else(|| self.err("unterminated end tag"))?;
-                let name = r[..end].trim();
-                check_name(name).map_err(|e| self.err(e))?;
-                self.pos += 2 + end + 1;
-                return Ok(Tok::End(name.to_string()));
-            }
-            if let Some(r) = rest.strip_prefix('<') {
-                let end = r.find('>').ok_or_else(|| self.err("unterminated tag"))?;
-                let inner = &r[..end];
-                let (inner, empty) = match inner.strip_suffix('/') {
-                    Some(i) => (i, true),
-                    None => (inner, false),
-                };
-                // Attributes are not used by XML-RPC; the name is the first word.
-                let name = inner.split_whitespace().next().unwrap_or("");
-                check_name(name).map_err(|e| self.err(e))?;
-                self.pos += 1 + end + 1;
-                return Ok(if empty {
-                    Tok::Empty(name.to_string())
-                } else {
-                    Tok::Start(name.to_string())
-                });
-            }
-            let end = rest.find('<').unwrap_or(rest.len());
-            let raw = &rest[..end];
-            let text = unescape(raw).map_err(|e| self.err(e))?;
-            self.pos += end;
-            return Ok(Tok::Text(text));
-        }
-    }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+/// The five predefined entities and character references; XML-RPC has no others (and DTDs,
+/// which could declare more, are refused).
+fn resolve_reference(r: &quick_xml::events::BytesRef<'_>) -> Result<char, String> {
+    let name: Cow<'_, str> = r.xml10_content();
+    if let Some(c) = r
+        .resolve_char_ref()
+        .map_err(|e| format!("bad character reference &{name};: {e}"))?
     {
-        return Err(format!("bad element name {name:?}"));
+        return Ok(c);
     }
-    Ok(())
-}
-
-fn unescape(raw: &str) -> Result<String, String> {
-    if !raw.contains('&') {
-        return Ok(raw.to_string());
+    match name.as_ref() {
+        "lt" => Ok('<'),
+        "gt" => Ok('>'),
+        "amp" => Ok('&'),
+        "quot" => Ok('"'),
+        "apos" => Ok('\''),
+        _ => Err(format!("unknown entity &{name};")),
     }
-    let mut out = String::with_capacity(raw.len());
-    let mut rest = raw;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        let r = &rest[i + 1..];
-        let end = r
-            .find(';')
-            .filter(|&e| e <= 10)
-            .ok_or_else(|| "unterminated entity".to_string())?;
-        let ent = &r[..end];
-        let c = match ent {
-            "lt" => '<',
-            "gt" => '>',
-            "amp" => '&',
-            "quot" => '"',
-            "apos" => '\'',
-            _ => {
-                let code = if let Some(h) = ent.strip_prefix("#x") {
-                    u32::from_str_radix(h, 16).ok()
-                } else if let Some(d) = ent.strip_prefix('#') {
-                    d.parse().ok()
-                } else {
-                    None
-                };
-                code.and_then(char::from_u32)
-                    .ok_or_else(|| format!("unknown entity &{ent};"))?
-            }
-        };
-        out.push(c);
-        rest = &r[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -767,6 +715,172 @@ mod tests {
         ] {
             assert!(decode_call(bad).is_err() || decode_response(bad).is_err(), "{bad}");
             let _ = decode_response(bad);
+        }
+    }
+
+    fn value_of(xml: &str) -> Result<Value, XmlRpcError> {
+        decode_value(xml)
+    }
+
+    #[test]
+    fn references_and_cdata_are_resolved_in_every_text() {
+        let xml = "<methodCall><methodName>a&amp;b</methodName><params><param><value><struct>\
+                   <member><name>k&lt;1&gt;</name><value><string>{&quot;x&quot;: &apos;&#233;&#x41;&apos;}\
+                   <![CDATA[<raw & kept>]]></string></value></member></struct></value></param>\
+                   </params></methodCall>";
+        let (name, params) = decode_call(xml).unwrap();
+        assert_eq!(name, "a&b");
+        let m = params[0].as_struct().unwrap();
+        assert_eq!(m["k<1>"], Value::str("{\"x\": 'éA'}<raw & kept>"));
+    }
+
+    #[test]
+    fn untyped_string_keeps_its_whitespace_and_comments_are_ignored() {
+        assert_eq!(
+            value_of("<value>  x\t </value>").unwrap(),
+            Value::str("  x\t ")
+        );
+        assert_eq!(
+            value_of("<value><string>a<!-- note -->b</string></value>").unwrap(),
+            Value::str("ab")
+        );
+        assert_eq!(value_of("<value>   </value>").unwrap(), Value::str("   "));
+    }
+
+    #[test]
+    fn carriage_return_survives_xml_line_end_normalisation() {
+        let xml = encode_response(&Value::str("a\r\nb\rc"));
+        assert!(!xml.contains('\r'), "{xml:?}");
+        assert_eq!(
+            decode_response(&xml).unwrap(),
+            Response::Success(Value::str("a\r\nb\rc"))
+        );
+        // A literal CR LF in the document is a line end, read as LF (XML 1.0 section 2.11).
+        assert_eq!(
+            value_of("<value>a\r\nb</value>").unwrap(),
+            Value::str("a\nb")
+        );
+    }
+
+    #[test]
+    fn empty_element_spellings_decode() {
+        assert_eq!(value_of("<value/>").unwrap(), Value::str(""));
+        assert_eq!(
+            value_of("<value><string/></value>").unwrap(),
+            Value::str("")
+        );
+        assert_eq!(value_of("<value><nil/></value>").unwrap(), Value::Nil);
+        assert_eq!(
+            value_of("<value><struct/></value>").unwrap(),
+            Value::Struct(BTreeMap::new())
+        );
+        assert_eq!(
+            value_of("<value><array/></value>").unwrap(),
+            Value::Array(vec![])
+        );
+        assert_eq!(
+            value_of("<value><array><data/></array></value>").unwrap(),
+            Value::Array(vec![])
+        );
+        let (name, params) =
+            decode_call("<methodCall><methodName>m</methodName><params/></methodCall>").unwrap();
+        assert_eq!((name.as_str(), params.len()), ("m", 0));
+    }
+
+    #[test]
+    fn xapi_scalar_spellings_decode() {
+        assert_eq!(
+            value_of("<value><dateTime.iso8601>20260101T10:00:00Z</dateTime.iso8601></value>")
+                .unwrap(),
+            Value::DateTime("20260101T10:00:00Z".into())
+        );
+        assert_eq!(
+            value_of("<value><i8>-9223372036854775808</i8></value>").unwrap(),
+            Value::int64(i64::MIN)
+        );
+        assert_eq!(
+            value_of("<value><base64> aGk= </base64></value>").unwrap(),
+            Value::Base64("aGk=".into())
+        );
+        assert_eq!(
+            value_of("<value><double>1e300</double></value>").unwrap(),
+            Value::Double(1e300)
+        );
+        assert!(matches!(
+            value_of("<value><int>99999999999</int></value>"),
+            Err(XmlRpcError::Structure(_))
+        ));
+        assert_eq!(
+            value_of("\u{feff}<?xml version=\"1.0\"?><value><i4>-7</i4></value>").unwrap(),
+            Value::Int(-7)
+        );
+    }
+
+    #[test]
+    fn doubles_are_written_without_exponent() {
+        for d in [1e-7, 1e20, -0.5, 1.0] {
+            let xml = encode_response(&Value::Double(d));
+            let text = xml
+                .split("<double>")
+                .nth(1)
+                .unwrap()
+                .split('<')
+                .next()
+                .unwrap();
+            assert!(
+                text.chars()
+                    .all(|c| c.is_ascii_digit() || c == '.' || c == '-'),
+                "{xml}"
+            );
+            assert_eq!(
+                decode_response(&xml).unwrap(),
+                Response::Success(Value::Double(d))
+            );
+        }
+    }
+
+    #[test]
+    fn nesting_limit_is_exactly_max_depth() {
+        let nested = |n: usize| {
+            format!(
+                "{}<value>x</value>{}",
+                "<value><array><data>".repeat(n),
+                "</data></array></value>".repeat(n)
+            )
+        };
+        assert!(value_of(&nested(MAX_DEPTH)).is_ok());
+        assert_eq!(value_of(&nested(MAX_DEPTH + 1)), Err(XmlRpcError::TooDeep));
+        // Far deeper than any stack could recurse: still a typed error.
+        assert_eq!(value_of(&nested(1_000_000)), Err(XmlRpcError::TooDeep));
+    }
+
+    #[test]
+    fn malformed_xml_and_unknown_markup_are_typed_errors() {
+        let call = |v: &str| {
+            format!("<methodCall><methodName>m</methodName><params><param>{v}</param></params></methodCall>")
+        };
+        for (doc, xml_level) in [
+            (
+                "<!DOCTYPE x [<!ENTITY a \"b\">]><methodCall/>".to_string(),
+                true,
+            ),
+            (call("<value>&a;</value>"), true),
+            (call("<value>a & b</value>"), true),
+            (call("<value><string>x</int></value>"), true),
+            (call("<value><custom>x</custom></value>"), false),
+            (call("<value><string><b>x</b></string></value>"), false),
+            (
+                call("<value><struct><member><name>a</name></member></struct></value>"),
+                false,
+            ),
+            ("text<methodCall/>".to_string(), false),
+        ] {
+            let e = decode_call(&doc).unwrap_err();
+            assert_eq!(
+                matches!(e, XmlRpcError::Xml { .. }),
+                xml_level,
+                "{doc}: {e}"
+            );
         }
     }
 }

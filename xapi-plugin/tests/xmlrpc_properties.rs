@@ -43,6 +43,20 @@ proptest! {
     }
 
     #[test]
+    fn token_soup_never_panics(parts in prop::collection::vec(prop::sample::select(vec![
+        "<methodResponse>", "</methodResponse>", "<params>", "<param>", "</param>", "<value>",
+        "</value>", "<value/>", "<array>", "<data>", "</data>", "</array>", "<struct>",
+        "<member>", "<name>", "</name>", "</member>", "</struct>", "<string>", "</string>",
+        "<int>", "</int>", "<i8>", "<nil/>", "<boolean>", "<double>", "1", "x", " ", "&amp;",
+        "&#0;", "&#x110000;", "&bogus;", "&", "<![CDATA[", "]]>", "<!--", "-->", "<?", "?>",
+        "<!DOCTYPE a>", "\u{feff}", "\r\n",
+    ]), 0..200)) {
+        let doc: String = parts.concat();
+        let _ = decode_response(&doc);
+        let _ = decode_call(&doc);
+    }
+
+    #[test]
     fn mutated_documents_never_panic(v in value(), cut in 0usize..400, junk in "[<>/&;a-z]{0,5}") {
         let doc = encode_response(&v);
         let mut cut = cut.min(doc.len());
