@@ -31,12 +31,7 @@ impl Bridge {
     pub fn start<S: XenStore + 'static>(xs: Arc<S>, host: HostId, hub: Arc<StatusHub>) -> Self {
         let (stop, rx) = watch::channel(false);
         let tasks = vec![
-            tokio::spawn(publish_loop(
-                xs.clone(),
-                host.clone(),
-                hub.clone(),
-                rx.clone(),
-            )),
+            tokio::spawn(publish_loop(xs.clone(), host, hub.clone(), rx.clone())),
             tokio::spawn(domain_loop(xs, hub, rx)),
         ];
         Self { stop, tasks }
