@@ -4,6 +4,9 @@
 //! mirroring, checkpoints and tunnelled network frames, and they survive the loss of any
 //! single path.
 //!
+//! What it is not: it knows nothing of disks, memory or VMs (its users own the channels'
+//! payloads), and it does not decide that a peer is dead (the agent does, from every path).
+//!
 //! - A [`Link`] joins this host to one peer over two or more independent TCP paths
 //!   ([`PathConfig`]: one address per host per path, e.g. two private NICs).
 //! - Every frame ([`frame`]) carries magic, version, kind, channel, sequence number, length,

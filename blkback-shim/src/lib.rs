@@ -8,6 +8,9 @@
 //!
 //! Data path: VM → tapdisk/qdisk → **NBD → this crate** → local store + peer link → peer shim.
 //!
+//! What it is not: it decides nothing about failover (the agent does, through the control
+//! socket), and it does not see the guest's blkif ring (tapdisk or qdisk keep it).
+//!
 //! Main types:
 //! - [`nbd::server::NbdServer`]: fixed-newstyle NBD server (Unix socket or TCP) over a
 //!   [`volume::Volume`]; [`nbd::proto`] mirrors the spec's names; [`nbd::client`] is a minimal
@@ -30,17 +33,20 @@
 //! `--host`, `--peer-host`, `--secret-file` for an A-link), `--resync-rate`,
 //! `--ack-timeout-ms`, and `--control <unix socket>`.
 //!
-//! On the control socket the agent sends one command per line and reads one JSON line back
-//! (details in [`status`]):
-//! - `status` → `{"role":"primary","primary":{...}}` with `peer` (`degraded` / `resyncing` /
-//!   `in_sync`), `peer_disk` (`fresh` / `inconsistent` / `consistent`), `dirty_bytes`,
-//!   `resync` (`total_bytes`, `bytes_left`, `bytes_copied`, `rate_bytes_per_sec`, `eta_secs`),
-//!   `last_resync`, `local_failure` (the cause; non-null means remote mode), counters; or
-//!   `{"role":"secondary","secondary":{...}}` with `connected`, `disk`, `held_epochs`, ...;
-//! - `resync-rate <bytes/s>`, `verify [block]` (primary);
-//! - level 3: `checkpoint <n>` / `epoch <n>` and `commit <n>` (primary), `epoch-mode on|off`,
-//!   `commit-local <n>` and `discard` (secondary, on failover);
-//! - `promote [EPOCH] [force]` (secondary): take-over in place, see [`daemon`].
+//! The control socket speaks the typed contract `xenft_control::blkback` (JSON lines with a
+//! version, through `xenft_control`'s client and server; details in [`status`]):
+//! - `status` → `{"reply":"status","role":"primary","primary":{...}}` with `peer`
+//!   (`degraded` / `resyncing` / `in_sync`), `peer_disk` (`fresh` / `inconsistent` /
+//!   `consistent`), `dirty_bytes`, `resync` (`total_bytes`, `bytes_left`, `bytes_copied`,
+//!   `rate_bytes_per_sec`, `eta_secs`), `last_resync`, `local_failure` (the cause; non-null
+//!   means remote mode), counters; or `"role":"secondary"` with `connected`, `disk`,
+//!   `held_epochs`, ...; and `alink`, the A-link's per-path status;
+//! - `resync_rate`, `verify` (primary);
+//! - level 3: `checkpoint` / `set_epoch` and `commit` (primary), `epoch_mode`,
+//!   `commit_local` and `discard` (secondary, on failover);
+//! - `promote {epoch?, force}` (secondary): take-over in place, see [`daemon`];
+//! - events to subscribers: `peer_lost`, `resync_progress`, `in_sync`, `disk_redirected`
+//!   (the local store failed, the disk is served from the peer's copy), `promoted`.
 //!
 //! The checkpoint engine's `CommitSink` maps directly: `checkpoint(n)` → [`mirror::primary::Primary::checkpoint_boundary`],
 //!   `commit(n)` → [`mirror::primary::Primary::commit_epoch`] (resolves once the secondary

@@ -6,6 +6,9 @@
 //! VM's frames to the peer host's shim when the local uplink fails (level 2 redirect).
 //!
 //! Data path: VM → vif → **this crate** → uplink (or tunnel → peer's shim → its uplink).
+//!
+//! What it is not: not a bridge or a switch (one VM's frames only), and it decides no
+//! failover: it redirects its own uplink and reports it; the agent decides the rest.
 //! Inbound: uplink → **this crate** (frames for the VM's MAC or group addresses) → vif.
 //!
 //! ## Main types
@@ -15,7 +18,9 @@
 //! - [`epoch::EpochBuffer`]: the bounded per-epoch output buffer (pure logic);
 //! - [`tunnel::TunnelMsg`] / [`tunnel::TunnelTransport`]: the peer tunnel used by the redirect,
 //!   carried over the A-link's `Channel::Net` by [`alink_tunnel`] (in memory in unit tests);
-//! - [`control`]: the JSON-lines control socket of the `xenft-netback` binary;
+//! - [`control`]: the control socket of the `xenft-netback` binary (the typed contract
+//!   `xenft_control::netback`), and [`control::CounterWatch`], which turns counter changes
+//!   into pushed events (uplink lost / restored / redirected, vif bound / lost);
 //! - [`frame`]: frame validation, address learning, announcement frames.
 //!
 //! The relay itself lives in `shim/`, one file per part:

@@ -7,6 +7,10 @@
 //! through traits, persists each VM's protection state, and serves the status API. The
 //! `xenft-quorum` server binary lives here too.
 //!
+//! What it is not: it moves no disk block, packet or memory page itself — the components do,
+//! each a process of its own that the agent drives through the control contract
+//! (`xenft_control`) and hears from through its events.
+//!
 //! Where it sits: above the shims and the checkpoint engine (it promotes, redirects and
 //! resyncs them, pauses and starts the VM; they report faults back through xenstore), beside xapi (the registry of
 //! protected VMs), and on top of the A-links (`xenft-alink`) for peer traffic.
