@@ -42,6 +42,9 @@
 //!   take-over announcement), the checkpoint engine's secondary (freeze at the last committed
 //!   checkpoint, resume) over their control sockets, and the local pool's VM as a process.
 //!   Not yet: the XenAPI domain starter (`VM.start_on`);
+//! - [`xapi`]: the agent as a XenAPI client: the desired state from the pool's registry
+//!   (checked, refusals with reasons) and the follower that reads it with `event.from`,
+//!   following the master and surviving xapi restarts;
 //! - [`xenstore`]: the xenstore seam (trait, in-process store with xenstored semantics, the
 //!   xenstore-rs backend plus a wire-protocol client for transactions) and the agent's
 //!   xenstore bridge;
@@ -74,4 +77,5 @@ pub mod seams;
 pub mod sim;
 pub mod status;
 pub mod timing;
+pub mod xapi;
 pub mod xenstore;

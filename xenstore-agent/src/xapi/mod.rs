@@ -1,0 +1,12 @@
+//! The agent as a XenAPI client: the pool's xapi database is the single source of desired
+//! state (DESIGN "Control plane").
+//!
+//! - [`desired`]: the desired state derived from the registry (pool `xenft.pool`, VM
+//!   `xenft.level` / `xenft.secondary`), every request checked, refusals with their reason;
+//!   this host's [`desired::Role`] per VM;
+//! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
+//!   master (`HOST_IS_SLAVE`), follows the registry with `event.from` and publishes the
+//!   desired state; the last state read stays in force while xapi is unreachable.
+
+pub mod desired;
+pub mod follower;
