@@ -211,3 +211,37 @@ async fn while_xapi_is_away_the_last_registry_read_stays_and_it_is_read_again_on
     );
     f.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_goes_back_into_xapi_and_a_newer_format_is_left_alone() {
+    use xenft_agent::xapi::state::{write_state, StateError, VmState};
+    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
+    let (vm, _) = srv.add_vm("web01", GIB, Some(&h1));
+    let api = admin(&srv);
+    let state = VmState::Degraded {
+        cause: "peer host2 silent on every path".into(),
+    }
+    .to_string();
+    write_state(&api, &vm, &state).await.unwrap();
+    let oc = srv.map_field(&vm, "other_config");
+    assert_eq!(oc["xenft.state"], state);
+    assert_eq!(oc["XenCenter.CustomFields.xenft-status"], state);
+    // The same state again writes nothing.
+    let adds = srv.calls("VM.add_to_other_config");
+    write_state(&api, &vm, &state).await.unwrap();
+    assert_eq!(srv.calls("VM.add_to_other_config"), adds);
+    // A newer agent's value stays.
+    srv.set_map_key(
+        &vm,
+        "other_config",
+        "xenft.state",
+        Some("v2:{\"s\":\"protected\"}"),
+    );
+    let e = write_state(&api, &vm, "protected").await.unwrap_err();
+    assert!(matches!(e, StateError::NewerFormat { .. }), "{e}");
+    assert_eq!(
+        srv.map_field(&vm, "other_config")["xenft.state"],
+        "v2:{\"s\":\"protected\"}"
+    );
+}

@@ -6,7 +6,10 @@
 //!   this host's [`desired::Role`] per VM;
 //! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
 //!   master (`HOST_IS_SLAVE`), follows the registry with `event.from` and publishes the
-//!   desired state; the last state read stays in force while xapi is unreachable.
+//!   desired state; the last state read stays in force while xapi is unreachable;
+//! - [`state`]: the agent's report back into xapi (`xenft.state`, the `xenft-status` custom
+//!   field), coalesced, never over a newer format.
 
 pub mod desired;
 pub mod follower;
+pub mod state;
