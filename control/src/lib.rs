@@ -16,8 +16,8 @@
 //!   anything undecodable, event fan-out through [`server::Events`]).
 //!
 //! What it is not: it carries no component logic, opens no disk or interface, and depends on
-//! serde, serde_json, thiserror and tracing only, so that any process can speak the contract
-//! without linking a component.
+//! serde, serde_json, thiserror, tracing and nix (to wake its accept thread) only, so that any
+//! process can speak the contract without linking a component.
 //!
 //! From a shell: `echo '{"v":1,"req":{"op":"status"}}' | socat - UNIX-CONNECT:/run/xenft/<vm>/blkback.sock`.
 

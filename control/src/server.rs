@@ -10,6 +10,7 @@
 //! stall the component. Dropping the [`Server`] stops accepting and removes the socket file.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -146,6 +147,8 @@ impl Default for ServerOptions {
 pub struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// The listening socket, shut down to wake the accept thread.
+    listener: Arc<UnixListener>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -169,17 +172,17 @@ impl Server {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = Arc::new(UnixListener::bind(path)?);
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
+        let (stop2, listener2) = (Arc::clone(&stop), Arc::clone(&listener));
         let accept = std::thread::Builder::new()
             .name(format!("{}-control", C::NAME))
-            .spawn(move || accept_loop::<C, H>(&listener, &handler, &events, &opts, &stop2))?;
+            .spawn(move || accept_loop::<C, H>(&listener2, &handler, &events, &opts, &stop2))?;
         Ok(Server {
             path: path.to_path_buf(),
             stop,
+            listener,
             accept: Some(accept),
         })
     }
@@ -194,6 +197,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // The accept thread blocks in accept(): shutting the listening socket down makes
+        // accept() fail (Linux: EINVAL), and the thread sees the stop flag.
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
@@ -211,6 +218,7 @@ fn accept_loop<C: Component, H: Handler<C>>(
     let live = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
+            Ok(_) if stop.load(Ordering::Relaxed) => return,
             Ok((stream, _)) => {
                 if live.load(Ordering::Relaxed) >= opts.max_connections {
                     tracing::warn!(
@@ -243,9 +251,7 @@ fn accept_loop<C: Component, H: Handler<C>>(
                     tracing::warn!(component = C::NAME, error = %e, "cannot serve a control connection");
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            Err(_) if stop.load(Ordering::Relaxed) => return,
             Err(e) => {
                 tracing::warn!(component = C::NAME, error = %e, "control accept failed");
                 std::thread::sleep(Duration::from_millis(100));
@@ -282,7 +288,6 @@ fn serve<C: Component, H: Handler<C>>(
     opts: &ServerOptions,
     stop: &AtomicBool,
 ) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(opts.idle))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
