@@ -109,6 +109,7 @@
 //! carry vCPU state, are passed to [`engine::commit::CommitSink`] and can be resumed from.
 
 pub mod alink;
+pub mod daemon;
 pub mod domain;
 pub mod engine;
 pub mod local;
