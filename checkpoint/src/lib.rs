@@ -1,4 +1,9 @@
-//! xenft-checkpoint: the level-3 checkpoint engine.
+//! xenft-checkpoint: the level-3 checkpoint engine, as a library, and the `xenft-checkpoint`
+//! daemon (a thin binary over [`daemon`]) that runs one side of it as a process.
+//!
+//! It is not the decision maker: it neither decides when to fail over or re-protect (the
+//! agent does, through the control socket) nor replicates disks or network output (the
+//! blkback and netback shims do; the engine only stamps and commits their epochs).
 //!
 //! Keeps a second copy of a running domain — memory and vCPU state — one checkpoint epoch
 //! behind the primary, so that losing the primary host loses nothing the outside world has
@@ -19,12 +24,24 @@
 //! - [`local`]: synthetic guest backend (separate process, memfd memory, userfaultfd
 //!   write-protect dirty tracking, deterministic [`workload`]).
 //! - [`xen`]: Xen backend (libxenctrl + libxenforeignmemory loaded at run time).
-//! - [`wire`]: epoch wire format, encoder (zero / XOR + LZ4 / raw) and assembler.
+//! - [`wire`]: epoch wire format, encoder (zero / XOR + LZ4 / raw) and assembler; split into
+//!   frames and their codec, errors, encoder, assembler and applying to the replica.
 //! - [`engine`]: primary ([`engine::primary`]), secondary ([`engine::secondary`]), transport
 //!   trait and implementations ([`engine::transport`]), commit hook ([`engine::commit`]).
 //! - [`alink`]: the engine's channel over the A-link (`Channel::Checkpoint`).
 //! - [`run`]: driving the engine from a process — A-link start, the secondary's "primary
 //!   gone" judgement (no live path for the path timeout after a commit), the primary's loop.
+//! - [`shims`]: the engine's typed clients for the blkback and netback shims' epochs.
+//! - [`daemon`]: the `xenft-checkpoint` process — primary, secondary, and the secondary the
+//!   agent drives over its control socket; its parts:
+//!   - `daemon::guest`: [`daemon::GuestKind`], a synthetic guest or a Xen domain as one
+//!     domain.
+//!   - `daemon::link`: the channel's ends, a Unix socket or the A-link held with its runtime.
+//!   - `daemon::error`: [`daemon::DaemonError`], the step that failed and why.
+//!   - `daemon::crash`: crash injection for tests ([`daemon::CrashAt`]).
+//!   - `daemon::replica`: the `--control` secondary's state machine and its requests.
+//!   - `daemon::reprotect`: `protect` / `unprotect` of the resumed guest
+//!     ([`daemon::Reprotect`]).
 //! - [`testing`]: in-memory domain for tests.
 //!
 //! # API for the agent
@@ -109,6 +126,7 @@
 //! carry vCPU state, are passed to [`engine::commit::CommitSink`] and can be resumed from.
 
 pub mod alink;
+pub mod daemon;
 pub mod domain;
 pub mod engine;
 pub mod local;
