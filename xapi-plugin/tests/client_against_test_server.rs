@@ -35,7 +35,12 @@ async fn records_and_map_edits(protocol: Protocol) {
     let srv = pool();
     let api = client(&srv, protocol);
     let vms = api.vm_get_all_records().await.unwrap();
-    let (vm, rec) = vms.iter().next().unwrap();
+    // xapi lists each host's control domain and the default templates among the VMs.
+    assert_eq!(vms.values().filter(|v| v.is_control_domain).count(), 2);
+    assert_eq!(vms.values().filter(|v| v.is_a_template).count(), 2);
+    let mut guests = vms.iter().filter(|(_, v)| v.is_guest());
+    let (vm, rec) = guests.next().unwrap();
+    assert!(guests.next().is_none(), "one guest");
     assert_eq!(rec.name_label, "web01");
     assert_eq!(
         rec.memory_static_max,
@@ -140,14 +145,32 @@ async fn unix_socket_transport_works() {
     assert_eq!(hosts.values().next().unwrap().name_label, "host1");
 }
 
+/// The one guest among the VM events of a full read.
+fn guest_ref(b: &xenft_xapi::api::EventBatch) -> String {
+    let guests: Vec<_> = b
+        .events
+        .iter()
+        .filter(|e| {
+            let rec = xenft_xapi::VmRecord::from_value(e.snapshot.as_ref().unwrap()).unwrap();
+            rec.is_guest()
+        })
+        .collect();
+    assert_eq!(guests.len(), 1, "{b:?}");
+    guests[0].obj_ref.clone()
+}
+
 #[tokio::test]
 async fn event_from_reports_changes_and_recovers_from_lost_events() {
     let srv = pool();
     let api = client(&srv, Protocol::XmlRpc);
     let mut stream = EventStream::new(&["vm"]);
     let first = stream.next(&api, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(first.events.len(), 1, "empty token: every VM once");
-    let vm = first.events[0].obj_ref.clone();
+    assert_eq!(
+        first.events.len(),
+        5,
+        "empty token: every VM once (web01, two control domains, two templates)"
+    );
+    let vm = guest_ref(&first);
 
     // Nothing happens: the long poll returns empty at the timeout.
     let idle = stream.next(&api, Duration::from_millis(200)).await.unwrap();
@@ -174,8 +197,13 @@ async fn event_from_reports_changes_and_recovers_from_lost_events() {
     srv.drop_event_history();
     let b = stream.next(&api, Duration::from_secs(1)).await.unwrap();
     assert!(b.resynced);
-    assert_eq!(b.events.len(), 1);
-    let snap = b.events[0].snapshot.as_ref().unwrap();
+    assert_eq!(b.events.len(), 5);
+    let snap = b
+        .events
+        .iter()
+        .find(|e| e.obj_ref == vm)
+        .and_then(|e| e.snapshot.as_ref())
+        .unwrap();
     assert_eq!(
         snap.as_struct().unwrap()["other_config"]
             .to_string_map()
@@ -391,7 +419,7 @@ async fn deleted_objects_come_as_del_events_without_snapshot() {
     let api = client(&srv, Protocol::XmlRpc);
     let mut stream = EventStream::new(&["vm"]);
     let first = stream.next(&api, Duration::ZERO).await.unwrap();
-    let vm = first.events[0].obj_ref.clone();
+    let vm = guest_ref(&first);
     srv.destroy(&vm);
     let b = stream.next(&api, Duration::from_secs(2)).await.unwrap();
     assert_eq!(b.events.len(), 1);
