@@ -822,7 +822,7 @@ mod tests {
             (
                 "r2",
                 vm("Control domain on host: host1", |v| {
-                    v.is_control_domain = true
+                    v.is_control_domain = true;
                 }),
             ),
             ("r3", vm("Debian Bookworm 12", |v| v.is_a_template = true)),

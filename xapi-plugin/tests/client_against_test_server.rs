@@ -429,3 +429,34 @@ async fn deleted_objects_come_as_del_events_without_snapshot() {
     let e = api.get_record_raw(Class::Vm, &vm).await.unwrap_err();
     assert!(e.is(codes::HANDLE_INVALID));
 }
+
+#[tokio::test]
+async fn protecting_dom0_a_template_or_a_snapshot_is_refused_saying_why() {
+    use xenft_xapi::ops::{self, OpError};
+    use xenft_xapi::registry::Level;
+    let srv = pool();
+    let (web, _) = srv.add_vm("web02", GIB, None);
+    srv.add_snapshot(&web, "web02 before upgrade");
+    let api = client(&srv, Protocol::JsonRpc);
+    for (name, why) in [
+        ("Control domain on host: host1", "control domain"),
+        (xenft_tests::xapi_server::DEFAULT_TEMPLATES[0], "template"),
+        ("web02 before upgrade", "snapshot"),
+    ] {
+        match ops::protect(&api, name, Level::Restart, "host2").await {
+            Err(OpError::Refused(m)) => assert!(m.contains(why), "{name}: {m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let listed: Vec<String> = ops::list(&api)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(listed, vec!["web01", "web02"], "vm-list shows guests only");
+    assert!(xenft_xapi::registry::protected_vms(&api)
+        .await
+        .unwrap()
+        .is_empty());
+}
