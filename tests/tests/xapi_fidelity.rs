@@ -7,9 +7,8 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig, DEFAULT_TEMPLATES};
-use xenft_xapi::transport::Endpoint;
 use xenft_xapi::xmlrpc::{self, Value};
-use xenft_xapi::{ConnectOptions, Credentials, Protocol, XapiError, XenApi};
+use xenft_xapi::{Protocol, XapiError, XenApi};
 
 const GIB: i64 = 1 << 30;
 const BOTH: [Protocol; 2] = [Protocol::XmlRpc, Protocol::JsonRpc];
@@ -22,16 +21,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn client(srv: &FakeXapi, protocol: Protocol) -> XenApi {
-    let mut o = ConnectOptions::new(
-        Endpoint::parse(&srv.url()).unwrap(),
-        Credentials {
-            user: srv.user().into(),
-            password: srv.password().into(),
-        },
-    );
-    o.protocol = protocol;
-    o.timeout = Duration::from_secs(10);
-    XenApi::new(o).unwrap()
+    XenApi::new(srv.client_options(protocol)).unwrap()
 }
 
 /// One raw HTTP POST; returns (status line, content type, body).
@@ -68,11 +58,7 @@ fn api_err(r: Result<Value, XapiError>) -> (String, Vec<String>) {
 }
 
 fn pool() -> (FakeXapi, String, String) {
-    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
-    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
-    srv.add_host("host2", "10.0.0.2", 16 * GIB);
-    let (vm, _) = srv.add_vm("web01", 4 * GIB, Some(&h1));
-    (srv, h1, vm)
+    FakeXapi::with_pool()
 }
 
 #[test]

@@ -49,11 +49,7 @@ fn run_sdk(srv: &FakeXapi, script: &str) -> serde_json::Value {
 }
 
 fn pool() -> (FakeXapi, String, String) {
-    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
-    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
-    srv.add_host("host2", "10.0.0.2", 16 * GIB);
-    let (vm, _) = srv.add_vm("web01", 4 * GIB, Some(&h1));
-    (srv, h1, vm)
+    FakeXapi::with_pool()
 }
 
 #[test]

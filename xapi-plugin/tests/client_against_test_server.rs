@@ -11,24 +11,11 @@ use xenft_xapi::{codes, Class, ConnectOptions, Credentials, EventStream, Protoco
 const GIB: i64 = 1 << 30;
 
 fn client(srv: &FakeXapi, protocol: Protocol) -> XenApi {
-    let mut o = ConnectOptions::new(
-        Endpoint::parse(&srv.url()).unwrap(),
-        Credentials {
-            user: srv.user().into(),
-            password: srv.password().into(),
-        },
-    );
-    o.protocol = protocol;
-    o.timeout = Duration::from_secs(10);
-    XenApi::new(o).unwrap()
+    XenApi::new(srv.client_options(protocol)).unwrap()
 }
 
 fn pool() -> FakeXapi {
-    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
-    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
-    srv.add_host("host2", "10.0.0.2", 16 * GIB);
-    srv.add_vm("web01", 4 * GIB, Some(&h1));
-    srv
+    FakeXapi::with_pool().0
 }
 
 async fn records_and_map_edits(protocol: Protocol) {

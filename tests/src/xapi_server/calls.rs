@@ -58,21 +58,29 @@ pub(super) async fn dispatch(sh: &Arc<Shared>, method: &str, params: Vec<Value>)
         ("host", "call_plugin") => plugin::call_plugin(sh, method, &session, args).await,
         _ => {
             let mut db = sh.lock();
-            let r = object_call(sh, &mut db, method, class, verb, args);
+            let call = Call {
+                method,
+                class,
+                verb,
+                args,
+            };
+            let r = object_call(sh, &mut db, &call);
             drop(db);
             r
         }
     }
 }
 
-fn object_call(
-    sh: &Shared,
-    db: &mut Db,
-    method: &str,
-    class: &str,
-    verb: &str,
-    args: &[Value],
-) -> ApiResult {
+/// A call on an object class, split into its parts; `args` follow the session.
+struct Call<'a> {
+    method: &'a str,
+    class: &'a str,
+    verb: &'a str,
+    args: &'a [Value],
+}
+
+fn object_call(sh: &Shared, db: &mut Db, c: &Call<'_>) -> ApiResult {
+    let (method, class, verb, args) = (c.method, c.class, c.verb, c.args);
     match (class, verb) {
         ("VM", "start_on") => vm_start_on(sh, db, method, args),
         ("VM", "pool_migrate") => vm_pool_migrate(sh, db, method, args),
@@ -82,30 +90,45 @@ fn object_call(
             db.obj("host", host)?;
             Ok(Value::int64(db.free_memory(host)))
         }
-        _ if methods::is_class(class) => generic(sh, db, method, class, verb, args),
+        _ if methods::is_class(class) => generic(sh, db, c),
         _ => Err(not_implemented(method)),
     }
 }
 
-fn power_state(db: &Db, vm: &str) -> Result<String, Failure> {
+/// The checks `VM.start_on` and `VM.pool_migrate` share, in xapi's order: the host and VM
+/// exist, the VM is no template (`VM_IS_TEMPLATE`), is `expected` (`VM_BAD_POWER_STATE [vm,
+/// expected, actual]`, lower case) and fits in the host's free memory
+/// (`HOST_NOT_ENOUGH_FREE_MEMORY [needed, available]`).
+fn check_placement(db: &Db, vm: &str, host: &str, expected: &str) -> Result<(), Failure> {
+    db.obj("host", host)?;
     let o = db.obj("VM", vm)?;
     if o.fields.get("is_a_template").and_then(Value::as_bool) == Some(true) {
         return Err(fail("VM_IS_TEMPLATE", &[vm]));
     }
-    Ok(o.fields
+    let state = o
+        .fields
         .get("power_state")
         .and_then(Value::as_str)
         .unwrap_or("")
-        .to_string())
-}
-
-fn vm_memory(db: &Db, vm: &str) -> Result<i64, Failure> {
-    Ok(db
-        .obj("VM", vm)?
+        .to_lowercase();
+    if state != expected {
+        return Err(fail("VM_BAD_POWER_STATE", &[vm, expected, &state]));
+    }
+    let need = o
         .fields
         .get("memory_static_max")
         .and_then(Value::as_i64)
-        .unwrap_or(0))
+        .unwrap_or(0);
+    let already_there =
+        o.fields.get("resident_on").and_then(Value::as_str) == Some(host) && state == "running";
+    let free = db.free_memory(host) + if already_there { need } else { 0 };
+    if need > free {
+        return Err(fail(
+            "HOST_NOT_ENOUGH_FREE_MEMORY",
+            &[&need.to_string(), &free.to_string()],
+        ));
+    }
+    Ok(())
 }
 
 /// `VM.start_on(session, vm, host, start_paused, force)`: a halted, non-template VM starts on
@@ -115,22 +138,7 @@ fn vm_start_on(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiRes
     let vm = arg_str(args, 0, method)?;
     let host = arg_str(args, 1, method)?;
     let paused = args.get(2).and_then(Value::as_bool).unwrap_or(false);
-    db.obj("host", host)?;
-    let state = power_state(db, vm)?;
-    if state != "Halted" {
-        return Err(fail(
-            "VM_BAD_POWER_STATE",
-            &[vm, "halted", &state.to_lowercase()],
-        ));
-    }
-    let need = vm_memory(db, vm)?;
-    let free = db.free_memory(host);
-    if need > free {
-        return Err(fail(
-            "HOST_NOT_ENOUGH_FREE_MEMORY",
-            &[&need.to_string(), &free.to_string()],
-        ));
-    }
+    check_placement(db, vm, host, "halted")?;
     let next_domid = db
         .objects
         .values()
@@ -151,24 +159,7 @@ fn vm_start_on(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiRes
 fn vm_pool_migrate(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiResult {
     let vm = arg_str(args, 0, method)?;
     let host = arg_str(args, 1, method)?;
-    db.obj("host", host)?;
-    let state = power_state(db, vm)?;
-    if state != "Running" {
-        return Err(fail(
-            "VM_BAD_POWER_STATE",
-            &[vm, "running", &state.to_lowercase()],
-        ));
-    }
-    let need = vm_memory(db, vm)?;
-    let o = db.obj("VM", vm)?;
-    let same_host = o.fields.get("resident_on").and_then(Value::as_str) == Some(host);
-    let free = db.free_memory(host) + if same_host { need } else { 0 };
-    if need > free {
-        return Err(fail(
-            "HOST_NOT_ENOUGH_FREE_MEMORY",
-            &[&need.to_string(), &free.to_string()],
-        ));
-    }
+    check_placement(db, vm, host, "running")?;
     let o = db.obj_mut("VM", vm)?;
     o.fields.insert("resident_on".into(), Value::str(host));
     sh.emit(db, vm, "mod");
@@ -199,14 +190,8 @@ fn secret_create(sh: &Shared, db: &mut Db, args: &[Value]) -> ApiResult {
 }
 
 /// The messages every class has (datamodel `FromField` / `FromObject` tags).
-fn generic(
-    sh: &Shared,
-    db: &mut Db,
-    method: &str,
-    class: &str,
-    verb: &str,
-    args: &[Value],
-) -> ApiResult {
+fn generic(sh: &Shared, db: &mut Db, c: &Call<'_>) -> ApiResult {
+    let (method, class, verb, args) = (c.method, c.class, c.verb, c.args);
     let of_class = |db: &Db| -> Vec<(String, BTreeMap<String, Value>)> {
         db.objects
             .iter()

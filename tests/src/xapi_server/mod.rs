@@ -196,6 +196,34 @@ impl FakeXapi {
         })
     }
 
+    /// The usual test pool: hosts `host1` and `host2` with 16 GiB each, guest `web01` (4 GiB)
+    /// running on host1. Returns (server, host1 ref, web01 ref).
+    pub fn with_pool() -> (FakeXapi, String, String) {
+        const GIB: i64 = 1 << 30;
+        let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
+        srv.add_host("host2", "10.0.0.2", 16 * GIB);
+        let (vm, _) = srv.add_vm("web01", 4 * GIB, Some(&h1));
+        (srv, h1, vm)
+    }
+
+    /// Options for a xenft-xapi client of this server: its URL and credentials, `protocol`,
+    /// 10 s per call.
+    pub fn client_options(&self, protocol: xenft_xapi::Protocol) -> xenft_xapi::ConnectOptions {
+        let endpoint = xenft_xapi::transport::Endpoint::parse(&self.url())
+            .unwrap_or_else(|e| panic!("our own URL: {e}"));
+        let mut o = xenft_xapi::ConnectOptions::new(
+            endpoint,
+            xenft_xapi::Credentials {
+                user: self.user().into(),
+                password: self.password().into(),
+            },
+        );
+        o.protocol = protocol;
+        o.timeout = Duration::from_secs(10);
+        o
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         self.shared.url.clone()
