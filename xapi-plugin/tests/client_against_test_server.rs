@@ -1,4 +1,4 @@
-//! The XenAPI client against the XenAPI test server (tests/src/xapi_server.rs): sessions,
+//! The XenAPI client against the XenAPI test server (tests/src/xapi_server/): sessions,
 //! records, map edits, event.from, errors, both transports and both encodings.
 
 use std::collections::BTreeMap;
