@@ -49,24 +49,25 @@ fn run_sdk(srv: &FakeXapi, script: &str) -> serde_json::Value {
 }
 
 fn pool() -> (FakeXapi, String, String) {
-    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
-    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
-    srv.add_host("host2", "10.0.0.2", 16 * GIB);
-    let (vm, _) = srv.add_vm("web01", 4 * GIB, Some(&h1));
-    (srv, h1, vm)
+    FakeXapi::with_pool()
 }
 
 #[test]
 fn sdk_login_records_and_api_version() {
-    let (srv, _, vm) = pool();
+    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
+    let (h2, _) = srv.add_host("host2", "10.0.0.2", 16 * GIB);
+    let (vm, _) = srv.add_vm("web01", 4 * GIB, Some(&h1));
     let r = run_sdk(
         &srv,
         r#"
 s = XenAPI.Session(url)
 s.xenapi.login_with_password(user, pw, "1.0", "xenft-sdk-test")
 recs = s.xenapi.VM.get_all_records()
-(ref, rec), = recs.items()
-out = {"ref": ref, "name": rec["name_label"], "mem": rec["memory_static_max"],
+(ref, rec), = [(r, v) for r, v in recs.items()
+               if not v["is_a_template"] and not v["is_control_domain"]]
+out = {"ref": ref, "dom0s": sorted(v["resident_on"] for v in recs.values() if v["is_control_domain"]),
+       "templates": sum(1 for v in recs.values() if v["is_a_template"]), "name": rec["name_label"], "mem": rec["memory_static_max"],
        "power": rec["power_state"], "api": s.API_version,
        "by_uuid": s.xenapi.VM.get_by_uuid(rec["uuid"])}
 s.xenapi.session.logout()
@@ -75,6 +76,10 @@ print(json.dumps(out))
     );
     assert_eq!(r["ref"], vm.as_str());
     assert_eq!(r["name"], "web01");
+    let mut hosts = vec![h1, h2];
+    hosts.sort();
+    assert_eq!(r["dom0s"], serde_json::json!(hosts), "one dom0 per host");
+    assert_eq!(r["templates"], 2);
     assert_eq!(
         r["mem"],
         (4 * GIB).to_string(),
@@ -146,20 +151,27 @@ s = XenAPI.Session(url)
 s.xenapi.login_with_password(user, pw, "1.0", "t")
 ev_from = getattr(s.xenapi.event, "from")
 first = ev_from(["vm"], "", 0.0)
+guests = [e for e in first["events"]
+          if not e["snapshot"]["is_a_template"] and not e["snapshot"]["is_control_domain"]]
 t0 = time.time()
 idle = ev_from(["vm"], first["token"], 0.3)
 waited = time.time() - t0
-vm = first["events"][0]["ref"]
+vm = guests[0]["ref"]
 s.xenapi.VM.add_to_other_config(vm, "k", "v")
 s.xenapi.pool.add_to_other_config(s.xenapi.pool.get_all()[0], "ignored", "x")
 nxt = ev_from(["vm"], idle["token"], 5.0)
-print(json.dumps({"first": [(e["class"], e["operation"], e["ref"]) for e in first["events"]],
+print(json.dumps({"first": [(e["class"], e["operation"], e["ref"]) for e in guests],
+                  "vm_events": len(first["events"]),
                   "idle": len(idle["events"]), "waited": waited,
                   "next": [(e["class"], e["operation"], e["ref"], e["snapshot"]["other_config"])
                            for e in nxt["events"]]}))
 "#,
     );
     assert_eq!(r["first"], serde_json::json!([["vm", "add", vm]]));
+    assert_eq!(
+        r["vm_events"], 5,
+        "web01, two control domains, two templates"
+    );
     assert_eq!(r["idle"], 0);
     assert!(
         r["waited"].as_f64().unwrap() >= 0.25,
@@ -230,7 +242,15 @@ s.xenapi.login_with_password(user, pw, "1.0", "t")
 print(json.dumps({"vms": s.xenapi.VM.get_all()}))
 "#,
     );
-    assert_eq!(r["vms"], serde_json::json!([vm]));
+    assert_eq!(
+        r["vms"].as_array().unwrap().len(),
+        5,
+        "web01, 2 dom0s, 2 templates"
+    );
+    assert!(r["vms"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(vm)));
     assert_eq!(
         srv.calls("session.login_with_password"),
         2,

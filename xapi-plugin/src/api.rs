@@ -33,6 +33,24 @@ pub enum Class {
 }
 
 impl Class {
+    /// Every class xenft reads.
+    pub const ALL: [Class; 4] = [Class::Vm, Class::Host, Class::Pool, Class::Secret];
+
+    /// The `(string → string) map` fields xenft reads and edits on this class; the map helpers
+    /// ([`XenApi::get_map`], [`XenApi::add_to_map`], ...) refuse any other before calling xapi,
+    /// so every call they make is one the datamodel has (checked by the `datamodel` tests).
+    pub fn map_fields(self) -> &'static [&'static str] {
+        match self {
+            Class::Vm | Class::Host | Class::Secret => &["other_config"],
+            Class::Pool => &["other_config", "gui_config"],
+        }
+    }
+
+    /// Whether xapi has `<class>.get_by_name_label` (`pool` and `secret` have none).
+    pub fn has_get_by_name_label(self) -> bool {
+        matches!(self, Class::Vm | Class::Host)
+    }
+
     /// The class name in method names (`VM.get_record`).
     pub fn api_name(self) -> &'static str {
         match self {
@@ -96,6 +114,8 @@ pub struct VmRecord {
     pub is_a_template: bool,
     /// `is_control_domain` (dom0).
     pub is_control_domain: bool,
+    /// `is_a_snapshot` (xapi's snapshots are also templates; checked on its own all the same).
+    pub is_a_snapshot: bool,
     /// `other_config`.
     pub other_config: BTreeMap<String, String>,
 }
@@ -114,13 +134,28 @@ impl VmRecord {
             memory_static_max: int_field(m, "memory_static_max"),
             is_a_template: bool_field(m, "is_a_template"),
             is_control_domain: bool_field(m, "is_control_domain"),
+            is_a_snapshot: bool_field(m, "is_a_snapshot"),
             other_config: map_field(m, "other_config"),
         })
     }
 
-    /// A real guest: not a template, not dom0.
+    /// A real guest: not a template, not a snapshot, not a control domain.
     pub fn is_guest(&self) -> bool {
-        !self.is_a_template && !self.is_control_domain
+        self.not_a_guest().is_none()
+    }
+
+    /// Why this VM object is not a guest xenft can protect, if it is not one: xapi lists
+    /// control domains (dom0, one per host), templates and snapshots among the VMs.
+    pub fn not_a_guest(&self) -> Option<&'static str> {
+        if self.is_control_domain {
+            Some("a control domain (dom0)")
+        } else if self.is_a_snapshot {
+            Some("a snapshot")
+        } else if self.is_a_template {
+            Some("a template")
+        } else {
+            None
+        }
     }
 }
 
@@ -282,6 +317,18 @@ impl EventBatch {
     }
 }
 
+/// Refuses a map field the class does not declare in [`Class::map_fields`].
+fn check_map_field(class: Class, field: &str, verb: &str) -> Result<(), XapiError> {
+    if class.map_fields().contains(&field) {
+        Ok(())
+    } else {
+        Err(XapiError::NotInDatamodel(format!(
+            "{}.{verb}{field}",
+            class.api_name()
+        )))
+    }
+}
+
 fn refs(v: &Value, what: &str) -> Result<Vec<Ref>, XapiError> {
     v.as_array()
         .ok_or_else(|| XapiError::type_err(what, v))?
@@ -337,6 +384,12 @@ impl XenApi {
 
     /// `<class>.get_by_name_label` (VM and host; names are not unique).
     pub async fn get_by_name_label(&self, class: Class, name: &str) -> Result<Vec<Ref>, XapiError> {
+        if !class.has_get_by_name_label() {
+            return Err(XapiError::NotInDatamodel(format!(
+                "{}.get_by_name_label",
+                class.api_name()
+            )));
+        }
         let v = self
             .call(
                 &format!("{}.get_by_name_label", class.api_name()),
@@ -395,6 +448,7 @@ impl XenApi {
         r: &str,
         field: &str,
     ) -> Result<BTreeMap<String, String>, XapiError> {
+        check_map_field(class, field, "get_")?;
         let v = self
             .call(
                 &format!("{}.get_{field}", class.api_name()),
@@ -414,6 +468,7 @@ impl XenApi {
         key: &str,
         value: &str,
     ) -> Result<(), XapiError> {
+        check_map_field(class, field, "add_to_")?;
         self.call(
             &format!("{}.add_to_{field}", class.api_name()),
             vec![Value::str(r), Value::str(key), Value::str(value)],
@@ -430,6 +485,7 @@ impl XenApi {
         field: &str,
         key: &str,
     ) -> Result<(), XapiError> {
+        check_map_field(class, field, "remove_from_")?;
         self.call(
             &format!("{}.remove_from_{field}", class.api_name()),
             vec![Value::str(r), Value::str(key)],

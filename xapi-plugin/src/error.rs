@@ -104,6 +104,10 @@ pub enum XapiError {
         /// What we got (abbreviated).
         got: String,
     },
+    /// A call the client refuses to make because xapi's datamodel has no such method (e.g.
+    /// `pool.get_by_name_label`, a map field the class does not have).
+    #[error("{0} is not a XenAPI method xenft calls")]
+    NotInDatamodel(String),
     /// The client configuration is unusable (bad URL, unreadable CA file...).
     #[error("invalid XenAPI connection settings: {0}")]
     Config(String),

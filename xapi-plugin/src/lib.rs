@@ -11,6 +11,7 @@
 //! - [`client::XenApi`]: sessions, the `Status`/`Value`/`ErrorDescription` envelope,
 //!   re-login on `SESSION_INVALID`; [`api`] adds typed calls and records and [`api::EventStream`]
 //!   (`event.from` with `EVENTS_LOST` recovery);
+//! - [`datamodel`]: xapi's method names and arities, kept as data (`datamodel/xapi-methods.txt`);
 //! - [`error::XapiError`]: typed errors keeping XenAPI codes and parameters;
 //! - [`registry`]: the protection registry in pool/VM `other_config` (checked writes);
 //! - [`ops`]: protect/unprotect with admission control, status, pool-init, compat check,
@@ -22,6 +23,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod customfields;
+pub mod datamodel;
 pub mod error;
 pub mod jsonrpc;
 pub mod ops;

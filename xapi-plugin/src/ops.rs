@@ -106,7 +106,9 @@ fn resolve<'a, T>(
     }
 }
 
-/// Finds a guest VM by name label or uuid.
+/// Finds a guest VM by name label or uuid. A name or uuid that only a control domain, a
+/// template or a snapshot carries is refused, saying which it is: xapi lists those among the
+/// VMs, and xenft manages guests only.
 pub fn resolve_vm<'a>(
     vms: &'a BTreeMap<Ref, VmRecord>,
     name: &str,
@@ -116,7 +118,20 @@ pub fn resolve_vm<'a>(
         .filter(|(_, v)| v.is_guest())
         .map(|(r, v)| (r.clone(), v.clone()))
         .collect();
-    let (r, _) = resolve("VM", name, &guests, |v| &v.uuid, |v| &v.name_label)?;
+    let found = resolve("VM", name, &guests, |v| &v.uuid, |v| &v.name_label);
+    if let Err(OpError::NotFound { .. }) = &found {
+        if let Some((v, why)) = vms
+            .values()
+            .filter(|v| v.uuid == name || v.name_label == name)
+            .find_map(|v| v.not_a_guest().map(|why| (v, why)))
+        {
+            return Err(OpError::Refused(format!(
+                "VM {:?} ({}) is {why}, not a guest VM: xenft protects and manages guest VMs only",
+                v.name_label, v.uuid
+            )));
+        }
+    }
+    let (r, _) = found?;
     let rec = vms
         .get(&r)
         .ok_or_else(|| OpError::Invalid(format!("VM {name} vanished")))?;
@@ -788,6 +803,60 @@ pub async fn migrate(api: &XenApi, vm: &str, host: &str, live: bool) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vm(name: &str, f: impl FnOnce(&mut VmRecord)) -> VmRecord {
+        let mut v = VmRecord {
+            uuid: format!("uuid-{name}"),
+            name_label: name.into(),
+            power_state: "Running".into(),
+            ..VmRecord::default()
+        };
+        f(&mut v);
+        v
+    }
+
+    #[test]
+    fn control_domains_templates_and_snapshots_are_refused_by_name_saying_why() {
+        let vms: BTreeMap<Ref, VmRecord> = [
+            ("r1", vm("web01", |_| {})),
+            (
+                "r2",
+                vm("Control domain on host: host1", |v| {
+                    v.is_control_domain = true;
+                }),
+            ),
+            ("r3", vm("Debian Bookworm 12", |v| v.is_a_template = true)),
+            (
+                "r4",
+                vm("web01-snap", |v| {
+                    v.is_a_template = true;
+                    v.is_a_snapshot = true;
+                }),
+            ),
+        ]
+        .into_iter()
+        .map(|(r, v)| (r.to_string(), v))
+        .collect();
+        assert_eq!(resolve_vm(&vms, "web01").unwrap().0, "r1");
+        for (name, why) in [
+            ("Control domain on host: host1", "a control domain (dom0)"),
+            (
+                "uuid-Control domain on host: host1",
+                "a control domain (dom0)",
+            ),
+            ("Debian Bookworm 12", "a template"),
+            ("web01-snap", "a snapshot"),
+        ] {
+            match resolve_vm(&vms, name) {
+                Err(OpError::Refused(m)) => assert!(m.contains(why), "{name}: {m}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            resolve_vm(&vms, "nothing-like-it"),
+            Err(OpError::NotFound { .. })
+        ));
+    }
 
     #[test]
     fn suggestions_catch_typos_only() {

@@ -234,9 +234,11 @@ fn escape_into(s: &str, out: &mut String) {
     out.push_str(&escape(s));
 }
 
-/// Encodes a `<methodCall>`.
+/// Encodes a `<methodCall>`. Like xapi's own encoder (ocaml-rpc `Xmlrpc`), no whitespace
+/// between elements: some parsers keep it as text (Xen Orchestra's `@vates/xml-rpc` fails on a
+/// newline after the XML declaration).
 pub fn encode_call(method: &str, params: &[Value]) -> String {
-    let mut out = String::from("<?xml version=\"1.0\"?>\n<methodCall><methodName>");
+    let mut out = String::from("<?xml version=\"1.0\"?><methodCall><methodName>");
     escape_into(method, &mut out);
     out.push_str("</methodName><params>");
     for p in params {
@@ -244,15 +246,16 @@ pub fn encode_call(method: &str, params: &[Value]) -> String {
         p.encode_into(&mut out);
         out.push_str("</param>");
     }
-    out.push_str("</params></methodCall>\n");
+    out.push_str("</params></methodCall>");
     out
 }
 
-/// Encodes a successful `<methodResponse>` carrying `value`.
+/// Encodes a successful `<methodResponse>` carrying `value`, without whitespace between
+/// elements, as xapi writes it.
 pub fn encode_response(value: &Value) -> String {
-    let mut out = String::from("<?xml version=\"1.0\"?>\n<methodResponse><params><param>");
+    let mut out = String::from("<?xml version=\"1.0\"?><methodResponse><params><param>");
     value.encode_into(&mut out);
-    out.push_str("</param></params></methodResponse>\n");
+    out.push_str("</param></params></methodResponse>");
     out
 }
 
@@ -261,9 +264,9 @@ pub fn encode_fault(code: i32, message: &str) -> String {
     let mut m = BTreeMap::new();
     m.insert("faultCode".to_string(), Value::Int(code));
     m.insert("faultString".to_string(), Value::str(message));
-    let mut out = String::from("<?xml version=\"1.0\"?>\n<methodResponse><fault>");
+    let mut out = String::from("<?xml version=\"1.0\"?><methodResponse><fault>");
     Value::Struct(m).encode_into(&mut out);
-    out.push_str("</fault></methodResponse>\n");
+    out.push_str("</fault></methodResponse>");
     out
 }
 
@@ -644,6 +647,18 @@ mod tests {
         let (name, params) = decode_call(&xml).unwrap();
         assert_eq!(name, "VM.get_record");
         assert_eq!(params, vec![Value::str("OpaqueRef:1"), sample()]);
+    }
+
+    #[test]
+    fn documents_have_no_whitespace_between_elements_as_xapi_writes_them() {
+        let docs = [
+            encode_call("VM.get_all", &[Value::str("OpaqueRef:s")]),
+            encode_response(&Value::str("x")),
+            encode_fault(1, "f"),
+        ];
+        for d in docs {
+            assert!(!d.contains('\n'), "{d:?}");
+        }
     }
 
     #[test]

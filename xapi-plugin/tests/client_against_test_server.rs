@@ -1,4 +1,4 @@
-//! The XenAPI client against the XenAPI test server (tests/src/xapi_server.rs): sessions,
+//! The XenAPI client against the XenAPI test server (tests/src/xapi_server/): sessions,
 //! records, map edits, event.from, errors, both transports and both encodings.
 
 use std::collections::BTreeMap;
@@ -11,31 +11,23 @@ use xenft_xapi::{codes, Class, ConnectOptions, Credentials, EventStream, Protoco
 const GIB: i64 = 1 << 30;
 
 fn client(srv: &FakeXapi, protocol: Protocol) -> XenApi {
-    let mut o = ConnectOptions::new(
-        Endpoint::parse(&srv.url()).unwrap(),
-        Credentials {
-            user: srv.user().into(),
-            password: srv.password().into(),
-        },
-    );
-    o.protocol = protocol;
-    o.timeout = Duration::from_secs(10);
-    XenApi::new(o).unwrap()
+    XenApi::new(srv.client_options(protocol)).unwrap()
 }
 
 fn pool() -> FakeXapi {
-    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
-    let (h1, _) = srv.add_host("host1", "10.0.0.1", 16 * GIB);
-    srv.add_host("host2", "10.0.0.2", 16 * GIB);
-    srv.add_vm("web01", 4 * GIB, Some(&h1));
-    srv
+    FakeXapi::with_pool().0
 }
 
 async fn records_and_map_edits(protocol: Protocol) {
     let srv = pool();
     let api = client(&srv, protocol);
     let vms = api.vm_get_all_records().await.unwrap();
-    let (vm, rec) = vms.iter().next().unwrap();
+    // xapi lists each host's control domain and the default templates among the VMs.
+    assert_eq!(vms.values().filter(|v| v.is_control_domain).count(), 2);
+    assert_eq!(vms.values().filter(|v| v.is_a_template).count(), 2);
+    let mut guests = vms.iter().filter(|(_, v)| v.is_guest());
+    let (vm, rec) = guests.next().unwrap();
+    assert!(guests.next().is_none(), "one guest");
     assert_eq!(rec.name_label, "web01");
     assert_eq!(
         rec.memory_static_max,
@@ -140,14 +132,32 @@ async fn unix_socket_transport_works() {
     assert_eq!(hosts.values().next().unwrap().name_label, "host1");
 }
 
+/// The one guest among the VM events of a full read.
+fn guest_ref(b: &xenft_xapi::api::EventBatch) -> String {
+    let guests: Vec<_> = b
+        .events
+        .iter()
+        .filter(|e| {
+            let rec = xenft_xapi::VmRecord::from_value(e.snapshot.as_ref().unwrap()).unwrap();
+            rec.is_guest()
+        })
+        .collect();
+    assert_eq!(guests.len(), 1, "{b:?}");
+    guests[0].obj_ref.clone()
+}
+
 #[tokio::test]
 async fn event_from_reports_changes_and_recovers_from_lost_events() {
     let srv = pool();
     let api = client(&srv, Protocol::XmlRpc);
     let mut stream = EventStream::new(&["vm"]);
     let first = stream.next(&api, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(first.events.len(), 1, "empty token: every VM once");
-    let vm = first.events[0].obj_ref.clone();
+    assert_eq!(
+        first.events.len(),
+        5,
+        "empty token: every VM once (web01, two control domains, two templates)"
+    );
+    let vm = guest_ref(&first);
 
     // Nothing happens: the long poll returns empty at the timeout.
     let idle = stream.next(&api, Duration::from_millis(200)).await.unwrap();
@@ -174,8 +184,13 @@ async fn event_from_reports_changes_and_recovers_from_lost_events() {
     srv.drop_event_history();
     let b = stream.next(&api, Duration::from_secs(1)).await.unwrap();
     assert!(b.resynced);
-    assert_eq!(b.events.len(), 1);
-    let snap = b.events[0].snapshot.as_ref().unwrap();
+    assert_eq!(b.events.len(), 5);
+    let snap = b
+        .events
+        .iter()
+        .find(|e| e.obj_ref == vm)
+        .and_then(|e| e.snapshot.as_ref())
+        .unwrap();
     assert_eq!(
         snap.as_struct().unwrap()["other_config"]
             .to_string_map()
@@ -391,7 +406,7 @@ async fn deleted_objects_come_as_del_events_without_snapshot() {
     let api = client(&srv, Protocol::XmlRpc);
     let mut stream = EventStream::new(&["vm"]);
     let first = stream.next(&api, Duration::ZERO).await.unwrap();
-    let vm = first.events[0].obj_ref.clone();
+    let vm = guest_ref(&first);
     srv.destroy(&vm);
     let b = stream.next(&api, Duration::from_secs(2)).await.unwrap();
     assert_eq!(b.events.len(), 1);
@@ -400,4 +415,35 @@ async fn deleted_objects_come_as_del_events_without_snapshot() {
     assert!(b.events[0].snapshot.is_none());
     let e = api.get_record_raw(Class::Vm, &vm).await.unwrap_err();
     assert!(e.is(codes::HANDLE_INVALID));
+}
+
+#[tokio::test]
+async fn protecting_dom0_a_template_or_a_snapshot_is_refused_saying_why() {
+    use xenft_xapi::ops::{self, OpError};
+    use xenft_xapi::registry::Level;
+    let srv = pool();
+    let (web, _) = srv.add_vm("web02", GIB, None);
+    srv.add_snapshot(&web, "web02 before upgrade");
+    let api = client(&srv, Protocol::JsonRpc);
+    for (name, why) in [
+        ("Control domain on host: host1", "control domain"),
+        (xenft_tests::xapi_server::DEFAULT_TEMPLATES[0], "template"),
+        ("web02 before upgrade", "snapshot"),
+    ] {
+        match ops::protect(&api, name, Level::Restart, "host2").await {
+            Err(OpError::Refused(m)) => assert!(m.contains(why), "{name}: {m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let listed: Vec<String> = ops::list(&api)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(listed, vec!["web01", "web02"], "vm-list shows guests only");
+    assert!(xenft_xapi::registry::protected_vms(&api)
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -1,11 +1,13 @@
-//! `xenft-fake-xapi`: runs the XenAPI test server (tests/src/xapi_server.rs) for demos and
+//! `xenft-fake-xapi`: runs the XenAPI test server (tests/src/xapi_server/) for demos and
 //! manual checks with `xe`-like clients, the Python SDK or `xenft`.
 //!
 //! ```text
 //! xenft-fake-xapi --listen 127.0.0.1:8080 --hosts 2 --vm web01:2048 --vm db01:4096
 //! ```
-//! Prints the URL, then serves until killed. Hosts are `host1..N` with `--host-memory-mib` each;
-//! VMs given as `NAME:MEMORY_MIB` run on host1.
+//! Prints the URL, then serves until killed. Hosts are `host1..N` with `--host-memory-mib` each
+//! and a control domain each; xapi's default templates are there too; VMs given as
+//! `NAME:MEMORY_MIB` run on host1. `--slave-of ADDRESS` makes it a pool member: logins answer
+//! `HOST_IS_SLAVE [ADDRESS]`.
 
 use std::path::PathBuf;
 
@@ -39,6 +41,9 @@ struct Args {
     /// A running VM on host1, `NAME:MEMORY_MIB`; repeatable.
     #[arg(long = "vm")]
     vms: Vec<String>,
+    /// Act as a pool member whose master is at this address (logins answer HOST_IS_SLAVE).
+    #[arg(long)]
+    slave_of: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         plugin_dir: a.plugin_dir,
         unix_socket: a.unix_socket,
         listen: a.listen,
+        slave_of: a.slave_of,
         ..Default::default()
     })?;
     let mut first = None;

@@ -1,0 +1,260 @@
+//! The XenAPI test server answers as xapi does where clients depend on it (issue 14, item 6):
+//! dispatch order and errors from the datamodel method list, `system.listMethods` without a
+//! session, `SESSION_INVALID` as a XenAPI failure, `HOST_IS_SLAVE`, `event.inject`,
+//! `VM.start_on` events. Each over XML-RPC and JSON-RPC.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig, DEFAULT_TEMPLATES};
+use xenft_xapi::xmlrpc::{self, Value};
+use xenft_xapi::{Protocol, XapiError, XenApi};
+
+const GIB: i64 = 1 << 30;
+const BOTH: [Protocol; 2] = [Protocol::XmlRpc, Protocol::JsonRpc];
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client(srv: &FakeXapi, protocol: Protocol) -> XenApi {
+    XenApi::new(srv.client_options(protocol)).unwrap()
+}
+
+/// One raw HTTP POST; returns (status line, content type, body).
+fn post(srv: &FakeXapi, path: &str, ctype: &str, body: &str) -> (String, String, String) {
+    let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let ct = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or("")
+        .to_string();
+    (
+        head.lines().next().unwrap().to_string(),
+        ct,
+        body.to_string(),
+    )
+}
+
+fn api_err(r: Result<Value, XapiError>) -> (String, Vec<String>) {
+    match r {
+        Err(XapiError::Api { code, params }) => (code, params),
+        other => panic!("expected a XenAPI failure, got {other:?}"),
+    }
+}
+
+fn pool() -> (FakeXapi, String, String) {
+    FakeXapi::with_pool()
+}
+
+#[test]
+fn xapi_list_methods_answers_without_a_session_in_both_encodings() {
+    let (srv, _, _) = pool();
+    let call = xmlrpc::encode_call("system.listMethods", &[]);
+    let (status, ct, body) = post(&srv, "/", "text/xml", &call);
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(ct, "text/xml");
+    let xmlrpc::Response::Success(Value::Array(names)) = xmlrpc::decode_response(&body).unwrap()
+    else {
+        panic!("xapi answers listMethods with a bare array, outside the envelope: {body}");
+    };
+    let names: Vec<&str> = names.iter().filter_map(Value::as_str).collect();
+    for m in [
+        "VM.get_all_records",
+        "event.from",
+        "event.inject",
+        "host.call_plugin",
+    ] {
+        assert!(names.contains(&m), "{m} missing");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("system.")));
+
+    let (_, ct, body) = post(
+        &srv,
+        "/jsonrpc",
+        "application/json",
+        r#"{"jsonrpc":"2.0","method":"system.listMethods","params":[],"id":0}"#,
+    );
+    assert_eq!(ct, "application/json");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["result"].as_array().unwrap().len(), names.len());
+}
+
+#[test]
+fn xapi_logged_out_or_expired_session_is_session_invalid_failure_in_both_encodings() {
+    let (srv, _, _) = pool();
+    rt().block_on(async {
+        for p in BOTH {
+            let api = client(&srv, p);
+            let s = api.login().await.unwrap();
+            api.call_raw("session.logout", vec![Value::str(&s)], Duration::ZERO)
+                .await
+                .unwrap();
+            let (code, params) = api_err(
+                api.call_raw("VM.get_all", vec![Value::str(&s)], Duration::ZERO)
+                    .await,
+            );
+            assert_eq!(
+                (code.as_str(), params),
+                ("SESSION_INVALID", vec![s]),
+                "{p:?}"
+            );
+            let s = api.login().await.unwrap();
+            srv.expire_sessions();
+            let (code, _) = api_err(
+                api.call_raw("VM.get_all", vec![Value::str(&s)], Duration::ZERO)
+                    .await,
+            );
+            assert_eq!(code, "SESSION_INVALID", "{p:?}");
+        }
+    });
+    // Over XML-RPC a failure is an HTTP 200 carrying the Failure envelope.
+    let call = xmlrpc::encode_call("VM.get_all", &[Value::str("OpaqueRef:gone")]);
+    let (status, _, body) = post(&srv, "/", "text/xml", &call);
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("SESSION_INVALID"), "{body}");
+}
+
+#[test]
+fn xapi_unknown_methods_and_wrong_counts_answer_before_the_session_check() {
+    let (srv, _, _) = pool();
+    rt().block_on(async {
+        for p in BOTH {
+            let api = client(&srv, p);
+            let raw = |m: &'static str, params: Vec<Value>| {
+                let api = &api;
+                async move { api_err(api.call_raw(m, params, Duration::ZERO).await) }
+            };
+            assert_eq!(
+                raw("VM.no_such_call", vec![Value::str("OpaqueRef:x")]).await,
+                (
+                    "MESSAGE_METHOD_UNKNOWN".into(),
+                    vec!["VM.no_such_call".into()]
+                )
+            );
+            // xapi counts without the session: VM.get_record(session, vm) sent with only a
+            // (bogus) session is a count mismatch [name, 1, 0], not SESSION_INVALID.
+            assert_eq!(
+                raw("VM.get_record", vec![Value::str("OpaqueRef:x")]).await,
+                (
+                    "MESSAGE_PARAMETER_COUNT_MISMATCH".into(),
+                    vec!["VM.get_record".into(), "1".into(), "0".into()]
+                )
+            );
+            // A datamodel method the test server does not model says so.
+            let s = api.login().await.unwrap();
+            assert_eq!(
+                raw(
+                    "VM.clean_reboot",
+                    vec![Value::str(&s), Value::str("OpaqueRef:x")]
+                )
+                .await,
+                ("NOT_IMPLEMENTED".into(), vec!["VM.clean_reboot".into()])
+            );
+        }
+    });
+}
+
+#[test]
+fn xapi_login_to_a_pool_member_is_host_is_slave_with_the_master_address() {
+    let srv = FakeXapi::start(FakeXapiConfig {
+        slave_of: Some("10.0.0.1".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    rt().block_on(async {
+        for p in BOTH {
+            let e = client(&srv, p).login().await.unwrap_err();
+            match e {
+                XapiError::Api { code, params } => {
+                    assert_eq!(code, "HOST_IS_SLAVE");
+                    assert_eq!(params, vec!["10.0.0.1".to_string()]);
+                }
+                e => panic!("{p:?}: {e}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn xapi_event_inject_returns_a_token_just_before_an_event_for_that_object() {
+    let (srv, _, vm) = pool();
+    let pool_ref = srv.pool_ref();
+    rt().block_on(async {
+        for p in BOTH {
+            let api = client(&srv, p);
+            let tok = api
+                .call(
+                    "event.inject",
+                    vec![Value::str("pool"), Value::str(&pool_ref)],
+                )
+                .await
+                .unwrap();
+            let tok = tok.as_str().unwrap().to_string();
+            assert_eq!(tok.len(), 41, "xapi's %020d,%020d token: {tok}");
+            let b = api
+                .event_from(&["pool", "vm"], &tok, Duration::from_secs(2))
+                .await
+                .unwrap();
+            let evs: Vec<_> = b
+                .events
+                .iter()
+                .map(|e| (e.class.as_str(), e.obj_ref.as_str()))
+                .collect();
+            assert_eq!(evs, vec![("pool", pool_ref.as_str())], "{p:?}");
+            // The class must be the object's, spelled as xapi's table name.
+            let e = api
+                .call("event.inject", vec![Value::str("vm"), Value::str(&vm)])
+                .await
+                .unwrap_err();
+            assert!(e.is("HANDLE_INVALID"), "{e}");
+        }
+    });
+}
+
+#[test]
+fn xapi_vm_start_on_changes_power_state_and_resident_on_with_an_event() {
+    let (srv, _, _) = pool();
+    let h2 = srv.record(&srv.pool_ref()).unwrap()["master"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (db, _) = srv.add_vm("db01", 2 * GIB, None);
+    rt().block_on(async {
+        let api = client(&srv, Protocol::JsonRpc);
+        let first = api.event_from(&["vm"], "", Duration::ZERO).await.unwrap();
+        api.vm_start_on(&db, &h2, false).await.unwrap();
+        let b = api
+            .event_from(&["vm"], &first.token, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(b.events.len(), 1);
+        let rec = xenft_xapi::VmRecord::from_value(b.events[0].snapshot.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            (rec.power_state.as_str(), rec.resident_on.as_str()),
+            ("Running", h2.as_str())
+        );
+        let vms = api.vm_get_all_records().await.unwrap();
+        let template = vms
+            .iter()
+            .find(|(_, v)| v.name_label == DEFAULT_TEMPLATES[0])
+            .map(|(r, _)| r.clone())
+            .unwrap();
+        let e = api.vm_start_on(&template, &h2, false).await.unwrap_err();
+        assert!(e.is("VM_IS_TEMPLATE"), "{e}");
+    });
+}
