@@ -245,3 +245,34 @@ async fn the_state_goes_back_into_xapi_and_a_newer_format_is_left_alone() {
         "v2:{\"s\":\"protected\"}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_pointed_at_a_pool_member_follows_the_master() {
+    let master = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1, _) = master.add_host("host1", "10.0.0.1", 16 * GIB);
+    let (vm, vm_uuid) = master.add_vm("web01", GIB, Some(&h1));
+    let (_, h2_uuid) = master.add_host("host2", "10.0.0.2", 16 * GIB);
+    master.set_map_key(&vm, "other_config", "xenft.level", Some("1"));
+    master.set_map_key(&vm, "other_config", "xenft.secondary", Some(&h2_uuid));
+    // The member listens on another loopback address with the master's port.
+    let member = FakeXapi::start(FakeXapiConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 2], master.addr().port())),
+        slave_of: Some("127.0.0.1".into()),
+        ..FakeXapiConfig::default()
+    })
+    .unwrap();
+    let f = Follower::start(FollowerConfig {
+        endpoint: Endpoint::parse(&member.url()).unwrap(),
+        tls: TlsOptions::default(),
+        credentials: creds(&master),
+        event_timeout: Duration::from_secs(5),
+    });
+    let d = wait_for(&f, "the master's registry", |d| {
+        d.vms.contains_key(&vm_uuid)
+    })
+    .await;
+    assert_eq!(d.vms[&vm_uuid].level, 1);
+    assert_eq!(member.calls("session.login_with_password"), 1);
+    assert!(master.calls("event.from") >= 1);
+    f.shutdown().await;
+}

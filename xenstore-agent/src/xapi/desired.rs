@@ -169,8 +169,11 @@ fn check(
     if vm.is_control_domain {
         return Err("a control domain (dom0) cannot be protected".into());
     }
+    if vm.is_a_snapshot {
+        return Err("a snapshot cannot be protected".into());
+    }
     if vm.is_a_template {
-        return Err("a template or snapshot cannot be protected".into());
+        return Err("a template cannot be protected".into());
     }
     if vm.uuid.is_empty() {
         return Err("the VM record has no uuid".into());

@@ -123,28 +123,49 @@ impl Follower {
     }
 }
 
-/// The master's URL from a `HOST_IS_SLAVE` failure.
-fn master_of(e: &XapiError) -> Option<Endpoint> {
-    match e {
-        XapiError::Api { code, params } if code == HOST_IS_SLAVE => {
-            let addr = params.first()?.trim();
-            if addr.is_empty()
-                || addr.len() > 255
-                || !addr
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
-            {
-                return None;
-            }
-            let host = if addr.contains(':') && !addr.starts_with('[') {
-                format!("[{addr}]") // IPv6
-            } else {
-                addr.to_string()
-            };
-            Endpoint::parse(&format!("https://{host}")).ok()
-        }
-        _ => None,
+/// The master's endpoint from a `HOST_IS_SLAVE` failure, seen through `configured`: over
+/// HTTP(S) the scheme and port stay and the host becomes the master's address (as Xen
+/// Orchestra's client does); from dom0's local socket the master is `https://<address>`.
+fn master_of(e: &XapiError, configured: &Endpoint) -> Option<Endpoint> {
+    let XapiError::Api { code, params } = e else {
+        return None;
+    };
+    if code != HOST_IS_SLAVE {
+        return None;
     }
+    let addr = params.first()?.trim();
+    if addr.is_empty()
+        || addr.len() > 255
+        || !addr
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+    {
+        return None;
+    }
+    let host = if addr.contains(':') && !addr.starts_with('[') {
+        format!("[{addr}]") // IPv6
+    } else {
+        addr.to_string()
+    };
+    let url = match configured {
+        Endpoint::Unix(_) => format!("https://{host}"),
+        Endpoint::Http(u) => {
+            let (scheme, rest) = u.split_once("://")?;
+            let authority = rest.split('/').next().unwrap_or_default();
+            // The port, if any: after the last ':' outside an IPv6 literal.
+            let port = match authority.rfind(']') {
+                Some(end) => authority[end + 1..].strip_prefix(':'),
+                None => authority.rsplit_once(':').map(|(_, p)| p),
+            };
+            match port {
+                Some(p) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
+                    format!("{scheme}://{host}:{p}")
+                }
+                _ => format!("{scheme}://{host}"),
+            }
+        }
+    };
+    Endpoint::parse(&url).ok()
 }
 
 async fn run(
@@ -167,7 +188,7 @@ async fn run(
         match outcome {
             Ok(()) => return, // stopped
             Err(e) => {
-                if let Some(master) = master_of(&e) {
+                if let Some(master) = master_of(&e, &endpoint) {
                     tracing::warn!(?master, "this xapi is a pool member: following the master");
                     endpoint = master;
                     continue;
@@ -263,21 +284,24 @@ mod tests {
             code: HOST_IS_SLAVE.into(),
             params: vec![p.into()],
         };
+        let dom0 = Endpoint::parse("unix:/var/lib/xcp/xapi").unwrap();
+        let url = |s: &str| Some(Endpoint::parse(s).unwrap());
+        assert_eq!(master_of(&e("192.0.2.7"), &dom0), url("https://192.0.2.7"));
+        assert_eq!(master_of(&e("fd00::7"), &dom0), url("https://[fd00::7]"));
+        let member = Endpoint::parse("https://192.0.2.8:8443/").unwrap();
         assert_eq!(
-            master_of(&e("192.0.2.7")),
-            Some(Endpoint::parse("https://192.0.2.7").unwrap())
+            master_of(&e("192.0.2.7"), &member),
+            url("https://192.0.2.7:8443")
         );
-        assert_eq!(
-            master_of(&e("fd00::7")),
-            Some(Endpoint::parse("https://[fd00::7]").unwrap())
-        );
-        assert_eq!(master_of(&e("evil/path?x")), None);
-        assert_eq!(master_of(&e("")), None);
+        let v6 = Endpoint::parse("http://[fd00::8]:80").unwrap();
+        assert_eq!(master_of(&e("192.0.2.7"), &v6), url("http://192.0.2.7:80"));
+        assert_eq!(master_of(&e("evil/path?x"), &dom0), None);
+        assert_eq!(master_of(&e(""), &dom0), None);
         let other = XapiError::Api {
             code: "SESSION_INVALID".into(),
             params: vec!["x".into()],
         };
-        assert_eq!(master_of(&other), None);
+        assert_eq!(master_of(&other, &dom0), None);
     }
 
     #[test]
