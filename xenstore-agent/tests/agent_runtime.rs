@@ -1,91 +1,20 @@
 //! Two real agents (UDP heartbeats on loopback, one quorum server over TCP, storage heartbeat
 //! files) with recording components: protection, take-over after a host stops, status API.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
-use xenft_agent::core::VmSpec;
-use xenft_agent::ids::{HostId, PathId, VmId};
-use xenft_agent::lifecycle::{Level, Phase};
+use xenft_agent::ids::{PathId, VmId};
+use xenft_agent::lifecycle::Phase;
 use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::{StatusHub, StatusServer};
-use xenft_agent::timing::Timing;
 
-fn free_port() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn host(s: &str) -> HostId {
-    HostId::new(s).unwrap()
-}
-
-struct Pool {
-    dir: tempfile::TempDir,
-    addrs: Vec<[SocketAddr; 3]>, // per host: alink0, alink1, mgmt
-    quorum: SocketAddr,
-}
-
-impl Pool {
-    fn config(&self, me: usize) -> ConfigFile {
-        let other = 1 - me;
-        let path = |i: usize| PathAddrs {
-            local: self.addrs[me][i],
-            peer: self.addrs[other][i],
-        };
-        let secret = self.dir.path().join("secret");
-        std::fs::write(&secret, "a-pool-secret-of-enough-length").unwrap();
-        let hb = self.dir.path().join("hb");
-        std::fs::create_dir_all(&hb).unwrap();
-        ConfigFile {
-            host: host(&format!("h{}", me + 1)),
-            secret_file: secret,
-            state_file: self.dir.path().join(format!("state-h{}.json", me + 1)),
-            peers: vec![PeerFile {
-                host: host(&format!("h{}", other + 1)),
-                alink: vec![path(0), path(1)],
-                mgmt: Some(path(2)),
-            }],
-            storage_heartbeat_dir: Some(hb),
-            quorum: vec![self.quorum],
-            timing: Timing::default(),
-            status: StatusFile {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                token_file: None,
-            },
-            vms: vec![VmSpec {
-                vm: VmId::new("vm1").unwrap(),
-                level: Level::L3,
-                primary: host("h1"),
-                secondary: host("h2"),
-                memory_mb: 256,
-            }],
-            free_memory_mb: Some(4096),
-            event_log: 100,
-            alink_transport: AlinkTransport::Udp,
-            xenstore: false,
-        }
-    }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn phase(hub: &StatusHub) -> Option<Phase> {
-    hub.snapshot().vms.first().map(|v| v.record.phase)
-}
+mod runtime_pool;
+use runtime_pool::{free_port, host, phase, wait_for, Pool};
 
 async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

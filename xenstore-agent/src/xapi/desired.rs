@@ -85,9 +85,20 @@ pub struct Desired {
     pub vms: BTreeMap<String, VmDesired>,
     /// VMs whose protection cannot be carried out, by uuid, with the reason.
     pub refused: BTreeMap<String, String>,
+    /// The current ref of every VM with a protection request (protected or refused), by uuid.
+    pub refs: BTreeMap<String, Ref>,
 }
 
 impl Desired {
+    /// The uuid of the host named `name`.
+    #[must_use]
+    pub fn host_uuid(&self, name: &str) -> Option<&str> {
+        self.hosts
+            .iter()
+            .find(|(_, h)| h.name == name)
+            .map(|(u, _)| u.as_str())
+    }
+
     /// This host's role for VM `uuid`, if it has one.
     #[must_use]
     pub fn role(&self, uuid: &str, me: &str) -> Option<Role> {
@@ -147,6 +158,7 @@ pub fn derive(s: &Snapshot) -> Desired {
         {
             continue;
         }
+        d.refs.insert(vm.uuid.clone(), r.clone());
         match check(vm, r, &d, &host_uuid) {
             Ok(v) => {
                 d.vms.insert(v.uuid.clone(), v);

@@ -92,6 +92,7 @@ pub fn read_credentials(path: &Path) -> Result<Credentials, CredentialsError> {
 /// The running follower.
 pub struct Follower {
     desired: watch::Receiver<Option<Arc<Desired>>>,
+    api: watch::Receiver<Option<Arc<XenApi>>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -101,10 +102,12 @@ impl Follower {
     #[must_use]
     pub fn start(cfg: FollowerConfig) -> Follower {
         let (tx, desired) = watch::channel(None);
+        let (api_tx, api) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(cfg, tx, stop_rx));
+        let task = tokio::spawn(run(cfg, tx, api_tx, stop_rx));
         Follower {
             desired,
+            api,
             stop,
             task,
         }
@@ -114,6 +117,13 @@ impl Follower {
     #[must_use]
     pub fn desired(&self) -> watch::Receiver<Option<Arc<Desired>>> {
         self.desired.clone()
+    }
+
+    /// The client of the current session (toward the master), for writes; `None` while
+    /// xapi is unreachable.
+    #[must_use]
+    pub fn api(&self) -> watch::Receiver<Option<Arc<XenApi>>> {
+        self.api.clone()
     }
 
     /// Stops following (logs out).
@@ -171,6 +181,7 @@ fn master_of(e: &XapiError, configured: &Endpoint) -> Option<Endpoint> {
 async fn run(
     cfg: FollowerConfig,
     tx: watch::Sender<Option<Arc<Desired>>>,
+    api_tx: watch::Sender<Option<Arc<XenApi>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut endpoint = cfg.endpoint.clone();
@@ -182,7 +193,12 @@ async fn run(
         let mut opts = ConnectOptions::new(endpoint.clone(), cfg.credentials.clone());
         opts.tls = cfg.tls.clone();
         let outcome = match XenApi::new(opts) {
-            Ok(api) => follow(&api, &cfg, &tx, &mut stop).await,
+            Ok(api) => {
+                let api = Arc::new(api);
+                let r = follow(&api, &cfg, &tx, &api_tx, &mut stop).await;
+                api_tx.send_replace(None);
+                r
+            }
             Err(e) => Err(e),
         };
         match outcome {
@@ -209,12 +225,14 @@ async fn run(
 
 /// One session: log in, read everything, follow. `Ok` when told to stop.
 async fn follow(
-    api: &XenApi,
+    api: &Arc<XenApi>,
     cfg: &FollowerConfig,
     tx: &watch::Sender<Option<Arc<Desired>>>,
+    api_tx: &watch::Sender<Option<Arc<XenApi>>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), XapiError> {
     api.login().await?;
+    api_tx.send_replace(Some(Arc::clone(api)));
     tracing::info!(endpoint = ?api.endpoint(), "following the pool registry");
     let mut stream = EventStream::new(&["pool", "host", "vm"]);
     let mut snap = Snapshot::default();

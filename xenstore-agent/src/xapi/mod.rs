@@ -7,9 +7,14 @@
 //! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
 //!   master (`HOST_IS_SLAVE`), follows the registry with `event.from` and publishes the
 //!   desired state; the last state read stays in force while xapi is unreachable;
+//! - [`bridge`]: the desired state into the core's protect / unprotect inputs, and the core's
+//!   view of a VM back into its state line;
+//! - [`plane`]: all of it on one host: follower, inputs for the core, states back;
 //! - [`state`]: the agent's report back into xapi (`xenft.state`, the `xenft-status` custom
 //!   field), coalesced, never over a newer format.
 
+pub mod bridge;
 pub mod desired;
 pub mod follower;
+pub mod plane;
 pub mod state;

@@ -1,0 +1,150 @@
+//! The control plane on one host: the [`Follower`] reads the registry, [`bridge::changes`]
+//! turns it into the core's protect / unprotect inputs, and the core's view of each VM goes
+//! back into xapi as its state line, coalesced ([`Coalescer`]). Refusals (a request the
+//! registry holds but the pool cannot carry out) are written by the pool master's agent
+//! only, so that two agents never race on one VM.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::bridge::{changes, state_of};
+use super::follower::{Follower, FollowerConfig};
+use super::state::{write_state, Coalescer, StateError, VmState};
+use crate::core::Input;
+use crate::ids::HostId;
+use crate::status::StatusHub;
+
+/// How often the core's views are turned into state lines.
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+/// The running control plane.
+pub struct Plane {
+    follower: Follower,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Plane {
+    /// Follows the registry as host `me` (its xapi `name_label`, the agent's host name),
+    /// feeding `inputs` and reporting what `hub` shows.
+    #[must_use]
+    pub fn start(
+        cfg: FollowerConfig,
+        me: HostId,
+        inputs: mpsc::Sender<Input>,
+        hub: Arc<StatusHub>,
+    ) -> Plane {
+        let follower = Follower::start(cfg);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            follower.desired(),
+            follower.api(),
+            me,
+            inputs,
+            hub,
+            stop_rx,
+        ));
+        Plane {
+            follower,
+            stop,
+            task,
+        }
+    }
+
+    /// The follower (its desired state, its client).
+    #[must_use]
+    pub fn follower(&self) -> &Follower {
+        &self.follower
+    }
+
+    /// Stops.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.follower.shutdown().await;
+    }
+}
+
+async fn run(
+    mut desired: watch::Receiver<Option<Arc<super::desired::Desired>>>,
+    api: watch::Receiver<Option<Arc<xenft_xapi::XenApi>>>,
+    me: HostId,
+    inputs: mpsc::Sender<Input>,
+    hub: Arc<StatusHub>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut told = BTreeMap::new();
+    let mut coalescer = Coalescer::default();
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = desired.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let Some(d) = desired.borrow_and_update().clone() else { continue };
+                let (next, ins, _) = changes(&told, &d, &me);
+                told = next;
+                for i in ins {
+                    tracing::info!(input = ?i, "registry change for the core");
+                    if inputs.send(i).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let Some(d) = desired.borrow().clone() else { continue };
+                offer_states(&d, &hub, &me, &mut coalescer);
+                let client = api.borrow().clone();
+                if let Some(client) = client {
+                    for (vm_ref, line) in coalescer.due(Instant::now()) {
+                        match write_state(&client, &vm_ref, &line).await {
+                            Ok(()) => tracing::debug!(%vm_ref, state = %line, "state written"),
+                            Err(e @ StateError::NewerFormat { .. }) => tracing::warn!(error = %e, "state not written"),
+                            Err(e) => tracing::warn!(error = %e, %vm_ref, "writing the state failed; retried at the next change"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Offers the state line of every VM this host reports.
+fn offer_states(
+    d: &super::desired::Desired,
+    hub: &StatusHub,
+    me: &HostId,
+    coalescer: &mut Coalescer,
+) {
+    let snap = hub.snapshot();
+    for v in &snap.vms {
+        let uuid = v.record.vm.as_str();
+        if let (Some(vm_ref), Some(state)) = (d.refs.get(uuid), state_of(v)) {
+            coalescer.offer(vm_ref, &state);
+        }
+    }
+    let master = d.master.as_deref();
+    if master.is_some() && master == d.host_uuid(me.as_str()) {
+        for (uuid, why) in d.refused.iter().chain(problems(d, me).iter()) {
+            if let Some(vm_ref) = d.refs.get(uuid) {
+                coalescer.offer(
+                    vm_ref,
+                    &VmState::Error {
+                        reason: why.clone(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Requests the core cannot be given, with why (a halted VM, an unusable host name).
+fn problems(d: &super::desired::Desired, me: &HostId) -> BTreeMap<String, String> {
+    changes(&BTreeMap::new(), d, me).2
+}

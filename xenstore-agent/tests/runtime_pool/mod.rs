@@ -1,0 +1,93 @@
+//! The pieces the agent's in-process pool tests share (agent_runtime.rs, xapi_plane.rs): two
+//! agents' configs on loopback, waits.
+#![allow(dead_code, missing_docs)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
+use xenft_agent::core::VmSpec;
+use xenft_agent::ids::{HostId, VmId};
+use xenft_agent::lifecycle::{Level, Phase};
+use xenft_agent::status::StatusHub;
+use xenft_agent::timing::Timing;
+
+pub fn free_port() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn host(s: &str) -> HostId {
+    HostId::new(s).unwrap()
+}
+
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub addrs: Vec<[SocketAddr; 3]>, // per host: alink0, alink1, mgmt
+    pub quorum: SocketAddr,
+}
+
+impl Pool {
+    /// Host `me`'s config, protecting vm1 (h1 primary, h2 secondary) at level 3.
+    pub fn config(&self, me: usize) -> ConfigFile {
+        self.config_with(
+            me,
+            vec![VmSpec {
+                vm: VmId::new("vm1").unwrap(),
+                level: Level::L3,
+                primary: host("h1"),
+                secondary: host("h2"),
+                memory_mb: 256,
+            }],
+        )
+    }
+
+    /// Host `me`'s config with these VMs.
+    pub fn config_with(&self, me: usize, vms: Vec<VmSpec>) -> ConfigFile {
+        let other = 1 - me;
+        let path = |i: usize| PathAddrs {
+            local: self.addrs[me][i],
+            peer: self.addrs[other][i],
+        };
+        let secret = self.dir.path().join("secret");
+        std::fs::write(&secret, "a-pool-secret-of-enough-length").unwrap();
+        let hb = self.dir.path().join("hb");
+        std::fs::create_dir_all(&hb).unwrap();
+        ConfigFile {
+            host: host(&format!("h{}", me + 1)),
+            secret_file: secret,
+            state_file: self.dir.path().join(format!("state-h{}.json", me + 1)),
+            peers: vec![PeerFile {
+                host: host(&format!("h{}", other + 1)),
+                alink: vec![path(0), path(1)],
+                mgmt: Some(path(2)),
+            }],
+            storage_heartbeat_dir: Some(hb),
+            quorum: vec![self.quorum],
+            timing: Timing::default(),
+            status: StatusFile {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token_file: None,
+            },
+            vms,
+            free_memory_mb: Some(4096),
+            event_log: 100,
+            alink_transport: AlinkTransport::Udp,
+            xenstore: false,
+        }
+    }
+}
+
+pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn phase(hub: &StatusHub) -> Option<Phase> {
+    hub.snapshot().vms.first().map(|v| v.record.phase)
+}

@@ -1,0 +1,151 @@
+//! The control plane end to end, in process: two real agents (UDP heartbeats on loopback, a
+//! quorum server, recording components) configured with no VM at all, each following the
+//! pool's registry in the XenAPI test server. `xenft vm-protect` (the CLI's operation) is all
+//! it takes: both agents protect the VM, and its state goes back into xapi, where `xenft
+//! vm-status` reads it; `vm-unprotect` ends it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use xenft_agent::lifecycle::Phase;
+use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
+use xenft_agent::runtime::Agent;
+use xenft_agent::seams::{Recorder, Seams};
+use xenft_agent::xapi::follower::FollowerConfig;
+use xenft_agent::xapi::plane::Plane;
+use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig};
+use xenft_xapi::ops::{self, PoolInit};
+use xenft_xapi::registry::Level;
+use xenft_xapi::transport::{Endpoint, TlsOptions};
+use xenft_xapi::{ConnectOptions, Credentials, XenApi};
+
+mod runtime_pool;
+use runtime_pool::{free_port, host, wait_for, Pool};
+
+const GIB: i64 = 1 << 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
+    // The pool's xapi: hosts named as the agents are, one running VM.
+    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1_ref, _) = srv.add_host("h1", "10.0.0.1", 16 * GIB);
+    srv.add_host("h2", "10.0.0.2", 16 * GIB);
+    let (vm_ref, vm_uuid) = srv.add_vm("web01", 2 * GIB, Some(&h1_ref));
+    let creds = Credentials {
+        user: srv.user().into(),
+        password: srv.password().into(),
+    };
+    let endpoint = Endpoint::parse(&srv.url()).unwrap();
+    let api = XenApi::new(ConnectOptions::new(endpoint.clone(), creds.clone())).unwrap();
+    ops::pool_init(
+        &api,
+        &PoolInit {
+            alinks: vec![
+                ("h1".into(), vec!["10.0.0.1:7500".into()]),
+                ("h2".into(), vec!["10.0.0.2:7500".into()]),
+            ],
+            quorum_servers: vec![],
+            secret_uuid: None,
+            secret_value: Some("a pool secret of enough length".into()),
+            policy: None,
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+
+    // Two agents with host-local configuration only (no VM in their config files).
+    let q = QuorumServer::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        secret: b"a-pool-secret-of-enough-length".to_vec(),
+        lease_ms: 600,
+        max_vms: 16,
+        max_connections: 8,
+        idle_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let pool = Pool {
+        dir: tempfile::tempdir().unwrap(),
+        addrs: (0..2)
+            .map(|_| [free_port(), free_port(), free_port()])
+            .collect(),
+        quorum: q.addr(),
+    };
+    let (r1, r2) = (Recorder::new(), Recorder::new());
+    let a1 = Agent::start(
+        pool.config_with(0, vec![]).validate().unwrap(),
+        Seams::recording(&r1),
+    )
+    .await
+    .unwrap();
+    let a2 = Agent::start(
+        pool.config_with(1, vec![]).validate().unwrap(),
+        Seams::recording(&r2),
+    )
+    .await
+    .unwrap();
+    let follower = || FollowerConfig {
+        endpoint: endpoint.clone(),
+        tls: TlsOptions::default(),
+        credentials: creds.clone(),
+        event_timeout: Duration::from_secs(5),
+    };
+    let p1 = Plane::start(follower(), host("h1"), a1.inputs(), a1.hub());
+    let p2 = Plane::start(follower(), host("h2"), a2.inputs(), a2.hub());
+
+    // Act: `xenft vm-protect vm=web01 level=2 secondary=h2`.
+    ops::protect(&api, "web01", Level::Component, "h2")
+        .await
+        .unwrap();
+
+    // Both agents protect it; the primary synced the disk toward h2.
+    let (h1, h2) = (a1.hub(), a2.hub());
+    let phase_of = |hub: &Arc<xenft_agent::status::StatusHub>| {
+        hub.snapshot()
+            .vms
+            .iter()
+            .find(|v| v.record.vm.as_str() == vm_uuid)
+            .map(|v| v.record.phase)
+    };
+    wait_for(
+        "protection from the registry",
+        Duration::from_secs(15),
+        || phase_of(&h1) == Some(Phase::Protected) && phase_of(&h2) == Some(Phase::Protected),
+    )
+    .await;
+    assert!(
+        r1.calls()
+            .iter()
+            .any(|c| c.starts_with(&format!("sync {vm_uuid} h2"))),
+        "{:?}",
+        r1.calls()
+    );
+
+    // The state is back in xapi, as `xenft vm-status` shows it.
+    wait_for("xenft.state = protected", Duration::from_secs(10), || {
+        srv.map_field(&vm_ref, "other_config")
+            .get("xenft.state")
+            .is_some_and(|s| s == "protected")
+    })
+    .await;
+    let st = ops::status(&api, "web01").await.unwrap();
+    assert_eq!(st.state.as_deref(), Some("protected"));
+
+    // `xenft vm-unprotect`: both agents let go of it; the VM keeps running.
+    ops::unprotect(&api, "web01").await.unwrap();
+    wait_for("unprotection", Duration::from_secs(10), || {
+        phase_of(&h1).is_none() && phase_of(&h2).is_none()
+    })
+    .await;
+    for c in r1.calls() {
+        assert!(
+            !(c.starts_with("destroy ") || c.starts_with("pause ")),
+            "unprotect must not stop the VM: {c}"
+        );
+    }
+    p1.shutdown().await;
+    p2.shutdown().await;
+    a1.shutdown().await;
+    a2.shutdown().await;
+}
