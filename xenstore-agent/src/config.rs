@@ -198,6 +198,33 @@ pub struct AgentFile {
     pub drivers: DriverMode,
     /// Each VM's components (`drivers: real`).
     pub vm_drivers: BTreeMap<VmId, VmDriversFile>,
+    /// The pool's xapi, when the agent follows the registry (`xapi`).
+    pub xapi: Option<XapiFile>,
+}
+
+/// Where the agent reaches the pool's xapi (`"xapi": {...}` in its config): the registry is
+/// then the source of the VMs to protect (`crate::xapi`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XapiFile {
+    /// `unix:/var/lib/xcp/xapi` in dom0, or `https://<pool master or member>`.
+    pub url: String,
+    /// The user on the first line, the password on the second (created by the install,
+    /// mode 0600); never on the command line.
+    pub credential_file: PathBuf,
+    /// HTTPS: PEM file of the pool's CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTPS: the server certificate's SHA-256 fingerprint.
+    #[serde(default)]
+    pub pin_sha256: Option<String>,
+    /// How long one `event.from` waits (milliseconds, default 30 000).
+    #[serde(default = "default_event_ms")]
+    pub event_timeout_ms: u64,
+}
+
+fn default_event_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +234,8 @@ struct DriversPart {
     drivers: DriverMode,
     #[serde(default)]
     vm_drivers: BTreeMap<VmId, VmDriversFile>,
+    #[serde(default)]
+    xapi: Option<XapiFile>,
 }
 
 impl AgentFile {
@@ -229,7 +258,7 @@ impl AgentFile {
     pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         let mut top: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)?;
         let mut part = serde_json::Map::new();
-        for key in ["drivers", "vm_drivers"] {
+        for key in ["drivers", "vm_drivers", "xapi"] {
             if let Some(v) = top.remove(key) {
                 part.insert(key.to_string(), v);
             }
@@ -240,7 +269,50 @@ impl AgentFile {
             config,
             drivers: d.drivers,
             vm_drivers: d.vm_drivers,
+            xapi: d.xapi,
         })
+    }
+
+    /// The XenAPI follower's settings, if the config has an `xapi` section: the URL parsed,
+    /// HTTPS trust required (a CA file or a pin), the credential file read.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the problem.
+    pub fn xapi_follower(
+        &self,
+    ) -> Result<Option<crate::xapi::follower::FollowerConfig>, ConfigError> {
+        let Some(x) = &self.xapi else {
+            return Ok(None);
+        };
+        let bad = |s: String| ConfigError::Invalid(format!("xapi: {s}"));
+        let endpoint = xenft_xapi::transport::Endpoint::parse(&x.url)
+            .map_err(|e| bad(format!("url {:?}: {e}", x.url)))?;
+        if x.url.starts_with("https://") && x.ca_file.is_none() && x.pin_sha256.is_none() {
+            return Err(bad(
+                "an https url needs ca_file or pin_sha256 (the pool's certificate)".into(),
+            ));
+        }
+        if x.url.starts_with("http://") {
+            tracing::warn!(url = %x.url, "xapi over plain HTTP: the credentials cross the network unencrypted (tests only)");
+        }
+        if !(100..=600_000).contains(&x.event_timeout_ms) {
+            return Err(bad(format!(
+                "event_timeout_ms must be 100..=600000, not {}",
+                x.event_timeout_ms
+            )));
+        }
+        let credentials = crate::xapi::follower::read_credentials(&x.credential_file)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Some(crate::xapi::follower::FollowerConfig {
+            endpoint,
+            tls: xenft_xapi::transport::TlsOptions {
+                ca_file: x.ca_file.clone(),
+                pin_sha256: x.pin_sha256.clone(),
+                insecure: false,
+            },
+            credentials,
+            event_timeout: std::time::Duration::from_millis(x.event_timeout_ms),
+        }))
     }
 
     /// Checks the pool settings ([`ConfigFile::validate`]) and the driver sections: with
@@ -539,6 +611,50 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("token_file"), "{e}");
+    }
+
+    #[test]
+    fn an_xapi_section_is_checked_and_its_credentials_read() {
+        let d = tempfile::tempdir().unwrap();
+        let cred = d.path().join("cred");
+        std::fs::write(&cred, "root\nxenroot\n").unwrap();
+        let with = |x: &str| {
+            GOOD.replace(
+                r#""host": "h1","#,
+                &format!(r#""host": "h1", "xapi": {x},"#),
+            )
+        };
+        let follower = |x: &str| {
+            AgentFile::parse(with(x).as_bytes())
+                .unwrap()
+                .xapi_follower()
+        };
+        let c = follower(&format!(
+            r#"{{"url": "unix:/var/lib/xcp/xapi", "credential_file": {:?}}}"#,
+            cred
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.credentials.user, "root");
+        let e = follower(&format!(
+            r#"{{"url": "https://192.0.2.1", "credential_file": {cred:?}}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("ca_file or pin_sha256"), "{e}");
+        let e = follower(&format!(
+            r#"{{"url": "ftp://x", "credential_file": {cred:?}}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("ftp://x"), "{e}");
+        let e =
+            follower(r#"{"url": "unix:/x", "credential_file": "/nonexistent/cred"}"#).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/cred"), "{e}");
+        assert!(AgentFile::parse(with(r#"{"url": "unix:/x"}"#).as_bytes()).is_err());
+        assert!(AgentFile::parse(GOOD.as_bytes())
+            .unwrap()
+            .xapi_follower()
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -35,8 +35,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let (cfg, drivers) = AgentFile::load(&args.config)
-        .and_then(AgentFile::validate)
+    let file = AgentFile::load(&args.config)
+        .with_context(|| format!("configuration {}", args.config.display()))?;
+    let xapi = file
+        .xapi_follower()
+        .with_context(|| format!("configuration {}", args.config.display()))?;
+    let (cfg, drivers) = file
+        .validate()
         .with_context(|| format!("configuration {}", args.config.display()))?;
     if args.check {
         println!("configuration ok: host {}", cfg.core.me);
@@ -63,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
         let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
+        let agent_me = me.clone();
         let vm_names: Vec<_> = cfg.vms.iter().map(|v| v.vm.clone()).collect();
         let agent = Agent::start_with_links(cfg, seams.clone(), links).await?;
         // The components' own state (disk role and resync progress, relay mode) in /status.
@@ -84,6 +90,10 @@ fn main() -> anyhow::Result<()> {
             }
             Drivers::Record => Vec::new(),
         };
+        // The registry in the pool's xapi: the VMs to protect, and their state written back.
+        let plane = xapi.map(|f| {
+            xenft_agent::xapi::plane::Plane::start(f, agent_me.clone(), agent.inputs(), agent.hub())
+        });
         let bridge = if use_xenstore {
             let xs = xenft_agent::xenstore::xen::XenXs::connect()
                 .await
@@ -108,6 +118,9 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(b) = bridge {
             b.shutdown().await;
+        }
+        if let Some(p) = plane {
+            p.shutdown().await;
         }
         stop_events.store(true, std::sync::atomic::Ordering::Relaxed);
         for f in followers {
