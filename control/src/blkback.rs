@@ -166,10 +166,11 @@ pub enum NodeStatus {
 }
 
 /// Connection state towards the secondary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerLink {
     /// No session: writes are recorded in the dirty bitmap.
+    #[default]
     Degraded,
     /// Session up, resync running.
     Resyncing,
@@ -211,7 +212,7 @@ pub struct ResyncProgress {
 }
 
 /// The primary's status.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PrimaryStatus {
     /// Link state.
     pub peer: PeerLink,
@@ -303,24 +304,16 @@ mod tests {
         PrimaryStatus {
             peer: PeerLink::InSync,
             peer_disk: Some(PeerDiskState::Consistent),
-            dirty_bytes: 0,
             peer_synced: true,
-            resync: None,
             last_resync: Some(ResyncProgress {
                 full: true,
                 total_bytes: 1 << 20,
-                eta_secs: None,
                 ..ResyncProgress::default()
             }),
-            local_failure: None,
-            peer_failure: None,
-            resync_rate_limit: 0,
             writes_mirrored: 5,
-            writes_degraded: 0,
             sessions: 1,
             epoch: u64::MAX,
-            al_active_extents: 0,
-            al_recovered_extents: 0,
+            ..PrimaryStatus::default()
         }
     }
 

@@ -128,6 +128,24 @@ pub struct Status {
     pub primary: Option<Protecting>,
 }
 
+impl Status {
+    /// A status in `state` at `committed_epoch`, with no state-specific detail yet.
+    #[must_use]
+    pub fn new(state: State, committed_epoch: Option<u64>) -> Self {
+        Self {
+            state,
+            committed_epoch,
+            applied_epochs: None,
+            rejected_epochs: None,
+            primary_gone: None,
+            error: None,
+            guest_pid: None,
+            last_error: None,
+            primary: None,
+        }
+    }
+}
+
 /// Phase of a protection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

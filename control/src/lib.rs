@@ -49,35 +49,37 @@ pub trait Component: Send + Sync + 'static {
     type Event: Serialize + DeserializeOwned + std::fmt::Debug + Clone + Send + 'static;
 }
 
-/// `xenft-blkback`: the disk backend and its mirror.
-#[derive(Debug, Clone, Copy)]
-pub struct Blkback;
+/// A marker type for one component and its [`Component`] impl.
+macro_rules! component {
+    ($(#[$doc:meta])* $name:ident, $text:literal, $module:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
 
-impl Component for Blkback {
-    const NAME: &'static str = "blkback";
-    type Request = blkback::Request;
-    type Reply = blkback::Reply;
-    type Event = blkback::Event;
+        impl Component for $name {
+            const NAME: &'static str = $text;
+            type Request = $module::Request;
+            type Reply = $module::Reply;
+            type Event = $module::Event;
+        }
+    };
 }
 
-/// `xenft-netback`: the packet relay.
-#[derive(Debug, Clone, Copy)]
-pub struct Netback;
-
-impl Component for Netback {
-    const NAME: &'static str = "netback";
-    type Request = netback::Request;
-    type Reply = netback::Reply;
-    type Event = netback::Event;
-}
-
-/// `xenft-checkpoint secondary --control`: the level-3 replica the agent takes over with.
-#[derive(Debug, Clone, Copy)]
-pub struct Checkpoint;
-
-impl Component for Checkpoint {
-    const NAME: &'static str = "checkpoint";
-    type Request = checkpoint::Request;
-    type Reply = checkpoint::Reply;
-    type Event = checkpoint::Event;
-}
+component!(
+    /// `xenft-blkback`: the disk backend and its mirror.
+    Blkback,
+    "blkback",
+    blkback
+);
+component!(
+    /// `xenft-netback`: the packet relay.
+    Netback,
+    "netback",
+    netback
+);
+component!(
+    /// `xenft-checkpoint secondary --control`: the level-3 replica the agent takes over with.
+    Checkpoint,
+    "checkpoint",
+    checkpoint
+);

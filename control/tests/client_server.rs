@@ -155,10 +155,12 @@ fn subscribers_get_events_and_a_gone_subscriber_frees_its_slot() {
     drop(sub);
     let mut again = Vec::new();
     for _ in 0..3 {
+        // A closed subscriber is noticed within the stream's 200 ms wait.
+        std::thread::sleep(Duration::from_millis(400));
         again.push(c.subscribe().unwrap());
         drop(again.pop());
-        std::thread::sleep(Duration::from_millis(400));
     }
+    std::thread::sleep(Duration::from_millis(400));
     assert_eq!(
         c.call(&Request::Announce).unwrap(),
         Reply::Announced { announced: 3 }

@@ -36,14 +36,7 @@ fn a_failed_disk_and_a_pulled_uplink_reach_the_agent_as_redirects_with_their_cau
         return;
     }
     // Arrange: vm1 protected on h1, some data written through h1's blkback.
-    let mut pool = Pool::new();
-    pool.start_primary_on_h1();
-    assert!(
-        pool.wait_protected(),
-        "h1 never protected vm1: {:?}\n{}",
-        pool.vm1(0),
-        pool.log("agent-h1.log")
-    );
+    let pool = Pool::protected_on_h1(2);
     let uri = pool.nbd_uri(0);
     let (ok, out) = qemu_io(&uri, false, &["write -P 0x5a 4M 1M", "flush"]);
     assert!(ok, "{out}");

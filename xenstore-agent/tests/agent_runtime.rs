@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xenft_agent::ids::{PathId, VmId};
 use xenft_agent::lifecycle::Phase;
-use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::{StatusHub, StatusServer};
 
 mod runtime_pool;
-use runtime_pool::{free_port, host, phase, wait_for, Pool};
+use runtime_pool::{host, phase, start_quorum, wait_for, Pool};
 
 async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -31,23 +30,8 @@ async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secondary_takes_over_when_the_primary_agent_stops() {
-    let q = QuorumServer::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        secret: b"a-pool-secret-of-enough-length".to_vec(),
-        lease_ms: 600,
-        max_vms: 16,
-        max_connections: 8,
-        idle_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    let pool = Pool {
-        dir: tempfile::tempdir().unwrap(),
-        addrs: (0..2)
-            .map(|_| [free_port(), free_port(), free_port()])
-            .collect(),
-        quorum: q.addr(),
-    };
+    let q = start_quorum().await;
+    let pool = Pool::new(q.addr());
     let (r1, r2) = (Recorder::new(), Recorder::new());
     let a1 = Agent::start(pool.config(0).validate().unwrap(), Seams::recording(&r1))
         .await
@@ -138,23 +122,8 @@ async fn secondary_takes_over_when_the_primary_agent_stops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_over_the_alink_crate_protect_and_fail_over() {
-    let q = QuorumServer::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        secret: b"a-pool-secret-of-enough-length".to_vec(),
-        lease_ms: 600,
-        max_vms: 16,
-        max_connections: 8,
-        idle_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    let pool = Pool {
-        dir: tempfile::tempdir().unwrap(),
-        addrs: (0..2)
-            .map(|_| [free_port(), free_port(), free_port()])
-            .collect(),
-        quorum: q.addr(),
-    };
+    let q = start_quorum().await;
+    let pool = Pool::new(q.addr());
     let (la, lb) = xenft_alink::testing::loopback_pair(2).await.unwrap();
     let (r1, r2) = (Recorder::new(), Recorder::new());
     let links1 = std::collections::BTreeMap::from([(host("h2"), la.clone())]);

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use xenft_agent::xapi::desired::{Desired, Role};
 use xenft_agent::xapi::follower::{Follower, FollowerConfig};
 use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig};
-use xenft_xapi::ops::{self, PoolInit};
+use xenft_xapi::ops;
+
+mod runtime_pool;
+use runtime_pool::pool_init;
 use xenft_xapi::registry::Level;
 use xenft_xapi::transport::{Endpoint, TlsOptions};
 use xenft_xapi::{ConnectOptions, Credentials, XenApi};
@@ -68,22 +71,11 @@ async fn protection_asked_through_xenapi_reaches_the_agent_by_events_and_survive
     let (_, h2_uuid) = srv.add_host("host2", "10.0.0.2", 16 * GIB);
     let (_, vm_uuid) = srv.add_vm("web01", 2 * GIB, Some(&h1));
     let api = admin(&srv);
-    ops::pool_init(
+    pool_init(
         &api,
-        &PoolInit {
-            alinks: vec![
-                ("host1".into(), vec!["10.0.0.1:7500".into()]),
-                ("host2".into(), vec!["10.0.0.2:7500".into()]),
-            ],
-            quorum_servers: vec![],
-            secret_uuid: None,
-            secret_value: Some("a pool secret of enough length".into()),
-            policy: None,
-            force: false,
-        },
+        &[("host1", "10.0.0.1:7500"), ("host2", "10.0.0.2:7500")],
     )
-    .await
-    .unwrap();
+    .await;
 
     let f = follower(&srv);
     let d = wait_for(&f, "the first read", |d| d.pool.is_some()).await;

@@ -8,19 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xenft_agent::lifecycle::Phase;
-use xenft_agent::quorum::server::{QuorumServer, ServerConfig};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::xapi::follower::FollowerConfig;
 use xenft_agent::xapi::plane::Plane;
 use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig};
-use xenft_xapi::ops::{self, PoolInit};
+use xenft_xapi::ops;
 use xenft_xapi::registry::Level;
 use xenft_xapi::transport::{Endpoint, TlsOptions};
 use xenft_xapi::{ConnectOptions, Credentials, XenApi};
 
 mod runtime_pool;
-use runtime_pool::{free_port, host, wait_for, Pool};
+use runtime_pool::{host, pool_init, start_quorum, wait_for, Pool};
 
 const GIB: i64 = 1 << 30;
 
@@ -37,41 +36,11 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
     };
     let endpoint = Endpoint::parse(&srv.url()).unwrap();
     let api = XenApi::new(ConnectOptions::new(endpoint.clone(), creds.clone())).unwrap();
-    ops::pool_init(
-        &api,
-        &PoolInit {
-            alinks: vec![
-                ("h1".into(), vec!["10.0.0.1:7500".into()]),
-                ("h2".into(), vec!["10.0.0.2:7500".into()]),
-            ],
-            quorum_servers: vec![],
-            secret_uuid: None,
-            secret_value: Some("a pool secret of enough length".into()),
-            policy: None,
-            force: false,
-        },
-    )
-    .await
-    .unwrap();
+    pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
 
     // Two agents with host-local configuration only (no VM in their config files).
-    let q = QuorumServer::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        secret: b"a-pool-secret-of-enough-length".to_vec(),
-        lease_ms: 600,
-        max_vms: 16,
-        max_connections: 8,
-        idle_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    let pool = Pool {
-        dir: tempfile::tempdir().unwrap(),
-        addrs: (0..2)
-            .map(|_| [free_port(), free_port(), free_port()])
-            .collect(),
-        quorum: q.addr(),
-    };
+    let q = start_quorum().await;
+    let pool = Pool::new(q.addr());
     let (r1, r2) = (Recorder::new(), Recorder::new());
     let a1 = Agent::start(
         pool.config_with(0, vec![]).validate().unwrap(),

@@ -165,17 +165,7 @@ fn status_of(state: &Replica) -> Status {
         Replica::Running { epoch, .. } => Some(*epoch),
         Replica::Protecting(r) => Some(r.resumed_epoch),
     };
-    let mut st = Status {
-        state: state_of(state),
-        committed_epoch,
-        applied_epochs: None,
-        rejected_epochs: None,
-        primary_gone: None,
-        error: None,
-        guest_pid: None,
-        last_error: None,
-        primary: None,
-    };
+    let mut st = Status::new(state_of(state), committed_epoch);
     match state {
         Replica::Receiving(h) => {
             let s = h.status();

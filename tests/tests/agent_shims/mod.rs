@@ -441,16 +441,23 @@ impl Pool {
         self.start_agent(0);
     }
 
-    /// A level-3 pool protected on h1 whose replica on h2 holds more than 3 checkpoints.
-    pub fn level3_protected_on_h1() -> Self {
+    /// A pool at `level` with vm1 running protected on h1.
+    pub fn protected_on_h1(level: u8) -> Self {
         let mut pool = Self::new();
-        pool.level = 3;
+        pool.level = level;
         pool.start_primary_on_h1();
         assert!(
             pool.wait_protected(),
-            "h1 never protected vm1\n{}",
+            "h1 never protected vm1: {:?}\n{}",
+            pool.vm1(0),
             pool.log("agent-h1.log")
         );
+        pool
+    }
+
+    /// A level-3 pool protected on h1 whose replica on h2 holds more than 3 checkpoints.
+    pub fn level3_protected_on_h1() -> Self {
+        let pool = Self::protected_on_h1(3);
         assert!(
             wait_until(Duration::from_secs(20), || pool.committed(1) > 3),
             "h2's memory replica holds no checkpoint\n{}",

@@ -244,20 +244,9 @@ mod tests {
     fn primary(peer: PeerLink, sessions: u64) -> PrimaryStatus {
         PrimaryStatus {
             peer,
-            peer_disk: None,
-            dirty_bytes: 0,
             peer_synced: true,
-            resync: None,
-            last_resync: None,
-            local_failure: None,
-            peer_failure: None,
-            resync_rate_limit: 0,
-            writes_mirrored: 0,
-            writes_degraded: 0,
             sessions,
-            epoch: 0,
-            al_active_extents: 0,
-            al_recovered_extents: 0,
+            ..PrimaryStatus::default()
         }
     }
 

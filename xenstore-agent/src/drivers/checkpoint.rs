@@ -239,17 +239,7 @@ mod tests {
     }
 
     fn status(state: State, committed: Option<u64>) -> Status {
-        Status {
-            state,
-            committed_epoch: committed,
-            applied_epochs: None,
-            rejected_epochs: None,
-            primary_gone: None,
-            error: None,
-            guest_pid: None,
-            last_error: None,
-            primary: None,
-        }
+        Status::new(state, committed)
     }
 
     fn protecting(phase: Phase, committed: u64) -> Result<Reply, ErrorReply> {

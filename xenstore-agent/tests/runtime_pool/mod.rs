@@ -91,3 +91,50 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
 pub fn phase(hub: &StatusHub) -> Option<Phase> {
     hub.snapshot().vms.first().map(|v| v.record.phase)
 }
+
+/// A quorum server on loopback with the pool's secret and a 600 ms lease.
+pub async fn start_quorum() -> xenft_agent::quorum::server::QuorumServer {
+    xenft_agent::quorum::server::QuorumServer::start(xenft_agent::quorum::server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        secret: b"a-pool-secret-of-enough-length".to_vec(),
+        lease_ms: 600,
+        max_vms: 16,
+        max_connections: 8,
+        idle_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap()
+}
+
+impl Pool {
+    /// Two hosts' addresses on loopback, with the quorum server at `quorum`.
+    pub fn new(quorum: SocketAddr) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            addrs: (0..2)
+                .map(|_| [free_port(), free_port(), free_port()])
+                .collect(),
+            quorum,
+        }
+    }
+}
+
+/// `xenft pool-init` for `hosts` (one A-link each) against `api`.
+pub async fn pool_init(api: &xenft_xapi::XenApi, hosts: &[(&str, &str)]) {
+    xenft_xapi::ops::pool_init(
+        api,
+        &xenft_xapi::ops::PoolInit {
+            alinks: hosts
+                .iter()
+                .map(|(h, a)| ((*h).to_string(), vec![(*a).to_string()]))
+                .collect(),
+            quorum_servers: vec![],
+            secret_uuid: None,
+            secret_value: Some("a pool secret of enough length".into()),
+            policy: None,
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+}
