@@ -221,6 +221,21 @@ pub struct XapiFile {
     /// How long one `event.from` waits (milliseconds, default 30 000).
     #[serde(default = "default_event_ms")]
     pub event_timeout_ms: u64,
+    /// Who starts, pauses and stops the VMs: `"xapi"` (xapi hosts: `VM.start_on`, the
+    /// default) or `"command"` (xl hosts: `vm_drivers.<vm>.domain`).
+    #[serde(default)]
+    pub domains: DomainsVia,
+}
+
+/// Who drives the VMs' domains when the agent follows xapi.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainsVia {
+    /// XenAPI (`VM.start_on`, `VM.pause`, ...).
+    #[default]
+    Xapi,
+    /// The configured domain commands.
+    Command,
 }
 
 fn default_event_ms() -> u64 {

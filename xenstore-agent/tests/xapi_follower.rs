@@ -268,3 +268,75 @@ async fn an_agent_pointed_at_a_pool_member_follows_the_master() {
     assert!(master.calls("event.from") >= 1);
     f.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_on_an_xapi_host_starts_the_vm_through_start_on() {
+    use xenft_agent::ids::{HostId, VmId};
+    use xenft_agent::seams::DomainStarter;
+    use xenft_agent::xapi::domain::XapiDomain;
+    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1, _) = srv.add_host("h1", "10.0.0.1", 16 * GIB);
+    let (h2, h2_uuid) = srv.add_host("h2", "10.0.0.2", 16 * GIB);
+    let (vm, vm_uuid) = srv.add_vm("web01", GIB, Some(&h1));
+    srv.set_map_key(&vm, "other_config", "xenft.level", Some("1"));
+    srv.set_map_key(&vm, "other_config", "xenft.secondary", Some(&h2_uuid));
+    let f = follower(&srv);
+    wait_for(&f, "web01", |d| d.vms.contains_key(&vm_uuid)).await;
+    let domains = XapiDomain::new(
+        f.api(),
+        f.desired(),
+        HostId::new("h2").unwrap(),
+        tokio::runtime::Handle::current(),
+    );
+    let on_h1 = XapiDomain::new(
+        f.api(),
+        f.desired(),
+        HostId::new("h1").unwrap(),
+        tokio::runtime::Handle::current(),
+    );
+    assert_eq!(on_h1.running(), vec![VmId::new(vm_uuid.as_str()).unwrap()]);
+    assert!(domains.running().is_empty());
+    let id = VmId::new(vm_uuid.as_str()).unwrap();
+    let field = |name: &str| {
+        srv.record(&vm)
+            .and_then(|r| r.get(name).and_then(|v| v.as_str().map(str::to_string)))
+            .unwrap_or_default()
+    };
+    // h1 is gone (the quorum said so): h2 starts the VM, though xapi still records it on h1.
+    let (d, i) = (std::sync::Arc::new(domains), id.clone());
+    let d2 = d.clone();
+    tokio::task::spawn_blocking(move || d2.start(&i))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (field("power_state"), field("resident_on")),
+        ("Running".into(), h2.clone())
+    );
+    assert_eq!(srv.calls("VM.power_state_reset"), 1);
+    // Fencing and its end, then the copy dropped.
+    for (op, state) in [
+        ("pause", "Paused"),
+        ("resume", "Running"),
+        ("destroy", "Halted"),
+    ] {
+        let (d2, i) = (d.clone(), id.clone());
+        tokio::task::spawn_blocking(move || match op {
+            "pause" => d2.pause(&i),
+            "resume" => d2.resume(&i),
+            _ => d2.destroy(&i),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(field("power_state"), state, "after {op}");
+    }
+    // A VM the registry does not know is refused with the reason.
+    let (d2, ghost) = (d.clone(), VmId::new("no-such-vm").unwrap());
+    let e = tokio::task::spawn_blocking(move || d2.start(&ghost))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.reason.contains("registry"), "{e}");
+    f.shutdown().await;
+}

@@ -84,6 +84,12 @@ fn object_call(sh: &Shared, db: &mut Db, c: &Call<'_>) -> ApiResult {
     match (class, verb) {
         ("VM", "start_on") => vm_start_on(sh, db, method, args),
         ("VM", "pool_migrate") => vm_pool_migrate(sh, db, method, args),
+        ("VM", "power_state_reset") => vm_power(sh, db, method, args, None, "Halted"),
+        ("VM", "hard_shutdown") => {
+            vm_power(sh, db, method, args, Some(&["running", "paused"]), "Halted")
+        }
+        ("VM", "pause") => vm_power(sh, db, method, args, Some(&["running"]), "Paused"),
+        ("VM", "unpause") => vm_power(sh, db, method, args, Some(&["paused"]), "Running"),
         ("secret", "create") => secret_create(sh, db, args),
         ("host", "compute_free_memory") => {
             let host = arg_str(args, 0, method)?;
@@ -151,6 +157,40 @@ fn vm_start_on(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiRes
     o.fields.insert("power_state".into(), Value::str(state));
     o.fields.insert("resident_on".into(), Value::str(host));
     o.fields.insert("domid".into(), Value::int64(next_domid));
+    sh.emit(db, vm, "mod");
+    Ok(Value::str(""))
+}
+
+/// `VM.power_state_reset` (any state: xapi's recovery after a host failure, database only),
+/// `VM.hard_shutdown`, `VM.pause`, `VM.unpause`: from one of `from` (lower case) to `to`
+/// (`VM_BAD_POWER_STATE [vm, expected, actual]` otherwise). Halted clears `resident_on`.
+fn vm_power(
+    sh: &Shared,
+    db: &mut Db,
+    method: &str,
+    args: &[Value],
+    from: Option<&[&str]>,
+    to: &str,
+) -> ApiResult {
+    let vm = arg_str(args, 0, method)?;
+    let o = db.obj_mut("VM", vm)?;
+    let state = o
+        .fields
+        .get("power_state")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_lowercase();
+    if let Some(from) = from {
+        if !from.contains(&state.as_str()) {
+            return Err(fail("VM_BAD_POWER_STATE", &[vm, from[0], &state]));
+        }
+    }
+    o.fields.insert("power_state".into(), Value::str(to));
+    if to == "Halted" {
+        o.fields
+            .insert("resident_on".into(), Value::str(super::NULL_REF));
+        o.fields.insert("domid".into(), Value::int64(-1));
+    }
     sh.emit(db, vm, "mod");
     Ok(Value::str(""))
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use xenft_agent::config::{AgentFile, Drivers};
+use xenft_agent::config::{AgentFile, DomainsVia, Drivers};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::StatusServer;
@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     let xapi = file
         .xapi_follower()
         .with_context(|| format!("configuration {}", args.config.display()))?;
+    let domains_via = file.xapi.as_ref().map(|x| x.domains);
     let (cfg, drivers) = file
         .validate()
         .with_context(|| format!("configuration {}", args.config.display()))?;
@@ -49,7 +50,10 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let seams = match &drivers {
+        // The registry in the pool's xapi, followed from the start: the domains may go
+        // through it, and the plane below feeds the core from it.
+        let follower = xapi.map(xenft_agent::xapi::follower::Follower::start);
+        let mut seams = match &drivers {
             Drivers::Record => {
                 tracing::warn!("drivers: record — components are recording stand-ins");
                 Seams::recording(&Recorder::new())
@@ -64,6 +68,14 @@ fn main() -> anyhow::Result<()> {
                 xenft_agent::drivers::real_seams(vms, Some(dir))
             }
         };
+        if let (Some(f), Some(DomainsVia::Xapi)) = (&follower, domains_via) {
+            seams.domains = std::sync::Arc::new(xenft_agent::xapi::domain::XapiDomain::new(
+                f.api(),
+                f.desired(),
+                cfg.core.me.clone(),
+                tokio::runtime::Handle::current(),
+            ));
+        }
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
@@ -91,8 +103,13 @@ fn main() -> anyhow::Result<()> {
             Drivers::Record => Vec::new(),
         };
         // The registry in the pool's xapi: the VMs to protect, and their state written back.
-        let plane = xapi.map(|f| {
-            xenft_agent::xapi::plane::Plane::start(f, agent_me.clone(), agent.inputs(), agent.hub())
+        let plane = follower.map(|f| {
+            xenft_agent::xapi::plane::Plane::with_follower(
+                f,
+                agent_me.clone(),
+                agent.inputs(),
+                agent.hub(),
+            )
         });
         let bridge = if use_xenstore {
             let xs = xenft_agent::xenstore::xen::XenXs::connect()

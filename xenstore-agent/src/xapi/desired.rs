@@ -81,6 +81,8 @@ pub struct Desired {
     pub master: Option<String>,
     /// Hosts by uuid.
     pub hosts: BTreeMap<String, HostInfo>,
+    /// Host refs by uuid (for calls).
+    pub host_refs: BTreeMap<String, Ref>,
     /// VMs to protect, by uuid.
     pub vms: BTreeMap<String, VmDesired>,
     /// VMs whose protection cannot be carried out, by uuid, with the reason.
@@ -122,7 +124,8 @@ impl Desired {
 pub fn derive(s: &Snapshot) -> Desired {
     let mut d = Desired::default();
     let host_uuid = |r: &str| s.hosts.get(r).map(|h| h.uuid.clone());
-    for h in s.hosts.values() {
+    for (r, h) in &s.hosts {
+        d.host_refs.insert(h.uuid.clone(), r.clone());
         d.hosts.insert(
             h.uuid.clone(),
             HostInfo {

@@ -4,6 +4,8 @@
 //! - [`desired`]: the desired state derived from the registry (pool `xenft.pool`, VM
 //!   `xenft.level` / `xenft.secondary`), every request checked, refusals with their reason;
 //!   this host's [`desired::Role`] per VM;
+//! - [`domain`]: the VM's domain through XenAPI on xapi hosts (`VM.start_on` on the
+//!   surviving host after a take-over, pause / unpause for fencing, hard shutdown);
 //! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
 //!   master (`HOST_IS_SLAVE`), follows the registry with `event.from` and publishes the
 //!   desired state; the last state read stays in force while xapi is unreachable;
@@ -15,6 +17,7 @@
 
 pub mod bridge;
 pub mod desired;
+pub mod domain;
 pub mod follower;
 pub mod plane;
 pub mod state;

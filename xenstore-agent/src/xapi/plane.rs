@@ -37,7 +37,18 @@ impl Plane {
         inputs: mpsc::Sender<Input>,
         hub: Arc<StatusHub>,
     ) -> Plane {
-        let follower = Follower::start(cfg);
+        Self::with_follower(Follower::start(cfg), me, inputs, hub)
+    }
+
+    /// The same around a follower already running (whose channels other seams use, e.g.
+    /// [`super::domain::XapiDomain`]).
+    #[must_use]
+    pub fn with_follower(
+        follower: Follower,
+        me: HostId,
+        inputs: mpsc::Sender<Input>,
+        hub: Arc<StatusHub>,
+    ) -> Plane {
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             follower.desired(),
