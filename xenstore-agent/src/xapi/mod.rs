@@ -1,6 +1,9 @@
 //! The agent as a XenAPI client: the pool's xapi database is the single source of desired
 //! state (DESIGN "Control plane").
 //!
+//! - [`components`]: the VM's components on this host from the registry (the plan, pure) and
+//!   the supervisor that keeps them running, adopts them after an agent restart, restarts a
+//!   crashed one with backoff and stops what is no longer wanted;
 //! - [`desired`]: the desired state derived from the registry (pool `xenft.pool`, VM
 //!   `xenft.level` / `xenft.secondary`), every request checked, refusals with their reason;
 //!   this host's [`desired::Role`] per VM;
@@ -16,6 +19,7 @@
 //!   field), coalesced, never over a newer format.
 
 pub mod bridge;
+pub mod components;
 pub mod desired;
 pub mod domain;
 pub mod follower;

@@ -1,0 +1,191 @@
+//! The component supervisor with the real `xenft-blkback`: two hosts' supervisors on loopback
+//! (127.0.0.1 and 127.0.0.2) start the VM's mirrored disk from the registry's plan, restart a
+//! killed component, are adopted by a restarted agent, and stop everything when the VM is
+//! unprotected.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use xenft_agent::xapi::components::{plan, Change, HostFacts, Supervisor, BACKOFF};
+use xenft_agent::xapi::desired::{Desired, HostInfo, VmDesired};
+use xenft_control::blkback::{NodeStatus, PeerLink, Reply, Request};
+use xenft_control::{Blkback, Client};
+use xenft_xapi::registry::{HostLinks, Policy, PoolConfig};
+
+fn blkback_binary() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "xenft-blkback",
+            "--bins",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building xenft-blkback failed");
+    xenft_tests::lab::target_dir().join("xenft-blkback")
+}
+
+fn desired(base_port: u16) -> Desired {
+    let mut d = Desired::default();
+    let mut hosts = BTreeMap::new();
+    for (u, n, ip) in [("u1", "h1", "127.0.0.1"), ("u2", "h2", "127.0.0.2")] {
+        d.hosts.insert(
+            u.into(),
+            HostInfo {
+                name: n.into(),
+                address: ip.into(),
+            },
+        );
+        hosts.insert(
+            u.to_string(),
+            HostLinks {
+                name: n.into(),
+                alinks: vec![format!("{ip}:{base_port}")],
+            },
+        );
+    }
+    d.pool = Some(PoolConfig {
+        format_version: 1,
+        hosts,
+        quorum_servers: vec![],
+        policy: Policy::default(),
+        secret_uuid: None,
+    });
+    d.vms.insert(
+        "4c1d-vm".into(),
+        VmDesired {
+            uuid: "4c1d-vm".into(),
+            vm_ref: "OpaqueRef:v".into(),
+            name: "web01".into(),
+            level: 2,
+            secondary: "u2".into(),
+            resident_on: Some("u1".into()),
+            power_state: "Running".into(),
+            memory_bytes: 1 << 30,
+        },
+    );
+    d
+}
+
+fn peer_link(ctl: &std::path::Path) -> Option<PeerLink> {
+    match Client::<Blkback>::new(ctl, Duration::from_secs(2)).call(&Request::Status) {
+        Ok(Reply::Status(s)) => match s.node {
+            NodeStatus::Primary { primary } => Some(primary.peer),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+    })
+}
+
+#[test]
+fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and_stop_on_unprotect()
+{
+    let bin = blkback_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a pool secret of enough length").unwrap();
+    let facts = |me: &str| HostFacts {
+        me: me.into(),
+        run_dir: dir.path().join(format!("run-{me}")),
+        disk_dir: dir.path().join(format!("disks-{me}")),
+        blkback: bin.clone(),
+        secret_file: secret.clone(),
+        disk_size: 16 << 20,
+    };
+    for me in ["u1", "u2"] {
+        std::fs::create_dir_all(facts(me).disk_dir).unwrap();
+    }
+    let base = 20_000 + u16::try_from(std::process::id() % 20_000).unwrap();
+    let d = desired(base);
+    let (p1, pr1) = plan(&d, &facts("u1"));
+    let (p2, pr2) = plan(&d, &facts("u2"));
+    assert!(pr1.is_empty() && pr2.is_empty(), "{pr1:?} {pr2:?}");
+    let (mut s1, mut s2) = (
+        Supervisor::new(facts("u1").run_dir),
+        Supervisor::new(facts("u2").run_dir),
+    );
+    let now = Instant::now();
+    assert!(matches!(
+        &s2.reconcile(&p2, now)[..],
+        [Change::Started { .. }]
+    ));
+    assert!(matches!(
+        &s1.reconcile(&p1, now)[..],
+        [Change::Started { .. }]
+    ));
+    let ctl = facts("u1").run_dir.join("4c1d-vm/blkback.sock");
+    wait("the mirror in sync", 30, || {
+        peer_link(&ctl) == Some(PeerLink::InSync)
+    });
+
+    // The secondary's blkback is killed: its supervisor restarts it after the backoff and
+    // the mirror is in sync again.
+    let pid2 = s2.pid("4c1d-vm", "blkback").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid2).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait("the exit to be seen", 5, || {
+        s2.reconcile(&p2, Instant::now())
+            .iter()
+            .any(|c| matches!(c, Change::Exited { .. }))
+    });
+    assert!(s2.pid("4c1d-vm", "blkback").is_none());
+    std::thread::sleep(BACKOFF);
+    assert!(matches!(
+        &s2.reconcile(&p2, Instant::now())[..],
+        [Change::Started { .. }]
+    ));
+    wait("the mirror in sync again", 30, || {
+        peer_link(&ctl) == Some(PeerLink::InSync)
+    });
+
+    // The agent restarts: a new supervisor adopts the running primary.
+    let pid1 = s1.pid("4c1d-vm", "blkback").unwrap();
+    s1.release();
+    let mut s1 = Supervisor::new(facts("u1").run_dir);
+    assert_eq!(
+        s1.reconcile(&p1, Instant::now()),
+        vec![Change::Adopted {
+            vm: "4c1d-vm".into(),
+            name: "blkback",
+            pid: pid1
+        }]
+    );
+    assert_eq!(peer_link(&ctl), Some(PeerLink::InSync));
+
+    // Unprotected: everything stops (the VM is not ours to touch).
+    let pid2 = s2.pid("4c1d-vm", "blkback").unwrap();
+    assert!(matches!(
+        &s1.reconcile(&[], Instant::now())[..],
+        [Change::Stopped { .. }]
+    ));
+    assert!(matches!(
+        &s2.reconcile(&[], Instant::now())[..],
+        [Change::Stopped { .. }]
+    ));
+    wait("the processes to end", 10, || gone(pid1) && gone(pid2));
+}
