@@ -225,6 +225,29 @@ pub struct XapiFile {
     /// default) or `"command"` (xl hosts: `vm_drivers.<vm>.domain`).
     #[serde(default)]
     pub domains: DomainsVia,
+    /// The agent starts and supervises the VMs' components itself (`crate::xapi::components`).
+    #[serde(default)]
+    pub components: Option<ComponentsFile>,
+}
+
+/// Where the supervised components live on this host.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentsFile {
+    /// The per-VM runtime directories' parent (default `/run/xenft`).
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// Where the disk copies are kept.
+    pub disk_dir: PathBuf,
+    /// `xenft-blkback` (default: beside the agent's own binary).
+    #[serde(default)]
+    pub blkback: Option<PathBuf>,
+    /// Size of a new disk copy, bytes.
+    pub disk_size_bytes: u64,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/xenft")
 }
 
 /// Who drives the VMs' domains when the agent follows xapi.

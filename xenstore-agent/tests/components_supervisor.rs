@@ -4,8 +4,6 @@
 //! unprotected.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use xenft_agent::xapi::components::{plan, Change, HostFacts, Supervisor, BACKOFF};
@@ -14,24 +12,8 @@ use xenft_control::blkback::{NodeStatus, PeerLink, Reply, Request};
 use xenft_control::{Blkback, Client};
 use xenft_xapi::registry::{HostLinks, Policy, PoolConfig};
 
-fn blkback_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "xenft-blkback",
-            "--bins",
-            "--manifest-path",
-        ])
-        .arg(manifest)
-        .status()
-        .expect("cargo build");
-    assert!(st.success(), "building xenft-blkback failed");
-    xenft_tests::lab::target_dir().join("xenft-blkback")
-}
+mod runtime_pool;
+use runtime_pool::blkback_binary;
 
 fn desired(base_port: u16) -> Desired {
     let mut d = Desired::default();

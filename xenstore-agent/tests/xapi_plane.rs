@@ -118,3 +118,118 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
     a1.shutdown().await;
     a2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
+    use xenft_agent::drivers::{supervised_disks, Convention};
+    use xenft_agent::xapi::components::{HostFacts, Supervisor};
+    use xenft_agent::xapi::follower::Follower;
+    use xenft_agent::xapi::plane::Components;
+
+    let blkback = runtime_pool::blkback_binary();
+    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
+    let (h1_ref, _) = srv.add_host("h1", "10.0.0.1", 16 * GIB);
+    srv.add_host("h2", "10.0.0.2", 16 * GIB);
+    let (vm_ref, vm_uuid) = srv.add_vm("web01", 2 * GIB, Some(&h1_ref));
+    let creds = Credentials {
+        user: srv.user().into(),
+        password: srv.password().into(),
+    };
+    let endpoint = Endpoint::parse(&srv.url()).unwrap();
+    let api = XenApi::new(ConnectOptions::new(endpoint.clone(), creds.clone())).unwrap();
+    let port = 21_000 + u16::try_from(std::process::id() % 20_000).unwrap();
+    pool_init(
+        &api,
+        &[
+            ("h1", &format!("127.0.0.1:{port}")),
+            ("h2", &format!("127.0.0.2:{port}")),
+        ],
+    )
+    .await;
+
+    let q = start_quorum().await;
+    let pool = Pool::new(q.addr());
+    let secret = pool.dir.path().join("secret");
+    let mut agents = Vec::new();
+    let mut planes = Vec::new();
+    for i in 0..2 {
+        let run_dir = pool.dir.path().join(format!("run-h{}", i + 1));
+        let disk_dir = pool.dir.path().join(format!("disks-h{}", i + 1));
+        std::fs::create_dir_all(&disk_dir).unwrap();
+        let mut seams = Seams::recording(&Recorder::new());
+        seams.disk = supervised_disks(Convention {
+            run_dir: run_dir.clone(),
+            request_timeout: Duration::from_secs(5),
+            sync_timeout: Duration::from_secs(60),
+        });
+        let a = Agent::start(pool.config_with(i, vec![]).validate().unwrap(), seams)
+            .await
+            .unwrap();
+        let follower = Follower::start(FollowerConfig {
+            endpoint: endpoint.clone(),
+            tls: TlsOptions::default(),
+            credentials: creds.clone(),
+            event_timeout: Duration::from_secs(5),
+        });
+        let components = Components {
+            facts: HostFacts {
+                me: String::new(),
+                run_dir: run_dir.clone(),
+                disk_dir,
+                blkback: blkback.clone(),
+                secret_file: secret.clone(),
+                disk_size: 16 << 20,
+            },
+            supervisor: Supervisor::new(run_dir),
+        };
+        planes.push(Plane::with_follower(
+            follower,
+            host(&format!("h{}", i + 1)),
+            a.inputs(),
+            a.hub(),
+            Some(components),
+        ));
+        agents.push(a);
+    }
+
+    // `xenft vm-protect vm=web01 level=2 secondary=h2`: nothing else.
+    ops::protect(&api, "web01", Level::Component, "h2")
+        .await
+        .unwrap();
+    wait_for("xenft.state = protected", Duration::from_secs(60), || {
+        srv.map_field(&vm_ref, "other_config")
+            .get("xenft.state")
+            .is_some_and(|s| s == "protected")
+    })
+    .await;
+    // The primary's blkback (started by h1's agent) reports its copy in sync with h2's.
+    let ctl = pool
+        .dir
+        .path()
+        .join(format!("run-h1/{vm_uuid}/blkback.sock"));
+    let st = tokio::task::spawn_blocking(move || xenft_tests::components::blkback_status(&ctl))
+        .await
+        .unwrap()
+        .expect("h1's blkback answers");
+    assert_eq!(st["role"], "primary", "{st}");
+    assert_eq!(st["primary"]["peer"], "in_sync", "{st}");
+
+    // Unprotect: the components go, the VM stays.
+    ops::unprotect(&api, "web01").await.unwrap();
+    let pidfile = pool
+        .dir
+        .path()
+        .join(format!("run-h2/{vm_uuid}/blkback.pid"));
+    wait_for(
+        "the secondary's blkback stopped",
+        Duration::from_secs(20),
+        || !pidfile.exists(),
+    )
+    .await;
+    for p in planes {
+        p.shutdown().await;
+    }
+    for a in agents {
+        a.shutdown().await;
+    }
+}

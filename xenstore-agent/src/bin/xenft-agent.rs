@@ -41,6 +41,8 @@ fn main() -> anyhow::Result<()> {
         .xapi_follower()
         .with_context(|| format!("configuration {}", args.config.display()))?;
     let domains_via = file.xapi.as_ref().map(|x| x.domains);
+    let components_file = file.xapi.as_ref().and_then(|x| x.components.clone());
+    let secret_file = file.config.secret_file.clone();
     let (cfg, drivers) = file
         .validate()
         .with_context(|| format!("configuration {}", args.config.display()))?;
@@ -76,6 +78,37 @@ fn main() -> anyhow::Result<()> {
                 tokio::runtime::Handle::current(),
             ));
         }
+        // The agent supervises the VMs' components itself: their sockets by convention.
+        let mut components = match components_file {
+            Some(c) => {
+                let blkback = match c.blkback {
+                    Some(b) => b,
+                    None => std::env::current_exe()
+                        .context("locating the agent's binary")?
+                        .with_file_name("xenft-blkback"),
+                };
+                std::fs::create_dir_all(&c.run_dir)
+                    .with_context(|| format!("creating {}", c.run_dir.display()))?;
+                seams.disk =
+                    xenft_agent::drivers::supervised_disks(xenft_agent::drivers::Convention {
+                        run_dir: c.run_dir.clone(),
+                        request_timeout: std::time::Duration::from_secs(10),
+                        sync_timeout: std::time::Duration::from_secs(3600),
+                    });
+                Some(xenft_agent::xapi::plane::Components {
+                    facts: xenft_agent::xapi::components::HostFacts {
+                        me: String::new(),
+                        run_dir: c.run_dir.clone(),
+                        disk_dir: c.disk_dir,
+                        blkback,
+                        secret_file: secret_file.clone(),
+                        disk_size: c.disk_size_bytes,
+                    },
+                    supervisor: xenft_agent::xapi::components::Supervisor::new(c.run_dir),
+                })
+            }
+            None => None,
+        };
         let listen = cfg.status_listen;
         let token = cfg.status_token.clone();
         let links = start_links(&cfg).await?;
@@ -109,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                 agent_me.clone(),
                 agent.inputs(),
                 agent.hub(),
+                components.take(),
             )
         });
         let bridge = if use_xenstore {

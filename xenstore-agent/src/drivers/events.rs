@@ -116,6 +116,26 @@ pub fn follow(
     Ok(threads)
 }
 
+/// Follows one VM's blkback at `sock` (a component the agent supervises) until `stop`.
+///
+/// # Errors
+/// When the thread cannot be started.
+pub fn follow_blkback(
+    vm: &VmId,
+    sock: &std::path::Path,
+    timeout: Duration,
+    inputs: &mpsc::Sender<Input>,
+    stop: &Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    spawn(
+        Client::<Blkback>::new(sock, timeout),
+        vm,
+        inputs,
+        stop,
+        blkback_input,
+    )
+}
+
 fn spawn<C: Contract>(
     client: Client<C>,
     vm: &VmId,

@@ -252,7 +252,45 @@ impl VmDriversFile {
 }
 
 /// The disk mirror of each VM that has one.
-struct DiskByVm(BTreeMap<VmId, BlkbackDriver>);
+/// The disk mirror of each VM: the configured ones, and — with a runtime directory (the
+/// agent supervises the components, `crate::xapi::components`) — any VM whose blkback serves
+/// `<run_dir>/<vm>/blkback.sock`.
+struct DiskByVm {
+    configured: BTreeMap<VmId, BlkbackDriver>,
+    convention: Option<Convention>,
+}
+
+/// Where supervised components' control sockets are, and the drivers' timeouts.
+#[derive(Debug, Clone)]
+pub struct Convention {
+    /// The per-VM runtime directories' parent.
+    pub run_dir: PathBuf,
+    /// One control request at most this long.
+    pub request_timeout: Duration,
+    /// A sync at most this long.
+    pub sync_timeout: Duration,
+}
+
+impl DiskByVm {
+    fn get(&self, vm: &VmId) -> Option<BlkbackDriver> {
+        if let Some(d) = self.configured.get(vm) {
+            return Some(d.clone());
+        }
+        let c = self.convention.as_ref()?;
+        let sock = c.run_dir.join(vm.as_str()).join("blkback.sock");
+        sock.exists()
+            .then(|| BlkbackDriver::new(Client::new(sock, c.request_timeout), c.sync_timeout))
+    }
+}
+
+/// The disk mirrors of VMs whose components the agent supervises (sockets by `convention`).
+#[must_use]
+pub fn supervised_disks(convention: Convention) -> Arc<dyn DiskMirror> {
+    Arc::new(DiskByVm {
+        configured: BTreeMap::new(),
+        convention: Some(convention),
+    })
+}
 
 fn missing(component: &'static str, op: &'static str, vm: &VmId) -> SeamError {
     SeamError {
@@ -265,29 +303,25 @@ fn missing(component: &'static str, op: &'static str, vm: &VmId) -> SeamError {
 
 impl DiskMirror for DiskByVm {
     fn sync(&self, vm: &VmId, peer: &HostId, full: bool) -> Result<(), SeamError> {
-        self.0
-            .get(vm)
+        self.get(vm)
             .ok_or_else(|| missing("blkback", "sync", vm))?
             .sync(vm, peer, full)
     }
     fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
         // Level 1: nothing replicates.
-        self.0.get(vm).map_or(Ok(()), |d| d.suspend(vm))
+        self.get(vm).map_or(Ok(()), |d| d.suspend(vm))
     }
     fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
-        self.0
-            .get(vm)
+        self.get(vm)
             .ok_or_else(|| missing("blkback", "redirect", vm))?
             .redirect(vm, on)
     }
     fn promote(&self, vm: &VmId, commit_epoch: Option<u64>) -> Result<(), SeamError> {
         // Level 1: the VM boots from its (shared) disk; nothing to promote.
-        self.0
-            .get(vm)
-            .map_or(Ok(()), |d| d.promote(vm, commit_epoch))
+        self.get(vm).map_or(Ok(()), |d| d.promote(vm, commit_epoch))
     }
     fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
-        self.0.get(vm).and_then(|d| d.report(vm))
+        self.get(vm).and_then(|d| d.report(vm))
     }
 }
 
@@ -377,7 +411,10 @@ pub fn real_seams(
     }
     Seams {
         domains: Arc::new(CommandDomain::new(commands, domain_state)),
-        disk: Arc::new(DiskByVm(disks)),
+        disk: Arc::new(DiskByVm {
+            configured: disks,
+            convention: None,
+        }),
         net: Arc::new(NetByVm(nets)),
         checkpoint: Arc::new(CheckpointByVm(checkpoints)),
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::bridge::{changes, state_of};
+use super::components::{plan, Change, HostFacts, Supervisor};
 use super::follower::{Follower, FollowerConfig};
 use super::state::{write_state, Coalescer, StateError, VmState};
 use crate::core::Input;
@@ -19,6 +20,76 @@ use crate::status::StatusHub;
 
 /// How often the core's views are turned into state lines.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+/// The components this host supervises for the registry's VMs: host facts (`me` is filled
+/// from the registry) and the supervisor.
+pub struct Components {
+    /// Where and what to run.
+    pub facts: HostFacts,
+    /// Keeps them running.
+    pub supervisor: Supervisor,
+}
+
+/// The event followers of supervised components, by VM.
+#[derive(Default)]
+struct Followers(
+    BTreeMap<
+        String,
+        (
+            Arc<std::sync::atomic::AtomicBool>,
+            std::thread::JoinHandle<()>,
+        ),
+    >,
+);
+
+impl Followers {
+    fn apply(
+        &mut self,
+        changes: &[Change],
+        run_dir: &std::path::Path,
+        inputs: &mpsc::Sender<Input>,
+    ) {
+        for c in changes {
+            match c {
+                Change::Started { vm, .. } | Change::Adopted { vm, .. }
+                    if !self.0.contains_key(vm) =>
+                {
+                    let Ok(id) = crate::ids::VmId::new(vm.as_str()) else {
+                        continue;
+                    };
+                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let sock = run_dir.join(vm).join("blkback.sock");
+                    match crate::drivers::events::follow_blkback(
+                        &id,
+                        &sock,
+                        Duration::from_secs(5),
+                        inputs,
+                        &stop,
+                    ) {
+                        Ok(t) => {
+                            self.0.insert(vm.clone(), (stop, t));
+                        }
+                        Err(e) => {
+                            tracing::warn!(%vm, error = %e, "cannot follow the component's events");
+                        }
+                    }
+                }
+                Change::Stopped { vm, .. } => {
+                    if let Some((stop, _)) = self.0.remove(vm) {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (stop, _) in self.0.values() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
 
 /// The running control plane.
 pub struct Plane {
@@ -37,7 +108,7 @@ impl Plane {
         inputs: mpsc::Sender<Input>,
         hub: Arc<StatusHub>,
     ) -> Plane {
-        Self::with_follower(Follower::start(cfg), me, inputs, hub)
+        Self::with_follower(Follower::start(cfg), me, inputs, hub, None)
     }
 
     /// The same around a follower already running (whose channels other seams use, e.g.
@@ -48,6 +119,7 @@ impl Plane {
         me: HostId,
         inputs: mpsc::Sender<Input>,
         hub: Arc<StatusHub>,
+        components: Option<Components>,
     ) -> Plane {
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
@@ -56,6 +128,7 @@ impl Plane {
             me,
             inputs,
             hub,
+            components,
             stop_rx,
         ));
         Plane {
@@ -85,15 +158,24 @@ async fn run(
     me: HostId,
     inputs: mpsc::Sender<Input>,
     hub: Arc<StatusHub>,
+    mut components: Option<Components>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut followers = Followers::default();
     let mut told = BTreeMap::new();
     let mut coalescer = Coalescer::default();
     let mut tick = tokio::time::interval(REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // The components run on without the agent (a restarted agent adopts them).
+                followers.stop_all();
+                if let Some(c) = components.take() {
+                    c.supervisor.release();
+                }
+                return;
+            }
             r = desired.changed() => {
                 if r.is_err() {
                     return;
@@ -110,6 +192,9 @@ async fn run(
             }
             _ = tick.tick() => {
                 let Some(d) = desired.borrow().clone() else { continue };
+                if let Some(c) = components.as_mut() {
+                    supervise(c, &d, &me, &mut followers, &inputs);
+                }
                 offer_states(&d, &hub, &me, &mut coalescer);
                 let client = api.borrow().clone();
                 if let Some(client) = client {
@@ -124,6 +209,31 @@ async fn run(
             }
         }
     }
+}
+
+/// Keeps this host's components as the registry wants them (a blocking step: a stop waits
+/// for the component's clean exit).
+fn supervise(
+    c: &mut Components,
+    d: &super::desired::Desired,
+    me: &HostId,
+    followers: &mut Followers,
+    inputs: &mpsc::Sender<Input>,
+) {
+    let Some(uuid) = d.host_uuid(me.as_str()) else {
+        return;
+    };
+    c.facts.me = uuid.to_string();
+    let (wanted, problems) = plan(d, &c.facts);
+    for (vm, why) in &problems {
+        tracing::debug!(%vm, reason = %why, "no components for this VM");
+    }
+    let changes =
+        tokio::task::block_in_place(|| c.supervisor.reconcile(&wanted, std::time::Instant::now()));
+    for ch in &changes {
+        tracing::info!(change = ?ch, "component");
+    }
+    followers.apply(&changes, &c.facts.run_dir, inputs);
 }
 
 /// Offers the state line of every VM this host reports.
