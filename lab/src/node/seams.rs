@@ -1,0 +1,118 @@
+//! The lab's implementation of the agent's seam traits on the node's components.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use xenft_agent::ids::{HostId, VmId};
+use xenft_agent::seams::{Checkpointer, DiskMirror, DomainStarter, NetRelay, SeamError};
+
+/// The lab's implementation of every agent seam, on the node's components.
+use super::network::announce;
+use super::vm::Vm;
+use super::{lock, seam_err, Node, VM};
+pub(super) struct LabSeams(pub(super) Arc<Node>);
+
+impl LabSeams {
+    pub(super) fn check(vm: &VmId, op: &'static str) -> Result<(), SeamError> {
+        if vm.as_str() == VM {
+            Ok(())
+        } else {
+            Err(seam_err(op, format!("unknown VM {vm}")))
+        }
+    }
+}
+
+impl DomainStarter for LabSeams {
+    fn start(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "start")?;
+        let mut g = lock(&self.0.vm);
+        if matches!(*g, Vm::Running(_)) {
+            return Ok(()); // already runs here
+        }
+        *g = Vm::Standby;
+        let r = self.0.boot().map_err(|e| seam_err("start", e))?;
+        *g = Vm::Running(r);
+        Ok(())
+    }
+    fn pause(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "pause")?;
+        self.0.event(
+            &format!("{VM} paused (fenced)"),
+            "the agent fenced its copy: service closed, address released, guest stopped",
+        );
+        self.0.pause().map_err(|e| seam_err("pause", e))
+    }
+    fn resume(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "resume")?;
+        self.0.resume().map_err(|e| seam_err("resume", e))
+    }
+    fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "destroy")?;
+        self.0.event(
+            &format!("{VM} copy dropped"),
+            "the peer owns the VM: this node restarts as its secondary",
+        );
+        self.0.destroy();
+        Ok(())
+    }
+}
+
+impl DiskMirror for LabSeams {
+    fn sync(&self, vm: &VmId, _peer: &HostId, full: bool) -> Result<(), SeamError> {
+        Self::check(vm, "sync")?;
+        let t = Instant::now();
+        self.0.sync().map_err(|e| seam_err("sync", e))?;
+        self.0.event(
+            &format!(
+                "{VM} in sync with {} ({} ms)",
+                self.0.me().peer().name(),
+                t.elapsed().as_millis()
+            ),
+            if full {
+                "initial sync: disk copied, memory checkpoints committed"
+            } else {
+                "resync: disk in sync, memory checkpoints committed"
+            },
+        );
+        Ok(())
+    }
+    fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "suspend")
+        // The mirror tracks the writes in its dirty bitmap by itself while no session
+        // exists, and the checkpoint stream waits on the link: nothing to stop.
+    }
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        Self::check(vm, "disk redirect")?;
+        let vm = lock(&self.0.vm);
+        match &*vm {
+            // blkback switched to the peer's copy (remote mode) at the first EIO.
+            Vm::Running(r) if !on || r.mirror.status().local_failure.is_some() => Ok(()),
+            _ => Err(seam_err(
+                "disk redirect",
+                "the mirror is not in remote mode",
+            )),
+        }
+    }
+}
+
+impl NetRelay for LabSeams {
+    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        Self::check(vm, "uplink redirect")?;
+        self.0
+            .uplink_redirect(on)
+            .map_err(|e| seam_err("uplink redirect", e))
+    }
+    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "announce")?;
+        announce().map_err(|e| seam_err("announce", e))
+    }
+}
+
+impl Checkpointer for LabSeams {
+    fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
+        Self::check(vm, "resume")?;
+        self.0
+            .resume_last_epoch()
+            .map_err(|e| seam_err("resume last epoch", e))
+    }
+}
