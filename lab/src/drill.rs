@@ -32,7 +32,8 @@ pub enum Fault {
     Alink,
     /// Both A-link cables are cut, then repaired.
     Alinks,
-    /// The primary's disk fails (every I/O returns EIO).
+    /// The primary's disk fails: its file is cut short under its `xenft-blkback` (every I/O
+    /// fails).
     Disk,
     /// The A-links and the hosts' direct management path are cut; both hosts still reach
     /// the quorum server, which decides who keeps the VM.
@@ -324,7 +325,7 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         Fault::Alink => alinks(dir, cfg, &mut r, primary, &ALINK_IFS[..1])?,
         Fault::Alinks => alinks(dir, cfg, &mut r, primary, &ALINK_IFS)?,
         Fault::Partition => partition(dir, cfg, &mut r, primary)?,
-        Fault::Disk => disk(dir, &rec, &mut r, primary)?,
+        Fault::Disk => disk(dir, &mut r, primary)?,
         Fault::Uplink => uplink(dir, cfg, &mut r, primary)?,
         Fault::Isolate => isolate(dir, cfg, &mut r, primary)?,
     }
@@ -426,9 +427,10 @@ fn host(
     let before = status(dir, p)?;
     let committed_before = before.checkpoint.committed_epoch;
     let fault_ms = now_ms();
+    // The whole host dies: its node, its components (blkback) and the guest.
     let _ = kill(Pid::from_raw(rec.pid(p)), Signal::SIGKILL);
-    if let Some(g) = before.guest_pid.and_then(|g| i32::try_from(g).ok()) {
-        let _ = kill(Pid::from_raw(g), Signal::SIGKILL);
+    for pid in topology::pids_in(p.netns())? {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     topology::set_host_links(p, false)?;
     let took = wait_for(Duration::from_secs(30), || {
@@ -877,10 +879,21 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
     heal(dir, r, p, repair)
 }
 
-fn disk(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
+fn disk(dir: &StateDir, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
+    // The disk file is cut to half its size under the running blkback: every later I/O
+    // fails (blkback checks its backing file at each one).
+    let file = dir.file(&format!("{}.disk", p.name()));
+    let io = |source| LabError::Io {
+        path: file.clone(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
     let fault_ms = now_ms();
-    kill(Pid::from_raw(rec.pid(p)), Signal::SIGUSR1)
-        .map_err(|e| LabError::component("signalling the primary", e))?;
+    f.set_len(len / 2).map_err(io)?;
     let seen = wait_for(Duration::from_secs(10), || {
         Ok((status(dir, p)?.disk_state == "remote").then(now_ms))
     })?;

@@ -41,6 +41,19 @@ impl StateDir {
         self.root.join(name)
     }
 
+    /// Opens the log file `name` in the state directory for appending (created if missing).
+    ///
+    /// # Errors
+    /// [`LabError::Io`].
+    pub fn open_log(&self, name: &str) -> Result<std::fs::File, LabError> {
+        let path = self.file(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| LabError::Io { path, source })
+    }
+
     /// The pool record.
     #[must_use]
     pub fn pool_file(&self) -> PathBuf {

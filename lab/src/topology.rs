@@ -325,10 +325,18 @@ pub fn destroy() -> Result<(), LabError> {
 pub fn pids_in_namespaces() -> Result<Vec<i32>, LabError> {
     let mut pids = Vec::new();
     for ns in existing_namespaces()? {
-        let out = run("ip", &["netns", "pids", &ns])?;
-        pids.extend(out.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        pids.extend(pids_in(&ns)?);
     }
     Ok(pids)
+}
+
+/// PIDs of every process inside namespace `ns`.
+pub fn pids_in(ns: &str) -> Result<Vec<i32>, LabError> {
+    let out = run("ip", &["netns", "pids", ns])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .collect())
 }
 
 /// Brings every link of host `h` (production, A-links, management) down or up; on the way

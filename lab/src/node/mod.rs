@@ -1,19 +1,20 @@
 //! The per-host node process (started by `up` inside a host namespace): the product's agent
-//! ([`xenft_agent::runtime::Agent`]) with lab implementations of its component seams.
+//! ([`xenft_agent::runtime::Agent`]), the production disk driver over this host's
+//! `xenft-blkback` process, and lab implementations of the other component seams.
 //!
 //! The agent decides — membership over the A-link (heartbeat channel of a
 //! [`xenft_alink::Link`]) and the management network (UDP through the quorum namespace),
-//! quorum leases from `xenft-quorum`, fencing, take-over, re-protection — and the node carries
-//! its commands out on real in-process components:
+//! quorum leases from `xenft-quorum`, fencing, take-over, re-protection — and its commands
+//! are carried out:
 //!
-//! | agent seam | what the node does |
+//! | agent seam | what runs |
 //! |---|---|
-//! | `Checkpointer::resume_last_epoch` | checkpoint secondary failover (guest resumed from the last committed epoch), the disk copy becomes a blkback [`Primary`], the service recovers its counter from it and claims the service address |
-//! | `NetRelay::announce` | gratuitous ARPs for the service address ([`xenft_netback::frame`]) |
-//! | `DiskMirror::sync` | starts the blkback mirror and the checkpoint stream to the peer on this host's replication link, and returns once the disk is in sync and checkpoints are committed |
-//! | `DiskMirror::suspend` / `redirect` | nothing to do: the mirror tracks dirty regions and switches to remote mode by itself |
-//! | `DomainStarter::pause` / `resume` | fence: the service stops answering and drops the address, the guest gets SIGSTOP (and back) |
-//! | `DomainStarter::destroy` | the peer owns the VM: drop the copy and restart this node process, which then follows the agent as the secondary |
+//! | `DiskMirror` (sync, suspend, redirect, promote) | production: [`xenft_agent::drivers::blkback::BlkbackDriver`] on this host's `xenft-blkback` (primary serving the VM's disk over NBD and mirroring it over its own A-link, or the secondary holding the copy; promoted on take-over); blkback's events reach the agent through [`xenft_agent::drivers::events::follow`] |
+//! | `Checkpointer::resume_last_epoch` | lab: checkpoint secondary failover (guest resumed from the last committed epoch), the service reconnects to the promoted blkback's NBD export, recovers its counter from it and claims the service address |
+//! | `Checkpointer::protect` | lab: starts the checkpoint stream to the peer on this host's replication link and returns once a checkpoint is committed |
+//! | `NetRelay::announce` / `redirect` | lab: gratuitous ARPs for the service address ([`xenft_netback::frame`]); the uplink relay through the peer |
+//! | `DomainStarter::pause` / `resume` | lab: fence: the service stops answering and drops the address, the guest gets SIGSTOP (and back) |
+//! | `DomainStarter::destroy` | lab: the peer owns the VM: drop the copy, stop blkback and restart this node process, which then follows the agent as the secondary |
 //!
 //! Replication links: one per direction ([`Host::replication_port`]), so a node that took the
 //! VM over replicates back to its peer on a link its process never used (a link's channels
@@ -23,17 +24,21 @@
 //! replica memory, disk copy marked fresh: the new primary runs a full disk sync — blkback's
 //! dirty-only resync needs the failed primary's bitmap, which a dead host does not hand over).
 //!
-//! SIGUSR1 makes the running copy's store fail with EIO (the disk drill).
+//! The disk drill truncates the running copy's disk file under its `xenft-blkback`, which
+//! then serves the disk from the peer's copy (remote mode) and tells the agent.
 //!
 //! # Files
 //! - `mod.rs`: configuration, the agent's configuration and timing, the process's main loop;
-//! - `seams.rs`: `LabSeams`, the lab's implementation of the agent's seam traits;
-//! - `vm.rs`: the VM's in-process components (guest, checkpoint engine, blkback mirror or copy,
-//!   service) and what the seams do with them;
+//! - `seams.rs`: `LabSeams`, the lab's implementation of the agent's domain, network and
+//!   checkpoint seams;
+//! - `disk.rs`: this host's `xenft-blkback` process, its production driver and the NBD disk;
+//! - `vm.rs`: the VM's in-process components (guest, checkpoint engine, service) and what the
+//!   seams do with them;
 //! - `network.rs`: the service address (claim, release, gratuitous ARP) and the uplink relay;
 //! - `protection.rs`: protect / unprotect from the console;
 //! - `status.rs`: the node's status file.
 
+mod disk;
 mod network;
 mod protection;
 mod seams;
@@ -126,6 +131,8 @@ pub struct NodeConfig {
     pub epoch_ms: u64,
     /// Guest dirtying rate, bytes/s.
     pub dirty_rate: u64,
+    /// `xenft-blkback`.
+    pub blkback_binary: PathBuf,
     /// Agent timing: the product's defaults rather than [`lab_timing`].
     pub product_timing: bool,
 }
@@ -141,7 +148,8 @@ struct Node {
     restart: AtomicBool,
     /// Protection removed from the console: do not become the secondary until protected.
     unprotected: AtomicBool,
-    disk_failed_ms: Mutex<Option<u64>>,
+    /// This host's `xenft-blkback` process.
+    blk: Mutex<Option<std::process::Child>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -289,7 +297,7 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         inputs: Arc::new(OnceLock::new()),
         restart: AtomicBool::new(false),
         unprotected: AtomicBool::new(false),
-        disk_failed_ms: Mutex::new(None),
+        blk: Mutex::new(None),
     });
 
     // Fresh pool (the agent has no record): the configured primary boots the VM, the other
@@ -307,9 +315,12 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
             *lock(&node.vm) = Vm::Replica(rep);
         }
     }
+    // The disk goes through the production driver of this host's xenft-blkback.
+    let drivers = node.vm_drivers();
+    let real = xenft_agent::drivers::real_seams(&drivers, None);
     let seams = Seams {
         domains: Arc::new(LabSeams(Arc::clone(&node))),
-        disk: Arc::new(LabSeams(Arc::clone(&node))),
+        disk: real.disk,
         net: Arc::new(LabSeams(Arc::clone(&node))),
         checkpoint: Arc::new(LabSeams(Arc::clone(&node))),
     };
@@ -323,6 +334,10 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         .map_err(|e| LabError::component("agent", e))?;
     let _ = node.hub.set(agent.hub());
     let _ = node.inputs.set(agent.inputs());
+    // What blkback pushes (a failed store) reaches the agent through the production follower.
+    let stop_events = Arc::new(AtomicBool::new(false));
+    let _followers = xenft_agent::drivers::events::follow(&drivers, &agent.inputs(), &stop_events)
+        .map_err(|e| LabError::component("component event followers", e))?;
     let _status = rt
         .block_on(StatusServer::start(listen, None, agent.hub()))
         .map_err(|e| LabError::component("agent status API", e))?;
@@ -376,19 +391,6 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         });
     }
 
-    let mut sig = rt
-        .block_on(async {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-        })
-        .map_err(|e| LabError::component("signal handler", e))?;
-    let n = Arc::clone(&node);
-    rt.spawn(async move {
-        while sig.recv().await.is_some() {
-            let n = Arc::clone(&n);
-            let _ = tokio::task::spawn_blocking(move || n.fail_store()).await;
-        }
-    });
-
     let mut uplink = None;
     loop {
         node.watch_uplink(&mut uplink);
@@ -425,6 +427,7 @@ mod tests {
             disk_bytes: 64 << 20,
             epoch_ms: 100,
             dirty_rate: 1 << 20,
+            blkback_binary: PathBuf::from("/nonexistent"),
             product_timing,
         }
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use xenft_agent::ids::{HostId, VmId};
-use xenft_agent::seams::{Checkpointer, DiskMirror, DomainStarter, NetRelay, SeamError};
+use xenft_agent::seams::{Checkpointer, DomainStarter, NetRelay, SeamError};
 
 /// The lab's implementation of every agent seam, on the node's components.
 use super::network::announce;
@@ -57,44 +57,6 @@ impl DomainStarter for LabSeams {
     }
 }
 
-impl DiskMirror for LabSeams {
-    fn sync(&self, vm: &VmId, _peer: &HostId, full: bool) -> Result<(), SeamError> {
-        Self::check(vm, "sync")?;
-        let t = Instant::now();
-        self.0.sync().map_err(|e| seam_err("sync", e))?;
-        self.0.event(
-            &format!(
-                "{VM} in sync with {} ({} ms)",
-                self.0.me().peer().name(),
-                t.elapsed().as_millis()
-            ),
-            if full {
-                "initial sync: disk copied, memory checkpoints committed"
-            } else {
-                "resync: disk in sync, memory checkpoints committed"
-            },
-        );
-        Ok(())
-    }
-    fn suspend(&self, vm: &VmId) -> Result<(), SeamError> {
-        Self::check(vm, "suspend")
-        // The mirror tracks the writes in its dirty bitmap by itself while no session
-        // exists, and the checkpoint stream waits on the link: nothing to stop.
-    }
-    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
-        Self::check(vm, "disk redirect")?;
-        let vm = lock(&self.0.vm);
-        match &*vm {
-            // blkback switched to the peer's copy (remote mode) at the first EIO.
-            Vm::Running(r) if !on || r.mirror.status().local_failure.is_some() => Ok(()),
-            _ => Err(seam_err(
-                "disk redirect",
-                "the mirror is not in remote mode",
-            )),
-        }
-    }
-}
-
 impl NetRelay for LabSeams {
     fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
         Self::check(vm, "uplink redirect")?;
@@ -109,6 +71,19 @@ impl NetRelay for LabSeams {
 }
 
 impl Checkpointer for LabSeams {
+    fn protect(&self, vm: &VmId, peer: &HostId) -> Result<(), SeamError> {
+        Self::check(vm, "protect")?;
+        let t = Instant::now();
+        self.0
+            .protect_memory()
+            .map_err(|e| seam_err("protect", e))?;
+        self.0.event(
+            &format!("{VM} in sync with {peer} ({} ms)", t.elapsed().as_millis()),
+            "disk in sync (blkback), memory checkpoints committed",
+        );
+        Ok(())
+    }
+
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
         Self::check(vm, "resume")?;
         self.0

@@ -1,6 +1,5 @@
 //! What a node writes to its status file: the agent's view, the A-link, the VM's components.
 
-use xenft_blkback::mirror::primary::PeerLink;
 use xenft_checkpoint::engine::primary::Phase as CkptPhase;
 
 use crate::now_ms;
@@ -71,7 +70,7 @@ impl Node {
             checkpoint: CheckpointView::default(),
             disk_state: String::new(),
             disk: serde_json::Value::Null,
-            disk_failed_ms: *lock(&self.disk_failed_ms),
+            disk_failed_ms: None,
             takeover: None,
             agent: self.agent_view(),
         };
@@ -86,8 +85,7 @@ impl Node {
                     committed_epoch: s.committed_epoch.unwrap_or(0),
                     ..CheckpointView::default()
                 };
-                st.disk_state = "copy".into();
-                st.disk = serde_json::to_value(rep.copy.status()).unwrap_or_default();
+                (st.disk_state, st.disk) = self.disk_view(true);
             }
             Vm::Running(r) => {
                 st.role = if r.paused {
@@ -120,20 +118,7 @@ impl Node {
                         ..CheckpointView::default()
                     },
                 };
-                let d = r.mirror.status();
-                st.disk_state = if d.local_failure.is_some() {
-                    "remote".into()
-                } else if r.out_link.is_none() {
-                    "local".into()
-                } else {
-                    match d.peer {
-                        PeerLink::InSync => "in_sync",
-                        PeerLink::Resyncing => "resyncing",
-                        PeerLink::Degraded => "degraded",
-                    }
-                    .into()
-                };
-                st.disk = serde_json::to_value(&d).unwrap_or_default();
+                (st.disk_state, st.disk) = self.disk_view(r.out_link.is_some());
             }
         }
         st

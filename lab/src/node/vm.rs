@@ -6,15 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xenft_agent::core::Input;
-use xenft_agent::decision::{Action, Component};
+use xenft_agent::decision::Action;
 use xenft_alink::{Link, LinkConfig, PathConfig};
-use xenft_blkback::mirror::alink::{AlinkAcceptor, AlinkConnector};
-use xenft_blkback::mirror::bitmap::{DirtyBitmap, DEFAULT_CHUNK};
-use xenft_blkback::mirror::primary::{MirrorConfig, PeerLink, Primary};
-use xenft_blkback::mirror::secondary::Secondary;
-use xenft_blkback::store::{FaultyStore, FileStore, Store};
-use xenft_blkback::volume::Volume;
 use xenft_checkpoint::engine::commit::CommitSink;
 use xenft_checkpoint::engine::primary::{
     start_protection, EpochPolicy, Phase as CkptPhase, PrimaryConfig, Protection,
@@ -23,13 +16,14 @@ use xenft_checkpoint::engine::secondary::{start_secondary, SecondaryConfig, Seco
 use xenft_checkpoint::local::{LocalDomain, LocalGuestConfig};
 use xenft_checkpoint::workload::{Pattern, WorkloadSpec, WorkloadState};
 
-use crate::service::Service;
+use crate::service::{NbdDisk, Service};
 use crate::state::Takeover;
 use crate::topology::{Host, SERVICE_IP, SERVICE_PORT};
 use crate::{now_ms, LabError};
 
+use super::disk::Role;
 use super::network::{announce, bind_service, claim_address, release_address};
-use super::{lock, vm_id, with_port, Node, PATH_HEARTBEAT, PATH_TIMEOUT, SYNC_TIMEOUT, VM};
+use super::{lock, with_port, Node, PATH_HEARTBEAT, PATH_TIMEOUT, SYNC_TIMEOUT, VM};
 
 pub(super) struct LastCommit(AtomicU64);
 
@@ -50,13 +44,10 @@ pub(super) enum Guest {
 pub(super) struct Running {
     pub(super) guest: Guest,
     pub(super) guest_pid: Option<u32>,
-    pub(super) faulty: Arc<FaultyStore<FileStore>>,
-    pub(super) mirror: Arc<Primary>,
     pub(super) svc: Arc<Service>,
     pub(super) svc_task: tokio::task::JoinHandle<()>,
     pub(super) paused: bool,
     pub(super) out_link: Option<Link>,
-    pub(super) mirror_task: Option<tokio::task::JoinHandle<()>>,
     pub(super) takeover: Option<Takeover>,
 }
 
@@ -64,21 +55,16 @@ impl Running {
     /// A copy that just started running here (booted or resumed), not replicating yet.
     fn new(
         domain: LocalDomain,
-        faulty: Arc<FaultyStore<FileStore>>,
-        mirror: Arc<Primary>,
         (svc, svc_task): (Arc<Service>, tokio::task::JoinHandle<()>),
         takeover: Option<Takeover>,
     ) -> Self {
         Self {
             guest_pid: domain.guest_pid(),
             guest: Guest::Bare(domain),
-            faulty,
-            mirror,
             svc,
             svc_task,
             paused: false,
             out_link: None,
-            mirror_task: None,
             takeover,
         }
     }
@@ -86,7 +72,6 @@ impl Running {
 
 pub(super) struct Replica {
     pub(super) link: Link,
-    pub(super) copy: Arc<Secondary>,
     pub(super) sec: SecondaryHandle<LocalDomain>,
 }
 
@@ -131,52 +116,10 @@ impl Node {
             .map_err(|e| LabError::component("replication link", e))
     }
 
-    /// The disk file as a store that the disk drill can make fail.
-    pub(super) fn open_store(&self) -> Result<Arc<FaultyStore<FileStore>>, LabError> {
-        let file = FileStore::open(&self.file("disk"), Some(self.cfg.disk_bytes))
-            .map_err(|e| LabError::component("disk", e))?;
-        Ok(Arc::new(FaultyStore::new(file)))
-    }
-
-    /// A mirror on `store` with a fresh dirty bitmap (never synced: the first session with
-    /// a peer is a full sync).
-    pub(super) fn fresh_mirror(&self, store: Arc<dyn Store>) -> Result<Arc<Primary>, LabError> {
-        let path = self.file("bitmap");
-        let _ = std::fs::remove_file(&path);
-        let bitmap = DirtyBitmap::open(&path, store.size(), DEFAULT_CHUNK)
-            .map_err(|e| LabError::component("dirty bitmap", e))?;
-        let mirror = Primary::new(
-            store,
-            bitmap,
-            MirrorConfig {
-                ack_timeout: Duration::from_millis(3000),
-                ..MirrorConfig::default()
-            },
-        );
-        // Local store failures go to the agent (class (d)).
-        let mut failures = mirror.subscribe_failures();
-        let inputs = Arc::clone(&self.inputs);
-        self.handle.spawn(async move {
-            while let Ok(detail) = failures.recv().await {
-                if let Some(tx) = inputs.get() {
-                    let _ = tx
-                        .send(Input::Component {
-                            vm: Some(vm_id()),
-                            component: Component::Disk,
-                            ok: false,
-                            detail,
-                        })
-                        .await;
-                }
-            }
-        });
-        Ok(mirror)
-    }
-
     /// Adds the service address to this host and starts the service on `volume`.
     pub(super) fn start_service(
         &self,
-        volume: Arc<Volume>,
+        volume: Arc<NbdDisk>,
     ) -> Result<(Arc<Service>, tokio::task::JoinHandle<()>), LabError> {
         claim_address()?;
         let svc = self
@@ -199,10 +142,8 @@ impl Node {
 
     /// Boots the guest and the service here (fresh pool, or the agent's restart).
     pub(super) fn boot(&self) -> Result<Running, LabError> {
-        let faulty = self.open_store()?;
-        let store: Arc<dyn Store> = faulty.clone();
-        let mirror = self.fresh_mirror(Arc::clone(&store))?;
-        let volume = Volume::mirrored(store, Arc::clone(&mirror));
+        self.start_blkback(Role::Primary)?;
+        let volume = self.open_disk()?;
         let domain = LocalDomain::spawn(&LocalGuestConfig {
             binary: self.cfg.guest_binary.clone(),
             memory_bytes: self.cfg.memory_bytes,
@@ -218,22 +159,13 @@ impl Node {
             &format!("{VM} runs here; service up on {SERVICE_IP}:{SERVICE_PORT}"),
             "guest booted, disk served by blkback (mirror waits for the agent's sync)",
         );
-        Ok(Running::new(domain, faulty, mirror, (svc, svc_task), None))
+        Ok(Running::new(domain, (svc, svc_task), None))
     }
 
     /// Becomes the secondary of the VM running on `primary`.
     pub(super) fn replica(&self, primary: Host) -> Result<Replica, LabError> {
-        // The copy is stale: declare it fresh so that the primary copies everything.
-        let _ = std::fs::remove_file(self.file("disk-state"));
-        let store: Arc<dyn Store> = Arc::new(
-            FileStore::open(&self.file("disk"), Some(self.cfg.disk_bytes))
-                .map_err(|e| LabError::component("disk copy", e))?,
-        );
-        let copy = Secondary::new(store, self.file("disk-state"));
+        self.start_blkback(Role::Secondary)?;
         let link = self.replication_link(primary)?;
-        let acceptor = AlinkAcceptor::new(&link)
-            .ok_or_else(|| LabError::component("disk mirror", "disk channel already taken"))?;
-        self.handle.spawn(Arc::clone(&copy).serve(acceptor));
         let replica = LocalDomain::replica(self.cfg.guest_binary.clone(), self.cfg.memory_bytes)
             .map_err(|e| LabError::component("replica memory", e))?;
         let endpoint = xenft_checkpoint::alink::endpoint(&link, self.handle.clone())
@@ -244,7 +176,7 @@ impl Node {
             &format!("secondary of {VM} (runs on {})", primary.name()),
             "replica memory and disk copy wait for the primary's sync",
         );
-        Ok(Replica { link, copy, sec })
+        Ok(Replica { link, sec })
     }
 
     /// The agent's latest `fail_over` decision, if any.
@@ -266,20 +198,18 @@ impl Node {
         let Vm::Replica(rep) = std::mem::replace(&mut *vm, Vm::Standby) else {
             return Err(LabError::WrongState("no replica to resume here".into()));
         };
-        let Replica { link, copy, sec } = rep;
+        let Replica { link, sec } = rep;
         let (domain, epoch) = sec
             .failover()
             .map_err(|e| LabError::component("checkpoint failover", e))?;
         link.shutdown();
-        drop(copy);
         self.event(
             &format!("guest resumed from checkpoint {epoch}"),
             "the last checkpoint applied whole on this host",
         );
-        let faulty = self.open_store()?;
-        let store: Arc<dyn Store> = faulty.clone();
-        let mirror = self.fresh_mirror(Arc::clone(&store))?;
-        let volume = Volume::mirrored(store, Arc::clone(&mirror));
+        // The agent promoted this host's blkback before asking for the resume: it serves the
+        // disk copy now.
+        let volume = self.open_disk()?;
         let (svc, svc_task) = self.start_service(volume)?;
         let serving_ms = now_ms();
         let reason = self
@@ -300,19 +230,13 @@ impl Node {
             recovered_count: svc.count(),
             reason,
         };
-        *vm = Vm::Running(Running::new(
-            domain,
-            faulty,
-            mirror,
-            (svc, svc_task),
-            Some(takeover),
-        ));
+        *vm = Vm::Running(Running::new(domain, (svc, svc_task), Some(takeover)));
         Ok(())
     }
 
-    /// Starts replication to the peer if it is not running, then waits until the disk is in
-    /// sync and a checkpoint is committed.
-    pub(super) fn sync(&self) -> Result<(), LabError> {
+    /// Starts the checkpoint stream to the peer if it is not running, then waits until a
+    /// checkpoint is committed (the agent has waited for the disk sync through blkback).
+    pub(super) fn protect_memory(&self) -> Result<(), LabError> {
         {
             let mut vm = lock(&self.vm);
             let Vm::Running(r) = &mut *vm else {
@@ -331,10 +255,6 @@ impl Node {
                         }
                     }
                 };
-                let connector = AlinkConnector::new(link.clone()).ok_or_else(|| {
-                    LabError::component("disk mirror", "disk channel already taken")
-                })?;
-                r.mirror_task = Some(self.handle.spawn(Arc::clone(&r.mirror).run(connector)));
                 let endpoint = xenft_checkpoint::alink::endpoint(&link, self.handle.clone())
                     .map_err(|e| LabError::component("checkpoint channel", e))?;
                 r.out_link = Some(link);
@@ -353,7 +273,7 @@ impl Node {
                 }
                 self.event(
                     &format!("replicating {VM} to {}", self.me().peer().name()),
-                    "the agent asked for a sync: disk mirror and checkpoint stream started",
+                    "the disk is in sync (blkback): checkpoint stream started",
                 );
             }
         }
@@ -364,7 +284,6 @@ impl Node {
                 let Vm::Running(r) = &*vm else {
                     return Err(LabError::WrongState("the VM stopped running here".into()));
                 };
-                let disk_ok = r.mirror.status().peer == PeerLink::InSync;
                 let ckpt = match &r.guest {
                     Guest::Protected(p) => {
                         let s = p.status();
@@ -375,12 +294,12 @@ impl Node {
                     }
                     _ => false,
                 };
-                if disk_ok && ckpt {
+                if ckpt {
                     return Ok(());
                 }
             }
             if start.elapsed() > SYNC_TIMEOUT {
-                return Err(LabError::Timeout("sync to the peer".into()));
+                return Err(LabError::Timeout("checkpoint stream to the peer".into()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -438,6 +357,8 @@ impl Node {
             }
         }
         *vm = Vm::Standby; // drops the guest (killed) and the replication link
+        drop(vm);
+        self.stop_blkback();
         self.restart.store(true, Ordering::SeqCst);
     }
 
@@ -464,8 +385,8 @@ impl Node {
     }
 
     /// Stops replicating (protection removed): the running copy stops its checkpoint stream
-    /// and disk mirror (the guest keeps running, writes are tracked in the dirty bitmap);
-    /// a secondary drops its replica.
+    /// (the guest keeps running; blkback keeps mirroring the disk while the peer's copy is
+    /// there); a secondary drops its memory replica.
     pub(super) fn stop_replication(&self) {
         self.unprotected.store(true, Ordering::SeqCst);
         let mut vm = lock(&self.vm);
@@ -480,9 +401,6 @@ impl Node {
                         }
                     }
                 }
-                if let Some(t) = r.mirror_task.take() {
-                    t.abort();
-                }
                 if let Some(l) = r.out_link.take() {
                     l.shutdown();
                 }
@@ -492,16 +410,6 @@ impl Node {
                 *vm = Vm::Standby;
             }
             Vm::Standby => {}
-        }
-    }
-
-    pub(super) fn fail_store(&self) {
-        let vm = lock(&self.vm);
-        if let Vm::Running(r) = &*vm {
-            r.faulty.fail();
-            let t = now_ms();
-            *lock(&self.disk_failed_ms) = Some(t);
-            self.event("local store fails (EIO)", "fault injected by the drill");
         }
     }
 }
