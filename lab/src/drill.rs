@@ -18,7 +18,7 @@ use crate::pool::{node_status, protected_primary, restart_node};
 use crate::service::{parse_check, CheckResult};
 use crate::state::{Event, NodeStatus, PoolRecord, StateDir};
 use crate::topology::{
-    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT,
+    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT, VM_IF,
 };
 use crate::{now_ms, require_root, LabError};
 
@@ -485,7 +485,7 @@ fn host(
     std::thread::sleep(cfg.hold);
     let repair = Instant::now();
     let vip = format!("{SERVICE_IP}/24");
-    let _ = topology::ip_in(p.netns(), &["addr", "del", &vip, "dev", PROD_IF]);
+    let _ = topology::ip_in(p.vm_netns(), &["addr", "del", &vip, "dev", VM_IF]);
     topology::set_host_links(p, true)?;
     restart_node(dir, p)?;
     match wait_protected(dir, s, repair, Duration::from_secs(240))? {
@@ -595,7 +595,8 @@ fn heal(dir: &StateDir, r: &mut DrillReport, p: Host, repair: Instant) -> Result
     Ok(())
 }
 
-/// Which host answers `GET` on the service address from inside `from`'s namespace.
+/// Which host's copy answers `GET` on the service address inside the VM's namespace on
+/// `from` (the copy there, if it holds the address and serves).
 fn who_serves(exe: &Path, from: Host) -> Option<String> {
     let addr = format!("{SERVICE_IP}:{SERVICE_PORT}");
     let out = topology::run(
@@ -603,7 +604,7 @@ fn who_serves(exe: &Path, from: Host) -> Option<String> {
         &[
             "netns",
             "exec",
-            from.netns(),
+            from.vm_netns(),
             &exe.display().to_string(),
             "ask",
             "--addr",
@@ -844,8 +845,8 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
         r.fail(format!("{} stopped serving", p.name()));
     }
     r.action = format!(
-        "no failover; {} keeps running vm1, its traffic goes over alink1 and {} relays it to \
-         the production network (proxy ARP for the service address + host route)",
+        "no failover; {} keeps running vm1, its xenft-netback tunnels the VM's frames over the \
+         A-link to {}'s xenft-netback, which relays them to the production network",
         p.name(),
         s.name()
     );
@@ -865,13 +866,16 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
         )),
     }
     let restored = wait_for(Duration::from_secs(10), || {
-        Ok(dir
-            .events_since(repair_ms)?
-            .into_iter()
-            .find(|e| e.host == p.name() && e.what == "uplink restored"))
+        Ok(status(dir, p)?
+            .net
+            .is_some_and(|n| !n.redirecting && n.uplink_up)
+            .then_some(()))
     })?;
     if restored.is_none() {
-        r.fail(format!("{} never announced its own uplink again", p.name()));
+        r.fail(format!(
+            "{}'s netback never went back to its own uplink",
+            p.name()
+        ));
     }
     if !wait_acks_after(dir, now_ms(), 5, Duration::from_secs(10))? {
         r.fail("the client was not served after the uplink came back");

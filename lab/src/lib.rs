@@ -136,6 +136,24 @@ pub fn require_root() -> Result<(), LabError> {
     }
 }
 
+/// Starts `cmd` as a daemon of the pool: no stdin, no stdout, its log (`RUST_LOG=info`) on
+/// stderr into `log`. The lab's nodes start their hosts' components so, and so do the
+/// integration tests' pools.
+///
+/// # Errors
+/// When the program cannot be started.
+pub fn spawn_logged(
+    cmd: &mut std::process::Command,
+    log: std::fs::File,
+) -> std::io::Result<std::process::Child> {
+    use std::process::Stdio;
+    cmd.env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+}
+
 /// Milliseconds since the Unix epoch (shared clock of every lab process).
 #[must_use]
 pub fn now_ms() -> u64 {

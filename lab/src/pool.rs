@@ -130,6 +130,7 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
     for (bin, package) in [
         (quorum_bin.clone(), "xenft-agent"),
         (cfg.exe.with_file_name("xenft-blkback"), "xenft-blkback"),
+        (cfg.exe.with_file_name("xenft-netback"), "xenft-netback"),
     ] {
         if !bin.is_file() {
             return Err(LabError::WrongState(format!(

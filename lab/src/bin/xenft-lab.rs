@@ -251,6 +251,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 epoch_ms,
                 dirty_rate: 1 << 20,
                 blkback_binary: exe.with_file_name("xenft-blkback"),
+                netback_binary: exe.with_file_name("xenft-netback"),
                 product_timing: parse_timing(&agent_timing)?,
             })?;
         }

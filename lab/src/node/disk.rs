@@ -9,19 +9,17 @@
 //! then copies everything, as there is no bitmap exchange between former roles); on a
 //! take-over the agent promotes the secondary (`promote`), which then serves the disk.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xenft_agent::drivers::blkback::BlkbackDriver;
-use xenft_agent::drivers::{BlkbackFile, VmDriversFile};
-use xenft_agent::ids::VmId;
+use xenft_agent::drivers::BlkbackFile;
 use xenft_control::blkback::{NodeStatus as BlkStatus, PeerLink};
 use xenft_control::Client;
 
-use super::{lock, vm_id, with_port, Node, PATH_TIMEOUT, SYNC_TIMEOUT};
+use super::process::{args, stop_component};
+use super::{Node, PATH_TIMEOUT, SYNC_TIMEOUT};
 use crate::service::NbdDisk;
 use crate::LabError;
 
@@ -29,7 +27,7 @@ use crate::LabError;
 pub const BLKBACK_PORT: u16 = 7130;
 /// One control request to blkback at most this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a starting blkback may take to answer on its control socket.
+/// How long the NBD export may take to accept the service.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A blkback role.
@@ -59,21 +57,13 @@ impl Node {
         self.file("nbd.sock")
     }
 
-    /// The agent's driver configuration of this host's components.
-    pub(super) fn vm_drivers(&self) -> BTreeMap<VmId, VmDriversFile> {
-        BTreeMap::from([(
-            vm_id(),
-            VmDriversFile {
-                domain: None,
-                blkback: Some(BlkbackFile {
-                    control: self.blk_ctl(),
-                    request_timeout_ms: 5000,
-                    sync_timeout_ms: u64::try_from(SYNC_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
-                }),
-                netback: None,
-                checkpoint: None,
-            },
-        )])
+    /// The agent's configuration of this host's blkback driver.
+    pub(super) fn blkback_file(&self) -> BlkbackFile {
+        BlkbackFile {
+            control: self.blk_ctl(),
+            request_timeout_ms: 5000,
+            sync_timeout_ms: u64::try_from(SYNC_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+        }
     }
 
     /// The production driver of this host's blkback.
@@ -92,67 +82,36 @@ impl Node {
         let _ = std::fs::remove_file(self.blk_ctl());
         let _ = std::fs::remove_file(self.nbd_sock());
         let (me, peer) = (self.me(), self.me().peer());
-        let mut args: Vec<String> = [
-            "--role",
-            role.as_str(),
-            "--size",
-            &self.cfg.disk_bytes.to_string(),
-            "--host",
-            me.name(),
-            "--peer-host",
-            peer.name(),
-            "--alink-path-timeout-ms",
-            &PATH_TIMEOUT.as_millis().to_string(),
-            "--ack-timeout-ms",
-            "3000",
-        ]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect();
-        for (flag, path) in [
-            ("--disk", disk),
-            ("--nbd-unix", self.nbd_sock()),
-            ("--control", self.blk_ctl()),
-            ("--secret-file", self.cfg.dir.file("secret")),
-        ] {
-            args.push(flag.into());
-            args.push(path.display().to_string());
-        }
-        for p in 0..2 {
-            args.push("--alink-path".into());
-            args.push(format!(
-                "{}={}",
-                with_port(me.alink_addr(p), BLKBACK_PORT),
-                with_port(peer.alink_addr(p), BLKBACK_PORT)
-            ));
-        }
-        let log = self
-            .cfg
-            .dir
-            .open_log(&format!("{}.blkback.log", self.me().name()))?;
-        let child = Command::new(&self.cfg.blkback_binary)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|source| LabError::Spawn {
-                cmd: self.cfg.blkback_binary.display().to_string(),
-                source,
-            })?;
-        *lock(&self.blk) = Some(child);
-        let start = Instant::now();
-        while self.blkback().status().is_err() {
-            if start.elapsed() > START_TIMEOUT {
-                return Err(LabError::Timeout(format!(
-                    "xenft-blkback ({}) did not answer on {}",
-                    role.as_str(),
-                    self.blk_ctl().display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut args = args(
+            &[
+                "--role",
+                role.as_str(),
+                "--size",
+                &self.cfg.disk_bytes.to_string(),
+                "--host",
+                me.name(),
+                "--peer-host",
+                peer.name(),
+                "--alink-path-timeout-ms",
+                &PATH_TIMEOUT.as_millis().to_string(),
+                "--ack-timeout-ms",
+                "3000",
+            ],
+            &[
+                ("--disk", disk),
+                ("--nbd-unix", self.nbd_sock()),
+                ("--control", self.blk_ctl()),
+                ("--secret-file", self.cfg.dir.file("secret")),
+            ],
+        );
+        args.extend(self.alink_path_args(BLKBACK_PORT));
+        self.start_component(
+            &self.blk,
+            "blkback",
+            &self.cfg.blkback_binary,
+            &args,
+            || self.blkback().status().is_ok(),
+        )?;
         self.event(
             &format!("xenft-blkback started ({})", role.as_str()),
             match role {
@@ -165,10 +124,7 @@ impl Node {
 
     /// Stops this host's blkback, if this node started one.
     pub(super) fn stop_blkback(&self) {
-        if let Some(mut c) = lock(&self.blk).take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop_component(&self.blk);
     }
 
     /// Connects to this host's NBD export (blkback serving as primary).

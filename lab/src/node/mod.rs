@@ -1,6 +1,7 @@
 //! The per-host node process (started by `up` inside a host namespace): the product's agent
-//! ([`xenft_agent::runtime::Agent`]), the production disk driver over this host's
-//! `xenft-blkback` process, and lab implementations of the other component seams.
+//! ([`xenft_agent::runtime::Agent`]), the production disk and network drivers over this host's
+//! `xenft-blkback` and `xenft-netback` processes, and lab implementations of the domain and
+//! checkpoint seams.
 //!
 //! The agent decides — membership over the A-link (heartbeat channel of a
 //! [`xenft_alink::Link`]) and the management network (UDP through the quorum namespace),
@@ -12,9 +13,9 @@
 //! | `DiskMirror` (sync, suspend, redirect, promote) | production: [`xenft_agent::drivers::blkback::BlkbackDriver`] on this host's `xenft-blkback` (primary serving the VM's disk over NBD and mirroring it over its own A-link, or the secondary holding the copy; promoted on take-over); blkback's events reach the agent through [`xenft_agent::drivers::events::follow`] |
 //! | `Checkpointer::resume_last_epoch` | lab: checkpoint secondary failover (guest resumed from the last committed epoch), the service reconnects to the promoted blkback's NBD export, recovers its counter from it and claims the service address |
 //! | `Checkpointer::protect` | lab: starts the checkpoint stream to the peer on this host's replication link and returns once a checkpoint is committed |
-//! | `NetRelay::announce` / `redirect` | lab: gratuitous ARPs for the service address ([`xenft_netback::frame`]); the uplink relay through the peer |
-//! | `DomainStarter::pause` / `resume` | lab: fence: the service stops answering and drops the address, the guest gets SIGSTOP (and back) |
-//! | `DomainStarter::destroy` | lab: the peer owns the VM: drop the copy, stop blkback and restart this node process, which then follows the agent as the secondary |
+//! | `NetRelay` (announce, redirect) | production: [`xenft_agent::drivers::netback::NetbackDriver`] on this host's `xenft-netback` (relay between the VM's vif `vif0` — its far end `vm0` in the VM's namespace holds the service address — and the uplink `prod0`; pass-through where the VM runs, standby on the other host; take-over announcement; the uplink redirect tunnels the VM's frames to the peer's relay over their own A-link); netback's events reach the agent through the same follower |
+//! | `DomainStarter::pause` / `resume` | lab: fence: the service stops answering and the VM's interface drops the address, the guest gets SIGSTOP (and back) |
+//! | `DomainStarter::destroy` | lab: the peer owns the VM: drop the copy, stop blkback and netback and restart this node process, which then follows the agent as the secondary |
 //!
 //! Replication links: one per direction ([`Host::replication_port`]), so a node that took the
 //! VM over replicates back to its peer on a link its process never used (a link's channels
@@ -31,15 +32,19 @@
 //! - `mod.rs`: configuration, the agent's configuration and timing, the process's main loop;
 //! - `seams.rs`: `LabSeams`, the lab's implementation of the agent's domain, network and
 //!   checkpoint seams;
-//! - `disk.rs`: this host's `xenft-blkback` process, its production driver and the NBD disk;
+//! - `disk.rs`: this host's `xenft-blkback` process, its driver and the NBD disk;
 //! - `vm.rs`: the VM's in-process components (guest, checkpoint engine, service) and what the
 //!   seams do with them;
-//! - `network.rs`: the service address (claim, release, gratuitous ARP) and the uplink relay;
+//! - `net.rs`: this host's `xenft-netback` process;
+//! - `network.rs`: the service address in the VM's namespace and the service's listener there;
+//! - `process.rs`: starting and stopping the component processes;
 //! - `protection.rs`: protect / unprotect from the console;
 //! - `status.rs`: the node's status file.
 
 mod disk;
+mod net;
 mod network;
+mod process;
 mod protection;
 mod seams;
 mod status;
@@ -57,19 +62,19 @@ use tokio::sync::mpsc;
 use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
 use xenft_agent::core::{Input, VmSpec};
 use xenft_agent::decision::Action;
+use xenft_agent::drivers::{NetbackFile, VmDriversFile};
 use xenft_agent::ids::{HostId, VmId};
 use xenft_agent::lifecycle::{Level, StateFile};
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{SeamError, Seams};
 use xenft_agent::status::{StatusHub, StatusServer};
 use xenft_agent::timing::Timing;
-use xenft_alink::{Channel, Link, LinkConfig, PathConfig};
+use xenft_alink::{Link, LinkConfig, PathConfig};
 
 use crate::state::{Event, StateDir};
 use crate::topology::{Host, ALINK_PORT, MGMT_HB_PORT, STATUS_PORT};
 use crate::{now_ms, LabError};
 
-use network::{release_address, RELAY_OFF, RELAY_ON};
 use protection::LabControl;
 use seams::LabSeams;
 use vm::Vm;
@@ -133,6 +138,8 @@ pub struct NodeConfig {
     pub dirty_rate: u64,
     /// `xenft-blkback`.
     pub blkback_binary: PathBuf,
+    /// `xenft-netback`.
+    pub netback_binary: PathBuf,
     /// Agent timing: the product's defaults rather than [`lab_timing`].
     pub product_timing: bool,
 }
@@ -150,6 +157,8 @@ struct Node {
     unprotected: AtomicBool,
     /// This host's `xenft-blkback` process.
     blk: Mutex<Option<std::process::Child>>,
+    /// This host's `xenft-netback` process.
+    net: Mutex<Option<std::process::Child>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,6 +212,25 @@ fn json_word<T: serde::Serialize>(v: &T) -> String {
 
 fn with_port(a: std::net::SocketAddr, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(a.ip(), port)
+}
+
+impl Node {
+    /// The agent's driver configuration of this host's components (production drivers).
+    fn vm_drivers(&self) -> BTreeMap<VmId, VmDriversFile> {
+        BTreeMap::from([(
+            vm_id(),
+            VmDriversFile {
+                domain: None,
+                blkback: Some(self.blkback_file()),
+                netback: Some(NetbackFile {
+                    control: self.net_ctl(),
+                    addresses: vec![std::net::IpAddr::V4(crate::topology::SERVICE_IP)],
+                    request_timeout_ms: 5000,
+                }),
+                checkpoint: None,
+            },
+        )])
+    }
 }
 
 /// The agent's configuration for host `me` (validated by the agent's own config code).
@@ -285,8 +313,6 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
     let agent_link = rt
         .block_on(Link::start(link_cfg))
         .map_err(|e| LabError::component("a-link", e))?;
-    // A host (re)starting never holds the service address.
-    release_address();
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         handle: rt.handle().clone(),
@@ -298,7 +324,10 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         restart: AtomicBool::new(false),
         unprotected: AtomicBool::new(false),
         blk: Mutex::new(None),
+        net: Mutex::new(None),
     });
+    // A host (re)starting never holds the service address.
+    node.release_address();
 
     // Fresh pool (the agent has no record): the configured primary boots the VM, the other
     // host waits for it as the secondary. Otherwise the node follows the agent.
@@ -315,13 +344,14 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
             *lock(&node.vm) = Vm::Replica(rep);
         }
     }
-    // The disk goes through the production driver of this host's xenft-blkback.
+    // The disk and the network go through the production drivers of this host's
+    // xenft-blkback and xenft-netback.
     let drivers = node.vm_drivers();
     let real = xenft_agent::drivers::real_seams(&drivers, None);
     let seams = Seams {
         domains: Arc::new(LabSeams(Arc::clone(&node))),
         disk: real.disk,
-        net: Arc::new(LabSeams(Arc::clone(&node))),
+        net: real.net,
         checkpoint: Arc::new(LabSeams(Arc::clone(&node))),
     };
     let listen = agent_cfg.status_listen;
@@ -375,25 +405,7 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         Arc::new(LabControl(Arc::clone(&node))),
     ));
 
-    // The peer's requests on the A-link's control channel (uplink relay).
-    if let Some(mut rx) = node.agent_link.receiver(Channel::Control) {
-        let n = Arc::clone(&node);
-        rt.spawn(async move {
-            while let Some(m) = rx.recv().await {
-                let on = match &m[..] {
-                    RELAY_ON => true,
-                    RELAY_OFF => false,
-                    _ => continue,
-                };
-                let n = Arc::clone(&n);
-                let _ = tokio::task::spawn_blocking(move || n.relay(on)).await;
-            }
-        });
-    }
-
-    let mut uplink = None;
     loop {
-        node.watch_uplink(&mut uplink);
         node.follow_agent();
         node.write_status();
         if node.restart.load(Ordering::SeqCst) {
@@ -428,6 +440,7 @@ mod tests {
             epoch_ms: 100,
             dirty_rate: 1 << 20,
             blkback_binary: PathBuf::from("/nonexistent"),
+            netback_binary: PathBuf::from("/nonexistent"),
             product_timing,
         }
     }

@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use xenft_agent::ids::{HostId, VmId};
-use xenft_agent::seams::{Checkpointer, DomainStarter, NetRelay, SeamError};
+use xenft_agent::seams::{Checkpointer, DomainStarter, SeamError};
 
 /// The lab's implementation of every agent seam, on the node's components.
-use super::network::announce;
 use super::vm::Vm;
 use super::{lock, seam_err, Node, VM};
 pub(super) struct LabSeams(pub(super) Arc<Node>);
@@ -54,19 +53,6 @@ impl DomainStarter for LabSeams {
         );
         self.0.destroy();
         Ok(())
-    }
-}
-
-impl NetRelay for LabSeams {
-    fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
-        Self::check(vm, "uplink redirect")?;
-        self.0
-            .uplink_redirect(on)
-            .map_err(|e| seam_err("uplink redirect", e))
-    }
-    fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
-        Self::check(vm, "announce")?;
-        announce().map_err(|e| seam_err("announce", e))
     }
 }
 

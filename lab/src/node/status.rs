@@ -3,7 +3,7 @@
 use xenft_checkpoint::engine::primary::Phase as CkptPhase;
 
 use crate::now_ms;
-use crate::state::{AgentView, CheckpointView, LinkView, NodeRole, NodeStatus, PathView};
+use crate::state::{AgentView, CheckpointView, LinkView, NetView, NodeRole, NodeStatus, PathView};
 
 use super::vm::{Guest, Vm};
 use super::{agent_timing, json_word, lock, Node, VM};
@@ -70,7 +70,12 @@ impl Node {
             checkpoint: CheckpointView::default(),
             disk_state: String::new(),
             disk: serde_json::Value::Null,
-            disk_failed_ms: None,
+            net: self.netback_counters().map(|c| NetView {
+                mode: json_word(&c.mode),
+                redirecting: c.redirect.redirecting,
+                serving_peer: c.redirect.serving_peer,
+                uplink_up: c.redirect.uplink_up,
+            }),
             takeover: None,
             agent: self.agent_view(),
         };

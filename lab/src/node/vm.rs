@@ -22,7 +22,7 @@ use crate::topology::{Host, SERVICE_IP, SERVICE_PORT};
 use crate::{now_ms, LabError};
 
 use super::disk::Role;
-use super::network::{announce, bind_service, claim_address, release_address};
+use super::net::Mode;
 use super::{lock, with_port, Node, PATH_HEARTBEAT, PATH_TIMEOUT, SYNC_TIMEOUT, VM};
 
 pub(super) struct LastCommit(AtomicU64);
@@ -121,7 +121,7 @@ impl Node {
         &self,
         volume: Arc<NbdDisk>,
     ) -> Result<(Arc<Service>, tokio::task::JoinHandle<()>), LabError> {
-        claim_address()?;
+        self.claim_address()?;
         let svc = self
             .handle
             .block_on(Service::recover(volume, self.me().name()));
@@ -134,7 +134,7 @@ impl Node {
     ) -> Result<(Arc<Service>, tokio::task::JoinHandle<()>), LabError> {
         let listener = self
             .handle
-            .block_on(bind_service())
+            .block_on(self.bind_service())
             .map_err(|e| LabError::component("service listener", e))?;
         let task = self.handle.spawn(Arc::clone(&svc).serve(listener));
         Ok((svc, task))
@@ -151,13 +151,11 @@ impl Node {
             tracking: xenft_checkpoint::local::guest::Tracking::Auto,
         })
         .map_err(|e| LabError::component("synthetic guest", e))?;
+        self.start_netback(Mode::Passthrough)?;
         let (svc, svc_task) = self.start_service(volume)?;
-        if let Err(e) = announce() {
-            self.event("announce failed", &e.to_string());
-        }
         self.event(
             &format!("{VM} runs here; service up on {SERVICE_IP}:{SERVICE_PORT}"),
-            "guest booted, disk served by blkback (mirror waits for the agent's sync)",
+            "guest booted, disk served by blkback (mirror waits for the agent's sync), network through netback",
         );
         Ok(Running::new(domain, (svc, svc_task), None))
     }
@@ -165,6 +163,7 @@ impl Node {
     /// Becomes the secondary of the VM running on `primary`.
     pub(super) fn replica(&self, primary: Host) -> Result<Replica, LabError> {
         self.start_blkback(Role::Secondary)?;
+        self.start_netback(Mode::Standby)?;
         let link = self.replication_link(primary)?;
         let replica = LocalDomain::replica(self.cfg.guest_binary.clone(), self.cfg.memory_bytes)
             .map_err(|e| LabError::component("replica memory", e))?;
@@ -312,7 +311,7 @@ impl Node {
         };
         r.svc.set_fenced(true);
         r.svc_task.abort();
-        release_address();
+        self.release_address();
         if let Some(pid) = r.guest_pid.and_then(|p| i32::try_from(p).ok()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -337,13 +336,12 @@ impl Node {
                 nix::sys::signal::Signal::SIGCONT,
             );
         }
-        claim_address()?;
+        self.claim_address()?;
         r.svc.set_fenced(false);
         let (_, task) = self.serve(Arc::clone(&r.svc))?;
         r.svc_task = task;
         r.paused = false;
-        drop(vm);
-        announce()
+        Ok(())
     }
 
     pub(super) fn destroy(&self) {
@@ -351,7 +349,7 @@ impl Node {
         if let Vm::Running(r) = &*vm {
             r.svc.set_fenced(true);
             r.svc_task.abort();
-            release_address();
+            self.release_address();
             if let Some(l) = &r.out_link {
                 l.shutdown();
             }
@@ -359,6 +357,7 @@ impl Node {
         *vm = Vm::Standby; // drops the guest (killed) and the replication link
         drop(vm);
         self.stop_blkback();
+        self.stop_netback();
         self.restart.store(true, Ordering::SeqCst);
     }
 
