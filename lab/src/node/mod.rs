@@ -418,6 +418,9 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
                 .next()
                 .ok_or_else(|| LabError::component("restarting the node", "no argv[0]"))?;
             let args: Vec<std::ffi::OsString> = argv.collect();
+            // The new image starts its own components: none of this one's may stay behind.
+            node.stop_blkback();
+            node.stop_netback();
             node.event("node restarts", "to take the secondary role on fresh links");
             let e = std::process::Command::new(exe).args(args).exec();
             return Err(LabError::component("restarting the node", e));

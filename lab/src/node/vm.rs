@@ -345,6 +345,9 @@ impl Node {
     }
 
     pub(super) fn destroy(&self) {
+        // First: the main loop must not make this node the secondary on the way out (the
+        // components it would start would outlive the process image and hold their ports).
+        self.restart.store(true, Ordering::SeqCst);
         let mut vm = lock(&self.vm);
         if let Vm::Running(r) = &*vm {
             r.svc.set_fenced(true);
@@ -358,7 +361,6 @@ impl Node {
         drop(vm);
         self.stop_blkback();
         self.stop_netback();
-        self.restart.store(true, Ordering::SeqCst);
     }
 
     /// Follows the agent: a standby node becomes the secondary once its agent knows the
