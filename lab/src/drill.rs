@@ -18,7 +18,7 @@ use crate::pool::{node_status, protected_primary, restart_node};
 use crate::service::{parse_check, CheckResult};
 use crate::state::{Event, NodeStatus, PoolRecord, StateDir};
 use crate::topology::{
-    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT,
+    self, Host, ALINK_IFS, MGMT_IF, NS_CLIENT, PROD_IF, SERVICE_IP, SERVICE_PORT, VM_IF,
 };
 use crate::{now_ms, require_root, LabError};
 
@@ -32,7 +32,8 @@ pub enum Fault {
     Alink,
     /// Both A-link cables are cut, then repaired.
     Alinks,
-    /// The primary's disk fails (every I/O returns EIO).
+    /// The primary's disk fails: its file is cut short under its `xenft-blkback` (every I/O
+    /// fails).
     Disk,
     /// The A-links and the hosts' direct management path are cut; both hosts still reach
     /// the quorum server, which decides who keeps the VM.
@@ -324,7 +325,7 @@ pub fn run(dir: &StateDir, cfg: &DrillConfig) -> Result<DrillReport, LabError> {
         Fault::Alink => alinks(dir, cfg, &mut r, primary, &ALINK_IFS[..1])?,
         Fault::Alinks => alinks(dir, cfg, &mut r, primary, &ALINK_IFS)?,
         Fault::Partition => partition(dir, cfg, &mut r, primary)?,
-        Fault::Disk => disk(dir, &rec, &mut r, primary)?,
+        Fault::Disk => disk(dir, &mut r, primary)?,
         Fault::Uplink => uplink(dir, cfg, &mut r, primary)?,
         Fault::Isolate => isolate(dir, cfg, &mut r, primary)?,
     }
@@ -426,9 +427,10 @@ fn host(
     let before = status(dir, p)?;
     let committed_before = before.checkpoint.committed_epoch;
     let fault_ms = now_ms();
+    // The whole host dies: its node, its components (blkback) and the guest.
     let _ = kill(Pid::from_raw(rec.pid(p)), Signal::SIGKILL);
-    if let Some(g) = before.guest_pid.and_then(|g| i32::try_from(g).ok()) {
-        let _ = kill(Pid::from_raw(g), Signal::SIGKILL);
+    for pid in topology::pids_in(p.netns())? {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     topology::set_host_links(p, false)?;
     let took = wait_for(Duration::from_secs(30), || {
@@ -483,7 +485,7 @@ fn host(
     std::thread::sleep(cfg.hold);
     let repair = Instant::now();
     let vip = format!("{SERVICE_IP}/24");
-    let _ = topology::ip_in(p.netns(), &["addr", "del", &vip, "dev", PROD_IF]);
+    let _ = topology::ip_in(p.vm_netns(), &["addr", "del", &vip, "dev", VM_IF]);
     topology::set_host_links(p, true)?;
     restart_node(dir, p)?;
     match wait_protected(dir, s, repair, Duration::from_secs(240))? {
@@ -593,7 +595,8 @@ fn heal(dir: &StateDir, r: &mut DrillReport, p: Host, repair: Instant) -> Result
     Ok(())
 }
 
-/// Which host answers `GET` on the service address from inside `from`'s namespace.
+/// Which host's copy answers `GET` on the service address inside the VM's namespace on
+/// `from` (the copy there, if it holds the address and serves).
 fn who_serves(exe: &Path, from: Host) -> Option<String> {
     let addr = format!("{SERVICE_IP}:{SERVICE_PORT}");
     let out = topology::run(
@@ -601,7 +604,7 @@ fn who_serves(exe: &Path, from: Host) -> Option<String> {
         &[
             "netns",
             "exec",
-            from.netns(),
+            from.vm_netns(),
             &exe.display().to_string(),
             "ask",
             "--addr",
@@ -842,8 +845,8 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
         r.fail(format!("{} stopped serving", p.name()));
     }
     r.action = format!(
-        "no failover; {} keeps running vm1, its traffic goes over alink1 and {} relays it to \
-         the production network (proxy ARP for the service address + host route)",
+        "no failover; {} keeps running vm1, its xenft-netback tunnels the VM's frames over the \
+         A-link to {}'s xenft-netback, which relays them to the production network",
         p.name(),
         s.name()
     );
@@ -863,13 +866,16 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
         )),
     }
     let restored = wait_for(Duration::from_secs(10), || {
-        Ok(dir
-            .events_since(repair_ms)?
-            .into_iter()
-            .find(|e| e.host == p.name() && e.what == "uplink restored"))
+        Ok(status(dir, p)?
+            .net
+            .is_some_and(|n| !n.redirecting && n.uplink_up)
+            .then_some(()))
     })?;
     if restored.is_none() {
-        r.fail(format!("{} never announced its own uplink again", p.name()));
+        r.fail(format!(
+            "{}'s netback never went back to its own uplink",
+            p.name()
+        ));
     }
     if !wait_acks_after(dir, now_ms(), 5, Duration::from_secs(10))? {
         r.fail("the client was not served after the uplink came back");
@@ -877,10 +883,21 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
     heal(dir, r, p, repair)
 }
 
-fn disk(dir: &StateDir, rec: &PoolRecord, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
+fn disk(dir: &StateDir, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
+    // The disk file is cut to half its size under the running blkback: every later I/O
+    // fails (blkback checks its backing file at each one).
+    let file = dir.file(&format!("{}.disk", p.name()));
+    let io = |source| LabError::Io {
+        path: file.clone(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
     let fault_ms = now_ms();
-    kill(Pid::from_raw(rec.pid(p)), Signal::SIGUSR1)
-        .map_err(|e| LabError::component("signalling the primary", e))?;
+    f.set_len(len / 2).map_err(io)?;
     let seen = wait_for(Duration::from_secs(10), || {
         Ok((status(dir, p)?.disk_state == "remote").then(now_ms))
     })?;

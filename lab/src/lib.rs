@@ -5,8 +5,9 @@
 //! ```text
 //!   xftlab-host1                          xftlab-host2                  xftlab-client
 //!   node: agent + VM (primary)  ==alink1==  node: agent + replica        client: PUT n every
-//!    synthetic guest, blkback    ==alink2==   (secondary)                20 ms, logs each
-//!    Primary, service on VIP                                             acknowledged n
+//!    xenft-blkback (primary)    ==alink2==   xenft-blkback (secondary)  20 ms, logs each
+//!    xenft-netback (passthrough)             xenft-netback (standby)     acknowledged n
+//!    vif0 ── vm0 in xftlab-host1-vm          vif0 ── vm0 in xftlab-host2-vm
 //!        \___ mgmt0 ___ xftlab-quorum (xenft-quorum, routes mgmt) ___ mgmt0 ___/
 //!        \__________ prod0 ____ xftlab-switch: bridge br0 ____ prod0 __________/
 //! ```
@@ -15,24 +16,30 @@
 //! ([`xenft_agent::runtime::Agent`]): heartbeats over the A-link (its `Heartbeat` channel,
 //! per-path liveness from the link) and the management network, quorum leases from the
 //! `xenft-quorum` server in its own namespace, fencing, take-over and re-protection. The
-//! agent decides; the node carries its commands out on real in-process components through
-//! the agent's seam traits: the level-3 checkpoint engine ([`xenft_checkpoint`], memory +
-//! vCPU epochs of a synthetic guest), the synchronous blkback disk mirror ([`xenft_blkback`]),
-//! the VM's service (see [`service`]) on the service address, gratuitous ARPs built by
-//! [`xenft_netback::frame`], and an uplink relay through the peer. Roles are not fixed: the
-//! host running the VM replicates it to the other one on its own replication link; after a
-//! take-over the old primary, once repaired, comes back as the secondary.
+//! agent decides; its commands reach the production component processes through the
+//! production drivers — `xenft-blkback` (the VM's disk over NBD, mirrored synchronously to the
+//! other host's blkback, promoted on take-over, remote mode on a failed store) through
+//! [`xenft_agent::drivers::blkback::BlkbackDriver`], `xenft-netback` (the VM's vif relayed to
+//! the production network, take-over announcement, uplink redirect through the peer's relay)
+//! through [`xenft_agent::drivers::netback::NetbackDriver`] — and the components' events
+//! reach it through the production follower ([`xenft_agent::drivers::events::follow`]). The
+//! domain and checkpoint seams are still the node's own (the level-3 checkpoint engine
+//! [`xenft_checkpoint`] in process, memory + vCPU epochs of a synthetic guest; the VM's service,
+//! see [`service`], in the VM's namespace). Roles are not fixed: the host running the VM
+//! replicates it to the other one; after a take-over the old primary, once repaired, comes
+//! back as the secondary.
 //!
-//! The service stores every client write as a record on the mirrored disk and acknowledges
-//! it only after the write completed on both copies; the client logs what was acknowledged.
+//! The service stores every client write as a record on the VM's disk through blkback's NBD
+//! export and acknowledges it only after blkback acknowledged the write (on both copies); the
+//! client logs what was acknowledged.
 //!
 //! `xenft-lab drill` ([`drill`]) injects a fault for real against whichever host runs the VM
-//! (SIGKILL and interfaces down for a host, `ip link set down` for A-links and the uplink,
-//! management forwarding off for a partition, an EIO-failing store for the disk), then
-//! measures from outside: detection time and the agent's decision with its reason from the
-//! event log, downtime from the client's acknowledgement log, never two serving copies
-//! (partition), the data check by reading every acknowledged record back through the
-//! service, repair/resync time and the final state.
+//! (SIGKILL of every process of the host and interfaces down, `ip link set down` for A-links
+//! and the uplink, management forwarding off for a partition, the disk file truncated under
+//! blkback for the disk), then measures from outside: detection time and the agent's decision
+//! with its reason from the event log, downtime from the client's acknowledgement log, never
+//! two serving copies (partition, isolate), the data check by reading every acknowledged record
+//! back through the service, repair/resync time and the final state.
 //!
 //! Lab timing: the agent runs with [`node::lab_timing`] (path down 1 s, peer dead 1.5 s, lease
 //! 1.5 s, margin 0.5 s) instead of the product defaults that fit a take-over within 1 s: this
@@ -41,7 +48,9 @@
 //! # Modules
 //! - [`topology`]: names, addresses, namespace and veth set-up/tear-down (`ip`).
 //! - [`state`]: the state directory (PIDs, node status files, events).
-//! - [`node`]: the per-host process: the agent and the lab's seams (runs in a host namespace).
+//! - [`node`]: the per-host process: the agent, its production disk and network drivers over
+//!   the host's component processes, and the lab's domain and checkpoint seams (runs in a host
+//!   namespace).
 //! - [`service`]: the VM's record service and its wire protocol.
 //! - [`client`]: the client load generator.
 //! - [`pool`]: `up` / `down` / `status`.
@@ -134,6 +143,24 @@ pub fn require_root() -> Result<(), LabError> {
     } else {
         Err(LabError::NotRoot)
     }
+}
+
+/// Starts `cmd` as a daemon of the pool: no stdin, no stdout, its log (`RUST_LOG=info`) on
+/// stderr into `log`. The lab's nodes start their hosts' components so, and so do the
+/// integration tests' pools.
+///
+/// # Errors
+/// When the program cannot be started.
+pub fn spawn_logged(
+    cmd: &mut std::process::Command,
+    log: std::fs::File,
+) -> std::io::Result<std::process::Child> {
+    use std::process::Stdio;
+    cmd.env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
 }
 
 /// Milliseconds since the Unix epoch (shared clock of every lab process).

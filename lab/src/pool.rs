@@ -42,17 +42,11 @@ fn spawn_in(
     args: &[String],
     log: &str,
 ) -> Result<std::process::Child, LabError> {
-    let log_path = dir.file(log);
-    let io = |source| LabError::Io {
-        path: log_path.clone(),
+    let out = dir.open_log(log)?;
+    let err = out.try_clone().map_err(|source| LabError::Io {
+        path: dir.file(log),
         source,
-    };
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io)?;
-    let err = out.try_clone().map_err(io)?;
+    })?;
     let child = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(exe)
@@ -133,11 +127,17 @@ fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
         ]
     };
     let quorum_bin = cfg.exe.with_file_name("xenft-quorum");
-    if !quorum_bin.is_file() {
-        return Err(LabError::WrongState(format!(
-            "{} not found: build it with `cargo build -p xenft-agent --bins`",
-            quorum_bin.display()
-        )));
+    for (bin, package) in [
+        (quorum_bin.clone(), "xenft-agent"),
+        (cfg.exe.with_file_name("xenft-blkback"), "xenft-blkback"),
+        (cfg.exe.with_file_name("xenft-netback"), "xenft-netback"),
+    ] {
+        if !bin.is_file() {
+            return Err(LabError::WrongState(format!(
+                "{} not found: build it with `cargo build -p {package} --bins`",
+                bin.display()
+            )));
+        }
     }
     let lease = crate::node::agent_timing(cfg.product_timing)
         .lease_ms

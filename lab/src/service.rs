@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use xenft_blkback::volume::Volume;
+use tokio::net::{TcpListener, UnixStream};
+use xenft_blkback::nbd::client::NbdClient;
 
 use crate::LabError;
 
@@ -85,9 +85,49 @@ pub fn parse(line: &str, capacity: u64) -> Result<Request, String> {
     }
 }
 
+/// The VM's disk as its service sees it: the export of the host's `xenft-blkback` over NBD,
+/// one request at a time (a write is acknowledged once blkback acknowledged it: on a mirrored
+/// disk, on both copies).
+pub struct NbdDisk {
+    client: tokio::sync::Mutex<NbdClient<UnixStream>>,
+    size: u64,
+}
+
+impl NbdDisk {
+    /// Connects to the export `xenft` on the NBD socket `sock`.
+    ///
+    /// # Errors
+    /// [`LabError::Component`] when the export cannot be reached or negotiated.
+    pub async fn connect(sock: &std::path::Path) -> Result<Self, LabError> {
+        let client = NbdClient::connect_unix(sock, "xenft")
+            .await
+            .map_err(|e| LabError::component("NBD client", e))?;
+        Ok(Self {
+            size: client.size,
+            client: tokio::sync::Mutex::new(client),
+        })
+    }
+
+    /// The disk's size in bytes.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, String> {
+        let mut c = self.client.lock().await;
+        c.read(offset, len).await.map_err(|e| e.to_string())
+    }
+
+    async fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let mut c = self.client.lock().await;
+        c.write(offset, data, true).await.map_err(|e| e.to_string())
+    }
+}
+
 /// The running service.
 pub struct Service {
-    volume: Arc<Volume>,
+    volume: Arc<NbdDisk>,
     count: AtomicU64,
     host: &'static str,
     fenced: std::sync::atomic::AtomicBool,
@@ -95,7 +135,7 @@ pub struct Service {
 
 impl Service {
     /// A service on `volume`, recovering its counter from the records on it.
-    pub async fn recover(volume: Arc<Volume>, host: &'static str) -> Arc<Self> {
+    pub async fn recover(volume: Arc<NbdDisk>, host: &'static str) -> Arc<Self> {
         let s = Arc::new(Self {
             volume,
             count: AtomicU64::new(0),
@@ -136,16 +176,12 @@ impl Service {
     async fn answer(&self, line: &str) -> String {
         match parse(line, self.capacity()) {
             Err(e) => format!("ERR {e}"),
-            Ok(Request::Put(n)) => match self
-                .volume
-                .write(n * RECORD, Bytes::from(record(n)), true)
-                .await
-            {
+            Ok(Request::Put(n)) => match self.volume.write(n * RECORD, &record(n)).await {
                 Ok(()) => {
                     self.count.fetch_max(n, Ordering::SeqCst);
                     format!("OK {n}")
                 }
-                Err(errno) => format!("ERR write failed errno {errno}"),
+                Err(e) => format!("ERR write failed: {e}"),
             },
             Ok(Request::Get) => format!("COUNT {} HOST {}", self.count(), self.host),
             Ok(Request::Check(a, b)) => {

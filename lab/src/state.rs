@@ -41,6 +41,19 @@ impl StateDir {
         self.root.join(name)
     }
 
+    /// Opens the log file `name` in the state directory for appending (created if missing).
+    ///
+    /// # Errors
+    /// [`LabError::Io`].
+    pub fn open_log(&self, name: &str) -> Result<std::fs::File, LabError> {
+        let path = self.file(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| LabError::Io { path, source })
+    }
+
     /// The pool record.
     #[must_use]
     pub fn pool_file(&self) -> PathBuf {
@@ -317,6 +330,19 @@ pub struct Takeover {
     pub reason: String,
 }
 
+/// The VM's network relay on a host (`xenft-netback`'s counters).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetView {
+    /// `passthrough`, `buffered` or `standby`.
+    pub mode: String,
+    /// The VM's frames go through the peer's uplink.
+    pub redirecting: bool,
+    /// This relay carries the peer's VM frames (the peer's uplink failed).
+    pub serving_peer: bool,
+    /// The uplink has its carrier.
+    pub uplink_up: bool,
+}
+
 /// A node's status, rewritten every 100 ms.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -342,8 +368,9 @@ pub struct NodeStatus {
     pub disk_state: String,
     /// blkback's own status.
     pub disk: serde_json::Value,
-    /// When the local store failed, if it did.
-    pub disk_failed_ms: Option<u64>,
+    /// The VM's network relay (`xenft-netback`), when it answers.
+    #[serde(default)]
+    pub net: Option<NetView>,
     /// After this node took the VM over.
     pub takeover: Option<Takeover>,
     /// The agent's view.

@@ -24,8 +24,22 @@ pub const NS_SWITCH: &str = "xftlab-switch";
 /// Namespace of the quorum server; it is also the management network's router (each host's
 /// `mgmt0` is a point-to-point link into it, and it forwards between them).
 pub const NS_QUORUM: &str = "xftlab-quorum";
+/// The VM's namespace on host 1 (its network stack: `vm0`, the far end of the vif).
+pub const NS_VM1: &str = "xftlab-host1-vm";
+/// The VM's namespace on host 2.
+pub const NS_VM2: &str = "xftlab-host2-vm";
 /// All namespaces, in creation order.
-pub const NAMESPACES: [&str; 5] = [NS_SWITCH, NS_QUORUM, NS_HOST1, NS_HOST2, NS_CLIENT];
+pub const NAMESPACES: [&str; 7] = [
+    NS_SWITCH, NS_QUORUM, NS_HOST1, NS_HOST2, NS_CLIENT, NS_VM1, NS_VM2,
+];
+
+/// The VM's interface in its namespace; the other end, [`VIF_IF`], is in the host namespace
+/// (the VM's vif, relayed to the uplink by `xenft-netback`).
+pub const VM_IF: &str = "vm0";
+/// The VM's vif in each host namespace.
+pub const VIF_IF: &str = "vif0";
+/// The VM's MAC address (the same on both hosts: one VM).
+pub const VM_MAC: &str = "02:16:3e:00:00:0a";
 
 /// The management interface in each host namespace.
 pub const MGMT_IF: &str = "mgmt0";
@@ -80,6 +94,15 @@ impl Host {
         match self {
             Self::Host1 => NS_HOST1,
             Self::Host2 => NS_HOST2,
+        }
+    }
+
+    /// The namespace of the VM's copy on this host.
+    #[must_use]
+    pub fn vm_netns(self) -> &'static str {
+        match self {
+            Self::Host1 => NS_VM1,
+            Self::Host2 => NS_VM2,
         }
     }
 
@@ -216,13 +239,7 @@ pub fn create() -> Result<(), LabError> {
     // The A-links: veth pairs straight between the hosts.
     for (i, name) in ALINK_IFS.iter().enumerate() {
         let path = u8::try_from(i).unwrap_or(0);
-        run(
-            "ip",
-            &[
-                "link", "add", name, "netns", NS_HOST1, "type", "veth", "peer", "name", name,
-                "netns", NS_HOST2,
-            ],
-        )?;
+        veth(name, NS_HOST1, name, NS_HOST2)?;
         for h in [Host::Host1, Host::Host2] {
             let addr = format!("{}/24", h.alink_ip(path));
             ip_in(h.netns(), &["addr", "add", &addr, "dev", name])?;
@@ -245,23 +262,7 @@ pub fn create() -> Result<(), LabError> {
     )?;
     for h in [Host::Host1, Host::Host2] {
         let port = format!("m-{}", h.name());
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                MGMT_IF,
-                "netns",
-                h.netns(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                NS_QUORUM,
-            ],
-        )?;
+        veth(MGMT_IF, h.netns(), &port, NS_QUORUM)?;
         ip_in(
             h.netns(),
             &[
@@ -289,6 +290,13 @@ pub fn create() -> Result<(), LabError> {
             ],
         )?;
     }
+    // The VM's vif on each host: a veth pair into the VM's namespace, with the VM's MAC.
+    for h in [Host::Host1, Host::Host2] {
+        veth(VIF_IF, h.netns(), VM_IF, h.vm_netns())?;
+        ip_in(h.vm_netns(), &["link", "set", VM_IF, "address", VM_MAC])?;
+        ip_in(h.vm_netns(), &["link", "set", VM_IF, "up"])?;
+        ip_in(h.netns(), &["link", "set", VIF_IF, "up"])?;
+    }
     // The production network: a bridge in its own namespace.
     ip_in(NS_SWITCH, &["link", "add", "br0", "type", "bridge"])?;
     ip_in(NS_SWITCH, &["link", "set", "br0", "up"])?;
@@ -298,19 +306,24 @@ pub fn create() -> Result<(), LabError> {
         (NS_CLIENT, "p-client", CLIENT_IP),
     ];
     for (ns, port, ip) in ports {
-        run(
-            "ip",
-            &[
-                "link", "add", PROD_IF, "netns", ns, "type", "veth", "peer", "name", port, "netns",
-                NS_SWITCH,
-            ],
-        )?;
+        veth(PROD_IF, ns, port, NS_SWITCH)?;
         ip_in(NS_SWITCH, &["link", "set", port, "master", "br0"])?;
         ip_in(NS_SWITCH, &["link", "set", port, "up"])?;
         ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", PROD_IF])?;
         ip_in(ns, &["link", "set", PROD_IF, "up"])?;
     }
     Ok(())
+}
+
+/// A veth pair: `a` in namespace `a_ns`, its peer `b` in `b_ns`.
+fn veth(a: &str, a_ns: &str, b: &str, b_ns: &str) -> Result<(), LabError> {
+    run(
+        "ip",
+        &[
+            "link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns,
+        ],
+    )
+    .map(|_| ())
 }
 
 /// Deletes every lab namespace (their interfaces go with them). Idempotent.
@@ -325,10 +338,18 @@ pub fn destroy() -> Result<(), LabError> {
 pub fn pids_in_namespaces() -> Result<Vec<i32>, LabError> {
     let mut pids = Vec::new();
     for ns in existing_namespaces()? {
-        let out = run("ip", &["netns", "pids", &ns])?;
-        pids.extend(out.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        pids.extend(pids_in(&ns)?);
     }
     Ok(pids)
+}
+
+/// PIDs of every process inside namespace `ns`.
+pub fn pids_in(ns: &str) -> Result<Vec<i32>, LabError> {
+    let out = run("ip", &["netns", "pids", ns])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .collect())
 }
 
 /// Brings every link of host `h` (production, A-links, management) down or up; on the way

@@ -21,8 +21,8 @@ pub fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-/// Builds `xenft-lab`, `xenft-synthetic-guest` and `xenft-quorum` (a no-op after a workspace
-/// build), so a test never runs stale binaries.
+/// Builds `xenft-lab`, `xenft-synthetic-guest`, `xenft-quorum`, `xenft-blkback` and
+/// `xenft-netback` (a no-op after a workspace build), so a test never runs stale binaries.
 pub fn build_binaries() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
@@ -36,6 +36,10 @@ pub fn build_binaries() {
             "xenft-checkpoint",
             "-p",
             "xenft-agent",
+            "-p",
+            "xenft-blkback",
+            "-p",
+            "xenft-netback",
             "--bins",
         ])
         .arg("--manifest-path")
@@ -44,7 +48,7 @@ pub fn build_binaries() {
         .expect("run cargo build");
     assert!(
         st.success(),
-        "building xenft-lab and xenft-synthetic-guest failed"
+        "building xenft-lab and the binaries its pool runs failed"
     );
 }
 

@@ -250,6 +250,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 disk_bytes: mib(disk_mib)?,
                 epoch_ms,
                 dirty_rate: 1 << 20,
+                blkback_binary: exe.with_file_name("xenft-blkback"),
+                netback_binary: exe.with_file_name("xenft-netback"),
                 product_timing: parse_timing(&agent_timing)?,
             })?;
         }

@@ -15,7 +15,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -269,15 +269,7 @@ impl Pool {
             .append(true)
             .open(self.p(log))
             .unwrap();
-        self.h[i]
-            .command(bin.to_str().unwrap())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        xenft_lab::spawn_logged(self.h[i].command(bin.to_str().unwrap()).args(args), log).unwrap()
     }
 
     /// Starts host `i`'s blkback: `primary` or `secondary` (the disk is created sparse).
