@@ -384,7 +384,17 @@ async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
             set_vm_key(api, &vm_ref, oc, &key, None).await?;
         }
     }
-    set_vm_key(api, &vm_ref, oc, VM_STATE, Some("unprotected")).await?;
+    // The agents write xenft.state too (their report, up to once a second): read it again
+    // just before the write, and again if an agent wrote in between.
+    let mut attempt = 0;
+    loop {
+        match registry::set_vm_state(api, &vm_ref, "unprotected").await {
+            Err(RegistryError::Conflict { .. }) if attempt + 1 < registry::MAX_ATTEMPTS => {
+                attempt += 1;
+            }
+            r => break r?,
+        }
+    }
     Ok(was)
 }
 

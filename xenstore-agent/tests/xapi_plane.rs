@@ -23,9 +23,18 @@ use runtime_pool::{host, pool_init, start_quorum, wait_for, Pool};
 
 const GIB: i64 = 1 << 30;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
-    // The pool's xapi: hosts named as the agents are, one running VM.
+/// The pool's xapi: hosts named as the agents are (h1, h2), web01 running on h1, and an
+/// administrator's client.
+struct Xapi {
+    srv: FakeXapi,
+    vm_ref: String,
+    vm_uuid: String,
+    creds: Credentials,
+    endpoint: Endpoint,
+    api: XenApi,
+}
+
+fn xapi() -> Xapi {
     let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
     let (h1_ref, _) = srv.add_host("h1", "10.0.0.1", 16 * GIB);
     srv.add_host("h2", "10.0.0.2", 16 * GIB);
@@ -36,6 +45,26 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
     };
     let endpoint = Endpoint::parse(&srv.url()).unwrap();
     let api = XenApi::new(ConnectOptions::new(endpoint.clone(), creds.clone())).unwrap();
+    Xapi {
+        srv,
+        vm_ref,
+        vm_uuid,
+        creds,
+        endpoint,
+        api,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
+    let Xapi {
+        srv,
+        vm_ref,
+        vm_uuid,
+        creds,
+        endpoint,
+        api,
+    } = xapi();
     pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
 
     // Two agents with host-local configuration only (no VM in their config files).
@@ -127,16 +156,14 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
     use xenft_agent::xapi::plane::Components;
 
     let blkback = runtime_pool::blkback_binary();
-    let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
-    let (h1_ref, _) = srv.add_host("h1", "10.0.0.1", 16 * GIB);
-    srv.add_host("h2", "10.0.0.2", 16 * GIB);
-    let (vm_ref, vm_uuid) = srv.add_vm("web01", 2 * GIB, Some(&h1_ref));
-    let creds = Credentials {
-        user: srv.user().into(),
-        password: srv.password().into(),
-    };
-    let endpoint = Endpoint::parse(&srv.url()).unwrap();
-    let api = XenApi::new(ConnectOptions::new(endpoint.clone(), creds.clone())).unwrap();
+    let Xapi {
+        srv,
+        vm_ref,
+        vm_uuid,
+        creds,
+        endpoint,
+        api,
+    } = xapi();
     let port = 21_000 + u16::try_from(std::process::id() % 20_000).unwrap();
     pool_init(
         &api,
@@ -196,12 +223,35 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
     ops::protect(&api, "web01", Level::Component, "h2")
         .await
         .unwrap();
-    wait_for("xenft.state = protected", Duration::from_secs(60), || {
-        srv.map_field(&vm_ref, "other_config")
-            .get("xenft.state")
-            .is_some_and(|s| s == "protected")
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while srv
+        .map_field(&vm_ref, "other_config")
+        .get("xenft.state")
+        .is_none_or(|s| s != "protected")
+    {
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = ["h1", "h2"]
+                .iter()
+                .map(|h| {
+                    let p = pool
+                        .dir
+                        .path()
+                        .join(format!("run-{h}/{vm_uuid}/blkback.log"));
+                    format!("{h}: {}", std::fs::read_to_string(p).unwrap_or_default())
+                })
+                .collect();
+            panic!(
+                "xenft.state never became protected: {:?}\nagents: {:?}\n{}",
+                srv.map_field(&vm_ref, "other_config").get("xenft.state"),
+                agents
+                    .iter()
+                    .map(|a| a.hub().snapshot().vms)
+                    .collect::<Vec<_>>(),
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The primary's blkback (started by h1's agent) reports its copy in sync with h2's.
     let ctl = pool
         .dir

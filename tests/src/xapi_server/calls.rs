@@ -101,6 +101,15 @@ fn object_call(sh: &Shared, db: &mut Db, c: &Call<'_>) -> ApiResult {
     }
 }
 
+/// A VM's `power_state`, lower case (as xapi's errors print it).
+fn power_state(o: &super::objects::Obj) -> String {
+    o.fields
+        .get("power_state")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_lowercase()
+}
+
 /// The checks `VM.start_on` and `VM.pool_migrate` share, in xapi's order: the host and VM
 /// exist, the VM is no template (`VM_IS_TEMPLATE`), is `expected` (`VM_BAD_POWER_STATE [vm,
 /// expected, actual]`, lower case) and fits in the host's free memory
@@ -111,12 +120,7 @@ fn check_placement(db: &Db, vm: &str, host: &str, expected: &str) -> Result<(), 
     if o.fields.get("is_a_template").and_then(Value::as_bool) == Some(true) {
         return Err(fail("VM_IS_TEMPLATE", &[vm]));
     }
-    let state = o
-        .fields
-        .get("power_state")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_lowercase();
+    let state = power_state(o);
     if state != expected {
         return Err(fail("VM_BAD_POWER_STATE", &[vm, expected, &state]));
     }
@@ -174,12 +178,7 @@ fn vm_power(
 ) -> ApiResult {
     let vm = arg_str(args, 0, method)?;
     let o = db.obj_mut("VM", vm)?;
-    let state = o
-        .fields
-        .get("power_state")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_lowercase();
+    let state = power_state(o);
     if let Some(from) = from {
         if !from.contains(&state.as_str()) {
             return Err(fail("VM_BAD_POWER_STATE", &[vm, from[0], &state]));

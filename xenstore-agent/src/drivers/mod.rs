@@ -272,13 +272,20 @@ pub struct Convention {
 }
 
 impl DiskByVm {
+    /// The VM's driver: configured, or by convention when its socket exists.
     fn get(&self, vm: &VmId) -> Option<BlkbackDriver> {
+        self.get_or_expected(vm, false)
+    }
+
+    /// With `expected`, a supervised VM's driver even before its blkback is up (a sync waits
+    /// for the socket: the supervisor may start the component just after the core asks).
+    fn get_or_expected(&self, vm: &VmId, expected: bool) -> Option<BlkbackDriver> {
         if let Some(d) = self.configured.get(vm) {
             return Some(d.clone());
         }
         let c = self.convention.as_ref()?;
         let sock = c.run_dir.join(vm.as_str()).join("blkback.sock");
-        sock.exists()
+        (expected || sock.exists())
             .then(|| BlkbackDriver::new(Client::new(sock, c.request_timeout), c.sync_timeout))
     }
 }
@@ -303,7 +310,7 @@ fn missing(component: &'static str, op: &'static str, vm: &VmId) -> SeamError {
 
 impl DiskMirror for DiskByVm {
     fn sync(&self, vm: &VmId, peer: &HostId, full: bool) -> Result<(), SeamError> {
-        self.get(vm)
+        self.get_or_expected(vm, true)
             .ok_or_else(|| missing("blkback", "sync", vm))?
             .sync(vm, peer, full)
     }

@@ -195,6 +195,7 @@ async fn run(
                 if let Some(c) = components.as_mut() {
                     supervise(c, &d, &me, &mut followers, &inputs);
                 }
+                coalescer.retain(|vm_ref| d.refs.values().any(|r| r == vm_ref));
                 offer_states(&d, &hub, &me, &mut coalescer);
                 let client = api.borrow().clone();
                 if let Some(client) = client {

@@ -118,6 +118,13 @@ impl Coalescer {
         out
     }
 
+    /// Forgets every VM but those `keep` accepts (the others were unprotected or deleted: a
+    /// late write would overwrite what the unprotect wrote).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.pending.retain(|vm, _| keep(vm));
+        self.written.retain(|vm, _| keep(vm));
+    }
+
     /// Forgets a VM (unprotected or deleted).
     pub fn forget(&mut self, vm_ref: &str) {
         self.pending.remove(vm_ref);
@@ -233,5 +240,11 @@ mod tests {
         c.forget("vm1");
         c.offer("vm1", &VmState::Protected);
         assert_eq!(c.due(t0 + Duration::from_millis(1002)).len(), 1);
+        c.offer("vm2", &VmState::Protected);
+        c.retain(|vm| vm != "vm2");
+        assert!(
+            c.due(t0 + Duration::from_secs(9)).is_empty(),
+            "an unprotected VM's pending state is dropped"
+        );
     }
 }
