@@ -396,8 +396,12 @@ fn run_command(seams: &Seams, c: Command) -> Option<Input> {
         {
             Ok(()) => Some(Input::SyncDone { vm, sync_id }),
             Err(e) => {
-                tracing::warn!(error = %e, "sync failed; retried when the peer is back");
-                None
+                tracing::warn!(error = %e, "sync failed; the core retries after a backoff");
+                Some(Input::SyncFailed {
+                    vm,
+                    sync_id,
+                    reason: e.to_string(),
+                })
             }
         },
         Command::SuspendReplication { vm } => {

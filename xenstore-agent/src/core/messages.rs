@@ -137,6 +137,15 @@ pub enum Input {
         /// The token.
         sync_id: u64,
     },
+    /// A sync started by [`Command::StartSync`] failed; the core tries again after a backoff.
+    SyncFailed {
+        /// The VM.
+        vm: VmId,
+        /// The token.
+        sync_id: u64,
+        /// Why.
+        reason: String,
+    },
     /// The local replica's consistency changed (reported by the disk mirror on the secondary).
     MirrorConsistent {
         /// The VM.

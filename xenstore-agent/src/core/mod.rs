@@ -246,6 +246,11 @@ impl HostCore {
             } => self.on_component(vm.as_ref(), component, ok, &detail),
             Input::Resources { free_memory_mb } => self.free_memory_mb = Some(free_memory_mb),
             Input::SyncDone { vm, sync_id } => self.on_sync_done(&vm, sync_id),
+            Input::SyncFailed {
+                vm,
+                sync_id,
+                reason,
+            } => self.on_sync_failed(&vm, sync_id, &reason),
             Input::MirrorConsistent { vm, consistent } => {
                 self.on_mirror_consistent(&vm, consistent);
             }

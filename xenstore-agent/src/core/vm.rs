@@ -10,7 +10,7 @@ use super::lease::LeaseView;
 use super::membership::PeerState;
 use super::{Command, HostCore, VmReport, VmSpec};
 use crate::decision::{Action, Component, FaultClass};
-use crate::ids::VmId;
+use crate::ids::{Millis, VmId};
 use crate::lifecycle::{Level, Phase, VmRecord};
 
 /// State of the local copy of a VM.
@@ -38,7 +38,14 @@ pub(super) struct VmRuntime {
     pub(super) refused: Option<String>,
     pub(super) sync_id: u64,
     pub(super) redirected: BTreeSet<Component>,
+    /// After a failed sync: not before this time, and the delay before the next try.
+    pub(super) sync_retry: Option<(Millis, Millis)>,
 }
+
+/// First delay before a failed sync is tried again; doubled up to [`SYNC_RETRY_MAX_MS`].
+pub(super) const SYNC_RETRY_MS: Millis = 1_000;
+/// Longest delay between two tries of a failing sync.
+pub(super) const SYNC_RETRY_MAX_MS: Millis = 60_000;
 
 /// Read-only view of one VM for status pages.
 #[derive(Clone, Debug, Serialize)]
@@ -67,6 +74,7 @@ impl HostCore {
                 never_synced: false,
                 refused: None,
                 sync_id: 0,
+                sync_retry: None,
                 redirected: BTreeSet::new(),
             },
         );
@@ -124,6 +132,7 @@ impl HostCore {
             return;
         }
         v.rec.phase = Phase::Protected;
+        v.sync_retry = None;
         self.dirty = true;
         self.decide(
             None,
@@ -132,6 +141,39 @@ impl HostCore {
             FaultClass::Protection,
             Action::Protected,
             "sync finished: both copies identical".into(),
+        );
+    }
+
+    /// A sync failed (a component not up yet, refused, timed out): the VM goes back to where
+    /// it was (unprotected for a first sync, degraded for a resync) and the sync is tried
+    /// again after a backoff, doubling up to [`SYNC_RETRY_MAX_MS`].
+    pub(super) fn on_sync_failed(&mut self, vm: &VmId, sync_id: u64, reason: &str) {
+        let now = self.now;
+        let Some(v) = self.vms.get_mut(vm) else {
+            return;
+        };
+        if v.sync_id != sync_id || !matches!(v.rec.phase, Phase::Syncing | Phase::Resyncing) {
+            return;
+        }
+        let first = v.rec.phase == Phase::Syncing;
+        v.rec.phase = if first {
+            Phase::Unprotected
+        } else {
+            Phase::Degraded
+        };
+        let delay = v.sync_retry.map_or(SYNC_RETRY_MS, |(_, d)| {
+            d.saturating_mul(2).min(SYNC_RETRY_MAX_MS)
+        });
+        v.sync_retry = Some((now + delay, delay));
+        let peer = v.rec.other(&self.cfg.me).clone();
+        self.dirty = true;
+        self.decide(
+            Some(&peer),
+            None,
+            Some(vm),
+            FaultClass::Protection,
+            Action::Degrade,
+            format!("sync failed ({reason}); trying again in {delay} ms"),
         );
     }
 
@@ -306,7 +348,7 @@ impl HostCore {
             | Phase::FailedOver
             | Phase::Fenced
             | Phase::FailingOver
-                if may_sync && peer_agrees =>
+                if may_sync && peer_agrees && v.sync_retry.is_none_or(|(at, _)| self.now >= at) =>
             {
                 let full = phase == Phase::Unprotected;
                 let v = self.vms.get_mut(vm).expect("vm");
@@ -418,5 +460,60 @@ mod tests {
             "{syncs:?}"
         );
         assert_eq!(r.core.records()[0].phase, Phase::Resyncing);
+    }
+
+    #[test]
+    fn a_failed_sync_is_tried_again_after_a_growing_backoff() {
+        let mut r = Rig::new(cfg("h1", 0), vec![rec(Phase::Resyncing, true)], &[vm()]);
+        let report = secondary_report(Phase::Resyncing);
+        r.run(300, &ALL, Some(&report));
+        let sync_ids = |r: &Rig| -> Vec<u64> {
+            r.commands()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Command::StartSync { sync_id, .. } => Some(sync_id),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = *sync_ids(&r).last().expect("a resync started");
+        r.input(Input::SyncFailed {
+            vm: vm(),
+            sync_id: first,
+            reason: "blkback not up yet".into(),
+        });
+        assert_eq!(r.core.records()[0].phase, Phase::Degraded);
+        assert!(r
+            .decisions()
+            .contains(&(FaultClass::Protection, Action::Degrade)));
+        // Not at once: after the first backoff (1 s) only.
+        r.run(500, &ALL, Some(&report));
+        assert_eq!(sync_ids(&r).len(), 1, "retried before the backoff");
+        r.run(800, &ALL, Some(&report));
+        let ids = sync_ids(&r);
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        // Fails again: the next try waits twice as long.
+        r.input(Input::SyncFailed {
+            vm: vm(),
+            sync_id: ids[1],
+            reason: "still not up".into(),
+        });
+        r.run(1500, &ALL, Some(&report));
+        assert_eq!(sync_ids(&r).len(), 2, "second backoff is 2 s");
+        r.run(800, &ALL, Some(&report));
+        let ids = sync_ids(&r);
+        assert_eq!(ids.len(), 3);
+        // A stale failure (an older sync) changes nothing; success clears the backoff.
+        r.input(Input::SyncFailed {
+            vm: vm(),
+            sync_id: first,
+            reason: "old".into(),
+        });
+        assert_eq!(r.core.records()[0].phase, Phase::Resyncing);
+        r.input(Input::SyncDone {
+            vm: vm(),
+            sync_id: ids[2],
+        });
+        assert_eq!(r.core.records()[0].phase, Phase::Protected);
     }
 }
