@@ -316,9 +316,14 @@ async fn protect_locked(
         )));
     }
     let oc = &rec.other_config;
+    let changed = oc.get(VM_LEVEL).map(|l| l.trim()) != Some(level.as_str())
+        || oc.get(VM_SECONDARY) != Some(&host.uuid);
     set_vm_key(api, &vm_ref, oc, VM_SECONDARY, Some(&host.uuid)).await?;
     set_vm_key(api, &vm_ref, oc, VM_LEVEL, Some(level.as_str())).await?;
-    set_vm_key(api, &vm_ref, oc, VM_STATE, Some("pending")).await?;
+    // A protection already in place keeps the state its agents report.
+    if changed {
+        set_state(api, &vm_ref, "pending").await?;
+    }
     // Mirror into the XenCenter custom fields so XenCenter shows (and can change) it.
     let cf_level = value_key(FIELD_LEVEL);
     if oc.get(&cf_level).map(|s| s.trim()) != Some(level.as_str()) {
@@ -384,18 +389,23 @@ async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
             set_vm_key(api, &vm_ref, oc, &key, None).await?;
         }
     }
-    // The agents write xenft.state too (their report, up to once a second): read it again
-    // just before the write, and again if an agent wrote in between.
+    set_state(api, &vm_ref, "unprotected").await?;
+    Ok(was)
+}
+
+/// Writes a VM's `xenft.state`. The agents write it too (their report, up to once a second
+/// per VM), so the value is read again just before the write, and again if an agent wrote
+/// in between.
+async fn set_state(api: &XenApi, vm_ref: &str, state: &str) -> Result<(), OpError> {
     let mut attempt = 0;
     loop {
-        match registry::set_vm_state(api, &vm_ref, "unprotected").await {
+        match registry::set_vm_state(api, vm_ref, state).await {
             Err(RegistryError::Conflict { .. }) if attempt + 1 < registry::MAX_ATTEMPTS => {
                 attempt += 1;
             }
-            r => break r?,
+            r => return Ok(r?),
         }
     }
-    Ok(was)
 }
 
 /// One VM's protection, for `vm-status` / `vm-list`.

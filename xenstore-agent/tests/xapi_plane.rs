@@ -283,3 +283,83 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
         a.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_level_typed_into_the_xencenter_field_alone_protects_the_vm() {
+    use xenft_xapi::customfields::{value_key, FIELD_LEVEL, FIELD_SECONDARY};
+    let Xapi {
+        srv,
+        vm_ref,
+        vm_uuid,
+        creds,
+        endpoint,
+        api,
+    } = xapi();
+    pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
+    let q = start_quorum().await;
+    let pool = Pool::new(q.addr());
+    let mut agents = Vec::new();
+    let mut planes = Vec::new();
+    for i in 0..2 {
+        let a = Agent::start(
+            pool.config_with(i, vec![]).validate().unwrap(),
+            Seams::recording(&Recorder::new()),
+        )
+        .await
+        .unwrap();
+        planes.push(Plane::start(
+            FollowerConfig {
+                endpoint: endpoint.clone(),
+                tls: TlsOptions::default(),
+                credentials: creds.clone(),
+                event_timeout: Duration::from_secs(5),
+            },
+            host(&format!("h{}", i + 1)),
+            a.inputs(),
+            a.hub(),
+        ));
+        agents.push(a);
+    }
+    // As XenCenter does: the secondary field, then the level.
+    srv.set_map_key(
+        &vm_ref,
+        "other_config",
+        &value_key(FIELD_SECONDARY),
+        Some("h2"),
+    );
+    srv.set_map_key(&vm_ref, "other_config", &value_key(FIELD_LEVEL), Some("2"));
+    wait_for(
+        "protection from the custom field",
+        Duration::from_secs(20),
+        || {
+            agents.iter().all(|a| {
+                a.hub()
+                    .snapshot()
+                    .vms
+                    .iter()
+                    .any(|v| v.record.vm.as_str() == vm_uuid && v.record.phase == Phase::Protected)
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        srv.map_field(&vm_ref, "other_config")
+            .get("xenft.level")
+            .map(String::as_str),
+        Some("2")
+    );
+    // Clearing the field unprotects.
+    srv.set_map_key(&vm_ref, "other_config", &value_key(FIELD_LEVEL), Some(""));
+    wait_for(
+        "unprotection from the custom field",
+        Duration::from_secs(20),
+        || agents.iter().all(|a| a.hub().snapshot().vms.is_empty()),
+    )
+    .await;
+    for p in planes {
+        p.shutdown().await;
+    }
+    for a in agents {
+        a.shutdown().await;
+    }
+}

@@ -2,7 +2,9 @@
 //! turns it into the core's protect / unprotect inputs, and the core's view of each VM goes
 //! back into xapi as its state line, coalesced ([`Coalescer`]). Refusals (a request the
 //! registry holds but the pool cannot carry out) are written by the pool master's agent
-//! only, so that two agents never race on one VM.
+//! only, so that two agents never race on one VM; the master's agent also follows the
+//! XenCenter custom fields (`xenft_xapi::customfields`), so that a level typed into a VM's
+//! `xenft-level` field protects it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -162,6 +164,7 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut followers = Followers::default();
+    let mut fields = FieldWatcher::default();
     let mut told = BTreeMap::new();
     let mut coalescer = Coalescer::default();
     let mut tick = tokio::time::interval(REPORT_EVERY);
@@ -171,6 +174,7 @@ async fn run(
             _ = stop.changed() => {
                 // The components run on without the agent (a restarted agent adopts them).
                 followers.stop_all();
+                fields.stop();
                 if let Some(c) = components.take() {
                     c.supervisor.release();
                 }
@@ -195,6 +199,8 @@ async fn run(
                 if let Some(c) = components.as_mut() {
                     supervise(c, &d, &me, &mut followers, &inputs);
                 }
+                let master = d.master.is_some() && d.master.as_deref() == d.host_uuid(me.as_str());
+                fields.keep(master.then(|| api.borrow().clone()).flatten());
                 coalescer.retain(|vm_ref| d.refs.values().any(|r| r == vm_ref));
                 offer_states(&d, &hub, &me, &mut coalescer);
                 let client = api.borrow().clone();
@@ -208,6 +214,45 @@ async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// The XenCenter custom-field watcher (`xenft-level` typed into a VM's field protects it,
+/// clearing it unprotects), run by the pool master's agent only, on the current session.
+#[derive(Default)]
+struct FieldWatcher {
+    running: Option<(Arc<xenft_xapi::XenApi>, watch::Sender<bool>)>,
+}
+
+impl FieldWatcher {
+    /// Runs the watcher on `api` (the master's agent, connected), or stops it (`None`).
+    fn keep(&mut self, api: Option<Arc<xenft_xapi::XenApi>>) {
+        let same = match (&self.running, &api) {
+            (Some((cur, _)), Some(new)) => Arc::ptr_eq(cur, new),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        self.stop();
+        if let Some(api) = api {
+            let (tx, rx) = watch::channel(false);
+            let a = Arc::clone(&api);
+            tokio::spawn(async move {
+                tracing::info!("following the XenCenter custom fields (this host is the master)");
+                xenft_xapi::customfields::CustomFieldWatcher::new()
+                    .run(&a, rx)
+                    .await;
+            });
+            self.running = Some((api, tx));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some((_, tx)) = self.running.take() {
+            let _ = tx.send(true);
         }
     }
 }
