@@ -55,6 +55,44 @@ fn xapi() -> Xapi {
     }
 }
 
+/// How the agents' followers reach the test server.
+fn follower_config(endpoint: &Endpoint, creds: &Credentials) -> FollowerConfig {
+    FollowerConfig {
+        endpoint: endpoint.clone(),
+        tls: TlsOptions::default(),
+        credentials: creds.clone(),
+        event_timeout: Duration::from_secs(5),
+    }
+}
+
+/// Two agents h1 and h2 with host-local configuration only (no VM in their config files) and
+/// recording components, each with its control plane on the test server.
+async fn recording_pair(
+    pool: &Pool,
+    endpoint: &Endpoint,
+    creds: &Credentials,
+) -> (Vec<Arc<Recorder>>, Vec<Agent>, Vec<Plane>) {
+    let (mut recorders, mut agents, mut planes) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..2 {
+        let r = Recorder::new();
+        let a = Agent::start(
+            pool.config_with(i, vec![]).validate().unwrap(),
+            Seams::recording(&r),
+        )
+        .await
+        .unwrap();
+        planes.push(Plane::start(
+            follower_config(endpoint, creds),
+            host(&format!("h{}", i + 1)),
+            a.inputs(),
+            a.hub(),
+        ));
+        recorders.push(r);
+        agents.push(a);
+    }
+    (recorders, agents, planes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
     let Xapi {
@@ -67,30 +105,10 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
     } = xapi();
     pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
 
-    // Two agents with host-local configuration only (no VM in their config files).
     let q = start_quorum().await;
     let pool = Pool::new(q.addr());
-    let (r1, r2) = (Recorder::new(), Recorder::new());
-    let a1 = Agent::start(
-        pool.config_with(0, vec![]).validate().unwrap(),
-        Seams::recording(&r1),
-    )
-    .await
-    .unwrap();
-    let a2 = Agent::start(
-        pool.config_with(1, vec![]).validate().unwrap(),
-        Seams::recording(&r2),
-    )
-    .await
-    .unwrap();
-    let follower = || FollowerConfig {
-        endpoint: endpoint.clone(),
-        tls: TlsOptions::default(),
-        credentials: creds.clone(),
-        event_timeout: Duration::from_secs(5),
-    };
-    let p1 = Plane::start(follower(), host("h1"), a1.inputs(), a1.hub());
-    let p2 = Plane::start(follower(), host("h2"), a2.inputs(), a2.hub());
+    let (recorders, mut agents, mut planes) = recording_pair(&pool, &endpoint, &creds).await;
+    let r1 = &recorders[0];
 
     // Act: `xenft vm-protect vm=web01 level=2 secondary=h2`.
     ops::protect(&api, "web01", Level::Component, "h2")
@@ -98,7 +116,7 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
         .unwrap();
 
     // Both agents protect it; the primary synced the disk toward h2.
-    let (h1, h2) = (a1.hub(), a2.hub());
+    let (h1, h2) = (agents[0].hub(), agents[1].hub());
     let phase_of = |hub: &Arc<xenft_agent::status::StatusHub>| {
         hub.snapshot()
             .vms
@@ -142,10 +160,12 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
             "unprotect must not stop the VM: {c}"
         );
     }
-    p1.shutdown().await;
-    p2.shutdown().await;
-    a1.shutdown().await;
-    a2.shutdown().await;
+    for p in planes.drain(..) {
+        p.shutdown().await;
+    }
+    for a in agents.drain(..) {
+        a.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,12 +212,7 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
         let a = Agent::start(pool.config_with(i, vec![]).validate().unwrap(), seams)
             .await
             .unwrap();
-        let follower = Follower::start(FollowerConfig {
-            endpoint: endpoint.clone(),
-            tls: TlsOptions::default(),
-            credentials: creds.clone(),
-            event_timeout: Duration::from_secs(5),
-        });
+        let follower = Follower::start(follower_config(&endpoint, &creds));
         let components = Components {
             facts: HostFacts {
                 me: String::new(),
@@ -298,28 +313,7 @@ async fn a_level_typed_into_the_xencenter_field_alone_protects_the_vm() {
     pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
     let q = start_quorum().await;
     let pool = Pool::new(q.addr());
-    let mut agents = Vec::new();
-    let mut planes = Vec::new();
-    for i in 0..2 {
-        let a = Agent::start(
-            pool.config_with(i, vec![]).validate().unwrap(),
-            Seams::recording(&Recorder::new()),
-        )
-        .await
-        .unwrap();
-        planes.push(Plane::start(
-            FollowerConfig {
-                endpoint: endpoint.clone(),
-                tls: TlsOptions::default(),
-                credentials: creds.clone(),
-                event_timeout: Duration::from_secs(5),
-            },
-            host(&format!("h{}", i + 1)),
-            a.inputs(),
-            a.hub(),
-        ));
-        agents.push(a);
-    }
+    let (_recorders, agents, planes) = recording_pair(&pool, &endpoint, &creds).await;
     // As XenCenter does: the secondary field, then the level.
     srv.set_map_key(
         &vm_ref,
