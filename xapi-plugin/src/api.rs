@@ -76,14 +76,14 @@ fn field<'a>(m: &'a BTreeMap<String, Value>, name: &str) -> Option<&'a Value> {
     m.get(name)
 }
 
-fn str_field(m: &BTreeMap<String, Value>, name: &str) -> String {
+pub(crate) fn str_field(m: &BTreeMap<String, Value>, name: &str) -> String {
     field(m, name)
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string()
 }
 
-fn int_field(m: &BTreeMap<String, Value>, name: &str) -> i64 {
+pub(crate) fn int_field(m: &BTreeMap<String, Value>, name: &str) -> i64 {
     field(m, name).and_then(Value::as_i64).unwrap_or(0)
 }
 
@@ -110,6 +110,8 @@ pub struct VmRecord {
     pub resident_on: Ref,
     /// `memory_static_max` in bytes: the most memory the VM can have.
     pub memory_static_max: i64,
+    /// `domid`: the running domain's id, `-1` when the VM does not run.
+    pub domid: i64,
     /// `is_a_template`.
     pub is_a_template: bool,
     /// `is_control_domain` (dom0).
@@ -132,6 +134,7 @@ impl VmRecord {
             power_state: str_field(m, "power_state"),
             resident_on: str_field(m, "resident_on"),
             memory_static_max: int_field(m, "memory_static_max"),
+            domid: field(m, "domid").and_then(Value::as_i64).unwrap_or(-1),
             is_a_template: bool_field(m, "is_a_template"),
             is_control_domain: bool_field(m, "is_control_domain"),
             is_a_snapshot: bool_field(m, "is_a_snapshot"),

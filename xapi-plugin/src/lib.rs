@@ -24,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod customfields;
 pub mod datamodel;
+pub mod devices;
 pub mod error;
 pub mod jsonrpc;
 pub mod ops;

@@ -242,8 +242,13 @@ pub struct ComponentsFile {
     /// `xenft-blkback` (default: beside the agent's own binary).
     #[serde(default)]
     pub blkback: Option<PathBuf>,
-    /// Size of a new disk copy, bytes.
-    pub disk_size_bytes: u64,
+    /// Size of a disk copy when xapi names no disk for the VM, bytes (otherwise the copy has
+    /// the size of the VM's disk, its VDI's `virtual_size`).
+    #[serde(default)]
+    pub disk_size_bytes: Option<u64>,
+    /// The relay (`xenft-netback`) of each protected VM; absent: the agent starts none.
+    #[serde(default)]
+    pub relay: Option<crate::xapi::relay_plan::RelayFile>,
 }
 
 fn default_run_dir() -> PathBuf {
@@ -338,6 +343,16 @@ impl AgentFile {
                 "event_timeout_ms must be 100..=600000, not {}",
                 x.event_timeout_ms
             )));
+        }
+        if let Some(c) = &x.components {
+            if c.disk_size_bytes == Some(0) {
+                return Err(bad(
+                    "components.disk_size_bytes: 0 is no disk size (leave it out to size every copy from the VM's VDI)".into(),
+                ));
+            }
+            if let Some(r) = &c.relay {
+                r.check().map_err(|e| bad(format!("components.{e}")))?;
+            }
         }
         let credentials = crate::xapi::follower::read_credentials(&x.credential_file)
             .map_err(|e| bad(e.to_string()))?;

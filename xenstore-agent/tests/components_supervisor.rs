@@ -52,6 +52,7 @@ fn desired(base_port: u16) -> Desired {
             resident_on: Some("u1".into()),
             power_state: "Running".into(),
             memory_bytes: 1 << 30,
+            devices: xenft_agent::xapi::devices::VmDevices::default(),
         },
     );
     d
@@ -94,7 +95,8 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         disk_dir: dir.path().join(format!("disks-{me}")),
         blkback: bin.clone(),
         secret_file: secret.clone(),
-        disk_size: 16 << 20,
+        disk_size: Some(16 << 20),
+        relay: None,
     };
     for me in ["u1", "u2"] {
         std::fs::create_dir_all(facts(me).disk_dir).unwrap();

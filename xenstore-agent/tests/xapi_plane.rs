@@ -220,7 +220,8 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
                 disk_dir,
                 blkback: blkback.clone(),
                 secret_file: secret.clone(),
-                disk_size: 16 << 20,
+                disk_size: Some(16 << 20),
+                relay: None,
             },
             supervisor: Supervisor::new(run_dir),
         };

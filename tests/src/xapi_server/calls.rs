@@ -149,13 +149,16 @@ fn vm_start_on(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiRes
     let host = arg_str(args, 1, method)?;
     let paused = args.get(2).and_then(Value::as_bool).unwrap_or(false);
     check_placement(db, vm, host, "halted")?;
+    // Xen does not hand a domain id out again soon: each start gets a new one.
     let next_domid = db
         .objects
         .values()
         .filter_map(|o| o.fields.get("domid").and_then(Value::as_i64))
         .max()
         .unwrap_or(0)
+        .max(db.last_domid)
         + 1;
+    db.last_domid = next_domid;
     let o = db.obj_mut("VM", vm)?;
     let state = if paused { "Paused" } else { "Running" };
     o.fields.insert("power_state".into(), Value::str(state));

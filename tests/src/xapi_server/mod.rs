@@ -274,12 +274,42 @@ impl FakeXapi {
     ) -> (String, String) {
         let mut db = self.shared.lock();
         let uuid = new_uuid();
-        let r = db.insert(
-            "VM",
-            objects::vm_record(name, &uuid, memory_static_max, resident_on),
-        );
+        let mut f = objects::vm_record(name, &uuid, memory_static_max, resident_on);
+        if resident_on.is_some() {
+            db.last_domid += 1;
+            f.insert("domid".into(), Value::int64(db.last_domid));
+        }
+        let r = db.insert("VM", f);
         self.shared.emit(&mut db, &r, "add");
         (r, uuid)
+    }
+
+    /// Adds a disk of `virtual_size` bytes to `vm` at `userdevice`: a `VDI` and the `VBD`
+    /// attaching it (both listed in the VM's `VBDs` / the VDI's `VBDs`, as xapi keeps them).
+    /// Returns the VDI's ref.
+    pub fn add_disk(&self, vm: &str, userdevice: u32, virtual_size: i64) -> String {
+        let mut db = self.shared.lock();
+        let vdi = db.insert("VDI", objects::vdi_record(virtual_size));
+        let vbd = db.insert("VBD", objects::vbd_record(vm, &vdi, userdevice));
+        if let Some(o) = db.objects.get_mut(&vdi) {
+            o.fields
+                .insert("VBDs".into(), Value::Array(vec![Value::str(&vbd)]));
+        }
+        objects::push_ref(&mut db, vm, "VBDs", &vbd);
+        self.shared.emit(&mut db, &vdi, "add");
+        self.shared.emit(&mut db, &vbd, "add");
+        self.shared.emit(&mut db, vm, "mod");
+        vdi
+    }
+
+    /// Adds network interface `device` with `mac` to `vm`. Returns the VIF's ref.
+    pub fn add_vif(&self, vm: &str, device: u32, mac: &str) -> String {
+        let mut db = self.shared.lock();
+        let vif = db.insert("VIF", objects::vif_record(vm, device, mac));
+        objects::push_ref(&mut db, vm, "VIFs", &vif);
+        self.shared.emit(&mut db, &vif, "add");
+        self.shared.emit(&mut db, vm, "mod");
+        vif
     }
 
     /// Adds a snapshot of `vm` named `name` (xapi's snapshots are halted templates with

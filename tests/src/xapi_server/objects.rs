@@ -43,6 +43,8 @@ pub(super) struct Db {
     pub(super) host_memory_total: BTreeMap<String, i64>,
     pub(super) calls: BTreeMap<String, u64>,
     pub(super) deny_next: Vec<(String, String, Vec<String>)>,
+    /// The last domain id `VM.start_on` handed out.
+    pub(super) last_domid: i64,
 }
 
 pub(super) fn new_uuid() -> String {
@@ -138,7 +140,61 @@ pub(super) fn vm_record(
         ("is_control_domain", Value::Bool(false)),
         ("other_config", empty_map()),
         ("tags", Value::Array(vec![])),
+        ("VIFs", Value::Array(vec![])),
+        ("VBDs", Value::Array(vec![])),
     ])
+}
+
+/// A disk (`VDI`) of `virtual_size` bytes on the default SR.
+pub(super) fn vdi_record(virtual_size: i64) -> BTreeMap<String, Value> {
+    fields([
+        ("uuid", Value::str(new_uuid())),
+        ("name_label", Value::str("disk")),
+        ("virtual_size", Value::int64(virtual_size)),
+        ("SR", Value::str(NULL_REF)),
+        ("VBDs", Value::Array(vec![])),
+        ("other_config", empty_map()),
+    ])
+}
+
+/// The attachment (`VBD`) of disk `vdi` to `vm` at `userdevice`.
+pub(super) fn vbd_record(vm: &str, vdi: &str, userdevice: u32) -> BTreeMap<String, Value> {
+    fields([
+        ("uuid", Value::str(new_uuid())),
+        ("VM", Value::str(vm)),
+        ("VDI", Value::str(vdi)),
+        ("userdevice", Value::str(userdevice.to_string())),
+        ("type", Value::str("Disk")),
+        ("mode", Value::str("RW")),
+        ("bootable", Value::Bool(userdevice == 0)),
+        ("empty", Value::Bool(false)),
+        ("other_config", empty_map()),
+    ])
+}
+
+/// Network interface `device` of `vm` with `mac`.
+pub(super) fn vif_record(vm: &str, device: u32, mac: &str) -> BTreeMap<String, Value> {
+    fields([
+        ("uuid", Value::str(new_uuid())),
+        ("VM", Value::str(vm)),
+        ("device", Value::str(device.to_string())),
+        ("MAC", Value::str(mac)),
+        ("network", Value::str(NULL_REF)),
+        ("MTU", Value::int64(1500)),
+        ("other_config", empty_map()),
+    ])
+}
+
+/// Appends `item` to the ref list `field` of object `r` (a VM's `VIFs`, `VBDs`).
+pub(super) fn push_ref(db: &mut Db, r: &str, field: &str, item: &str) {
+    if let Some(o) = db.objects.get_mut(r) {
+        let mut list = match o.fields.get(field) {
+            Some(Value::Array(a)) => a.clone(),
+            _ => Vec::new(),
+        };
+        list.push(Value::str(item));
+        o.fields.insert(field.into(), Value::Array(list));
+    }
 }
 
 /// The control domain of `host` (named as xapi names it, `Control domain on host: NAME`).

@@ -89,12 +89,28 @@ fn main() -> anyhow::Result<()> {
                 };
                 std::fs::create_dir_all(&c.run_dir)
                     .with_context(|| format!("creating {}", c.run_dir.display()))?;
-                seams.disk =
-                    xenft_agent::drivers::supervised_disks(xenft_agent::drivers::Convention {
-                        run_dir: c.run_dir.clone(),
-                        request_timeout: std::time::Duration::from_secs(10),
-                        sync_timeout: std::time::Duration::from_secs(3600),
-                    });
+                let convention = xenft_agent::drivers::Convention {
+                    run_dir: c.run_dir.clone(),
+                    request_timeout: std::time::Duration::from_secs(10),
+                    sync_timeout: std::time::Duration::from_secs(3600),
+                };
+                seams.disk = xenft_agent::drivers::supervised_disks(convention.clone());
+                let relay = match c.relay {
+                    Some(r) => {
+                        seams.net = xenft_agent::drivers::supervised::relays(convention);
+                        Some(xenft_agent::xapi::relay_plan::RelayFacts {
+                            netback: match r.netback {
+                                Some(b) => b,
+                                None => std::env::current_exe()
+                                    .context("locating the agent's binary")?
+                                    .with_file_name("xenft-netback"),
+                            },
+                            uplink: r.uplink,
+                            vif_name: r.vif_name,
+                        })
+                    }
+                    None => None,
+                };
                 Some(xenft_agent::xapi::plane::Components {
                     facts: xenft_agent::xapi::components::HostFacts {
                         me: String::new(),
@@ -103,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                         blkback,
                         secret_file: secret_file.clone(),
                         disk_size: c.disk_size_bytes,
+                        relay,
                     },
                     supervisor: xenft_agent::xapi::components::Supervisor::new(c.run_dir),
                 })

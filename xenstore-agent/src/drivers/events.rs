@@ -136,6 +136,26 @@ pub fn follow_blkback(
     )
 }
 
+/// Follows one VM's relay at `sock` (a component the agent supervises) until `stop`.
+///
+/// # Errors
+/// When the thread cannot be started.
+pub fn follow_netback(
+    vm: &VmId,
+    sock: &std::path::Path,
+    timeout: Duration,
+    inputs: &mpsc::Sender<Input>,
+    stop: &Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    spawn(
+        Client::<Netback>::new(sock, timeout),
+        vm,
+        inputs,
+        stop,
+        netback_input,
+    )
+}
+
 fn spawn<C: Contract>(
     client: Client<C>,
     vm: &VmId,

@@ -35,6 +35,7 @@ pub mod control;
 pub mod domain;
 pub mod events;
 pub mod netback;
+pub mod supervised;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -11,8 +11,11 @@
 //! with backoff ([`BACKOFF`] doubling to [`MAX_BACKOFF`]) and reported; one no longer wanted
 //! (unprotected, level 1, the VM gone) gets SIGTERM — the VM itself is never touched here.
 //!
-//! Not yet: the relay (`xenft-netback`, it needs the vif name and MAC from the VM's VIF) and
-//! the checkpoint engine (level 3's memory) are still started by the host.
+//! With relay settings ([`HostFacts::relay`]) each such VM also gets its `xenft-netback`
+//! ([`super::relay_plan`]). The disk copy is sized from the VM's disk (its `VDI`'s
+//! `virtual_size`), or from [`HostFacts::disk_size`] when xapi names no disk.
+//!
+//! Not yet: the checkpoint engine (level 3's memory) is still started by the host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,8 +44,10 @@ pub struct HostFacts {
     pub blkback: PathBuf,
     /// The pool secret (A-link key), a file.
     pub secret_file: PathBuf,
-    /// Disk size when xapi does not say (bytes).
-    pub disk_size: u64,
+    /// Disk size when xapi names no disk for the VM (bytes).
+    pub disk_size: Option<u64>,
+    /// The relay's settings; `None`: no relay is started by the agent.
+    pub relay: Option<super::relay_plan::RelayFacts>,
 }
 
 /// One process to run.
@@ -70,10 +75,15 @@ pub fn port_slot(uuid: &str) -> u64 {
     h % SLOTS
 }
 
-/// `ip:port` with the port moved to the VM's blkback slot.
-fn slot_addr(addr: &str, slot: u64) -> Option<String> {
+/// Port offsets within a VM's slot: blkback's A-link, the checkpoint engine's, the relay's.
+pub const BLKBACK_PORT: u64 = 0;
+/// See [`BLKBACK_PORT`].
+pub const RELAY_PORT: u64 = 2;
+
+/// `ip:port` with the port moved to the VM's slot (`offset`: which component's port).
+fn slot_addr(addr: &str, slot: u64, offset: u64) -> Option<String> {
     let sa: std::net::SocketAddr = addr.parse().ok()?;
-    let port = u64::from(sa.port()) + 100 + 3 * slot;
+    let port = u64::from(sa.port()) + 100 + 3 * slot + offset;
     let port = u16::try_from(port).ok()?;
     Some(std::net::SocketAddr::new(sa.ip(), port).to_string())
 }
@@ -109,18 +119,25 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
             problems.insert(v.uuid.clone(), "a host of the pair has no A-link".into());
             continue;
         };
-        let mut paths = Vec::new();
-        for (a, b) in mine.alinks.iter().zip(&theirs.alinks) {
-            match (slot_addr(a, slot), slot_addr(b, slot)) {
-                (Some(a), Some(b)) => paths.push(format!("{a}={b}")),
-                _ => {
-                    problems.insert(
-                        v.uuid.clone(),
-                        format!("A-link address {a} or {b} unusable"),
-                    );
-                }
+        let paths_at = |offset: u64| -> Result<Vec<String>, String> {
+            mine.alinks
+                .iter()
+                .zip(&theirs.alinks)
+                .map(
+                    |(a, b)| match (slot_addr(a, slot, offset), slot_addr(b, slot, offset)) {
+                        (Some(a), Some(b)) => Ok(format!("{a}={b}")),
+                        _ => Err(format!("A-link address {a} or {b} unusable")),
+                    },
+                )
+                .collect()
+        };
+        let paths = match paths_at(BLKBACK_PORT) {
+            Ok(p) => p,
+            Err(why) => {
+                problems.insert(v.uuid.clone(), why);
+                continue;
             }
-        }
+        };
         if paths.is_empty() {
             problems
                 .entry(v.uuid.clone())
@@ -130,13 +147,31 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
         let name = |u: &str| d.hosts.get(u).map_or(u.to_string(), |h| h.name.clone());
         let dir = f.run_dir.join(&v.uuid);
         let s = |p: &Path| p.display().to_string();
+        let Some(size) = v.devices.disk.as_ref().map(|k| k.size).or(f.disk_size) else {
+            problems.insert(
+                v.uuid.clone(),
+                "xapi names no disk for the VM and disk_size_bytes is not set: the mirror's size is unknown".into(),
+            );
+            continue;
+        };
+        if !v.devices.other_disks.is_empty() {
+            note(
+                &mut problems,
+                &v.uuid,
+                format!(
+                    "only the disk at userdevice {} is mirrored; disks {:?} are not",
+                    v.devices.disk.as_ref().map_or(0, |k| k.userdevice),
+                    v.devices.other_disks
+                ),
+            );
+        }
         let mut args = vec![
             "--role".into(),
             role.into(),
             "--disk".into(),
             s(&f.disk_dir.join(format!("{}.img", v.uuid))),
             "--size".into(),
-            f.disk_size.to_string(),
+            size.to_string(),
             "--nbd-unix".into(),
             s(&dir.join("nbd.sock")),
             "--control".into(),
@@ -158,8 +193,43 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
             program: f.blkback.clone(),
             args,
         });
+        if let Some(relay) = &f.relay {
+            let spec = paths_at(RELAY_PORT).and_then(|paths| {
+                super::relay_plan::spec(
+                    v,
+                    relay,
+                    &super::relay_plan::RelayContext {
+                        role,
+                        me: &name(&f.me),
+                        peer: &name(&peer),
+                        paths: &paths,
+                        dir: &dir,
+                        secret_file: &f.secret_file,
+                        slot,
+                    },
+                )
+            });
+            match spec {
+                Ok(p) => out.push(p),
+                Err(why) => note(&mut problems, &v.uuid, format!("no relay: {why}")),
+            }
+        }
+        for p in &v.devices.problems {
+            note(&mut problems, &v.uuid, p.clone());
+        }
     }
     (out, problems)
+}
+
+/// Adds `why` to the VM's problems.
+fn note(problems: &mut BTreeMap<String, String>, vm: &str, why: String) {
+    problems
+        .entry(vm.to_string())
+        .and_modify(|p| {
+            p.push_str("; ");
+            p.push_str(&why);
+        })
+        .or_insert(why);
 }
 
 /// What happened to a component.
@@ -502,6 +572,7 @@ mod tests {
                 resident_on: resident.map(str::to_string),
                 power_state: "Running".into(),
                 memory_bytes: 1 << 30,
+                devices: crate::xapi::devices::VmDevices::default(),
             },
         );
         d
@@ -514,7 +585,8 @@ mod tests {
             disk_dir: "/var/lib/xenft".into(),
             blkback: "/usr/bin/xenft-blkback".into(),
             secret_file: "/etc/xenft/secret".into(),
-            disk_size: 1 << 30,
+            disk_size: Some(1 << 30),
+            relay: None,
         }
     }
 

@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use xenft_xapi::api::{HostRecord, PoolRecord, Ref, VmRecord};
+use xenft_xapi::devices::{VbdRecord, VdiRecord, VifRecord};
+
+use super::devices::VmDevices;
 use xenft_xapi::registry::{self, Level, PoolConfig, VmProtection, POOL_KEY, VM_LEVEL};
 
 /// The records the desired state is derived from, by opaque ref.
@@ -23,6 +26,12 @@ pub struct Snapshot {
     pub hosts: BTreeMap<Ref, HostRecord>,
     /// Every VM record, templates and control domains included.
     pub vms: BTreeMap<Ref, VmRecord>,
+    /// Network interfaces.
+    pub vifs: BTreeMap<Ref, VifRecord>,
+    /// Disk attachments.
+    pub vbds: BTreeMap<Ref, VbdRecord>,
+    /// Disks.
+    pub vdis: BTreeMap<Ref, VdiRecord>,
 }
 
 /// A host of the pool.
@@ -53,6 +62,8 @@ pub struct VmDesired {
     pub power_state: String,
     /// `memory_static_max` in bytes (what a restart needs on the secondary).
     pub memory_bytes: u64,
+    /// Its domain id, network interfaces and disk.
+    pub devices: VmDevices,
 }
 
 /// This host's part in a VM's protection.
@@ -163,7 +174,8 @@ pub fn derive(s: &Snapshot) -> Desired {
         }
         d.refs.insert(vm.uuid.clone(), r.clone());
         match check(vm, r, &d, &host_uuid) {
-            Ok(v) => {
+            Ok(mut v) => {
+                v.devices = super::devices::of(s, r);
                 d.vms.insert(v.uuid.clone(), v);
             }
             Err(why) => {
@@ -238,6 +250,7 @@ fn check(
         resident_on,
         power_state: vm.power_state.clone(),
         memory_bytes: u64::try_from(vm.memory_static_max).unwrap_or(0),
+        devices: VmDevices::default(),
     })
 }
 
@@ -305,6 +318,7 @@ mod tests {
             ]
             .into(),
             vms: vms.into_iter().map(|(r, v)| (r.to_string(), v)).collect(),
+            ..Snapshot::default()
         }
     }
 

@@ -11,6 +11,8 @@
 //!   again with backoff ([`BACKOFF`] doubling to [`MAX_BACKOFF`]) and re-reads everything;
 //!   meanwhile the last published state stays: protection, membership, quorum and fencing
 //!   never wait for xapi. `EVENTS_LOST` means a full re-read.
+//! - Classes followed: `pool`, `host`, `VM` (the registry) and `VIF`, `VBD`, `VDI` (the
+//!   devices the components are started with: [`super::devices`]).
 //! - The first batch of `event.from` with an empty token holds every object; later batches
 //!   change the snapshot object by object, and a new [`Desired`] is published only when it
 //!   differs.
@@ -22,6 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use xenft_xapi::api::{EventOp, EventStream, HostRecord, PoolRecord, VmRecord};
 use xenft_xapi::client::{ConnectOptions, Credentials, XenApi};
+use xenft_xapi::devices::{VbdRecord, VdiRecord, VifRecord};
 use xenft_xapi::error::XapiError;
 use xenft_xapi::transport::{Endpoint, TlsOptions};
 
@@ -234,7 +237,7 @@ async fn follow(
     api.login().await?;
     api_tx.send_replace(Some(Arc::clone(api)));
     tracing::info!(endpoint = ?api.endpoint(), "following the pool registry");
-    let mut stream = EventStream::new(&["pool", "host", "vm"]);
+    let mut stream = EventStream::new(&["pool", "host", "vm", "vif", "vbd", "vdi"]);
     let mut snap = Snapshot::default();
     let mut first = true;
     loop {
@@ -271,6 +274,9 @@ fn apply(snap: &mut Snapshot, ev: &xenft_xapi::api::Event) -> Result<(), XapiErr
     if ev.operation == EventOp::Del {
         snap.hosts.remove(&r);
         snap.vms.remove(&r);
+        snap.vifs.remove(&r);
+        snap.vbds.remove(&r);
+        snap.vdis.remove(&r);
         if snap.pool.as_ref().is_some_and(|(p, _)| *p == r) {
             snap.pool = None;
         }
@@ -287,6 +293,26 @@ fn apply(snap: &mut Snapshot, ev: &xenft_xapi::api::Event) -> Result<(), XapiErr
         "vm" => {
             snap.vms.insert(r, VmRecord::from_value(v)?);
         }
+        // A malformed device record is left out (the VM's plan then says what it misses);
+        // it must not stop the registry from being followed.
+        "vif" => match VifRecord::from_value(v) {
+            Ok(rec) => {
+                snap.vifs.insert(r, rec);
+            }
+            Err(e) => tracing::warn!(obj = %r, error = %e, "VIF record ignored"),
+        },
+        "vbd" => match VbdRecord::from_value(v) {
+            Ok(rec) => {
+                snap.vbds.insert(r, rec);
+            }
+            Err(e) => tracing::warn!(obj = %r, error = %e, "VBD record ignored"),
+        },
+        "vdi" => match VdiRecord::from_value(v) {
+            Ok(rec) => {
+                snap.vdis.insert(r, rec);
+            }
+            Err(e) => tracing::warn!(obj = %r, error = %e, "VDI record ignored"),
+        },
         _ => {}
     }
     Ok(())

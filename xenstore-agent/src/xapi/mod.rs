@@ -7,6 +7,8 @@
 //! - [`desired`]: the desired state derived from the registry (pool `xenft.pool`, VM
 //!   `xenft.level` / `xenft.secondary`), every request checked, refusals with their reason;
 //!   this host's [`desired::Role`] per VM;
+//! - [`devices`]: a protected VM's domain id, network interfaces and disk, from its `VIF`,
+//!   `VBD` and `VDI` records (what the relay and the mirror are started with);
 //! - [`domain`]: the VM's domain through XenAPI on xapi hosts (`VM.start_on` on the
 //!   surviving host after a take-over, pause / unpause for fencing, hard shutdown);
 //! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
@@ -14,6 +16,7 @@
 //!   desired state; the last state read stays in force while xapi is unreachable;
 //! - [`bridge`]: the desired state into the core's protect / unprotect inputs, and the core's
 //!   view of a VM back into its state line;
+//! - [`relay_plan`]: the relay (`xenft-netback`) of a protected VM in the component plan;
 //! - [`plane`]: all of it on one host: follower, inputs for the core, states back;
 //! - [`state`]: the agent's report back into xapi (`xenft.state`, the `xenft-status` custom
 //!   field), coalesced, never over a newer format.
@@ -21,7 +24,9 @@
 pub mod bridge;
 pub mod components;
 pub mod desired;
+pub mod devices;
 pub mod domain;
 pub mod follower;
 pub mod plane;
+pub mod relay_plan;
 pub mod state;

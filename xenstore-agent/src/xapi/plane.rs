@@ -32,17 +32,15 @@ pub struct Components {
     pub supervisor: Supervisor,
 }
 
-/// The event followers of supervised components, by VM.
-#[derive(Default)]
-struct Followers(
-    BTreeMap<
-        String,
-        (
-            Arc<std::sync::atomic::AtomicBool>,
-            std::thread::JoinHandle<()>,
-        ),
-    >,
+/// One component's event follower: its stop flag and thread.
+type FollowerThread = (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
 );
+
+/// The event followers of supervised components, by VM and component.
+#[derive(Default)]
+struct Followers(BTreeMap<(String, &'static str), FollowerThread>);
 
 impl Followers {
     fn apply(
@@ -53,31 +51,30 @@ impl Followers {
     ) {
         for c in changes {
             match c {
-                Change::Started { vm, .. } | Change::Adopted { vm, .. }
-                    if !self.0.contains_key(vm) =>
+                Change::Started { vm, name, .. } | Change::Adopted { vm, name, .. }
+                    if !self.0.contains_key(&(vm.clone(), *name)) =>
                 {
                     let Ok(id) = crate::ids::VmId::new(vm.as_str()) else {
                         continue;
                     };
+                    let follow = match *name {
+                        "blkback" => crate::drivers::events::follow_blkback,
+                        "netback" => crate::drivers::events::follow_netback,
+                        _ => continue,
+                    };
                     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let sock = run_dir.join(vm).join("blkback.sock");
-                    match crate::drivers::events::follow_blkback(
-                        &id,
-                        &sock,
-                        Duration::from_secs(5),
-                        inputs,
-                        &stop,
-                    ) {
+                    let sock = run_dir.join(vm).join(format!("{name}.sock"));
+                    match follow(&id, &sock, Duration::from_secs(5), inputs, &stop) {
                         Ok(t) => {
-                            self.0.insert(vm.clone(), (stop, t));
+                            self.0.insert((vm.clone(), *name), (stop, t));
                         }
                         Err(e) => {
                             tracing::warn!(%vm, error = %e, "cannot follow the component's events");
                         }
                     }
                 }
-                Change::Stopped { vm, .. } => {
-                    if let Some((stop, _)) = self.0.remove(vm) {
+                Change::Stopped { vm, name } => {
+                    if let Some((stop, _)) = self.0.remove(&(vm.clone(), *name)) {
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }

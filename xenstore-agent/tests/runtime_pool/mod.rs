@@ -141,20 +141,18 @@ pub async fn pool_init(api: &xenft_xapi::XenApi, hosts: &[(&str, &str)]) {
 
 /// `xenft-blkback`, built if needed (a no-op after a workspace build).
 pub fn blkback_binary() -> std::path::PathBuf {
+    component_binary("xenft-blkback", "xenft-blkback")
+}
+
+/// Binary `bin` of workspace package `package`, built if needed.
+pub fn component_binary(package: &str, bin: &str) -> std::path::PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let st = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "xenft-blkback",
-            "--bins",
-            "--manifest-path",
-        ])
+        .args(["build", "-q", "-p", package, "--bins", "--manifest-path"])
         .arg(manifest)
         .status()
         .expect("cargo build");
-    assert!(st.success(), "building xenft-blkback failed");
-    xenft_tests::lab::target_dir().join("xenft-blkback")
+    assert!(st.success(), "building {package} failed");
+    xenft_tests::lab::target_dir().join(bin)
 }
