@@ -358,3 +358,69 @@ async fn a_level_typed_into_the_xencenter_field_alone_protects_the_vm() {
         a.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_started_on_the_secondary_is_reported_as_eating_the_reserved_capacity() {
+    let Xapi {
+        srv,
+        vm_ref,
+        creds,
+        endpoint,
+        api,
+        ..
+    } = xapi();
+    pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
+    let q = start_quorum().await;
+    let pool = Pool::new(q.addr());
+    let (_recorders, mut agents, mut planes) = recording_pair(&pool, &endpoint, &creds).await;
+    let state = || {
+        srv.map_field(&vm_ref, "other_config")
+            .get("xenft.state")
+            .cloned()
+            .unwrap_or_default()
+    };
+
+    // web01 (2 GiB) restarts on h2 (16 GiB) if h1 fails: protected.
+    ops::protect(&api, "web01", Level::Restart, "h2")
+        .await
+        .unwrap();
+    wait_for("xenft.state = protected", Duration::from_secs(15), || {
+        state() == "protected"
+    })
+    .await;
+
+    // Another VM starts on h2 and leaves 1 GiB: web01 could no longer restart there.
+    let h2_ref = api
+        .call(
+            "host.get_by_name_label",
+            vec![xenft_xapi::xmlrpc::Value::str("h2")],
+        )
+        .await
+        .unwrap()
+        .as_array()
+        .and_then(|a| a.first().and_then(|v| v.as_str().map(str::to_string)))
+        .unwrap();
+    let (big, _) = srv.add_vm("big", 15 * GIB, Some(&h2_ref));
+    wait_for(
+        "xenft.state = degraded (reservation)",
+        Duration::from_secs(10),
+        || state().starts_with("degraded: reservation short: h2 has 1.0 GiB free"),
+    )
+    .await;
+    assert!(state().contains("needs 2.0 GiB"), "{}", state());
+
+    // It stops: the reservation holds again.
+    srv.destroy(&big);
+    wait_for(
+        "xenft.state = protected again",
+        Duration::from_secs(10),
+        || state() == "protected",
+    )
+    .await;
+    for p in planes.drain(..) {
+        p.shutdown().await;
+    }
+    for a in agents.drain(..) {
+        a.shutdown().await;
+    }
+}

@@ -100,6 +100,9 @@ pub struct Desired {
     pub refused: BTreeMap<String, String>,
     /// The current ref of every VM with a protection request (protected or refused), by uuid.
     pub refs: BTreeMap<String, Ref>,
+    /// Memory of the VMs running on each host (bytes, by host uuid): when it changes — a VM
+    /// started, stopped or grew anywhere — the take-over reservations are checked again.
+    pub resident_memory: BTreeMap<String, u64>,
 }
 
 impl Desired {
@@ -160,6 +163,12 @@ pub fn derive(s: &Snapshot) -> Desired {
                     Err(e) => d.pool_problem = Some(e.to_string()),
                 },
             }
+        }
+    }
+    for vm in s.vms.values() {
+        if let Some(h) = host_uuid(&vm.resident_on) {
+            *d.resident_memory.entry(h).or_default() +=
+                u64::try_from(vm.memory_static_max).unwrap_or(0);
         }
     }
     // A VM protected twice (a copy with the same uuid cannot exist; two VMs naming each

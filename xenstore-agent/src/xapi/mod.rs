@@ -17,6 +17,8 @@
 //! - [`bridge`]: the desired state into the core's protect / unprotect inputs, and the core's
 //!   view of a VM back into its state line;
 //! - [`relay_plan`]: the relay (`xenft-netback`) of a protected VM in the component plan;
+//! - [`reservation`]: the memory each protected VM keeps on its secondary, re-checked while
+//!   the pool changes;
 //! - [`plane`]: all of it on one host: follower, inputs for the core, states back;
 //! - [`state`]: the agent's report back into xapi (`xenft.state`, the `xenft-status` custom
 //!   field), coalesced, never over a newer format.
@@ -29,4 +31,5 @@ pub mod domain;
 pub mod follower;
 pub mod plane;
 pub mod relay_plan;
+pub mod reservation;
 pub mod state;

@@ -4,7 +4,8 @@
 //! registry holds but the pool cannot carry out) are written by the pool master's agent
 //! only, so that two agents never race on one VM; the master's agent also follows the
 //! XenCenter custom fields (`xenft_xapi::customfields`), so that a level typed into a VM's
-//! `xenft-level` field protects it.
+//! `xenft-level` field protects it. The host running a VM also re-checks that its secondary
+//! can still hold it ([`super::reservation`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -164,6 +165,7 @@ async fn run(
     let mut fields = FieldWatcher::default();
     let mut told = BTreeMap::new();
     let mut coalescer = Coalescer::default();
+    let mut reserve = Reserve::default();
     let mut tick = tokio::time::interval(REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -199,8 +201,11 @@ async fn run(
                 let master = d.master.is_some() && d.master.as_deref() == d.host_uuid(me.as_str());
                 fields.keep(master.then(|| api.borrow().clone()).flatten());
                 coalescer.retain(|vm_ref| d.refs.values().any(|r| r == vm_ref));
-                offer_states(&d, &hub, &me, &mut coalescer);
                 let client = api.borrow().clone();
+                if let Some(client) = &client {
+                    reserve.recheck(&d, &me, client).await;
+                }
+                offer_states(&d, &hub, &me, &reserve.short, &mut coalescer);
                 if let Some(client) = client {
                     for (vm_ref, line) in coalescer.due(Instant::now()) {
                         match write_state(&client, &vm_ref, &line).await {
@@ -279,17 +284,87 @@ fn supervise(
     followers.apply(&changes, &c.facts.run_dir, inputs);
 }
 
-/// Offers the state line of every VM this host reports.
+/// How often the secondaries' free memory is asked for when nothing in the registry changed
+/// (a VM that is not protected may have started there).
+const RESERVE_EVERY: Duration = Duration::from_secs(10);
+/// Longest wait for one host's free memory.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The reservation re-check of the VMs running on this host ([`super::reservation`]).
+#[derive(Default)]
+struct Reserve {
+    checked: Option<(Instant, Arc<super::desired::Desired>)>,
+    /// The VMs whose secondary cannot hold them now, with why.
+    short: BTreeMap<String, String>,
+}
+
+impl Reserve {
+    /// Asks xapi for the free memory of the secondaries of the VMs running here when the
+    /// registry changed (a VM started, grew, was protected) or [`RESERVE_EVERY`] passed.
+    async fn recheck(
+        &mut self,
+        d: &Arc<super::desired::Desired>,
+        me: &HostId,
+        api: &xenft_xapi::XenApi,
+    ) {
+        let due = self
+            .checked
+            .as_ref()
+            .is_none_or(|(at, seen)| !Arc::ptr_eq(seen, d) || at.elapsed() >= RESERVE_EVERY);
+        if !due {
+            return;
+        }
+        self.checked = Some((Instant::now(), Arc::clone(d)));
+        let Some(mine) = d.host_uuid(me.as_str()) else {
+            return;
+        };
+        let secondaries: std::collections::BTreeSet<&String> = d
+            .vms
+            .values()
+            .filter(|v| v.resident_on.as_deref() == Some(mine))
+            .map(|v| &v.secondary)
+            .collect();
+        let mut free = BTreeMap::new();
+        for host in secondaries {
+            let Some(host_ref) = d.host_refs.get(host) else {
+                continue;
+            };
+            match tokio::time::timeout(RESERVE_TIMEOUT, api.host_compute_free_memory(host_ref))
+                .await
+            {
+                Ok(Ok(bytes)) => {
+                    free.insert(host.clone(), bytes);
+                }
+                Ok(Err(e)) => tracing::warn!(%host, error = %e, "free memory not read"),
+                Err(_) => tracing::warn!(%host, "free memory not read: xapi did not answer"),
+            }
+        }
+        let short = super::reservation::shortfalls(d, &free);
+        for (vm, why) in &short {
+            if self.short.get(vm) != Some(why) {
+                tracing::warn!(%vm, reason = %why, "take-over capacity");
+            }
+        }
+        self.short = short;
+    }
+}
+
+/// Offers the state line of every VM this host reports (a protected VM whose secondary
+/// cannot hold it any more is `degraded` with the numbers, from `short`).
 fn offer_states(
     d: &super::desired::Desired,
     hub: &StatusHub,
     me: &HostId,
+    short: &BTreeMap<String, String>,
     coalescer: &mut Coalescer,
 ) {
     let snap = hub.snapshot();
     for v in &snap.vms {
         let uuid = v.record.vm.as_str();
-        if let (Some(vm_ref), Some(state)) = (d.refs.get(uuid), state_of(v)) {
+        if let (Some(vm_ref), Some(mut state)) = (d.refs.get(uuid), state_of(v)) {
+            if let (VmState::Protected, Some(why)) = (&state, short.get(uuid)) {
+                state = VmState::Degraded { cause: why.clone() };
+            }
             coalescer.offer(vm_ref, &state);
         }
     }
