@@ -138,7 +138,9 @@ pub struct ConfigFile {
     pub secret_file: PathBuf,
     /// Where the agent persists its state.
     pub state_file: PathBuf,
-    /// Peers.
+    /// Peers. Left out with an `xapi` section: they come from the pool's registry
+    /// (`crate::xapi::membership`).
+    #[serde(default)]
     pub peers: Vec<PeerFile>,
     /// Shared-storage directory for the storage heartbeat.
     pub storage_heartbeat_dir: Option<PathBuf>,
@@ -228,6 +230,14 @@ pub struct XapiFile {
     /// The agent starts and supervises the VMs' components itself (`crate::xapi::components`).
     #[serde(default)]
     pub components: Option<ComponentsFile>,
+    /// UDP port of the management-network heartbeat path when the peers come from the
+    /// registry (`peers` left out: `crate::xapi::membership`).
+    #[serde(default = "default_mgmt_port")]
+    pub mgmt_port: u16,
+}
+
+fn default_mgmt_port() -> u16 {
+    crate::xapi::membership::DEFAULT_MGMT_PORT
 }
 
 /// Where the supervised components live on this host.
@@ -524,7 +534,10 @@ impl ConfigFile {
         let bad = |s: String| Err(ConfigError::Invalid(s));
         self.timing.validate()?;
         if self.peers.is_empty() {
-            return bad("at least one peer is needed".into());
+            return bad(
+                "at least one peer is needed (or an xapi section: the peers then come from the pool's registry)"
+                    .into(),
+            );
         }
         if self.quorum.len() > 2 {
             return bad(format!(

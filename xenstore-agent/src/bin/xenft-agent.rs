@@ -35,14 +35,54 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let file = AgentFile::load(&args.config)
+    let mut file = AgentFile::load(&args.config)
         .with_context(|| format!("configuration {}", args.config.display()))?;
     let xapi = file
         .xapi_follower()
         .with_context(|| format!("configuration {}", args.config.display()))?;
     let domains_via = file.xapi.as_ref().map(|x| x.domains);
     let components_file = file.xapi.as_ref().and_then(|x| x.components.clone());
+    let mgmt_port = file.xapi.as_ref().map(|x| x.mgmt_port);
     let secret_file = file.config.secret_file.clone();
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    // The registry in the pool's xapi, followed from the start: the pool's membership may
+    // come from it, the domains may go through it, and the plane feeds the core from it.
+    let follower = {
+        let _rt = rt.enter();
+        xapi.map(xenft_agent::xapi::follower::Follower::start)
+    };
+    let membership = match (&follower, mgmt_port) {
+        (Some(f), Some(port)) if file.config.peers.is_empty() => {
+            let me = file.config.host.to_string();
+            let read = xenft_agent::xapi::membership::read(f, &me, port, REGISTRY_SAY_EVERY);
+            let (m, key) = if args.check {
+                rt.block_on(tokio::time::timeout(CHECK_REGISTRY_WAIT, read))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the pool's membership was not in the registry within {} s (see the log above)",
+                            CHECK_REGISTRY_WAIT.as_secs()
+                        )
+                    })?
+            } else {
+                rt.block_on(read)
+            }
+            .map_err(|e| anyhow::anyhow!("the pool's membership from the registry: {e}"))?;
+            file.config.peers = m.peer_files();
+            if file.config.quorum.is_empty() {
+                file.config.quorum.clone_from(&m.quorum);
+            }
+            if let Some(key) = &key {
+                write_secret(&secret_file, key)?;
+            }
+            tracing::info!(
+                peers = m.peers.len(),
+                quorum = m.quorum.len(),
+                "pool membership read from the registry"
+            );
+            Some(m)
+        }
+        _ => None,
+    };
     let (cfg, drivers) = file
         .validate()
         .with_context(|| format!("configuration {}", args.config.display()))?;
@@ -50,11 +90,16 @@ fn main() -> anyhow::Result<()> {
         println!("configuration ok: host {}", cfg.core.me);
         return Ok(());
     }
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    rt.block_on(async move {
-        // The registry in the pool's xapi, followed from the start: the domains may go
-        // through it, and the plane below feeds the core from it.
-        let follower = xapi.map(xenft_agent::xapi::follower::Follower::start);
+    let restart = rt.block_on(async move {
+        let membership_changed = match (&follower, membership, mgmt_port) {
+            (Some(f), Some(m), Some(port)) => Some(watch_membership(
+                f.desired(),
+                cfg.core.me.to_string(),
+                port,
+                m,
+            )),
+            _ => None,
+        };
         let mut seams = match &drivers {
             Drivers::Record => {
                 tracing::warn!("drivers: record — components are recording stand-ins");
@@ -178,7 +223,16 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("status API on {listen}"))?;
         println!("status {}", status.addr());
-        wait_for_signal().await;
+        let restart = match membership_changed {
+            Some(changed) => tokio::select! {
+                () = wait_for_signal() => false,
+                _ = changed => true,
+            },
+            None => {
+                wait_for_signal().await;
+                false
+            }
+        };
         status.shutdown().await;
         let _ = stop_reports.send(true);
         if let Some(r) = reports {
@@ -195,7 +249,80 @@ fn main() -> anyhow::Result<()> {
             let _ = tokio::task::spawn_blocking(move || f.join()).await;
         }
         agent.shutdown().await;
-        anyhow::Ok(())
+        anyhow::Ok(restart)
+    })?;
+    if restart {
+        // The service manager starts the agent again (the unit has Restart=always); the VMs'
+        // components and domains run on and are adopted.
+        eprintln!("xenft-agent: the pool's membership changed in the registry: exiting to restart with it");
+        std::process::exit(EXIT_RESTART);
+    }
+    Ok(())
+}
+
+/// How often the agent says why it still waits for the pool's membership in the registry.
+const REGISTRY_SAY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// `--check`: longest wait for the registry.
+const CHECK_REGISTRY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Exit status asking the service manager for a restart (EX_TEMPFAIL).
+const EXIT_RESTART: i32 = 75;
+
+/// Keeps the pool's A-link key read from xapi in `path` (mode 0600), for the agent and the
+/// components it starts.
+fn write_secret(path: &std::path::Path, key: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::read(path).is_ok_and(|k| k == key) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(key)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+/// Resolves when the registry's membership for this host differs from `current` (a registry
+/// that cannot be read as a membership for a while changes nothing: the agent goes on with
+/// what it has).
+fn watch_membership(
+    mut desired: tokio::sync::watch::Receiver<
+        Option<std::sync::Arc<xenft_agent::xapi::desired::Desired>>,
+    >,
+    me: String,
+    port: u16,
+    current: xenft_agent::xapi::membership::Membership,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if desired.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            let Some(d) = desired.borrow_and_update().clone() else {
+                continue;
+            };
+            match xenft_agent::xapi::membership::derive(&d, &me, port) {
+                Ok(m) if m != current => {
+                    tracing::warn!("the pool's membership changed in the registry");
+                    return;
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    tracing::warn!(reason = %why, "the registry's membership is unusable; going on with the one read at start");
+                }
+            }
+        }
     })
 }
 

@@ -3,7 +3,11 @@
 //! - in: the [`Desired`] state becomes the core's `Protect` / `Unprotect` inputs for the VMs
 //!   this host runs or protects ([`changes`]: pure, so every case is a unit test). Hosts are
 //!   named by their xapi `name_label` (the agent's `host` and its peers' names in its config),
-//!   VMs by their uuid. A halted VM is not protected until it runs (its primary is unknown).
+//!   VMs by their uuid. A halted VM is not protected until it runs (its primary is unknown);
+//!   one already protected that turns halted keeps its protection for a while (a take-over
+//!   through xapi resets the VM's power state before starting it on the survivor), and loses
+//!   it if it stays halted (the plane's `HOLD_GRACE`); so does one the registry refuses for a
+//!   moment (a map edit is a remove then an add).
 //! - out: each VM's phase as the core sees it becomes its `xenft.state` ([`state_of`]),
 //!   written back through [`super::state`] — by the VM's primary, or by its secondary once it
 //!   took the VM over, never by both.
@@ -63,8 +67,33 @@ pub fn changes(
             }
             Ok(_) => {}
             Err(why) => {
-                problems.insert(v.uuid.clone(), why);
+                // A VM the core protects that is halted for now (a take-over resets its power
+                // state before starting it on the survivor) keeps its protection: the caller
+                // ends it if it stays halted ([`held_told`]).
+                let kept = VmId::new(v.uuid.as_str())
+                    .ok()
+                    .filter(|_| v.resident_on.is_none())
+                    .and_then(|id| current.get(&id).map(|s| (id, s.clone())));
+                match kept {
+                    Some((id, spec)) => {
+                        next.insert(id, spec);
+                    }
+                    None => {
+                        problems.insert(v.uuid.clone(), why);
+                    }
+                }
             }
+        }
+    }
+    // A VM the core protects that the registry refuses for now keeps its protection too: an
+    // edit of a VM's other_config is a remove then an add (`xenft.secondary` is briefly
+    // absent while the roles swap after a take-over); the caller ends it if it lasts.
+    for uuid in d.refused.keys() {
+        if let Some((id, spec)) = VmId::new(uuid.as_str())
+            .ok()
+            .and_then(|id| current.get(&id).map(|s| (id, s.clone())))
+        {
+            next.insert(id, spec);
         }
     }
     let mut inputs = Vec::new();
@@ -79,6 +108,21 @@ pub fn changes(
         }
     }
     (next, inputs, problems)
+}
+
+/// The VMs the core was told about (`told`) that the registry now shows halted or refuses:
+/// kept protected for a grace time by the caller, then unprotected.
+#[must_use]
+pub fn held_told(told: &BTreeMap<VmId, VmSpec>, d: &Desired) -> Vec<VmId> {
+    told.keys()
+        .filter(|vm| {
+            d.refused.contains_key(vm.as_str())
+                || d.vms
+                    .get(vm.as_str())
+                    .is_some_and(|v| v.resident_on.is_none())
+        })
+        .cloned()
+        .collect()
 }
 
 /// The state line for a VM as this host's core sees it, if this host is the one to report
@@ -180,9 +224,45 @@ mod tests {
     }
 
     #[test]
+    fn a_protected_vm_refused_for_a_moment_keeps_its_protection_until_the_caller_ends_it() {
+        let (told, _, _) = changes(&BTreeMap::new(), &desired(Some("u1"), 2), &h("h1"));
+        let mut mid_edit = desired(Some("u1"), 2);
+        mid_edit.vms.clear();
+        mid_edit
+            .refused
+            .insert("3f6e-vm".into(), "xenft.secondary is not set".into());
+        let (cur, inputs, _) = changes(&told, &mid_edit, &h("h1"));
+        assert!(inputs.is_empty(), "{inputs:?}");
+        assert_eq!(held_told(&cur, &mid_edit).len(), 1);
+        // Its level removed (vm-unprotect): unprotected at once.
+        let (cur, inputs, _) = changes(&cur, &Desired::default(), &h("h1"));
+        assert!(cur.is_empty());
+        assert!(matches!(&inputs[..], [Input::Unprotect(_)]));
+    }
+
+    #[test]
     fn a_halted_vm_waits_with_its_reason() {
         let (cur, inputs, problems) = changes(&BTreeMap::new(), &desired(None, 1), &h("h1"));
         assert!(cur.is_empty() && inputs.is_empty());
         assert!(problems["3f6e-vm"].contains("halted"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_protected_vm_halted_for_a_take_over_keeps_its_protection() {
+        let (told, _, _) = changes(&BTreeMap::new(), &desired(Some("u1"), 1), &h("h2"));
+        // xapi shows it halted between VM.power_state_reset and VM.start_on.
+        let halted = desired(None, 1);
+        let (cur, inputs, problems) = changes(&told, &halted, &h("h2"));
+        assert!(inputs.is_empty(), "no unprotect mid take-over: {inputs:?}");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(cur, told);
+        assert_eq!(held_told(&cur, &halted).len(), 1, "the plane times it");
+        // Running again (on h2, its copy now on h1): nothing to tell, the core already has it.
+        let mut swapped = desired(Some("u2"), 1);
+        swapped.vms.get_mut("3f6e-vm").unwrap().secondary = "u1".into();
+        let (cur, inputs, _) = changes(&cur, &swapped, &h("h2"));
+        assert!(held_told(&cur, &swapped).is_empty());
+        // The spec changed (roles swapped): told again, which the core ignores for a VM it has.
+        assert!(matches!(&inputs[..], [Input::Protect(s)] if s.primary == h("h2")));
     }
 }

@@ -4,7 +4,7 @@
 //! | seam call | XenAPI |
 //! |---|---|
 //! | `running` | the registry's VMs whose `resident_on` is this host |
-//! | `start` | `VM.power_state_reset` if xapi still records the VM on another host (the take-over follows the quorum's proof that the old primary is fenced or dead: xapi's database is only told what is already true), then `VM.start_on(vm, this host, false, false)` |
+//! | `start` | `VM.power_state_reset` if xapi still records the VM on another host (the take-over follows the quorum's proof that the old primary is fenced or dead: xapi's database is only told what is already true) and, when this host was the VM's secondary, `xenft.secondary` set to the old host (the roles swap), then `VM.start_on(vm, this host, false, false)` |
 //! | `pause` / `resume` | `VM.pause` / `VM.unpause` |
 //! | `destroy` | `VM.hard_shutdown` |
 //!
@@ -14,6 +14,8 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use xenft_xapi::api::Class;
+use xenft_xapi::registry::VM_SECONDARY;
 use xenft_xapi::xmlrpc::Value;
 use xenft_xapi::XenApi;
 
@@ -89,6 +91,27 @@ impl XapiDomain {
         Ok((api, vm_ref, me_ref, resident.filter(|r| r != me_uuid)))
     }
 
+    /// The registry's secondary of `vm` (host uuid).
+    fn secondary_of(&self, vm: &VmId) -> Option<String> {
+        let d = self.desired.borrow().clone()?;
+        d.vms.get(vm.as_str()).map(|v| v.secondary.clone())
+    }
+
+    /// This host's uuid.
+    fn me_uuid(&self, vm: &VmId) -> Result<String, SeamError> {
+        self.desired
+            .borrow()
+            .as_ref()
+            .and_then(|d| d.host_uuid(self.me.as_str()).map(str::to_string))
+            .ok_or_else(|| {
+                seam(
+                    "start",
+                    vm,
+                    format!("no host named {} in the pool", self.me),
+                )
+            })
+    }
+
     fn call(&self, op: &'static str, vm: &VmId, method: &str) -> Result<(), SeamError> {
         let (api, vm_ref, _, _) = self.context(op, vm)?;
         self.rt
@@ -119,6 +142,15 @@ impl DomainStarter for XapiDomain {
                 api.call("VM.power_state_reset", vec![Value::str(&vm_ref)])
                     .await
                     .map_err(|e| seam("start", vm, e))?;
+                // The roles swap: the old primary's host holds the copy from now on (and is
+                // re-protected toward when it returns). Written before the VM starts here, so
+                // the registry never shows the VM running on its own secondary.
+                if self.secondary_of(vm).as_deref() == Some(self.me_uuid(vm)?.as_str()) {
+                    api.set_map_key(Class::Vm, &vm_ref, "other_config", VM_SECONDARY, &old)
+                        .await
+                        .map_err(|e| seam("start", vm, format!("recording the copy on {old}: {e}")))?;
+                    tracing::warn!(%vm, secondary = %old, "the VM's copy is now on its old primary");
+                }
             }
             api.vm_start_on(&vm_ref, &me_ref, false)
                 .await

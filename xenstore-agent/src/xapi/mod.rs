@@ -14,6 +14,8 @@
 //! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
 //!   master (`HOST_IS_SLAVE`), follows the registry with `event.from` and publishes the
 //!   desired state; the last state read stays in force while xapi is unreachable;
+//! - [`membership`]: the pool's hosts, paths, quorum servers and A-link key from the registry,
+//!   when the config file names no peers;
 //! - [`bridge`]: the desired state into the core's protect / unprotect inputs, and the core's
 //!   view of a VM back into its state line;
 //! - [`relay_plan`]: the relay (`xenft-netback`) of a protected VM in the component plan;
@@ -29,6 +31,7 @@ pub mod desired;
 pub mod devices;
 pub mod domain;
 pub mod follower;
+pub mod membership;
 pub mod plane;
 pub mod relay_plan;
 pub mod reservation;

@@ -13,13 +13,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::bridge::{changes, state_of};
+use super::bridge::{changes, held_told, state_of};
 use super::components::{plan, Change, HostFacts, Supervisor};
 use super::follower::{Follower, FollowerConfig};
 use super::state::{write_state, Coalescer, StateError, VmState};
 use crate::core::Input;
 use crate::ids::HostId;
 use crate::status::StatusHub;
+
+/// How long a protected VM may stay halted, or refused by the registry, before its protection
+/// ends: longer than a take-over through xapi leaves it halted between `VM.power_state_reset`
+/// and `VM.start_on`, or an edit of its `other_config` leaves a key out.
+const HOLD_GRACE: Duration = Duration::from_secs(30);
 
 /// How often the core's views are turned into state lines.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
@@ -164,6 +169,7 @@ async fn run(
     let mut followers = Followers::default();
     let mut fields = FieldWatcher::default();
     let mut told = BTreeMap::new();
+    let mut halted: BTreeMap<crate::ids::VmId, Instant> = BTreeMap::new();
     let mut coalescer = Coalescer::default();
     let mut reserve = Reserve::default();
     let mut tick = tokio::time::interval(REPORT_EVERY);
@@ -186,6 +192,11 @@ async fn run(
                 let Some(d) = desired.borrow_and_update().clone() else { continue };
                 let (next, ins, _) = changes(&told, &d, &me);
                 told = next;
+                let halted_now = held_told(&told, &d);
+                halted.retain(|vm, _| halted_now.contains(vm));
+                for vm in halted_now {
+                    halted.entry(vm).or_insert_with(Instant::now);
+                }
                 for i in ins {
                     tracing::info!(input = ?i, "registry change for the core");
                     if inputs.send(i).await.is_err() {
@@ -194,6 +205,21 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
+                // A protected VM halted (or refused) for longer than a take-over or a registry
+                // edit takes was shut down (or really refused): its protection ends.
+                let expired: Vec<_> = halted
+                    .iter()
+                    .filter(|(_, since)| since.elapsed() >= HOLD_GRACE)
+                    .map(|(vm, _)| vm.clone())
+                    .collect();
+                for vm in expired {
+                    halted.remove(&vm);
+                    told.remove(&vm);
+                    tracing::info!(%vm, "the VM stays halted or refused: its protection ends");
+                    if inputs.send(Input::Unprotect(vm)).await.is_err() {
+                        return;
+                    }
+                }
                 let Some(d) = desired.borrow().clone() else { continue };
                 if let Some(c) = components.as_mut() {
                     supervise(c, &d, &me, &mut followers, &inputs);
