@@ -110,6 +110,8 @@ pub struct VmRecord {
     pub resident_on: Ref,
     /// `memory_static_max` in bytes: the most memory the VM can have.
     pub memory_static_max: i64,
+    /// `domid`: the running VM's domain id (`-1` when it does not run; 0 when unreported).
+    pub domid: i64,
     /// `is_a_template`.
     pub is_a_template: bool,
     /// `is_control_domain` (dom0).
@@ -132,6 +134,7 @@ impl VmRecord {
             power_state: str_field(m, "power_state"),
             resident_on: str_field(m, "resident_on"),
             memory_static_max: int_field(m, "memory_static_max"),
+            domid: int_field(m, "domid"),
             is_a_template: bool_field(m, "is_a_template"),
             is_control_domain: bool_field(m, "is_control_domain"),
             is_a_snapshot: bool_field(m, "is_a_snapshot"),

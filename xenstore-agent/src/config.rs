@@ -244,6 +244,10 @@ pub struct ComponentsFile {
     pub blkback: Option<PathBuf>,
     /// Size of a new disk copy, bytes.
     pub disk_size_bytes: u64,
+    /// The checkpoint engine of level-3 VMs (`crate::xapi::engine_plan`): without it a
+    /// level-3 VM's plan reports the engine missing.
+    #[serde(default)]
+    pub checkpoint: Option<crate::xapi::engine_plan::EngineFile>,
 }
 
 fn default_run_dir() -> PathBuf {

@@ -52,6 +52,7 @@ fn desired(base_port: u16) -> Desired {
             resident_on: Some("u1".into()),
             power_state: "Running".into(),
             memory_bytes: 1 << 30,
+            domid: None,
         },
     );
     d
@@ -95,6 +96,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         blkback: bin.clone(),
         secret_file: secret.clone(),
         disk_size: 16 << 20,
+        engine: None,
     };
     for me in ["u1", "u2"] {
         std::fs::create_dir_all(facts(me).disk_dir).unwrap();

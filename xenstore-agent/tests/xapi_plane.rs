@@ -221,6 +221,7 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
                 blkback: blkback.clone(),
                 secret_file: secret.clone(),
                 disk_size: 16 << 20,
+                engine: None,
             },
             supervisor: Supervisor::new(run_dir),
         };

@@ -25,8 +25,9 @@
 //!
 //! Not here: the XenAPI domain starter (`VM.start_on`, not written yet), and the primary-side
 //! wiring of the checkpoint engine's commit hook to the shims, which the engine's primary does
-//! itself (`xenft-checkpoint primary --blkback-control --netback-control`). The agent does not
-//! start the shims; the host does, with the role the pool assigns. Every component a VM's
+//! itself (`xenft-checkpoint primary --blkback-control --netback-control`). Components are
+//! started either by the host (this module's per-VM config) or by the agent's supervisor
+//! (`crate::xapi::components`, sockets by [`Convention`]). Every component a VM's
 //! level needs must be configured ([`VmDriversFile::check`]), so a production config never
 //! runs a stand-in silently.
 

@@ -142,6 +142,7 @@ mod tests {
                 }
                 .into(),
                 memory_bytes: 2 << 30,
+                domid: None,
             },
         );
         d

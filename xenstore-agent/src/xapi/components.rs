@@ -11,8 +11,9 @@
 //! with backoff ([`BACKOFF`] doubling to [`MAX_BACKOFF`]) and reported; one no longer wanted
 //! (unprotected, level 1, the VM gone) gets SIGTERM — the VM itself is never touched here.
 //!
-//! Not yet: the relay (`xenft-netback`, it needs the vif name and MAC from the VM's VIF) and
-//! the checkpoint engine (level 3's memory) are still started by the host.
+//! Level 3 adds the checkpoint engine (`xenft-checkpoint primary|secondary --control`,
+//! [`super::engine_plan`]). Not yet: the relay (`xenft-netback`, it needs the vif name and MAC
+//! from the VM's VIF) is still started by the host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ pub struct HostFacts {
     pub secret_file: PathBuf,
     /// Disk size when xapi does not say (bytes).
     pub disk_size: u64,
+    /// The checkpoint engine of level-3 VMs, if configured ([`super::engine_plan`]).
+    pub engine: Option<super::engine_plan::EngineFacts>,
 }
 
 /// One process to run.
@@ -158,6 +161,10 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
             program: f.blkback.clone(),
             args,
         });
+        match super::engine_plan::engine(d, v, role == "primary", &peer, slot, f) {
+            Ok(spec) => out.extend(spec),
+            Err(why) => drop(problems.insert(v.uuid.clone(), why)),
+        }
     }
     (out, problems)
 }
@@ -502,6 +509,7 @@ mod tests {
                 resident_on: resident.map(str::to_string),
                 power_state: "Running".into(),
                 memory_bytes: 1 << 30,
+                domid: None,
             },
         );
         d
@@ -515,6 +523,7 @@ mod tests {
             blkback: "/usr/bin/xenft-blkback".into(),
             secret_file: "/etc/xenft/secret".into(),
             disk_size: 1 << 30,
+            engine: None,
         }
     }
 

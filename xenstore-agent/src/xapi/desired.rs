@@ -53,6 +53,8 @@ pub struct VmDesired {
     pub power_state: String,
     /// `memory_static_max` in bytes (what a restart needs on the secondary).
     pub memory_bytes: u64,
+    /// The running VM's domain id (none when halted or unreported; never dom0).
+    pub domid: Option<u32>,
 }
 
 /// This host's part in a VM's protection.
@@ -238,6 +240,7 @@ fn check(
         resident_on,
         power_state: vm.power_state.clone(),
         memory_bytes: u64::try_from(vm.memory_static_max).unwrap_or(0),
+        domid: u32::try_from(vm.domid).ok().filter(|&d| d > 0),
     })
 }
 

@@ -22,6 +22,7 @@ pub mod bridge;
 pub mod components;
 pub mod desired;
 pub mod domain;
+pub mod engine_plan;
 pub mod follower;
 pub mod plane;
 pub mod state;
