@@ -3,7 +3,9 @@
 //! (event `protection_ended`, status `running`) while the process and its guest run on; a
 //! fresh secondary is started with the mirrored A-link options and `protect` protects the
 //! same guest again, its committed epochs growing; `unprotect` ends protection, the guest
-//! still running. Prints the time from the fresh secondary's start to "protected again".
+//! still running. A primary with no secondary at its start runs its guest unprotected
+//! (`protection_ended`) until `protect`. Prints the time from the fresh secondary's start to
+//! "protected again".
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -214,4 +216,51 @@ fn a_controlled_primary_outlives_its_secondary_and_protects_again_toward_a_fresh
     assert!(st["last_error"].is_null(), "asked for: {st}");
     assert!(alive(pid));
     assert!(a.0.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_controlled_primary_without_a_secondary_runs_its_guest_unprotected_until_protect() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("secret"), b"a pool secret of more than 16 bytes").unwrap();
+    let addrs = free_addrs(4);
+    let (a_addrs, b_addrs) = (&addrs[..2], &addrs[2..]);
+
+    // Arrange: A starts with nobody on the other end, and gives up its own first try after 1 s.
+    let mut args: Vec<String> = ["primary", "--epoch-ms", "20", "--alink-wait-s", "1"]
+        .map(String::from)
+        .to_vec();
+    args.extend(link_args(a_addrs, b_addrs, ("h1", "h2"), d));
+    let (mut a, a_ctl) = engine(d, "a", &args);
+    let mut events = Client::<Checkpoint>::new(&a_ctl, Duration::from_secs(5))
+        .subscribe()
+        .unwrap();
+
+    // Assert: the guest runs unprotected, the reason is published and reported.
+    let Event::ProtectionEnded { reason } = events
+        .next_within(Duration::from_secs(10))
+        .unwrap()
+        .expect("protection_ended");
+    assert!(reason.contains("no secondary"), "{reason}");
+    let st = control(&a_ctl, &Request::Status);
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(
+        st["last_error"].as_str().unwrap().contains("no live path"),
+        "{st}"
+    );
+    let pid = st["guest_pid"].as_u64().unwrap();
+    assert!(alive(pid));
+    assert!(a.0.try_wait().unwrap().is_none(), "the primary exited");
+
+    // Act: a secondary appears; the agent's `protect` protects the guest.
+    let (_b, b_ctl) = secondary(d, "b", b_addrs, a_addrs);
+    wait_for("protect accepted", 20, || {
+        control(&a_ctl, &Request::Protect { peer: None })["ok"] == true
+    });
+    wait_for("B's checkpoints", 30, || committed_on(&b_ctl) >= 3);
+    wait_for("A protected", 10, || protected(&a_ctl));
+    assert_eq!(
+        control(&a_ctl, &Request::Status)["guest_pid"].as_u64(),
+        Some(pid)
+    );
 }
