@@ -13,6 +13,12 @@
 //! has had no live path for the path timeout, and prints its outcome with
 //! `"secondary_lost":true`.
 //!
+//! `primary --control C` makes the primary the agent's component: the same control socket
+//! and state machine as the controlled secondary after its take-over (`status`: `running` /
+//! `protecting`, `protect`, `unprotect`, the event `protection_ended`). A lost secondary ends
+//! protection, not the process: the guest runs on, and `protect` protects it again toward a
+//! fresh secondary (over the A-link: started with the mirrored A-link options).
+//!
 //! `--crash-at K --crash-point P` kills this process with SIGKILL at point P of the K-th
 //! checkpoint, to test what the secondary keeps.
 //!
@@ -153,10 +159,15 @@ enum Cmd {
         #[arg(long)]
         netback_control: Option<PathBuf>,
         /// Kill this process at --crash-point of the K-th checkpoint.
-        #[arg(long, requires = "crash_point")]
+        #[arg(long, requires = "crash_point", conflicts_with = "control")]
         crash_at: Option<u64>,
         #[arg(long, value_enum)]
         crash_point: Option<CrashPointArg>,
+        /// Control socket for the agent (`status`, `protect`, `unprotect`; events): a lost
+        /// secondary ends protection, not the process; the guest runs on and `protect`
+        /// protects it again toward a fresh secondary. The process runs until killed.
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Receive checkpoints on --listen (or over the A-link) into a synthetic replica (or the
     /// paused Xen domain --xen-domid); when the primary goes away, fail over, print the outcome
@@ -236,6 +247,7 @@ fn guest_kind(
 /// What this process runs.
 enum Run {
     Primary(PrimaryRun),
+    ControlledPrimary(PrimaryRun, PathBuf),
     Secondary(SecondaryRun),
     Controlled(ControlledRun),
 }
@@ -262,6 +274,7 @@ fn config(cmd: Cmd) -> anyhow::Result<Run> {
             netback_control,
             crash_at,
             crash_point,
+            control,
         } => {
             let pattern = match pattern {
                 PatternArg::Sequential => Pattern::Sequential,
@@ -284,7 +297,7 @@ fn config(cmd: Cmd) -> anyhow::Result<Run> {
                 },
                 _ => bail!("primary needs exactly one of --connect or --alink-path"),
             };
-            Run::Primary(PrimaryRun {
+            let run = PrimaryRun {
                 guest,
                 workload: WorkloadSpec {
                     pattern,
@@ -305,7 +318,11 @@ fn config(cmd: Cmd) -> anyhow::Result<Run> {
                     }),
                     _ => None,
                 },
-            })
+            };
+            match control {
+                Some(control) => Run::ControlledPrimary(run, control),
+                None => Run::Primary(run),
+            }
         }
         Cmd::Secondary {
             guest,
@@ -366,6 +383,9 @@ fn main() -> anyhow::Result<()> {
             failed_over.finish();
         }
         Run::Controlled(cfg) => match daemon::run_controlled(cfg)? {},
+        Run::ControlledPrimary(cfg, control) => {
+            match daemon::run_primary_controlled(cfg, &control)? {}
+        }
     }
     Ok(())
 }

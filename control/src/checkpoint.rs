@@ -1,5 +1,9 @@
-//! The control contract of `xenft-checkpoint secondary --control`: the level-3 replica the
-//! agent takes a VM over with, and re-protects from.
+//! The control contract of `xenft-checkpoint secondary --control` (the level-3 replica the
+//! agent takes a VM over with, and re-protects from) and of `xenft-checkpoint primary
+//! --control` (the same machine started with its guest running: `running` / `protecting`;
+//! it refuses `stop` and `failover`, its `committed_epoch` is the last checkpoint its
+//! secondary holds, and a lost secondary ends protection — `protection_ended` — not the
+//! process).
 //!
 //! | request (`op`) | reply (`reply`) |
 //! |---|---|
@@ -10,7 +14,8 @@
 //! | `unprotect` | `running {epoch}`: protection ended, the guest runs on |
 //!
 //! `stop`, `failover`, `protect` (same peer) and `unprotect` are idempotent. Events:
-//! `protection_ended` (a re-protection ended by itself: the secondary went away).
+//! `protection_ended` (a protection ended by itself: the secondary went away; or a controlled
+//! primary found no secondary to protect toward at its start).
 
 use serde::{Deserialize, Serialize};
 

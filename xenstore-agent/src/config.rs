@@ -259,6 +259,10 @@ pub struct ComponentsFile {
     /// The relay (`xenft-netback`) of each protected VM; absent: the agent starts none.
     #[serde(default)]
     pub relay: Option<crate::xapi::relay_plan::RelayFile>,
+    /// The checkpoint engine of level-3 VMs (`crate::xapi::engine_plan`): without it a
+    /// level-3 VM's plan reports the engine missing.
+    #[serde(default)]
+    pub checkpoint: Option<crate::xapi::engine_plan::EngineFile>,
 }
 
 fn default_run_dir() -> PathBuf {

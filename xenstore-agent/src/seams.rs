@@ -143,6 +143,12 @@ pub trait Checkpointer: Send + Sync {
         let _ = (vm, peer);
         Ok(())
     }
+    /// The engine's state for the status API (state, committed checkpoint, protection
+    /// progress), if it reports one.
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        let _ = vm;
+        None
+    }
 }
 
 /// The set of components the runtime drives.

@@ -97,6 +97,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         secret_file: secret.clone(),
         disk_size: Some(16 << 20),
         relay: None,
+        engine: None,
     };
     for me in ["u1", "u2"] {
         std::fs::create_dir_all(facts(me).disk_dir).unwrap();
@@ -160,6 +161,27 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         }]
     );
     assert_eq!(peer_link(&ctl), Some(PeerLink::InSync));
+
+    // The VM is taken over by h2 (the registry now records it there): h2's blkback, the
+    // secondary that was promoted, is the primary the plan now wants — kept, not replaced
+    // under the running VM; and a restarted agent on h2 adopts it as such.
+    let mut taken = d.clone();
+    taken.vms.get_mut("4c1d-vm").unwrap().resident_on = Some("u2".into());
+    taken.vms.get_mut("4c1d-vm").unwrap().secondary = "u1".into();
+    let (p2_primary, _) = plan(&taken, &facts("u2"));
+    assert!(p2_primary[0].args.contains(&"primary".to_string()));
+    let pid2 = s2.pid("4c1d-vm", "blkback").unwrap();
+    assert_eq!(s2.reconcile(&p2_primary, Instant::now()), vec![]);
+    s2.release();
+    let mut s2 = Supervisor::new(facts("u2").run_dir);
+    assert_eq!(
+        s2.reconcile(&p2_primary, Instant::now()),
+        vec![Change::Adopted {
+            vm: "4c1d-vm".into(),
+            name: "blkback",
+            pid: pid2
+        }]
+    );
 
     // Unprotected: everything stops (the VM is not ours to touch).
     let pid2 = s2.pid("4c1d-vm", "blkback").unwrap();

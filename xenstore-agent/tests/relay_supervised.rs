@@ -161,6 +161,7 @@ async fn the_relay_and_the_disk_come_from_xapis_device_records() {
             uplink: "up0".into(),
             vif_name: DEFAULT_VIF_NAME.into(),
         }),
+        engine: None,
     };
     for me in [&h1, &h2] {
         std::fs::create_dir_all(facts(me).disk_dir).unwrap();

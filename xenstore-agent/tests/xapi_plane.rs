@@ -222,6 +222,7 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
                 secret_file: secret.clone(),
                 disk_size: Some(16 << 20),
                 relay: None,
+                engine: None,
             },
             supervisor: Supervisor::new(run_dir),
         };

@@ -24,26 +24,30 @@ pub(super) struct LinkHold {
     _rt: tokio::runtime::Runtime,
 }
 
-/// The checkpoint channel over an A-link; with `wait`, fails unless a path comes up in time.
-fn alink_endpoint(
-    cfg: LinkConfig,
-    wait: Option<Duration>,
-) -> Result<(Endpoint, LinkHold), DaemonError> {
+/// An A-link carrying the checkpoint channel; with `wait`, fails unless a path comes up in
+/// time. Each engine run on it takes its own end ([`CheckpointChannel::endpoint`]).
+pub(super) fn alink_hold(cfg: LinkConfig, wait: Option<Duration>) -> Result<LinkHold, DaemonError> {
     let rt = tokio::runtime::Runtime::new().map_err(DaemonError::Runtime)?;
     let path_timeout = cfg.path_timeout;
     let link = start_link(&rt, cfg, wait).map_err(DaemonError::Link)?;
     let channel =
         CheckpointChannel::new(&link, rt.handle().clone()).map_err(DaemonError::Channel)?;
-    let (ep, _) = channel.endpoint();
-    Ok((
-        ep,
-        LinkHold {
-            link,
-            channel,
-            path_timeout,
-            _rt: rt,
-        },
-    ))
+    Ok(LinkHold {
+        link,
+        channel,
+        path_timeout,
+        _rt: rt,
+    })
+}
+
+/// The checkpoint channel over an A-link; with `wait`, fails unless a path comes up in time.
+fn alink_endpoint(
+    cfg: LinkConfig,
+    wait: Option<Duration>,
+) -> Result<(Endpoint, LinkHold), DaemonError> {
+    let hold = alink_hold(cfg, wait)?;
+    let (ep, _) = hold.channel.endpoint();
+    Ok((ep, hold))
 }
 
 /// The primary's end of the checkpoint channel: connected to the secondary's Unix socket, or

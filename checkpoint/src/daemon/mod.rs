@@ -11,11 +11,16 @@
 //! - [`run_controlled`] ([`ControlledRun`]): receive checkpoints and leave the take-over to the
 //!   agent on the control socket (the typed contract [`xenft_control::checkpoint`]), including
 //!   re-protection of the resumed guest ([`Reprotect`]).
+//! - [`run_primary_controlled`] (`primary --control`): protect the guest as the agent's
+//!   component: the same state machine, started with the guest running; a lost secondary
+//!   ends protection (an event), never the process, and `protect` protects again.
 //!
 //! The files: `guest` (the synthetic-or-Xen [`GuestKind`]), `link` (the channel's ends),
 //! `crash` (crash injection for tests, [`CrashAt`]), `replica` (the `--control` state
-//! machine), `reprotect` (`protect` / `unprotect` of the resumed guest).
+//! machine), `reprotect` (`protect` / `unprotect` of a running guest), `controlled` (the
+//! control socket around them, for either side).
 
+mod controlled;
 mod crash;
 mod error;
 mod guest;
@@ -23,16 +28,14 @@ mod link;
 mod replica;
 mod reprotect;
 
-use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use xenft_alink::LinkConfig;
-use xenft_control::checkpoint::{Event, Request};
-use xenft_control::{Checkpoint as CheckpointComponent, Events, Server, ServerOptions};
 
+pub use controlled::{run_controlled, run_primary_controlled, ControlledRun};
 pub use crash::{CrashAt, CrashPoint};
 pub use error::{DaemonError, EngineOp, GuestOp, IoOp};
 pub use guest::GuestKind;
@@ -48,8 +51,6 @@ use crate::workload::{WorkloadSpec, WorkloadState};
 use crash::{Crash, CrashSink};
 use guest::Guest;
 use link::{primary_endpoint, secondary_endpoint, LinkHold};
-use replica::{control_command, Replica};
-use reprotect::refresh;
 
 /// Where the primary sends its checkpoints.
 #[derive(Clone)]
@@ -302,76 +303,4 @@ pub fn run_secondary(cfg: SecondaryRun) -> Result<FailedOver, DaemonError> {
         outcome,
         held: (domain, link),
     })
-}
-
-/// `xenft-checkpoint secondary --control`: the agent decides the take-over.
-pub struct ControlledRun {
-    /// The replica.
-    pub guest: GuestKind,
-    /// From the primary.
-    pub transport: SecondaryTransport,
-    /// The agent's control socket (`status`, `stop`, `failover`, `protect`, `unprotect`).
-    pub control: PathBuf,
-    /// How `protect` protects the resumed guest.
-    pub reprotect: Reprotect,
-}
-
-/// Serves the control socket, then receives checkpoints; the agent's requests drive the
-/// take-over and re-protection (see the control contract [`xenft_control::checkpoint`]).
-/// Runs until the process is killed.
-///
-/// # Errors
-/// A [`DaemonError`] naming the step that failed before receiving started.
-pub fn run_controlled(cfg: ControlledRun) -> Result<Infallible, DaemonError> {
-    let ControlledRun {
-        guest,
-        transport,
-        control,
-        reprotect,
-    } = cfg;
-    let state = Arc::new(Mutex::new(Replica::Waiting));
-    // The A-link, once started (after the control socket listens): `protect` reuses it.
-    let alink: Arc<OnceLock<LinkHold>> = Arc::default();
-    let events: Arc<Events<Event>> = Events::new();
-    let st = Arc::clone(&state);
-    let al = Arc::clone(&alink);
-    let handler = move |req: Request| {
-        let mut g = st.lock().unwrap_or_else(PoisonError::into_inner);
-        control_command(&mut g, req, &reprotect, al.get())
-    };
-    let _server = Server::start::<CheckpointComponent, _>(
-        &control,
-        Arc::new(handler),
-        Arc::clone(&events),
-        ServerOptions {
-            idle: Duration::from_secs(5),
-            ..ServerOptions::default()
-        },
-    )
-    .map_err(DaemonError::io(IoOp::Bind, &control))?;
-    // A protection that ends by itself (the secondary died) is noticed without waiting for a
-    // request: the guest is taken back and the relay stops holding its output.
-    let st = Arc::clone(&state);
-    let al = Arc::clone(&alink);
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let ended = refresh(
-            &mut st.lock().unwrap_or_else(PoisonError::into_inner),
-            al.get(),
-        );
-        if let Some(reason) = ended {
-            events.publish(&Event::ProtectionEnded { reason });
-        }
-    });
-    let replica = guest.replica()?;
-    let (endpoint, hold) = secondary_endpoint(transport)?;
-    if let Some(hold) = hold {
-        let _ = alink.set(hold);
-    }
-    let sec = start_secondary(replica, endpoint, SecondaryConfig::default())
-        .map_err(DaemonError::engine(EngineOp::StartSecondary))?;
-    *state.lock().unwrap_or_else(PoisonError::into_inner) = Replica::Receiving(sec);
-    loop {
-        std::thread::park();
-    }
 }

@@ -1,6 +1,9 @@
-//! The secondary as the agent drives it (`secondary --control`): the [`Replica`] state
-//! machine and the control socket's requests on it. It receives checkpoints; the agent's
-//! control socket decides the take-over:
+//! The engine as the agent drives it (`secondary --control`, `primary --control`): the
+//! [`Replica`] state machine and the control socket's requests on it. A controlled primary
+//! is that machine started at `running` with its guest, protecting it at once
+//! (`protecting`); when its secondary goes away it is `running` (unprotected) again until the
+//! agent asks `protect`. It refuses `stop` and `failover`. A controlled secondary receives
+//! checkpoints; the agent's control socket decides the take-over:
 //! - `status` → `{"ok":true,"state":"waiting|receiving|stopped|running|protecting|failed",
 //!   "committed_epoch":N|null,"applied_epochs":..,"rejected_epochs":..,"primary_gone":..}`;
 //!   once resumed also `"guest_pid"`, and while protecting `"primary":{"phase","reason",
@@ -84,15 +87,31 @@ pub(super) fn state_name(state: &Replica) -> &'static str {
     }
 }
 
+/// Which side of the protection the engine was started as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Side {
+    /// `primary --control`: the guest runs here from the start (`running` / `protecting`).
+    Primary,
+    /// `secondary --control`: a replica until the agent's take-over.
+    Secondary,
+}
+
 pub(super) fn control_command(
     state: &mut Replica,
+    side: Side,
     req: Request,
     re: &Reprotect,
     alink: Option<&LinkHold>,
 ) -> Result<Reply, ErrorReply> {
     refresh(state, alink);
+    if side == Side::Primary && matches!(req, Request::Stop | Request::Failover) {
+        return Err(ErrorReply::refused(
+            "this engine is the primary: its guest runs here, there is no replica to stop or \
+             resume (ask the secondary's engine)",
+        ));
+    }
     match req {
-        Request::Status => Ok(Reply::Status(Box::new(status_of(state)))),
+        Request::Status => Ok(Reply::Status(Box::new(status_of(state, side)))),
         Request::Stop => {
             if matches!(state, Replica::Receiving(_)) {
                 let Replica::Receiving(h) = std::mem::replace(state, Replica::Waiting) else {
@@ -156,14 +175,21 @@ pub(super) fn control_command(
     }
 }
 
-/// `status`.
-fn status_of(state: &Replica) -> Status {
-    let committed_epoch = match state {
-        Replica::Waiting | Replica::Failed(_) => None,
-        Replica::Receiving(h) => h.status().committed_epoch,
-        Replica::Stopped(s) => s.committed().map(|(e, _)| e),
-        Replica::Running { epoch, .. } => Some(*epoch),
-        Replica::Protecting(r) => Some(r.resumed_epoch),
+/// `status`. A secondary's `committed_epoch` is the checkpoint it holds (once resumed: the
+/// one it resumed from); a primary's is the last checkpoint its secondary holds (none while
+/// unprotected).
+fn status_of(state: &Replica, side: Side) -> Status {
+    let committed_epoch = match (state, side) {
+        (Replica::Waiting | Replica::Failed(_), _) | (Replica::Running { .. }, Side::Primary) => {
+            None
+        }
+        (Replica::Receiving(h), _) => h.status().committed_epoch,
+        (Replica::Stopped(s), _) => s.committed().map(|(e, _)| e),
+        (Replica::Running { epoch, .. }, Side::Secondary) => Some(*epoch),
+        (Replica::Protecting(r), Side::Secondary) => Some(r.resumed_epoch),
+        (Replica::Protecting(r), Side::Primary) => {
+            Some(r.protection.status().committed_epoch).filter(|&e| e > 0)
+        }
     };
     let mut st = Status::new(state_of(state), committed_epoch);
     match state {

@@ -161,7 +161,7 @@ const MAX_SOCKET_PATH: usize = 107;
 /// Why a `protect` request is refused (the guest keeps running in every case).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ProtectError {
-    #[error("this secondary has no A-link (it listens on a Unix socket): protect <absolute path of the returning host's secondary socket>")]
+    #[error("this engine has no A-link (it uses a Unix socket): protect <absolute path of the returning host's secondary socket>")]
     NoAlink,
     #[error("the A-link to {0} has no live path: start the returning host's `xenft-checkpoint secondary` with the mirrored A-link options first")]
     AlinkDown(String),
@@ -169,7 +169,7 @@ pub(super) enum ProtectError {
     SamePeer(String),
     #[error("the secondary's socket must be an absolute path of at most {MAX_SOCKET_PATH} bytes without control characters")]
     BadPeer,
-    #[error("no resumed guest to protect (state {0}): protect follows failover")]
+    #[error("no running guest to protect (state {0}): on a secondary, protect follows failover")]
     NotRunning(&'static str),
     #[error("already protecting toward {0}")]
     AlreadyProtecting(String),
@@ -298,13 +298,48 @@ fn protect_channel(
     }
 }
 
+/// How one protection starts: what its checkpoints and commits drive, and the engine's
+/// settings.
+pub(super) struct Start {
+    pub(super) sink: CrashSink,
+    pub(super) config: PrimaryConfig,
+}
+
 /// `protect [<socket>|alink]`: the resumed guest is protected toward a secondary at `socket`,
-/// or toward the peer over this process's A-link (`alink`).
+/// or toward the peer over this process's A-link (`alink`). Its shims are stamped as a
+/// re-protection: the disk epochs numbered from 0 again, the relay switched to buffered at
+/// the first checkpoint.
 pub(super) fn protect(
     state: &mut Replica,
     arg: Option<&str>,
     re: &Reprotect,
     alink: Option<&LinkHold>,
+) -> Result<Reply, ProtectError> {
+    protect_with(state, arg, re, alink, || {
+        let shims =
+            Shims::new(re.blkback_control.clone(), re.netback_control.clone()).reprotecting();
+        shims.restart_disk_epochs();
+        Start {
+            sink: CrashSink {
+                inner: RecordingSink::new(),
+                crash: None,
+                shims,
+            },
+            config: PrimaryConfig {
+                epoch: EpochPolicy::Fixed(re.epoch),
+                ..PrimaryConfig::default()
+            },
+        }
+    })
+}
+
+/// `protect` with the protection built by `start` (called once the channel is open).
+pub(super) fn protect_with(
+    state: &mut Replica,
+    arg: Option<&str>,
+    re: &Reprotect,
+    alink: Option<&LinkHold>,
+    start: impl FnOnce() -> Start,
 ) -> Result<Reply, ProtectError> {
     let alink_peer = alink.map(|h| h.link.status().peer_host);
     let peer = peer_of(arg, alink_peer.as_deref())?;
@@ -320,29 +355,19 @@ pub(super) fn protect(
         other => return Err(ProtectError::NotRunning(state_name(other))),
     }
     let (endpoint, link, loss) = protect_channel(&peer, alink)?;
-    let shims = Shims::new(re.blkback_control.clone(), re.netback_control.clone()).reprotecting();
-    shims.restart_disk_epochs();
+    let Start { sink, config } = start();
     let Replica::Running { domain, epoch, .. } = std::mem::replace(state, Replica::Waiting) else {
         return Err(ProtectError::NotRunning("changed"));
     };
     let guest_pid = domain.guest_pid();
-    let sink = Arc::new(CrashSink {
-        inner: RecordingSink::new(),
-        crash: None,
-        shims,
-    });
-    let config = PrimaryConfig {
-        epoch: EpochPolicy::Fixed(re.epoch),
-        ..PrimaryConfig::default()
-    };
     let counter = Arc::new(AtomicU64::new(0));
     let observed = Observed {
         inner: domain,
         counter: Arc::clone(&counter),
     };
-    match start_protection_keep_domain(observed, endpoint, sink, config) {
+    match start_protection_keep_domain(observed, endpoint, Arc::new(sink), config) {
         Ok(protection) => {
-            tracing::warn!(%peer, "the resumed guest is protected again");
+            tracing::warn!(%peer, "the guest is protected");
             *state = Replica::Protecting(Box::new(Reprotection {
                 protection,
                 counter,

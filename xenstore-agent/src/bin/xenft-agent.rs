@@ -126,11 +126,17 @@ fn main() -> anyhow::Result<()> {
         // The agent supervises the VMs' components itself: their sockets by convention.
         let mut components = match components_file {
             Some(c) => {
+                let me = std::env::current_exe().context("locating the agent's binary")?;
                 let blkback = match c.blkback {
                     Some(b) => b,
-                    None => std::env::current_exe()
-                        .context("locating the agent's binary")?
-                        .with_file_name("xenft-blkback"),
+                    None => me.with_file_name("xenft-blkback"),
+                };
+                let engine = match &c.checkpoint {
+                    Some(e) => Some(
+                        e.facts(me.parent().unwrap_or(std::path::Path::new("/")))
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    ),
+                    None => None,
                 };
                 std::fs::create_dir_all(&c.run_dir)
                     .with_context(|| format!("creating {}", c.run_dir.display()))?;
@@ -140,6 +146,12 @@ fn main() -> anyhow::Result<()> {
                     sync_timeout: std::time::Duration::from_secs(3600),
                 };
                 seams.disk = xenft_agent::drivers::supervised_disks(convention.clone());
+                if engine.is_some() {
+                    // The level-3 VMs' engines are supervised too: the Checkpointer is each
+                    // VM's engine, found by its socket.
+                    seams.checkpoint =
+                        xenft_agent::drivers::supervised_checkpoints(convention.clone());
+                }
                 let relay = match c.relay {
                     Some(r) => {
                         seams.net = xenft_agent::drivers::supervised::relays(convention);
@@ -165,6 +177,7 @@ fn main() -> anyhow::Result<()> {
                         secret_file: secret_file.clone(),
                         disk_size: c.disk_size_bytes,
                         relay,
+                        engine,
                     },
                     supervisor: xenft_agent::xapi::components::Supervisor::new(c.run_dir),
                 })

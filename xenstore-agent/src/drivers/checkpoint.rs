@@ -1,21 +1,30 @@
-//! [`CheckpointDriver`]: the [`Checkpointer`] seam over the checkpoint engine's secondary
-//! control socket (`xenft-checkpoint secondary --control`).
+//! [`CheckpointDriver`]: the [`Checkpointer`] seam over one VM's checkpoint-engine control
+//! socket: `xenft-checkpoint secondary --control` where the VM's replica is, `primary
+//! --control` where it runs (the contract [`xenft_control::checkpoint`]).
 //!
-//! On a level-3 take-over [`crate::seams::Seams::start`] calls, in this order:
+//! On a level-3 take-over [`crate::seams::Seams::start`] calls, in this order, on the
+//! secondary's engine:
 //! 1. `committed_epoch` → `stop`: the replica stops receiving (a partly received epoch is
 //!    discarded) and stays frozen at its last committed checkpoint `N`;
 //! 2. the disk mirror's `promote(N)`: blkback applies its held disk epochs `<= N` and drops
 //!    later ones, so disk and memory are the same checkpoint;
 //! 3. `resume_last_epoch` → `failover`: the replica resumes from checkpoint `N`.
 //!
-//! Re-protection (level 3): when the old primary's host returns with a fresh secondary, the
-//! runtime first resyncs the disk, then calls `protect`: if the local engine is that resumed
-//! replica (`status` says `running`), it is asked to `protect <peer_listen>` (plain `protect`
-//! when `peer_listen` is `"alink"`: toward the peer over the engine's own A-link), and memory
-//! replication resumes toward the returning host without pausing the guest beyond an epoch's
-//! checkpoint. The sync counts as done (the VM `protected`) once the returning host holds the
-//! first checkpoint, within `checkpoint.protect_timeout_ms`. An engine started as `primary` by the host has no control socket here, and
-//! protects by itself.
+//! Protection (`protect`, once the disk is in sync with the peer): the engine where the VM
+//! runs is either a controlled primary or a resumed replica; both are `running` while
+//! unprotected and `protecting` while protected, and the driver treats them alike. If the
+//! engine is `running` (a take-over happened here, or a controlled primary's secondary went
+//! away and protection ended — the guest ran on), it is asked to `protect <peer_listen>`
+//! (plain `protect` when `peer_listen` is `"alink"`: toward the peer over the engine's own
+//! A-link, where the peer runs a fresh secondary), retried while the peer's secondary is not
+//! there yet; memory replication resumes without pausing the guest beyond an epoch's
+//! checkpoint. The sync counts as done (the VM `protected`) once the peer holds a committed
+//! checkpoint, within `checkpoint.protect_timeout_ms`. An engine with no control socket is a
+//! `primary` the host started by itself, which protects on its own — unless the driver
+//! expects the socket ([`CheckpointDriver::expecting_socket`]: the agent supervises the
+//! engine, which may just be starting), then its absence is retried.
+//!
+//! [`CheckpointDriver::status_report`]: the engine's `status` for the status API.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +45,9 @@ pub struct CheckpointDriver {
     /// How long `protect` waits for the returning host's secondary to listen and hold its
     /// first checkpoint.
     protect_wait: Duration,
+    /// A missing control socket is an engine not started yet (supervised), not a primary
+    /// that protects by itself.
+    expect_socket: bool,
 }
 
 /// `checkpoint.peer_listen` value meaning: protect over the engine's own A-link (the engine
@@ -79,7 +91,25 @@ impl CheckpointDriver {
             ctl,
             peer_listen: None,
             protect_wait: PROTECT_WAIT,
+            expect_socket: false,
         }
+    }
+
+    /// The engine's control socket must exist (the agent supervises the engine): its
+    /// absence is retried by `protect`, never taken for a self-protecting primary.
+    #[must_use]
+    pub fn expecting_socket(mut self) -> Self {
+        self.expect_socket = true;
+        self
+    }
+
+    /// The engine's `status` for the status API: its state, the checkpoint it (or, on a
+    /// primary, its secondary) holds, and while protecting the protection's progress.
+    #[must_use]
+    pub fn status_report(&self) -> Option<serde_json::Value> {
+        self.status()
+            .ok()
+            .and_then(|s| serde_json::to_value(s).ok())
     }
 
     /// Sets the peer's `xenft-checkpoint secondary --listen` socket (re-protection).
@@ -109,7 +139,7 @@ impl CheckpointDriver {
         let st = match self.status() {
             Ok(st) => st,
             // No control socket: the engine runs as `primary`, started by the host.
-            Err(e) if e.is_absent() => return Ok(()),
+            Err(e) if e.is_absent() && !self.expect_socket => return Ok(()),
             Err(e) => return Err(Attempt::Retry(e.to_string())),
         };
         match st.state {
@@ -135,8 +165,9 @@ impl CheckpointDriver {
             State::Running => {
                 let Some(peer) = &self.peer_listen else {
                     return Err(Attempt::Final(
-                        "the guest runs in the resumed replica but no checkpoint.peer_listen is \
-                         configured: memory cannot be replicated to the returning host"
+                        "the guest runs unprotected in the local engine but no \
+                         checkpoint.peer_listen is configured: memory cannot be replicated to \
+                         the peer"
                             .into(),
                     ));
                 };
@@ -149,7 +180,7 @@ impl CheckpointDriver {
                 }
             }
             other => Err(Attempt::Final(format!(
-                "the local engine is in state {other:?}, not a resumed guest: nothing to protect"
+                "the local engine is in state {other:?}, not a running guest: nothing to protect"
             ))),
         }
     }
@@ -217,6 +248,11 @@ impl Checkpointer for CheckpointDriver {
                 }
             }
         }
+    }
+
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        let _ = vm;
+        self.status_report()
     }
 }
 
@@ -379,6 +415,62 @@ mod tests {
             .protect(&vm(), &host())
             .unwrap_err();
         assert!(e.reason.contains("nothing to protect"), "{e}");
+    }
+
+    #[test]
+    fn a_controlled_primary_whose_secondary_went_away_is_protected_again_and_reported() {
+        // A primary after `protection_ended`: running, no committed checkpoint, last error.
+        let asked = Arc::new(AtomicU32::new(0));
+        let a = asked.clone();
+        let f = fake::serve::<Checkpoint>(move |req| match (req, a.load(Ordering::SeqCst)) {
+            (Request::Status, 0) => {
+                let mut st = status(State::Running, None);
+                st.last_error = Some("the secondary is gone: no A-link path for 1s".into());
+                Ok(Reply::Status(Box::new(st)))
+            }
+            (Request::Status, 1) => {
+                a.store(2, Ordering::SeqCst);
+                protecting(Phase::Protected, 0)
+            }
+            (Request::Status, _) => protecting(Phase::Protected, 4),
+            _ => {
+                a.store(1, Ordering::SeqCst);
+                Ok(Reply::Protecting {
+                    peer: "alink:h2".into(),
+                    already: false,
+                })
+            }
+        });
+        let drv = CheckpointDriver::new(f.client())
+            .with_peer_listen(Some(PEER_ALINK.into()))
+            .expecting_socket();
+        drv.protect(&vm(), &host()).unwrap();
+        assert_eq!(
+            f.seen(),
+            vec![
+                Request::Status,
+                Request::Protect { peer: None },
+                Request::Status,
+                Request::Status
+            ]
+        );
+        let r = drv.status_report().expect("a report");
+        assert_eq!(r["state"], "protecting", "{r}");
+        assert_eq!(r["primary"]["committed_epoch"], 4, "{r}");
+    }
+
+    #[test]
+    fn a_supervised_engine_without_its_socket_is_not_protected() {
+        let drv = CheckpointDriver::new(Client::new(
+            "/nonexistent/xenft-ck.sock",
+            Duration::from_secs(1),
+        ))
+        .with_peer_listen(Some(PEER_ALINK.into()))
+        .with_protect_wait(Duration::from_millis(300))
+        .expecting_socket();
+        let e = drv.protect(&vm(), &host()).unwrap_err();
+        assert!(e.reason.contains("not protected after"), "{e}");
+        assert!(drv.status_report().is_none());
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //! - [`netback::NetbackDriver`] ([`NetRelay`]): one VM's `xenft-netback` control socket —
 //!   uplink redirect through the A-link tunnel, take-over announcement (GARP / NA) with
 //!   buffered output dropped and pass-through from then on;
-//! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's secondary
-//!   control socket — freeze the replica at its last committed checkpoint, then resume it;
-//!   when the old primary's host returns, after the disk resync, `protect` the resumed guest
-//!   toward its fresh secondary (`checkpoint.peer_listen`: a socket, or `"alink"` for the
-//!   engine's own A-link): level-3 re-protection works;
+//! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's control socket
+//!   — on the secondary, freeze the replica at its last committed checkpoint, then resume it;
+//!   where the VM runs (a resumed replica, or a controlled primary whose secondary went away),
+//!   after the disk resync, `protect` the guest toward the peer's fresh secondary
+//!   (`checkpoint.peer_listen`: a socket, or `"alink"` for the engine's own A-link); with a
+//!   runtime directory, supervised engines by convention ([`supervised_checkpoints`]);
 //! - [`events`]: each VM's blkback and netback events followed and turned into the core's
 //!   component-fault inputs (class (d): disk or uplink redirected through the peer, no
 //!   failover);
@@ -24,8 +25,9 @@
 //!
 //! Not here: the XenAPI domain starter (`VM.start_on`, not written yet), and the primary-side
 //! wiring of the checkpoint engine's commit hook to the shims, which the engine's primary does
-//! itself (`xenft-checkpoint primary --blkback-control --netback-control`). The agent does not
-//! start the shims; the host does, with the role the pool assigns. Every component a VM's
+//! itself (`xenft-checkpoint primary --blkback-control --netback-control`). Components are
+//! started either by the host (this module's per-VM config) or by the agent's supervisor
+//! (`crate::xapi::components`, sockets by [`Convention`]). Every component a VM's
 //! level needs must be configured ([`VmDriversFile::check`]), so a production config never
 //! runs a stand-in silently.
 
@@ -352,25 +354,60 @@ impl NetRelay for NetByVm {
     }
 }
 
-/// The checkpoint engine of each level-3 VM.
-struct CheckpointByVm(BTreeMap<VmId, CheckpointDriver>);
+/// The checkpoint engine of each level-3 VM: the configured ones, and — with a runtime
+/// directory (the agent supervises the components) — any VM whose engine serves, or was
+/// started to serve, `<run_dir>/<vm>/checkpoint.sock`.
+struct CheckpointByVm {
+    configured: BTreeMap<VmId, CheckpointDriver>,
+    convention: Option<Convention>,
+}
+
+impl CheckpointByVm {
+    /// The VM's driver: configured, or by convention when its engine runs here (its socket or
+    /// the supervisor's pid file exists). A supervised engine protects over its own A-link
+    /// (the plan starts it so), and its socket is expected.
+    fn get(&self, vm: &VmId) -> Option<CheckpointDriver> {
+        if let Some(d) = self.configured.get(vm) {
+            return Some(d.clone());
+        }
+        let c = self.convention.as_ref()?;
+        let dir = c.run_dir.join(vm.as_str());
+        let sock = dir.join("checkpoint.sock");
+        (sock.exists() || dir.join("checkpoint.pid").exists()).then(|| {
+            CheckpointDriver::new(Client::new(sock, c.request_timeout))
+                .with_peer_listen(Some(checkpoint::PEER_ALINK.into()))
+                .expecting_socket()
+        })
+    }
+}
+
+/// The checkpoint engines of VMs whose components the agent supervises (sockets by
+/// `convention`): the agent's [`Checkpointer`] is then each VM's [`CheckpointDriver`].
+#[must_use]
+pub fn supervised_checkpoints(convention: Convention) -> Arc<dyn Checkpointer> {
+    Arc::new(CheckpointByVm {
+        configured: BTreeMap::new(),
+        convention: Some(convention),
+    })
+}
 
 impl Checkpointer for CheckpointByVm {
     fn committed_epoch(&self, vm: &VmId) -> Result<Option<u64>, SeamError> {
-        self.0
-            .get(vm)
+        self.get(vm)
             .ok_or_else(|| missing("checkpoint", "committed-epoch", vm))?
             .committed_epoch(vm)
     }
     fn resume_last_epoch(&self, vm: &VmId) -> Result<(), SeamError> {
-        self.0
-            .get(vm)
+        self.get(vm)
             .ok_or_else(|| missing("checkpoint", "resume", vm))?
             .resume_last_epoch(vm)
     }
     fn protect(&self, vm: &VmId, peer: &HostId) -> Result<(), SeamError> {
         // Levels 1 and 2: no memory replication.
-        self.0.get(vm).map_or(Ok(()), |d| d.protect(vm, peer))
+        self.get(vm).map_or(Ok(()), |d| d.protect(vm, peer))
+    }
+    fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
+        self.get(vm).and_then(|d| d.status_report())
     }
 }
 
@@ -424,7 +461,10 @@ pub fn real_seams(
             convention: None,
         }),
         net: Arc::new(NetByVm(nets)),
-        checkpoint: Arc::new(CheckpointByVm(checkpoints)),
+        checkpoint: Arc::new(CheckpointByVm {
+            configured: checkpoints,
+            convention: None,
+        }),
     }
 }
 
@@ -447,6 +487,9 @@ pub async fn publish_reports(
                     }
                     if let Some(n) = s.net.report(vm) {
                         v.insert("net".into(), n);
+                    }
+                    if let Some(c) = s.checkpoint.report(vm) {
+                        v.insert("checkpoint".into(), c);
                     }
                     (vm.as_str().to_string(), serde_json::Value::Object(v))
                 })

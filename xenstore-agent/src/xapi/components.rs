@@ -12,10 +12,9 @@
 //! (unprotected, level 1, the VM gone) gets SIGTERM — the VM itself is never touched here.
 //!
 //! With relay settings ([`HostFacts::relay`]) each such VM also gets its `xenft-netback`
-//! ([`super::relay_plan`]). The disk copy is sized from the VM's disk (its `VDI`'s
-//! `virtual_size`), or from [`HostFacts::disk_size`] when xapi names no disk.
-//!
-//! Not yet: the checkpoint engine (level 3's memory) is still started by the host.
+//! ([`super::relay_plan`]), and at level 3 the checkpoint engine (`xenft-checkpoint
+//! primary|secondary --control`, [`super::engine_plan`]). The disk copy is sized from the VM's
+//! disk (its `VDI`'s `virtual_size`), or from [`HostFacts::disk_size`] when xapi names no disk.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +47,8 @@ pub struct HostFacts {
     pub disk_size: Option<u64>,
     /// The relay's settings; `None`: no relay is started by the agent.
     pub relay: Option<super::relay_plan::RelayFacts>,
+    /// The checkpoint engine of level-3 VMs, if configured ([`super::engine_plan`]).
+    pub engine: Option<super::engine_plan::EngineFacts>,
 }
 
 /// One process to run.
@@ -217,6 +218,10 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
         for p in &v.devices.problems {
             note(&mut problems, &v.uuid, p.clone());
         }
+        match super::engine_plan::engine(d, v, role == "primary", &peer, slot, f) {
+            Ok(spec) => out.extend(spec),
+            Err(why) => note(&mut problems, &v.uuid, why),
+        }
     }
     (out, problems)
 }
@@ -345,19 +350,21 @@ impl Supervisor {
             .trim()
             .parse()
             .ok()?;
-        alive(pid, spec).then(|| {
-            self.running.insert(
-                (spec.vm.clone(), spec.name),
-                Running {
-                    spec: spec.clone(),
-                    pid,
-                    child: None,
-                    started: Instant::now(),
-                    backoff: BACKOFF,
-                },
-            );
-            pid
-        })
+        // As planned, or the secondary form that took the VM over (super::roles).
+        let launched = std::iter::once(spec.clone())
+            .chain(super::roles::standby_form(spec))
+            .find(|s| alive(pid, s))?;
+        self.running.insert(
+            (spec.vm.clone(), spec.name),
+            Running {
+                spec: launched,
+                pid,
+                child: None,
+                started: Instant::now(),
+                backoff: BACKOFF,
+            },
+        );
+        Some(pid)
     }
 
     fn start(&mut self, spec: &ProcSpec, backoff: Duration) -> Result<u32, String> {
@@ -425,7 +432,8 @@ impl Supervisor {
             let want = wanted
                 .iter()
                 .find(|s| (s.vm.as_str(), s.name) == (key.0.as_str(), key.1));
-            let same = want.is_some_and(|w| self.running[&key].spec == *w);
+            // A secondary that took the VM over is the primary now: kept (super::roles).
+            let same = want.is_some_and(|w| super::roles::satisfies(&self.running[&key].spec, w));
             if !same {
                 self.stop(&key);
                 changes.push(Change::Stopped {
@@ -587,6 +595,7 @@ mod tests {
             secret_file: "/etc/xenft/secret".into(),
             disk_size: Some(1 << 30),
             relay: None,
+            engine: None,
         }
     }
 

@@ -21,6 +21,7 @@
 //! - [`relay_plan`]: the relay (`xenft-netback`) of a protected VM in the component plan;
 //! - [`reservation`]: the memory each protected VM keeps on its secondary, re-checked while
 //!   the pool changes;
+//! - [`roles`]: a component that took the VM over is kept when the plan turns it primary;
 //! - [`plane`]: all of it on one host: follower, inputs for the core, states back;
 //! - [`state`]: the agent's report back into xapi (`xenft.state`, the `xenft-status` custom
 //!   field), coalesced, never over a newer format.
@@ -30,9 +31,11 @@ pub mod components;
 pub mod desired;
 pub mod devices;
 pub mod domain;
+pub mod engine_plan;
 pub mod follower;
 pub mod membership;
 pub mod plane;
 pub mod relay_plan;
 pub mod reservation;
+pub mod roles;
 pub mod state;
