@@ -3,60 +3,14 @@
 //! killed component, are adopted by a restarted agent, and stop everything when the VM is
 //! unprotected.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use xenft_agent::xapi::components::{plan, Change, HostFacts, Supervisor, BACKOFF};
-use xenft_agent::xapi::desired::{Desired, HostInfo, VmDesired};
 use xenft_control::blkback::{NodeStatus, PeerLink, Reply, Request};
 use xenft_control::{Blkback, Client};
-use xenft_xapi::registry::{HostLinks, Policy, PoolConfig};
 
 mod runtime_pool;
-use runtime_pool::blkback_binary;
-
-fn desired(base_port: u16) -> Desired {
-    let mut d = Desired::default();
-    let mut hosts = BTreeMap::new();
-    for (u, n, ip) in [("u1", "h1", "127.0.0.1"), ("u2", "h2", "127.0.0.2")] {
-        d.hosts.insert(
-            u.into(),
-            HostInfo {
-                name: n.into(),
-                address: ip.into(),
-            },
-        );
-        hosts.insert(
-            u.to_string(),
-            HostLinks {
-                name: n.into(),
-                alinks: vec![format!("{ip}:{base_port}")],
-            },
-        );
-    }
-    d.pool = Some(PoolConfig {
-        format_version: 1,
-        hosts,
-        quorum_servers: vec![],
-        policy: Policy::default(),
-        secret_uuid: None,
-    });
-    d.vms.insert(
-        "4c1d-vm".into(),
-        VmDesired {
-            uuid: "4c1d-vm".into(),
-            vm_ref: "OpaqueRef:v".into(),
-            name: "web01".into(),
-            level: 2,
-            secondary: "u2".into(),
-            resident_on: Some("u1".into()),
-            power_state: "Running".into(),
-            memory_bytes: 1 << 30,
-            devices: xenft_agent::xapi::devices::VmDevices::default(),
-        },
-    );
-    d
-}
+use runtime_pool::{blkback_binary, loopback_desired, wait_until};
 
 fn peer_link(ctl: &std::path::Path) -> Option<PeerLink> {
     match Client::<Blkback>::new(ctl, Duration::from_secs(2)).call(&Request::Status) {
@@ -65,14 +19,6 @@ fn peer_link(ctl: &std::path::Path) -> Option<PeerLink> {
             _ => None,
         },
         _ => None,
-    }
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -103,7 +49,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         std::fs::create_dir_all(facts(me).disk_dir).unwrap();
     }
     let base = 20_000 + u16::try_from(std::process::id() % 20_000).unwrap();
-    let d = desired(base);
+    let d = loopback_desired(base, "4c1d-vm", "web01", 2);
     let (p1, pr1) = plan(&d, &facts("u1"));
     let (p2, pr2) = plan(&d, &facts("u2"));
     assert!(pr1.is_empty() && pr2.is_empty(), "{pr1:?} {pr2:?}");
@@ -121,7 +67,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         [Change::Started { .. }]
     ));
     let ctl = facts("u1").run_dir.join("4c1d-vm/blkback.sock");
-    wait("the mirror in sync", 30, || {
+    wait_until("the mirror in sync", 30, || {
         peer_link(&ctl) == Some(PeerLink::InSync)
     });
 
@@ -133,7 +79,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait("the exit to be seen", 5, || {
+    wait_until("the exit to be seen", 5, || {
         s2.reconcile(&p2, Instant::now())
             .iter()
             .any(|c| matches!(c, Change::Exited { .. }))
@@ -144,7 +90,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         &s2.reconcile(&p2, Instant::now())[..],
         [Change::Started { .. }]
     ));
-    wait("the mirror in sync again", 30, || {
+    wait_until("the mirror in sync again", 30, || {
         peer_link(&ctl) == Some(PeerLink::InSync)
     });
 
@@ -193,5 +139,5 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
         &s2.reconcile(&[], Instant::now())[..],
         [Change::Stopped { .. }]
     ));
-    wait("the processes to end", 10, || gone(pid1) && gone(pid2));
+    wait_until("the processes to end", 10, || gone(pid1) && gone(pid2));
 }

@@ -6,67 +6,21 @@
 //! and the agent's `Checkpointer` (the supervised engine's `CheckpointDriver`, found by
 //! convention) protects the same guest again.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use xenft_agent::drivers::{supervised_checkpoints, Convention};
 use xenft_agent::ids::{HostId, VmId};
 use xenft_agent::xapi::components::{plan, Change, HostFacts, Supervisor, BACKOFF};
-use xenft_agent::xapi::desired::{Desired, HostInfo, VmDesired};
 use xenft_agent::xapi::engine_plan::{EngineFacts, EngineGuest};
 use xenft_control::blkback::{self, NodeStatus, PeerLink};
 use xenft_control::checkpoint::{Request, State, Status};
 use xenft_control::{Blkback, Checkpoint, Client};
-use xenft_xapi::registry::{HostLinks, Policy, PoolConfig};
 
 mod runtime_pool;
-use runtime_pool::blkback_binary;
+use runtime_pool::{blkback_binary, loopback_desired, wait_until};
 
 const VM: &str = "5e2a-vm";
-
-fn desired(base_port: u16) -> Desired {
-    let mut d = Desired::default();
-    let mut hosts = BTreeMap::new();
-    for (u, n, ip) in [("u1", "h1", "127.0.0.1"), ("u2", "h2", "127.0.0.2")] {
-        d.hosts.insert(
-            u.into(),
-            HostInfo {
-                name: n.into(),
-                address: ip.into(),
-            },
-        );
-        hosts.insert(
-            u.to_string(),
-            HostLinks {
-                name: n.into(),
-                alinks: vec![format!("{ip}:{base_port}")],
-            },
-        );
-    }
-    d.pool = Some(PoolConfig {
-        format_version: 1,
-        hosts,
-        quorum_servers: vec![],
-        policy: Policy::default(),
-        secret_uuid: None,
-    });
-    d.vms.insert(
-        VM.into(),
-        VmDesired {
-            uuid: VM.into(),
-            vm_ref: "OpaqueRef:v".into(),
-            name: "db01".into(),
-            level: 3,
-            secondary: "u2".into(),
-            resident_on: Some("u1".into()),
-            power_state: "Running".into(),
-            memory_bytes: 1 << 30,
-            devices: xenft_agent::xapi::devices::VmDevices::default(),
-        },
-    );
-    d
-}
 
 /// `xenft-checkpoint` and `xenft-synthetic-guest`, built for this test.
 fn checkpoint_binaries() -> (PathBuf, PathBuf) {
@@ -101,14 +55,6 @@ fn disk(ctl: &Path) -> Option<(PeerLink, u64)> {
             _ => None,
         },
         _ => None,
-    }
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -185,7 +131,7 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
     }
     let base = 24_000 + u16::try_from(std::process::id() % 20_000).unwrap();
     let _cleanup = KillComponents(vec![facts("u1").run_dir, facts("u2").run_dir]);
-    let d = desired(base);
+    let d = loopback_desired(base, VM, "db01", 3);
     let (p1, pr1) = plan(&d, &facts("u1"));
     let (p2, pr2) = plan(&d, &facts("u2"));
     assert!(pr1.is_empty() && pr2.is_empty(), "{pr1:?} {pr2:?}");
@@ -203,14 +149,14 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
         run1.join("checkpoint.sock"),
         facts("u2").run_dir.join(VM).join("checkpoint.sock"),
     );
-    wait("the secondary's committed checkpoints", 40, || {
+    wait_until("the secondary's committed checkpoints", 40, || {
         committed(&engine_status(&ck2)) >= 3
     });
     let st = engine_status(&ck1).unwrap();
     assert_eq!(st.state, State::Protecting, "{st:?}");
     let pid = st.guest_pid.expect("the synthetic guest");
     // The engine stamps the VM's disk epochs.
-    wait(
+    wait_until(
         "the disk in sync with stamped epochs",
         30,
         || matches!(disk(&run1.join("blkback.sock")), Some((PeerLink::InSync, e)) if e > 0),
@@ -224,7 +170,7 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait("the exit to be seen", 5, || {
+    wait_until("the exit to be seen", 5, || {
         s2.reconcile(&p2, Instant::now()).iter().any(|c| {
             matches!(
                 c,
@@ -235,7 +181,7 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
             )
         })
     });
-    wait("the primary unprotected", 10, || {
+    wait_until("the primary unprotected", 10, || {
         engine_status(&ck1).is_some_and(|s| s.state == State::Running)
     });
     std::thread::sleep(BACKOFF);
@@ -258,7 +204,7 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
     assert!(p.committed_epoch > 0, "{p:?}");
     assert_eq!(p.peer, "alink:h2");
     let first = committed(&engine_status(&ck2));
-    wait("the restarted secondary's epochs to grow", 20, || {
+    wait_until("the restarted secondary's epochs to grow", 20, || {
         committed(&engine_status(&ck2)) >= first + 3
     });
     let report = checkpointer.report(&vm).expect("the engine's status");

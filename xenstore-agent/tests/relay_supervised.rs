@@ -21,7 +21,7 @@ use xenft_xapi::transport::{Endpoint, TlsOptions};
 use xenft_xapi::{ConnectOptions, Credentials, XenApi};
 
 mod runtime_pool;
-use runtime_pool::{blkback_binary, component_binary, pool_init};
+use runtime_pool::{blkback_binary, component_binary, pool_init, wait_until};
 
 const MIB: i64 = 1 << 20;
 
@@ -29,14 +29,6 @@ fn counters(sock: &std::path::Path) -> Option<Counters> {
     match Client::<Netback>::new(sock, Duration::from_secs(2)).call(&Request::Counters) {
         Ok(Reply::Counters { counters }) => Some(*counters),
         _ => None,
-    }
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -192,7 +184,7 @@ async fn the_relay_and_the_disk_come_from_xapis_device_records() {
             let now = Instant::now();
             assert_eq!(s2.reconcile(&p2, now).len(), 2, "blkback and netback on h2");
             assert_eq!(s1.reconcile(&p1, now).len(), 2, "blkback and netback on h1");
-            wait("both relays to answer", 20, || {
+            wait_until("both relays to answer", 20, || {
                 counters(&sock1).is_some() && counters(&sock2).is_some()
             });
             assert_eq!(counters(&sock1).unwrap().mode, Mode::Passthrough);
@@ -205,7 +197,7 @@ async fn the_relay_and_the_disk_come_from_xapis_device_records() {
                 nix::sys::signal::Signal::SIGKILL,
             )
             .unwrap();
-            wait("the relay's exit to be seen", 5, || {
+            wait_until("the relay's exit to be seen", 5, || {
                 s1.reconcile(&p1, Instant::now())
                     .iter()
                     .any(|c| matches!(c, Change::Exited { name, .. } if *name == "netback"))
@@ -222,7 +214,7 @@ async fn the_relay_and_the_disk_come_from_xapis_device_records() {
                 ),
                 "{again:?}"
             );
-            wait("the restarted relay to answer", 20, || {
+            wait_until("the restarted relay to answer", 20, || {
                 counters(&sock1).is_some()
             });
             (s1, s2, p1, p2)
@@ -276,7 +268,7 @@ async fn the_relay_and_the_disk_come_from_xapis_device_records() {
             )),
             "only the relay is replaced: {ch:?}"
         );
-        wait("the new relay to answer", 20, || {
+        wait_until("the new relay to answer", 20, || {
             counters(&sock1_again).is_some()
         });
         let _ = p2;

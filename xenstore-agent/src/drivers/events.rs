@@ -116,44 +116,37 @@ pub fn follow(
     Ok(threads)
 }
 
-/// Follows one VM's blkback at `sock` (a component the agent supervises) until `stop`.
+/// Follows the events of component `name` (`blkback` or `netback`) of one VM at `sock` (a
+/// component the agent supervises) until `stop`; `None` for a component without events the
+/// core acts on.
 ///
 /// # Errors
 /// When the thread cannot be started.
-pub fn follow_blkback(
+pub fn follow_supervised(
+    name: &str,
     vm: &VmId,
     sock: &std::path::Path,
     timeout: Duration,
     inputs: &mpsc::Sender<Input>,
     stop: &Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    spawn(
-        Client::<Blkback>::new(sock, timeout),
-        vm,
-        inputs,
-        stop,
-        blkback_input,
-    )
-}
-
-/// Follows one VM's relay at `sock` (a component the agent supervises) until `stop`.
-///
-/// # Errors
-/// When the thread cannot be started.
-pub fn follow_netback(
-    vm: &VmId,
-    sock: &std::path::Path,
-    timeout: Duration,
-    inputs: &mpsc::Sender<Input>,
-    stop: &Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    spawn(
-        Client::<Netback>::new(sock, timeout),
-        vm,
-        inputs,
-        stop,
-        netback_input,
-    )
+) -> Option<std::io::Result<JoinHandle<()>>> {
+    Some(match name {
+        "blkback" => spawn(
+            Client::<Blkback>::new(sock, timeout),
+            vm,
+            inputs,
+            stop,
+            blkback_input,
+        ),
+        "netback" => spawn(
+            Client::<Netback>::new(sock, timeout),
+            vm,
+            inputs,
+            stop,
+            netback_input,
+        ),
+        _ => return None,
+    })
 }
 
 fn spawn<C: Contract>(

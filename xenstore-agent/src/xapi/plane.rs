@@ -63,14 +63,19 @@ impl Followers {
                     let Ok(id) = crate::ids::VmId::new(vm.as_str()) else {
                         continue;
                     };
-                    let follow = match *name {
-                        "blkback" => crate::drivers::events::follow_blkback,
-                        "netback" => crate::drivers::events::follow_netback,
-                        _ => continue,
-                    };
                     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let sock = run_dir.join(vm).join(format!("{name}.sock"));
-                    match follow(&id, &sock, Duration::from_secs(5), inputs, &stop) {
+                    let Some(followed) = crate::drivers::events::follow_supervised(
+                        name,
+                        &id,
+                        &sock,
+                        Duration::from_secs(5),
+                        inputs,
+                        &stop,
+                    ) else {
+                        continue;
+                    };
+                    match followed {
                         Ok(t) => {
                             self.0.insert((vm.clone(), *name), (stop, t));
                         }

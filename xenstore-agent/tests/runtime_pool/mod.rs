@@ -156,3 +156,65 @@ pub fn component_binary(package: &str, bin: &str) -> std::path::PathBuf {
     assert!(st.success(), "building {package} failed");
     xenft_tests::lab::target_dir().join(bin)
 }
+
+/// The registry of two hosts on loopback (h1 = uuid `u1` on 127.0.0.1, h2 = `u2` on 127.0.0.2,
+/// one A-link each on `base_port`) with VM `uuid` (named `name`) at `level`, running on h1
+/// with its copy on h2.
+pub fn loopback_desired(
+    base_port: u16,
+    uuid: &str,
+    name: &str,
+    level: u8,
+) -> xenft_agent::xapi::desired::Desired {
+    use xenft_agent::xapi::desired::{Desired, HostInfo, VmDesired};
+    use xenft_xapi::registry::{HostLinks, Policy, PoolConfig};
+    let mut d = Desired::default();
+    let mut hosts = std::collections::BTreeMap::new();
+    for (u, n, ip) in [("u1", "h1", "127.0.0.1"), ("u2", "h2", "127.0.0.2")] {
+        d.hosts.insert(
+            u.into(),
+            HostInfo {
+                name: n.into(),
+                address: ip.into(),
+            },
+        );
+        hosts.insert(
+            u.to_string(),
+            HostLinks {
+                name: n.into(),
+                alinks: vec![format!("{ip}:{base_port}")],
+            },
+        );
+    }
+    d.pool = Some(PoolConfig {
+        format_version: 1,
+        hosts,
+        quorum_servers: vec![],
+        policy: Policy::default(),
+        secret_uuid: None,
+    });
+    d.vms.insert(
+        uuid.into(),
+        VmDesired {
+            uuid: uuid.into(),
+            vm_ref: "OpaqueRef:v".into(),
+            name: name.into(),
+            level,
+            secondary: "u2".into(),
+            resident_on: Some("u1".into()),
+            power_state: "Running".into(),
+            memory_bytes: 1 << 30,
+            devices: xenft_agent::xapi::devices::VmDevices::default(),
+        },
+    );
+    d
+}
+
+/// Waits (blocking) until `f` holds, at most `secs` seconds.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
