@@ -535,12 +535,14 @@ impl Supervisor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::xapi::desired::{HostInfo, VmDesired};
     use xenft_xapi::registry::{HostLinks, PoolConfig};
 
-    pub(super) fn desired(level: u8, resident: Option<&str>) -> Desired {
+    /// Two hosts (u1 = h1 on 127.0.0.1, u2 = h2 on 127.0.0.2, one A-link each on port 17500)
+    /// and VM `vm-a` (web01) at `level`, running on `resident`, its copy on u2.
+    pub(crate) fn desired(level: u8, resident: Option<&str>) -> Desired {
         let mut d = Desired::default();
         let mut hosts = BTreeMap::new();
         for (u, n, a) in [

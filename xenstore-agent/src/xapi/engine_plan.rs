@@ -278,59 +278,16 @@ pub fn engine(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::xapi::components::{plan, port_slot};
-    use crate::xapi::desired::HostInfo;
-    use xenft_xapi::registry::{HostLinks, PoolConfig};
 
     fn desired(level: u8, domid: Option<u32>) -> Desired {
-        let mut d = Desired::default();
-        let mut hosts = BTreeMap::new();
-        for (u, n, a) in [
-            ("u1", "h1", "127.0.0.1:17500"),
-            ("u2", "h2", "127.0.0.2:17500"),
-        ] {
-            d.hosts.insert(
-                u.into(),
-                HostInfo {
-                    name: n.into(),
-                    address: String::new(),
-                },
-            );
-            hosts.insert(
-                u.to_string(),
-                HostLinks {
-                    name: n.into(),
-                    alinks: vec![a.into()],
-                },
-            );
-        }
-        d.pool = Some(PoolConfig {
-            format_version: 1,
-            hosts,
-            quorum_servers: vec![],
-            policy: xenft_xapi::registry::Policy::default(),
-            secret_uuid: None,
-        });
-        d.vms.insert(
-            "vm-a".into(),
-            VmDesired {
-                uuid: "vm-a".into(),
-                vm_ref: "OpaqueRef:a".into(),
-                name: "web01".into(),
-                level,
-                secondary: "u2".into(),
-                resident_on: Some("u1".into()),
-                power_state: "Running".into(),
-                memory_bytes: 1 << 30,
-                devices: crate::xapi::devices::VmDevices {
-                    domid,
-                    ..crate::xapi::devices::VmDevices::default()
-                },
-            },
-        );
+        let mut d = crate::xapi::components::tests::desired(level, Some("u1"));
+        d.vms
+            .get_mut("vm-a")
+            .expect("the fixture's VM")
+            .devices
+            .domid = domid;
         d
     }
 
