@@ -177,11 +177,11 @@ impl PacketSocket {
     /// # Errors
     /// When the kernel refuses the option.
     pub fn set_recv_timeout(&self, timeout: Duration) -> io::Result<()> {
-        let tv = libc::timeval {
-            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_usec: libc::suseconds_t::from(timeout.subsec_micros().min(999_999)),
-        };
-        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
+        // nix's TimeVal: the C types differ between glibc and musl (the static build).
+        let tv = <nix::sys::time::TimeVal as nix::sys::time::TimeValLike>::microseconds(
+            i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX),
+        );
+        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tv.as_ref())
     }
 
     /// Receives one frame into `buf`. Returns the frame's REAL length, which is larger than
@@ -256,7 +256,8 @@ impl PacketSocket {
         let rc = unsafe {
             libc::ioctl(
                 self.fd.as_raw_fd(),
-                libc::SIOCGIFFLAGS,
+                // The request's C type is unsigned long on glibc, int on musl.
+                libc::SIOCGIFFLAGS as _,
                 std::ptr::from_mut(&mut req),
             )
         };
@@ -301,7 +302,8 @@ impl PacketSocket {
                 self.fd.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 vlen,
-                libc::MSG_TRUNC | libc::MSG_WAITFORONE,
+                // int on glibc, unsigned int on musl.
+                (libc::MSG_TRUNC | libc::MSG_WAITFORONE) as _,
                 std::ptr::null_mut(),
             )
         };
@@ -409,9 +411,10 @@ impl RecvBatch {
 /// # Errors
 /// When the caller lacks `CAP_SYS_NICE` or the priority is out of range.
 pub fn set_realtime_priority(priority: u8) -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: libc::c_int::from(priority),
-    };
+    // SAFETY: `sched_param` is plain integers, for which all-zero is valid; musl's has more
+    // fields than glibc's, so it is zeroed and the one field set.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = libc::c_int::from(priority);
     // SAFETY: `param` is a valid `sched_param` read by the kernel during the call; pid 0 is
     // the calling thread.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) };
