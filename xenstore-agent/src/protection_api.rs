@@ -314,11 +314,16 @@ impl Core {
                 "secondary": spec.secondary, "already_protected": already,
             }))
         };
-        if let Some(r) = self.protected(&spec.vm) {
-            if (r.level, &r.primary, &r.secondary) == (level, &spec.primary, &spec.secondary) {
-                return Ok(done(true));
+        // The hub's view may lag the core by up to 100 ms; the core ignores a protect of a VM
+        // it protects already, so the input is sent whenever the view does not contradict it.
+        let already = match self.protected(&spec.vm) {
+            Some(r)
+                if (r.level, &r.primary, &r.secondary)
+                    == (level, &spec.primary, &spec.secondary) =>
+            {
+                true
             }
-            return Err(Answer::error(
+            Some(r) => return Err(Answer::error(
                 409,
                 format!(
                     "{} is already protected at level {} (primary {}, secondary {}): unprotect it first",
@@ -327,14 +332,15 @@ impl Core {
                     r.primary,
                     r.secondary
                 ),
-            ));
-        }
+            )),
+            None => false,
+        };
         self.send(Input::Protect(spec.clone())).await?;
         self.known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(spec.vm.clone(), spec.clone());
-        Ok(done(false))
+        Ok(done(already))
     }
 
     async fn unprotect(&self, vm: &str) -> Answer {
@@ -342,11 +348,11 @@ impl Core {
             Ok(k) => k,
             Err(a) => return a,
         };
+        // Sent even when the hub's (slightly lagging) view shows no protection: the core
+        // ignores an unprotect of a VM it does not protect.
         let was = self.protected(&known.vm).is_some();
-        if was {
-            if let Err(a) = self.send(Input::Unprotect(known.vm.clone())).await {
-                return a;
-            }
+        if let Err(a) = self.send(Input::Unprotect(known.vm.clone())).await {
+            return a;
         }
         Answer::ok(json!({ "vm": known.vm, "was_protected": was }))
     }
