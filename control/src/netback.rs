@@ -10,6 +10,7 @@
 //! | `announce` | `announced {announced}` |
 //! | `redirect {on}` (`true` / `false` / `null` = automatic) | `done` |
 //! | `add_addresses {addresses}` | `done` |
+//! | `isolate {on}` (fence / unfence: no frame in either direction while on) | `done` |
 //! | `counters` | `counters`: [`Counters`] |
 //!
 //! The methods named are those of `xenft_netback::shim::Shim`. Events: `early_checkpoint`
@@ -58,6 +59,13 @@ pub enum Request {
     AddAddresses {
         /// The addresses.
         addresses: Vec<IpAddr>,
+    },
+    /// `Shim::set_isolated`: a fenced copy passes no frame in either direction (from or to
+    /// the VM, on the uplink or the tunnel, announcements included) until `on: false` or a
+    /// `takeover`. The mode and anything held for an epoch are kept.
+    Isolate {
+        /// `true` isolate (fence), `false` let frames through again (unfence).
+        on: bool,
     },
     /// `Shim::counters`.
     Counters,
@@ -167,6 +175,9 @@ pub struct Drops {
     /// or being restarted).
     #[serde(default)]
     pub vif_absent: u64,
+    /// Frames from or for the VM while the relay was isolated (a fenced copy).
+    #[serde(default)]
+    pub isolated: u64,
 }
 
 /// Why the VM's frames are redirected.
@@ -206,6 +217,9 @@ pub struct RedirectStatus {
 pub struct Counters {
     /// Current mode.
     pub mode: Mode,
+    /// The relay is isolated (the copy is fenced): no frame passes.
+    #[serde(default)]
+    pub isolated: bool,
     /// The VM's MAC, once known.
     pub vm_mac: Option<String>,
     /// Current epoch.
@@ -303,6 +317,10 @@ mod tests {
         assert_eq!(
             req(r#"{"op":"redirect","on":null}"#),
             Request::Redirect { on: None }
+        );
+        assert_eq!(
+            req(r#"{"op":"isolate","on":true}"#),
+            Request::Isolate { on: true }
         );
     }
 }

@@ -131,12 +131,16 @@ pub fn page(snap: &Value) -> String {
     PAGE.replace("/*INITIAL*/null", &json)
 }
 
-/// This host's agent status, read from its status API (`GET /status` on loopback).
-async fn agent_status() -> Value {
+/// This host's agent status, read from its status API (`GET /status` on loopback, with the
+/// agent's token).
+async fn agent_status(dir: &StateDir, me: Host) -> Value {
+    let token = crate::node::agent_token(dir, me).unwrap_or_default();
     let fetch = async {
         let mut s = TcpStream::connect(("127.0.0.1", crate::topology::STATUS_PORT)).await?;
-        s.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await?;
+        let req = format!(
+            "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.take(4 << 20).read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
@@ -155,7 +159,7 @@ async fn agent_status() -> Value {
 /// The snapshot plus this host's agent status (from its status API).
 async fn full_snapshot(dir: &StateDir, me: Host) -> Value {
     let mut snap = snapshot(dir, me);
-    snap["agent"] = agent_status().await;
+    snap["agent"] = agent_status(dir, me).await;
     snap
 }
 

@@ -2,7 +2,7 @@
 //! `xenft_control::netback`, served by the contract's server.
 //!
 //! [`handle`] carries out one request on the relay (`begin_epoch`, `commit`, `discard`,
-//! `set_mode`, `takeover`, `announce`, `redirect`, `add_addresses`, `counters`; refusals are
+//! `set_mode`, `takeover`, `announce`, `redirect`, `add_addresses`, `isolate`, `counters`; refusals are
 //! typed). Events pushed to subscribers: `early_checkpoint` (from the relay's hook, at once),
 //! and, from [`CounterWatch`] over the counters every [`EVENT_POLL`], `uplink_lost` /
 //! `uplink_restored`, `uplink_redirected` / `uplink_returned`, `vif_bound` / `vif_lost`. The
@@ -56,6 +56,10 @@ pub fn handle(shim: &Shim, req: Request) -> Result<Reply, ErrorReply> {
         }
         Request::AddAddresses { addresses } => {
             shim.add_addresses(&addresses);
+            Ok(Reply::Done)
+        }
+        Request::Isolate { on } => {
+            shim.set_isolated(on);
             Ok(Reply::Done)
         }
         Request::Counters => Ok(Reply::Counters {

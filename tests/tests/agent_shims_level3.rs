@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use agent_shims::{bins, nbd_unix_uri, outcome_json, qemu_io, wait_until};
 use xenft_agent::core::StartMode;
-use xenft_agent::drivers::{real_seams, BlkbackFile, CheckpointFile, DomainFile, VmDriversFile};
+use xenft_agent::drivers::{
+    real_seams, AfterResume, BlkbackFile, CheckpointFile, DomainFile, VmDriversFile,
+};
 use xenft_agent::ids::VmId;
 use xenft_control::{blkback, checkpoint, Blkback, Checkpoint, Component};
 use xenft_tests::netns::require_root;
@@ -184,6 +186,7 @@ fn a_level3_take_over_resumes_memory_and_disk_at_the_same_checkpoint() {
             VmDriversFile {
                 domain: Some(DomainFile {
                     command: vec!["true".into()],
+                    after_resume: Some(AfterResume::Start),
                 }),
                 blkback: Some(BlkbackFile {
                     control: p("sec.ctl"),

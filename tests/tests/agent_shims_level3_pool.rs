@@ -3,8 +3,9 @@
 //! `commit N` on h1's blkback); h2's blkback holds each epoch's writes until its commit. An NBD
 //! client writes while checkpoints run; h1 (agent, shims, engine) is SIGKILLed. h2's agent must
 //! freeze the memory replica at its last checkpoint N, commit the disk epochs <= N, drop the
-//! later ones, serve the disk and resume the guest: every acknowledged write of an epoch <= N
-//! is on the disk, and none of a later epoch.
+//! later ones, serve the disk, resume the guest and start the VM's process (the domain
+//! command, `after_resume: start`): every acknowledged write of an epoch <= N is on the disk,
+//! and none of a later epoch.
 
 mod agent_shims;
 
@@ -56,6 +57,17 @@ fn a_level3_take_over_keeps_exactly_the_disk_writes_of_the_resumed_checkpoint() 
     let n = ck["committed_epoch"].as_u64().unwrap();
     let blk = pool.blk_status(1).unwrap();
     assert_eq!(blk["role"], "primary", "{blk}");
+    // The VM's process runs on h2 now: the agent started it after the memory resume.
+    assert!(
+        wait_until(Duration::from_secs(5), || pool.vm_pid_file(1).exists()),
+        "h2's agent resumed the memory but did not start the VM's process\n{}",
+        pool.log("agent-h2.log")
+    );
+    let pid = std::fs::read_to_string(pool.vm_pid_file(1)).unwrap();
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "the VM process started on h2 is not alive"
+    );
     let (kept, dropped) = assert_disk_is_checkpoint(&pool, 1, n, &acked);
     assert!(kept > 0, "no write landed in an epoch <= {n}: {acked:?}");
     eprintln!(

@@ -22,7 +22,8 @@
 //!   "drivers": "real",
 //!   "vm_drivers": {
 //!     "web01": {
-//!       "domain": {"command": ["/usr/lib/xenft/xenft-synthetic-guest", "--memory-mib", "2048"]},
+//!       "domain": {"command": ["/usr/lib/xenft/xenft-synthetic-guest", "--memory-mib", "2048"],
+//!                  "after_resume": "start"},
 //!       "blkback": {"control": "/run/xenft/web01-blkback.sock", "sync_timeout_ms": 3600000},
 //!       "netback": {"control": "/run/xenft/web01-netback.sock", "addresses": ["192.168.1.80"]},
 //!       "checkpoint": {"control": "/run/xenft/web01-checkpoint.sock",
@@ -832,9 +833,19 @@ mod tests {
             r#""domain""#,
             r#""checkpoint": {"control": "/run/xenft/web-ckpt.sock"}, "domain""#,
         );
+        let e = validate(&GOOD.replace(r#""xenstore": false"#, &with)).unwrap_err();
+        assert!(e.to_string().contains("after_resume is required"), "{e}");
+        let real3 = REAL.replace(
+            r#""command": ["/bin/sleep", "1000"]"#,
+            r#""command": ["/bin/sleep", "1000"], "after_resume": "start""#,
+        );
+        let with = real3.replace(
+            r#""domain""#,
+            r#""checkpoint": {"control": "/run/xenft/web-ckpt.sock"}, "domain""#,
+        );
         validate(&GOOD.replace(r#""xenstore": false"#, &with)).unwrap();
         let peer = |p: &str| {
-            REAL.replace(
+            real3.replace(
                 r#""domain""#,
                 &format!(
                     r#""checkpoint": {{"control": "/run/xenft/web-ckpt.sock", "peer_listen": "{p}"}}, "domain""#

@@ -71,6 +71,7 @@ pub mod decision;
 pub mod drivers;
 pub mod ids;
 pub mod lifecycle;
+pub mod protection_api;
 pub mod quorum;
 pub mod runtime;
 pub mod seams;

@@ -373,11 +373,11 @@ fn run_command(seams: &Seams, c: Command) -> Option<Input> {
             })
         }
         Command::PauseVm { vm } => {
-            log(seams.domains.pause(&vm));
+            log(seams.fence(&vm));
             None
         }
         Command::ResumeVm { vm } => {
-            log(seams.domains.resume(&vm));
+            log(seams.unfence(&vm));
             None
         }
         Command::DestroyVm { vm } => {

@@ -55,6 +55,17 @@ pub trait DomainStarter: Send + Sync {
     /// # Errors
     /// [`SeamError`].
     fn destroy(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// After a level-3 take-over: the checkpoint engine has resumed the VM's memory replica
+    /// on this host ([`Checkpointer::resume_last_epoch`]), so the VM runs here from now on.
+    /// Where the resumed replica is the domain itself (Xen: the engine unpaused the replica
+    /// domain the toolstack built) there is nothing to start; where the VM is more than its
+    /// memory (the local pool: a process beside the synthetic guest) it is started now, if it
+    /// does not run here already. Either way the local copy is this seam's to pause, resume
+    /// and destroy afterwards.
+    ///
+    /// # Errors
+    /// [`SeamError`]: the VM cannot run here (the take-over fails and is reported).
+    fn resumed(&self, vm: &VmId) -> Result<(), SeamError>;
 }
 
 /// The disk mirror (blkback-shim).
@@ -102,10 +113,20 @@ pub trait NetRelay: Send + Sync {
     /// [`SeamError`].
     fn redirect(&self, vm: &VmId, on: bool) -> Result<(), SeamError>;
     /// After a take-over: announce the VM's addresses here (gratuitous ARP / unsolicited NA).
+    /// This copy owns the VM's network presence from now on: an isolation left from an
+    /// earlier fence ends.
     ///
     /// # Errors
     /// [`SeamError`].
     fn announce(&self, vm: &VmId) -> Result<(), SeamError>;
+    /// Fencing: cut the local copy off the network (`on`: no frame passes in either
+    /// direction, whatever the domain does — a paused process still has its address and its
+    /// kernel still answers ARP and TCP SYN), or let it through again (unfence). A VM without a
+    /// relay (level 1) has nothing to cut here.
+    ///
+    /// # Errors
+    /// [`SeamError`].
+    fn isolate(&self, vm: &VmId, on: bool) -> Result<(), SeamError>;
     /// The relay's state for the status API (mode, epochs, redirect), if it reports one.
     fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
         let _ = vm;
@@ -178,7 +199,7 @@ impl Seams {
 
     /// Starts a VM as the core asked: make the local disk copy the serving one (committing
     /// the disk epochs up to the memory replica's checkpoint, level 3), resume the checkpoint
-    /// (level 3) or boot, then announce.
+    /// and tell the domain seam the VM runs here now (level 3) or boot, then announce.
     ///
     /// # Errors
     /// [`SeamError`] of the failing step.
@@ -188,6 +209,7 @@ impl Seams {
                 let epoch = self.checkpoint.committed_epoch(vm)?;
                 self.disk.promote(vm, epoch)?;
                 self.checkpoint.resume_last_epoch(vm)?;
+                self.domains.resumed(vm)?;
             }
             StartMode::Boot => {
                 self.disk.promote(vm, None)?;
@@ -195,6 +217,29 @@ impl Seams {
             }
         }
         self.net.announce(vm)
+    }
+
+    /// Fences the local copy: first cut it off the network (the relay passes nothing, so the
+    /// copy is silent even if pausing the domain fails or takes time), then pause the domain.
+    /// Both steps are tried whatever the other does.
+    ///
+    /// # Errors
+    /// [`SeamError`] of the first failing step.
+    pub fn fence(&self, vm: &VmId) -> Result<(), SeamError> {
+        let net = self.net.isolate(vm, true);
+        let dom = self.domains.pause(vm);
+        net.and(dom)
+    }
+
+    /// Unfences the local copy (proven that nobody else took the VM over): resume the domain,
+    /// then let its frames through again. Both steps are tried whatever the other does.
+    ///
+    /// # Errors
+    /// [`SeamError`] of the first failing step.
+    pub fn unfence(&self, vm: &VmId) -> Result<(), SeamError> {
+        let dom = self.domains.resume(vm);
+        let net = self.net.isolate(vm, false);
+        dom.and(net)
     }
 
     /// Redirects or restores a component.
@@ -275,6 +320,10 @@ impl DomainStarter for Recorder {
         self.rec(format!("destroy {vm}"));
         Ok(())
     }
+    fn resumed(&self, vm: &VmId) -> Result<(), SeamError> {
+        self.rec(format!("resumed {vm}"));
+        self.start_result("resumed", vm)
+    }
 }
 
 impl DiskMirror for Recorder {
@@ -309,6 +358,10 @@ impl NetRelay for Recorder {
     }
     fn announce(&self, vm: &VmId) -> Result<(), SeamError> {
         self.rec(format!("announce {vm}"));
+        Ok(())
+    }
+    fn isolate(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.rec(format!("net-isolate {vm} {on}"));
         Ok(())
     }
 }
@@ -346,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn a_level3_start_promotes_the_disk_at_the_checkpoint_between_freeze_and_resume() {
+    fn a_level3_start_promotes_the_disk_at_the_checkpoint_then_resumes_and_runs_the_domain() {
         let r = Recorder::new();
         let vm = VmId::new("vm1").unwrap();
         Seams::recording(&r)
@@ -358,7 +411,111 @@ mod tests {
                 "committed-epoch vm1",
                 "promote vm1 0",
                 "resume-epoch vm1",
+                "resumed vm1",
                 "announce vm1"
+            ]
+        );
+    }
+
+    /// A domain seam whose every call fails (and is recorded).
+    struct BrokenDomain(Arc<Recorder>);
+
+    impl DomainStarter for BrokenDomain {
+        fn start(&self, vm: &VmId) -> Result<(), SeamError> {
+            self.fail("start", vm)
+        }
+        fn pause(&self, vm: &VmId) -> Result<(), SeamError> {
+            self.fail("pause", vm)
+        }
+        fn resume(&self, vm: &VmId) -> Result<(), SeamError> {
+            self.fail("resume", vm)
+        }
+        fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
+            self.fail("destroy", vm)
+        }
+        fn resumed(&self, vm: &VmId) -> Result<(), SeamError> {
+            self.fail("resumed", vm)
+        }
+    }
+
+    impl BrokenDomain {
+        fn fail(&self, op: &'static str, vm: &VmId) -> Result<(), SeamError> {
+            self.0.rec(format!("{op} {vm} (fails)"));
+            Err(SeamError {
+                component: "domain",
+                operation: op,
+                vm: vm.clone(),
+                reason: "broken".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_level3_take_over_whose_vm_cannot_run_here_is_not_announced() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        let seams = Seams {
+            domains: Arc::new(BrokenDomain(r.clone())),
+            ..Seams::recording(&r)
+        };
+        let e = seams.start(&vm, StartMode::ResumeCheckpoint).unwrap_err();
+        assert_eq!(e.operation, "resumed");
+        assert_eq!(
+            r.calls(),
+            vec![
+                "committed-epoch vm1",
+                "promote vm1 0",
+                "resume-epoch vm1",
+                "resumed vm1 (fails)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_boot_does_not_tell_the_domain_of_a_resume() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        Seams::recording(&r).start(&vm, StartMode::Boot).unwrap();
+        assert_eq!(r.calls(), vec!["promote vm1", "start vm1", "announce vm1"]);
+    }
+
+    #[test]
+    fn a_fence_silences_the_network_before_pausing_and_an_unfence_reopens_it_after_resuming() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        let seams = Seams::recording(&r);
+        seams.fence(&vm).unwrap();
+        seams.unfence(&vm).unwrap();
+        assert_eq!(
+            r.calls(),
+            vec![
+                "net-isolate vm1 true",
+                "pause vm1",
+                "resume vm1",
+                "net-isolate vm1 false"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fence_whose_pause_fails_still_silences_the_network() {
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        let seams = Seams {
+            domains: Arc::new(BrokenDomain(r.clone())),
+            ..Seams::recording(&r)
+        };
+        let e = seams.fence(&vm).unwrap_err();
+        assert_eq!(e.operation, "pause");
+        let e = seams.unfence(&vm).unwrap_err();
+        assert_eq!(e.operation, "resume");
+        assert_eq!(
+            r.calls(),
+            vec![
+                "net-isolate vm1 true",
+                "pause vm1 (fails)",
+                "resume vm1 (fails)",
+                "net-isolate vm1 false"
             ]
         );
     }

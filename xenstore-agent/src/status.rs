@@ -1,10 +1,12 @@
 //! The status API: JSON status, the bounded decision log, Prometheus metrics and a
 //! server-sent-events stream of decisions, over a minimal HTTP/1.1 server on tokio.
 //!
-//! Routes (GET only): `/status`, `/events/log`, `/metrics`, `/events` (SSE). Bound to
-//! loopback by default; when a token is configured every request needs
+//! Routes: `GET /status`, `/events/log`, `/metrics`, `/events` (SSE); with a
+//! [`ProtectionApi`] also `POST /vm/<vm>/protect` (`{"level": 1|2|3, "secondary": "<host>"}`)
+//! and `POST /vm/<vm>/unprotect`, which change state and so answer only when a token is
+//! configured. Bound to loopback by default; when a token is configured every request needs
 //! `Authorization: Bearer <token>` (the config refuses a non-loopback address without one).
-//! Requests are bounded (8 KiB head, 5 s to send it, 64 connections).
+//! Requests are bounded (8 KiB head, 4 KiB body, 5 s to send them, 64 connections).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -19,8 +21,11 @@ use tokio::sync::{broadcast, watch, Semaphore};
 use crate::core::{PeerView, VmView};
 use crate::decision::{Decision, EventLog};
 use crate::ids::HostId;
+use crate::protection_api::{Action, Answer, ProtectionApi};
 
 const MAX_HEAD: usize = 8192;
+/// Longest accepted request body (protect / unprotect).
+pub const MAX_BODY: usize = 4096;
 
 /// Counters kept by the runtime.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -210,6 +215,19 @@ impl StatusServer {
         token: Option<String>,
         hub: Arc<StatusHub>,
     ) -> std::io::Result<Self> {
+        Self::start_with_protection(listen, token, hub, None).await
+    }
+
+    /// Binds and serves `hub`, and protect / unprotect through `protection`.
+    ///
+    /// # Errors
+    /// The bind error.
+    pub async fn start_with_protection(
+        listen: SocketAddr,
+        token: Option<String>,
+        hub: Arc<StatusHub>,
+        protection: Option<Arc<ProtectionApi>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (shutdown, rx) = watch::channel(false);
@@ -224,9 +242,10 @@ impl StatusServer {
                         let Ok((sock, _)) = acc else { continue };
                         let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
                         let (hub, token, mut stop) = (hub.clone(), token.clone(), rx.clone());
+                        let protection = protection.clone();
                         tokio::spawn(async move {
                             tokio::select! {
-                                _ = serve(sock, &hub, token.as_deref()) => {}
+                                _ = serve(sock, &hub, token.as_deref(), protection.as_deref()) => {}
                                 _ = stop.changed() => {}
                             }
                             drop(permit);
@@ -259,7 +278,8 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_head(sock: &mut TcpStream) -> Option<String> {
+/// The request head (up to the blank line) and the body bytes read with it.
+async fn read_head(sock: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -268,13 +288,141 @@ async fn read_head(sock: &mut TcpStream) -> Option<String> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            return String::from_utf8(buf).ok();
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return String::from_utf8(buf).ok().map(|h| (h, rest));
         }
         if buf.len() > MAX_HEAD {
             return None;
         }
     }
+}
+
+/// A header's value (the first of that name).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").skip(1).find_map(|l| {
+        l.split_once(':')
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    })
+}
+
+/// The body of a request whose head is `head` (`rest`: what came with the head), bounded by
+/// [`MAX_BODY`].
+async fn read_body(sock: &mut TcpStream, head: &str, mut rest: Vec<u8>) -> Result<Vec<u8>, Answer> {
+    if header(head, "transfer-encoding").is_some() {
+        return Err(Answer::error(411, "send the body with a Content-Length"));
+    }
+    let len = match header(head, "content-length") {
+        None => 0,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| Answer::error(400, format!("bad Content-Length {v:?}")))?,
+    };
+    if len > MAX_BODY || rest.len() > MAX_BODY {
+        return Err(Answer::error(
+            413,
+            format!("the body is limited to {MAX_BODY} bytes"),
+        ));
+    }
+    let mut chunk = [0u8; 1024];
+    while rest.len() < len {
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Answer::error(400, format!("reading the body: {e}")))?;
+        if n == 0 {
+            return Err(Answer::error(
+                400,
+                "the body ended before its Content-Length",
+            ));
+        }
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    rest.truncate(len);
+    Ok(rest)
+}
+
+/// `%XX` escapes of a path segment decoded; `None` for a malformed one or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `/vm/<vm>/protect` or `/vm/<vm>/unprotect`.
+fn protection_route(path: &str) -> Option<(Action, &str)> {
+    let rest = path.strip_prefix("/vm/")?;
+    let (vm, action) = rest.rsplit_once('/')?;
+    let action = match action {
+        "protect" => Action::Protect,
+        "unprotect" => Action::Unprotect,
+        _ => return None,
+    };
+    (!vm.is_empty() && !vm.contains('/')).then_some((action, vm))
+}
+
+async fn respond_json(sock: &mut TcpStream, a: &Answer) {
+    let status = match a.status {
+        200 => "200 OK",
+        400 => "400 Bad Request",
+        403 => "403 Forbidden",
+        404 => "404 Not Found",
+        405 => "405 Method Not Allowed",
+        409 => "409 Conflict",
+        411 => "411 Length Required",
+        413 => "413 Payload Too Large",
+        502 => "502 Bad Gateway",
+        503 => "503 Service Unavailable",
+        _ => "500 Internal Server Error",
+    };
+    let body = format!("{}\n", a.body);
+    respond(sock, status, "application/json", &body).await;
+}
+
+/// `POST /vm/<vm>/{protect,unprotect}` (the token was checked).
+async fn serve_protection(
+    sock: &mut TcpStream,
+    method: &str,
+    head: &str,
+    rest: Vec<u8>,
+    route: (Action, &str),
+    api: Option<&ProtectionApi>,
+    token: Option<&str>,
+) {
+    let answer = match (method, api, token) {
+        ("POST", Some(api), Some(_)) => match percent_decode(route.1) {
+            None => Answer::error(400, format!("bad VM name in the path: {:?}", route.1)),
+            // The body must come within 5 s too; the operation itself is not cut short.
+            Some(vm) => {
+                match tokio::time::timeout(Duration::from_secs(5), read_body(sock, head, rest))
+                    .await
+                {
+                    Ok(Ok(body)) => api.handle(route.0, &vm, &body).await,
+                    Ok(Err(a)) => a,
+                    Err(_) => Answer::error(400, "the body did not come within 5 s"),
+                }
+            }
+        },
+        ("POST", Some(_), None) => Answer::error(
+            403,
+            "protect and unprotect need the status API's token (status.token_file)",
+        ),
+        ("POST", None, _) => Answer::error(404, "this agent serves no protect / unprotect"),
+        _ => Answer::error(405, "POST only"),
+    };
+    respond_json(sock, &answer).await;
 }
 
 async fn respond(sock: &mut TcpStream, status: &str, ctype: &str, body: &str) {
@@ -287,8 +435,14 @@ async fn respond(sock: &mut TcpStream, status: &str, ctype: &str, body: &str) {
     let _ = sock.shutdown().await;
 }
 
-async fn serve(mut sock: TcpStream, hub: &StatusHub, token: Option<&str>) {
-    let Ok(Some(head)) = tokio::time::timeout(Duration::from_secs(5), read_head(&mut sock)).await
+async fn serve(
+    mut sock: TcpStream,
+    hub: &StatusHub,
+    token: Option<&str>,
+    protection: Option<&ProtectionApi>,
+) {
+    let Ok(Some((head, rest))) =
+        tokio::time::timeout(Duration::from_secs(5), read_head(&mut sock)).await
     else {
         return;
     };
@@ -316,6 +470,11 @@ async fn serve(mut sock: TcpStream, hub: &StatusHub, token: Option<&str>) {
             return;
         }
     }
+    let path = target.split('?').next().unwrap_or("");
+    if let Some(route) = protection_route(path) {
+        serve_protection(&mut sock, method, &head, rest, route, protection, token).await;
+        return;
+    }
     if method != "GET" {
         respond(
             &mut sock,
@@ -326,7 +485,6 @@ async fn serve(mut sock: TcpStream, hub: &StatusHub, token: Option<&str>) {
         .await;
         return;
     }
-    let path = target.split('?').next().unwrap_or("");
     match path {
         "/status" => {
             #[derive(Serialize)]

@@ -58,13 +58,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::runtime::{Handle, Runtime};
-use tokio::sync::mpsc;
 use xenft_agent::config::{AlinkTransport, ConfigFile, PathAddrs, PeerFile, StatusFile};
-use xenft_agent::core::{Input, VmSpec};
+use xenft_agent::core::VmSpec;
 use xenft_agent::decision::Action;
 use xenft_agent::drivers::{NetbackFile, VmDriversFile};
 use xenft_agent::ids::{HostId, VmId};
 use xenft_agent::lifecycle::{Level, StateFile};
+use xenft_agent::protection_api::ProtectionApi;
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{SeamError, Seams};
 use xenft_agent::status::{StatusHub, StatusServer};
@@ -151,7 +151,6 @@ struct Node {
     agent_link: Link,
     vm: Mutex<Vm>,
     hub: OnceLock<Arc<StatusHub>>,
-    inputs: Arc<OnceLock<mpsc::Sender<Input>>>,
     restart: AtomicBool,
     /// Protection removed from the console: do not become the secondary until protected.
     unprotected: AtomicBool,
@@ -233,6 +232,44 @@ impl Node {
     }
 }
 
+/// The file holding host `h`'s agent status token (the console's protect / unprotect go
+/// through the agent's status API, which changes state only with a token).
+#[must_use]
+pub fn agent_token_file(dir: &StateDir, h: Host) -> PathBuf {
+    dir.file(&format!("{}.agent-token", h.name()))
+}
+
+/// Host `h`'s agent status token, if its node wrote one.
+#[must_use]
+pub fn agent_token(dir: &StateDir, h: Host) -> Option<String> {
+    std::fs::read_to_string(agent_token_file(dir, h))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Writes a fresh random status token for host `h`'s agent (mode 0600).
+fn write_agent_token(dir: &StateDir, h: Host) -> Result<(), LabError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = agent_token_file(dir, h);
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let io = |source| LabError::Io {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    f.write_all(token.as_bytes()).map_err(io)
+}
+
 /// The agent's configuration for host `me` (validated by the agent's own config code).
 fn agent_config(cfg: &NodeConfig) -> Result<xenft_agent::config::ValidConfig, LabError> {
     let me = cfg.host;
@@ -259,7 +296,7 @@ fn agent_config(cfg: &NodeConfig) -> Result<xenft_agent::config::ValidConfig, La
         timing: agent_timing(cfg.product_timing),
         status: StatusFile {
             listen: ([127, 0, 0, 1], STATUS_PORT).into(),
-            token_file: None,
+            token_file: Some(agent_token_file(&cfg.dir, me)),
         },
         vms: vec![VmSpec {
             vm: vm_id(),
@@ -291,8 +328,14 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         path: secret_path,
         source,
     })?;
+    write_agent_token(&cfg.dir, cfg.host)?;
     let agent_cfg = agent_config(cfg)?;
     let timing = agent_cfg.core.timing;
+    let (status_token, configured_vms, pool_hosts) = (
+        agent_cfg.status_token.clone(),
+        agent_cfg.vms.clone(),
+        agent_cfg.core.peers.clone(),
+    );
     let (me, peer) = (cfg.host, cfg.host.peer());
     // The A-link the agent's heartbeats travel on (its per-path status is the agent's
     // per-path liveness).
@@ -320,7 +363,6 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         agent_link: agent_link.clone(),
         vm: Mutex::new(Vm::Standby),
         hub: OnceLock::new(),
-        inputs: Arc::new(OnceLock::new()),
         restart: AtomicBool::new(false),
         unprotected: AtomicBool::new(false),
         blk: Mutex::new(None),
@@ -363,13 +405,26 @@ pub fn run(cfg: &NodeConfig) -> Result<(), LabError> {
         ))
         .map_err(|e| LabError::component("agent", e))?;
     let _ = node.hub.set(agent.hub());
-    let _ = node.inputs.set(agent.inputs());
     // What blkback pushes (a failed store) reaches the agent through the production follower.
     let stop_events = Arc::new(AtomicBool::new(false));
     let _followers = xenft_agent::drivers::events::follow(&drivers, &agent.inputs(), &stop_events)
         .map_err(|e| LabError::component("component event followers", e))?;
+    // The agent's status API, with protect / unprotect straight into its core (no XenAPI
+    // plane in the lab): the console's buttons go through it.
+    let protection = ProtectionApi::core(
+        agent.inputs(),
+        agent.hub(),
+        host_id(me),
+        pool_hosts,
+        &configured_vms,
+    );
     let _status = rt
-        .block_on(StatusServer::start(listen, None, agent.hub()))
+        .block_on(StatusServer::start_with_protection(
+            listen,
+            status_token,
+            agent.hub(),
+            Some(protection),
+        ))
         .map_err(|e| LabError::component("agent status API", e))?;
     // Every agent decision goes to the lab's event log (console, drill reports).
     let mut decisions = agent.hub().subscribe();
@@ -454,6 +509,10 @@ mod tests {
         let dir = StateDir::new(&root);
         dir.create().unwrap();
         std::fs::write(dir.file("secret"), [7u8; 32]).unwrap();
+        for h in [Host::Host1, Host::Host2] {
+            write_agent_token(&dir, h).unwrap();
+            assert_eq!(agent_token(&dir, h).map(|t| t.len()), Some(64));
+        }
         for product in [false, true] {
             for h in [Host::Host1, Host::Host2] {
                 let c = agent_config(&cfg(h, &dir, product)).unwrap();
@@ -462,6 +521,7 @@ mod tests {
                 assert!(c.core.mgmt_heartbeat);
                 assert_eq!(c.core.alink_paths, 2);
                 assert_eq!(c.core.timing, agent_timing(product));
+                assert_eq!(c.status_token, agent_token(&dir, h));
                 // The quorum namespace routes both management links: the peer is reached
                 // through it, never over an A-link address.
                 let mgmt = c

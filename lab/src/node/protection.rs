@@ -1,26 +1,23 @@
-//! Protect / unprotect from the console: the agent gets the input, the peer is told.
+//! Protect / unprotect from the console: through this host's agent status API (the
+//! product's `POST /vm/<vm>/protect` / `unprotect`), then the peer is told.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenft_agent::core::{Input, VmSpec};
-use xenft_agent::lifecycle::Level;
-
-use crate::topology::Host;
+use crate::topology::{Host, STATUS_PORT};
 
 use super::vm::Vm;
-use super::{host_id, lock, vm_id, Node, VM};
+use super::{lock, Node, VM};
 
 impl Node {
     /// Protect (`on`) or unprotect the VM on this host: the agent gets the input, the
     /// components follow. Unless `forwarded`, the peer is told too (over the production
     /// network, its console's API), the running copy's host first.
     pub(super) fn set_protection(&self, on: bool, forwarded: bool) -> Result<String, String> {
-        let inputs = self
-            .inputs
-            .get()
-            .ok_or_else(|| "the agent is not running yet".to_string())?;
+        if self.hub.get().is_none() {
+            return Err("the agent is not running yet".to_string());
+        }
         let (me, peer) = (self.me(), self.me().peer());
         let running = matches!(*lock(&self.vm), Vm::Running(_));
         let mut said = Vec::new();
@@ -38,24 +35,21 @@ impl Node {
         if on {
             let primary = if running { me } else { peer };
             self.unprotected.store(false, Ordering::SeqCst);
-            inputs
-                .blocking_send(Input::Protect(VmSpec {
-                    vm: vm_id(),
-                    level: Level::L3,
-                    primary: host_id(primary),
-                    secondary: host_id(primary.peer()),
-                    memory_mb: (self.cfg.memory_bytes >> 20).max(1),
-                }))
-                .map_err(|e| e.to_string())?;
+            self.agent_post(
+                "protect",
+                &serde_json::json!({
+                    "level": 3,
+                    "primary": primary.name(),
+                    "secondary": primary.peer().name(),
+                }),
+            )?;
             self.event(
                 &format!("protect {VM} requested (console)"),
                 &format!("agent told: level 3, primary {}", primary.name()),
             );
             said.push(format!("{}: protecting {VM}", me.name()));
         } else {
-            inputs
-                .blocking_send(Input::Unprotect(vm_id()))
-                .map_err(|e| e.to_string())?;
+            self.agent_post("unprotect", &serde_json::json!({}))?;
             self.stop_replication();
             self.event(
                 &format!("unprotect {VM} requested (console)"),
@@ -71,6 +65,42 @@ impl Node {
             tell_peer(&mut said);
         }
         Ok(said.join("; "))
+    }
+}
+
+impl Node {
+    /// `POST /vm/<VM>/<action>` on this host's agent status API (with its token); the
+    /// agent's reason when it refuses.
+    fn agent_post(&self, action: &str, body: &serde_json::Value) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let token = super::agent_token(&self.cfg.dir, self.me())
+            .ok_or_else(|| "this host's agent token is missing".to_string())?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], STATUS_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("agent status API: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let body = body.to_string();
+        write!(
+            s,
+            "POST /vm/{VM}/{action} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.take(64 * 1024)
+            .read_to_string(&mut out)
+            .map_err(|e| e.to_string())?;
+        if out.starts_with("HTTP/1.1 200") {
+            return Ok(());
+        }
+        let answer = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+        let reason = serde_json::from_str::<serde_json::Value>(answer)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| answer.to_string());
+        Err(format!("the agent refused to {action} {VM}: {reason}"))
     }
 }
 

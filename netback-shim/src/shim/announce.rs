@@ -13,6 +13,9 @@ impl Inner {
     /// Gratuitous ARP per IPv4 address, unsolicited NA per IPv6 address, and one relearn
     /// frame, all from the VM's MAC, on the local uplink.
     pub(super) fn announce(&self, st: &mut State) -> usize {
+        if st.isolated {
+            return 0; // a fenced copy claims nothing
+        }
         let Some(mac) = st.vm_mac else { return 0 };
         let mut frames: Vec<Vec<u8>> = st
             .v4

@@ -1,7 +1,8 @@
 //! The two forwarding threads: `vm-rx` (frames from the VM, validated, then held for their
 //! epoch, forwarded, tunnelled while redirecting, or dropped in standby) and `uplink-rx`
 //! (frames from the uplink for the VM's MAC or a group address, to the vif, and to the tunnel
-//! while this shim carries the peer's traffic).
+//! while this shim carries the peer's traffic). While the relay is isolated (a fenced copy)
+//! both drop every frame of the VM.
 
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
@@ -21,6 +22,10 @@ impl Inner {
     /// redirecting.
     pub(super) fn egress(&self, st: &mut State, frames: &[&[u8]]) {
         if frames.is_empty() {
+            return;
+        }
+        if st.isolated {
+            st.c.dropped.isolated += frames.len() as u64;
             return;
         }
         if st.c.redirect.redirecting {
@@ -156,6 +161,10 @@ impl Inner {
         st.learn(eth);
         st.c.from_vm_frames += 1;
         st.c.from_vm_bytes += eth.len() as u64;
+        if st.isolated {
+            st.c.dropped.isolated += 1;
+            return Some(st);
+        }
         match st.mode {
             Mode::Standby => st.c.dropped.standby += 1,
             Mode::Passthrough if !st.c.redirect.redirecting => out.push(data),
@@ -297,6 +306,10 @@ impl Inner {
             if dst != mac && !dst.is_group() {
                 return false;
             }
+            if st.isolated {
+                st.c.dropped.isolated += 1;
+                return false;
+            }
             if st.c.redirect.serving_peer {
                 if let Some(t) = st.tunnel.clone() {
                     match t.send(TunnelMsg::ToVm(mac, Bytes::copy_from_slice(data)).encode()) {
@@ -306,6 +319,6 @@ impl Inner {
                 }
             }
         }
-        st.mode != Mode::Standby
+        st.mode != Mode::Standby && !st.isolated
     }
 }

@@ -144,6 +144,8 @@ pub type EarlyCheckpointHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 struct State {
     mode: Mode,
+    /// The copy is fenced: no frame passes in either direction (see [`Shim::set_isolated`]).
+    isolated: bool,
     vm_mac: Option<MacAddr>,
     buffer: EpochBuffer,
     tunnel: Option<Arc<dyn TunnelTransport>>,
@@ -279,6 +281,7 @@ impl Shim {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 mode: cfg.mode,
+                isolated: false,
                 vm_mac: cfg.vm_mac,
                 buffer,
                 tunnel: None,
@@ -383,11 +386,31 @@ impl Shim {
         self.inner.space.notify_all();
     }
 
+    /// Isolates the VM's copy (`true`, a fence) or lets it through again (`false`, unfence).
+    /// While isolated no frame passes in either direction, whatever the VM does: nothing from
+    /// the VM leaves (pass-through, released epochs, the redirect tunnel), nothing reaches it
+    /// (uplink, tunnel), no announcement is sent, and the peer's traffic is not carried. The
+    /// mode, the learned addresses and the frames held for uncommitted epochs are kept, so an
+    /// unfence resumes exactly where the fence stopped; an epoch committed while isolated is
+    /// dropped (counted as `isolated`). A [`Shim::takeover`] ends the isolation.
+    pub fn set_isolated(&self, on: bool) {
+        let mut st = self.inner.lock();
+        if st.isolated != on {
+            tracing::warn!(isolated = on, "relay isolation changed (fence / unfence)");
+        }
+        st.isolated = on;
+        if on {
+            st.announce_repeats.clear();
+        }
+    }
+
     /// Takes over the VM's network presence (the secondary, after the primary failed): stops
     /// carrying frames for the old primary, drops anything held, switches to `mode` and
     /// announces the MAC and every known address. Returns the number of announcement frames.
+    /// The agent decided this copy owns the VM: an isolation from an earlier fence ends.
     pub fn takeover(&self, mode: Mode) -> usize {
         let mut st = self.inner.lock();
+        st.isolated = false;
         let (frames, _) = st.buffer.discard();
         st.c.dropped.discarded += frames as u64;
         st.c.redirect.serving_peer = false;
@@ -479,6 +502,7 @@ impl Shim {
         let st = self.inner.lock();
         let mut c = st.c.clone();
         c.mode = st.mode;
+        c.isolated = st.isolated;
         c.vm_mac = st.vm_mac.map(|m| m.to_string());
         c.epoch = st.buffer.current_epoch();
         c.committed_epoch = st.buffer.committed_epoch();

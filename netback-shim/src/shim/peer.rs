@@ -40,6 +40,11 @@ impl Inner {
             return;
         }
         st.vm_mac = Some(mac);
+        if st.isolated && matches!(m, TunnelMsg::FromVm(..) | TunnelMsg::ToVm(..)) {
+            // A fenced copy neither carries the peer's frames nor receives its own.
+            st.c.dropped.isolated += 1;
+            return;
+        }
         match m {
             TunnelMsg::RedirectStart(_) => {
                 // Repeated every second by the peer while it redirects: act on the first only.

@@ -365,6 +365,9 @@ impl Pool {
         });
         let mut cfg = cfg;
         if self.level == 3 {
+            // The VM is the `sleep` process beside the engine's synthetic guest: a take-over
+            // resumes the memory, then the agent starts the process.
+            cfg["vm_drivers"]["vm1"]["domain"]["after_resume"] = serde_json::json!("start");
             cfg["vm_drivers"]["vm1"]["checkpoint"] = serde_json::json!({"control": self.ckpt_ctl(i), "request_timeout_ms": 10000,
                                    "peer_listen": self.p("ck.sock")});
         }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use xenft_agent::config::{AgentFile, DomainsVia, Drivers};
+use xenft_agent::protection_api::ProtectionApi;
 use xenft_agent::runtime::Agent;
 use xenft_agent::seams::{Recorder, Seams};
 use xenft_agent::status::StatusServer;
@@ -190,7 +191,20 @@ fn main() -> anyhow::Result<()> {
         let (me, use_xenstore) = (cfg.core.me.clone(), cfg.xenstore);
         let agent_me = me.clone();
         let vm_names: Vec<_> = cfg.vms.iter().map(|v| v.vm.clone()).collect();
+        let (configured, pool_hosts) = (cfg.vms.clone(), cfg.core.peers.clone());
         let agent = Agent::start_with_links(cfg, seams.clone(), links).await?;
+        // Protect / unprotect through the status API: into the registry when the agent
+        // follows one (as `xenft vm-protect`), straight to the core otherwise.
+        let protection = match &follower {
+            Some(f) => ProtectionApi::xapi(f.api()),
+            None => ProtectionApi::core(
+                agent.inputs(),
+                agent.hub(),
+                agent_me.clone(),
+                pool_hosts,
+                &configured,
+            ),
+        };
         // The components' own state (disk role and resync progress, relay mode) in /status.
         let (stop_reports, stop_rx) = tokio::sync::watch::channel(false);
         let reports = matches!(drivers, Drivers::Real(_)).then(|| {
@@ -232,9 +246,10 @@ fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        let status = StatusServer::start(listen, token, agent.hub())
-            .await
-            .with_context(|| format!("status API on {listen}"))?;
+        let status =
+            StatusServer::start_with_protection(listen, token, agent.hub(), Some(protection))
+                .await
+                .with_context(|| format!("status API on {listen}"))?;
         println!("status {}", status.addr());
         let restart = match membership_changed {
             Some(changed) => tokio::select! {

@@ -7,10 +7,13 @@
 //! the processes still alive (`running`), so it neither loses nor duplicates them. The start
 //! time guards against a recycled pid.
 //!
-//! On a Xen host the same seam is XenAPI: `VM.start_on` (level 1 and 2), `VM.pause`,
-//! `VM.unpause`, `VM.hard_shutdown`, and for level 3 the checkpoint engine's restore. That
-//! backend is not written yet: a config cannot select it, so a Xen pool cannot silently run
-//! this process-based starter in its place.
+//! After a level-3 take-over (`resumed`) what to do depends on what the command is, so each
+//! VM says it ([`AfterResume`]): in the local pool the VM is a process beside the synthetic
+//! guest whose memory the checkpoint engine resumed, and it is started (unless it runs); on an
+//! xl host the command is the toolstack's and the resumed replica already is the domain, so
+//! nothing is started (starting it would build a second domain of the VM).
+//!
+//! On xapi hosts the seam is XenAPI instead (`crate::xapi::domain`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,10 +51,22 @@ fn proc_start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// What `resumed` does for a VM after a level-3 take-over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterResume {
+    /// Start the VM's command unless its process runs here (the local pool: the VM is a
+    /// process beside the resumed memory replica).
+    Start,
+    /// Nothing to start: the resumed replica is the domain (xl hosts).
+    Nothing,
+}
+
 /// Starts, pauses, resumes and kills each VM's configured command.
 #[derive(Debug, Default)]
 pub struct CommandDomain {
     commands: BTreeMap<VmId, Vec<String>>,
+    after_resume: BTreeMap<VmId, AfterResume>,
     state_dir: Option<PathBuf>,
     procs: Mutex<BTreeMap<VmId, VmProc>>,
 }
@@ -81,9 +96,18 @@ impl CommandDomain {
         }
         Self {
             commands,
+            after_resume: BTreeMap::new(),
             state_dir,
             procs: Mutex::new(procs),
         }
+    }
+
+    /// What `resumed` does for each VM after a level-3 take-over; a VM left out fails its
+    /// level-3 take-over with that reason (the config requires the choice at level 3).
+    #[must_use]
+    pub fn with_after_resume(mut self, after_resume: BTreeMap<VmId, AfterResume>) -> Self {
+        self.after_resume = after_resume;
+        self
     }
 
     /// A live process recorded in `path` (pid and start time), or `None`.
@@ -179,6 +203,28 @@ impl DomainStarter for CommandDomain {
         self.signal("resume", vm, Signal::SIGCONT)
     }
 
+    fn resumed(&self, vm: &VmId) -> Result<(), SeamError> {
+        match self.after_resume.get(vm) {
+            Some(AfterResume::Start) => {
+                tracing::warn!(%vm, "memory resumed here: starting the VM's process");
+                self.start(vm).map_err(|e| SeamError {
+                    operation: "resumed",
+                    ..e
+                })
+            }
+            Some(AfterResume::Nothing) => {
+                tracing::info!(%vm, "memory resumed here: the resumed replica is the domain");
+                Ok(())
+            }
+            None => Err(seam(
+                "resumed",
+                vm,
+                &"no after_resume configured: cannot tell whether the resumed replica is the \
+                  domain or the VM's process must be started",
+            )),
+        }
+    }
+
     fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
         let Some(mut p) = self.procs().remove(vm) else {
             return Ok(());
@@ -245,6 +291,26 @@ mod tests {
         assert!(sleeper(Some(dir.path().to_path_buf())).running().is_empty());
         std::fs::write(dir.path().join("vm1.pid"), "not a pid").unwrap();
         assert!(sleeper(Some(dir.path().to_path_buf())).running().is_empty());
+    }
+
+    #[test]
+    fn after_a_level3_resume_the_vm_process_is_started_once_or_left_to_the_replica() {
+        let start = sleeper(None).with_after_resume(BTreeMap::from([(vm(), AfterResume::Start)]));
+        start.resumed(&vm()).unwrap();
+        assert_eq!(start.running(), vec![vm()]);
+        let pid = start.procs().get(&vm()).map(|p| p.pid);
+        start.resumed(&vm()).unwrap(); // already running: not started twice
+        assert_eq!(start.procs().get(&vm()).map(|p| p.pid), pid);
+        start.pause(&vm()).unwrap(); // the seam owns the copy it started
+        start.destroy(&vm()).unwrap();
+
+        let replica =
+            sleeper(None).with_after_resume(BTreeMap::from([(vm(), AfterResume::Nothing)]));
+        replica.resumed(&vm()).unwrap();
+        assert!(replica.running().is_empty(), "the replica is the domain");
+
+        let e = sleeper(None).resumed(&vm()).unwrap_err();
+        assert!(e.reason.contains("after_resume"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!   discard the rest);
 //! - [`netback::NetbackDriver`] ([`NetRelay`]): one VM's `xenft-netback` control socket —
 //!   uplink redirect through the A-link tunnel, take-over announcement (GARP / NA) with
-//!   buffered output dropped and pass-through from then on;
+//!   buffered output dropped and pass-through from then on, isolation of a fenced copy;
 //! - [`checkpoint::CheckpointDriver`] ([`Checkpointer`]): the level-3 engine's control socket
 //!   — on the secondary, freeze the replica at its last committed checkpoint, then resume it;
 //!   where the VM runs (a resumed replica, or a controlled primary whose secondary went away),
@@ -16,7 +16,8 @@
 //! - [`events`]: each VM's blkback and netback events followed and turned into the core's
 //!   component-fault inputs (class (d): disk or uplink redirected through the peer, no
 //!   failover);
-//! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a process;
+//! - [`domain::CommandDomain`] ([`crate::seams::DomainStarter`]): the local pool's VM as a
+//!   process (started again after a level-3 take-over when `after_resume` says so);
 //! - [`control`]: the drivers speak to the components only through the control contract's
 //!   client (`xenft_control::Client`: typed requests and replies, bounded, timed out).
 //!
@@ -53,6 +54,7 @@ use crate::seams::{Checkpointer, DiskMirror, NetRelay, SeamError, Seams};
 use blkback::BlkbackDriver;
 use checkpoint::CheckpointDriver;
 use control::Client;
+pub use domain::AfterResume;
 use domain::CommandDomain;
 use netback::NetbackDriver;
 
@@ -75,6 +77,11 @@ fn default_sync_timeout() -> u64 {
 pub struct DomainFile {
     /// The local pool's VM: program and arguments (e.g. the synthetic guest).
     pub command: Vec<String>,
+    /// After a level-3 take-over (memory resumed here): `"start"` the command unless it runs
+    /// (the local pool), or `"nothing"` (xl hosts: the resumed replica is the domain).
+    /// Required at level 3.
+    #[serde(default)]
+    pub after_resume: Option<AfterResume>,
 }
 
 /// One VM's `xenft-blkback`.
@@ -221,6 +228,13 @@ impl VmDriversFile {
             }
             (None, false) => {}
         }
+        if level == Level::L3 && d.after_resume.is_none() {
+            return Err(format!(
+                "vm_drivers.{vm}.domain.after_resume is required at level 3: \"start\" (the \
+                 VM's process runs beside the resumed memory replica) or \"nothing\" (the \
+                 resumed replica is the domain, xl hosts)"
+            ));
+        }
         let needs_shims = level != Level::L1;
         match (&self.blkback, needs_shims) {
             (None, true) => {
@@ -349,6 +363,10 @@ impl NetRelay for NetByVm {
         // Level 1: the rebooted VM announces itself.
         self.0.get(vm).map_or(Ok(()), |d| d.announce(vm))
     }
+    fn isolate(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        // Level 1: no relay; the domain's pause is the fence.
+        self.0.get(vm).map_or(Ok(()), |d| d.isolate(vm, on))
+    }
     fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
         self.0.get(vm).and_then(|d| d.report(vm))
     }
@@ -422,6 +440,7 @@ pub fn real_seams(
     let mut disks = BTreeMap::new();
     let mut nets = BTreeMap::new();
     let mut commands = BTreeMap::new();
+    let mut after_resume = BTreeMap::new();
     let mut checkpoints = BTreeMap::new();
     for (vm, d) in vms {
         if let Some(c) = &d.checkpoint {
@@ -434,6 +453,9 @@ pub fn real_seams(
         }
         if let Some(dom) = &d.domain {
             commands.insert(vm.clone(), dom.command.clone());
+            if let Some(a) = dom.after_resume {
+                after_resume.insert(vm.clone(), a);
+            }
         }
         if let Some(b) = &d.blkback {
             disks.insert(
@@ -455,7 +477,9 @@ pub fn real_seams(
         }
     }
     Seams {
-        domains: Arc::new(CommandDomain::new(commands, domain_state)),
+        domains: Arc::new(
+            CommandDomain::new(commands, domain_state).with_after_resume(after_resume),
+        ),
         disk: Arc::new(DiskByVm {
             configured: disks,
             convention: None,

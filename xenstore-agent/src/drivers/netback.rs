@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `redirect on` / `off` | `redirect {on: true}` (force the uplink through the A-link tunnel) / `redirect {on: null}` (back to the relay's own uplink detection) |
 //! | `announce` | `add_addresses` (the configured VM addresses), then `takeover {mode: passthrough}`: drops what the dead primary's epochs held, releases output from now on, sends GARP / unsolicited NA / a relearn frame; `announce` repeated [`REPEATS`] times in the background (switches and hosts may miss one) |
+//! | `isolate on` / `off` (fence / unfence) | `isolate {on}`: no frame passes in either direction (VM, uplink, tunnel), announcements included, until `isolate {on: false}` or a `takeover` |
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -59,6 +60,18 @@ impl NetRelay for NetbackDriver {
         Ok(())
     }
 
+    fn isolate(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        self.ctl
+            .call(&Request::Isolate { on })
+            .map_err(|e| seam("isolate", vm, e))?;
+        if on {
+            tracing::warn!(%vm, "fenced copy isolated: its relay passes no frame");
+        } else {
+            tracing::info!(%vm, "unfenced copy reconnected: its relay passes frames again");
+        }
+        Ok(())
+    }
+
     fn report(&self, _vm: &VmId) -> Option<serde_json::Value> {
         let c = match self.ctl.call(&Request::Counters) {
             Ok(Reply::Counters { counters }) => counters,
@@ -74,6 +87,7 @@ impl NetRelay for NetbackDriver {
             "committed_epoch": c.committed_epoch,
             "held_bytes": c.held_bytes_now,
             "redirecting": c.redirect.redirecting,
+            "isolated": c.isolated,
         }))
     }
 
@@ -135,6 +149,27 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn isolate_is_sent_both_ways_and_a_dead_relay_is_an_error() {
+        let f = fake::serve::<Netback>(|_| Ok(Reply::Done));
+        let drv = NetbackDriver::new(f.client(), vec![]);
+        drv.isolate(&vm(), true).unwrap();
+        drv.isolate(&vm(), false).unwrap();
+        assert_eq!(
+            f.seen(),
+            vec![
+                Request::Isolate { on: true },
+                Request::Isolate { on: false }
+            ]
+        );
+        let gone = NetbackDriver::new(
+            Client::new("/nonexistent/netback.sock", Duration::from_millis(200)),
+            vec![],
+        );
+        let e = gone.isolate(&vm(), true).unwrap_err();
+        assert_eq!((e.component, e.operation), ("netback", "isolate"));
     }
 
     #[test]

@@ -32,6 +32,10 @@ impl NetRelay for RelayByConvention {
         // A VM without a relay (level 1, no VIF) announces itself when it boots.
         self.get(vm).map_or(Ok(()), |d| d.announce(vm))
     }
+    fn isolate(&self, vm: &VmId, on: bool) -> Result<(), SeamError> {
+        // No relay (level 1, no VIF): the domain's pause is the fence.
+        self.get(vm).map_or(Ok(()), |d| d.isolate(vm, on))
+    }
     fn report(&self, vm: &VmId) -> Option<serde_json::Value> {
         self.get(vm).and_then(|d| d.report(vm))
     }

@@ -7,6 +7,7 @@
 //! | `start` | `VM.power_state_reset` if xapi still records the VM on another host (the take-over follows the quorum's proof that the old primary is fenced or dead: xapi's database is only told what is already true) and, when this host was the VM's secondary, `xenft.secondary` set to the old host (the roles swap), then `VM.start_on(vm, this host, false, false)` |
 //! | `pause` / `resume` | `VM.pause` / `VM.unpause` |
 //! | `destroy` | `VM.hard_shutdown` |
+//! | `resumed` (after a level-3 take-over) | nothing: the checkpoint engine's resumed replica is the domain (built paused by the toolstack, unpaused by the engine); xapi's record of where the VM resides is not corrected here |
 //!
 //! The calls go through the control plane's current session (toward the master); while xapi
 //! is unreachable they fail with that reason, and the core retries as it does for any seam.
@@ -170,5 +171,11 @@ impl DomainStarter for XapiDomain {
 
     fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
         self.call("destroy", vm, "VM.hard_shutdown")
+    }
+
+    fn resumed(&self, vm: &VmId) -> Result<(), SeamError> {
+        // Starting it through xapi would build a second domain of the VM.
+        tracing::info!(%vm, "memory resumed here: the resumed replica is the domain");
+        Ok(())
     }
 }
