@@ -5,6 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::mirror::primary::{Primary, Ticket};
+use crate::nbd::block_status::{allocation_extents, Extent, DATA, MAX_EXTENTS};
 use crate::nbd::proto::NBD_EIO;
 use crate::store::Store;
 
@@ -110,5 +111,34 @@ impl Volume {
             Ok(())
         })
         .await
+    }
+
+    /// The `base:allocation` extents of `[offset, offset + len)` (range validated, `len > 0`),
+    /// from the local store's holes. In remote mode (the local store failed, reads come from
+    /// the peer) and when the store cannot tell, the whole range is reported allocated data:
+    /// never a hole that is not one, which a client would skip when copying.
+    pub async fn block_status(&self, offset: u64, len: u32, req_one: bool) -> Vec<Extent> {
+        let whole = vec![Extent {
+            length: len,
+            flags: DATA,
+        }];
+        if self.primary.as_ref().is_some_and(|p| !p.serves_locally()) {
+            return whole;
+        }
+        let store = self.store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            allocation_extents(offset, len, req_one, MAX_EXTENTS, |pos| {
+                store.next_data(pos)
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok(e)) if !e.is_empty() => e,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "block status: reporting the range as data");
+                whole
+            }
+            _ => whole,
+        }
     }
 }

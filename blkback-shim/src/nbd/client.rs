@@ -51,7 +51,7 @@ impl NbdClient<UnixStream> {
 }
 
 /// Sends one option and reads the replies up to `NBD_REP_ACK` or an error; returns the
-/// `NBD_REP_INFO` payloads.
+/// payloads of the `NBD_REP_INFO`, `NBD_REP_SERVER` and `NBD_REP_META_CONTEXT` replies.
 pub async fn send_option<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     option: u32,
@@ -78,7 +78,9 @@ pub async fn send_option<S: AsyncRead + AsyncWrite + Unpin>(
         s.read_exact(&mut payload).await?;
         match reply {
             NBD_REP_ACK => return Ok(infos),
-            NBD_REP_INFO | NBD_REP_SERVER => infos.push(Bytes::from(payload)),
+            NBD_REP_INFO | NBD_REP_SERVER | NBD_REP_META_CONTEXT => {
+                infos.push(Bytes::from(payload));
+            }
             r => return Err(ClientError::OptionRefused { option, reply: r }),
         }
     }
