@@ -2,8 +2,10 @@
 //! (b) the shim without a peer, (c) the shim mirrored to a second shim process over a loopback
 //! two-path A-link, on 1 GiB files, in the same run. Loads: sequential 1 MiB writes over the
 //! whole disk (queue depth 8) and random 4 KiB writes at queue depth 16, each ending with a
-//! flush, each run `REPEAT` times (best kept). Last line: JSON with raw figures and the ratios
-//! `shim_vs_qemu_nbd` and `mirrored_vs_unmirrored` (sequential writes).
+//! flush, then random 4 KiB reads at queue depth 16 of the written disk (page cache warm for
+//! both servers alike), each run `REPEAT` times (best kept). Last line: JSON with raw figures
+//! and the ratios `shim_vs_qemu_nbd` and `mirrored_vs_unmirrored` (sequential writes),
+//! `rand_shim_vs_qemu_nbd` (random writes) and `rand_read_shim_vs_qemu_nbd` (random reads).
 //!
 //! Beside throughput it reports the CPU seconds per GiB that each process (server(s) and the
 //! NBD client) used in the best sequential run, and from them the CPU-bound ceiling of each
@@ -16,7 +18,7 @@
 
 mod common;
 
-use common::{cpu_secs, link, wait_status, write_load, Bed, Rng};
+use common::{cpu_secs, link, read_load, wait_status, write_load, Bed, Rng};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -28,6 +30,7 @@ fn env(name: &str, default: u64) -> u64 {
 struct Figures {
     seq_mib_s: f64,
     rand_iops: f64,
+    rand_read_iops: f64,
     /// CPU seconds per GiB of the best sequential run: the shim process(es), then this
     /// process (the NBD client).
     seq_cpu_s_per_gib: Vec<f64>,
@@ -47,9 +50,13 @@ fn measure(
     let rand: Vec<u64> = (0..ops)
         .map(|_| (rng.next_u64() % (size / 4096)) * 4096)
         .collect();
+    let rand_reads: Vec<u64> = (0..ops)
+        .map(|_| (rng.next_u64() % (size / 4096)) * 4096)
+        .collect();
     let mut best = Figures {
         seq_mib_s: 0.0,
         rand_iops: 0.0,
+        rand_read_iops: 0.0,
         seq_cpu_s_per_gib: Vec::new(),
     };
     let me = std::process::id();
@@ -69,6 +76,8 @@ fn measure(
         }
         let t = write_load(rt, sock, rand.clone(), 4096, 16);
         best.rand_iops = best.rand_iops.max(ops as f64 / t);
+        let t = read_load(rt, sock, rand_reads.clone(), 4096, 16);
+        best.rand_read_iops = best.rand_read_iops.max(ops as f64 / t);
     }
     best
 }
@@ -90,8 +99,8 @@ fn main() {
     };
     let _ = std::fs::remove_file(bed.p("qemu.img"));
     eprintln!(
-        "qemu-nbd: seq {:.0} MiB/s, rand {:.0} IOPS",
-        q.seq_mib_s, q.rand_iops
+        "qemu-nbd: seq {:.0} MiB/s, rand {:.0} IOPS, rand read {:.0} IOPS",
+        q.seq_mib_s, q.rand_iops, q.rand_read_iops
     );
 
     let s = {
@@ -100,8 +109,8 @@ fn main() {
     };
     let _ = std::fs::remove_file(bed.p("local.img"));
     eprintln!(
-        "shim: seq {:.0} MiB/s, rand {:.0} IOPS",
-        s.seq_mib_s, s.rand_iops
+        "shim: seq {:.0} MiB/s, rand {:.0} IOPS, rand read {:.0} IOPS",
+        s.seq_mib_s, s.rand_iops, s.rand_read_iops
     );
 
     let m = {
@@ -192,7 +201,14 @@ fn main() {
         },
         "shim_vs_qemu_nbd": r(s.seq_mib_s, q.seq_mib_s),
         "mirrored_vs_unmirrored": r(m.seq_mib_s, s.seq_mib_s),
+        "rand_read_4k_qd16_iops": {
+            "qemu_nbd": q.rand_read_iops.round(),
+            "shim": s.rand_read_iops.round(),
+            "shim_mirrored": m.rand_read_iops.round(),
+            "shim_mirrored_plain_tcp": t.rand_read_iops.round(),
+        },
         "rand_shim_vs_qemu_nbd": r(s.rand_iops, q.rand_iops),
+        "rand_read_shim_vs_qemu_nbd": r(s.rand_read_iops, q.rand_read_iops),
         "rand_mirrored_vs_unmirrored": r(m.rand_iops, s.rand_iops),
         "mirror_copies_identical": identical,
         "seq_cpu_s_per_gib": {
