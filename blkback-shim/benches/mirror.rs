@@ -1,6 +1,7 @@
 //! `scripts/bench mirror`: write throughput through (a) qemu-nbd serving a raw file (baseline),
 //! (b) the shim without a peer, (c) the shim mirrored to a second shim process over a loopback
-//! two-path A-link, on 1 GiB files, in the same run. Loads: sequential 1 MiB writes over the
+//! two-path A-link, on 1 GiB files, in the same run; (a) and (b) run side by side, each load
+//! measured on one then the other in every repeat. Loads: sequential 1 MiB writes over the
 //! whole disk (queue depth 8) and random 4 KiB writes at queue depth 16, each ending with a
 //! flush, then random 4 KiB reads at queue depth 16 of the written disk (page cache warm for
 //! both servers alike), each run `REPEAT` times (best kept). Last line: JSON with raw figures
@@ -36,14 +37,16 @@ struct Figures {
     seq_cpu_s_per_gib: Vec<f64>,
 }
 
+/// Measures each server in `servers` (socket, pids of its processes), alternating between them
+/// in every repeat so that servers measured together share the machine's state (other load,
+/// page cache) as closely as possible; the best of `repeat` runs per load and server.
 fn measure(
     rt: &tokio::runtime::Runtime,
-    sock: &std::path::Path,
+    servers: &[(&std::path::Path, &[u32])],
     size: u64,
     ops: u64,
     repeat: u64,
-    pids: &[u32],
-) -> Figures {
+) -> Vec<Figures> {
     let block = 1u64 << 20;
     let seq: Vec<u64> = (0..size / block).map(|i| i * block).collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -53,31 +56,40 @@ fn measure(
     let rand_reads: Vec<u64> = (0..ops)
         .map(|_| (rng.next_u64() % (size / 4096)) * 4096)
         .collect();
-    let mut best = Figures {
-        seq_mib_s: 0.0,
-        rand_iops: 0.0,
-        rand_read_iops: 0.0,
-        seq_cpu_s_per_gib: Vec::new(),
-    };
+    let mut best: Vec<Figures> = servers
+        .iter()
+        .map(|_| Figures {
+            seq_mib_s: 0.0,
+            rand_iops: 0.0,
+            rand_read_iops: 0.0,
+            seq_cpu_s_per_gib: Vec::new(),
+        })
+        .collect();
     let me = std::process::id();
-    let cpu = || -> Vec<f64> { pids.iter().chain([&me]).map(|&p| cpu_secs(p)).collect() };
     for _ in 0..repeat {
-        let before = cpu();
-        let t = write_load(rt, sock, seq.clone(), 1 << 20, 8);
-        let gib = size as f64 / f64::from(1u32 << 30);
-        let used: Vec<f64> = cpu()
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| ((a - b) / gib * 1000.0).round() / 1000.0)
-            .collect();
-        if (size >> 20) as f64 / t > best.seq_mib_s {
-            best.seq_mib_s = (size >> 20) as f64 / t;
-            best.seq_cpu_s_per_gib = used;
+        for ((sock, pids), best) in servers.iter().zip(&mut best) {
+            let cpu = || -> Vec<f64> { pids.iter().chain([&me]).map(|&p| cpu_secs(p)).collect() };
+            let before = cpu();
+            let t = write_load(rt, sock, seq.clone(), 1 << 20, 8);
+            let gib = size as f64 / f64::from(1u32 << 30);
+            let used: Vec<f64> = cpu()
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| ((a - b) / gib * 1000.0).round() / 1000.0)
+                .collect();
+            if (size >> 20) as f64 / t > best.seq_mib_s {
+                best.seq_mib_s = (size >> 20) as f64 / t;
+                best.seq_cpu_s_per_gib = used;
+            }
         }
-        let t = write_load(rt, sock, rand.clone(), 4096, 16);
-        best.rand_iops = best.rand_iops.max(ops as f64 / t);
-        let t = read_load(rt, sock, rand_reads.clone(), 4096, 16);
-        best.rand_read_iops = best.rand_read_iops.max(ops as f64 / t);
+        for ((sock, _), best) in servers.iter().zip(&mut best) {
+            let t = write_load(rt, sock, rand.clone(), 4096, 16);
+            best.rand_iops = best.rand_iops.max(ops as f64 / t);
+        }
+        for ((sock, _), best) in servers.iter().zip(&mut best) {
+            let t = read_load(rt, sock, rand_reads.clone(), 4096, 16);
+            best.rand_read_iops = best.rand_read_iops.max(ops as f64 / t);
+        }
     }
     best
 }
@@ -92,22 +104,28 @@ fn main() {
         .build()
         .expect("runtime");
 
+    // qemu-nbd and the shim without a peer are up together and measured in turns.
     let bed = Bed::new(size);
-    let q = {
-        let p = bed.qemu_nbd("qemu.img", "qemu.sock");
-        measure(&rt, &bed.p("qemu.sock"), size, ops, repeat, &[p.0.id()])
+    let (q, s) = {
+        let qp = bed.qemu_nbd("qemu.img", "qemu.sock");
+        let sp = bed.local("local.img", "local.sock");
+        let (qs, ss) = (bed.p("qemu.sock"), bed.p("local.sock"));
+        let mut f = measure(
+            &rt,
+            &[(&qs, &[qp.0.id()]), (&ss, &[sp.0.id()])],
+            size,
+            ops,
+            repeat,
+        );
+        let s = f.pop().expect("two servers measured");
+        (f.pop().expect("two servers measured"), s)
     };
     let _ = std::fs::remove_file(bed.p("qemu.img"));
+    let _ = std::fs::remove_file(bed.p("local.img"));
     eprintln!(
         "qemu-nbd: seq {:.0} MiB/s, rand {:.0} IOPS, rand read {:.0} IOPS",
         q.seq_mib_s, q.rand_iops, q.rand_read_iops
     );
-
-    let s = {
-        let p = bed.local("local.img", "local.sock");
-        measure(&rt, &bed.p("local.sock"), size, ops, repeat, &[p.0.id()])
-    };
-    let _ = std::fs::remove_file(bed.p("local.img"));
     eprintln!(
         "shim: seq {:.0} MiB/s, rand {:.0} IOPS, rand read {:.0} IOPS",
         s.seq_mib_s, s.rand_iops, s.rand_read_iops
@@ -117,14 +135,16 @@ fn main() {
         let sec = bed.secondary();
         let pri = bed.primary("primary.sock");
         wait_status(&bed.p("primary.ctl"), |v| link(v) == "in_sync");
+        let sock = bed.p("primary.sock");
         let f = measure(
             &rt,
-            &bed.p("primary.sock"),
+            &[(&sock, &[pri.0.id(), sec.0.id()])],
             size,
             ops,
             repeat,
-            &[pri.0.id(), sec.0.id()],
-        );
+        )
+        .pop()
+        .expect("one server measured");
         let st = wait_status(&bed.p("primary.ctl"), |_| true);
         assert_eq!(
             link(&st),
@@ -150,14 +170,16 @@ fn main() {
         let sec = bed.secondary();
         let pri = bed.primary("primary.sock");
         wait_status(&bed.p("primary.ctl"), |v| link(v) == "in_sync");
+        let sock = bed.p("primary.sock");
         measure(
             &rt,
-            &bed.p("primary.sock"),
+            &[(&sock, &[pri.0.id(), sec.0.id()])],
             size,
             ops,
             repeat,
-            &[pri.0.id(), sec.0.id()],
         )
+        .pop()
+        .expect("one server measured")
     };
     eprintln!(
         "shim mirrored over plain TCP: seq {:.0} MiB/s, rand {:.0} IOPS",
