@@ -435,6 +435,27 @@ impl NbdServer {
                 },
                 None => None,
             };
+            // Unmirrored reads and writes: the blocking thread that does the I/O sends the
+            // reply itself, one hand-off fewer per request than an async task awaiting it.
+            if let (Some(store), NBD_CMD_WRITE) = (self.volume.local_store(), h.typ) {
+                let tx = tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = match payload {
+                        Some((data, _permit)) => {
+                            Volume::write_local(&*store, h.offset, &data, fua).map(|()| Body::Empty)
+                        }
+                        None => Volume::read_local(&*store, h.offset, h.length)
+                            .map(|d| Body::Data(h.offset, d)),
+                    };
+                    let _ = tx.blocking_send(Reply {
+                        cookie: h.cookie,
+                        structured: chunked,
+                        result,
+                        _budget: permit,
+                    });
+                });
+                continue;
+            }
             let vol = self.volume.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
