@@ -32,6 +32,9 @@ struct Figures {
     seq_mib_s: f64,
     rand_iops: f64,
     rand_read_iops: f64,
+    /// CPU microseconds per operation of the server process(es) in the best random write and
+    /// random read runs: where a server loses when the cores are the limit.
+    rand_cpu_us_per_op: [f64; 2],
     /// CPU seconds per GiB of the best sequential run: the shim process(es), then this
     /// process (the NBD client).
     seq_cpu_s_per_gib: Vec<f64>,
@@ -62,6 +65,7 @@ fn measure(
             seq_mib_s: 0.0,
             rand_iops: 0.0,
             rand_read_iops: 0.0,
+            rand_cpu_us_per_op: [0.0; 2],
             seq_cpu_s_per_gib: Vec::new(),
         })
         .collect();
@@ -82,13 +86,23 @@ fn measure(
                 best.seq_cpu_s_per_gib = used;
             }
         }
-        for ((sock, _), best) in servers.iter().zip(&mut best) {
+        let server_cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_secs(p)).sum::<f64>();
+        let us_per_op = |secs: f64| (secs / ops as f64 * 1e7).round() / 10.0;
+        for ((sock, pids), best) in servers.iter().zip(&mut best) {
+            let before = server_cpu(pids);
             let t = write_load(rt, sock, rand.clone(), 4096, 16);
-            best.rand_iops = best.rand_iops.max(ops as f64 / t);
+            if ops as f64 / t > best.rand_iops {
+                best.rand_iops = ops as f64 / t;
+                best.rand_cpu_us_per_op[0] = us_per_op(server_cpu(pids) - before);
+            }
         }
-        for ((sock, _), best) in servers.iter().zip(&mut best) {
+        for ((sock, pids), best) in servers.iter().zip(&mut best) {
+            let before = server_cpu(pids);
             let t = read_load(rt, sock, rand_reads.clone(), 4096, 16);
-            best.rand_read_iops = best.rand_read_iops.max(ops as f64 / t);
+            if ops as f64 / t > best.rand_read_iops {
+                best.rand_read_iops = ops as f64 / t;
+                best.rand_cpu_us_per_op[1] = us_per_op(server_cpu(pids) - before);
+            }
         }
     }
     best
@@ -228,6 +242,13 @@ fn main() {
             "shim": s.rand_read_iops.round(),
             "shim_mirrored": m.rand_read_iops.round(),
             "shim_mirrored_plain_tcp": t.rand_read_iops.round(),
+        },
+        "rand_server_cpu_us_per_op": {
+            "note": "server process(es), best run: [random 4 KiB write, random 4 KiB read]",
+            "qemu_nbd": q.rand_cpu_us_per_op,
+            "shim": s.rand_cpu_us_per_op,
+            "shim_mirrored": m.rand_cpu_us_per_op,
+            "shim_mirrored_plain_tcp": t.rand_cpu_us_per_op,
         },
         "rand_shim_vs_qemu_nbd": r(s.rand_iops, q.rand_iops),
         "rand_read_shim_vs_qemu_nbd": r(s.rand_read_iops, q.rand_read_iops),
