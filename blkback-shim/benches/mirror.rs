@@ -1,9 +1,12 @@
 //! `scripts/bench mirror`: write throughput through (a) qemu-nbd serving a raw file (baseline),
 //! (b) the shim without a peer, (c) the shim mirrored to a second shim process over a loopback
-//! two-path A-link, on 1 GiB files, in the same run. Loads: sequential 1 MiB writes over the
+//! two-path A-link, on 1 GiB files, in the same run; (a) and (b) run side by side, each load
+//! measured on one then the other in every repeat. Loads: sequential 1 MiB writes over the
 //! whole disk (queue depth 8) and random 4 KiB writes at queue depth 16, each ending with a
-//! flush, each run `REPEAT` times (best kept). Last line: JSON with raw figures and the ratios
-//! `shim_vs_qemu_nbd` and `mirrored_vs_unmirrored` (sequential writes).
+//! flush, then random 4 KiB reads at queue depth 16 of the written disk (page cache warm for
+//! both servers alike), each run `REPEAT` times (best kept). Last line: JSON with raw figures
+//! and the ratios `shim_vs_qemu_nbd` and `mirrored_vs_unmirrored` (sequential writes),
+//! `rand_shim_vs_qemu_nbd` (random writes) and `rand_read_shim_vs_qemu_nbd` (random reads).
 //!
 //! Beside throughput it reports the CPU seconds per GiB that each process (server(s) and the
 //! NBD client) used in the best sequential run, and from them the CPU-bound ceiling of each
@@ -16,7 +19,7 @@
 
 mod common;
 
-use common::{cpu_secs, link, wait_status, write_load, Bed, Rng};
+use common::{cpu_secs, link, read_load, wait_status, write_load, Bed, Rng};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -28,47 +31,79 @@ fn env(name: &str, default: u64) -> u64 {
 struct Figures {
     seq_mib_s: f64,
     rand_iops: f64,
+    rand_read_iops: f64,
+    /// CPU microseconds per operation of the server process(es) in the best random write and
+    /// random read runs: where a server loses when the cores are the limit.
+    rand_cpu_us_per_op: [f64; 2],
     /// CPU seconds per GiB of the best sequential run: the shim process(es), then this
     /// process (the NBD client).
     seq_cpu_s_per_gib: Vec<f64>,
 }
 
+/// Measures each server in `servers` (socket, pids of its processes), alternating between them
+/// in every repeat so that servers measured together share the machine's state (other load,
+/// page cache) as closely as possible; the best of `repeat` runs per load and server.
 fn measure(
     rt: &tokio::runtime::Runtime,
-    sock: &std::path::Path,
+    servers: &[(&std::path::Path, &[u32])],
     size: u64,
     ops: u64,
     repeat: u64,
-    pids: &[u32],
-) -> Figures {
+) -> Vec<Figures> {
     let block = 1u64 << 20;
     let seq: Vec<u64> = (0..size / block).map(|i| i * block).collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let rand: Vec<u64> = (0..ops)
         .map(|_| (rng.next_u64() % (size / 4096)) * 4096)
         .collect();
-    let mut best = Figures {
-        seq_mib_s: 0.0,
-        rand_iops: 0.0,
-        seq_cpu_s_per_gib: Vec::new(),
-    };
+    let rand_reads: Vec<u64> = (0..ops)
+        .map(|_| (rng.next_u64() % (size / 4096)) * 4096)
+        .collect();
+    let mut best: Vec<Figures> = servers
+        .iter()
+        .map(|_| Figures {
+            seq_mib_s: 0.0,
+            rand_iops: 0.0,
+            rand_read_iops: 0.0,
+            rand_cpu_us_per_op: [0.0; 2],
+            seq_cpu_s_per_gib: Vec::new(),
+        })
+        .collect();
     let me = std::process::id();
-    let cpu = || -> Vec<f64> { pids.iter().chain([&me]).map(|&p| cpu_secs(p)).collect() };
     for _ in 0..repeat {
-        let before = cpu();
-        let t = write_load(rt, sock, seq.clone(), 1 << 20, 8);
-        let gib = size as f64 / f64::from(1u32 << 30);
-        let used: Vec<f64> = cpu()
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| ((a - b) / gib * 1000.0).round() / 1000.0)
-            .collect();
-        if (size >> 20) as f64 / t > best.seq_mib_s {
-            best.seq_mib_s = (size >> 20) as f64 / t;
-            best.seq_cpu_s_per_gib = used;
+        for ((sock, pids), best) in servers.iter().zip(&mut best) {
+            let cpu = || -> Vec<f64> { pids.iter().chain([&me]).map(|&p| cpu_secs(p)).collect() };
+            let before = cpu();
+            let t = write_load(rt, sock, seq.clone(), 1 << 20, 8);
+            let gib = size as f64 / f64::from(1u32 << 30);
+            let used: Vec<f64> = cpu()
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| ((a - b) / gib * 1000.0).round() / 1000.0)
+                .collect();
+            if (size >> 20) as f64 / t > best.seq_mib_s {
+                best.seq_mib_s = (size >> 20) as f64 / t;
+                best.seq_cpu_s_per_gib = used;
+            }
         }
-        let t = write_load(rt, sock, rand.clone(), 4096, 16);
-        best.rand_iops = best.rand_iops.max(ops as f64 / t);
+        let server_cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_secs(p)).sum::<f64>();
+        let us_per_op = |secs: f64| (secs / ops as f64 * 1e7).round() / 10.0;
+        for ((sock, pids), best) in servers.iter().zip(&mut best) {
+            let before = server_cpu(pids);
+            let t = write_load(rt, sock, rand.clone(), 4096, 16);
+            if ops as f64 / t > best.rand_iops {
+                best.rand_iops = ops as f64 / t;
+                best.rand_cpu_us_per_op[0] = us_per_op(server_cpu(pids) - before);
+            }
+        }
+        for ((sock, pids), best) in servers.iter().zip(&mut best) {
+            let before = server_cpu(pids);
+            let t = read_load(rt, sock, rand_reads.clone(), 4096, 16);
+            if ops as f64 / t > best.rand_read_iops {
+                best.rand_read_iops = ops as f64 / t;
+                best.rand_cpu_us_per_op[1] = us_per_op(server_cpu(pids) - before);
+            }
+        }
     }
     best
 }
@@ -83,39 +118,47 @@ fn main() {
         .build()
         .expect("runtime");
 
+    // qemu-nbd and the shim without a peer are up together and measured in turns.
     let bed = Bed::new(size);
-    let q = {
-        let p = bed.qemu_nbd("qemu.img", "qemu.sock");
-        measure(&rt, &bed.p("qemu.sock"), size, ops, repeat, &[p.0.id()])
+    let (q, s) = {
+        let qp = bed.qemu_nbd("qemu.img", "qemu.sock");
+        let sp = bed.local("local.img", "local.sock");
+        let (qs, ss) = (bed.p("qemu.sock"), bed.p("local.sock"));
+        let mut f = measure(
+            &rt,
+            &[(&qs, &[qp.0.id()]), (&ss, &[sp.0.id()])],
+            size,
+            ops,
+            repeat,
+        );
+        let s = f.pop().expect("two servers measured");
+        (f.pop().expect("two servers measured"), s)
     };
     let _ = std::fs::remove_file(bed.p("qemu.img"));
-    eprintln!(
-        "qemu-nbd: seq {:.0} MiB/s, rand {:.0} IOPS",
-        q.seq_mib_s, q.rand_iops
-    );
-
-    let s = {
-        let p = bed.local("local.img", "local.sock");
-        measure(&rt, &bed.p("local.sock"), size, ops, repeat, &[p.0.id()])
-    };
     let _ = std::fs::remove_file(bed.p("local.img"));
     eprintln!(
-        "shim: seq {:.0} MiB/s, rand {:.0} IOPS",
-        s.seq_mib_s, s.rand_iops
+        "qemu-nbd: seq {:.0} MiB/s, rand {:.0} IOPS, rand read {:.0} IOPS",
+        q.seq_mib_s, q.rand_iops, q.rand_read_iops
+    );
+    eprintln!(
+        "shim: seq {:.0} MiB/s, rand {:.0} IOPS, rand read {:.0} IOPS",
+        s.seq_mib_s, s.rand_iops, s.rand_read_iops
     );
 
     let m = {
         let sec = bed.secondary();
         let pri = bed.primary("primary.sock");
         wait_status(&bed.p("primary.ctl"), |v| link(v) == "in_sync");
+        let sock = bed.p("primary.sock");
         let f = measure(
             &rt,
-            &bed.p("primary.sock"),
+            &[(&sock, &[pri.0.id(), sec.0.id()])],
             size,
             ops,
             repeat,
-            &[pri.0.id(), sec.0.id()],
-        );
+        )
+        .pop()
+        .expect("one server measured");
         let st = wait_status(&bed.p("primary.ctl"), |_| true);
         assert_eq!(
             link(&st),
@@ -141,14 +184,16 @@ fn main() {
         let sec = bed.secondary();
         let pri = bed.primary("primary.sock");
         wait_status(&bed.p("primary.ctl"), |v| link(v) == "in_sync");
+        let sock = bed.p("primary.sock");
         measure(
             &rt,
-            &bed.p("primary.sock"),
+            &[(&sock, &[pri.0.id(), sec.0.id()])],
             size,
             ops,
             repeat,
-            &[pri.0.id(), sec.0.id()],
         )
+        .pop()
+        .expect("one server measured")
     };
     eprintln!(
         "shim mirrored over plain TCP: seq {:.0} MiB/s, rand {:.0} IOPS",
@@ -192,7 +237,21 @@ fn main() {
         },
         "shim_vs_qemu_nbd": r(s.seq_mib_s, q.seq_mib_s),
         "mirrored_vs_unmirrored": r(m.seq_mib_s, s.seq_mib_s),
+        "rand_read_4k_qd16_iops": {
+            "qemu_nbd": q.rand_read_iops.round(),
+            "shim": s.rand_read_iops.round(),
+            "shim_mirrored": m.rand_read_iops.round(),
+            "shim_mirrored_plain_tcp": t.rand_read_iops.round(),
+        },
+        "rand_server_cpu_us_per_op": {
+            "note": "server process(es), best run: [random 4 KiB write, random 4 KiB read]",
+            "qemu_nbd": q.rand_cpu_us_per_op,
+            "shim": s.rand_cpu_us_per_op,
+            "shim_mirrored": m.rand_cpu_us_per_op,
+            "shim_mirrored_plain_tcp": t.rand_cpu_us_per_op,
+        },
         "rand_shim_vs_qemu_nbd": r(s.rand_iops, q.rand_iops),
+        "rand_read_shim_vs_qemu_nbd": r(s.rand_read_iops, q.rand_read_iops),
         "rand_mirrored_vs_unmirrored": r(m.rand_iops, s.rand_iops),
         "mirror_copies_identical": identical,
         "seq_cpu_s_per_gib": {

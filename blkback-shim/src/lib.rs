@@ -13,8 +13,10 @@
 //!
 //! Main types:
 //! - [`nbd::server::NbdServer`]: fixed-newstyle NBD server (Unix socket or TCP) over a
-//!   [`volume::Volume`]; [`nbd::proto`] mirrors the spec's names; [`nbd::client`] is a minimal
-//!   client for tests and benchmarks;
+//!   [`volume::Volume`]; [`nbd::proto`] mirrors the spec's names; [`nbd::block_status`] offers
+//!   the `base:allocation` metadata context (holes from `SEEK_HOLE`, so `nbdinfo --map`,
+//!   `qemu-img convert` and `nbdcopy` skip them; in remote mode the whole range is reported as
+//!   data); [`nbd::client`] is a minimal client for tests and benchmarks;
 //! - [`store::Store`] / [`store::FileStore`] / [`store::FaultyStore`]: the local copy;
 //! - [`mirror::primary::Primary`]: protocol-C mirrored writes, degraded mode with the persistent
 //!   [`mirror::bitmap::DirtyBitmap`] (64 KiB chunks) and activity log (4 MiB extents), online

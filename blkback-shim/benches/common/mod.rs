@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xenft_blkback::nbd::client::{pipelined_writes, NbdClient};
+use xenft_blkback::nbd::client::{pipelined_reads, pipelined_writes, NbdClient};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_xenft-blkback");
 
@@ -172,7 +172,13 @@ impl Bed {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("qemu-nbd (qemu-utils) installed"),
+                .unwrap_or_else(|e| {
+                    eprintln!(
+                        "bench: cannot run qemu-nbd ({e}): install qemu-utils \
+                         (scripts/bench installs scripts/deps/blkback.apt)"
+                    );
+                    std::process::exit(2)
+                }),
         );
         wait_socket(&self.p(sock));
         p
@@ -217,6 +223,25 @@ pub fn write_load(
         pipelined_writes(c, offsets, block, depth)
             .await
             .expect("write load")
+    })
+}
+
+/// Runs reads of `block` bytes at `offsets` at queue depth `depth` against the NBD socket;
+/// returns seconds.
+pub fn read_load(
+    rt: &tokio::runtime::Runtime,
+    sock: &Path,
+    offsets: Vec<u64>,
+    block: u32,
+    depth: usize,
+) -> f64 {
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(sock, "xenft")
+            .await
+            .expect("nbd connect");
+        pipelined_reads(c, offsets, block, depth)
+            .await
+            .expect("read load")
     })
 }
 

@@ -166,6 +166,12 @@ impl Primary {
         self.store.size()
     }
 
+    /// True while reads are served from the local store; false in remote mode (the local
+    /// store failed and reads go to the peer).
+    pub fn serves_locally(&self) -> bool {
+        lock(&self.state).local_failure.is_none()
+    }
+
     /// Sets the resync rate limit (bytes/s, 0 = unlimited); applies to a running resync.
     pub fn set_resync_rate(&self, bytes_per_sec: u64) {
         self.rate.store(bytes_per_sec, Ordering::Relaxed);

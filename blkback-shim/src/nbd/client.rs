@@ -51,7 +51,7 @@ impl NbdClient<UnixStream> {
 }
 
 /// Sends one option and reads the replies up to `NBD_REP_ACK` or an error; returns the
-/// `NBD_REP_INFO` payloads.
+/// payloads of the `NBD_REP_INFO`, `NBD_REP_SERVER` and `NBD_REP_META_CONTEXT` replies.
 pub async fn send_option<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     option: u32,
@@ -78,7 +78,9 @@ pub async fn send_option<S: AsyncRead + AsyncWrite + Unpin>(
         s.read_exact(&mut payload).await?;
         match reply {
             NBD_REP_ACK => return Ok(infos),
-            NBD_REP_INFO | NBD_REP_SERVER => infos.push(Bytes::from(payload)),
+            NBD_REP_INFO | NBD_REP_SERVER | NBD_REP_META_CONTEXT => {
+                infos.push(Bytes::from(payload));
+            }
             r => return Err(ClientError::OptionRefused { option, reply: r }),
         }
     }
@@ -227,22 +229,56 @@ pub async fn pipelined_writes<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    pipelined(client, NBD_CMD_WRITE, offsets, block, depth).await
+}
+
+/// Issues reads of `block` bytes at `offsets` with `depth` requests in flight (one connection,
+/// pipelined, simple replies). Returns the elapsed seconds.
+pub async fn pipelined_reads<S>(
+    client: NbdClient<S>,
+    offsets: Vec<u64>,
+    block: u32,
+    depth: usize,
+) -> Result<f64, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    pipelined(client, NBD_CMD_READ, offsets, block, depth).await
+}
+
+/// Writes (then a flush) or reads at `offsets`, `depth` in flight.
+async fn pipelined<S>(
+    client: NbdClient<S>,
+    typ: u16,
+    offsets: Vec<u64>,
+    block: u32,
+    depth: usize,
+) -> Result<f64, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let writing = typ == NBD_CMD_WRITE;
     let (mut rd, mut wr) = tokio::io::split(client.stream);
     let data = vec![0x5au8; block as usize];
-    let n = offsets.len();
+    // Replies to read: one per request, plus the final flush's when writing.
+    let replies = offsets.len() + usize::from(writing);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(depth.max(1));
     let start = std::time::Instant::now();
     let reader = tokio::spawn(async move {
-        for _ in 0..=n {
+        let mut buf = vec![0u8; if writing { 0 } else { block as usize }];
+        for _ in 0..replies {
             let magic = rd.read_u32().await?;
             let error = rd.read_u32().await?;
-            let _cookie = rd.read_u64().await?;
+            let cookie = rd.read_u64().await?;
             if magic != NBD_SIMPLE_REPLY_MAGIC || error != 0 {
                 return Err(ClientError::Protocol(format!(
                     "reply magic {magic:#x} error {error}"
                 )));
             }
-            if rx.recv().await.is_none() {
+            if !writing {
+                rd.read_exact(&mut buf).await?;
+            }
+            if cookie != u64::MAX && rx.recv().await.is_none() {
                 break;
             }
         }
@@ -255,24 +291,27 @@ where
         let h = RequestHeader {
             magic: NBD_REQUEST_MAGIC,
             flags: 0,
-            typ: NBD_CMD_WRITE,
+            typ,
             cookie: i as u64,
             offset: *off,
             length: block,
         };
         wr.write_all(&h.encode()).await?;
-        wr.write_all(&data).await?;
+        if writing {
+            wr.write_all(&data).await?;
+        }
     }
-    let _ = tx.send(()).await;
-    let h = RequestHeader {
-        magic: NBD_REQUEST_MAGIC,
-        flags: 0,
-        typ: NBD_CMD_FLUSH,
-        cookie: u64::MAX,
-        offset: 0,
-        length: 0,
-    };
-    wr.write_all(&h.encode()).await?;
+    if writing {
+        let h = RequestHeader {
+            magic: NBD_REQUEST_MAGIC,
+            flags: 0,
+            typ: NBD_CMD_FLUSH,
+            cookie: u64::MAX,
+            offset: 0,
+            length: 0,
+        };
+        wr.write_all(&h.encode()).await?;
+    }
     wr.flush().await?;
     drop(tx);
     reader

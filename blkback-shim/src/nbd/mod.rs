@@ -1,5 +1,8 @@
-//! The NBD front: protocol constants ([`proto`]) and the server ([`server`]).
+//! The NBD front: protocol constants ([`proto`]), the server ([`server`]) and its
+//! `base:allocation` block status ([`block_status`]).
 
+pub mod block_status;
 pub mod client;
 pub mod proto;
+mod reply;
 pub mod server;

@@ -51,6 +51,10 @@ pub const NBD_OPT_INFO: u32 = 6;
 pub const NBD_OPT_GO: u32 = 7;
 /// Option: use structured replies in transmission.
 pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
+/// Option: list the metadata contexts of an export ("Metadata querying").
+pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
+/// Option: select the metadata contexts `NBD_CMD_BLOCK_STATUS` reports.
+pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply: accepted / end of list.
 pub const NBD_REP_ACK: u32 = 1;
@@ -58,6 +62,8 @@ pub const NBD_REP_ACK: u32 = 1;
 pub const NBD_REP_SERVER: u32 = 2;
 /// Option reply: one `NBD_INFO_*` item (`NBD_OPT_INFO` / `NBD_OPT_GO`).
 pub const NBD_REP_INFO: u32 = 3;
+/// Option reply: one metadata context (32-bit id, then its name).
+pub const NBD_REP_META_CONTEXT: u32 = 4;
 /// Option reply error bit (bit 31).
 pub const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
 /// Option error: unknown option.
@@ -99,11 +105,15 @@ pub const NBD_CMD_FLUSH: u16 = 3;
 pub const NBD_CMD_TRIM: u16 = 4;
 /// Command: write zeroes.
 pub const NBD_CMD_WRITE_ZEROES: u16 = 6;
+/// Command: report the status of a range for each selected metadata context.
+pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flag: force unit access (durable before the reply).
 pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag: `NBD_CMD_WRITE_ZEROES` must not punch a hole.
 pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag: `NBD_CMD_BLOCK_STATUS` wants exactly one extent, no longer than the request.
+pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 /// Structured reply flag: last chunk of this reply.
 pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -111,8 +121,18 @@ pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const NBD_REPLY_TYPE_NONE: u16 = 0;
 /// Structured chunk: 64-bit offset then data.
 pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured chunk: block status (32-bit context id, then (32-bit length, 32-bit flags)
+/// descriptors).
+pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Structured chunk: error (32-bit errno, 16-bit message length, message).
 pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context this server offers ("The `base:` metadata namespace").
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// `base:allocation` flag: the extent is not allocated in the backing storage.
+pub const NBD_STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` flag: the extent reads as zeroes.
+pub const NBD_STATE_ZERO: u32 = 1 << 1;
 
 /// Error: operation not permitted (write to read-only export).
 pub const NBD_EPERM: u32 = 1;

@@ -9,13 +9,17 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::block_status::{
+    encode_block_status, encode_meta_context, MetaRequest, BASE_ALLOCATION_ID, MAX_EXTENTS,
+};
 use super::proto::*;
+use super::reply::{write_replies, Body, Reply};
 use crate::volume::Volume;
 
 /// Why a connection ended abnormally.
@@ -100,10 +104,10 @@ impl NbdServer {
     {
         let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-        let Some(structured) = self.negotiate(&mut rd, &mut wr).await? else {
+        let Some(session) = self.negotiate(&mut rd, &mut wr).await? else {
             return Ok(());
         };
-        self.transmission(rd, wr, structured).await
+        self.transmission(rd, wr, session).await
     }
 
     fn transmission_flags(&self) -> u16 {
@@ -119,9 +123,9 @@ impl NbdServer {
         name.is_empty() || name == self.cfg.name.as_bytes()
     }
 
-    /// Handshake and option haggling. Returns `Some(structured_replies)` when the client entered
+    /// Handshake and option haggling. Returns what was negotiated when the client entered
     /// transmission, `None` when it aborted.
-    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<bool>, NbdError>
+    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, NbdError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -139,7 +143,7 @@ impl NbdServer {
             )));
         }
         let no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES != 0;
-        let mut structured = false;
+        let mut session = Session::default();
         loop {
             let magic = rd.read_u64().await?;
             if magic != IHAVEOPT {
@@ -168,7 +172,7 @@ impl NbdServer {
                     }
                     wr.write_all(&b).await?;
                     wr.flush().await?;
-                    return Ok(Some(structured));
+                    return Ok(Some(session));
                 }
                 NBD_OPT_ABORT => {
                     send_opt_reply(wr, opt, NBD_REP_ACK, &[]).await?;
@@ -188,7 +192,7 @@ impl NbdServer {
                 }
                 NBD_OPT_STRUCTURED_REPLY => {
                     if data.is_empty() {
-                        structured = true;
+                        session.structured = true;
                         send_opt_reply(wr, opt, NBD_REP_ACK, &[]).await?;
                     } else {
                         send_opt_reply(wr, opt, NBD_REP_ERR_INVALID, b"takes no data").await?;
@@ -228,8 +232,12 @@ impl NbdServer {
                     }
                     send_opt_reply(wr, opt, NBD_REP_ACK, &[]).await?;
                     if opt == NBD_OPT_GO {
-                        return Ok(Some(structured));
+                        return Ok(Some(session));
                     }
+                }
+                NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
+                    self.meta_context_option(wr, opt, &data, &mut session)
+                        .await?;
                 }
                 NBD_OPT_STARTTLS => {
                     send_opt_reply(wr, opt, NBD_REP_ERR_POLICY, b"TLS not offered").await?;
@@ -241,11 +249,48 @@ impl NbdServer {
         }
     }
 
+    /// `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`. Both need structured replies
+    /// first; a SET replaces the selection even when it fails.
+    async fn meta_context_option<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        opt: u32,
+        data: &[u8],
+        session: &mut Session,
+    ) -> std::io::Result<()> {
+        let setting = opt == NBD_OPT_SET_META_CONTEXT;
+        if setting {
+            session.base_allocation = false;
+        }
+        if !session.structured {
+            let msg = b"negotiate structured replies first";
+            return send_opt_reply(wr, opt, NBD_REP_ERR_INVALID, msg).await;
+        }
+        let req = match MetaRequest::parse(data) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("malformed metadata context request: {e}");
+                return send_opt_reply(wr, opt, NBD_REP_ERR_INVALID, msg.as_bytes()).await;
+            }
+        };
+        if !self.name_matches(req.export) {
+            return send_opt_reply(wr, opt, NBD_REP_ERR_UNKNOWN, b"no such export").await;
+        }
+        if req.selects_base_allocation(!setting) {
+            // Ids in LIST replies are reserved (zero); SET gives the one BLOCK_STATUS uses.
+            let id = if setting { BASE_ALLOCATION_ID } else { 0 };
+            let reply = encode_meta_context(id, BASE_ALLOCATION);
+            send_opt_reply(wr, opt, NBD_REP_META_CONTEXT, &reply).await?;
+            session.base_allocation = setting;
+        }
+        send_opt_reply(wr, opt, NBD_REP_ACK, &[]).await
+    }
+
     async fn transmission<R, W>(
         &self,
         mut rd: R,
         wr: BufWriter<W>,
-        structured: bool,
+        session: Session,
     ) -> Result<(), NbdError>
     where
         R: AsyncRead + Unpin,
@@ -255,6 +300,7 @@ impl NbdServer {
         let writer = tokio::spawn(write_replies(wr, rx));
         let budget = Arc::new(Semaphore::new(self.cfg.max_inflight_bytes as usize));
         let size = self.volume.size();
+        let structured = session.structured;
         let result = loop {
             let mut hb = [0u8; RequestHeader::LEN];
             match rd.read_exact(&mut hb).await {
@@ -314,14 +360,18 @@ impl NbdServer {
             } else {
                 None
             };
+            // Reads and block status answer in structured chunks when negotiated; the rest
+            // in simple replies (they carry no data).
+            let chunked = structured && matches!(h.typ, NBD_CMD_READ | NBD_CMD_BLOCK_STATUS);
             let reply_err = |errno: u32| Reply {
                 cookie: h.cookie,
-                structured: structured && h.typ == NBD_CMD_READ,
+                structured: chunked,
                 result: Err(errno),
                 _budget: None,
             };
             let known_flags = match h.typ {
                 NBD_CMD_READ | NBD_CMD_FLUSH => 0,
+                NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
                 NBD_CMD_WRITE | NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
                 NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
                 _ => {
@@ -351,6 +401,14 @@ impl NbdServer {
                     }
                     continue;
                 }
+                // Without a selected context (which needs structured replies), with a zero
+                // length (unspecified by the spec, refused) or past the end: EINVAL.
+                NBD_CMD_BLOCK_STATUS if !session.base_allocation || h.length == 0 || !in_range => {
+                    if tx.send(reply_err(NBD_EINVAL)).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
                 NBD_CMD_READ | NBD_CMD_TRIM if !in_range => {
                     if tx.send(reply_err(NBD_EINVAL)).await.is_err() {
                         break Ok(());
@@ -365,43 +423,80 @@ impl NbdServer {
                 }
                 _ => {}
             }
-            let permit = match h.typ {
-                NBD_CMD_READ => match budget.clone().acquire_many_owned(h.length.max(1)).await {
+            let reply_bytes = match h.typ {
+                NBD_CMD_READ => Some(h.length.max(1)),
+                NBD_CMD_BLOCK_STATUS => Some(BLOCK_STATUS_REPLY_MAX),
+                _ => None,
+            };
+            let permit = match reply_bytes {
+                Some(n) => match budget.clone().acquire_many_owned(n).await {
                     Ok(p) => Some(p),
                     Err(_) => break Ok(()),
                 },
-                _ => None,
+                None => None,
             };
+            // Unmirrored reads and writes: the blocking thread that does the I/O sends the
+            // reply itself, one hand-off fewer per request than an async task awaiting it.
+            if let (Some(store), NBD_CMD_WRITE) = (self.volume.local_store(), h.typ) {
+                let tx = tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = match payload {
+                        Some((data, _permit)) => {
+                            Volume::write_local(&*store, h.offset, &data, fua).map(|()| Body::Empty)
+                        }
+                        None => Volume::read_local(&*store, h.offset, h.length)
+                            .map(|d| Body::Data(h.offset, d)),
+                    };
+                    let _ = tx.blocking_send(Reply {
+                        cookie: h.cookie,
+                        structured: chunked,
+                        result,
+                        _budget: permit,
+                    });
+                });
+                continue;
+            }
             let vol = self.volume.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let result = match h.typ {
-                    NBD_CMD_READ => vol.read(h.offset, h.length).await.map(Some),
+                    NBD_CMD_READ => vol
+                        .read(h.offset, h.length)
+                        .await
+                        .map(|d| Body::Data(h.offset, d)),
                     NBD_CMD_WRITE => match payload {
                         Some((data, permit)) => {
-                            let r = vol.write(h.offset, data, fua).await.map(|()| None);
+                            let r = vol.write(h.offset, data, fua).await.map(|()| Body::Empty);
                             drop(permit);
                             r
                         }
                         None => Err(NBD_EINVAL),
                     },
-                    NBD_CMD_FLUSH => vol.flush().await.map(|()| None),
+                    NBD_CMD_FLUSH => vol.flush().await.map(|()| Body::Empty),
                     NBD_CMD_TRIM => vol
                         .zero(h.offset, u64::from(h.length), true, fua)
                         .await
-                        .map(|()| None),
+                        .map(|()| Body::Empty),
+                    NBD_CMD_BLOCK_STATUS => {
+                        let req_one = h.flags & NBD_CMD_FLAG_REQ_ONE != 0;
+                        let extents = vol.block_status(h.offset, h.length, req_one).await;
+                        Ok(Body::Status(encode_block_status(
+                            BASE_ALLOCATION_ID,
+                            &extents,
+                        )))
+                    }
                     _ => {
                         let punch = h.flags & NBD_CMD_FLAG_NO_HOLE == 0;
                         vol.zero(h.offset, u64::from(h.length), punch, fua)
                             .await
-                            .map(|()| None)
+                            .map(|()| Body::Empty)
                     }
                 };
                 let _ = tx
                     .send(Reply {
                         cookie: h.cookie,
-                        structured: structured && h.typ == NBD_CMD_READ,
-                        result: result.map(|d| d.map(|d| (h.offset, d))),
+                        structured: chunked,
+                        result,
                         _budget: permit,
                     })
                     .await;
@@ -417,103 +512,19 @@ impl NbdServer {
     }
 }
 
-/// A reply to one request: `Ok(Some((offset, data)))` for reads, `Ok(None)` for others.
-struct Reply {
-    cookie: u64,
+/// What a connection negotiated before transmission.
+#[derive(Debug, Default, Clone, Copy)]
+struct Session {
+    /// `NBD_OPT_STRUCTURED_REPLY` was accepted.
     structured: bool,
-    result: Result<Option<(u64, Bytes)>, u32>,
-    /// Read data counts against the connection's in-flight budget until it is written out,
-    /// so a client that does not read its replies cannot make us buffer without limit.
-    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The last `NBD_OPT_SET_META_CONTEXT` selected `base:allocation`.
+    base_allocation: bool,
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: BufWriter<W>,
-    mut rx: mpsc::Receiver<Reply>,
-) -> std::io::Result<()> {
-    while let Some(r) = rx.recv().await {
-        encode_reply(&mut wr, r).await?;
-        while let Ok(r) = rx.try_recv() {
-            encode_reply(&mut wr, r).await?;
-        }
-        wr.flush().await?;
-    }
-    wr.flush().await?;
-    wr.shutdown().await
-}
-
-async fn encode_reply<W: AsyncWrite + Unpin>(wr: &mut W, r: Reply) -> std::io::Result<()> {
-    match (r.structured, r.result) {
-        (false, Ok(data)) => {
-            wr.write_all(&simple_reply(0, r.cookie)).await?;
-            if let Some((_, d)) = data {
-                wr.write_all(&d).await?;
-            }
-        }
-        (false, Err(errno)) => wr.write_all(&simple_reply(errno, r.cookie)).await?,
-        (true, Ok(Some((_, d)))) if d.is_empty() => {
-            // A zero-length read: an OFFSET_DATA chunk must carry data, so just finish.
-            wr.write_all(&structured_chunk(
-                NBD_REPLY_FLAG_DONE,
-                NBD_REPLY_TYPE_NONE,
-                r.cookie,
-                0,
-            ))
-            .await?;
-        }
-        (true, Ok(Some((offset, d)))) => {
-            let len = u32::try_from(d.len() + 8).unwrap_or(u32::MAX);
-            wr.write_all(&structured_chunk(
-                NBD_REPLY_FLAG_DONE,
-                NBD_REPLY_TYPE_OFFSET_DATA,
-                r.cookie,
-                len,
-            ))
-            .await?;
-            wr.write_all(&offset.to_be_bytes()).await?;
-            wr.write_all(&d).await?;
-        }
-        (true, Ok(None)) => {
-            wr.write_all(&structured_chunk(
-                NBD_REPLY_FLAG_DONE,
-                NBD_REPLY_TYPE_NONE,
-                r.cookie,
-                0,
-            ))
-            .await?;
-        }
-        (true, Err(errno)) => {
-            let msg = errno_message(errno).as_bytes();
-            let len = u32::try_from(6 + msg.len()).unwrap_or(6);
-            wr.write_all(&structured_chunk(
-                NBD_REPLY_FLAG_DONE,
-                NBD_REPLY_TYPE_ERROR,
-                r.cookie,
-                len,
-            ))
-            .await?;
-            wr.write_all(&errno.to_be_bytes()).await?;
-            wr.write_all(&u16::try_from(msg.len()).unwrap_or(0).to_be_bytes())
-                .await?;
-            wr.write_all(msg).await?;
-        }
-    }
-    Ok(())
-}
-
-fn errno_message(errno: u32) -> &'static str {
-    match errno {
-        NBD_EINVAL => "invalid request (flags, range or command)",
-        NBD_ENOSPC => "write beyond the end of the export",
-        NBD_EOVERFLOW => "request larger than the maximum block size",
-        NBD_EIO => "i/o error on both copies",
-        NBD_EPERM => "operation not permitted",
-        NBD_ENOMEM => "out of memory",
-        NBD_ENOTSUP => "not supported",
-        NBD_ESHUTDOWN => "server shutting down",
-        _ => "error",
-    }
-}
+/// Most bytes one block status reply takes (context id and `MAX_EXTENTS` descriptors),
+/// counted against the connection's in-flight budget like read data.
+#[allow(clippy::cast_possible_truncation)] // 4 + 8 * 2^16
+const BLOCK_STATUS_REPLY_MAX: u32 = 4 + 8 * MAX_EXTENTS as u32;
 
 async fn send_opt_reply<W: AsyncWrite + Unpin>(
     wr: &mut W,
