@@ -8,7 +8,10 @@
 //!
 //! [`CustomFieldWatcher`] follows `event.from(["vm", "pool"])` and reconciles: when a VM's
 //! `xenft-level` field is set (or changed) it protects the VM with the `xenft-secondary` field
-//! as secondary, exactly like `xenft vm-protect`; when the field is cleared it unprotects. The
+//! as secondary, exactly like `xenft vm-protect`; when the field is cleared it unprotects. After
+//! its first read it acts on what an edit changed (a field left as it was is taken from the
+//! registry), so that `xenft vm-protect`, which writes the registry before mirroring it into
+//! the fields, is not undone half-way (a level changed with the CLI stays changed). The
 //! outcome (or the refusal, with its numbers) is written to the VM's `xenft-status` field, which
 //! XenCenter shows next to the others.
 
@@ -178,8 +181,9 @@ pub enum Action {
 #[derive(Debug)]
 pub struct CustomFieldWatcher {
     stream: EventStream,
-    /// Last seen `xenft-level` field per VM (for edge detection of "cleared").
-    seen: BTreeMap<Ref, String>,
+    /// Last seen `xenft-level` and `xenft-secondary` fields per VM: the watcher acts on what
+    /// an edit of them changed.
+    seen: BTreeMap<Ref, (String, String)>,
     /// Last (level, secondary) request that failed per VM: not retried until it changes.
     failed: BTreeMap<Ref, (String, String)>,
     started: bool,
@@ -272,11 +276,14 @@ impl CustomFieldWatcher {
             .get(&value_key(FIELD_SECONDARY))
             .map_or("", |s| s.trim())
             .to_string();
-        let previous = self.seen.insert(vm_ref.to_string(), want_level.clone());
+        let previous = self.seen.insert(
+            vm_ref.to_string(),
+            (want_level.clone(), want_secondary.clone()),
+        );
         let actual = VmProtection::from_other_config(oc, &rec.name_label).unwrap_or_default();
         if want_level.is_empty() {
             self.failed.remove(vm_ref);
-            let cleared = previous.is_some_and(|p| !p.is_empty()) && !first;
+            let cleared = previous.as_ref().is_some_and(|(l, _)| !l.is_empty()) && !first;
             if cleared && actual.level.is_some() {
                 return Ok(Some(match ops::unprotect(api, &rec.uuid).await {
                     Ok(_) => {
@@ -290,6 +297,25 @@ impl CustomFieldWatcher {
             }
             return Ok(None);
         }
+        // After the first read, act on the fields an edit changed, the others taken from the
+        // registry: `xenft vm-protect` writes the registry, then mirrors it into the fields one
+        // at a time, and acting on the difference in between (the old level still in the
+        // field) would undo the change it made.
+        let (level_edited, secondary_edited) = match (&previous, first) {
+            (Some((l, s)), false) => (*l != want_level, *s != want_secondary),
+            _ => (true, true),
+        };
+        if !level_edited && !secondary_edited {
+            return Ok(None);
+        }
+        let want_level = match actual.level {
+            Some(l) if !level_edited => l.as_str().to_string(),
+            _ => want_level,
+        };
+        let want_secondary = match &actual.secondary {
+            Some(s) if !secondary_edited => s.clone(),
+            _ => want_secondary,
+        };
         let request = (want_level.clone(), want_secondary.clone());
         if self.failed.get(vm_ref) == Some(&request) {
             return Ok(None);
