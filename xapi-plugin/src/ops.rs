@@ -224,7 +224,7 @@ pub async fn protect(
     .await
 }
 
-async fn protect_locked(
+pub(crate) async fn protect_locked(
     api: &XenApi,
     vm: &str,
     level: Level,
@@ -374,7 +374,7 @@ pub async fn unprotect(api: &XenApi, vm: &str) -> Result<bool, OpError> {
     registry::with_pool_lock(api, async || unprotect_locked(api, vm).await).await
 }
 
-async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
+pub(crate) async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
     let vms = api.vm_get_all_records().await?;
     let (vm_ref, rec) = resolve_vm(&vms, vm)?;
     let oc = &rec.other_config;

@@ -278,6 +278,26 @@ async fn a_level_changed_with_the_cli_is_not_undone_by_the_watcher() {
     assert_eq!(oc["xenft.level"], "3");
     assert_eq!(oc[&value_key(FIELD_LEVEL)], "3");
 
+    // A writer holding the pool's lock rewrites the field (a remove, then an add): the watcher
+    // sees it absent for a moment, which is not an administrator clearing it.
+    let writer = xenft_xapi::registry::with_pool_lock(&api, async || {
+        srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), None);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), Some("3"));
+        Ok::<_, xenft_xapi::ops::OpError>(())
+    });
+    let watch = async {
+        let mut acted = Vec::new();
+        for _ in 0..4 {
+            acted.extend(w.step(&api, Duration::from_millis(300)).await.unwrap());
+        }
+        acted
+    };
+    let (written, acted) = tokio::join!(writer, watch);
+    written.unwrap();
+    assert!(acted.is_empty(), "{acted:?}");
+    assert_eq!(srv.map_field(&vm, "other_config")["xenft.level"], "3");
+
     // A level typed into the field afterwards still protects at it, on the same secondary.
     srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), Some("1"));
     let a = next_actions(&mut w, &api).await;
