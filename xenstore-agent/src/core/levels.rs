@@ -21,7 +21,11 @@
 //! new heartbeat field would be refused by an older peer): it takes the raised level as in
 //! sync when it has seen the primary syncing since the raise and then `protected`. If the
 //! primary finished the raise's sync before this host read the registry, the secondary keeps
-//! the lower level (a take-over then uses it) until the next resync.
+//! the lower level (a take-over then uses it) until the next resync. Conversely, a level
+//! raised during the VM's first sync, whose primary is seen `protected` at the lower level
+//! before it starts syncing toward the new one (its retry backoff), is taken by the secondary
+//! as the new level: a level-3 take-over then finds no checkpoint and fails before touching
+//! the disk (`Seams::start`).
 
 use super::{HostCore, VmSpec};
 use crate::decision::{Action, FaultClass};
