@@ -8,7 +8,12 @@
 //!
 //! [`CustomFieldWatcher`] follows `event.from(["vm", "pool"])` and reconciles: when a VM's
 //! `xenft-level` field is set (or changed) it protects the VM with the `xenft-secondary` field
-//! as secondary, exactly like `xenft vm-protect`; when the field is cleared it unprotects. The
+//! as secondary, exactly like `xenft vm-protect`; when the field is cleared it unprotects. After
+//! its first read it acts on what an edit changed (a field left as it was is taken from the
+//! registry), and only if the fields still read what the event showed once it holds the pool's
+//! writers' lock, so that `xenft vm-protect`, which rewrites the registry and then the fields
+//! one key at a time under that lock (each a remove then an add), is not undone half-way: a
+//! level changed with the CLI stays changed. The
 //! outcome (or the refusal, with its numbers) is written to the VM's `xenft-status` field, which
 //! XenCenter shows next to the others.
 
@@ -19,7 +24,7 @@ use crate::api::{Class, EventOp, EventStream, Ref, VmRecord};
 use crate::client::XenApi;
 use crate::error::XapiError;
 use crate::ops::{self, OpError};
-use crate::registry::{checked_set, Level, RegistryError, VmProtection};
+use crate::registry::{self, checked_set, Level, RegistryError, VmProtection};
 
 /// `pool.gui_config` key of the definitions.
 pub const GUI_CONFIG_KEY: &str = "XenCenter.CustomFields";
@@ -174,12 +179,27 @@ pub enum Action {
     },
 }
 
+/// Whether the VM's fields still read `seen` (level, secondary), checked under the pool's
+/// writers' lock before acting: `xenft vm-protect` holds that lock while it rewrites them one
+/// key at a time (each a remove then an add), so what an event showed may be half of its edit
+/// (the level field absent for a moment is not an administrator clearing it).
+async fn fields_still(
+    api: &XenApi,
+    vm_ref: &str,
+    seen: &(String, String),
+) -> Result<bool, OpError> {
+    let oc = api.get_map(Class::Vm, vm_ref, "other_config").await?;
+    let field = |f: &str| oc.get(&value_key(f)).map_or("", |s| s.trim()).to_string();
+    Ok((field(FIELD_LEVEL), field(FIELD_SECONDARY)) == *seen)
+}
+
 /// Reconciles XenCenter custom fields with the registry; see the module docs.
 #[derive(Debug)]
 pub struct CustomFieldWatcher {
     stream: EventStream,
-    /// Last seen `xenft-level` field per VM (for edge detection of "cleared").
-    seen: BTreeMap<Ref, String>,
+    /// Last seen `xenft-level` and `xenft-secondary` fields per VM: the watcher acts on what
+    /// an edit of them changed.
+    seen: BTreeMap<Ref, (String, String)>,
     /// Last (level, secondary) request that failed per VM: not retried until it changes.
     failed: BTreeMap<Ref, (String, String)>,
     started: bool,
@@ -272,14 +292,26 @@ impl CustomFieldWatcher {
             .get(&value_key(FIELD_SECONDARY))
             .map_or("", |s| s.trim())
             .to_string();
-        let previous = self.seen.insert(vm_ref.to_string(), want_level.clone());
+        let previous = self.seen.insert(
+            vm_ref.to_string(),
+            (want_level.clone(), want_secondary.clone()),
+        );
         let actual = VmProtection::from_other_config(oc, &rec.name_label).unwrap_or_default();
         if want_level.is_empty() {
             self.failed.remove(vm_ref);
-            let cleared = previous.is_some_and(|p| !p.is_empty()) && !first;
+            let cleared = previous.as_ref().is_some_and(|(l, _)| !l.is_empty()) && !first;
             if cleared && actual.level.is_some() {
-                return Ok(Some(match ops::unprotect(api, &rec.uuid).await {
-                    Ok(_) => {
+                let seen = (want_level.clone(), want_secondary.clone());
+                let done = registry::with_pool_lock(api, async || {
+                    if !fields_still(api, vm_ref, &seen).await? {
+                        return Ok(None);
+                    }
+                    ops::unprotect_locked(api, &rec.uuid).await.map(Some)
+                })
+                .await;
+                return Ok(Some(match done {
+                    Ok(None) => return Ok(None),
+                    Ok(Some(_)) => {
                         self.write_status(api, vm_ref, rec, "unprotected").await?;
                         Action::Unprotected {
                             vm: rec.uuid.clone(),
@@ -290,6 +322,26 @@ impl CustomFieldWatcher {
             }
             return Ok(None);
         }
+        // After the first read, act on the fields an edit changed, the others taken from the
+        // registry: `xenft vm-protect` writes the registry, then mirrors it into the fields one
+        // at a time, and acting on the difference in between (the old level still in the
+        // field) would undo the change it made.
+        let seen = (want_level.clone(), want_secondary.clone());
+        let (level_edited, secondary_edited) = match (&previous, first) {
+            (Some((l, s)), false) => (*l != want_level, *s != want_secondary),
+            _ => (true, true),
+        };
+        if !level_edited && !secondary_edited {
+            return Ok(None);
+        }
+        let want_level = match actual.level {
+            Some(l) if !level_edited => l.as_str().to_string(),
+            _ => want_level,
+        };
+        let want_secondary = match &actual.secondary {
+            Some(s) if !secondary_edited => s.clone(),
+            _ => want_secondary,
+        };
         let request = (want_level.clone(), want_secondary.clone());
         if self.failed.get(vm_ref) == Some(&request) {
             return Ok(None);
@@ -317,8 +369,18 @@ impl CustomFieldWatcher {
                 return Ok(None);
             }
         }
-        match ops::protect(api, &rec.uuid, level, &want_secondary).await {
-            Ok(p) => {
+        let done = registry::with_pool_lock(api, async || {
+            if !fields_still(api, vm_ref, &seen).await? {
+                return Ok(None);
+            }
+            ops::protect_locked(api, &rec.uuid, level, &want_secondary)
+                .await
+                .map(Some)
+        })
+        .await;
+        match done {
+            Ok(None) => Ok(None),
+            Ok(Some(p)) => {
                 self.failed.remove(vm_ref);
                 let msg = format!(
                     "protection requested: level {} on {}",

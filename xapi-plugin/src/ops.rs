@@ -224,7 +224,7 @@ pub async fn protect(
     .await
 }
 
-async fn protect_locked(
+pub(crate) async fn protect_locked(
     api: &XenApi,
     vm: &str,
     level: Level,
@@ -316,14 +316,17 @@ async fn protect_locked(
         )));
     }
     let oc = &rec.other_config;
-    let changed = oc.get(VM_LEVEL).map(|l| l.trim()) != Some(level.as_str())
+    let new_protection = oc.get(VM_LEVEL).is_none_or(|l| l.trim().is_empty())
         || oc.get(VM_SECONDARY) != Some(&host.uuid);
-    set_vm_key(api, &vm_ref, oc, VM_SECONDARY, Some(&host.uuid)).await?;
-    set_vm_key(api, &vm_ref, oc, VM_LEVEL, Some(level.as_str())).await?;
-    // A protection already in place keeps the state its agents report.
-    if changed {
+    // A protection already in place keeps the state its agents report, also when only its
+    // level changes: they report the raise's `syncing` themselves, and a lowering is
+    // `protected` at once (a `pending` written here would stay, their state being unchanged).
+    // A new one is `pending` before the agents can see it, so never written over their state.
+    if new_protection {
         set_state(api, &vm_ref, "pending").await?;
     }
+    set_vm_key(api, &vm_ref, oc, VM_SECONDARY, Some(&host.uuid)).await?;
+    set_vm_key(api, &vm_ref, oc, VM_LEVEL, Some(level.as_str())).await?;
     // Mirror into the XenCenter custom fields so XenCenter shows (and can change) it.
     let cf_level = value_key(FIELD_LEVEL);
     if oc.get(&cf_level).map(|s| s.trim()) != Some(level.as_str()) {
@@ -374,7 +377,7 @@ pub async fn unprotect(api: &XenApi, vm: &str) -> Result<bool, OpError> {
     registry::with_pool_lock(api, async || unprotect_locked(api, vm).await).await
 }
 
-async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
+pub(crate) async fn unprotect_locked(api: &XenApi, vm: &str) -> Result<bool, OpError> {
     let vms = api.vm_get_all_records().await?;
     let (vm_ref, rec) = resolve_vm(&vms, vm)?;
     let oc = &rec.other_config;

@@ -76,6 +76,21 @@ fn protect_then_unprotect_updates_registry_and_custom_fields() {
     );
     assert_eq!(oc[&value_key(FIELD_SECONDARY)], "host2");
 
+    // The agents report `protected`; a level change leaves their state for them to update.
+    p.srv
+        .set_map_key(&p.web, "other_config", "xenft.state", Some("protected"));
+    ok(&xenft(
+        &p,
+        &["vm-protect", "vm=web01", "level=3", "secondary=host2"],
+    ));
+    let oc = p.srv.map_field(&p.web, "other_config");
+    assert_eq!(oc["xenft.level"], "3");
+    assert_eq!(oc["xenft.state"], "protected");
+    ok(&xenft(
+        &p,
+        &["vm-protect", "vm=web01", "level=2", "secondary=host2"],
+    ));
+
     let status: serde_json::Value =
         serde_json::from_str(&ok(&xenft(&p, &["vm-status", "vm=web01", "--json"]))).unwrap();
     assert_eq!(status["level"], 2);

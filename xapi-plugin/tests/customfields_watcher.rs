@@ -241,3 +241,75 @@ async fn watcher_survives_session_expiry() {
     );
     assert_eq!(srv.calls("session.login_with_password"), 2);
 }
+
+/// Found by the agent's level-change test: `xenft vm-protect` on a VM protected through the
+/// fields writes the registry first and mirrors the new level into the field after; the
+/// watcher, seeing the field still at the old level, protected the VM at it again.
+#[tokio::test]
+async fn a_level_changed_with_the_cli_is_not_undone_by_the_watcher() {
+    let (srv, vm, _) = setup(16 * GIB);
+    let api = api(&srv);
+    let mut w = CustomFieldWatcher::new();
+    w.step(&api, Duration::ZERO).await.unwrap();
+    srv.set_map_key(
+        &vm,
+        "other_config",
+        &value_key(FIELD_SECONDARY),
+        Some("host2"),
+    );
+    srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), Some("2"));
+    assert_eq!(next_actions(&mut w, &api).await.len(), 1);
+
+    // As the CLI's writes land one by one: the registry first, the field after.
+    srv.set_map_key(&vm, "other_config", "xenft.level", Some("3"));
+    let a = w.step(&api, Duration::from_millis(300)).await.unwrap();
+    assert!(
+        a.is_empty(),
+        "acted on the CLI's half-written change: {a:?}"
+    );
+    xenft_xapi::ops::protect(&api, "web01", Level::System, "host2")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let a = w.step(&api, Duration::from_millis(200)).await.unwrap();
+        assert!(a.is_empty(), "{a:?}");
+    }
+    let oc = srv.map_field(&vm, "other_config");
+    assert_eq!(oc["xenft.level"], "3");
+    assert_eq!(oc[&value_key(FIELD_LEVEL)], "3");
+
+    // A writer holding the pool's lock rewrites the field (a remove, then an add): the watcher
+    // sees it absent for a moment, which is not an administrator clearing it.
+    let writer = xenft_xapi::registry::with_pool_lock(&api, async || {
+        srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), None);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), Some("3"));
+        Ok::<_, xenft_xapi::ops::OpError>(())
+    });
+    let watch = async {
+        let mut acted = Vec::new();
+        for _ in 0..4 {
+            acted.extend(w.step(&api, Duration::from_millis(300)).await.unwrap());
+        }
+        acted
+    };
+    let (written, acted) = tokio::join!(writer, watch);
+    written.unwrap();
+    assert!(acted.is_empty(), "{acted:?}");
+    assert_eq!(srv.map_field(&vm, "other_config")["xenft.level"], "3");
+
+    // A level typed into the field afterwards still protects at it, on the same secondary.
+    srv.set_map_key(&vm, "other_config", &value_key(FIELD_LEVEL), Some("1"));
+    let a = next_actions(&mut w, &api).await;
+    assert!(
+        matches!(
+            &a[..],
+            [Action::Protected {
+                level: Level::Restart,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(srv.map_field(&vm, "other_config")["xenft.level"], "1");
+}

@@ -2,13 +2,16 @@
 //!
 //! ```text
 //! unprotected → syncing → protected ⇄ degraded → resyncing → protected
-//!                             │
+//!                             │  ⇅ level raised: syncing toward it, protected at the old one
+//!                             │    meanwhile; level lowered: protected at the new one at once
 //!   (primary host lost)       └→ failing-over → failed-over (running on the old secondary,
 //!                                 roles swapped) → resyncing → protected
 //! ```
 //! A [`VmRecord`] holds the roles (primary, secondary), the role generation (bumped on every
-//! take-over, so the host that returns after a failover learns it is now the secondary) and the
-//! phase. Records are written to a state file with write-to-temporary + fsync + rename, so an
+//! take-over, so the host that returns after a failover learns it is now the secondary; a level
+//! change does not bump it), the phase, and the level the VM is protected at, with the higher
+//! one it syncs toward when its level was raised while it runs (`core::levels`; a raise does
+//! not count as protected at the new level until synced). Records are written to a state file with write-to-temporary + fsync + rename, so an
 //! agent that restarts (even mid-resync) resumes from the last decision it made.
 
 use std::fs;
@@ -84,8 +87,16 @@ pub enum Phase {
 pub struct VmRecord {
     /// The VM.
     pub vm: VmId,
-    /// Its protection level.
+    /// The level it is protected at: what a take-over uses (a level-3 resume from the last
+    /// checkpoint, a level-2 take-over of the mirrored disk, a level-1 restart). A VM that is
+    /// not protected yet (`unprotected`, its first `syncing`) is being protected at this level.
     pub level: Level,
+    /// A higher level asked for while the VM is protected at `level` (its level raised in the
+    /// registry): the VM syncs toward it (the disk mirror, then the memory stream for 3) and
+    /// `level` becomes it once that sync finished. Meanwhile `syncing` means "protected at
+    /// `level`, syncing toward this level". Absent (and not written) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raising_to: Option<Level>,
     /// The host running the VM.
     pub primary: HostId,
     /// The host holding the replica (level 2/3) or the reserved memory (level 1).
@@ -248,6 +259,7 @@ mod tests {
             phase: Phase::Resyncing,
             consistent: false,
             memory_mb: 1024,
+            raising_to: None,
         }
     }
 
@@ -259,6 +271,26 @@ mod tests {
         f.save(&[rec()]).unwrap();
         assert_eq!(f.load().unwrap(), vec![rec()]);
         assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_raise_in_progress_is_kept_and_older_state_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        let f = StateFile::new(&p);
+        let raising = VmRecord {
+            raising_to: Some(Level::L3),
+            level: Level::L2,
+            ..rec()
+        };
+        f.save(std::slice::from_ref(&raising)).unwrap();
+        assert_eq!(f.load().unwrap(), vec![raising]);
+        // Written without a raise (as before the field existed): no new key in the file.
+        f.save(&[rec()]).unwrap();
+        let text = fs::read_to_string(&p).unwrap();
+        assert!(!text.contains("raising_to"), "{text}");
+        fs::write(&p, br#"{"version":1,"vms":[{"vm":"a","level":2,"primary":"h","secondary":"g","generation":1,"phase":"protected","consistent":true,"memory_mb":1}]}"#).unwrap();
+        assert_eq!(f.load().unwrap()[0].raising_to, None);
     }
 
     #[test]

@@ -162,7 +162,9 @@ pub enum Input {
         /// Error text when not.
         detail: String,
     },
-    /// Protect a VM (from the registry).
+    /// Protect a VM (from the registry). For a VM the core has already, with the same roles:
+    /// its level changes (raised: synced toward while protected at the old one; lowered:
+    /// protected at once); with other roles: nothing (they are settled between the hosts).
     Protect(VmSpec),
     /// Stop protecting a VM (from the registry): replication stops, the record is dropped,
     /// the local copy is left as it is (a running primary keeps running).

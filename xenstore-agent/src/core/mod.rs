@@ -35,10 +35,13 @@
 //!   unfence;
 //! - `vm`: a VM's protection lifecycle on this host: protect and unprotect, sync, resync and
 //!   degrade, component faults and redirects ([`LocalCopy`]);
+//! - `levels`: a protected VM's level changed while it runs: raised (synced toward while
+//!   protected at the old level), lowered (protected at once at the lower one);
 //! - `takeover`: who runs each VM: the peer's view adopted, the primary's restart, the
 //!   secondary's take-over or refusal.
 
 mod lease;
+mod levels;
 mod membership;
 mod messages;
 mod takeover;
@@ -150,6 +153,8 @@ impl HostCore {
             // persistent dirty bitmap makes the restart copy only what is still dirty).
             if rec.primary == core.cfg.me {
                 match rec.phase {
+                    // A raise's sync: still protected at the level it had.
+                    Phase::Syncing if rec.raising_to.is_some() => rec.phase = Phase::Protected,
                     Phase::Syncing => rec.phase = Phase::Unprotected,
                     Phase::Resyncing => rec.phase = Phase::Degraded,
                     _ => {}
@@ -260,6 +265,7 @@ impl HostCore {
             Input::Unprotect(vm) => self.on_unprotect(&vm),
         }
         self.reconcile_all();
+        self.follow_raises();
         self.finish()
     }
 

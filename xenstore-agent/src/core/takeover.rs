@@ -202,9 +202,14 @@ impl HostCore {
                     // (re)sync in progress leaves the replica inconsistent. The disk mirror
                     // also reports inconsistency directly (`Input::MirrorConsistent`) the
                     // moment resync data starts to flow, closing the gap until this report.
+                    // A raise's sync from level 2 or 3 leaves the mirrored disk as it is (still
+                    // written synchronously): the replica stays what it was (`levels`).
+                    let raise_sync = r.phase == Phase::Syncing
+                        && v.rec.raising_to.is_some()
+                        && v.rec.level >= Level::L2;
                     let consistent = match r.phase {
                         Phase::Protected => Some(true),
-                        Phase::Syncing | Phase::Resyncing => Some(false),
+                        Phase::Syncing | Phase::Resyncing if !raise_sync => Some(false),
                         _ => None,
                     };
                     let phase = r.phase;
@@ -227,7 +232,9 @@ impl HostCore {
         if v.local != LocalCopy::Stopped {
             return;
         }
-        let refusal = if !v.rec.consistent {
+        // Level 1 (also while its level is raised) restarts from the VM's own disk: the
+        // replica's state does not matter.
+        let refusal = if v.rec.level >= Level::L2 && !v.rec.consistent {
             Some((
                 FaultClass::PeerSilent,
                 "the local replica is not consistent (sync was not complete)".to_string(),

@@ -36,6 +36,7 @@ pub(super) fn rec(phase: Phase, consistent: bool) -> VmRecord {
         phase,
         consistent,
         memory_mb: 512,
+        raising_to: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::lease::LeaseView;
+use super::levels::Credit;
 use super::membership::PeerState;
 use super::{Command, HostCore, VmReport, VmSpec};
 use crate::decision::{Action, Component, FaultClass};
@@ -40,6 +41,12 @@ pub(super) struct VmRuntime {
     pub(super) redirected: BTreeSet<Component>,
     /// After a failed sync: not before this time, and the delay before the next try.
     pub(super) sync_retry: Option<(Millis, Millis)>,
+    /// The level the last sync started was for: its success protects the VM at that level
+    /// (or the level asked for since, if lower).
+    pub(super) sync_level: Level,
+    /// On the secondary while the level is raised: the primary was seen syncing since, so its
+    /// next `protected` means the raised level is in sync.
+    pub(super) raise_sync_seen: bool,
 }
 
 /// First delay before a failed sync is tried again; doubled up to [`SYNC_RETRY_MAX_MS`].
@@ -63,6 +70,8 @@ pub struct VmView {
 impl HostCore {
     pub(super) fn insert_vm(&mut self, rec: VmRecord, local: LocalCopy) {
         let n = self.cfg.quorum_servers;
+        let sync_level = rec.raising_to.unwrap_or(rec.level);
+        let raise_sync_seen = matches!(rec.phase, Phase::Syncing | Phase::Resyncing);
         self.vms.insert(
             rec.vm.clone(),
             VmRuntime {
@@ -75,6 +84,8 @@ impl HostCore {
                 refused: None,
                 sync_id: 0,
                 sync_retry: None,
+                sync_level,
+                raise_sync_seen,
                 redirected: BTreeSet::new(),
             },
         );
@@ -85,6 +96,7 @@ impl HostCore {
             return;
         }
         if self.vms.contains_key(&spec.vm) {
+            self.change_level(&spec);
             return;
         }
         let rec = VmRecord {
@@ -96,6 +108,7 @@ impl HostCore {
             phase: Phase::Unprotected,
             consistent: spec.level == Level::L1,
             memory_mb: spec.memory_mb,
+            raising_to: None,
         };
         let local = if rec.primary == self.cfg.me {
             LocalCopy::Running
@@ -133,6 +146,18 @@ impl HostCore {
         }
         v.rec.phase = Phase::Protected;
         v.sync_retry = None;
+        let reason = match super::levels::credit_sync(&mut v.rec, v.sync_level) {
+            Some(Credit::Raised) => format!(
+                "sync finished: both copies identical, protected at level {}",
+                u8::from(v.rec.level)
+            ),
+            Some(Credit::Partly) => format!(
+                "sync finished: protected at level {}, level {} still to sync",
+                u8::from(v.rec.level),
+                v.rec.raising_to.map_or(0, u8::from)
+            ),
+            None => "sync finished: both copies identical".into(),
+        };
         self.dirty = true;
         self.decide(
             None,
@@ -140,7 +165,7 @@ impl HostCore {
             Some(vm),
             FaultClass::Protection,
             Action::Protected,
-            "sync finished: both copies identical".into(),
+            reason,
         );
     }
 
@@ -155,11 +180,12 @@ impl HostCore {
         if v.sync_id != sync_id || !matches!(v.rec.phase, Phase::Syncing | Phase::Resyncing) {
             return;
         }
-        let first = v.rec.phase == Phase::Syncing;
-        v.rec.phase = if first {
-            Phase::Unprotected
-        } else {
-            Phase::Degraded
+        // A raise's sync leaves the VM protected at the level it had; a first sync leaves it
+        // unprotected, a resync degraded.
+        v.rec.phase = match v.rec.phase {
+            Phase::Syncing if v.rec.raising_to.is_some() => Phase::Protected,
+            Phase::Syncing => Phase::Unprotected,
+            _ => Phase::Degraded,
         };
         let delay = v.sync_retry.map_or(SYNC_RETRY_MS, |(_, d)| {
             d.saturating_mul(2).min(SYNC_RETRY_MAX_MS)
@@ -324,6 +350,7 @@ impl HostCore {
         let peer = v.rec.other(&self.cfg.me).clone();
         let phase = v.rec.phase;
         let level = v.rec.level;
+        let raising_to = v.rec.raising_to;
         let peer_agrees = report.is_some_and(|r| {
             r.generation == v.rec.generation && r.primary == v.rec.primary && !r.running
         });
@@ -354,8 +381,9 @@ impl HostCore {
                 let v = self.vms.get_mut(vm).expect("vm");
                 v.sync_id += 1;
                 let sync_id = v.sync_id;
+                v.sync_level = raising_to.unwrap_or(level);
                 self.dirty = true;
-                if level == Level::L1 {
+                if v.sync_level == Level::L1 {
                     v.rec.phase = Phase::Protected;
                     self.decide(
                         Some(&peer),
@@ -390,6 +418,41 @@ impl HostCore {
                         "secondary reachable again: resync of dirty regions, VM keeps running"
                             .into()
                     },
+                );
+            }
+            // The level was raised: sync toward it while protected at the current one (a full
+            // disk copy from level 1, where the secondary holds no replica).
+            Phase::Protected
+                if may_sync && peer_agrees && v.sync_retry.is_none_or(|(at, _)| self.now >= at) =>
+            {
+                let Some(to) = raising_to else {
+                    return;
+                };
+                let full = level == Level::L1;
+                let v = self.vms.get_mut(vm).expect("vm");
+                v.sync_id += 1;
+                let sync_id = v.sync_id;
+                v.sync_level = to;
+                v.rec.phase = Phase::Syncing;
+                self.dirty = true;
+                self.cmd(Command::StartSync {
+                    vm: vm.clone(),
+                    peer: peer.clone(),
+                    sync_id,
+                    full,
+                });
+                self.decide(
+                    Some(&peer),
+                    None,
+                    Some(vm),
+                    FaultClass::Protection,
+                    Action::Resync,
+                    format!(
+                        "level raised from {} to {}: syncing toward it, protected at level {} meanwhile",
+                        u8::from(level),
+                        u8::from(to),
+                        u8::from(level)
+                    ),
                 );
             }
             _ => {}

@@ -6,7 +6,10 @@
 //! their A-links, quorum servers, policy, the uuid of the secret holding the A-link key); VM
 //! `other_config["xenft.level"]` and `["xenft.secondary"]` (a host uuid). A VM that cannot be
 //! protected as asked is not dropped silently: it is listed in [`Desired::refused`] with the
-//! reason, which the agent reports in the VM's `xenft.state` and its log.
+//! reason, which the agent reports in the VM's `xenft.state` and its log. A VM with a
+//! `xenft.secondary` but no `xenft.level` is refused too, without a state line: it is a level
+//! being rewritten (a map edit is a remove then an add), during which a VM already protected
+//! keeps its protection.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +18,9 @@ use xenft_xapi::api::{HostRecord, PoolRecord, Ref, VmRecord};
 use xenft_xapi::devices::{VbdRecord, VdiRecord, VifRecord};
 
 use super::devices::VmDevices;
-use xenft_xapi::registry::{self, Level, PoolConfig, VmProtection, POOL_KEY, VM_LEVEL};
+use xenft_xapi::registry::{
+    self, Level, PoolConfig, VmProtection, POOL_KEY, VM_LEVEL, VM_SECONDARY,
+};
 
 /// The records the desired state is derived from, by opaque ref.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -179,6 +184,21 @@ pub fn derive(s: &Snapshot) -> Desired {
             .get(VM_LEVEL)
             .is_none_or(|l| l.trim().is_empty())
         {
+            // `xenft vm-protect` changing a level (a map edit is a remove then an add) or
+            // `vm-unprotect` half-way: the secondary without a level. Refused, so that a VM
+            // already protected keeps its protection through the edit (the plane ends it if
+            // this lasts), not unprotected and protected again from scratch.
+            if vm
+                .other_config
+                .get(VM_SECONDARY)
+                .is_some_and(|s| !s.trim().is_empty())
+            {
+                tracing::debug!(vm = %vm.name_label, "xenft.secondary without xenft.level: an edit in progress?");
+                d.refused.insert(
+                    vm.uuid.clone(),
+                    "xenft.secondary is set without xenft.level".into(),
+                );
+            }
             continue;
         }
         d.refs.insert(vm.uuid.clone(), r.clone());
@@ -362,6 +382,24 @@ mod tests {
             })
         );
         assert_eq!(d.role("v1", "u-h3"), None);
+    }
+
+    /// `xenft vm-protect` changing a level removes `xenft.level` and adds it back: in between
+    /// the VM is refused (kept by a host already protecting it), not gone (unprotected, then
+    /// protected again from scratch).
+    #[test]
+    fn a_level_being_rewritten_is_refused_for_the_moment_not_gone() {
+        let s = snapshot(
+            Some(pool_json(&["u-h1", "u-h2"])),
+            vec![(
+                "OpaqueRef:v",
+                vm("v1", "OpaqueRef:h1", &[("xenft.secondary", "u-h2")]),
+            )],
+        );
+        let d = derive(&s);
+        assert!(d.vms.is_empty());
+        assert!(d.refused["v1"].contains("without xenft.level"), "{d:?}");
+        assert!(d.refs.is_empty(), "no error line written for it");
     }
 
     #[test]

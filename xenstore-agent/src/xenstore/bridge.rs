@@ -165,6 +165,7 @@ mod tests {
                 phase: Phase::Protected,
                 consistent: true,
                 memory_mb: 1,
+                raising_to: None,
             },
             local: LocalCopy::Running,
             lease_valid: true,
