@@ -215,6 +215,7 @@ impl Seams {
                 self.disk.promote(vm, None)?;
                 self.domains.start(vm)?;
             }
+            StartMode::Restart => self.domains.start(vm)?,
         }
         self.net.announce(vm)
     }
@@ -477,6 +478,15 @@ mod tests {
         let vm = VmId::new("vm1").unwrap();
         Seams::recording(&r).start(&vm, StartMode::Boot).unwrap();
         assert_eq!(r.calls(), vec!["promote vm1", "start vm1", "announce vm1"]);
+    }
+
+    #[test]
+    fn a_level_1_restart_leaves_any_mirror_copy_alone() {
+        // A raise to level 2 may have a half-filled copy here: it must not become the disk.
+        let r = Recorder::new();
+        let vm = VmId::new("vm1").unwrap();
+        Seams::recording(&r).start(&vm, StartMode::Restart).unwrap();
+        assert_eq!(r.calls(), vec!["start vm1", "announce vm1"]);
     }
 
     #[test]

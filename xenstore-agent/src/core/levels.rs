@@ -523,7 +523,7 @@ mod tests {
             take_over(&mut r),
             vec![Command::StartVm {
                 vm: vm(),
-                mode: StartMode::Boot
+                mode: StartMode::Restart
             }]
         );
     }
@@ -560,7 +560,7 @@ mod tests {
             take_over(&mut r),
             vec![Command::StartVm {
                 vm: vm(),
-                mode: StartMode::Boot
+                mode: StartMode::Restart
             }]
         );
     }

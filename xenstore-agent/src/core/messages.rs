@@ -29,7 +29,10 @@ pub struct VmSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StartMode {
-    /// Boot from the (mirrored or shared) disk: level 1 and 2, or a restart after both copies
+    /// Level 1: boot from the VM's own (shared) disk. No mirror copy is touched — one that is
+    /// half-filled by a raise to level 2 in progress must not become the VM's disk.
+    Restart,
+    /// Boot from the mirrored copy, promoted first: level 2, or a restart after both copies
     /// were lost.
     Boot,
     /// Resume from the last committed checkpoint (level 3 take-over).

@@ -296,10 +296,10 @@ impl HostCore {
         v.rec.phase = Phase::FailingOver;
         v.local = LocalCopy::Starting;
         self.dirty = true;
-        let mode = if level == Level::L3 {
-            StartMode::ResumeCheckpoint
-        } else {
-            StartMode::Boot
+        let mode = match level {
+            Level::L3 => StartMode::ResumeCheckpoint,
+            Level::L2 => StartMode::Boot,
+            Level::L1 => StartMode::Restart,
         };
         self.cmd(Command::StartVm {
             vm: vm.clone(),
@@ -380,7 +380,7 @@ mod tests {
         r.run(1000, &[], None);
         assert!(r.commands().contains(&Command::StartVm {
             vm: vm(),
-            mode: StartMode::Boot
+            mode: StartMode::Restart
         }));
         assert!(r
             .decisions()
