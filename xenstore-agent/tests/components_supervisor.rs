@@ -5,12 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use xenft_agent::xapi::components::{plan, Change, HostFacts, Supervisor, BACKOFF};
+use xenft_agent::xapi::components::{plan, Change, Supervisor, BACKOFF};
 use xenft_control::blkback::{NodeStatus, PeerLink, Reply, Request};
 use xenft_control::{Blkback, Client};
 
 mod runtime_pool;
-use runtime_pool::{blkback_binary, loopback_desired, wait_until};
+use runtime_pool::{blkback_binary, host_facts, loopback_desired, wait_until};
 
 fn peer_link(ctl: &std::path::Path) -> Option<PeerLink> {
     match Client::<Blkback>::new(ctl, Duration::from_secs(2)).call(&Request::Status) {
@@ -33,21 +33,7 @@ fn components_follow_the_plan_restart_after_a_crash_survive_an_agent_restart_and
 {
     let bin = blkback_binary();
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "a pool secret of enough length").unwrap();
-    let facts = |me: &str| HostFacts {
-        me: me.into(),
-        run_dir: dir.path().join(format!("run-{me}")),
-        disk_dir: dir.path().join(format!("disks-{me}")),
-        blkback: bin.clone(),
-        secret_file: secret.clone(),
-        disk_size: Some(16 << 20),
-        relay: None,
-        engine: None,
-    };
-    for me in ["u1", "u2"] {
-        std::fs::create_dir_all(facts(me).disk_dir).unwrap();
-    }
+    let facts = |me: &str| host_facts(dir.path(), me, &bin);
     let base = 20_000 + u16::try_from(std::process::id() % 20_000).unwrap();
     let d = loopback_desired(base, "4c1d-vm", "web01", 2);
     let (p1, pr1) = plan(&d, &facts("u1"));

@@ -18,7 +18,7 @@ use xenft_control::checkpoint::{Request, State, Status};
 use xenft_control::{Blkback, Checkpoint, Client};
 
 mod runtime_pool;
-use runtime_pool::{blkback_binary, loopback_desired, wait_until};
+use runtime_pool::{blkback_binary, host_facts, loopback_desired, wait_until};
 
 const VM: &str = "5e2a-vm";
 
@@ -107,16 +107,7 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
     let blkback = blkback_binary();
     let (engine, guest) = checkpoint_binaries();
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "a pool secret of enough length").unwrap();
     let facts = |me: &str| HostFacts {
-        me: me.into(),
-        run_dir: dir.path().join(format!("run-{me}")),
-        disk_dir: dir.path().join(format!("disks-{me}")),
-        blkback: blkback.clone(),
-        secret_file: secret.clone(),
-        disk_size: Some(16 << 20),
-        relay: None,
         engine: Some(EngineFacts {
             binary: engine.clone(),
             guest: EngineGuest::Synthetic {
@@ -125,10 +116,8 @@ fn a_level_3_vms_engines_are_supervised_and_the_driver_protects_again_after_a_re
             },
             epoch_ms: 20,
         }),
+        ..host_facts(dir.path(), me, &blkback)
     };
-    for me in ["u1", "u2"] {
-        std::fs::create_dir_all(facts(me).disk_dir).unwrap();
-    }
     let base = 24_000 + u16::try_from(std::process::id() % 20_000).unwrap();
     let _cleanup = KillComponents(vec![facts("u1").run_dir, facts("u2").run_dir]);
     let d = loopback_desired(base, VM, "db01", 3);

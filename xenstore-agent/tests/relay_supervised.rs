@@ -21,7 +21,7 @@ use xenft_xapi::transport::{Endpoint, TlsOptions};
 use xenft_xapi::{ConnectOptions, Credentials, XenApi};
 
 mod runtime_pool;
-use runtime_pool::{blkback_binary, component_binary, pool_init, wait_until};
+use runtime_pool::{blkback_binary, component_binary, host_facts, pool_init, wait_until};
 
 const MIB: i64 = 1 << 20;
 
@@ -139,25 +139,15 @@ async fn the_relay_and_the_disk_come_from_xapis_device_records() {
 
     let dir = tempfile::tempdir().unwrap();
     let _kill = KillUnder(dir.path().to_path_buf());
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "a pool secret of enough length").unwrap();
     let facts = |me: &str| HostFacts {
-        me: me.into(),
-        run_dir: dir.path().join(format!("run-{me}")),
-        disk_dir: dir.path().join(format!("disks-{me}")),
-        blkback: blkback.clone(),
-        secret_file: secret.clone(),
         disk_size: None,
         relay: Some(RelayFacts {
             netback: netback.clone(),
             uplink: "up0".into(),
             vif_name: DEFAULT_VIF_NAME.into(),
         }),
-        engine: None,
+        ..host_facts(dir.path(), me, &blkback)
     };
-    for me in [&h1, &h2] {
-        std::fs::create_dir_all(facts(me).disk_dir).unwrap();
-    }
     let (p1, pr1) = plan(&d, &facts(&h1));
     let (p2, pr2) = plan(&d, &facts(&h2));
     assert!(pr1.is_empty() && pr2.is_empty(), "{pr1:?} {pr2:?}");

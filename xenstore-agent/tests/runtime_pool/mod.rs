@@ -218,3 +218,29 @@ pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Host `me`'s facts for supervisor tests under `dir`: runtime and disk directories of its
+/// own (the disk directory created), the pool secret in `dir/secret`, 16 MiB disks, no relay
+/// and no engine (set them with struct update syntax).
+pub fn host_facts(
+    dir: &std::path::Path,
+    me: &str,
+    blkback: &std::path::Path,
+) -> xenft_agent::xapi::components::HostFacts {
+    let secret = dir.join("secret");
+    if !secret.exists() {
+        std::fs::write(&secret, "a pool secret of enough length").unwrap();
+    }
+    let disk_dir = dir.join(format!("disks-{me}"));
+    std::fs::create_dir_all(&disk_dir).unwrap();
+    xenft_agent::xapi::components::HostFacts {
+        me: me.into(),
+        run_dir: dir.join(format!("run-{me}")),
+        disk_dir,
+        blkback: blkback.to_path_buf(),
+        secret_file: secret,
+        disk_size: Some(16 << 20),
+        relay: None,
+        engine: None,
+    }
+}
