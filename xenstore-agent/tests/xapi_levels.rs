@@ -23,7 +23,7 @@ use xenft_xapi::transport::{Endpoint, TlsOptions};
 use xenft_xapi::{ConnectOptions, Credentials, XenApi};
 
 mod runtime_pool;
-use runtime_pool::{host, pool_init, start_quorum, wait_for, Pool};
+use runtime_pool::{host, pool_init, shutdown_all, start_quorum, wait_for, Pool};
 
 const GIB: i64 = 1 << 30;
 
@@ -267,10 +267,5 @@ async fn level_1_then_2_then_3_then_1_on_the_running_vm() {
             );
         }
     }
-    for p in planes.drain(..) {
-        p.shutdown().await;
-    }
-    for a in agents.drain(..) {
-        a.shutdown().await;
-    }
+    shutdown_all(planes, agents).await;
 }

@@ -19,7 +19,7 @@ use xenft_xapi::transport::{Endpoint, TlsOptions};
 use xenft_xapi::{ConnectOptions, Credentials, XenApi};
 
 mod runtime_pool;
-use runtime_pool::{host, pool_init, start_quorum, wait_for, Pool};
+use runtime_pool::{host, pool_init, shutdown_all, start_quorum, wait_for, Pool};
 
 const GIB: i64 = 1 << 30;
 
@@ -107,7 +107,7 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
 
     let q = start_quorum().await;
     let pool = Pool::new(q.addr());
-    let (recorders, mut agents, mut planes) = recording_pair(&pool, &endpoint, &creds).await;
+    let (recorders, agents, planes) = recording_pair(&pool, &endpoint, &creds).await;
     let r1 = &recorders[0];
 
     // Act: `xenft vm-protect vm=web01 level=2 secondary=h2`.
@@ -160,12 +160,7 @@ async fn vm_protect_through_xenapi_is_all_it_takes_and_the_state_comes_back() {
             "unprotect must not stop the VM: {c}"
         );
     }
-    for p in planes.drain(..) {
-        p.shutdown().await;
-    }
-    for a in agents.drain(..) {
-        a.shutdown().await;
-    }
+    shutdown_all(planes, agents).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,12 +288,7 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
         || !pidfile.exists(),
     )
     .await;
-    for p in planes {
-        p.shutdown().await;
-    }
-    for a in agents {
-        a.shutdown().await;
-    }
+    shutdown_all(planes, agents).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,12 +342,7 @@ async fn a_level_typed_into_the_xencenter_field_alone_protects_the_vm() {
         || agents.iter().all(|a| a.hub().snapshot().vms.is_empty()),
     )
     .await;
-    for p in planes {
-        p.shutdown().await;
-    }
-    for a in agents {
-        a.shutdown().await;
-    }
+    shutdown_all(planes, agents).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,7 +358,7 @@ async fn a_vm_started_on_the_secondary_is_reported_as_eating_the_reserved_capaci
     pool_init(&api, &[("h1", "10.0.0.1:7500"), ("h2", "10.0.0.2:7500")]).await;
     let q = start_quorum().await;
     let pool = Pool::new(q.addr());
-    let (_recorders, mut agents, mut planes) = recording_pair(&pool, &endpoint, &creds).await;
+    let (_recorders, agents, planes) = recording_pair(&pool, &endpoint, &creds).await;
     let state = || {
         srv.map_field(&vm_ref, "other_config")
             .get("xenft.state")
@@ -418,10 +403,5 @@ async fn a_vm_started_on_the_secondary_is_reported_as_eating_the_reserved_capaci
         || state() == "protected",
     )
     .await;
-    for p in planes.drain(..) {
-        p.shutdown().await;
-    }
-    for a in agents.drain(..) {
-        a.shutdown().await;
-    }
+    shutdown_all(planes, agents).await;
 }

@@ -244,3 +244,16 @@ pub fn host_facts(
         engine: None,
     }
 }
+
+/// Stops the control planes, then their agents.
+pub async fn shutdown_all(
+    planes: Vec<xenft_agent::xapi::plane::Plane>,
+    agents: Vec<xenft_agent::runtime::Agent>,
+) {
+    for p in planes {
+        p.shutdown().await;
+    }
+    for a in agents {
+        a.shutdown().await;
+    }
+}
