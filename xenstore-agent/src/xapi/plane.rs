@@ -174,7 +174,8 @@ async fn run(
     let mut followers = Followers::default();
     let mut fields = FieldWatcher::default();
     let mut told = BTreeMap::new();
-    let mut halted: BTreeMap<crate::ids::VmId, Instant> = BTreeMap::new();
+    // VMs told to the core that the registry shows halted or refuses, since when.
+    let mut held: BTreeMap<crate::ids::VmId, Instant> = BTreeMap::new();
     let mut coalescer = Coalescer::default();
     let mut reserve = Reserve::default();
     let mut tick = tokio::time::interval(REPORT_EVERY);
@@ -197,10 +198,10 @@ async fn run(
                 let Some(d) = desired.borrow_and_update().clone() else { continue };
                 let (next, ins, _) = changes(&told, &d, &me);
                 told = next;
-                let halted_now = held_told(&told, &d);
-                halted.retain(|vm, _| halted_now.contains(vm));
-                for vm in halted_now {
-                    halted.entry(vm).or_insert_with(Instant::now);
+                let held_now = held_told(&told, &d);
+                held.retain(|vm, _| held_now.contains(vm));
+                for vm in held_now {
+                    held.entry(vm).or_insert_with(Instant::now);
                 }
                 for i in ins {
                     tracing::info!(input = ?i, "registry change for the core");
@@ -212,13 +213,13 @@ async fn run(
             _ = tick.tick() => {
                 // A protected VM halted (or refused) for longer than a take-over or a registry
                 // edit takes was shut down (or really refused): its protection ends.
-                let expired: Vec<_> = halted
+                let expired: Vec<_> = held
                     .iter()
                     .filter(|(_, since)| since.elapsed() >= HOLD_GRACE)
                     .map(|(vm, _)| vm.clone())
                     .collect();
                 for vm in expired {
-                    halted.remove(&vm);
+                    held.remove(&vm);
                     told.remove(&vm);
                     tracing::info!(%vm, "the VM stays halted or refused: its protection ends");
                     if inputs.send(Input::Unprotect(vm)).await.is_err() {
