@@ -231,6 +231,10 @@ pub struct XapiFile {
     /// The agent starts and supervises the VMs' components itself (`crate::xapi::components`).
     #[serde(default)]
     pub components: Option<ComponentsFile>,
+    /// How to pause and unpause a VM on this host when xapi cannot be reached (an isolated
+    /// host fences its copy without the pool master: `crate::xapi::domain`).
+    #[serde(default)]
+    pub local_fence: Option<crate::xapi::domain::LocalFence>,
     /// UDP port of the management-network heartbeat path when the peers come from the
     /// registry (`peers` left out: `crate::xapi::membership`).
     #[serde(default = "default_mgmt_port")]

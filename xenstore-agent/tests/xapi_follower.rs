@@ -314,6 +314,24 @@ async fn a_take_over_on_an_xapi_host_starts_the_vm_through_start_on() {
         ("Running".into(), h2.clone())
     );
     assert_eq!(srv.calls("VM.power_state_reset"), 1);
+    // The old primary, back, drops its copy because h2 owns the VM — at once, before its
+    // registry shows the take-over: xapi, read afresh, records the VM on h2, so h1's destroy
+    // (and a late fence) must not stop it there.
+    let (old, i) = (std::sync::Arc::new(on_h1), id.clone());
+    tokio::task::spawn_blocking(move || {
+        old.pause(&i).unwrap();
+        old.destroy(&i)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (field("power_state"), field("resident_on")),
+        ("Running".into(), h2.clone()),
+        "the old primary's destroy stopped the VM on its new host"
+    );
+    assert_eq!(srv.calls("VM.hard_shutdown"), 0);
+    assert_eq!(srv.calls("VM.pause"), 0);
     // Fencing and its end, then the copy dropped.
     for (op, state) in [
         ("pause", "Paused"),

@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         .xapi_follower()
         .with_context(|| format!("configuration {}", args.config.display()))?;
     let domains_via = file.xapi.as_ref().map(|x| x.domains);
+    let local_fence = file.xapi.as_ref().and_then(|x| x.local_fence.clone());
     let components_file = file.xapi.as_ref().and_then(|x| x.components.clone());
     let mgmt_port = file.xapi.as_ref().map(|x| x.mgmt_port);
     let secret_file = file.config.secret_file.clone();
@@ -117,12 +118,15 @@ fn main() -> anyhow::Result<()> {
             }
         };
         if let (Some(f), Some(DomainsVia::Xapi)) = (&follower, domains_via) {
-            seams.domains = std::sync::Arc::new(xenft_agent::xapi::domain::XapiDomain::new(
-                f.api(),
-                f.desired(),
-                cfg.core.me.clone(),
-                tokio::runtime::Handle::current(),
-            ));
+            seams.domains = std::sync::Arc::new(
+                xenft_agent::xapi::domain::XapiDomain::new(
+                    f.api(),
+                    f.desired(),
+                    cfg.core.me.clone(),
+                    tokio::runtime::Handle::current(),
+                )
+                .with_local_fence(local_fence),
+            );
         }
         // The agent supervises the VMs' components itself: their sockets by convention.
         let mut components = match components_file {
@@ -139,8 +143,10 @@ fn main() -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
-                std::fs::create_dir_all(&c.run_dir)
-                    .with_context(|| format!("creating {}", c.run_dir.display()))?;
+                for d in [&c.run_dir, &c.disk_dir] {
+                    std::fs::create_dir_all(d)
+                        .with_context(|| format!("creating {}", d.display()))?;
+                }
                 let convention = xenft_agent::drivers::Convention {
                     run_dir: c.run_dir.clone(),
                     request_timeout: std::time::Duration::from_secs(10),

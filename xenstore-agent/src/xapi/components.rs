@@ -517,6 +517,42 @@ impl Supervisor {
         changes
     }
 
+    /// Replaces the components launched in their standby form that took the VM over since
+    /// (super::roles::took_over) although the plan wants them as the secondary again — the
+    /// VM went back to the other host — when `is_secondary(vm)` (the core agrees this host
+    /// holds the copy: never in the middle of a take-over, before the registry shows it).
+    /// Returns the components replaced.
+    pub fn replace_took_over(
+        &mut self,
+        wanted: &[ProcSpec],
+        is_secondary: impl Fn(&str) -> bool,
+    ) -> Vec<(String, &'static str)> {
+        let stale: Vec<_> = self
+            .running
+            .iter()
+            .filter(|(_, r)| {
+                wanted.contains(&r.spec)
+                    && super::roles::is_standby(&r.spec)
+                    && is_secondary(&r.spec.vm)
+                    && super::roles::took_over(&self.run_dir.join(&r.spec.vm), &r.spec)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &stale {
+            self.stop(key);
+        }
+        stale
+    }
+
+    /// Stops component `name` of `vm` so that the next [`Self::reconcile`] starts a fresh
+    /// process at once (no backoff); whether one ran.
+    pub fn renew(&mut self, vm: &str, name: &'static str) -> bool {
+        let key = (vm.to_string(), name);
+        let ran = self.running.contains_key(&key);
+        self.stop(&key);
+        ran
+    }
+
     /// The pid of a running component.
     #[must_use]
     pub fn pid(&self, vm: &str, name: &str) -> Option<u32> {

@@ -7,7 +7,7 @@
 //! `xenft-level` field protects it. The host running a VM also re-checks that its secondary
 //! can still hold it ([`super::reservation`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -178,6 +178,7 @@ async fn run(
     let mut held: BTreeMap<crate::ids::VmId, Instant> = BTreeMap::new();
     let mut coalescer = Coalescer::default();
     let mut reserve = Reserve::default();
+    let mut renewed = BTreeSet::new();
     let mut tick = tokio::time::interval(REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -228,7 +229,8 @@ async fn run(
                 }
                 let Some(d) = desired.borrow().clone() else { continue };
                 if let Some(c) = components.as_mut() {
-                    supervise(c, &d, &me, &mut followers, &inputs);
+                    supervise(c, &d, &me, &hub, &mut followers, &inputs);
+                    renew_stale_replicas(c, &hub, &me, &mut renewed);
                 }
                 let master = d.master.is_some() && d.master.as_deref() == d.host_uuid(me.as_str());
                 fields.keep(master.then(|| api.borrow().clone()).flatten());
@@ -297,6 +299,7 @@ fn supervise(
     c: &mut Components,
     d: &super::desired::Desired,
     me: &HostId,
+    hub: &StatusHub,
     followers: &mut Followers,
     inputs: &mpsc::Sender<Input>,
 ) {
@@ -308,12 +311,62 @@ fn supervise(
     for (vm, why) in &problems {
         tracing::debug!(%vm, reason = %why, "no components for this VM");
     }
+    // Where the core holds the copy (the VM runs on the peer, nothing runs here), a
+    // component that took the VM over earlier is no secondary any more.
+    let snap = hub.snapshot();
+    let is_secondary = |vm: &str| {
+        snap.vms.iter().any(|v| {
+            v.record.vm.as_str() == vm
+                && v.record.primary != *me
+                && v.local == crate::core::LocalCopy::Stopped
+        })
+    };
+    let replaced =
+        tokio::task::block_in_place(|| c.supervisor.replace_took_over(&wanted, is_secondary));
+    for (vm, name) in &replaced {
+        tracing::warn!(%vm, component = name, "it took the VM over earlier; the VM runs on the peer now: replaced by a fresh secondary");
+    }
     let changes =
         tokio::task::block_in_place(|| c.supervisor.reconcile(&wanted, std::time::Instant::now()));
     for ch in &changes {
         tracing::info!(change = ?ch, "component");
     }
     followers.apply(&changes, &c.facts.run_dir, inputs);
+}
+
+/// A level-3 replica whose stream broke is stale: after the A-links were all cut (the core
+/// suspended replication, the VM ran on unprotected on its primary) the primary's engine
+/// protects the guest again only toward a fresh `xenft-checkpoint secondary` — a replica
+/// that missed checkpoints cannot take the next one. So when this host, the VM's secondary,
+/// sees the VM resyncing (its primary alive and syncing toward it again: no take-over will
+/// use this replica) it restarts the VM's engine once per resync; the new process receives
+/// the full copy. `renewed` remembers the VMs already restarted in their current resync.
+fn renew_stale_replicas(
+    c: &mut Components,
+    hub: &StatusHub,
+    me: &HostId,
+    renewed: &mut BTreeSet<crate::ids::VmId>,
+) {
+    let snap = hub.snapshot();
+    let resyncing: Vec<_> = snap
+        .vms
+        .iter()
+        .filter(|v| {
+            v.record.level == crate::lifecycle::Level::L3
+                && v.record.phase == crate::lifecycle::Phase::Resyncing
+                && v.record.primary != *me
+                && v.local == crate::core::LocalCopy::Stopped
+        })
+        .map(|v| v.record.vm.clone())
+        .collect();
+    renewed.retain(|vm| resyncing.contains(vm));
+    for vm in resyncing {
+        if renewed.insert(vm.clone())
+            && tokio::task::block_in_place(|| c.supervisor.renew(vm.as_str(), "checkpoint"))
+        {
+            tracing::warn!(%vm, "the VM resyncs toward this host: its stale memory replica is replaced by a fresh checkpoint secondary");
+        }
+    }
 }
 
 /// How often the secondaries' free memory is asked for when nothing in the registry changed

@@ -47,6 +47,56 @@ pub fn satisfies(running: &ProcSpec, wanted: &ProcSpec) -> bool {
     running == wanted || standby_form(wanted).as_ref() == Some(running)
 }
 
+/// Whether `spec` is a component's standby (secondary) form.
+#[must_use]
+pub fn is_standby(spec: &ProcSpec) -> bool {
+    let after = |flag: &str| {
+        spec.args
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| spec.args.get(i + 1))
+            .map(String::as_str)
+    };
+    match spec.name {
+        "blkback" => after("--role") == Some("secondary"),
+        "netback" => after("--mode") == Some("standby"),
+        "checkpoint" => spec.args.first().map(String::as_str) == Some("secondary"),
+        _ => false,
+    }
+}
+
+/// Whether the component launched as `spec` (a standby form, its control socket in `dir`)
+/// took the VM over since: a promoted disk, a relay in pass-through, an engine that resumed
+/// the guest. Such a process no longer is the secondary its argv says: when the plan wants
+/// the secondary again (the VM went back to the other host) it must be replaced. A
+/// component that does not answer is taken at its word (its supervisor restarts it if it
+/// died).
+#[must_use]
+pub fn took_over(dir: &std::path::Path, spec: &ProcSpec) -> bool {
+    use std::time::Duration;
+    use xenft_control::{blkback, checkpoint, netback, Blkback, Checkpoint, Client, Netback};
+    const T: Duration = Duration::from_millis(500);
+    let sock = dir.join(format!("{}.sock", spec.name));
+    match spec.name {
+        "blkback" => matches!(
+            Client::<Blkback>::new(&sock, T).call(&blkback::Request::Status),
+            Ok(blkback::Reply::Status(s)) if !matches!(s.node, blkback::NodeStatus::Secondary { .. })
+        ),
+        "netback" => matches!(
+            Client::<Netback>::new(&sock, T).call(&netback::Request::Counters),
+            Ok(netback::Reply::Counters { counters }) if counters.mode != netback::Mode::Standby
+        ),
+        "checkpoint" => matches!(
+            Client::<Checkpoint>::new(&sock, T).call(&checkpoint::Request::Status),
+            Ok(checkpoint::Reply::Status(s)) if matches!(
+                s.state,
+                checkpoint::State::Stopped | checkpoint::State::Running | checkpoint::State::Protecting
+            )
+        ),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +128,20 @@ mod tests {
         let sec = spec("netback", &["--vif", "vif0", "--mode", "standby"]);
         let pri = spec("netback", &["--vif", "vif0", "--mode", "passthrough"]);
         assert!(satisfies(&sec, &pri));
+    }
+
+    #[test]
+    fn standby_forms_are_recognised() {
+        assert!(is_standby(&spec("blkback", &["--role", "secondary"])));
+        assert!(!is_standby(&spec("blkback", &["--role", "primary"])));
+        assert!(is_standby(&spec(
+            "netback",
+            &["--vif", "v", "--mode", "standby"]
+        )));
+        assert!(!is_standby(&spec("netback", &["--mode", "passthrough"])));
+        assert!(is_standby(&spec("checkpoint", &["secondary", "--x"])));
+        assert!(!is_standby(&spec("checkpoint", &["primary"])));
+        assert!(!is_standby(&spec("other", &["secondary"])));
     }
 
     #[test]
