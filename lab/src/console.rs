@@ -1,4 +1,4 @@
-//! The availability console: a page served by every node on its production address
+//! The availability console: a page served by every host on its production address
 //! (`http://10.200.0.1:8080/`, `http://10.200.0.2:8080/`).
 //!
 //! Plain HTML/CSS/JS compiled into the binary (`console.html`): no build step, no npm, no CDN,
@@ -7,9 +7,9 @@
 //! talks to stops answering, reconnects to the next host in the snapshot's `consoles` list —
 //! so it keeps showing the outage while it happens. `/api/state` returns one snapshot.
 //!
-//! In the lab the snapshot is assembled from the state directory that every node shares: the
-//! nodes' status files (each carries its agent's view: phase, generation, lease, paths) and
-//! the event log (every agent decision with its reason, plus the nodes' own events).
+//! In the lab the snapshot is assembled from the state directory that every host process shares: the
+//! hosts' status files (each carries its agent's view: phase, generation, lease, paths) and
+//! the event log (every agent decision with its reason, plus the hosts' own events).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,15 +18,15 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::node::lab_timing;
 use crate::now_ms;
+use crate::pool::lab_timing;
 use crate::pool::{node_status, protected_primary};
 use crate::state::{NodeRole, StateDir};
 use crate::topology::Host;
 
-/// The protect/unprotect actions of the page, carried out by the node serving it.
+/// The protect/unprotect actions of the page, carried out by the host serving it.
 pub trait Control: Send + Sync {
-    /// Protects (`on`) or unprotects the VM; `forwarded` when another node already handled
+    /// Protects (`on`) or unprotects the VM; `forwarded` when another host already handled
     /// the request and passes it on. Returns what was done, or why not.
     ///
     /// # Errors
@@ -131,15 +131,12 @@ pub fn page(snap: &Value) -> String {
     PAGE.replace("/*INITIAL*/null", &json)
 }
 
-/// This host's agent status, read from its status API (`GET /status` on loopback, with the
-/// agent's token).
-async fn agent_status(dir: &StateDir, me: Host) -> Value {
-    let token = crate::node::agent_token(dir, me).unwrap_or_default();
+/// This host's agent status, read from its status API (`GET /status` on loopback; reading
+/// needs no token there, only changes would).
+async fn agent_status() -> Value {
     let fetch = async {
         let mut s = TcpStream::connect(("127.0.0.1", crate::topology::STATUS_PORT)).await?;
-        let req = format!(
-            "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-        );
+        let req = "GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.take(4 << 20).read_to_end(&mut buf).await?;
@@ -159,7 +156,7 @@ async fn agent_status(dir: &StateDir, me: Host) -> Value {
 /// The snapshot plus this host's agent status (from its status API).
 async fn full_snapshot(dir: &StateDir, me: Host) -> Value {
     let mut snap = snapshot(dir, me);
-    snap["agent"] = agent_status(dir, me).await;
+    snap["agent"] = agent_status().await;
     snap
 }
 

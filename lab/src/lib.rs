@@ -1,33 +1,31 @@
-//! xenft-lab: a two-host pool on one Linux machine, and the fire drill that breaks it for real.
+//! xenft-lab: a two-host pool on one Linux machine, driven through XenAPI like a real pool,
+//! and the fire drill that breaks it for real.
 //!
 //! `xenft-lab up` builds the pool out of network namespaces and real processes:
 //!
 //! ```text
-//!   xftlab-host1                          xftlab-host2                  xftlab-client
-//!   node: agent + VM (primary)  ==alink1==  node: agent + replica        client: PUT n every
-//!    xenft-blkback (primary)    ==alink2==   xenft-blkback (secondary)  20 ms, logs each
-//!    xenft-netback (passthrough)             xenft-netback (standby)     acknowledged n
-//!    vif0 ── vm0 in xftlab-host1-vm          vif0 ── vm0 in xftlab-host2-vm
-//!        \___ mgmt0 ___ xftlab-quorum (xenft-quorum, routes mgmt) ___ mgmt0 ___/
+//!   xftlab-host1                            xftlab-host2                 xftlab-client
+//!   xenft-agent (host-local config)         xenft-agent                  client: PUT n every
+//!    its components for vm1 (primary):      its components (secondary):  20 ms, logs each
+//!    xenft-blkback, xenft-netback,  ==alink1== blkback, netback,          acknowledged n
+//!    xenft-checkpoint (+ synthetic  ==alink2== checkpoint (replica)
+//!    guest); hypervisor stand-in             hypervisor stand-in
+//!    vif0 ── vm0 in xftlab-host1-vm: the VM   vif0 ── vm0 in xftlab-host2-vm
+//!        \___ mgmt0 ___ xftlab-quorum: xenft-quorum, the pool's xapi ___ mgmt0 ___/
 //!        \__________ prod0 ____ xftlab-switch: bridge br0 ____ prod0 __________/
 //! ```
 //!
-//! Each host runs one node process ([`node`]) that embeds the product's agent
-//! ([`xenft_agent::runtime::Agent`]): heartbeats over the A-link (its `Heartbeat` channel,
-//! per-path liveness from the link) and the management network, quorum leases from the
-//! `xenft-quorum` server in its own namespace, fencing, take-over and re-protection. The
-//! agent decides; its commands reach the production component processes through the
-//! production drivers — `xenft-blkback` (the VM's disk over NBD, mirrored synchronously to the
-//! other host's blkback, promoted on take-over, remote mode on a failed store) through
-//! [`xenft_agent::drivers::blkback::BlkbackDriver`], `xenft-netback` (the VM's vif relayed to
-//! the production network, take-over announcement, uplink redirect through the peer's relay)
-//! through [`xenft_agent::drivers::netback::NetbackDriver`] — and the components' events
-//! reach it through the production follower ([`xenft_agent::drivers::events::follow`]). The
-//! domain and checkpoint seams are still the node's own (the level-3 checkpoint engine
-//! [`xenft_checkpoint`] in process, memory + vCPU epochs of a synthetic guest; the VM's service,
-//! see [`service`], in the VM's namespace). Roles are not fixed: the host running the VM
-//! replicates it to the other one; after a take-over the old primary, once repaired, comes
-//! back as the secondary.
+//! One composition root: the pool runs the product as a pool administrator would. The XenAPI
+//! test server (`xenft-fake-xapi`) is the pool's xapi, with host1, host2 and vm1 running on
+//! host1 (a disk and a vif); `up` runs `xenft pool-init` (A-links, quorum server, the A-link
+//! key) and `xenft vm-protect vm=vm1 level=3 secondary=host2`, and each host's production
+//! `xenft-agent` — given host-local facts only — does the rest from the registry: membership,
+//! quorum leases, its VM's components (`xenft-blkback`, `xenft-netback`, `xenft-checkpoint`
+//! with the synthetic guest), the first sync, fencing, take-over, re-protection, `xenft.state`.
+//! What only a namespace pool needs lives here ([`xapi_pool`]): per host a stand-in for
+//! xenopsd that runs the VM where xapi records it ([`xapi_pool::hypervisor`]), the VM itself
+//! (the record service on its disk, [`xapi_pool::vm`]), the status files the drills read
+//! ([`xapi_pool::status`]), and the agent's restart on exit (what systemd does on a host).
 //!
 //! The service stores every client write as a record on the VM's disk through blkback's NBD
 //! export and acknowledges it only after blkback acknowledged the write (on both copies); the
@@ -41,35 +39,33 @@
 //! two serving copies (partition, isolate), the data check by reading every acknowledged record
 //! back through the service, repair/resync time and the final state.
 //!
-//! Lab timing: the agent runs with [`node::lab_timing`] (path down 1 s, peer dead 1.5 s, lease
+//! Lab timing: the agents run with [`pool::lab_timing`] (path down 1 s, peer dead 1.5 s, lease
 //! 1.5 s, margin 0.5 s) instead of the product defaults that fit a take-over within 1 s: this
 //! machine is shared by several builds on two cores, where processes stall for hundreds of ms.
 //!
 //! # Modules
 //! - [`topology`]: names, addresses, namespace and veth set-up/tear-down (`ip`).
-//! - [`state`]: the state directory (PIDs, node status files, events).
-//! - [`node`]: the per-host process: the agent, its production disk and network drivers over
-//!   the host's component processes, and the lab's domain and checkpoint seams (runs in a host
-//!   namespace).
+//! - [`state`]: the state directory (PIDs, host status files, events).
 //! - [`service`]: the VM's record service and its wire protocol.
 //! - [`client`]: the client load generator.
-//! - [`pool`]: `up` / `down` / `status`.
+//! - [`pool`]: `up` / `down` / `status`, the lab's agent timing.
 //! - [`drill`]: the fire drill and its report.
 //! - [`compat`]: what this machine supports per level (Xen and local pool), and why.
-//! - [`console`]: the availability console (HTML + server-sent events, protect/unprotect)
-//!   served by each node.
-//! - [`demo`]: up, a series of drills, a summary table, down.
+//! - [`console`]: the availability console (HTML + server-sent events, protect/unprotect
+//!   through XenAPI) served by each host.
+//! - [`demo`]: up (the `protect` row), a series of drills, a summary table, down.
+//! - [`xapi_pool`]: the pool's xapi, each host's process, the VM, the `protect` row.
 
 pub mod client;
 pub mod compat;
 pub mod console;
 pub mod demo;
 pub mod drill;
-pub mod node;
 pub mod pool;
 pub mod service;
 pub mod state;
 pub mod topology;
+pub mod xapi_pool;
 
 use std::path::PathBuf;
 
@@ -146,7 +142,7 @@ pub fn require_root() -> Result<(), LabError> {
 }
 
 /// Starts `cmd` as a daemon of the pool: no stdin, no stdout, its log (`RUST_LOG=info`) on
-/// stderr into `log`. The lab's nodes start their hosts' components so, and so do the
+/// stderr into `log`. The lab starts its processes so, and so do the
 /// integration tests' pools.
 ///
 /// # Errors
@@ -161,6 +157,15 @@ pub fn spawn_logged(
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+}
+
+/// A value's JSON word (`"protected"` → `protected`), or its JSON text.
+pub(crate) fn json_word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
 }
 
 /// Milliseconds since the Unix epoch (shared clock of every lab process).

@@ -1,7 +1,6 @@
 //! `up`, `down` and `status` of the local pool.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rand::RngCore;
 
 use crate::state::{NodeRole, NodeStatus, PoolRecord, StateDir};
-use crate::topology::{self, Host, NS_CLIENT, NS_QUORUM, QUORUM_PORT};
+use crate::topology::{self, Host, NS_CLIENT};
 use crate::{now_ms, require_root, LabError};
 
 /// How `up` builds the pool.
@@ -29,13 +27,13 @@ pub struct UpConfig {
     /// Checkpoint epoch, ms.
     pub epoch_ms: u64,
     /// Run the agents with the product's default timing instead of
-    /// [`crate::node::lab_timing`].
+    /// [`lab_timing`].
     pub product_timing: bool,
     /// How long to wait for the VM to be protected and the client served.
     pub ready_timeout: Duration,
 }
 
-fn spawn_in(
+pub(crate) fn spawn_in(
     dir: &StateDir,
     ns: &str,
     exe: &Path,
@@ -64,7 +62,7 @@ fn spawn_in(
     Ok(child)
 }
 
-fn pid_of(c: &std::process::Child) -> Result<i32, LabError> {
+pub(crate) fn pid_of(c: &std::process::Child) -> Result<i32, LabError> {
     i32::try_from(c.id()).map_err(|_| LabError::WrongState("pid out of range".into()))
 }
 
@@ -87,117 +85,46 @@ pub fn up(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
 }
 
 fn build(dir: &StateDir, cfg: &UpConfig) -> Result<PoolRecord, LabError> {
-    if !cfg.guest_binary.is_file() {
-        return Err(LabError::WrongState(format!(
-            "{} not found: build it with `cargo build -p xenft-checkpoint --bins`",
-            cfg.guest_binary.display()
-        )));
-    }
     let _ = std::fs::remove_dir_all(dir.root());
     dir.create()?;
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let sp = dir.file("secret");
-    let io = |source| LabError::Io {
-        path: sp.clone(),
-        source,
-    };
-    std::fs::write(&sp, secret).map_err(io)?;
-    std::fs::set_permissions(&sp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    topology::create()?;
-
-    let root = dir.root().display().to_string();
-    let node_args = |h: Host| -> Vec<String> {
-        vec![
-            "node".into(),
-            "--host".into(),
-            h.name().into(),
-            "--dir".into(),
-            root.clone(),
-            "--guest-binary".into(),
-            cfg.guest_binary.display().to_string(),
-            "--memory-mib".into(),
-            cfg.memory_mib.to_string(),
-            "--disk-mib".into(),
-            cfg.disk_mib.to_string(),
-            "--epoch-ms".into(),
-            cfg.epoch_ms.to_string(),
-            "--agent-timing".into(),
-            if cfg.product_timing { "product" } else { "lab" }.into(),
-        ]
-    };
-    let quorum_bin = cfg.exe.with_file_name("xenft-quorum");
-    for (bin, package) in [
-        (quorum_bin.clone(), "xenft-agent"),
-        (cfg.exe.with_file_name("xenft-blkback"), "xenft-blkback"),
-        (cfg.exe.with_file_name("xenft-netback"), "xenft-netback"),
-    ] {
-        if !bin.is_file() {
-            return Err(LabError::WrongState(format!(
-                "{} not found: build it with `cargo build -p {package} --bins`",
-                bin.display()
-            )));
-        }
+    let (rec, mut procs) = crate::xapi_pool::build(dir, cfg)?;
+    let report = crate::xapi_pool::protect(dir, &cfg.exe, cfg.ready_timeout)?;
+    if !report.passed() {
+        return Err(LabError::WrongState(format!(
+            "protecting vm1 through XenAPI failed:\n{report}(logs in {})",
+            dir.root().display()
+        )));
     }
-    let lease = crate::node::agent_timing(cfg.product_timing)
-        .lease_ms
-        .to_string();
-    let quorum = spawn_in(
-        dir,
-        NS_QUORUM,
-        &quorum_bin,
-        &[
-            "--listen".into(),
-            format!("0.0.0.0:{QUORUM_PORT}"),
-            "--secret-file".into(),
-            dir.file("secret").display().to_string(),
-            "--lease-ms".into(),
-            lease,
-        ],
-        "quorum.log",
-    )?;
-    let host2 = spawn_in(
-        dir,
-        Host::Host2.netns(),
-        &cfg.exe,
-        &node_args(Host::Host2),
-        "host2.log",
-    )?;
-    let host1 = spawn_in(
-        dir,
-        Host::Host1.netns(),
-        &cfg.exe,
-        &node_args(Host::Host1),
-        "host1.log",
-    )?;
-    let client = spawn_in(
-        dir,
-        NS_CLIENT,
-        &cfg.exe,
-        &["client".into(), "--dir".into(), root.clone()],
-        "client.log",
-    )?;
-    let rec = PoolRecord {
-        created_ms: now_ms(),
-        host1_pid: pid_of(&host1)?,
-        host2_pid: pid_of(&host2)?,
-        client_pid: pid_of(&client)?,
-        quorum_pid: pid_of(&quorum)?,
-        exe: cfg.exe.clone(),
-        node_args: [node_args(Host::Host1), node_args(Host::Host2)],
-    };
-    dir.write_json(&dir.pool_file(), &rec)?;
-    wait_ready(
-        dir,
-        &mut [
-            ("quorum", quorum),
-            ("host1", host1),
-            ("host2", host2),
-            ("client", client),
-        ],
-        cfg.ready_timeout,
-    )?;
+    wait_ready(dir, &mut procs, cfg.ready_timeout)?;
     Ok(rec)
+}
+
+/// The agent timing used in the lab.
+///
+/// The product defaults (`heartbeat 100, path_down 350, peer_dead 500, lease 600, margin
+/// 200`) fit a take-over within 1 s; this machine is shared by several builds on two cores,
+/// where a process regularly stalls for a few hundred ms, so the lab runs 3× slower
+/// detection and a wider safety margin: expect a take-over 1.5–2 s after a host dies.
+#[must_use]
+pub fn lab_timing() -> xenft_agent::timing::Timing {
+    xenft_agent::timing::Timing {
+        heartbeat_ms: 100,
+        path_down_ms: 1000,
+        peer_dead_ms: 1500,
+        lease_ms: 1500,
+        margin_ms: 500,
+        quorum_request_timeout_ms: 400,
+    }
+}
+
+/// The agent timing: the product's defaults, or [`lab_timing`].
+#[must_use]
+pub fn agent_timing(product: bool) -> xenft_agent::timing::Timing {
+    if product {
+        xenft_agent::timing::Timing::default()
+    } else {
+        lab_timing()
+    }
 }
 
 /// True while `pid` runs (a zombie is dead).
@@ -245,7 +172,7 @@ pub fn protected(dir: &StateDir) -> Result<bool, LabError> {
     Ok(protected_primary(dir)?.is_some())
 }
 
-/// The host whose node runs the VM and serves it now, if one does.
+/// The host that runs the VM and serves it now, if one does.
 pub fn serving_host(dir: &StateDir) -> Result<Option<Host>, LabError> {
     for h in [Host::Host1, Host::Host2] {
         if node_status(dir, h)?.is_some_and(|s| s.serving) {
@@ -255,7 +182,7 @@ pub fn serving_host(dir: &StateDir) -> Result<Option<Host>, LabError> {
     Ok(None)
 }
 
-/// Starts host `h`'s node again (after a repair), with the arguments `up` used; returns
+/// Starts host `h`'s host process again (after a repair), with the arguments `up` used; returns
 /// its PID (recorded in the pool record).
 pub fn restart_node(dir: &StateDir, h: Host) -> Result<i32, LabError> {
     let mut rec: PoolRecord = dir
@@ -278,7 +205,7 @@ pub fn restart_node(dir: &StateDir, h: Host) -> Result<i32, LabError> {
 
 fn wait_ready(
     dir: &StateDir,
-    procs: &mut [(&str, std::process::Child)],
+    procs: &mut [(&'static str, std::process::Child)],
     timeout: Duration,
 ) -> Result<(), LabError> {
     let start = Instant::now();
@@ -329,7 +256,7 @@ pub fn down(dir: &StateDir) -> Result<(), LabError> {
 }
 
 /// Kills the processes and deletes the namespaces, keeping the state directory.
-fn teardown(dir: &StateDir) -> Result<(), LabError> {
+pub(crate) fn teardown(dir: &StateDir) -> Result<(), LabError> {
     let mut pids: Vec<i32> = Vec::new();
     if let Ok(Some(rec)) = dir.read_json::<PoolRecord>(&dir.pool_file()) {
         pids.extend(

@@ -91,6 +91,7 @@ pub fn parse(line: &str, capacity: u64) -> Result<Request, String> {
 pub struct NbdDisk {
     client: tokio::sync::Mutex<NbdClient<UnixStream>>,
     size: u64,
+    sock: std::path::PathBuf,
 }
 
 impl NbdDisk {
@@ -105,7 +106,20 @@ impl NbdDisk {
         Ok(Self {
             size: client.size,
             client: tokio::sync::Mutex::new(client),
+            sock: sock.to_path_buf(),
         })
+    }
+
+    /// After a failed request: connects again (blkback was restarted — e.g. the VM was
+    /// unprotected and protected again — and serves the same disk on the same socket).
+    async fn reconnect(&self, c: &mut NbdClient<UnixStream>) -> bool {
+        match NbdClient::connect_unix(&self.sock, "xenft").await {
+            Ok(n) if n.size == self.size => {
+                *c = n;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The disk's size in bytes.
@@ -116,12 +130,27 @@ impl NbdDisk {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, String> {
         let mut c = self.client.lock().await;
-        c.read(offset, len).await.map_err(|e| e.to_string())
+        match c.read(offset, len).await {
+            Ok(b) => Ok(b),
+            Err(e) if self.reconnect(&mut c).await => {
+                tracing::warn!(error = %e, "disk reconnected");
+                c.read(offset, len).await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn write(&self, offset: u64, data: &[u8]) -> Result<(), String> {
         let mut c = self.client.lock().await;
-        c.write(offset, data, true).await.map_err(|e| e.to_string())
+        match c.write(offset, data, true).await {
+            Ok(()) => Ok(()),
+            // The same record written again on the new connection: a write is idempotent.
+            Err(e) if self.reconnect(&mut c).await => {
+                tracing::warn!(error = %e, "disk reconnected");
+                c.write(offset, data, true).await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
-//! The state directory: the pool record (PIDs), node status files, the event log and the
+//! The state directory: the pool record (PIDs), host status files, the event log and the
 //! client's acknowledgement log. Every lab process shares one filesystem, so files are the
-//! simplest honest way for `status` and `drill` to observe the nodes from outside.
+//! simplest honest way for `status` and `drill` to observe the hosts from outside.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -181,23 +181,23 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 pub struct PoolRecord {
     /// When the pool was built.
     pub created_ms: u64,
-    /// Node process of host 1.
+    /// Host process (`xenft-lab host`) of host 1.
     pub host1_pid: i32,
-    /// Node process of host 2.
+    /// Host process of host 2.
     pub host2_pid: i32,
     /// Client process.
     pub client_pid: i32,
     /// Quorum server process (`xenft-quorum`).
     pub quorum_pid: i32,
-    /// The `xenft-lab` binary and the node arguments of host 1 and host 2 (to restart a
+    /// The `xenft-lab` binary and the host process arguments of host 1 and host 2 (to restart a
     /// repaired host).
     pub exe: PathBuf,
-    /// Node arguments, `[host1, host2]`.
+    /// Host process arguments, `[host1, host2]`.
     pub node_args: [Vec<String>; 2],
 }
 
 impl PoolRecord {
-    /// The node PID of `h`.
+    /// The host process PID of `h`.
     #[must_use]
     pub fn pid(&self, h: Host) -> i32 {
         match h {
@@ -206,7 +206,7 @@ impl PoolRecord {
         }
     }
 
-    /// Records a new node PID for `h`.
+    /// Records a new host process PID for `h`.
     pub fn set_pid(&mut self, h: Host, pid: i32) {
         match h {
             Host::Host1 => self.host1_pid = pid,
@@ -214,7 +214,7 @@ impl PoolRecord {
         }
     }
 
-    /// The node arguments of `h`.
+    /// The host process arguments of `h`.
     #[must_use]
     pub fn args(&self, h: Host) -> &[String] {
         match h {
@@ -224,7 +224,7 @@ impl PoolRecord {
     }
 }
 
-/// Something a node did, with its reason.
+/// Something a host did, with its reason.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     /// When (Unix ms).
@@ -237,7 +237,7 @@ pub struct Event {
     pub why: String,
 }
 
-/// What a node runs as.
+/// What a host runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeRole {
@@ -315,10 +315,10 @@ pub struct CheckpointView {
     pub last_commit_age_ms: Option<u64>,
 }
 
-/// What a node did when its agent made it take the VM over.
+/// What a host did when its agent made it take the VM over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Takeover {
-    /// When the agent decided to take over (its `fail_over` decision reached the node).
+    /// When the agent decided to take over (its `fail_over` decision reached the lab).
     pub decided_ms: u64,
     /// When the service answered on the service address again.
     pub serving_ms: u64,
@@ -343,12 +343,12 @@ pub struct NetView {
     pub uplink_up: bool,
 }
 
-/// A node's status, rewritten every 100 ms.
+/// A host's status, rewritten every 100 ms.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// Which host.
     pub host: Host,
-    /// Node PID.
+    /// Host process PID.
     pub pid: u32,
     /// When written (Unix ms).
     pub updated_ms: u64,
@@ -371,7 +371,7 @@ pub struct NodeStatus {
     /// The VM's network relay (`xenft-netback`), when it answers.
     #[serde(default)]
     pub net: Option<NetView>,
-    /// After this node took the VM over.
+    /// After this host took the VM over.
     pub takeover: Option<Takeover>,
     /// The agent's view.
     pub agent: AgentView,

@@ -59,9 +59,6 @@ pub const ALINK_IFS: [&str; 2] = ["alink1", "alink2"];
 pub const ALINK_PORT: u16 = 7100;
 /// Port of the VM's service on the service address.
 pub const SERVICE_PORT: u16 = 7000;
-/// Port each node answers on its production address (used to tell a dead host from cut
-/// A-links).
-pub const ALIVE_PORT: u16 = 7001;
 
 /// The service (VM) address, owned by whichever host runs the VM.
 pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
@@ -151,17 +148,6 @@ impl Host {
     #[must_use]
     pub fn quorum_addr(self) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.mgmt_gw(), QUORUM_PORT))
-    }
-
-    /// Port of the replication link on which this host is the sender (the VM runs here):
-    /// one link per direction, so a node that took the VM over replicates back to its peer
-    /// on a link it never used before.
-    #[must_use]
-    pub fn replication_port(self) -> u16 {
-        match self {
-            Self::Host1 => 7110,
-            Self::Host2 => 7120,
-        }
     }
 
     /// Its A-link socket address on `path`.

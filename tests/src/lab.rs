@@ -40,6 +40,10 @@ pub fn build_binaries() {
             "xenft-blkback",
             "-p",
             "xenft-netback",
+            "-p",
+            "xenft-xapi",
+            "-p",
+            "xenft-tests",
             "--bins",
         ])
         .arg("--manifest-path")

@@ -1,4 +1,5 @@
-//! The local pool end to end (root): `xenft-lab up`, real faults (an A-link cut; a host
+//! The local pool end to end (root): `xenft-lab up` (the XenAPI test server as the pool's
+//! xapi, `xenft pool-init` and `xenft vm-protect`, the production agents), real faults (an A-link cut; a host
 //! killed, repaired and re-protected, then a partition and an uplink failure against the new
 //! primary), `xenft-lab down`.
 //!
@@ -20,7 +21,18 @@ fn cut_alink_drill_passes_with_no_acknowledged_write_lost() {
     let lab = Lab::new();
     let up = lab.run(&["up"]);
     assert!(up.status.success(), "lab up failed: {}", text(&up));
-    assert!(String::from_utf8_lossy(&up.stdout).contains("protected at level 3"));
+    let out = String::from_utf8_lossy(&up.stdout);
+    assert!(out.contains("protected at level 3"), "{out}");
+    // Protection was asked for through XenAPI only (`xenft vm-protect`), and the agents'
+    // state came back into xapi: `xenft vm-status` said protected, every write read back.
+    assert!(
+        out.contains("protect vm1 through XenAPI") && out.contains("ms after vm-protect"),
+        "{out}"
+    );
+    assert!(
+        out.contains("0 missing") && out.contains("verdict   : PASS"),
+        "{out}"
+    );
 
     let drill = lab.run(&["drill", "fault=alink", "--hold-ms", "1500", "--json"]);
     let out = String::from_utf8_lossy(&drill.stdout);

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use xenft_lab::drill::{self, DrillConfig, Fault};
-use xenft_lab::node::{self, NodeConfig};
 use xenft_lab::pool::{self, UpConfig};
 use xenft_lab::state::{StateDir, DEFAULT_DIR};
 use xenft_lab::topology::{Host, SERVICE_IP, SERVICE_PORT};
@@ -113,21 +112,29 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         hold_ms: u64,
     },
-    /// (internal) A host's node process.
+    /// (internal) The VM: the record service on its disk, in the VM's namespace.
     #[command(hide = true)]
-    Node {
+    Vm {
         #[arg(long)]
         host: String,
         #[arg(long)]
-        guest_binary: PathBuf,
+        nbd: PathBuf,
         #[arg(long)]
-        memory_mib: u64,
+        status: PathBuf,
+    },
+    /// (internal) One host of the pool: its agent, hypervisor stand-in, status and console.
+    #[command(hide = true)]
+    Host {
         #[arg(long)]
-        disk_mib: u64,
+        host: String,
+    },
+    /// (internal) Pauses (`stop`) or unpauses (`cont`) a host's VM process: the agents'
+    /// host-local fence when xapi cannot be reached.
+    #[command(hide = true)]
+    VmSignal {
         #[arg(long)]
-        epoch_ms: u64,
-        #[arg(long, default_value = "lab")]
-        agent_timing: String,
+        host: String,
+        action: String,
     },
     /// (internal) The client load generator.
     #[command(hide = true)]
@@ -172,6 +179,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Cmd::Up { up } => {
             let cfg = up.config(exe)?;
             pool::up(&dir, &cfg)?;
+            let protect: Option<xenft_lab::xapi_pool::ProtectReport> =
+                dir.read_json(&dir.file("protect.json"))?;
+            if let Some(p) = protect {
+                print!("{p}");
+            }
             print!("{}", pool::status(&dir)?);
             println!("lab up: vm1 protected at level 3 (host1 -> host2)");
         }
@@ -192,7 +204,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 Duration::from_millis(hold_ms.min(60_000)),
                 &mut |s| println!("{}", s.trim_end()),
             )?;
-            if !reports.iter().all(drill::DrillReport::passed) {
+            if !reports.passed() {
                 return Ok(ExitCode::from(1));
             }
         }
@@ -233,27 +245,19 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Cmd::Node {
-            host,
-            guest_binary,
-            memory_mib,
-            disk_mib,
-            epoch_ms,
-            agent_timing,
-        } => {
-            let host: Host = host.parse()?;
-            node::run(&NodeConfig {
-                host,
+        Cmd::Host { host } => {
+            xenft_lab::xapi_pool::host::run(&xenft_lab::xapi_pool::host::HostConfig {
+                host: host.parse()?,
                 dir,
-                guest_binary,
-                memory_bytes: mib(memory_mib)?,
-                disk_bytes: mib(disk_mib)?,
-                epoch_ms,
-                dirty_rate: 1 << 20,
-                blkback_binary: exe.with_file_name("xenft-blkback"),
-                netback_binary: exe.with_file_name("xenft-netback"),
-                product_timing: parse_timing(&agent_timing)?,
+                exe,
             })?;
+        }
+        Cmd::Vm { host, nbd, status } => {
+            let host: Host = host.parse()?;
+            xenft_lab::xapi_pool::vm::run(host, &nbd, &status)?;
+        }
+        Cmd::VmSignal { host, action } => {
+            xenft_lab::xapi_pool::vm::signal(&dir, host.parse()?, &action)?;
         }
         Cmd::Client { interval_ms } => {
             xenft_lab::client::run(&xenft_lab::client::ClientConfig {

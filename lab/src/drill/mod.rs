@@ -1,10 +1,12 @@
 //! The fire drill: inject one real fault into the local pool and measure what the client saw.
 //!
 //! Every figure comes from outside the component that handles the fault: detection and
-//! decisions from the nodes' status files and event log, downtime from the client's
+//! decisions from the hosts' status files and event log, downtime from the client's
 //! acknowledgement log (longest gap between two acknowledged writes around the fault), and
 //! the data check by reading every acknowledged record back through the service from the
 //! client's namespace. The verdict is PASS only when every check below ran and held.
+
+mod report;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 use crate::pool::{node_status, protected_primary, restart_node};
+pub use report::{table, DrillReport};
+
 use crate::service::{parse_check, CheckResult};
 use crate::state::{Event, NodeStatus, PoolRecord, StateDir};
 use crate::topology::{
@@ -77,112 +81,6 @@ impl fmt::Display for Fault {
     }
 }
 
-/// What a drill found.
-#[derive(Debug, Clone, Serialize)]
-pub struct DrillReport {
-    /// The fault.
-    pub fault: Fault,
-    /// Fault injected → the pool noticed (ms).
-    pub detection_ms: Option<u64>,
-    /// What the pool did.
-    pub action: String,
-    /// Why (the deciding node's reasoning).
-    pub why: String,
-    /// Longest gap between two acknowledged client writes around the fault (ms).
-    pub downtime_ms: Option<u64>,
-    /// Writes acknowledged to the client when the check ran.
-    pub acked_writes: u64,
-    /// Reading every acknowledged record back.
-    pub data: Option<CheckResult>,
-    /// Repair → replication back to full protection (ms).
-    pub resync_ms: Option<u64>,
-    /// The host that ran the VM when the fault was injected.
-    pub primary: Option<Host>,
-    /// The VM's state after the drill (and its repair).
-    pub final_state: Option<String>,
-    /// Notes (what was not measured and why).
-    pub notes: Vec<String>,
-    /// Checks that failed.
-    pub failures: Vec<String>,
-}
-
-impl DrillReport {
-    fn new(fault: Fault) -> Self {
-        Self {
-            fault,
-            detection_ms: None,
-            action: String::new(),
-            why: String::new(),
-            downtime_ms: None,
-            acked_writes: 0,
-            data: None,
-            resync_ms: None,
-            primary: None,
-            final_state: None,
-            notes: Vec::new(),
-            failures: Vec::new(),
-        }
-    }
-
-    /// PASS when nothing failed and the data check ran.
-    #[must_use]
-    pub fn passed(&self) -> bool {
-        self.failures.is_empty() && self.data.is_some_and(|d| d.missing == 0)
-    }
-
-    fn fail(&mut self, what: impl Into<String>) {
-        self.failures.push(what.into());
-    }
-}
-
-fn ms(v: Option<u64>) -> String {
-    v.map_or_else(|| "-".into(), |v| format!("{v} ms"))
-}
-
-impl fmt::Display for DrillReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "drill fault={} (vm1 on {})",
-            self.fault,
-            self.primary.map_or("-", Host::name)
-        )?;
-        writeln!(f, "  detection : {}", ms(self.detection_ms))?;
-        writeln!(f, "  action    : {}", self.action)?;
-        writeln!(f, "  why       : {}", self.why)?;
-        writeln!(
-            f,
-            "  downtime  : {} (longest gap between acknowledged client writes)",
-            ms(self.downtime_ms)
-        )?;
-        match self.data {
-            Some(d) => writeln!(
-                f,
-                "  data      : {} acknowledged writes, {} read back, {} missing",
-                self.acked_writes,
-                d.checked - d.missing,
-                d.missing
-            )?,
-            None => writeln!(f, "  data      : NOT CHECKED")?,
-        }
-        writeln!(f, "  resync    : {}", ms(self.resync_ms))?;
-        if let Some(st) = &self.final_state {
-            writeln!(f, "  state     : {st}")?;
-        }
-        for n in &self.notes {
-            writeln!(f, "  note      : {n}")?;
-        }
-        for e in &self.failures {
-            writeln!(f, "  FAILED    : {e}")?;
-        }
-        writeln!(
-            f,
-            "  verdict   : {}",
-            if self.passed() { "PASS" } else { "FAIL" }
-        )
-    }
-}
-
 fn wait_for<T>(
     timeout: Duration,
     mut f: impl FnMut() -> Result<Option<T>, LabError>,
@@ -227,7 +125,7 @@ fn wait_acks_after(
 }
 
 /// Asks the service (from the client namespace) to read back records 1..=n.
-fn check_records(exe: &Path, n: u64) -> Result<CheckResult, LabError> {
+pub(crate) fn check_records(exe: &Path, n: u64) -> Result<CheckResult, LabError> {
     let req = format!("CHECK 1 {n}");
     let addr = format!("{SERVICE_IP}:{SERVICE_PORT}");
     let out = topology::run(
@@ -427,10 +325,12 @@ fn host(
     let before = status(dir, p)?;
     let committed_before = before.checkpoint.committed_epoch;
     let fault_ms = now_ms();
-    // The whole host dies: its node, its components (blkback) and the guest.
+    // The whole host dies: its host process, its agent and components, and its VM.
     let _ = kill(Pid::from_raw(rec.pid(p)), Signal::SIGKILL);
-    for pid in topology::pids_in(p.netns())? {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    for ns in [p.netns(), p.vm_netns()] {
+        for pid in topology::pids_in(ns)? {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
     topology::set_host_links(p, false)?;
     let took = wait_for(Duration::from_secs(30), || {
@@ -480,7 +380,7 @@ fn host(
     }
 
     // The dead host stays down for `hold`; then the repair: the host comes back clean (no
-    // service address), its node restarts and its agent makes it the secondary of the VM
+    // service address), its host process and agent restart and its agent makes it the secondary of the VM
     // now running on the peer.
     std::thread::sleep(cfg.hold);
     let repair = Instant::now();
@@ -886,7 +786,8 @@ fn uplink(dir: &StateDir, cfg: &DrillConfig, r: &mut DrillReport, p: Host) -> Re
 fn disk(dir: &StateDir, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
     // The disk file is cut to half its size under the running blkback: every later I/O
     // fails (blkback checks its backing file at each one).
-    let file = dir.file(&format!("{}.disk", p.name()));
+    let file = crate::xapi_pool::disk_file(dir, p)
+        .ok_or_else(|| LabError::WrongState(format!("{} holds no disk copy of vm1", p.name())))?;
     let io = |source| LabError::Io {
         path: file.clone(),
         source,
@@ -927,33 +828,6 @@ fn disk(dir: &StateDir, r: &mut DrillReport, p: Host) -> Result<(), LabError> {
             .into(),
     );
     Ok(())
-}
-
-/// A summary table of several drills.
-#[must_use]
-pub fn table(reports: &[DrillReport]) -> String {
-    let mut s = format!(
-        "{:<10} {:<6} {:>10} {:>10} {:>14} {:>10}  {:<8} {}\n",
-        "fault", "vm on", "detection", "downtime", "acked/missing", "resync", "verdict", "after"
-    );
-    for r in reports {
-        let data = r.data.map_or_else(
-            || "not checked".into(),
-            |d| format!("{}/{}", r.acked_writes, d.missing),
-        );
-        s.push_str(&format!(
-            "{:<10} {:<6} {:>10} {:>10} {:>14} {:>10}  {:<8} {}\n",
-            r.fault.to_string(),
-            r.primary.map_or("-", Host::name),
-            ms(r.detection_ms),
-            ms(r.downtime_ms),
-            data,
-            ms(r.resync_ms),
-            if r.passed() { "PASS" } else { "FAIL" },
-            r.final_state.as_deref().unwrap_or("-")
-        ));
-    }
-    s
 }
 
 #[cfg(test)]
