@@ -6,7 +6,9 @@
 //! flush, then random 4 KiB reads at queue depth 16 of the written disk (page cache warm for
 //! both servers alike), each run `REPEAT` times (best kept). Last line: JSON with raw figures
 //! and the ratios `shim_vs_qemu_nbd` and `mirrored_vs_unmirrored` (sequential writes),
-//! `rand_shim_vs_qemu_nbd` (random writes) and `rand_read_shim_vs_qemu_nbd` (random reads).
+//! `rand_shim_vs_qemu_nbd` (random writes) and `rand_read_shim_vs_qemu_nbd` (random reads),
+//! `alink_cpu_vs_plain_tcp_primary` and `_secondary` (CPU per sequential GiB of each mirror
+//! host over the A-link vs over plain TCP).
 //!
 //! Beside throughput it reports the CPU seconds per GiB that each process (server(s) and the
 //! NBD client) used in the best sequential run, and from them the CPU-bound ceiling of each
@@ -220,6 +222,8 @@ fn main() {
             0.0
         }
     };
+    // CPU seconds per GiB of one process of a mirrored run: 0 primary, 1 secondary.
+    let cpu_of = |f: &Figures, i: usize| f.seq_cpu_s_per_gib.get(i).copied().unwrap_or(0.0);
     let out = serde_json::json!({
         "bench": "mirror",
         "size_mib": size >> 20,
@@ -268,6 +272,10 @@ fn main() {
             "shim_mirrored_plain_tcp": ceiling(&t),
         },
         "mirrored_ceiling_vs_unmirrored_measured": r(ceiling(&m), s.seq_mib_s),
+        // What the A-link (authenticated, multi-path) costs over a bare TCP connection for
+        // the same mirrored GiB, on each host.
+        "alink_cpu_vs_plain_tcp_primary": r(cpu_of(&m, 0), cpu_of(&t, 0)),
+        "alink_cpu_vs_plain_tcp_secondary": r(cpu_of(&m, 1), cpu_of(&t, 1)),
     });
     println!("{out}");
 }

@@ -129,9 +129,13 @@ async fn read_frame(
         }));
     }
     // Read straight into spare capacity: no zeroing of a fragment we are about to overwrite.
-    // The MAC is computed as the payload arrives (in runs of at least MAC_RUN bytes, so the
-    // hash keeps its SIMD width), so little of it is left once the last byte is in; nothing
-    // of the frame is used before the tag is verified.
+    // The MAC is computed as the payload arrives, so little of it is left once the last byte
+    // is in; nothing of the frame is used before the tag is verified. It is fed up to the
+    // last MAC_RUN boundary of the MAC'd bytes (header included), never up to wherever a
+    // read happened to end: BLAKE3 then hashes whole aligned subtrees at full SIMD width,
+    // whereas a run cut at an arbitrary point makes the next one restart with subtrees of
+    // 1, 2, 4, ... chunks (measured: ~20 % slower over a 1 MiB fragment read in 40-200 KiB
+    // pieces).
     let want = header.len + MAC_LEN;
     let mut body = BytesMut::with_capacity(want);
     let mut mac = key.start();
@@ -147,9 +151,10 @@ async fn read_frame(
             Err(e) => return Err(ReadError::Io(e)),
         }
         let avail = body.len().min(header.len);
-        if avail - hashed >= MAC_RUN {
-            mac.update(&body[hashed..avail]);
-            hashed = avail;
+        let end = mac_run_end(avail);
+        if end > hashed {
+            mac.update(&body[hashed..end]);
+            hashed = end;
         }
     }
     mac.update(&body[hashed..header.len]);
@@ -430,8 +435,15 @@ fn next_frame(sh: &Shared, conn: usize, generation: u64) -> Result<Option<OutFra
     Ok(None)
 }
 
-/// The reader feeds the MAC in runs of at least this many bytes.
+/// The reader feeds the MAC in runs that end on multiples of this many bytes of the MAC'd
+/// stream (header and payload).
 const MAC_RUN: usize = 64 * 1024;
+
+/// How much of a payload of which `avail` bytes have arrived the reader may hash now: up to
+/// the last [`MAC_RUN`] boundary of header plus payload (0 before the first).
+fn mac_run_end(avail: usize) -> usize {
+    ((HEADER_LEN + avail) / MAC_RUN * MAC_RUN).saturating_sub(HEADER_LEN)
+}
 
 /// Frames with payloads at least this large are written with one vectored write straight from
 /// their buffers; smaller ones are gathered in the writer's buffer.
@@ -544,3 +556,6 @@ async fn write_loop(
         bump(&sh.counters.bytes_sent, (HEADER_LEN + len + MAC_LEN) as u64);
     }
 }
+
+#[cfg(test)]
+mod tests;
