@@ -189,20 +189,29 @@ struct Figures {
     cpu_s_per_gb: f64,
 }
 
-fn measure(line: &Line) -> R<Figures> {
+/// Throughput and the relay's CPU per GB: (Mbit/s, CPU-s/GB).
+fn throughput(line: &Line) -> R<(f64, f64)> {
     let cpu0 = process_cpu_s();
     let (mbps, bytes) = iperf_mbps(line)?;
     let cpu = process_cpu_s() - cpu0;
+    Ok((
+        mbps,
+        if bytes > 0.0 {
+            cpu / (bytes / 1e9)
+        } else {
+            0.0
+        },
+    ))
+}
+
+/// Adds the round-trip figures to a throughput run's.
+fn latency(line: &Line, (mbps, cpu_s_per_gb): (f64, f64)) -> R<Figures> {
     let r = rtts_ms(line)?;
     Ok(Figures {
         mbps,
         p50: pct(&r, 50),
         p99: pct(&r, 99),
-        cpu_s_per_gb: if bytes > 0.0 {
-            cpu / (bytes / 1e9)
-        } else {
-            0.0
-        },
+        cpu_s_per_gb,
     })
 }
 
@@ -211,36 +220,43 @@ fn main() -> R<()> {
         return Ok(());
     }
     // Five rounds, interleaved, so that load from elsewhere on the host hits all three
-    // configurations alike; the median round is reported.
+    // configurations alike; the median round is reported. Within a round the three throughput
+    // runs come back to back (the latency runs after them), direct and pass-through in turns
+    // first, so that the ratio compares runs seconds apart under the same load.
     let mut rounds = Vec::new();
     let mut pass_counters = None;
     let mut ep_counters = None;
     for round in 0..5 {
-        let direct = {
-            let line = Line::new()?;
-            bridge_host(&line)?;
-            measure(&line)?
-        };
-        let pass = {
-            let line = Line::new()?;
-            let shim = start_shim(&line.host, bench_shim_config())?;
-            let f = measure(&line)?;
-            pass_counters = Some(shim.counters());
-            f
-        };
-        let ep = {
-            let line = Line::new()?;
-            let mut cfg = bench_shim_config();
-            cfg.mode = Mode::Buffered;
-            let shim = Arc::new(start_shim(&line.host, cfg)?);
-            let stop = Arc::new(AtomicBool::new(false));
-            let driver = epoch_driver(Arc::clone(&shim), Arc::clone(&stop));
-            let f = measure(&line);
-            stop.store(true, Ordering::Relaxed);
-            let _ = driver.join();
-            ep_counters = Some(shim.counters());
-            f?
-        };
+        let direct_line = Line::new()?;
+        bridge_host(&direct_line)?;
+        let pass_line = Line::new()?;
+        let pass_shim = start_shim(&pass_line.host, bench_shim_config())?;
+        let ep_line = Line::new()?;
+        let mut cfg = bench_shim_config();
+        cfg.mode = Mode::Buffered;
+        let ep_shim = Arc::new(start_shim(&ep_line.host, cfg)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = epoch_driver(Arc::clone(&ep_shim), Arc::clone(&stop));
+        let figures = (|| -> R<(Figures, Figures, Figures)> {
+            let (direct_tp, pass_tp) = if round % 2 == 0 {
+                let d = throughput(&direct_line)?;
+                (d, throughput(&pass_line)?)
+            } else {
+                let p = throughput(&pass_line)?;
+                (throughput(&direct_line)?, p)
+            };
+            let ep_tp = throughput(&ep_line)?;
+            Ok((
+                latency(&direct_line, direct_tp)?,
+                latency(&pass_line, pass_tp)?,
+                latency(&ep_line, ep_tp)?,
+            ))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let _ = driver.join();
+        pass_counters = Some(pass_shim.counters());
+        ep_counters = Some(ep_shim.counters());
+        let (direct, pass, ep) = figures?;
         eprintln!(
             "round {round}: direct {:.0} Mbit/s rtt p50 {:.3} p99 {:.3} ms | passthrough {:.0} Mbit/s ({:.2}) rtt p50 {:.3} p99 {:.3} ms relay {:.3} CPU-s/GB | epochs {:.0} Mbit/s ({:.2}) rtt p50 {:.3} p99 {:.3} ms relay {:.3} CPU-s/GB",
             direct.mbps, direct.p50, direct.p99,
