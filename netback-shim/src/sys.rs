@@ -28,9 +28,6 @@ const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 /// `PACKET_MR_PROMISC` (linux/if_packet.h).
 const PACKET_MR_PROMISC: libc::c_ushort = 1;
 
-/// Receive buffer of a relay socket, in bytes (the kernel doubles it for its bookkeeping).
-const RCVBUF: libc::c_int = 16 << 20;
-
 /// `struct packet_mreq` (linux/if_packet.h).
 #[repr(C)]
 struct PacketMreq {
@@ -138,14 +135,8 @@ impl PacketSocket {
         // The relay is the only sender on these interfaces and keeps its own order: skip the
         // qdisc layer (its locks and queue) on transmit.
         setsockopt(&fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, &1_i32)?;
-        // A receive buffer that holds a TCP window of super-frames (each counts with its
-        // skb overhead): the frames a sender puts out while the relay thread forwards the
-        // other way, or is descheduled, wait here instead of being dropped (a drop costs the
-        // VM's TCP a retransmission and a smaller window). SO_RCVBUFFORCE passes the
-        // rmem_max sysctl (CAP_NET_ADMIN); without it the kernel caps SO_RCVBUF.
-        if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &RCVBUF).is_err() {
-            setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &RCVBUF)?;
-        }
+        // 4 MiB receive buffer: absorbs bursts while the relay thread is descheduled.
+        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(4_i32 << 20))?;
 
         let addr = libc::sockaddr_ll {
             sll_family: u16::try_from(libc::AF_PACKET).unwrap_or(17),
@@ -282,19 +273,6 @@ impl PacketSocket {
     /// # Errors
     /// Any socket error other than a timeout or an interrupted call.
     pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        self.recv_batch_flags(batch, libc::MSG_WAITFORONE)
-    }
-
-    /// Like [`PacketSocket::recv_batch`] but never waits: takes what is queued now (0 when
-    /// nothing is).
-    ///
-    /// # Errors
-    /// Any socket error other than "nothing queued" or an interrupted call.
-    pub fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        self.recv_batch_flags(batch, libc::MSG_DONTWAIT)
-    }
-
-    fn recv_batch_flags(&self, batch: &mut RecvBatch, flags: libc::c_int) -> io::Result<usize> {
         batch.count = 0;
         let mut iovs: Vec<libc::iovec> = batch
             .bufs
@@ -325,7 +303,7 @@ impl PacketSocket {
                 msgs.as_mut_ptr(),
                 vlen,
                 // int on glibc, unsigned int on musl.
-                (libc::MSG_TRUNC | flags) as _,
+                (libc::MSG_TRUNC | libc::MSG_WAITFORONE) as _,
                 std::ptr::null_mut(),
             )
         };
@@ -388,26 +366,6 @@ impl PacketSocket {
             sent += usize::try_from(n).unwrap_or(0);
         }
         Ok(sent)
-    }
-
-    /// Waits until at least one of `sockets` has a frame queued (or an error pending), or
-    /// `timeout` passed. Returns whether one is ready.
-    ///
-    /// # Errors
-    /// When `poll` fails (other than by an interrupting signal).
-    pub fn wait_readable(sockets: &[&PacketSocket], timeout: Duration) -> io::Result<bool> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
-        let mut fds: Vec<PollFd<'_>> = sockets
-            .iter()
-            .map(|s| PollFd::new(s.fd.as_fd(), PollFlags::POLLIN))
-            .collect();
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(n) => Ok(n > 0),
-            Err(nix::errno::Errno::EINTR) => Ok(false),
-            Err(e) => Err(io::Error::from(e)),
-        }
     }
 
     /// The interface index the socket is bound to.

@@ -120,7 +120,7 @@ impl TunnelMsg {
 }
 
 /// The transport's sending half. Sending must not block for long: the relay calls it from its
-/// forwarding thread. Received messages are handed to [`crate::Shim::on_tunnel_message`] by
+/// forwarding threads. Received messages are handed to [`crate::Shim::on_tunnel_message`] by
 /// whoever owns the receiving half.
 pub trait TunnelTransport: Send + Sync + 'static {
     /// Queues one message for the peer.

@@ -1,20 +1,11 @@
-//! The forwarding thread: frames from the VM (validated, then held for their epoch, forwarded,
-//! tunnelled while redirecting, or dropped in standby) and frames from the uplink (for the VM's
-//! MAC or a group address, to the vif, and to the tunnel while this shim carries the peer's
-//! traffic). While the relay is isolated (a fenced copy) both directions drop every frame of the
-//! VM.
-//!
-//! One thread serves both directions, run to completion: it takes a batch from each socket
-//! without waiting, forwards it, and sleeps in `poll` only when both are empty. A frame the
-//! relay sends is usually answered at once, on the same thread (the client's TCP acknowledges
-//! in the softirq of the send; the VM's TCP sends its next segments in the softirq of the
-//! acknowledgement), so the answer is already queued when the thread looks again: no thread
-//! is woken for it. With one thread per direction every frame woke the other thread, and the
-//! wake-ups and context switches cost more CPU than the copies (perf on `scripts/bench netback`).
+//! The two forwarding threads: `vm-rx` (frames from the VM, validated, then held for their
+//! epoch, forwarded, tunnelled while redirecting, or dropped in standby) and `uplink-rx`
+//! (frames from the uplink for the VM's MAC or a group address, to the vif, and to the tunnel
+//! while this shim carries the peer's traffic). While the relay is isolated (a fenced copy)
+//! both drop every frame of the VM.
 
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -23,23 +14,8 @@ use super::vif::interface_gone;
 use super::{Inner, Mode, State, BATCH, RECV_TIMEOUT, SLOT_LEN};
 use crate::epoch::PushOutcome;
 use crate::frame;
-use crate::sys::{PacketSocket, RecvBatch};
+use crate::sys::RecvBatch;
 use crate::tunnel::TunnelMsg;
-
-/// How long a frame waiting for room in the epoch buffer sleeps between looks at the uplink.
-const STALL_WAIT: Duration = Duration::from_millis(1);
-
-/// What one turn of a direction did.
-enum Turn {
-    /// Frames were taken (and forwarded, held or dropped).
-    Moved,
-    /// Nothing was queued.
-    Idle,
-    /// The receive failed: that side rests a while.
-    Failed,
-    /// The relay is stopping.
-    Stop,
-}
 
 impl Inner {
     /// Sends VM frames towards the network, in order: local uplink, or the tunnel while
@@ -87,114 +63,61 @@ impl Inner {
         frames.len()
     }
 
-    /// The forwarding thread (see the module's doc): one batch each way per turn, `poll` when
-    /// both sockets are empty.
-    pub(super) fn forward_loop(&self) {
+    pub(super) fn vm_rx_loop(&self) {
         self.enter_realtime();
-        let mut from_vm = RecvBatch::new(BATCH, SLOT_LEN);
-        let mut from_uplink = RecvBatch::new(BATCH, SLOT_LEN);
-        // After a receive error other than "nothing queued", that side rests for a while.
-        let mut vif_rest: Option<Instant> = None;
-        let mut uplink_rest: Option<Instant> = None;
+        let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
         while !self.stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let vif_rests = vif_rest.is_some_and(|t| now < t);
-            let uplink_rests = uplink_rest.is_some_and(|t| now < t);
-            let vif = if vif_rests { None } else { self.vif_socket() };
-            let mut moved = false;
-            if let Some(vif) = &vif {
-                match self.take_from_vm(vif, &mut from_vm, &mut from_uplink) {
-                    Turn::Moved => moved = true,
-                    Turn::Idle => {}
-                    Turn::Failed => {
-                        vif_rest = Some(now + self.cfg.monitor_interval.min(RECV_TIMEOUT));
-                    }
-                    Turn::Stop => return,
-                }
-            }
-            if !uplink_rests {
-                match self.take_from_uplink(&mut from_uplink) {
-                    Turn::Moved => moved = true,
-                    Turn::Idle => {}
-                    Turn::Failed => uplink_rest = Some(now + RECV_TIMEOUT),
-                    Turn::Stop => return,
-                }
-            }
-            if moved {
+            let Some(vif) = self.vif_socket() else {
+                // No vif, no frames from the VM: wait for the monitor to bind it.
+                std::thread::sleep(self.cfg.monitor_interval.min(RECV_TIMEOUT));
                 continue;
-            }
-            // Both sides empty: sleep until a frame arrives. Without a vif (or while a side
-            // rests) wake often enough to notice a newly bound vif soon.
-            let mut socks: Vec<&PacketSocket> = Vec::with_capacity(2);
-            if let Some(v) = &vif {
-                socks.push(v);
-            }
-            if !uplink_rests {
-                socks.push(&self.uplink);
-            }
-            let wait = if vif.is_none() || uplink_rests {
-                self.cfg.monitor_interval.min(RECV_TIMEOUT)
-            } else {
-                RECV_TIMEOUT
             };
-            if socks.is_empty() {
-                std::thread::sleep(wait);
-            } else if let Err(e) = PacketSocket::wait_readable(&socks, wait) {
-                tracing::warn!(error = %e, "poll on the relay sockets failed");
-                std::thread::sleep(wait);
+            let got = vif.recv_batch(&mut batch);
+            drop(vif);
+            match got {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(e) if interface_gone(&e) => {
+                    // Removed, or down: drops the socket only when the interface is gone.
+                    tracing::debug!(error = %e, vif = %self.cfg.vif, "vif receive failed");
+                    self.check_vif();
+                    std::thread::sleep(self.cfg.monitor_interval.min(RECV_TIMEOUT));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, vif = %self.cfg.vif, "vif receive failed");
+                    std::thread::sleep(RECV_TIMEOUT);
+                    continue;
+                }
             }
-        }
-    }
-
-    /// Takes the frames the VM queued (without waiting) and forwards them.
-    fn take_from_vm(
-        &self,
-        vif: &PacketSocket,
-        batch: &mut RecvBatch,
-        inbound: &mut RecvBatch,
-    ) -> Turn {
-        match vif.try_recv_batch(batch) {
-            Ok(0) => return Turn::Idle,
-            Ok(_) => {}
-            Err(e) if interface_gone(&e) => {
-                // Removed, or down: drops the socket only when the interface is gone.
-                tracing::debug!(error = %e, vif = %self.cfg.vif, "vif receive failed");
-                self.check_vif();
-                return Turn::Failed;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, vif = %self.cfg.vif, "vif receive failed");
-                return Turn::Failed;
-            }
-        }
-        let mut st = self.lock();
-        let mut out: Vec<&[u8]> = Vec::with_capacity(BATCH);
-        let mut early = Vec::new();
-        for (data, len) in batch.frames() {
-            match self.handle_vm_frame(st, data, len, &mut out, &mut early, inbound) {
-                Some(g) => st = g,
-                None => return Turn::Stop,
-            }
-        }
-        let hook = st.early_hook.clone();
-        drop(st);
-        // Pass-through frames leave outside the lock, so the control API never waits on this
-        // send. Order still holds: they were classified under the lock after anything a commit
-        // or mode switch released, and those were sent before the lock was freed.
-        if !out.is_empty() {
-            let sent = self.uplink.send_batch(&out).unwrap_or(0);
-            let bytes: u64 = out.iter().take(sent).map(|f| wire_len(f)).sum();
             let mut st = self.lock();
-            st.c.to_uplink_frames += sent as u64;
-            st.c.to_uplink_bytes += bytes;
-            st.c.dropped.send_failed += (out.len() - sent) as u64;
-        }
-        if let Some(hook) = hook {
-            for epoch in early {
-                hook(epoch);
+            let mut out: Vec<&[u8]> = Vec::with_capacity(BATCH);
+            let mut early = Vec::new();
+            for (data, len) in batch.frames() {
+                match self.handle_vm_frame(st, data, len, &mut out, &mut early) {
+                    Some(g) => st = g,
+                    None => return,
+                }
+            }
+            let hook = st.early_hook.clone();
+            drop(st);
+            // Pass-through frames leave outside the lock, so the inbound thread never waits on
+            // this send. Order still holds: they were classified under the lock after anything
+            // a commit or mode switch released, and those were sent before the lock was freed.
+            if !out.is_empty() {
+                let sent = self.uplink.send_batch(&out).unwrap_or(0);
+                let bytes: u64 = out.iter().take(sent).map(|f| wire_len(f)).sum();
+                let mut st = self.lock();
+                st.c.to_uplink_frames += sent as u64;
+                st.c.to_uplink_bytes += bytes;
+                st.c.dropped.send_failed += (out.len() - sent) as u64;
+            }
+            if let Some(hook) = hook {
+                for epoch in early {
+                    hook(epoch);
+                }
             }
         }
-        Turn::Moved
     }
 
     /// One frame from the VM. Pass-through frames for the local uplink are appended to `out`
@@ -207,7 +130,6 @@ impl Inner {
         len: usize,
         out: &mut Vec<&'b [u8]>,
         early: &mut Vec<u64>,
-        inbound: &mut RecvBatch,
     ) -> Option<MutexGuard<'g, State>> {
         let eth = match frame::check_packet(data, len, self.cfg.mtu) {
             Ok(eth) => eth,
@@ -285,18 +207,11 @@ impl Inner {
                             }
                             // The frame waits here (and the VM's next frames in the socket)
                             // until a commit makes room; nothing is dropped by the shim.
-                            // Meanwhile frames for the VM still go in: this thread forwards
-                            // both ways.
-                            drop(st);
-                            let moved = matches!(self.take_from_uplink(inbound), Turn::Moved);
-                            st = self.lock();
-                            if !moved {
-                                st = self
-                                    .space
-                                    .wait_timeout(st, STALL_WAIT)
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .0;
-                            }
+                            st = self
+                                .space
+                                .wait_timeout(st, RECV_TIMEOUT)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .0;
                             if self.stop.load(Ordering::Relaxed) {
                                 return None;
                             }
@@ -318,50 +233,53 @@ impl Inner {
         Some(st)
     }
 
-    /// Takes the frames the uplink queued (without waiting) and delivers those for the VM.
-    fn take_from_uplink(&self, batch: &mut RecvBatch) -> Turn {
-        match self.uplink.try_recv_batch(batch) {
-            Ok(0) => return Turn::Idle,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, uplink = %self.cfg.uplink, "uplink receive failed");
-                return Turn::Failed;
+    pub(super) fn uplink_rx_loop(&self) {
+        self.enter_realtime();
+        let mut batch = RecvBatch::new(BATCH, SLOT_LEN);
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.uplink.recv_batch(&mut batch) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, uplink = %self.cfg.uplink, "uplink receive failed");
+                    std::thread::sleep(RECV_TIMEOUT);
+                    continue;
+                }
+            }
+            let mut st = self.lock();
+            let mut to_vm: Vec<&[u8]> = Vec::with_capacity(BATCH);
+            for (data, len) in batch.frames() {
+                if self.handle_uplink_frame(&mut st, data, len) {
+                    to_vm.push(data);
+                }
+            }
+            drop(st);
+            if to_vm.is_empty() {
+                continue;
+            }
+            let Some(vif) = self.vif_socket() else {
+                self.lock().c.dropped.vif_absent += to_vm.len() as u64;
+                continue;
+            };
+            let (sent, absent) = match vif.send_batch(&to_vm) {
+                Ok(n) => (n, false),
+                Err(e) if interface_gone(&e) => {
+                    drop(vif);
+                    self.check_vif();
+                    (0, self.vif_socket().is_none())
+                }
+                Err(_) => (0, false),
+            };
+            let mut st = self.lock();
+            st.c.to_vm_frames += sent as u64;
+            st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
+            let failed = (to_vm.len() - sent) as u64;
+            if absent {
+                st.c.dropped.vif_absent += failed;
+            } else {
+                st.c.dropped.send_failed += failed;
             }
         }
-        let mut st = self.lock();
-        let mut to_vm: Vec<&[u8]> = Vec::with_capacity(BATCH);
-        for (data, len) in batch.frames() {
-            if self.handle_uplink_frame(&mut st, data, len) {
-                to_vm.push(data);
-            }
-        }
-        drop(st);
-        if to_vm.is_empty() {
-            return Turn::Moved;
-        }
-        let Some(vif) = self.vif_socket() else {
-            self.lock().c.dropped.vif_absent += to_vm.len() as u64;
-            return Turn::Moved;
-        };
-        let (sent, absent) = match vif.send_batch(&to_vm) {
-            Ok(n) => (n, false),
-            Err(e) if interface_gone(&e) => {
-                drop(vif);
-                self.check_vif();
-                (0, self.vif_socket().is_none())
-            }
-            Err(_) => (0, false),
-        };
-        let mut st = self.lock();
-        st.c.to_vm_frames += sent as u64;
-        st.c.to_vm_bytes += to_vm.iter().take(sent).map(|f| wire_len(f)).sum::<u64>();
-        let failed = (to_vm.len() - sent) as u64;
-        if absent {
-            st.c.dropped.vif_absent += failed;
-        } else {
-            st.c.dropped.send_failed += failed;
-        }
-        Turn::Moved
     }
 
     /// One frame from the uplink; true when it is to be delivered to the VM.

@@ -1,12 +1,11 @@
-//! The relay for one VM: two AF_PACKET sockets (vif, uplink), one forwarding thread, one
+//! The relay for one VM: two AF_PACKET sockets (vif, uplink), two forwarding threads, one
 //! uplink monitor thread, and the control API the agent drives.
 //!
 //! Threads:
-//! - `forward`, both directions, run to completion (one batch each way per turn, `poll` only
-//!   when both sockets are empty): frames from the VM (vif) → validated → held (buffered),
-//!   forwarded (pass-through), tunnelled (redirect) or dropped (standby); frames from the
-//!   uplink → for the VM's MAC or a group address → vif, or the tunnel when this shim carries
-//!   the peer's traffic;
+//! - `vm-rx`: frames from the VM (vif) → validated → held (buffered), forwarded (pass-through),
+//!   tunnelled (redirect) or dropped (standby);
+//! - `uplink-rx`: frames from the uplink → for the VM's MAC or a group address → vif, or the
+//!   tunnel when this shim carries the peer's traffic;
 //! - `monitor`: polls the uplink's carrier and starts/stops the redirect, and binds the vif
 //!   when an interface of its name appears (drops the socket when it goes or is replaced).
 //!
@@ -15,7 +14,7 @@
 //!
 //! Where each part lives:
 //! - this file: [`Shim`], its configuration and errors, the shared state and the control API;
-//! - `forward`: the forwarding thread (VM → network and network → VM);
+//! - `forward`: the two forwarding threads (VM → network, network → VM);
 //! - `vif`: binding the vif socket as the interface comes and goes;
 //! - `monitor`: the monitor thread, which carries out the decisions of `uplink`, the pure
 //!   uplink state machine (when the uplink is lost, when to redirect, when it is back);
@@ -82,7 +81,7 @@ pub struct ShimConfig {
     /// no frame at all came in, while the peer reports its uplink receiving, the uplink is
     /// treated as failed. `None` disables the check (carrier loss alone triggers redirects).
     pub silence_timeout: Option<Duration>,
-    /// Run the forwarding and monitor threads under `SCHED_FIFO` at this priority (needs
+    /// Run the two forwarding threads under `SCHED_FIFO` at this priority (needs
     /// `CAP_SYS_NICE`); `None` keeps the default scheduler.
     pub realtime_priority: Option<u8>,
 }
@@ -304,8 +303,9 @@ impl Shim {
             inner,
             threads: Vec::new(),
         };
-        let loops: [(&str, RelayLoop); 2] = [
-            ("forward", Inner::forward_loop),
+        let loops: [(&str, RelayLoop); 3] = [
+            ("vm-rx", Inner::vm_rx_loop),
+            ("uplink-rx", Inner::uplink_rx_loop),
             ("monitor", Inner::monitor_loop),
         ];
         for (name, f) in loops {

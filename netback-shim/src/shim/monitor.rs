@@ -13,7 +13,7 @@ use crate::tunnel::TunnelMsg;
 impl Inner {
     pub(super) fn monitor_loop(&self) {
         // It takes the state lock too: at a lower priority it could be preempted while holding
-        // it and stall the real-time forwarding thread (priority inversion).
+        // it and stall the real-time forwarding threads (priority inversion).
         self.enter_realtime();
         let mut m = UplinkMonitor::new(
             Instant::now(),
