@@ -241,6 +241,9 @@ fn main() {
         },
         "shim_vs_qemu_nbd": r(s.seq_mib_s, q.seq_mib_s),
         "mirrored_vs_unmirrored": r(m.seq_mib_s, s.seq_mib_s),
+        // Issue 16: the mirrored throughput against what this run's CPU ceiling allows,
+        // mirrored / (min(1, ceiling / unmirrored) x unmirrored).
+        "mirrored_vs_ceiling": r(m.seq_mib_s, s.seq_mib_s.min(ceiling(&m))),
         "rand_read_4k_qd16_iops": {
             "qemu_nbd": q.rand_read_iops.round(),
             "shim": s.rand_read_iops.round(),

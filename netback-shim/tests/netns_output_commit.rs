@@ -314,3 +314,62 @@ fn bulk_tcp_with_offloads_on_crosses_intact_as_super_frames() -> R<()> {
     assert_eq!(c.dropped, xenft_netback::Drops::default());
     Ok(())
 }
+
+#[test]
+fn frames_for_the_vm_still_arrive_while_its_output_waits_for_room() -> R<()> {
+    if !require_root("inbound during a stall") {
+        return Ok(());
+    }
+    let line = Line::new()?;
+    line.static_neighbours()?;
+    let mut cfg = shim_config();
+    cfg.mode = Mode::Buffered;
+    cfg.buffer_limit = 20 * 1052;
+    let shim = start_shim(&line.host, cfg)?;
+    let cap = Capture::start(&line.client, "eth0", VM_MAC)?;
+    shim.begin_epoch(1)?;
+    vm_send_udp(&line.vm, PORT, 0..30, 1000)?;
+    assert!(
+        wait_until(Duration::from_secs(3), || shim.counters().overflow_stalls
+            == 1),
+        "the VM's output stalls on the full buffer: {:?}",
+        shim.counters()
+    );
+    // The relay forwards both ways on one thread: a frame for the VM must not wait for the
+    // commit that ends the stall.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let receiver = line.vm.spawn(move || -> std::io::Result<Vec<u8>> {
+        let s = UdpSocket::bind((VM_IP, PORT + 1))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let _ = bound_tx.send(());
+        let mut buf = [0u8; 64];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    })?;
+    bound_rx.recv_timeout(Duration::from_secs(3))?;
+    line.client
+        .spawn(|| -> std::io::Result<usize> {
+            UdpSocket::bind((CLIENT_IP, 0))?.send_to(b"while stalled", (VM_IP, PORT + 1))
+        })?
+        .join()
+        .map_err(|_| "sender panicked")??;
+    let got = receiver.join().map_err(|_| "receiver panicked")??;
+    assert_eq!(got, b"while stalled");
+    let c = shim.counters();
+    assert_eq!(c.held_frames_now, 20, "still stalled, nothing released");
+    assert_eq!(c.to_vm_frames, 1);
+    assert!(cap.udp_seqs(PORT).is_empty(), "no frame of epoch 1 left");
+    shim.begin_epoch(2)?;
+    shim.commit(1)?;
+    assert!(wait_until(Duration::from_secs(3), || shim
+        .counters()
+        .held_frames_now
+        == 10));
+    shim.commit(2)?;
+    assert!(wait_until(Duration::from_secs(3), || cap
+        .udp_seqs(PORT)
+        .len()
+        == 30));
+    assert_eq!(cap.udp_seqs(PORT), (0..30).collect::<Vec<_>>());
+    Ok(())
+}
