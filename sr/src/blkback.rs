@@ -147,7 +147,7 @@ impl Volume<'_> {
             .open(&logp)
             .map_err(io(logp.display()))?;
         let log2 = log.try_clone().map_err(io(logp.display()))?;
-        let child = {
+        let mut child = {
             use std::os::unix::process::CommandExt;
             cmd.stdin(Stdio::null())
                 .stdout(log)
@@ -158,20 +158,24 @@ impl Volume<'_> {
         };
         let pid =
             i32::try_from(child.id()).map_err(|_| SrError::failed("blkback pid out of range"))?;
-        // Not waited for: it outlives this call (init reaps it).
-        drop(child);
         self.write_proc(pid, role)?;
         let want = match role {
             Role::Primary => nbd,
             Role::Secondary => ctl,
         };
+        // While this call runs we are its parent: its exit is seen (and reaped) here. After
+        // the call it outlives us (init reaps it).
         let start = Instant::now();
         while !want.exists() {
-            if !alive(pid, &disk) || start.elapsed() > START_TIMEOUT {
-                let _ = self.stop();
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > START_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(self.proc_file()?);
                 return Err(SrError::failed(format!(
-                    "xenft-blkback ({role:?}) for volume {} did not start: {}",
+                    "xenft-blkback ({role:?}) for volume {} did not start ({}): {}",
                     self.key,
+                    exited.map_or("timeout".to_string(), |s| s.to_string()),
                     log_tail(&logp)
                 )));
             }
