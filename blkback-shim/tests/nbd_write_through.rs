@@ -42,7 +42,10 @@ impl Store for Tracking {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.inner.write_at(buf, offset)?;
         self.unsynced.fetch_add(buf.len() as u64, Ordering::SeqCst);
         Ok(())
@@ -51,7 +54,10 @@ impl Store for Tracking {
         // Writes that complete while the fdatasync runs may or may not be covered: only those
         // before it are counted as synced.
         let before = {
-            let _g = self.lock.lock().unwrap();
+            let _g = self
+                .lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             self.unsynced.load(Ordering::SeqCst)
         };
         self.inner.sync()?;
