@@ -131,7 +131,7 @@ fn main() {
         let dir = tempfile::tempdir_in(&base).expect("temp dir");
         let p = |n: &str| dir.path().join(n).display().to_string();
         let port = free_port().to_string();
-        let mut common = |role: &str, disk: &str| {
+        let common = |role: &str, disk: &str| {
             let mut a: Vec<String> = [
                 "--role",
                 role,

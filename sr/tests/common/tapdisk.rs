@@ -12,6 +12,18 @@ use std::path::Path;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const REPLY_MAGIC: u32 = 0x6744_6698;
 
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn be32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+
 /// One connection.
 pub struct Tapdisk {
     s: UnixStream,
@@ -31,10 +43,10 @@ impl Tapdisk {
         if &h[0..8] != b"NBDMAGIC" {
             return Err(bad("no NBDMAGIC"));
         }
-        if u64::from_be_bytes(h[8..16].try_into().unwrap()) != 0x0042_0281_8612_53 {
+        if be64(&h[8..16]) != 0x0000_4202_8186_1253 {
             return Err(bad("not the oldstyle magic"));
         }
-        let size = u64::from_be_bytes(h[16..24].try_into().unwrap());
+        let size = be64(&h[16..24]);
         Ok(Self { s, size, next: 0 })
     }
 
@@ -57,7 +69,8 @@ impl Tapdisk {
 
     /// Sends a WRITE without waiting; returns its handle.
     pub fn send_write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<[u8; 8]> {
-        let (h, mut r) = self.header(1, offset, u32::try_from(data.len()).unwrap());
+        let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
+        let (h, mut r) = self.header(1, offset, len);
         r.extend_from_slice(data);
         self.s.write_all(&r)?;
         Ok(h)
@@ -67,11 +80,13 @@ impl Tapdisk {
     pub fn recv_reply(&mut self) -> std::io::Result<([u8; 8], u32)> {
         let mut r = [0u8; 16];
         self.s.read_exact(&mut r)?;
-        if u32::from_be_bytes(r[0..4].try_into().unwrap()) != REPLY_MAGIC {
+        if be32(&r[0..4]) != REPLY_MAGIC {
             return Err(std::io::Error::other("bad reply magic"));
         }
-        let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
-        Ok((r[8..16].try_into().unwrap(), err))
+        let err = be32(&r[4..8]);
+        let mut handle = [0u8; 8];
+        handle.copy_from_slice(&r[8..16]);
+        Ok((handle, err))
     }
 
     /// One WRITE, waiting for its reply (queue depth 1).
