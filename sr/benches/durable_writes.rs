@@ -4,7 +4,8 @@
 //! default mode (a write is acknowledged when both copies have it in their page cache) and once
 //! with `--write-through` (the xenft SR's mode: acknowledged when durable on both copies).
 //! Prints one line per case. `cargo bench -p xenft-sr --bench durable_writes`; `SECS=n` sets
-//! the time per case (default 3), `DIR=path` where the disks live (default: the temp dir).
+//! the time per case (default 3), `DIR=path` where the disks live (default: the temp dir),
+//! `BLKBACK=path` another `xenft-blkback` (default: built here, release).
 
 #[path = "../tests/common/tapdisk.rs"]
 mod tapdisk;
@@ -28,6 +29,9 @@ impl Drop for Proc {
 }
 
 fn blkback() -> PathBuf {
+    if let Some(p) = std::env::var_os("BLKBACK") {
+        return PathBuf::from(p);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let st = Command::new(cargo)
