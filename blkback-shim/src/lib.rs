@@ -33,7 +33,10 @@
 //! block device; `--size` creates a sparse file), `--nbd-unix`/`--nbd-tcp`, the peer transport
 //! (`--peer ADDR` / `--listen ADDR` for plain TCP, or `--alink-path LOCAL=PEER` (repeat),
 //! `--host`, `--peer-host`, `--secret-file` for an A-link), `--resync-rate`,
-//! `--ack-timeout-ms`, and `--control <unix socket>`.
+//! `--ack-timeout-ms`, and `--control <unix socket>`. For tapdisk (XAPI hosts, the xenft SR):
+//! `--nbd-oldstyle` (the only handshake blktap's `block-nbd.c` speaks) and `--write-through`
+//! (tapdisk never sends FLUSH or FUA: every write is then handled as FUA, its reply sent only
+//! once it is durable on the local store and on the secondary).
 //!
 //! The control socket speaks the typed contract `xenft_control::blkback` (JSON lines with a
 //! version, through `xenft_control`'s client and server; details in [`status`]):

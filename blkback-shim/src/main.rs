@@ -40,6 +40,13 @@ struct Args {
     /// Export name.
     #[arg(long, default_value = "xenft")]
     export: String,
+    /// Oldstyle NBD handshake on the NBD sockets (tapdisk's NBD client speaks only this).
+    #[arg(long)]
+    nbd_oldstyle: bool,
+    /// Every write is durable (on both copies when mirrored) before its reply, as if it
+    /// carried FUA: for clients that never flush (tapdisk).
+    #[arg(long)]
+    write_through: bool,
     /// Primary, plain TCP transport (unauthenticated: loopback and tests only; use an A-link
     /// between hosts): the secondary's replication address.
     #[arg(long)]
@@ -126,6 +133,8 @@ fn config(a: Args) -> anyhow::Result<Config> {
         nbd_tcp: a.nbd_tcp,
         export: ExportConfig {
             name: a.export,
+            oldstyle: a.nbd_oldstyle,
+            write_through: a.write_through,
             ..ExportConfig::default()
         },
         control: a.control,

@@ -10,6 +10,11 @@
 #                              this host; on other hosts, see /usr/share/doc/xenft/
 #   /etc/xenft/xapi-credentials  on an xapi host only: dom0's local login (root, empty
 #                              password: xapi's local socket trusts dom0's root), mode 0600
+#   /usr/libexec/xapi-storage-script/{volume/org.xen.xapi.storage.xenft,datapath/xenft}/
+#                              on an xapi host with SMAPIv3 only: the xenft SR's plugin
+#                              scripts, symlinks named after the methods to
+#                              /usr/libexec/xenft/xenft-sr (xapi-storage-script runs the
+#                              script named after each call); existing entries are kept
 # XENFT_ROOT prefixes every path (tests install into a scratch root).
 set -eu
 R=${XENFT_ROOT:-}
@@ -28,6 +33,22 @@ if [ -S "$R/var/lib/xcp/xapi" ]; then
     sed "s/@HOSTNAME@/$host/" "$R/usr/share/xenft/agent-xapi.json" > "$R/etc/xenft/agent.json"
     chmod 0600 "$R/etc/xenft/agent.json"
     echo "xenft: created /etc/xenft/agent.json for host $host (check that xapi names this host so)"
+  fi
+  SS="$R/usr/libexec/xapi-storage-script"
+  if [ -d "$SS" ]; then
+    vol="$SS/volume/org.xen.xapi.storage.xenft"
+    dp="$SS/datapath/xenft"
+    mkdir -p "$vol" "$dp"
+    for m in Plugin.Query Plugin.diagnostics SR.create SR.attach SR.detach SR.destroy SR.stat \
+             SR.ls SR.set_name SR.set_description Volume.create Volume.destroy Volume.resize \
+             Volume.stat Volume.set_name Volume.set_description Volume.set Volume.unset; do
+      [ -e "$vol/$m" ] || [ -L "$vol/$m" ] || ln -s /usr/libexec/xenft/xenft-sr "$vol/$m"
+    done
+    for m in Plugin.Query Datapath.open Datapath.attach Datapath.activate Datapath.deactivate \
+             Datapath.detach Datapath.close; do
+      [ -e "$dp/$m" ] || [ -L "$dp/$m" ] || ln -s /usr/libexec/xenft/xenft-sr "$dp/$m"
+    done
+    echo "xenft: installed the xenft SR plugin (SR type xenft); configure /etc/xenft/sr.json"
   fi
 else
   echo "xenft: no xapi on this host: write /etc/xenft/agent.json yourself (see /usr/share/doc/xenft/README.md)"

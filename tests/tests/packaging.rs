@@ -149,7 +149,24 @@ fn the_post_install_step_creates_what_the_agent_needs_and_never_overwrites() {
     .unwrap();
     std::fs::create_dir_all(x.path().join("var/lib/xcp")).unwrap();
     let _xapi = std::os::unix::net::UnixListener::bind(x.path().join("var/lib/xcp/xapi")).unwrap();
+    let ss = x.path().join("usr/libexec/xapi-storage-script");
+    std::fs::create_dir_all(ss.join("volume")).unwrap();
     postinst(x.path());
+    // The xenft SR's scripts, where xapi-storage-script looks, each named after its method.
+    for m in [
+        "volume/org.xen.xapi.storage.xenft/SR.attach",
+        "volume/org.xen.xapi.storage.xenft/Volume.create",
+        "datapath/xenft/Datapath.activate",
+        "datapath/xenft/Plugin.Query",
+    ] {
+        let target = std::fs::read_link(ss.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
+        assert_eq!(target, Path::new("/usr/libexec/xenft/xenft-sr"), "{m}");
+    }
+    assert!(
+        !ss.join("volume/org.xen.xapi.storage.xenft/Volume.snapshot")
+            .exists(),
+        "snapshots are not offered"
+    );
     let creds = x.path().join("etc/xenft/xapi-credentials");
     assert_eq!(std::fs::read_to_string(&creds).unwrap(), "root\n\n");
     assert_eq!(mode(&creds), 0o600);

@@ -31,6 +31,7 @@ use super::wire::{PeerDiskState, PeerMsg, FLAG_FUA, FLAG_PUNCH, VERSION};
 use crate::nbd::proto::{NBD_EIO, NBD_ENOSPC};
 use crate::store::{Store, StoreError};
 
+mod group_sync;
 mod resync;
 mod verify;
 
@@ -118,6 +119,7 @@ pub struct Primary {
     writes_degraded: AtomicU64,
     acked: Notify,
     failure_events: tokio::sync::broadcast::Sender<String>,
+    syncs: group_sync::GroupSync,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,6 +160,7 @@ impl Primary {
             writes_degraded: AtomicU64::new(0),
             acked: Notify::new(),
             failure_events: tokio::sync::broadcast::channel(16).0,
+            syncs: group_sync::GroupSync::default(),
         })
     }
 
@@ -467,11 +470,14 @@ impl Primary {
         ticket
     }
 
+    /// Makes every write completed so far durable locally; concurrent callers share syncs.
     fn sync_local(&self) {
         if lock(&self.state).local_failure.is_none() {
-            if let Err(e) = self.store.sync() {
-                self.local_failed(&mut lock(&self.state), &e);
-            }
+            self.syncs.sync(|| {
+                if let Err(e) = self.store.sync() {
+                    self.local_failed(&mut lock(&self.state), &e);
+                }
+            });
         }
     }
 

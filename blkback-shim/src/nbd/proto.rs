@@ -10,6 +10,10 @@
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: second server magic of newstyle negotiation, and the prefix of every option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// `cliserv_magic`: second server magic of the oldstyle handshake (`NBDMAGIC`, this, the
+/// export size as u64, the flags as u32, 124 zero bytes), the only handshake tapdisk's NBD
+/// client (blktap `drivers/block-nbd.c`, `tdnbd_nbd_negotiate`) understands.
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic prefixing every option reply (`0x3e889045565a9`).
 pub const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
 

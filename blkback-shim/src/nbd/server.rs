@@ -42,6 +42,13 @@ pub struct ExportConfig {
     pub description: String,
     /// Maximum payload bytes in flight per connection.
     pub max_inflight_bytes: u32,
+    /// Oldstyle handshake instead of fixed newstyle (no options, no export name): for clients
+    /// that speak nothing else, such as tapdisk's `block-nbd.c`.
+    pub oldstyle: bool,
+    /// Every WRITE, WRITE_ZEROES and TRIM is handled as if it carried FUA: its reply comes only
+    /// once it is durable on the local store and, mirrored, on the peer's. For clients that
+    /// never send FLUSH or FUA (tapdisk) yet expect a completed write to survive a crash.
+    pub write_through: bool,
 }
 
 impl Default for ExportConfig {
@@ -50,6 +57,8 @@ impl Default for ExportConfig {
             name: "xenft".into(),
             description: "xenft mirrored disk".into(),
             max_inflight_bytes: 128 * 1024 * 1024,
+            oldstyle: false,
+            write_through: false,
         }
     }
 }
@@ -104,6 +113,17 @@ impl NbdServer {
     {
         let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        if self.cfg.oldstyle {
+            let mut hello = BytesMut::with_capacity(152);
+            hello.put_u64(NBDMAGIC);
+            hello.put_u64(OLDSTYLE_MAGIC);
+            hello.put_u64(self.volume.size());
+            hello.put_u32(u32::from(self.transmission_flags()));
+            hello.put_bytes(0, 124);
+            wr.write_all(&hello).await?;
+            wr.flush().await?;
+            return self.transmission(rd, wr, Session::default()).await;
+        }
         let Some(session) = self.negotiate(&mut rd, &mut wr).await? else {
             return Ok(());
         };
@@ -388,7 +408,7 @@ impl NbdServer {
                 }
                 continue;
             }
-            let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
+            let fua = h.flags & NBD_CMD_FLAG_FUA != 0 || self.cfg.write_through;
             match h.typ {
                 NBD_CMD_READ if h.length > MAX_PAYLOAD => {
                     let e = if structured {
