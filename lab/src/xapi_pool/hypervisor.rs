@@ -278,22 +278,18 @@ mod tests {
 
     #[test]
     fn only_a_guest_recorded_here_runs_here() {
-        assert_eq!(
-            wanted(&vm("Running", "OpaqueRef:h1"), "OpaqueRef:h1"),
-            Wanted::Running
-        );
-        assert_eq!(
-            wanted(&vm("Paused", "OpaqueRef:h1"), "OpaqueRef:h1"),
-            Wanted::Paused
-        );
-        assert_eq!(
-            wanted(&vm("Running", "OpaqueRef:h2"), "OpaqueRef:h1"),
-            Wanted::Absent
-        );
-        assert_eq!(
-            wanted(&vm("Halted", "OpaqueRef:NULL"), "OpaqueRef:h1"),
-            Wanted::Absent
-        );
+        for (state, on, want) in [
+            ("Running", "OpaqueRef:h1", Wanted::Running),
+            ("Paused", "OpaqueRef:h1", Wanted::Paused),
+            ("Running", "OpaqueRef:h2", Wanted::Absent),
+            ("Halted", "OpaqueRef:NULL", Wanted::Absent),
+        ] {
+            assert_eq!(
+                wanted(&vm(state, on), "OpaqueRef:h1"),
+                want,
+                "{state} on {on}"
+            );
+        }
         let mut dom0 = vm("Running", "OpaqueRef:h1");
         dom0.is_control_domain = true;
         assert_eq!(wanted(&dom0, "OpaqueRef:h1"), Wanted::Absent);
