@@ -62,6 +62,18 @@ fn cut_alink_drill_passes_with_no_acknowledged_write_lost() {
         "{s}"
     );
     assert!(s.contains("host2: Secondary"), "{s}");
+
+    // Both cables cut: no failover, replication suspended; after the repair the level-3
+    // replica whose stream broke is replaced by a fresh one and the VM is protected again.
+    let r = crate::drill(
+        &lab,
+        &["drill", "fault=alinks", "--hold-ms", "1500", "--json"],
+    );
+    assert!(r["resync_ms"].as_u64().is_some(), "{r}");
+    assert_eq!(
+        r["final_state"], "protected (vm1 on host1, host2 secondary)",
+        "{r}"
+    );
 }
 
 /// Runs one drill with `--json`; its report.
