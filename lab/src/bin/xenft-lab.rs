@@ -119,8 +119,6 @@ enum Cmd {
         host: String,
         #[arg(long)]
         nbd: PathBuf,
-        #[arg(long)]
-        status: PathBuf,
     },
     /// (internal) One host of the pool: its agent, hypervisor stand-in, status and console.
     #[command(hide = true)]
@@ -252,9 +250,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 exe,
             })?;
         }
-        Cmd::Vm { host, nbd, status } => {
+        Cmd::Vm { host, nbd } => {
             let host: Host = host.parse()?;
-            xenft_lab::xapi_pool::vm::run(host, &nbd, &status)?;
+            xenft_lab::xapi_pool::vm::run(&dir, host, &nbd)?;
         }
         Cmd::VmSignal { host, action } => {
             xenft_lab::xapi_pool::vm::signal(&dir, host.parse()?, &action)?;

@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use xenft_xapi::registry::Level;
-use xenft_xapi::transport::Endpoint;
-use xenft_xapi::{ConnectOptions, Credentials, XenApi};
+use xenft_xapi::XenApi;
 
 use super::hypervisor::{self, HypervisorConfig};
 use super::status::{self, Pending};
@@ -139,20 +138,12 @@ struct XapiControl {
 
 impl XapiControl {
     fn api(&self) -> Result<XenApi, String> {
-        let text = std::fs::read_to_string(&self.credential_file)
-            .map_err(|e| format!("{}: {e}", self.credential_file.display()))?;
-        let mut l = text.lines();
-        let (user, password) = (l.next().unwrap_or_default(), l.next().unwrap_or_default());
-        let endpoint = Endpoint::parse(&xapi_url(self.host)).map_err(|e| e.to_string())?;
-        let mut o = ConnectOptions::new(
-            endpoint,
-            Credentials {
-                user: user.into(),
-                password: password.into(),
-            },
-        );
-        o.timeout = Duration::from_secs(5);
-        XenApi::new(o).map_err(|e| e.to_string())
+        super::connect(
+            &xapi_url(self.host),
+            &self.credential_file,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| e.to_string())
     }
 }
 

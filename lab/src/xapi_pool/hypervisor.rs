@@ -10,14 +10,12 @@
 //! keep doing what they did (domains outlive their toolstack).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use xenft_xapi::transport::Endpoint;
-use xenft_xapi::{ConnectOptions, Credentials, XenApi};
 
 use crate::topology::Host;
 use crate::LabError;
@@ -72,34 +70,12 @@ pub fn wanted(rec: &xenft_xapi::api::VmRecord, me: &str) -> Wanted {
     }
 }
 
-/// Reads `user\npassword`.
-fn credentials(path: &Path) -> Result<Credentials, LabError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LabError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut lines = text.lines();
-    match (lines.next(), lines.next()) {
-        (Some(user), Some(password)) if !user.is_empty() => Ok(Credentials {
-            user: user.to_string(),
-            password: password.to_string(),
-        }),
-        _ => Err(LabError::WrongState(format!(
-            "{}: expected the user on the first line and the password on the second",
-            path.display()
-        ))),
-    }
-}
-
 /// Runs the stand-in until killed.
 ///
 /// # Errors
 /// Bad settings (URL, credential file); xapi being unreachable is not an error.
 pub fn run(cfg: &HypervisorConfig) -> Result<(), LabError> {
-    let endpoint = Endpoint::parse(&cfg.url).map_err(|e| LabError::component("xapi address", e))?;
-    let mut opts = ConnectOptions::new(endpoint, credentials(&cfg.credential_file)?);
-    opts.timeout = Duration::from_secs(3);
-    let api = XenApi::new(opts).map_err(|e| LabError::component("xapi client", e))?;
+    let api = super::connect(&cfg.url, &cfg.credential_file, Duration::from_secs(3))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -175,15 +151,6 @@ fn reap(procs: &mut BTreeMap<String, Proc>, exited: &mut BTreeMap<String, std::t
     exited.retain(|_, at| at.elapsed() < RESTART_DELAY);
 }
 
-/// Whether the process is stopped (SIGSTOP).
-fn stopped(c: &Child) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", c.id())).is_ok_and(|stat| {
-        stat.rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|s| s == "T" || s == "t")
-    })
-}
-
 fn signal(p: &Proc, s: Signal) {
     if let Ok(pid) = i32::try_from(p.child.id()) {
         let _ = kill(Pid::from_raw(pid), s);
@@ -224,7 +191,9 @@ fn apply(
             tracing::info!(vm = %uuid, name, "VM paused");
         }
         // A VM paused without xapi (the host-local fence) runs again when xapi says so.
-        (Wanted::Running, Some(p)) if p.stopped || stopped(&p.child) => {
+        (Wanted::Running, Some(p))
+            if p.stopped || super::status::proc_state(p.child.id()) == Some(true) =>
+        {
             signal(p, Signal::SIGCONT);
             p.stopped = false;
             tracing::info!(vm = %uuid, name, "VM unpaused");
@@ -251,10 +220,10 @@ fn start(cfg: &HypervisorConfig, uuid: &str, name: &str) -> Result<Child, LabErr
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", cfg.host.vm_netns()])
         .arg(&cfg.exe)
+        .arg("--dir")
+        .arg(&cfg.log_dir)
         .args(["vm", "--host", cfg.host.name(), "--nbd"])
-        .arg(&nbd)
-        .arg("--status")
-        .arg(cfg.log_dir.join(format!("{}.vm.json", cfg.host.name())));
+        .arg(&nbd);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     crate::spawn_logged(&mut cmd, log).map_err(|source| LabError::Spawn {
         cmd: format!("{} vm", cfg.exe.display()),

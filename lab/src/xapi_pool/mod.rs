@@ -122,6 +122,26 @@ impl ProtectReport {
     }
 }
 
+/// A XenAPI client of the pool's xapi at `url`, logging in with the credential file (the
+/// agent's format, `xenft_agent::xapi::follower::read_credentials`), each call at most
+/// `timeout`.
+///
+/// # Errors
+/// A bad URL or credential file.
+pub(crate) fn connect(
+    url: &str,
+    credential_file: &Path,
+    timeout: Duration,
+) -> Result<xenft_xapi::XenApi, LabError> {
+    let endpoint = xenft_xapi::transport::Endpoint::parse(url)
+        .map_err(|e| LabError::component("xapi address", e))?;
+    let creds = xenft_agent::xapi::follower::read_credentials(credential_file)
+        .map_err(|e| LabError::component("xapi credentials", e))?;
+    let mut opts = xenft_xapi::ConnectOptions::new(endpoint, creds);
+    opts.timeout = timeout;
+    xenft_xapi::XenApi::new(opts).map_err(|e| LabError::component("xapi client", e))
+}
+
 /// The pool's xapi as host `h` reaches it (its management gateway).
 pub(crate) fn xapi_url(h: Host) -> String {
     format!("http://{}:{XAPI_PORT}", h.mgmt_gw())

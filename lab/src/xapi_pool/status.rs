@@ -240,8 +240,9 @@ fn checkpoint_view(dir: Option<&Path>) -> (CheckpointView, Option<u32>) {
     (view, s.guest_pid)
 }
 
-/// Whether `pid` runs, and whether it is stopped (SIGSTOP: a paused VM).
-fn proc_state(pid: u32) -> Option<bool> {
+/// Whether `pid` runs (`None`: gone or a zombie), and whether it is stopped (SIGSTOP: a
+/// paused VM).
+pub(crate) fn proc_state(pid: u32) -> Option<bool> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
     match state {

@@ -17,11 +17,12 @@ use crate::topology::{Host, SERVICE_IP, SERVICE_PORT, VM_IF};
 use crate::LabError;
 
 /// Runs the VM of `host` on the disk exported at `nbd`; once it serves, writes its
-/// [`super::status::VmProcStatus`] to `status`. Returns only on an error.
+/// [`super::status::VmProcStatus`] to [`super::status::vm_file`] in `dir`. Returns only on
+/// an error.
 ///
 /// # Errors
 /// The service address cannot be added, or the listener cannot be bound.
-pub fn run(host: Host, nbd: &Path, status: &Path) -> Result<(), LabError> {
+pub fn run(dir: &crate::state::StateDir, host: Host, nbd: &Path) -> Result<(), LabError> {
     // This process runs in the VM's namespace (`ip netns exec`): the address goes on its vm0.
     let ip = format!("{SERVICE_IP}/24");
     match crate::topology::run("ip", &["addr", "add", &ip, "dev", VM_IF]) {
@@ -44,14 +45,7 @@ pub fn run(host: Host, nbd: &Path, status: &Path) -> Result<(), LabError> {
             serving_ms: crate::now_ms(),
             recovered_count: svc.count(),
         };
-        let text = serde_json::to_vec(&st).map_err(|e| LabError::component("VM status", e))?;
-        let tmp = status.with_extension("new");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, status))
-            .map_err(|source| LabError::Io {
-                path: status.to_path_buf(),
-                source,
-            })?;
+        dir.write_json(&super::status::vm_file(dir, host), &st)?;
         svc.serve(listener).await;
         Err(LabError::WrongState("the service's listener failed".into()))
     })

@@ -229,8 +229,10 @@ async fn run(
                 }
                 let Some(d) = desired.borrow().clone() else { continue };
                 if let Some(c) = components.as_mut() {
-                    supervise(c, &d, &me, &hub, &mut followers, &inputs);
-                    renew_stale_replicas(c, &hub, &me, &mut renewed);
+                    // What the core says of each VM, read once for both.
+                    let core = hub.snapshot();
+                    supervise(c, &d, &me, &core, &mut followers, &inputs);
+                    renew_stale_replicas(c, &core, &me, &mut renewed);
                 }
                 let master = d.master.is_some() && d.master.as_deref() == d.host_uuid(me.as_str());
                 fields.keep(master.then(|| api.borrow().clone()).flatten());
@@ -299,7 +301,7 @@ fn supervise(
     c: &mut Components,
     d: &super::desired::Desired,
     me: &HostId,
-    hub: &StatusHub,
+    core: &crate::status::StatusSnapshot,
     followers: &mut Followers,
     inputs: &mpsc::Sender<Input>,
 ) {
@@ -313,9 +315,8 @@ fn supervise(
     }
     // Where the core holds the copy (the VM runs on the peer, nothing runs here), a
     // component that took the VM over earlier is no secondary any more.
-    let snap = hub.snapshot();
     let is_secondary = |vm: &str| {
-        snap.vms.iter().any(|v| {
+        core.vms.iter().any(|v| {
             v.record.vm.as_str() == vm
                 && v.record.primary != *me
                 && v.local == crate::core::LocalCopy::Stopped
@@ -343,12 +344,11 @@ fn supervise(
 /// the full copy. `renewed` remembers the VMs already restarted in their current resync.
 fn renew_stale_replicas(
     c: &mut Components,
-    hub: &StatusHub,
+    core: &crate::status::StatusSnapshot,
     me: &HostId,
     renewed: &mut BTreeSet<crate::ids::VmId>,
 ) {
-    let snap = hub.snapshot();
-    let resyncing: Vec<_> = snap
+    let resyncing: Vec<_> = core
         .vms
         .iter()
         .filter(|v| {
