@@ -225,7 +225,8 @@ pub struct XapiFile {
     #[serde(default = "default_event_ms")]
     pub event_timeout_ms: u64,
     /// Who starts, pauses and stops the VMs: `"xapi"` (xapi hosts: `VM.start_on`, the
-    /// default) or `"command"` (xl hosts: `vm_drivers.<vm>.domain`).
+    /// default) or `{"command": {...}}` (xl hosts: the agent runs one host-wide command
+    /// template per VM, `crate::xapi::domain_command`).
     #[serde(default)]
     pub domains: DomainsVia,
     /// The agent starts and supervises the VMs' components itself (`crate::xapi::components`).
@@ -268,6 +269,11 @@ pub struct ComponentsFile {
     /// level-3 VM's plan reports the engine missing.
     #[serde(default)]
     pub checkpoint: Option<crate::xapi::engine_plan::EngineFile>,
+    /// How long an A-link path may stay silent before the disk mirror and the checkpoint
+    /// engine call it down (milliseconds; default the A-link's own, 500). Slow or heavily
+    /// loaded hosts (a nested lab under emulation) need more.
+    #[serde(default)]
+    pub alink_path_timeout_ms: Option<u64>,
 }
 
 fn default_run_dir() -> PathBuf {
@@ -275,14 +281,15 @@ fn default_run_dir() -> PathBuf {
 }
 
 /// Who drives the VMs' domains when the agent follows xapi.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DomainsVia {
     /// XenAPI (`VM.start_on`, `VM.pause`, ...).
     #[default]
     Xapi,
-    /// The configured domain commands.
-    Command,
+    /// The agent runs the domains from one template (`xl create -F ...`), and records in
+    /// xapi where each runs.
+    Command(crate::xapi::domain_command::DomainCommands),
 }
 
 fn default_event_ms() -> u64 {
@@ -372,6 +379,17 @@ impl AgentFile {
             if let Some(r) = &c.relay {
                 r.check().map_err(|e| bad(format!("components.{e}")))?;
             }
+            if c.alink_path_timeout_ms
+                .is_some_and(|ms| !(50..=600_000).contains(&ms))
+            {
+                return Err(bad(format!(
+                    "components.alink_path_timeout_ms must be 50..=600000, not {}",
+                    c.alink_path_timeout_ms.unwrap_or_default()
+                )));
+            }
+        }
+        if let DomainsVia::Command(t) = &x.domains {
+            t.check(x.components.is_some()).map_err(bad)?;
         }
         let credentials = crate::xapi::follower::read_credentials(&x.credential_file)
             .map_err(|e| bad(e.to_string()))?;
@@ -725,6 +743,35 @@ mod tests {
             follower(r#"{"url": "unix:/x", "credential_file": "/nonexistent/cred"}"#).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/cred"), "{e}");
         assert!(AgentFile::parse(with(r#"{"url": "unix:/x"}"#).as_bytes()).is_err());
+        // Domains run by the agent from a template: checked before anything starts.
+        let domains = |d: &str, extra: &str| {
+            follower(&format!(
+                r#"{{"url": "unix:/x", "credential_file": {cred:?}, "domains": {d}{extra}}}"#
+            ))
+        };
+        let xl = r#"{"command": {"start": ["xl", "create", "-F", "/etc/xen/{name}.cfg"], "pause": ["xl", "pause", "{name}"]}}"#;
+        domains(xl, "").unwrap().unwrap();
+        domains(r#""xapi""#, "").unwrap().unwrap();
+        let e = domains(r#"{"command": {"start": ["x", "{domid}"]}}"#, "").unwrap_err();
+        assert!(e.to_string().contains("unknown placeholder"), "{e}");
+        let e = domains(r#"{"command": {"start": ["attach", "{nbd}"]}}"#, "").unwrap_err();
+        assert!(e.to_string().contains("need xapi.components"), "{e}");
+        domains(
+            r#"{"command": {"start": ["attach", "{nbd}"]}}"#,
+            r#", "components": {"disk_dir": "/d", "alink_path_timeout_ms": 8000}"#,
+        )
+        .unwrap()
+        .unwrap();
+        let e = domains(
+            xl,
+            r#", "components": {"disk_dir": "/d", "alink_path_timeout_ms": 0}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("alink_path_timeout_ms"), "{e}");
+        assert!(AgentFile::parse(
+            with(r#"{"url": "unix:/x", "credential_file": "/c", "domains": "command"}"#).as_bytes()
+        )
+        .is_err());
         assert!(AgentFile::parse(GOOD.as_bytes())
             .unwrap()
             .xapi_follower()

@@ -221,6 +221,7 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
                 disk_size: Some(16 << 20),
                 relay: None,
                 engine: None,
+                alink_path_timeout_ms: None,
             },
             supervisor: Supervisor::new(run_dir),
         };

@@ -41,7 +41,11 @@ fn main() -> anyhow::Result<()> {
     let xapi = file
         .xapi_follower()
         .with_context(|| format!("configuration {}", args.config.display()))?;
-    let domains_via = file.xapi.as_ref().map(|x| x.domains);
+    let domains_via = file.xapi.as_ref().map(|x| x.domains.clone());
+    let run_dir = file
+        .xapi
+        .as_ref()
+        .and_then(|x| x.components.as_ref().map(|c| c.run_dir.clone()));
     let local_fence = file.xapi.as_ref().and_then(|x| x.local_fence.clone());
     let components_file = file.xapi.as_ref().and_then(|x| x.components.clone());
     let mgmt_port = file.xapi.as_ref().map(|x| x.mgmt_port);
@@ -102,31 +106,41 @@ fn main() -> anyhow::Result<()> {
             )),
             _ => None,
         };
+        // The VM processes' pids (domains the agent runs itself) live next to its state file.
+        let domain_dir = || -> anyhow::Result<std::path::PathBuf> {
+            let mut dir = cfg.state_file.clone().into_os_string();
+            dir.push(".domains");
+            let dir = std::path::PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Ok(dir)
+        };
         let mut seams = match &drivers {
             Drivers::Record => {
                 tracing::warn!("drivers: record — components are recording stand-ins");
                 Seams::recording(&Recorder::new())
             }
-            Drivers::Real(vms) => {
-                // The VM processes' pids live next to the agent's state file.
-                let mut dir = cfg.state_file.clone().into_os_string();
-                dir.push(".domains");
-                let dir = std::path::PathBuf::from(dir);
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                xenft_agent::drivers::real_seams(vms, Some(dir))
-            }
+            Drivers::Real(vms) => xenft_agent::drivers::real_seams(vms, Some(domain_dir()?)),
         };
-        if let (Some(f), Some(DomainsVia::Xapi)) = (&follower, domains_via) {
-            seams.domains = std::sync::Arc::new(
-                xenft_agent::xapi::domain::XapiDomain::new(
-                    f.api(),
-                    f.desired(),
-                    cfg.core.me.clone(),
-                    tokio::runtime::Handle::current(),
-                )
-                .with_local_fence(local_fence),
-            );
+        if let (Some(f), Some(via)) = (&follower, domains_via) {
+            let xapi = xenft_agent::xapi::domain::XapiDomain::new(
+                f.api(),
+                f.desired(),
+                cfg.core.me.clone(),
+                tokio::runtime::Handle::current(),
+            )
+            .with_local_fence(local_fence);
+            seams.domains = match via {
+                DomainsVia::Xapi => std::sync::Arc::new(xapi),
+                DomainsVia::Command(commands) => std::sync::Arc::new(
+                    xenft_agent::xapi::domain_command::RegistryCommandDomain::new(
+                        commands,
+                        run_dir,
+                        f.desired(),
+                        xapi,
+                        Some(domain_dir()?),
+                    ),
+                ),
+            };
         }
         // The agent supervises the VMs' components itself: their sockets by convention.
         let mut components = match components_file {
@@ -185,6 +199,7 @@ fn main() -> anyhow::Result<()> {
                         disk_size: c.disk_size_bytes,
                         relay,
                         engine,
+                        alink_path_timeout_ms: c.alink_path_timeout_ms,
                     },
                     supervisor: xenft_agent::xapi::components::Supervisor::new(c.run_dir),
                 })

@@ -102,6 +102,105 @@ impl CommandDomain {
         }
     }
 
+    /// No configured commands: each VM's command line is given when it starts
+    /// ([`Self::spawn`], the registry's VMs through a host-wide template,
+    /// `crate::xapi::domain_command`). With `state_dir`, every live process recorded there by
+    /// a previous agent is adopted.
+    #[must_use]
+    pub fn adopting(state_dir: Option<PathBuf>) -> Self {
+        let mut procs = BTreeMap::new();
+        if let Some(dir) = &state_dir {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                let Some(vm) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".pid"))
+                    .and_then(|n| VmId::new(n).ok())
+                else {
+                    continue;
+                };
+                if let Some(p) = Self::read_pid_file(&entry.path()) {
+                    tracing::info!(%vm, pid = p.pid, "adopted the VM process of a previous agent");
+                    procs.insert(vm, p);
+                }
+            }
+        }
+        Self {
+            commands: BTreeMap::new(),
+            after_resume: BTreeMap::new(),
+            state_dir,
+            procs: Mutex::new(procs),
+        }
+    }
+
+    /// Starts `argv` as the VM's process unless one runs; returns whether it started one.
+    ///
+    /// # Errors
+    /// The command is empty or cannot be spawned.
+    pub fn spawn(&self, vm: &VmId, argv: &[String]) -> Result<bool, SeamError> {
+        let (prog, args) = argv
+            .split_first()
+            .ok_or_else(|| seam("start", vm, &"empty command"))?;
+        let mut procs = self.procs();
+        if procs.get_mut(vm).is_some_and(VmProc::alive) {
+            return Ok(false);
+        }
+        let child = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| seam("start", vm, &format!("{prog}: {e}")))?;
+        let pid = i32::try_from(child.id()).map_err(|_| seam("start", vm, &"pid out of range"))?;
+        let start_time = proc_start_time(pid).unwrap_or(0);
+        if let Some(f) = self.pid_file(vm) {
+            if let Err(e) = std::fs::write(&f, format!("{pid} {start_time}\n")) {
+                tracing::warn!(%vm, file = %f.display(), error = %e, "cannot record the VM's pid");
+            }
+        }
+        tracing::info!(%vm, pid, %prog, "VM process started");
+        procs.insert(
+            vm.clone(),
+            VmProc {
+                pid,
+                start_time,
+                child: Some(child),
+            },
+        );
+        Ok(true)
+    }
+
+    /// Whether the VM's process runs.
+    #[must_use]
+    pub fn is_running(&self, vm: &VmId) -> bool {
+        let mut procs = self.procs();
+        let alive = procs.get_mut(vm).is_some_and(VmProc::alive);
+        if !alive {
+            procs.remove(vm);
+        }
+        alive
+    }
+
+    /// SIGSTOP (`pause`) or SIGCONT (`resume`) to the VM's live process.
+    ///
+    /// # Errors
+    /// No live process of the VM, or the signal failed.
+    pub fn stop_or_continue(
+        &self,
+        op: &'static str,
+        vm: &VmId,
+        stop: bool,
+    ) -> Result<(), SeamError> {
+        self.signal(
+            op,
+            vm,
+            if stop {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            },
+        )
+    }
+
     /// What `resumed` does for each VM after a level-3 take-over; a VM left out fails its
     /// level-3 take-over with that reason (the config requires the choice at level 3).
     #[must_use]
@@ -164,35 +263,7 @@ impl DomainStarter for CommandDomain {
             .commands
             .get(vm)
             .ok_or_else(|| seam("start", vm, &"no command configured"))?;
-        let (prog, args) = argv
-            .split_first()
-            .ok_or_else(|| seam("start", vm, &"empty command"))?;
-        let mut procs = self.procs();
-        if procs.get_mut(vm).is_some_and(VmProc::alive) {
-            return Ok(());
-        }
-        let child = Command::new(prog)
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| seam("start", vm, &format!("{prog}: {e}")))?;
-        let pid = i32::try_from(child.id()).map_err(|_| seam("start", vm, &"pid out of range"))?;
-        let start_time = proc_start_time(pid).unwrap_or(0);
-        if let Some(f) = self.pid_file(vm) {
-            if let Err(e) = std::fs::write(&f, format!("{pid} {start_time}\n")) {
-                tracing::warn!(%vm, file = %f.display(), error = %e, "cannot record the VM's pid");
-            }
-        }
-        tracing::info!(%vm, pid, %prog, "VM process started");
-        procs.insert(
-            vm.clone(),
-            VmProc {
-                pid,
-                start_time,
-                child: Some(child),
-            },
-        );
-        Ok(())
+        self.spawn(vm, argv).map(drop)
     }
 
     fn pause(&self, vm: &VmId) -> Result<(), SeamError> {

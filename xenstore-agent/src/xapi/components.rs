@@ -49,6 +49,9 @@ pub struct HostFacts {
     pub relay: Option<super::relay_plan::RelayFacts>,
     /// The checkpoint engine of level-3 VMs, if configured ([`super::engine_plan`]).
     pub engine: Option<super::engine_plan::EngineFacts>,
+    /// A-link path timeout of the disk mirror and the checkpoint engine (milliseconds;
+    /// `None`: the A-link's default).
+    pub alink_path_timeout_ms: Option<u64>,
 }
 
 /// One process to run.
@@ -221,6 +224,17 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
         match super::engine_plan::engine(d, v, role == "primary", &peer, slot, f) {
             Ok(spec) => out.extend(spec),
             Err(why) => note(&mut problems, &v.uuid, why),
+        }
+    }
+    if let Some(ms) = f.alink_path_timeout_ms {
+        // The mirror and the engine share the A-link's options (`xenft_alink::cli`).
+        for p in out
+            .iter_mut()
+            .filter(|p| matches!(p.name, "blkback" | "checkpoint"))
+            .filter(|p| p.args.iter().any(|a| a == "--alink-path"))
+        {
+            p.args
+                .extend(["--alink-path-timeout-ms".into(), ms.to_string()]);
         }
     }
     (out, problems)
@@ -634,6 +648,7 @@ pub(crate) mod tests {
             disk_size: Some(1 << 30),
             relay: None,
             engine: None,
+            alink_path_timeout_ms: None,
         }
     }
 
@@ -657,6 +672,15 @@ pub(crate) mod tests {
             .args
             .contains(&format!("127.0.0.2:{port}=127.0.0.1:{port}")));
         assert_eq!(port_slot("vm-a"), slot, "stable");
+        assert!(!args.iter().any(|a| a == "--alink-path-timeout-ms"));
+        // A slow host's path timeout reaches the mirror.
+        let slow = HostFacts {
+            alink_path_timeout_ms: Some(8000),
+            ..facts("u1")
+        };
+        let args = &plan(&d, &slow).0[0].args;
+        let at = args.iter().position(|a| a == "--alink-path-timeout-ms");
+        assert_eq!(at.map(|i| args[i + 1].as_str()), Some("8000"), "{args:?}");
     }
 
     #[test]

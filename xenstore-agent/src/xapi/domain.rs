@@ -150,39 +150,50 @@ impl XapiDomain {
                     .replace("{domid}", &domid.map_or(String::new(), |d| d.to_string())),
             );
         }
-        let Some((prog, rest)) = args.split_first() else {
-            return Err(seam(op, vm, "the local fence command is empty"));
-        };
         tracing::warn!(%vm, op, command = ?args, "fence: host-local command");
-        let mut child = std::process::Command::new(prog)
-            .args(rest)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| seam(op, vm, format!("local fence command {prog}: {e}")))?;
-        let start = std::time::Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(st)) if st.success() => return Ok(()),
-                Ok(Some(st)) => {
-                    return Err(seam(
-                        op,
-                        vm,
-                        format!("local fence command {prog} exited with {st}"),
-                    ))
-                }
-                Ok(None) if start.elapsed() > LOCAL_FENCE_TIMEOUT => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(seam(
-                        op,
-                        vm,
-                        format!("local fence command {prog} timed out"),
-                    ));
-                }
-                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
-                Err(e) => return Err(seam(op, vm, format!("local fence command {prog}: {e}"))),
+        run_bounded(op, vm, &args, LOCAL_FENCE_TIMEOUT)
+    }
+
+    /// Makes xapi record `vm` as running on this host: `VM.power_state_reset` if xapi still
+    /// records it on another host (and, when this host was the VM's secondary, the roles
+    /// swapped in `xenft.secondary`), then `VM.start_on` here. Nothing when xapi, read afresh,
+    /// already records it running here (a retried start, or a take-over already recorded).
+    /// Returns whether `VM.start_on` was called. On xapi hosts that call starts the domain;
+    /// where the agent runs the domains itself (`super::domain_command`) it only records where
+    /// the VM runs.
+    ///
+    /// # Errors
+    /// xapi is unreachable or refuses a call: the reason.
+    pub fn record_here(&self, vm: &VmId) -> Result<bool, SeamError> {
+        let (api, vm_ref, me_ref, elsewhere) = self.context("start", vm)?;
+        self.rt.block_on(async {
+            let rec = api
+                .vm_get_record(&vm_ref)
+                .await
+                .map_err(|e| seam("start", vm, e))?;
+            if rec.resident_on == me_ref && rec.power_state == "Running" {
+                return Ok(false);
             }
-        }
+            if let Some(old) = elsewhere {
+                tracing::warn!(%vm, old_host = %old, "xapi still records the VM on its old host: resetting its power state");
+                api.call("VM.power_state_reset", vec![Value::str(&vm_ref)])
+                    .await
+                    .map_err(|e| seam("start", vm, e))?;
+                // The roles swap: the old primary's host holds the copy from now on (and is
+                // re-protected toward when it returns). Written before the VM starts here, so
+                // the registry never shows the VM running on its own secondary.
+                if self.secondary_of(vm).as_deref() == Some(self.me_uuid(vm)?.as_str()) {
+                    api.set_map_key(Class::Vm, &vm_ref, "other_config", VM_SECONDARY, &old)
+                        .await
+                        .map_err(|e| seam("start", vm, format!("recording the copy on {old}: {e}")))?;
+                    tracing::warn!(%vm, secondary = %old, "the VM's copy is now on its old primary");
+                }
+            }
+            api.vm_start_on(&vm_ref, &me_ref, false)
+                .await
+                .map_err(|e| seam("start", vm, e))?;
+            Ok(true)
+        })
     }
 
     /// The session, the registry, the VM's ref and this host's ref.
@@ -270,6 +281,48 @@ impl XapiDomain {
     }
 }
 
+/// Runs `argv` (no shell) for `op` on `vm` and waits for it, at most `timeout` (then it is
+/// killed): Ok when it exits with success, otherwise the program and how it ended.
+pub(crate) fn run_bounded(
+    op: &'static str,
+    vm: &VmId,
+    argv: &[String],
+    timeout: std::time::Duration,
+) -> Result<(), SeamError> {
+    let Some((prog, rest)) = argv.split_first() else {
+        return Err(seam(op, vm, "the command is empty"));
+    };
+    let mut child = std::process::Command::new(prog)
+        .args(rest)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| seam(op, vm, format!("{op} command {prog}: {e}")))?;
+    let start = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => {
+                return Err(seam(
+                    op,
+                    vm,
+                    format!("{op} command {prog} exited with {st}"),
+                ))
+            }
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(seam(
+                    op,
+                    vm,
+                    format!("{op} command {prog} took more than {} s", timeout.as_secs()),
+                ));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return Err(seam(op, vm, format!("{op} command {prog}: {e}"))),
+        }
+    }
+}
+
 impl DomainStarter for XapiDomain {
     fn running(&self) -> Vec<VmId> {
         let Some(d) = self.desired.borrow().clone() else {
@@ -284,28 +337,9 @@ impl DomainStarter for XapiDomain {
     }
 
     fn start(&self, vm: &VmId) -> Result<(), SeamError> {
-        let (api, vm_ref, me_ref, elsewhere) = self.context("start", vm)?;
-        self.rt.block_on(async {
-            if let Some(old) = elsewhere {
-                tracing::warn!(%vm, old_host = %old, "xapi still records the VM on its old host: resetting its power state");
-                api.call("VM.power_state_reset", vec![Value::str(&vm_ref)])
-                    .await
-                    .map_err(|e| seam("start", vm, e))?;
-                // The roles swap: the old primary's host holds the copy from now on (and is
-                // re-protected toward when it returns). Written before the VM starts here, so
-                // the registry never shows the VM running on its own secondary.
-                if self.secondary_of(vm).as_deref() == Some(self.me_uuid(vm)?.as_str()) {
-                    api.set_map_key(Class::Vm, &vm_ref, "other_config", VM_SECONDARY, &old)
-                        .await
-                        .map_err(|e| seam("start", vm, format!("recording the copy on {old}: {e}")))?;
-                    tracing::warn!(%vm, secondary = %old, "the VM's copy is now on its old primary");
-                }
-            }
-            api.vm_start_on(&vm_ref, &me_ref, false)
-                .await
-                .map_err(|e| seam("start", vm, e))
-        })?;
-        tracing::warn!(%vm, host = %self.me, "VM started here through VM.start_on");
+        if self.record_here(vm)? {
+            tracing::warn!(%vm, host = %self.me, "VM started here through VM.start_on");
+        }
         Ok(())
     }
 

@@ -305,6 +305,7 @@ mod tests {
                 guest,
                 epoch_ms: 25,
             }),
+            alink_path_timeout_ms: None,
         }
     }
 

@@ -11,6 +11,8 @@
 //!   `VBD` and `VDI` records (what the relay and the mirror are started with);
 //! - [`domain`]: the VM's domain through XenAPI on xapi hosts (`VM.start_on` on the
 //!   surviving host after a take-over, pause / unpause for fencing, hard shutdown);
+//! - [`domain_command`]: the domains run by the agent itself from one host-wide command
+//!   template (xl hosts whose registry is a XenAPI server), each start recorded in xapi;
 //! - [`follower`]: logs in (local socket or HTTPS, credentials from a file), follows the
 //!   master (`HOST_IS_SLAVE`), follows the registry with `event.from` and publishes the
 //!   desired state; the last state read stays in force while xapi is unreachable;
@@ -31,6 +33,7 @@ pub mod components;
 pub mod desired;
 pub mod devices;
 pub mod domain;
+pub mod domain_command;
 pub mod engine_plan;
 pub mod follower;
 pub mod membership;

@@ -242,6 +242,7 @@ pub fn host_facts(
         disk_size: Some(16 << 20),
         relay: None,
         engine: None,
+        alink_path_timeout_ms: None,
     }
 }
 
