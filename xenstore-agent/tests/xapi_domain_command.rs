@@ -217,5 +217,27 @@ async fn a_take_over_runs_the_template_and_records_the_vm_here_once() {
     assert!(e.reason.contains("starts with '-'"), "{e:?}");
     assert_eq!(srv.calls("VM.start_on"), 1, "nothing recorded for -rf");
     assert!(!d.running().contains(&bad_id));
+
+    // A start command that fails at once did not start the domain: the start fails, with why.
+    let failing = DomainCommands {
+        start: sh("exit 3"),
+        ..commands.clone()
+    };
+    let d = Arc::new(RegistryCommandDomain::new(
+        failing,
+        None,
+        f.desired(),
+        XapiDomain::new(
+            f.api(),
+            f.desired(),
+            HostId::new("h2").unwrap(),
+            tokio::runtime::Handle::current(),
+        ),
+        None,
+    ));
+    let (d2, i) = (d.clone(), id.clone());
+    let e = seam(move || d2.start(&i)).await.unwrap_err();
+    assert!(e.reason.contains("exited with"), "{e:?}");
+    assert!(d.running().is_empty());
     f.shutdown().await;
 }

@@ -280,6 +280,45 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
     assert_eq!(st["role"], "primary", "{st}");
     assert_eq!(st["primary"]["peer"], "in_sync", "{st}");
 
+    // A take-over's window: xapi shows the VM halted between `VM.power_state_reset` and
+    // `VM.start_on` (slow on a loaded host). The mirror the VM is being started on stays:
+    // no component is stopped or restarted meanwhile, nor when the VM runs again.
+    let pids = || {
+        ["h1", "h2"].map(|h| {
+            std::fs::read_to_string(
+                pool.dir
+                    .path()
+                    .join(format!("run-{h}/{vm_uuid}/blkback.pid")),
+            )
+            .unwrap_or_default()
+        })
+    };
+    let before = pids();
+    assert!(before.iter().all(|p| !p.is_empty()), "{before:?}");
+    let h1_ref = srv.record(&vm_ref).unwrap()["resident_on"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.call(
+        "VM.power_state_reset",
+        vec![xenft_xapi::xmlrpc::Value::str(&vm_ref)],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        pids(),
+        before,
+        "a component stopped while the VM was halted"
+    );
+    api.vm_start_on(&vm_ref, &h1_ref, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        pids(),
+        before,
+        "a component restarted when the VM ran again"
+    );
+
     // Unprotect: the components go, the VM stays.
     ops::unprotect(&api, "web01").await.unwrap();
     let pidfile = pool

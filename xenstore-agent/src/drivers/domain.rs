@@ -169,6 +169,35 @@ impl CommandDomain {
         Ok(true)
     }
 
+    /// Waits at most `within` for the VM's process (started by this agent) to exit; its exit
+    /// status if it did. A start command that fails at once (a missing disk export, a bad
+    /// config) is told apart from one that runs the domain.
+    #[must_use]
+    pub fn exit_within(
+        &self,
+        vm: &VmId,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            {
+                let mut procs = self.procs();
+                let child = procs.get_mut(vm)?.child.as_mut()?;
+                if let Ok(Some(st)) = child.try_wait() {
+                    procs.remove(vm);
+                    if let Some(f) = self.pid_file(vm) {
+                        let _ = std::fs::remove_file(f);
+                    }
+                    return Some(st);
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Whether the VM's process runs.
     #[must_use]
     pub fn is_running(&self, vm: &VmId) -> bool {

@@ -567,6 +567,16 @@ impl Supervisor {
         ran
     }
 
+    /// The specs of `vm`'s running components, as launched.
+    #[must_use]
+    pub fn specs_of(&self, vm: &str) -> Vec<ProcSpec> {
+        self.running
+            .iter()
+            .filter(|((v, _), _)| v == vm)
+            .map(|(_, r)| r.spec.clone())
+            .collect()
+    }
+
     /// The pid of a running component.
     #[must_use]
     pub fn pid(&self, vm: &str, name: &str) -> Option<u32> {

@@ -6,7 +6,7 @@
 //!
 //! | seam call | what happens |
 //! |---|---|
-//! | `start` | xapi records the VM on this host (`XapiDomain::record_here`: `VM.power_state_reset` if still recorded on the old host, the roles swapped in `xenft.secondary`, `VM.start_on`), then the `start` command runs as the VM's process (e.g. `xl create -F`, which lives as long as the domain; adopted by a restarted agent through its pid file). Retried, it does neither twice |
+//! | `start` | xapi records the VM on this host (`XapiDomain::record_here`: `VM.power_state_reset` if still recorded on the old host, the roles swapped in `xenft.secondary`, `VM.start_on`), then the `start` command runs as the VM's process (e.g. `xl create -F`, which lives as long as the domain; adopted by a restarted agent through its pid file). One that exits with a failure within 2 s fails the start (the core retries). Retried, it does neither twice |
 //! | `pause` / `resume` | the `pause` / `resume` commands (e.g. `xl pause {name}`), bounded; without them SIGSTOP / SIGCONT of the VM's process |
 //! | `destroy` | the `destroy` command (e.g. `xl destroy {name}`), then the VM's process is killed |
 //! | `resumed` (level 3) | `after_resume`: `"nothing"` (the resumed replica is the domain): xapi records the VM here; `"start"`: as `start` |
@@ -35,6 +35,8 @@ use crate::seams::{DomainStarter, SeamError};
 
 /// Longest a `pause`, `resume` or `destroy` command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// A start command that exits with a failure this soon did not start the domain.
+const START_CHECK: Duration = Duration::from_secs(2);
 /// Longest VM name put into a command.
 const MAX_NAME: usize = 128;
 /// The placeholders a template may use.
@@ -264,6 +266,17 @@ impl DomainStarter for RegistryCommandDomain {
         let argv = self.argv("start", vm, &self.commands.start)?;
         self.xapi.record_here(vm)?;
         if self.procs.spawn(vm, &argv)? {
+            // The start command lives as long as the domain: one that fails at once did not
+            // start it, and the core retries.
+            if let Some(st) = self.procs.exit_within(vm, START_CHECK) {
+                if !st.success() {
+                    return Err(seam(
+                        "start",
+                        vm,
+                        format!("the start command {} exited with {st}", argv[0]),
+                    ));
+                }
+            }
             tracing::warn!(%vm, command = ?argv, "VM started here; xapi records it here");
         }
         Ok(())

@@ -231,7 +231,15 @@ async fn run(
                 if let Some(c) = components.as_mut() {
                     // What the core says of each VM, read once for both.
                     let core = hub.snapshot();
-                    supervise(c, &d, &me, &core, &mut followers, &inputs);
+                    // A VM the core protects that the registry shows halted is in a
+                    // take-over (between `VM.power_state_reset` and `VM.start_on`) or was
+                    // shut down; until HOLD_GRACE says which, its components stay as they
+                    // are — the promoted disk and the relay serve the VM being started.
+                    let in_take_over = |vm: &str| {
+                        d.vms.get(vm).is_some_and(|v| v.resident_on.is_none())
+                            && told.keys().any(|t: &crate::ids::VmId| t.as_str() == vm)
+                    };
+                    supervise(c, &d, &me, &core, &in_take_over, &mut followers, &inputs);
                     renew_stale_replicas(c, &core, &me, &mut renewed);
                 }
                 let master = d.master.is_some() && d.master.as_deref() == d.host_uuid(me.as_str());
@@ -302,6 +310,7 @@ fn supervise(
     d: &super::desired::Desired,
     me: &HostId,
     core: &crate::status::StatusSnapshot,
+    in_take_over: &dyn Fn(&str) -> bool,
     followers: &mut Followers,
     inputs: &mpsc::Sender<Input>,
 ) {
@@ -309,7 +318,10 @@ fn supervise(
         return;
     };
     c.facts.me = uuid.to_string();
-    let (wanted, problems) = plan(d, &c.facts);
+    let (mut wanted, problems) = plan(d, &c.facts);
+    for vm in d.vms.keys().filter(|vm| in_take_over(vm)) {
+        wanted.extend(c.supervisor.specs_of(vm));
+    }
     for (vm, why) in &problems {
         tracing::debug!(%vm, reason = %why, "no components for this VM");
     }
