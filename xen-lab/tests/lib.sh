@@ -63,6 +63,45 @@ agent_config() {
 }
 JSON
 }
+# The pool's xapi for registry-driven tests: the XenAPI test server on host 2's dom0 (the host
+# that survives), h1 and h2 at their dom0 addresses, domu1 running on h1.
+XAPI_URL=http://10.99.0.2:8080
+XAPI_CRED=/etc/xenft/xapi-credentials
+XAPI_PASS=/etc/xenft/xapi-password
+xapi_files() { mkdir -p /etc/xenft; printf 'root\nxenroot\n' > $XAPI_CRED; echo xenroot > $XAPI_PASS; chmod 600 $XAPI_CRED $XAPI_PASS; }
+# xenft ARGS...: the product's CLI against the pool's xapi
+xenft_cli() { xenft --url $XAPI_URL -u root --password-file $XAPI_PASS "$@"; }
+# xapi_agent_config DOMAINS_JSON: /etc/xenft-agent.json with host-local facts only — who this
+# host is, where xapi is, the credential file, directories, timing slowed for TCG, the relay's
+# uplink and vif name, and how domains run here (DOMAINS_JSON, the `xapi.domains` value). The
+# pool (hosts, A-links, key) and the VMs to protect come from the registry in xapi.
+xapi_agent_config() {
+  xapi_files
+  mkdir -p /var/lib/xenft /run/xenft
+  cat > $AGENT_CFG <<JSON
+{
+  "host": "h$H",
+  "secret_file": "/var/lib/xenft/pool-secret",
+  "state_file": "/var/lib/xenft/agent-state.json",
+  "timing": {"heartbeat_ms": 300, "path_down_ms": 3000, "peer_dead_ms": 6000,
+             "lease_ms": 8000, "margin_ms": 2000, "quorum_request_timeout_ms": 1000},
+  "status": {"listen": "127.0.0.1:7481"},
+  "xapi": {
+    "url": "$XAPI_URL",
+    "credential_file": "$XAPI_CRED",
+    "event_timeout_ms": 5000,
+    "mgmt_port": 7482,
+    "domains": $1,
+    "components": {
+      "run_dir": "/run/xenft",
+      "disk_dir": "/var/lib/xenft/disks",
+      "relay": {"uplink": "eth0", "vif_name": "xftvif0"},
+      "alink_path_timeout_ms": 8000
+    }
+  }
+}
+JSON
+}
 # the agent's status (JSON, one line, no blanks after colons)
 status() {
   printf 'GET /status HTTP/1.0\r\n\r\n' | socat -t 5 - TCP:127.0.0.1:7481 2>/dev/null |
