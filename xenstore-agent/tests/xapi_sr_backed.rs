@@ -4,8 +4,9 @@
 //! (`<SR run_dir>/<sr uuid>/<VDI location>/ctl.sock`, started here as the SR's
 //! `Datapath.activate` / `Peer.standby` start them); `xenft vm-protect level=2` is all the
 //! rest. The agents start no blkback of their own, drive the SR's through the disk seam
-//! (`xenft.state` becomes `protected` once that pair is in sync), and drop the seam's link
-//! when the VM is unprotected, leaving the SR's blkbacks running.
+//! (`xenft.state` becomes `protected` once that pair is in sync); when h1 dies, h2's agent
+//! promotes the SR's copy through its seam; unprotecting drops the seam's link and leaves the
+//! SR's blkback running.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,7 +75,8 @@ fn sr_blkback(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agents_drive_the_xenft_srs_blkback_and_start_no_mirror_of_their_own() {
+async fn the_agents_drive_the_xenft_srs_blkbacks_start_no_mirror_of_their_own_and_promote_its_copy_on_take_over(
+) {
     let blkback = runtime_pool::blkback_binary();
     let srv = FakeXapi::start(FakeXapiConfig::default()).unwrap();
     let (h1_ref, _) = srv.add_host("h1", "10.0.0.1", 16 * GIB);
@@ -114,7 +116,7 @@ async fn the_agents_drive_the_xenft_srs_blkback_and_start_no_mirror_of_their_own
     let sr_run = |i: usize| short.path().join(i.to_string());
     // The SR's pair for the volume: primary on h1 where the VM runs, the copy on h2.
     let sr_port = port + 7;
-    let (_sr2, _) = sr_blkback(
+    let (sr2, _) = sr_blkback(
         &blkback,
         &dir,
         &sr_run(2),
@@ -127,7 +129,7 @@ async fn the_agents_drive_the_xenft_srs_blkback_and_start_no_mirror_of_their_own
             &format!("127.0.0.2:{sr_port}=127.0.0.1:{sr_port}"),
         ),
     );
-    let (_sr1, sr_ctl1) = sr_blkback(
+    let (sr1, _) = sr_blkback(
         &blkback,
         &dir,
         &sr_run(1),
@@ -246,19 +248,41 @@ async fn the_agents_drive_the_xenft_srs_blkback_and_start_no_mirror_of_their_own
     assert_eq!(st["role"], "primary", "{st}");
     assert_eq!(st["primary"]["peer"], "in_sync", "{st}");
 
-    // Unprotected: the seam's links go; the SR's blkbacks are the SR's, left running.
-    ops::unprotect(&api, "web01").await.unwrap();
-    let links: Vec<PathBuf> = (1..=2)
-        .map(|i| dir.join(format!("run-h{i}/{vm_uuid}/blkback.sock")))
-        .collect();
-    wait_for("the seam links removed", Duration::from_secs(20), || {
-        links.iter().all(|l| std::fs::symlink_metadata(l).is_err())
+    // h1 dies (its agent and the SR's blkback there stop): h2's agent takes the VM over and
+    // promotes the SR's copy on h2 through its seam — the volume xapi then activates on h2
+    // when it restarts the VM there (the SR's side of that: sr/tests/pool.rs).
+    let h1_plane = planes.remove(0);
+    let h1_agent = agents.remove(0);
+    h1_plane.shutdown().await;
+    h1_agent.shutdown().await;
+    drop(sr1);
+    let ctl2 = xenft_sr::blkback::control_socket_of(&sr_run(2), &sr_uuid, &key).unwrap();
+    let ctl = ctl2.clone();
+    wait_for("h2's SR copy promoted", Duration::from_secs(20), || {
+        xenft_tests::components::blkback_status(&ctl).is_some_and(|st| st["role"] == "primary")
     })
     .await;
-    let st = tokio::task::spawn_blocking(move || xenft_tests::components::blkback_status(&sr_ctl1))
+    let hub2 = agents[0].hub();
+    wait_for("h2 took the VM over", Duration::from_secs(10), || {
+        hub2.snapshot()
+            .vms
+            .first()
+            .is_some_and(|v| v.record.phase == xenft_agent::lifecycle::Phase::FailedOver)
+    })
+    .await;
+
+    // Unprotected: the seam's link goes; the SR's blkback is the SR's, left running.
+    ops::unprotect(&api, "web01").await.unwrap();
+    let link = dir.join(format!("run-h2/{vm_uuid}/blkback.sock"));
+    wait_for("the seam link removed", Duration::from_secs(20), || {
+        std::fs::symlink_metadata(&link).is_err()
+    })
+    .await;
+    let st = tokio::task::spawn_blocking(move || xenft_tests::components::blkback_status(&ctl2))
         .await
         .unwrap()
-        .expect("the SR's primary runs on");
+        .expect("the SR's blkback runs on");
     assert_eq!(st["role"], "primary", "{st}");
+    drop(sr2);
     shutdown_all(planes, agents).await;
 }
