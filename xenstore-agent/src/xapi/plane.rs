@@ -328,6 +328,25 @@ fn supervise(
     for (vm, why) in &problems {
         tracing::debug!(%vm, reason = %why, "no components for this VM");
     }
+    // A VM whose disk the xenft SR mirrors: the disk seam (and a level-3 engine) reach the SR
+    // volume's blkback, whose events are followed as those of our own. Linked before the
+    // components are reconciled: a link goes before a blkback of ours needs the path, and
+    // replaces that blkback's socket only once it has stopped (the next tick).
+    let links = super::sr_disk::links(d, &c.facts);
+    let (linked, r) = tokio::task::block_in_place(|| {
+        super::sr_disk::apply(&c.facts.run_dir, &links, |vm| {
+            c.supervisor.pid(vm, "blkback").is_some()
+        })
+    });
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "the disk seam's link to an SR volume");
+    }
+    for l in &linked {
+        tracing::info!(change = ?l, "SR volume");
+        if let super::sr_disk::LinkChange::Unlinked { vm } = l {
+            followers.unfollow(vm, "blkback");
+        }
+    }
     // Where the core holds the copy (the VM runs on the peer, nothing runs here), a
     // component that took the VM over earlier is no secondary any more.
     let is_secondary = |vm: &str| {
@@ -348,23 +367,6 @@ fn supervise(
         tracing::info!(change = ?ch, "component");
     }
     followers.apply(&changes, &c.facts.run_dir, inputs);
-    // A VM whose disk the xenft SR mirrors: the disk seam (and a level-3 engine) reach the SR
-    // volume's blkback, whose events are followed as those of our own.
-    let links = super::sr_disk::links(d, &c.facts);
-    let (linked, r) = tokio::task::block_in_place(|| {
-        super::sr_disk::apply(&c.facts.run_dir, &links, |vm| {
-            c.supervisor.pid(vm, "blkback").is_some()
-        })
-    });
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "the disk seam's link to an SR volume");
-    }
-    for l in &linked {
-        tracing::info!(change = ?l, "SR volume");
-        if let super::sr_disk::LinkChange::Unlinked { vm } = l {
-            followers.unfollow(vm, "blkback");
-        }
-    }
     for l in &links {
         if l.target.exists() {
             followers.follow(&l.vm, "blkback", &c.facts.run_dir, inputs);
