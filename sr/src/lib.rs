@@ -21,8 +21,9 @@
 //!   with `VDI_SNAPSHOT` and `VDI_MIRROR_IN` there (`assert_can_migrate`,
 //!   `ocaml/xapi/xapi_vm_migrate.ml`), which xapi-storage-script grants for a `Volume.snapshot`
 //!   script and a datapath plugin with `Datapath.import_activate` (`main.ml`), so `xenft
-//!   vm-protect ... move=true` is refused by xapi (`SR_DOES_NOT_SUPPORT_MIGRATION`) until this
-//!   SR has both.
+//!   vm-protect ... move=true` of a running VM is refused by xapi
+//!   (`SR_DOES_NOT_SUPPORT_MIGRATION`) until this SR has both; a halted VM's disks are copied
+//!   in with `VDI.copy`, which needs only `VDI_CREATE`.
 //! - The xenft agent drives a volume's blkback through its control socket
 //!   ([`blkback::control_socket_of`]) for a protected VM on the SR, and promotes the copy on
 //!   take-over before xapi restarts the VM; `Datapath.activate` then finds it promoted and

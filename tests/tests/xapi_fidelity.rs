@@ -355,3 +355,60 @@ fn xapi_vdi_pool_migrate_copies_the_disk_to_a_new_vdi_repoints_the_vbd_and_check
         assert_eq!(params[2], "paused");
     });
 }
+
+#[test]
+fn xapi_vdi_copy_and_vbd_create_destroy_check_as_xapi() {
+    let (srv, _, vm) = pool();
+    let nfs = srv.default_sr();
+    let (iso, _) = srv.add_sr("iso", "iso", &[]);
+    let vdi = srv.add_disk_on(&vm, 0, GIB, &nfs);
+    let vbd = srv.record(&vm).unwrap()["VBDs"].as_array().unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rt().block_on(async {
+        let api = client(&srv, Protocol::JsonRpc);
+        let null = Value::str("OpaqueRef:NULL");
+        let copy = |sr: &str| vec![Value::str(&vdi), Value::str(sr), null.clone(), null.clone()];
+        let (code, params) = api_err(api.call("VDI.copy", copy(&iso)).await);
+        assert_eq!(
+            (code.as_str(), params),
+            ("SR_OPERATION_NOT_SUPPORTED", vec![iso.clone()])
+        );
+        let new = api.call("VDI.copy", copy(&nfs)).await.unwrap();
+        let new = new.as_str().unwrap().to_string();
+        assert_eq!(
+            srv.record(&new).unwrap()["virtual_size"].as_i64(),
+            Some(GIB)
+        );
+        assert!(srv.record(&vdi).is_some(), "the source stays");
+        // The VM runs: its VBD is attached.
+        let (code, _) = api_err(api.call("VBD.destroy", vec![Value::str(&vbd)]).await);
+        assert_eq!(code, "OPERATION_NOT_ALLOWED");
+        let rec = |vdi: &str, dev: &str| {
+            let mut m = std::collections::BTreeMap::new();
+            for (k, v) in [
+                ("VM", Value::str(&vm)),
+                ("VDI", Value::str(vdi)),
+                ("userdevice", Value::str(dev)),
+                ("bootable", Value::Bool(false)),
+                ("mode", Value::str("RW")),
+                ("type", Value::str("Disk")),
+                ("empty", Value::Bool(false)),
+            ] {
+                m.insert(k.to_string(), v);
+            }
+            vec![Value::Struct(m)]
+        };
+        let (code, params) = api_err(api.call("VBD.create", rec(&new, "0")).await);
+        assert_eq!(
+            (code.as_str(), params),
+            ("DEVICE_ALREADY_EXISTS", vec!["0".into()])
+        );
+        let b = api.call("VBD.create", rec(&new, "1")).await.unwrap();
+        assert_eq!(srv.disk_at(&vm, 1).as_deref(), Some(new.as_str()));
+        srv.set_field(&vm, "power_state", "Halted");
+        api.call("VBD.destroy", vec![b]).await.unwrap();
+        assert_eq!(srv.disk_at(&vm, 1), None);
+    });
+}

@@ -539,6 +539,15 @@ async fn dispatch(
                         m.userdevice, m.from_sr, m.to_sr, m.from_vdi, m.to_vdi
                     )
                     .map_err(io_err)?;
+                    if let Some(k) = &m.kept {
+                        writeln!(
+                            out,
+                            "  the original VDI {k} is kept, detached, on SR {:?}: delete it \
+                             (xe vdi-destroy uuid={k}) once the VM runs from the copy",
+                            m.from_sr
+                        )
+                        .map_err(io_err)?;
+                    }
                 }
             }
             match fmt {

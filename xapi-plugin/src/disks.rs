@@ -21,8 +21,12 @@
 //! - within a pool, the source SR needs the features `VDI_SNAPSHOT` and `VDI_MIRROR`, the
 //!   destination `VDI_SNAPSHOT` and `VDI_MIRROR_IN`, else `SR_DOES_NOT_SUPPORT_MIGRATION [sr,
 //!   missing]`. xapi-storage-script gives an SMAPIv3 SR `VDI_SNAPSHOT` only with a
-//!   `Volume.snapshot` script, which the xenft SR does not install yet: on a real pool the
-//!   move is refused so until the SR offers both (see the README).
+//!   `Volume.snapshot` script, which the xenft SR does not install yet: on a real pool a
+//!   running VM's move is refused so until the SR offers both (see the README);
+//! - `VDI.copy(vdi, sr, base, into)` (`ocaml/xapi/xapi_vdi.ml`) creates a VDI on `sr`
+//!   (`VDI.create`) and copies the data into it, the source untouched: a halted VM's disks
+//!   are moved that way here (copy, then the VM's VBD replaced by one of the copy), which the
+//!   xenft SR supports today.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -46,6 +50,9 @@ pub const MOVE_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
 pub struct DiskPlace {
     /// The VBD's `userdevice`.
     pub userdevice: String,
+    /// The VBD's ref.
+    #[serde(skip)]
+    pub vbd: Ref,
     /// The VDI's ref.
     #[serde(skip)]
     pub vdi: Ref,
@@ -158,13 +165,14 @@ pub fn place(
     srs: BTreeMap<Ref, SrRecord>,
 ) -> Storage {
     let mut disks: Vec<DiskPlace> = vbds
-        .values()
-        .filter(|b| b.vm == vm_ref && b.is_disk())
-        .filter_map(|b| {
+        .iter()
+        .filter(|(_, b)| b.vm == vm_ref && b.is_disk())
+        .filter_map(|(vbd, b)| {
             let vdi = vdis.get(&b.vdi)?;
             let sr = srs.get(&vdi.sr);
             Some(DiskPlace {
                 userdevice: b.userdevice.clone(),
+                vbd: vbd.clone(),
                 vdi: b.vdi.clone(),
                 vdi_uuid: vdi.uuid.clone(),
                 vdi_name: vdi.name_label.clone(),
@@ -307,6 +315,65 @@ pub async fn protect_moving(
     Ok(ProtectedAfterMove { moved, protected })
 }
 
+/// A halted VM's disk `d` copied into SR `sr` (`VDI.copy`) and the VM's VBD replaced by one
+/// of the copy (`VBD.destroy`, `VBD.create` with the old VBD's settings) — what Xen
+/// Orchestra does when `VDI.pool_migrate` cannot. The original VDI stays. If the new VBD
+/// cannot be made, the old one is made again. Returns the copy's ref.
+async fn copy_and_reattach(api: &XenApi, d: &DiskPlace, sr: &str) -> Result<Value, XapiError> {
+    let null = "OpaqueRef:NULL";
+    let copy = api
+        .call_with_timeout(
+            "VDI.copy",
+            vec![
+                Value::str(&d.vdi),
+                Value::str(sr),
+                Value::str(null),
+                Value::str(null),
+            ],
+            MOVE_TIMEOUT,
+        )
+        .await?;
+    let copy_ref = copy
+        .as_str()
+        .ok_or_else(|| XapiError::type_err("VDI.copy result", &copy))?
+        .to_string();
+    let old = api.call("VBD.get_record", vec![Value::str(&d.vbd)]).await?;
+    let old = old
+        .as_struct()
+        .ok_or_else(|| XapiError::type_err("VBD record", &old))?
+        .clone();
+    let record = |vdi: &str| {
+        let mut m = BTreeMap::new();
+        for k in [
+            "VM",
+            "userdevice",
+            "bootable",
+            "mode",
+            "type",
+            "unpluggable",
+            "other_config",
+            "qos_algorithm_type",
+            "qos_algorithm_params",
+        ] {
+            if let Some(v) = old.get(k) {
+                m.insert(k.to_string(), v.clone());
+            }
+        }
+        m.insert("VDI".into(), Value::str(vdi));
+        m.insert("device".into(), Value::str(""));
+        m.insert("empty".into(), Value::Bool(false));
+        m.insert("currently_attached".into(), Value::Bool(false));
+        Value::Struct(m)
+    };
+    api.call("VBD.destroy", vec![Value::str(&d.vbd)]).await?;
+    if let Err(e) = api.call("VBD.create", vec![record(&copy_ref)]).await {
+        tracing::error!(disk = %d.userdevice, error = %e, "the copy's VBD was not made: making the original's again");
+        api.call("VBD.create", vec![record(&d.vdi)]).await?;
+        return Err(e);
+    }
+    Ok(Value::String(copy_ref))
+}
+
 /// One disk moved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Moved {
@@ -320,15 +387,21 @@ pub struct Moved {
     pub to_vdi: String,
     /// The xenft SR.
     pub to_sr: String,
+    /// A halted VM's disk is copied: its original VDI is kept, detached, on its SR (delete it
+    /// once the VM runs from the copy). `None` when xapi moved the disk (and destroyed the
+    /// original).
+    pub kept: Option<String>,
 }
 
 /// What xapi's refusal means here, when we know.
-fn hint(e: &XapiError) -> &'static str {
+fn hint(e: &XapiError, halted: bool) -> &'static str {
     match e.code() {
-        Some("SR_DOES_NOT_SUPPORT_MIGRATION") => {
-            " (xapi moves a disk only between SRs offering VDI_SNAPSHOT and VDI_MIRROR / \
-             VDI_MIRROR_IN, `assert_can_migrate` in xen-api ocaml/xapi/xapi_vm_migrate.ml; \
-             the xenft SR does not offer them yet: see the README's xenft SR section)"
+        Some("SR_DOES_NOT_SUPPORT_MIGRATION") if !halted => {
+            " (xapi moves a running VM's disk only between SRs offering VDI_SNAPSHOT and \
+             VDI_MIRROR / VDI_MIRROR_IN, `assert_can_migrate` in xen-api \
+             ocaml/xapi/xapi_vm_migrate.ml; the xenft SR does not offer them yet: shut the VM \
+             down and run the command again — a halted VM's disks are copied into the SR with \
+             VDI.copy, which needs only VDI_CREATE)"
         }
         Some("VM_BAD_POWER_STATE") => {
             " (xapi moves the disks of a running, halted or suspended VM)"
@@ -340,9 +413,11 @@ fn hint(e: &XapiError) -> &'static str {
     }
 }
 
-/// Moves every disk of `vm` outside a xenft SR into `target` with `VDI.pool_migrate`, one
-/// after another (the boot disk first). A paused VM is refused before any call, as xapi
-/// would refuse it.
+/// Moves every disk of `vm` outside a xenft SR into `target`, one after another (the boot
+/// disk first): a running or suspended VM's with `VDI.pool_migrate`; a halted VM's with
+/// [`copy_and_reattach`] (xapi's `VDI.copy` needs only `VDI_CREATE` of the SR, where
+/// `VDI.pool_migrate` needs `VDI_SNAPSHOT` and `VDI_MIRROR_IN`, which the xenft SR lacks). A
+/// paused VM is refused before any call, as xapi would refuse it.
 ///
 /// # Errors
 /// [`OpError::Refused`] when xapi refuses a move, naming the disk, xapi's error and the disks
@@ -365,8 +440,11 @@ pub async fn move_into(
     let mut moved = Vec::new();
     for d in s.outside() {
         tracing::info!(vm = %vm.name_label, disk = %d.userdevice, from = %d.sr_name, to = %sr.name_label, "moving disk into the xenft SR");
-        let r = api
-            .call_with_timeout(
+        let halted = vm.power_state.eq_ignore_ascii_case("halted");
+        let r = if halted {
+            copy_and_reattach(api, d, sr_ref).await
+        } else {
+            api.call_with_timeout(
                 "VDI.pool_migrate",
                 vec![
                     Value::str(&d.vdi),
@@ -375,7 +453,8 @@ pub async fn move_into(
                 ],
                 MOVE_TIMEOUT,
             )
-            .await;
+            .await
+        };
         let new_ref = match r {
             Ok(v) => v
                 .as_str()
@@ -398,7 +477,7 @@ pub async fn move_into(
                     "xapi did not move {} into SR {:?}: {e}{}; {before}; VM {:?} is not protected",
                     d.describe(),
                     sr.name_label,
-                    hint(&e),
+                    hint(&e, halted),
                     vm.name_label
                 )));
             }
@@ -416,6 +495,7 @@ pub async fn move_into(
             from_sr: d.sr_name.clone(),
             to_vdi,
             to_sr: sr.name_label.clone(),
+            kept: halted.then(|| d.vdi_uuid.clone()),
         });
     }
     Ok(moved)

@@ -200,17 +200,48 @@ fn move_true_moves_each_disk_into_the_xenft_sr_then_protects() {
 }
 
 #[test]
-fn a_halted_vm_is_moved_as_xapi_moves_it_and_a_paused_one_is_refused() {
-    // xapi's VDI.pool_migrate has no power-state restriction of its own since 2015 (xen-api
-    // 9383e386b0); the VM operation migrate_send allows halted, suspended and running.
+fn a_halted_vms_disks_are_copied_into_the_xenft_sr_as_it_is_today_and_a_paused_one_is_refused() {
+    // VDI.copy needs only VDI_CREATE of the SR (xen-api ocaml/xapi/xapi_vdi.ml), which the
+    // xenft SR declares: a halted VM's disk is copied and its VBD replaced by the copy's.
     let halted = pool(Some("Halted"));
     let root = halted.srv.add_disk(&halted.web, 0, GIB);
-    let (xsr, _) = halted.srv.add_sr("mirrored", "xenft", MIGRATION_TARGET);
+    let root_uuid = field(&halted, &root, "uuid");
+    let features = xenft_sr_features_today();
+    let features: Vec<&str> = features.iter().map(String::as_str).collect();
+    let (xsr, _) = halted.srv.add_sr("mirrored", "xenft", &features);
     let o = protect(&halted, &["move=true"]);
-    assert!(o.status.success(), "{}", text(&o));
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    assert_eq!(halted.srv.calls("VDI.pool_migrate"), 0, "{all}");
+    assert_eq!(halted.srv.calls("VDI.copy"), 1, "{all}");
     let new = halted.srv.disk_at(&halted.web, 0).unwrap();
     assert_ne!(new, root);
     assert_eq!(field(&halted, &new, "SR"), xsr);
+    let vbd = halted.srv.record(&halted.web).unwrap()["VBDs"]
+        .as_array()
+        .unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vbd = halted.srv.record(&vbd).unwrap();
+    assert_eq!(
+        vbd["bootable"].as_bool(),
+        Some(true),
+        "the old VBD's settings"
+    );
+    assert_eq!(vbd["mode"].as_str(), Some("RW"));
+    assert!(
+        halted.srv.record(&root).is_some(),
+        "the original is kept, detached"
+    );
+    assert!(
+        all.contains(&format!("the original VDI {root_uuid} is kept, detached")),
+        "{all}"
+    );
+    assert_eq!(
+        halted.srv.map_field(&halted.web, "other_config")["xenft.level"],
+        "2"
+    );
 
     let paused = pool(Some("Paused"));
     paused.srv.add_disk(&paused.web, 0, GIB);
@@ -243,6 +274,29 @@ fn moving_into_the_xenft_sr_as_it_is_today_is_refused_by_xapi_with_the_reason() 
     );
     assert!(all.contains("no disk was moved"), "{all}");
     assert!(all.contains("xapi_vm_migrate.ml"), "says why: {all}");
+    assert!(
+        all.contains("shut the VM down"),
+        "and what works today: {all}"
+    );
     assert_eq!(p.srv.disk_at(&p.web, 0).as_deref(), Some(root.as_str()));
+    assert!(unprotected(&p));
+}
+
+#[test]
+fn a_halted_vm_whose_new_disk_cannot_be_attached_gets_its_original_back() {
+    let p = pool(Some("Halted"));
+    let root = p.srv.add_disk(&p.web, 0, GIB);
+    p.srv.add_sr("mirrored", "xenft", MIGRATION_TARGET);
+    p.srv
+        .fail_next("VBD.create", "INTERNAL_ERROR", &["injected by the test"]);
+    let o = protect(&p, &["move=true"]);
+    let all = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{all}");
+    assert!(all.contains("INTERNAL_ERROR"), "{all}");
+    assert_eq!(
+        p.srv.disk_at(&p.web, 0).as_deref(),
+        Some(root.as_str()),
+        "the VM has its original disk again: {all}"
+    );
     assert!(unprotected(&p));
 }

@@ -28,6 +28,7 @@
 //!   [`FakeXapi::add_disk_on`]);
 //! - [`storage`]: `VDI.pool_migrate`, a disk moved to another SR as xapi moves it (new VDI,
 //!   VBD re-pointed, old VDI destroyed; xapi's power-state and SR-feature checks);
+//!   `VDI.copy`, `VBD.create`, `VBD.destroy`;
 //! - [`plugin`]: `host.call_plugin` runs a plugin executable from a directory with the XML-RPC
 //!   methodCall in argv[1], as xapi does with `/etc/xapi.d/plugins`;
 //! - [`events`]: `event.from(classes, token, timeout)` with xapi's token format, one event per

@@ -1,4 +1,5 @@
-//! Storage: `VDI.pool_migrate`, xapi's move of a VM's disk to another SR.
+//! Storage: `VDI.pool_migrate`, xapi's move of a VM's disk to another SR; `VDI.copy` and
+//! `VBD.create` / `VBD.destroy`, the copy-and-reattach way to move a halted VM's disk.
 //!
 //! As xen-api does it: `ocaml/xapi/message_forwarding.ml` (`VDI.pool_migrate`: the VM is the
 //! one a VBD of the VDI belongs to, `VDI_NEEDS_VM_FOR_MIGRATE [vdi]` when none does; the VM
@@ -124,4 +125,126 @@ pub(super) fn vdi_pool_migrate(
         sh.emit(db, &from, "mod");
     }
     Ok(Value::String(new))
+}
+
+fn map_or_empty(v: Option<&Value>) -> Value {
+    match v {
+        Some(Value::Struct(m)) => Value::Struct(m.clone()),
+        _ => Value::Struct(std::collections::BTreeMap::new()),
+    }
+}
+
+/// `VDI.copy(session, vdi, sr, base_vdi, into_vdi)` (xen-api `ocaml/xapi/xapi_vdi.ml`
+/// `copy`): a new VDI on `sr` (`VDI.create`, so the SR needs `VDI_CREATE`, else
+/// `SR_OPERATION_NOT_SUPPORTED [sr]`) with the source's name and size, or `into_vdi` when it
+/// is a VDI (`VDI_TOO_SMALL [into, size]` when smaller); returns its ref. The source stays.
+pub(super) fn vdi_copy(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiResult {
+    let vdi = arg_str(args, 0, method)?.to_string();
+    let sr = arg_str(args, 1, method)?.to_string();
+    let into = arg_str(args, 3, method)?.to_string();
+    let o = db.obj("VDI", &vdi)?.clone();
+    let size = o
+        .fields
+        .get("virtual_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if let Ok(dst) = db.obj("VDI", &into) {
+        let have = dst
+            .fields
+            .get("virtual_size")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        if have < size {
+            return Err(fail("VDI_TOO_SMALL", &[&into, &size.to_string()]));
+        }
+        return Ok(Value::str(&into));
+    }
+    db.obj("SR", &sr)?;
+    if !missing(db, &sr, &["VDI_CREATE"]).is_empty() {
+        return Err(fail("SR_OPERATION_NOT_SUPPORTED", &[&sr]));
+    }
+    let new = db.insert(
+        "VDI",
+        objects::vdi_record(size, &sr, str_of(&o, "name_label")),
+    );
+    objects::push_ref(db, &sr, "VDIs", &new);
+    sh.emit(db, &new, "add");
+    sh.emit(db, &sr, "mod");
+    Ok(Value::String(new))
+}
+
+/// `VBD.create(session, record)` (xen-api `ocaml/xapi/xapi_vbd.ml` `create`): the VM and, for
+/// a non-empty VBD, the VDI must exist; a `userdevice` the VM uses already is
+/// `DEVICE_ALREADY_EXISTS [userdevice]`. Listed in the VM's and the VDI's `VBDs`.
+pub(super) fn vbd_create(sh: &Shared, db: &mut Db, args: &[Value]) -> ApiResult {
+    let rec = args
+        .first()
+        .and_then(Value::as_struct)
+        .ok_or_else(|| fail("FIELD_TYPE_ERROR", &["args"]))?
+        .clone();
+    let field = |k: &str| rec.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let (vm, vdi, userdevice) = (field("VM"), field("VDI"), field("userdevice"));
+    db.obj("VM", &vm)?;
+    let empty = rec.get("empty").and_then(Value::as_bool) == Some(true);
+    if !empty {
+        db.obj("VDI", &vdi)?;
+    }
+    let taken = db.objects.values().any(|b| {
+        b.class == "VBD" && str_of(b, "VM") == vm && str_of(b, "userdevice") == userdevice
+    });
+    if taken {
+        return Err(fail("DEVICE_ALREADY_EXISTS", &[&userdevice]));
+    }
+    let n: u32 = userdevice.parse().unwrap_or(0);
+    let mut f = objects::vbd_record(&vm, &vdi, n);
+    f.insert("userdevice".into(), Value::str(&userdevice));
+    for k in ["bootable", "empty", "unpluggable"] {
+        if let Some(b) = rec.get(k).and_then(Value::as_bool) {
+            f.insert(k.into(), Value::Bool(b));
+        }
+    }
+    for k in ["mode", "type"] {
+        if let Some(s) = rec.get(k).and_then(Value::as_str) {
+            f.insert(k.into(), Value::str(s));
+        }
+    }
+    f.insert("other_config".into(), map_or_empty(rec.get("other_config")));
+    let vbd = db.insert("VBD", f);
+    objects::push_ref(db, &vm, "VBDs", &vbd);
+    if !empty {
+        objects::push_ref(db, &vdi, "VBDs", &vbd);
+        sh.emit(db, &vdi, "mod");
+    }
+    sh.emit(db, &vbd, "add");
+    sh.emit(db, &vm, "mod");
+    Ok(Value::String(vbd))
+}
+
+/// `VBD.destroy(session, vbd)`: refused while the VM runs (its VBD is attached:
+/// `OPERATION_NOT_ALLOWED`); the VM's and VDI's `VBDs` lose it.
+pub(super) fn vbd_destroy(sh: &Shared, db: &mut Db, method: &str, args: &[Value]) -> ApiResult {
+    let vbd = arg_str(args, 0, method)?.to_string();
+    let o = db.obj("VBD", &vbd)?.clone();
+    let (vm, vdi) = (str_of(&o, "VM").to_string(), str_of(&o, "VDI").to_string());
+    let running = db.obj("VM", &vm).is_ok_and(|v| {
+        matches!(
+            v.fields.get("power_state").and_then(Value::as_str),
+            Some("Running" | "Paused")
+        )
+    });
+    if running {
+        return Err(fail(
+            "OPERATION_NOT_ALLOWED",
+            &["VBD is currently attached to a running VM"],
+        ));
+    }
+    objects::remove_ref(db, &vm, "VBDs", &vbd);
+    objects::remove_ref(db, &vdi, "VBDs", &vbd);
+    sh.emit(db, &vbd, "del");
+    db.objects.remove(&vbd);
+    sh.emit(db, &vm, "mod");
+    if db.objects.contains_key(&vdi) {
+        sh.emit(db, &vdi, "mod");
+    }
+    Ok(Value::str(""))
 }
