@@ -27,6 +27,24 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Promotion waits for the old primary's session to drain (the blkback's own bound is 5 s).
 const PROMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The control socket's name in a volume's runtime directory.
+pub const CONTROL_SOCKET: &str = "ctl.sock";
+
+/// The control socket of volume `key` of SR `sr` under the SR's `run_dir` (the host
+/// configuration's): where another program on the host (the xenft agent) drives the volume's
+/// blkback through the control contract. `sr` and `key` are checked (they become path
+/// components); the layout is [`SrDir`]'s.
+///
+/// # Errors
+/// [`SrError`] when `sr` or `key` is not a safe name.
+pub fn control_socket_of(run_dir: &Path, sr: &str, key: &str) -> SrResult<PathBuf> {
+    let host = HostConfig {
+        run_dir: run_dir.to_path_buf(),
+        ..HostConfig::defaults()
+    };
+    Ok(SrDir::new(&host, sr)?.vol_run(key)?.join(CONTROL_SOCKET))
+}
+
 /// The role a running blkback has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,7 +88,7 @@ impl Volume<'_> {
 
     /// The control socket.
     pub fn control_socket(&self) -> SrResult<PathBuf> {
-        Ok(self.run()?.join("ctl.sock"))
+        Ok(self.run()?.join(CONTROL_SOCKET))
     }
 
     fn proc_file(&self) -> SrResult<PathBuf> {
@@ -213,6 +231,9 @@ impl Volume<'_> {
             force: false,
         }) {
             Ok(Reply::Promoted { .. }) => self.write_proc(pid, Role::Primary),
+            // Promoted already, by the xenft agent taking the VM over through this same
+            // control socket (before xapi restarts the VM here and activates the volume).
+            _ if self.serves_as_primary() => self.write_proc(pid, Role::Primary),
             Ok(other) => Err(SrError::failed(format!(
                 "promote of volume {}: unexpected reply {other:?}",
                 self.key
@@ -222,6 +243,19 @@ impl Volume<'_> {
                 self.key
             ))),
         }
+    }
+}
+
+impl Volume<'_> {
+    /// Whether the running blkback says it is a primary.
+    fn serves_as_primary(&self) -> bool {
+        let Ok(sock) = self.control_socket() else {
+            return false;
+        };
+        matches!(
+            Client::<Blkback>::new(sock, START_TIMEOUT).call(&Request::Status),
+            Ok(Reply::Status(s)) if matches!(s.node, xenft_control::blkback::NodeStatus::Primary { .. })
+        )
     }
 }
 
@@ -249,4 +283,33 @@ fn log_tail(p: &Path) -> String {
     let mut lines = lines;
     lines.reverse();
     format!("{} (log {})", lines.join(" | "), p.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_socket_is_in_the_volume_runtime_directory_and_names_are_checked() {
+        let host = HostConfig {
+            run_dir: "/run/x".into(),
+            ..HostConfig::defaults()
+        };
+        let d = SrDir::new(&host, "sr-1").unwrap();
+        assert_eq!(
+            control_socket_of(Path::new("/run/x"), "sr-1", "vol-1").unwrap(),
+            d.vol_run("vol-1").unwrap().join("ctl.sock")
+        );
+        for (sr, key) in [
+            ("..", "v"),
+            ("sr-1", "../../etc"),
+            ("sr/1", "v"),
+            ("sr-1", ""),
+        ] {
+            assert!(
+                control_socket_of(Path::new("/run/x"), sr, key).is_err(),
+                "{sr:?} {key:?}"
+            );
+        }
+    }
 }

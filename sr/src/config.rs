@@ -47,6 +47,18 @@ fn default_blkback() -> PathBuf {
 }
 
 impl HostConfig {
+    /// Every field at its default (what a host without the file has).
+    #[must_use]
+    pub fn defaults() -> Self {
+        Self {
+            host: None,
+            state_dir: default_state_dir(),
+            run_dir: default_run_dir(),
+            blkback: default_blkback(),
+            peer_command: Vec::new(),
+        }
+    }
+
     /// Reads `XENFT_SR_CONFIG` or [`CONFIG_FILE`]; a missing default file means defaults.
     pub fn load() -> SrResult<Self> {
         let (path, explicit) = match std::env::var_os("XENFT_SR_CONFIG") {

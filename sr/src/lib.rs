@@ -17,7 +17,17 @@
 //! - a plugin is any executable taking JSON on stdin: one Rust binary, no Python driver
 //!   framework (SMAPIv1's `SR.py`/`VDI.py`, `lvutil`, `blktap2.py`) to track across releases.
 //!   The cost: SMAPIv3 features such as storage migration into the SR go through xapi's
-//!   `DATA.*`/mirror path, which this SR does not implement (see "Not done").
+//!   `DATA.*`/mirror path, which this SR does not implement: xapi moves a disk into an SR only
+//!   with `VDI_SNAPSHOT` and `VDI_MIRROR_IN` there (`assert_can_migrate`,
+//!   `ocaml/xapi/xapi_vm_migrate.ml`), which xapi-storage-script grants for a `Volume.snapshot`
+//!   script and a datapath plugin with `Datapath.import_activate` (`main.ml`), so `xenft
+//!   vm-protect ... move=true` of a running VM is refused by xapi
+//!   (`SR_DOES_NOT_SUPPORT_MIGRATION`) until this SR has both; a halted VM's disks are copied
+//!   in with `VDI.copy`, which needs only `VDI_CREATE`.
+//! - The xenft agent drives a volume's blkback through its control socket
+//!   ([`blkback::control_socket_of`]) for a protected VM on the SR, and promotes the copy on
+//!   take-over before xapi restarts the VM; `Datapath.activate` then finds it promoted and
+//!   keeps it.
 //!
 //! ## Calling convention (assumptions, each with its source)
 //! From xapi-project/xen-api `ocaml/xapi-storage-script/main.ml`, `fork_exec_rpc`:

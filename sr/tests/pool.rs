@@ -398,3 +398,70 @@ fn a_volume_follows_the_vm_between_hosts_and_keeps_every_acknowledged_write() {
     assert!(!h1.root.join("state").join(sr).exists() && !h2.root.join("state").join(sr).exists());
     let _ = (&h1.ns, &h2.ns);
 }
+
+#[test]
+fn a_copy_the_agent_promoted_on_take_over_activates_where_xapi_restarts_the_vm() {
+    if !require_root("a_copy_the_agent_promoted_on_take_over_activates_where_xapi_restarts_the_vm")
+    {
+        return;
+    }
+    let p = pool();
+    let (h1, h2) = (&p.h1, &p.h2);
+    let sr = "0f1e2d3c-0000-4000-8000-00000000b22d";
+    let conf = json!({"hosts": "h1,h2", "alink": "10.93.1.1:7400=10.93.1.2:7400",
+                      "secret-file": p._dir.path().join("secret")});
+    let dc = h1.ok(
+        false,
+        "SR.create",
+        &json!({"dbg": "t", "uuid": sr, "configuration": conf, "name": "xenft", "description": ""}),
+    );
+    for h in [h1, h2] {
+        h.ok(
+            false,
+            "SR.attach",
+            &json!({"dbg": "t", "configuration": dc}),
+        );
+    }
+    let v = h1.ok(
+        false,
+        "Volume.create",
+        &json!({"dbg": "t", "sr": sr, "name": "disk0", "description": "",
+                "size": 16 * MIB, "sharable": false}),
+    );
+    let key = v["key"].as_str().unwrap().to_string();
+    let dargs = json!({"dbg": "t", "uri": v["uri"][0], "domain": "7"});
+    h1.ok(true, "Datapath.attach", &dargs);
+    h1.ok(true, "Datapath.activate", &dargs);
+    in_sync(&h1.run_dir(sr, &key).join("ctl.sock"));
+
+    // h1 dies; h2's agent takes the VM over: it promotes h2's copy through the volume's
+    // control socket (the agent's disk seam, xenft_sr::blkback::control_socket_of).
+    kill(h1.pid(sr, &key).expect("h1's blkback"));
+    let ctl2 = xenft_sr::blkback::control_socket_of(&h2.root.join("run"), sr, &key).unwrap();
+    assert_eq!(ctl2, h2.run_dir(sr, &key).join("ctl.sock"));
+    let promoted =
+        xenft_control::Client::<xenft_control::Blkback>::new(&ctl2, Duration::from_secs(30))
+            .call(&xenft_control::blkback::Request::Promote {
+                epoch: None,
+                force: false,
+            })
+            .expect("the agent's promotion");
+    assert!(
+        matches!(promoted, xenft_control::blkback::Reply::Promoted { .. }),
+        "{promoted:?}"
+    );
+    // xapi then restarts the VM on h2: attach and activate there find the copy promoted.
+    h2.ok(true, "Datapath.attach", &dargs);
+    h2.ok(true, "Datapath.activate", &dargs);
+    let st = blkback_status(&ctl2).expect("h2's blkback");
+    assert_eq!(st["role"], "primary", "{st}");
+    let proc_file: Value = serde_json::from_str(
+        &std::fs::read_to_string(h2.run_dir(sr, &key).join("blkback.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        proc_file["role"], "primary",
+        "the SR records it as the primary"
+    );
+    let _ = (&h1.ns, &h2.ns);
+}

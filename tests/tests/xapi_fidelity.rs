@@ -1,12 +1,12 @@
 //! The XenAPI test server answers as xapi does where clients depend on it (issue 14, item 6):
 //! dispatch order and errors from the datamodel method list, `system.listMethods` without a
 //! session, `SESSION_INVALID` as a XenAPI failure, `HOST_IS_SLAVE`, `event.inject`,
-//! `VM.start_on` events. Each over XML-RPC and JSON-RPC.
+//! `VM.start_on` events, `VDI.pool_migrate`. Each over XML-RPC and JSON-RPC.
 
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig, DEFAULT_TEMPLATES};
+use xenft_tests::xapi_server::{FakeXapi, FakeXapiConfig, DEFAULT_TEMPLATES, SMAPIV1_NFS_FEATURES};
 use xenft_xapi::xmlrpc::{self, Value};
 use xenft_xapi::{Protocol, XapiError, XenApi};
 
@@ -256,5 +256,159 @@ fn xapi_vm_start_on_changes_power_state_and_resident_on_with_an_event() {
             .unwrap();
         let e = api.vm_start_on(&template, &h2, false).await.unwrap_err();
         assert!(e.is("VM_IS_TEMPLATE"), "{e}");
+    });
+}
+
+#[test]
+fn xapi_vdi_pool_migrate_copies_the_disk_to_a_new_vdi_repoints_the_vbd_and_checks_as_xapi() {
+    let (srv, _, vm) = pool();
+    let (lvm, _) = srv.add_sr("local", "lvm", SMAPIV1_NFS_FEATURES);
+    let (target, _) = srv.add_sr("target", "nfs", SMAPIV1_NFS_FEATURES);
+    let (no_mirror, _) = srv.add_sr("iso", "iso", &["VDI_CREATE"]);
+    srv.add_disk_on(&vm, 0, 3 * GIB, &lvm);
+    let vbd = srv.record(&vm).unwrap()["VBDs"].as_array().unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rt().block_on(async {
+        for p in BOTH {
+            let api = client(&srv, p);
+            let migrate = |vdi: String, sr: String| {
+                let api = &api;
+                async move {
+                    api.call(
+                        "VDI.pool_migrate",
+                        vec![
+                            Value::str(&vdi),
+                            Value::str(&sr),
+                            Value::Struct(Default::default()),
+                        ],
+                    )
+                    .await
+                }
+            };
+            let cur = srv.disk_at(&vm, 0).unwrap();
+            // xapi_vm_migrate.ml's feature check names the SR and what it lacks.
+            let (code, params) = api_err(migrate(cur.clone(), no_mirror.clone()).await);
+            assert_eq!(code, "SR_DOES_NOT_SUPPORT_MIGRATION", "{p:?}");
+            assert_eq!(
+                params,
+                vec![no_mirror.clone(), "VDI_SNAPSHOT;VDI_MIRROR_IN".into()]
+            );
+            let (code, _) = api_err(migrate("OpaqueRef:nope".into(), target.clone()).await);
+            assert_eq!(code, "HANDLE_INVALID");
+            let first = api
+                .event_from(&["vdi", "vbd"], "", Duration::ZERO)
+                .await
+                .unwrap();
+            let dest = if srv.record(&cur).unwrap()["SR"].as_str() == Some(target.as_str()) {
+                lvm.clone()
+            } else {
+                target.clone()
+            };
+            let new = migrate(cur.clone(), dest.clone()).await.unwrap();
+            let new = new.as_str().unwrap().to_string();
+            assert_ne!(new, cur, "a new VDI");
+            let rec = srv.record(&new).unwrap();
+            assert_eq!(rec["SR"].as_str(), Some(dest.as_str()));
+            assert_eq!(rec["virtual_size"].as_i64(), Some(3 * GIB));
+            assert!(srv.record(&cur).is_none(), "the old VDI is destroyed");
+            assert_eq!(
+                srv.record(&vbd).unwrap()["VDI"].as_str(),
+                Some(new.as_str())
+            );
+            let b = api
+                .event_from(&["vdi", "vbd"], &first.token, Duration::from_secs(2))
+                .await
+                .unwrap();
+            let evs: Vec<_> = b
+                .events
+                .iter()
+                .map(|e| (e.class.as_str(), e.obj_ref.as_str()))
+                .collect();
+            assert!(evs.contains(&("vdi", new.as_str())), "{evs:?}");
+            assert!(evs.contains(&("vbd", vbd.as_str())), "{evs:?}");
+            assert!(evs.contains(&("vdi", cur.as_str())), "the del: {evs:?}");
+        }
+        // A VDI no VM uses, and a paused VM's disk.
+        let api = client(&srv, Protocol::XmlRpc);
+        let (other, _) = srv.add_vm("other", GIB, None);
+        let loose = srv.add_disk_on(&other, 0, GIB, &lvm);
+        let rec = srv.record(&other).unwrap();
+        srv.destroy(rec["VBDs"].as_array().unwrap()[0].as_str().unwrap());
+        let args = |v: &str| {
+            vec![
+                Value::str(v),
+                Value::str(&target),
+                Value::Struct(Default::default()),
+            ]
+        };
+        let (code, params) = api_err(api.call("VDI.pool_migrate", args(&loose)).await);
+        assert_eq!(
+            (code.as_str(), params),
+            ("VDI_NEEDS_VM_FOR_MIGRATE", vec![loose.clone()])
+        );
+        srv.set_field(&vm, "power_state", "Paused");
+        let cur = srv.disk_at(&vm, 0).unwrap();
+        let (code, params) = api_err(api.call("VDI.pool_migrate", args(&cur)).await);
+        assert_eq!(code, "VM_BAD_POWER_STATE");
+        assert_eq!(params[2], "paused");
+    });
+}
+
+#[test]
+fn xapi_vdi_copy_and_vbd_create_destroy_check_as_xapi() {
+    let (srv, _, vm) = pool();
+    let nfs = srv.default_sr();
+    let (iso, _) = srv.add_sr("iso", "iso", &[]);
+    let vdi = srv.add_disk_on(&vm, 0, GIB, &nfs);
+    let vbd = srv.record(&vm).unwrap()["VBDs"].as_array().unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rt().block_on(async {
+        let api = client(&srv, Protocol::JsonRpc);
+        let null = Value::str("OpaqueRef:NULL");
+        let copy = |sr: &str| vec![Value::str(&vdi), Value::str(sr), null.clone(), null.clone()];
+        let (code, params) = api_err(api.call("VDI.copy", copy(&iso)).await);
+        assert_eq!(
+            (code.as_str(), params),
+            ("SR_OPERATION_NOT_SUPPORTED", vec![iso.clone()])
+        );
+        let new = api.call("VDI.copy", copy(&nfs)).await.unwrap();
+        let new = new.as_str().unwrap().to_string();
+        assert_eq!(
+            srv.record(&new).unwrap()["virtual_size"].as_i64(),
+            Some(GIB)
+        );
+        assert!(srv.record(&vdi).is_some(), "the source stays");
+        // The VM runs: its VBD is attached.
+        let (code, _) = api_err(api.call("VBD.destroy", vec![Value::str(&vbd)]).await);
+        assert_eq!(code, "OPERATION_NOT_ALLOWED");
+        let rec = |vdi: &str, dev: &str| {
+            let mut m = std::collections::BTreeMap::new();
+            for (k, v) in [
+                ("VM", Value::str(&vm)),
+                ("VDI", Value::str(vdi)),
+                ("userdevice", Value::str(dev)),
+                ("bootable", Value::Bool(false)),
+                ("mode", Value::str("RW")),
+                ("type", Value::str("Disk")),
+                ("empty", Value::Bool(false)),
+            ] {
+                m.insert(k.to_string(), v);
+            }
+            vec![Value::Struct(m)]
+        };
+        let (code, params) = api_err(api.call("VBD.create", rec(&new, "0")).await);
+        assert_eq!(
+            (code.as_str(), params),
+            ("DEVICE_ALREADY_EXISTS", vec!["0".into()])
+        );
+        let b = api.call("VBD.create", rec(&new, "1")).await.unwrap();
+        assert_eq!(srv.disk_at(&vm, 1).as_deref(), Some(new.as_str()));
+        srv.set_field(&vm, "power_state", "Halted");
+        api.call("VBD.destroy", vec![b]).await.unwrap();
+        assert_eq!(srv.disk_at(&vm, 1), None);
     });
 }

@@ -5,7 +5,7 @@
 //! xenft pool-status
 //! xenft host-list
 //! xenft host-compat-check [host=NAME|UUID]
-//! xenft vm-protect vm=web01 level=1|2|3 secondary=host2
+//! xenft vm-protect vm=web01 level=1|2|3 secondary=host2 [move=true [sr=NAME|UUID]]
 //! xenft vm-unprotect vm=web01
 //! xenft vm-status vm=web01
 //! xenft vm-list
@@ -38,6 +38,7 @@ use clap::Parser;
 
 use crate::api::EventStream;
 use crate::client::{ConnectOptions, Credentials, Protocol, XenApi};
+use crate::disks;
 use crate::error::{codes, XapiError};
 use crate::ops::{self, OpError};
 use crate::registry::{Level, Policy, RegistryError};
@@ -179,7 +180,7 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("pool-status", &[]),
     ("host-list", &[]),
     ("host-compat-check", &["host"]),
-    ("vm-protect", &["vm", "level", "secondary"]),
+    ("vm-protect", &["vm", "level", "secondary", "move", "sr"]),
     ("vm-unprotect", &["vm"]),
     ("vm-status", &["vm"]),
     ("vm-list", &[]),
@@ -517,7 +518,38 @@ async fn dispatch(
             let vm = p.req(cmd, "vm")?;
             let secondary = p.req(cmd, "secondary")?;
             let level = level.ok_or_else(|| CliError::usage("vm-protect needs level=1|2|3"))?;
-            let r = ops::protect(api, vm, level, secondary).await?;
+            let move_disks = p.bool("move", false)?;
+            if p.get("sr").is_some() && !move_disks {
+                return Err(CliError::usage("sr= names where move=true moves the disks"));
+            }
+            let (r, moved) = if move_disks {
+                let m = disks::protect_moving(api, vm, level, secondary, p.get("sr")).await?;
+                if fmt == Format::Json {
+                    return json_out(out, &m);
+                }
+                (m.protected, m.moved)
+            } else {
+                (ops::protect(api, vm, level, secondary).await?, Vec::new())
+            };
+            if fmt == Format::Human {
+                for m in &moved {
+                    writeln!(
+                        out,
+                        "disk {} moved from SR {:?} into SR {:?} (VDI {} is now {})",
+                        m.userdevice, m.from_sr, m.to_sr, m.from_vdi, m.to_vdi
+                    )
+                    .map_err(io_err)?;
+                    if let Some(k) = &m.kept {
+                        writeln!(
+                            out,
+                            "  the original VDI {k} is kept, detached, on SR {:?}: delete it \
+                             (xe vdi-destroy uuid={k}) once the VM runs from the copy",
+                            m.from_sr
+                        )
+                        .map_err(io_err)?;
+                    }
+                }
+            }
             match fmt {
                 Format::Json => json_out(out, &r)?,
                 Format::Minimal => writeln!(out, "{}", r.vm).map_err(io_err)?,

@@ -1,6 +1,7 @@
 //! The device records xenft reads to run a VM's components: its network interfaces (`VIF`),
-//! its disk attachments (`VBD`) and the disks themselves (`VDI`). Field names as in xapi's
-//! datamodel (`ocaml/idl/datamodel.ml`: `vif`, `vbd`, `vdi`); `int` fields travel as decimal
+//! its disk attachments (`VBD`), the disks themselves (`VDI`) and the storage repositories
+//! holding them (`SR`). Field names as in xapi's
+//! datamodel (`ocaml/idl/datamodel.ml`: `vif`, `vbd`, `vdi`, `sr`); `int` fields travel as decimal
 //! strings; refs are opaque. Absent or mistyped fields read as empty (the caller checks what
 //! it needs and says what is missing).
 
@@ -85,10 +86,16 @@ impl VbdRecord {
 pub struct VdiRecord {
     /// `uuid`.
     pub uuid: String,
+    /// `name_label`.
+    pub name_label: String,
     /// `virtual_size`: the disk's size as the guest sees it, bytes.
     pub virtual_size: i64,
     /// `SR`.
     pub sr: Ref,
+    /// `location`: the disk's name within its SR. On an SMAPIv3 SR it is the volume's `key`
+    /// (xen-api `ocaml/xapi-storage-script/main.ml` makes a volume's `key` the VDI's `vdi`,
+    /// which xapi stores as `location`): for the xenft SR, the volume whose blkback serves it.
+    pub location: String,
 }
 
 impl VdiRecord {
@@ -102,9 +109,52 @@ impl VdiRecord {
             .ok_or_else(|| XapiError::type_err("VDI record", v))?;
         Ok(VdiRecord {
             uuid: str_field(m, "uuid"),
+            name_label: str_field(m, "name_label"),
             virtual_size: int_field(m, "virtual_size"),
             sr: str_field(m, "SR"),
+            location: str_field(m, "location"),
         })
+    }
+}
+
+/// The `SR` fields xenft uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SrRecord {
+    /// `uuid`: for an SMAPIv3 SR also the `sr` its plugin's calls receive (the xenft SR's
+    /// `SR.attach` returns it), so the name of its directories on each host.
+    pub uuid: String,
+    /// `name_label`.
+    pub name_label: String,
+    /// `type`: the driver (`lvm`, `ext`, `nfs`, ..., [`XENFT_SR_TYPE`] for ours).
+    pub kind: String,
+    /// `shared`: attached on every host of the pool.
+    pub shared: bool,
+}
+
+/// The `type` of the xenft SR (`xe sr-create type=xenft`, crate `xenft-sr`).
+pub const XENFT_SR_TYPE: &str = "xenft";
+
+impl SrRecord {
+    /// Reads an `SR` record struct.
+    ///
+    /// # Errors
+    /// [`XapiError`] when `v` is not a struct.
+    pub fn from_value(v: &Value) -> Result<SrRecord, XapiError> {
+        let m = v
+            .as_struct()
+            .ok_or_else(|| XapiError::type_err("SR record", v))?;
+        Ok(SrRecord {
+            uuid: str_field(m, "uuid"),
+            name_label: str_field(m, "name_label"),
+            kind: str_field(m, "type"),
+            shared: m.get("shared").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    /// The xenft SR.
+    #[must_use]
+    pub fn is_xenft(&self) -> bool {
+        self.kind == XENFT_SR_TYPE
     }
 }
 
@@ -152,5 +202,19 @@ mod tests {
         assert!(e.to_string().contains("VIF record"), "{e}");
         assert!(VbdRecord::from_value(&Value::Array(vec![])).is_err());
         assert!(VdiRecord::from_value(&Value::Bool(true)).is_err());
+        assert!(SrRecord::from_value(&Value::str("x")).is_err());
+    }
+
+    #[test]
+    fn an_sr_is_the_xenft_sr_by_its_type() {
+        let sr = SrRecord::from_value(&rec(&[
+            ("type", Value::str("xenft")),
+            ("name_label", Value::str("mirrored")),
+            ("shared", Value::Bool(true)),
+        ]))
+        .unwrap();
+        assert!(sr.is_xenft() && sr.shared);
+        let nfs = SrRecord::from_value(&rec(&[("type", Value::str("nfs"))])).unwrap();
+        assert!(!nfs.is_xenft());
     }
 }

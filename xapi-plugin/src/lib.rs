@@ -14,6 +14,8 @@
 //! - [`datamodel`]: xapi's method names and arities, kept as data (`datamodel/xapi-methods.txt`);
 //! - [`error::XapiError`]: typed errors keeping XenAPI codes and parameters;
 //! - [`registry`]: the protection registry in pool/VM `other_config` (checked writes);
+//! - [`disks`]: where a VM's disks are, the xenft SR check of levels 2 and 3, moving disks
+//!   into the xenft SR (`VDI.pool_migrate`);
 //! - [`ops`]: protect/unprotect with admission control, status, pool-init, compat check,
 //!   migrate: what the CLI, the host plugin and the watcher call;
 //! - [`customfields`]: XenCenter custom field definitions and the watcher acting on them;
@@ -25,6 +27,7 @@ pub mod client;
 pub mod customfields;
 pub mod datamodel;
 pub mod devices;
+pub mod disks;
 pub mod error;
 pub mod jsonrpc;
 pub mod ops;

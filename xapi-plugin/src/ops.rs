@@ -80,7 +80,7 @@ pub fn suggest<'a>(name: &str, names: impl IntoIterator<Item = &'a str>) -> Opti
         .map(|(_, n)| n.to_string())
 }
 
-fn resolve<'a, T>(
+pub(crate) fn resolve<'a, T>(
     class: &'static str,
     name: &str,
     all: &'a BTreeMap<Ref, T>,
@@ -224,12 +224,80 @@ pub async fn protect(
     .await
 }
 
+/// What [`admit`] found: the VM and the secondary, admitted.
+pub(crate) struct Admitted {
+    pub(crate) vm_ref: Ref,
+    pub(crate) rec: VmRecord,
+    pub(crate) host_ref: Ref,
+    pub(crate) host: HostRecord,
+    pub(crate) hosts: BTreeMap<Ref, HostRecord>,
+    pub(crate) admission: Admission,
+}
+
 pub(crate) async fn protect_locked(
     api: &XenApi,
     vm: &str,
     level: Level,
     secondary: &str,
 ) -> Result<Protected, OpError> {
+    let Admitted {
+        vm_ref,
+        rec,
+        host_ref,
+        host,
+        hosts,
+        admission,
+    } = admit(api, vm, level, secondary).await?;
+    // On a pool with a xenft SR, levels 2 and 3 mirror the VM's disks there.
+    if u8::from(level) >= 2 {
+        let storage = crate::disks::storage_of(api, &vm_ref).await?;
+        crate::disks::check_for_level(&rec, level, &host.name_label, &storage)?;
+    }
+    let host = &host;
+    let rec = &rec;
+    let oc = &rec.other_config;
+    let new_protection = oc.get(VM_LEVEL).is_none_or(|l| l.trim().is_empty())
+        || oc.get(VM_SECONDARY) != Some(&host.uuid);
+    // A protection already in place keeps the state its agents report, also when only its
+    // level changes: they report the raise's `syncing` themselves, and a lowering is
+    // `protected` at once (a `pending` written here would stay, their state being unchanged).
+    // A new one is `pending` before the agents can see it, so never written over their state.
+    if new_protection {
+        set_state(api, &vm_ref, "pending").await?;
+    }
+    set_vm_key(api, &vm_ref, oc, VM_SECONDARY, Some(&host.uuid)).await?;
+    set_vm_key(api, &vm_ref, oc, VM_LEVEL, Some(level.as_str())).await?;
+    // Mirror into the XenCenter custom fields so XenCenter shows (and can change) it.
+    let cf_level = value_key(FIELD_LEVEL);
+    if oc.get(&cf_level).map(|s| s.trim()) != Some(level.as_str()) {
+        set_vm_key(api, &vm_ref, oc, &cf_level, Some(level.as_str())).await?;
+    }
+    let cf_secondary = value_key(FIELD_SECONDARY);
+    let same_host = oc
+        .get(&cf_secondary)
+        .and_then(|s| resolve_host(&hosts, s.trim()).ok())
+        .is_some_and(|(r, _)| r == host_ref);
+    if !same_host {
+        set_vm_key(api, &vm_ref, oc, &cf_secondary, Some(&host.name_label)).await?;
+    }
+    Ok(Protected {
+        vm: rec.uuid.clone(),
+        name: rec.name_label.clone(),
+        level,
+        secondary: host.uuid.clone(),
+        secondary_name: host.name_label.clone(),
+        admission,
+    })
+}
+
+/// The checks of a protect request, without writing anything: the VM and the secondary
+/// resolved, the hosts' compatibility, the secondary's memory (admission control).
+pub(crate) async fn admit(
+    api: &XenApi,
+    vm: &str,
+    level: Level,
+    secondary: &str,
+) -> Result<Admitted, OpError> {
     // A registry we cannot read (malformed, or written by a newer xenft) stops here: its
     // writer may give the VM keys another meaning.
     if registry::read_pool_config(api).await?.1.is_none() {
@@ -315,37 +383,12 @@ pub(crate) async fn protect_locked(
             gib(admission.available),
         )));
     }
-    let oc = &rec.other_config;
-    let new_protection = oc.get(VM_LEVEL).is_none_or(|l| l.trim().is_empty())
-        || oc.get(VM_SECONDARY) != Some(&host.uuid);
-    // A protection already in place keeps the state its agents report, also when only its
-    // level changes: they report the raise's `syncing` themselves, and a lowering is
-    // `protected` at once (a `pending` written here would stay, their state being unchanged).
-    // A new one is `pending` before the agents can see it, so never written over their state.
-    if new_protection {
-        set_state(api, &vm_ref, "pending").await?;
-    }
-    set_vm_key(api, &vm_ref, oc, VM_SECONDARY, Some(&host.uuid)).await?;
-    set_vm_key(api, &vm_ref, oc, VM_LEVEL, Some(level.as_str())).await?;
-    // Mirror into the XenCenter custom fields so XenCenter shows (and can change) it.
-    let cf_level = value_key(FIELD_LEVEL);
-    if oc.get(&cf_level).map(|s| s.trim()) != Some(level.as_str()) {
-        set_vm_key(api, &vm_ref, oc, &cf_level, Some(level.as_str())).await?;
-    }
-    let cf_secondary = value_key(FIELD_SECONDARY);
-    let same_host = oc
-        .get(&cf_secondary)
-        .and_then(|s| resolve_host(&hosts, s.trim()).ok())
-        .is_some_and(|(r, _)| r == host_ref);
-    if !same_host {
-        set_vm_key(api, &vm_ref, oc, &cf_secondary, Some(&host.name_label)).await?;
-    }
-    Ok(Protected {
-        vm: rec.uuid.clone(),
-        name: rec.name_label.clone(),
-        level,
-        secondary: host.uuid.clone(),
-        secondary_name: host.name_label.clone(),
+    Ok(Admitted {
+        vm_ref,
+        rec: rec.clone(),
+        host_ref,
+        host: host.clone(),
+        hosts: hosts.clone(),
         admission,
     })
 }

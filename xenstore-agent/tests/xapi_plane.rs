@@ -216,6 +216,7 @@ async fn the_agents_start_the_vms_mirrored_disk_themselves_from_the_registry() {
                 me: String::new(),
                 run_dir: run_dir.clone(),
                 disk_dir,
+                sr_run_dir: pool.dir.path().join(format!("sr-run-h{}", i + 1)),
                 blkback: blkback.clone(),
                 secret_file: secret.clone(),
                 disk_size: Some(16 << 20),

@@ -90,6 +90,10 @@ fn object_call(sh: &Shared, db: &mut Db, c: &Call<'_>) -> ApiResult {
         }
         ("VM", "pause") => vm_power(sh, db, method, args, Some(&["running"]), "Paused"),
         ("VM", "unpause") => vm_power(sh, db, method, args, Some(&["paused"]), "Running"),
+        ("VDI", "pool_migrate") => super::storage::vdi_pool_migrate(sh, db, method, args),
+        ("VDI", "copy") => super::storage::vdi_copy(sh, db, method, args),
+        ("VBD", "create") => super::storage::vbd_create(sh, db, args),
+        ("VBD", "destroy") => super::storage::vbd_destroy(sh, db, method, args),
         ("secret", "create") => secret_create(sh, db, args),
         ("host", "compute_free_memory") => {
             let host = arg_str(args, 0, method)?;

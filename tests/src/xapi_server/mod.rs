@@ -24,6 +24,11 @@
 //!   `set_<field>` for writable fields, `add_to_<map>` (`MAP_DUPLICATE_KEY [class, field, ref,
 //!   key]`), `remove_from_<map>` (silent when absent); `secret.create`; `VM.start_on`,
 //!   `VM.pool_migrate` (power-state, template and memory checks), `host.compute_free_memory`;
+//!   `SR`s with their driver's features, `VDI`s on them ([`FakeXapi::add_sr`],
+//!   [`FakeXapi::add_disk_on`]);
+//! - [`storage`]: `VDI.pool_migrate`, a disk moved to another SR as xapi moves it (new VDI,
+//!   VBD re-pointed, old VDI destroyed; xapi's power-state and SR-feature checks);
+//!   `VDI.copy`, `VBD.create`, `VBD.destroy`;
 //! - [`plugin`]: `host.call_plugin` runs a plugin executable from a directory with the XML-RPC
 //!   methodCall in argv[1], as xapi does with `/etc/xapi.d/plugins`;
 //! - [`events`]: `event.from(classes, token, timeout)` with xapi's token format, one event per
@@ -39,6 +44,7 @@ mod methods;
 mod objects;
 mod plugin;
 mod sessions;
+mod storage;
 mod transport;
 
 use std::collections::BTreeMap;
@@ -59,6 +65,33 @@ pub const NULL_REF: &str = "OpaqueRef:NULL";
 pub const DOM0_MEMORY: i64 = 1 << 30;
 /// The default templates every server starts with (xapi installs a set of them).
 pub const DEFAULT_TEMPLATES: [&str; 2] = ["Debian Bookworm 12", "Windows Server 2022 (64-bit)"];
+
+/// The SR [`FakeXapi::add_disk`] uses.
+pub const DEFAULT_SR: &str = "NFS storage";
+/// The features xcp-ng/sm's `NFSSR.py` (an SMAPIv1 driver) lists, as xapi's `SM.features`
+/// has them.
+pub const SMAPIV1_NFS_FEATURES: &[&str] = &[
+    "SR_PROBE",
+    "SR_UPDATE",
+    "SR_CACHING",
+    "VDI_CREATE",
+    "VDI_DELETE",
+    "VDI_ATTACH",
+    "VDI_DETACH",
+    "VDI_UPDATE",
+    "VDI_CLONE",
+    "VDI_SNAPSHOT",
+    "VDI_RESIZE",
+    "VDI_GENERATE_CONFIG",
+    "VDI_MIRROR",
+    "VDI_RESET_ON_BOOT/2",
+    "ATOMIC_PAUSE",
+    "VDI_CONFIG_CBT",
+    "VDI_ACTIVATE",
+    "VDI_DEACTIVATE",
+    "THIN_PROVISIONING",
+    "VDI_READ_CACHING",
+];
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -284,22 +317,86 @@ impl FakeXapi {
         (r, uuid)
     }
 
-    /// Adds a disk of `virtual_size` bytes to `vm` at `userdevice`: a `VDI` and the `VBD`
-    /// attaching it (both listed in the VM's `VBDs` / the VDI's `VBDs`, as xapi keeps them).
+    /// Adds a storage repository of driver `kind` (`SR.type`: `nfs`, `lvm`, `xenft`, ...),
+    /// shared by the pool's hosts, whose driver offers `features` (xapi's `SM.features`:
+    /// `VDI_SNAPSHOT`, `VDI_MIRROR`, ...; what `VDI.pool_migrate` checks). Returns (ref,
+    /// uuid).
+    pub fn add_sr(&self, name: &str, kind: &str, features: &[&str]) -> (String, String) {
+        let mut db = self.shared.lock();
+        let f = objects::sr_record(name, kind, true);
+        let uuid = f
+            .get("uuid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let r = db.insert("SR", f);
+        db.sr_features.insert(
+            r.clone(),
+            features.iter().map(|s| (*s).to_string()).collect(),
+        );
+        self.shared.emit(&mut db, &r, "add");
+        (r, uuid)
+    }
+
+    /// The SR [`FakeXapi::add_disk`] puts disks on: [`DEFAULT_SR`] (an SMAPIv1 NFS SR, with
+    /// the features its driver, xcp-ng/sm `NFSSR.py`, lists), made on first use.
+    pub fn default_sr(&self) -> String {
+        let existing = {
+            let db = self.shared.lock();
+            db.objects
+                .iter()
+                .find(|(_, o)| {
+                    o.class == "SR"
+                        && o.fields.get("name_label").and_then(Value::as_str) == Some(DEFAULT_SR)
+                })
+                .map(|(r, _)| r.clone())
+        };
+        existing.unwrap_or_else(|| self.add_sr(DEFAULT_SR, "nfs", SMAPIV1_NFS_FEATURES).0)
+    }
+
+    /// Adds a disk of `virtual_size` bytes to `vm` at `userdevice` on [`FakeXapi::default_sr`].
     /// Returns the VDI's ref.
     pub fn add_disk(&self, vm: &str, userdevice: u32, virtual_size: i64) -> String {
+        let sr = self.default_sr();
+        self.add_disk_on(vm, userdevice, virtual_size, &sr)
+    }
+
+    /// Adds a disk of `virtual_size` bytes on SR `sr` to `vm` at `userdevice`: a `VDI` and
+    /// the `VBD` attaching it (listed in the VM's `VBDs`, the VDI's `VBDs` and the SR's
+    /// `VDIs`, as xapi keeps them). Returns the VDI's ref.
+    pub fn add_disk_on(&self, vm: &str, userdevice: u32, virtual_size: i64, sr: &str) -> String {
         let mut db = self.shared.lock();
-        let vdi = db.insert("VDI", objects::vdi_record(virtual_size));
+        let name = format!("disk {userdevice}");
+        let vdi = db.insert("VDI", objects::vdi_record(virtual_size, sr, &name));
         let vbd = db.insert("VBD", objects::vbd_record(vm, &vdi, userdevice));
         if let Some(o) = db.objects.get_mut(&vdi) {
             o.fields
                 .insert("VBDs".into(), Value::Array(vec![Value::str(&vbd)]));
         }
         objects::push_ref(&mut db, vm, "VBDs", &vbd);
+        objects::push_ref(&mut db, sr, "VDIs", &vdi);
         self.shared.emit(&mut db, &vdi, "add");
         self.shared.emit(&mut db, &vbd, "add");
         self.shared.emit(&mut db, vm, "mod");
+        if db.objects.contains_key(sr) {
+            self.shared.emit(&mut db, sr, "mod");
+        }
         vdi
+    }
+
+    /// The VDI attached to `vm` at `userdevice` now (`VDI.pool_migrate` replaces it).
+    pub fn disk_at(&self, vm: &str, userdevice: u32) -> Option<String> {
+        let db = self.shared.lock();
+        db.objects
+            .values()
+            .find(|o| {
+                o.class == "VBD"
+                    && o.fields.get("VM").and_then(Value::as_str) == Some(vm)
+                    && o.fields.get("userdevice").and_then(Value::as_str)
+                        == Some(userdevice.to_string().as_str())
+            })
+            .and_then(|o| o.fields.get("VDI").and_then(Value::as_str))
+            .map(str::to_string)
     }
 
     /// Adds network interface `device` with `mac` to `vm`. Returns the VIF's ref.
@@ -365,6 +462,15 @@ impl FakeXapi {
                 Some(v) => m.insert(key.to_string(), Value::str(v)),
                 None => m.remove(key),
             };
+        }
+        self.shared.emit(&mut db, r, "mod");
+    }
+
+    /// Sets a string field directly (a VM's `power_state` to `Paused`, ...), with an event.
+    pub fn set_field(&self, r: &str, field: &str, value: &str) {
+        let mut db = self.shared.lock();
+        if let Some(o) = db.objects.get_mut(r) {
+            o.fields.insert(field.to_string(), Value::str(value));
         }
         self.shared.emit(&mut db, r, "mod");
     }

@@ -45,6 +45,8 @@ pub(super) struct Db {
     pub(super) deny_next: Vec<(String, String, Vec<String>)>,
     /// The last domain id `VM.start_on` handed out.
     pub(super) last_domid: i64,
+    /// Each SR's driver features (xapi keeps them on the `SM` object of the SR's type).
+    pub(super) sr_features: BTreeMap<String, Vec<String>>,
 }
 
 pub(super) fn new_uuid() -> String {
@@ -145,15 +147,43 @@ pub(super) fn vm_record(
     ])
 }
 
-/// A disk (`VDI`) of `virtual_size` bytes on the default SR.
-pub(super) fn vdi_record(virtual_size: i64) -> BTreeMap<String, Value> {
+/// A disk (`VDI`) of `virtual_size` bytes on `sr`. Its `location` is its uuid (what an SMAPIv3
+/// SR such as the xenft SR returns as the volume's `key`, and xapi stores as `location`).
+pub(super) fn vdi_record(virtual_size: i64, sr: &str, name: &str) -> BTreeMap<String, Value> {
+    let uuid = new_uuid();
     fields([
-        ("uuid", Value::str(new_uuid())),
-        ("name_label", Value::str("disk")),
+        ("uuid", Value::str(&uuid)),
+        ("name_label", Value::str(name)),
+        ("name_description", Value::str("")),
         ("virtual_size", Value::int64(virtual_size)),
-        ("SR", Value::str(NULL_REF)),
+        ("SR", Value::str(sr)),
+        ("location", Value::str(&uuid)),
+        ("type", Value::str("user")),
+        ("read_only", Value::Bool(false)),
+        ("sharable", Value::Bool(false)),
+        ("managed", Value::Bool(true)),
+        ("is_a_snapshot", Value::Bool(false)),
+        ("cbt_enabled", Value::Bool(false)),
         ("VBDs", Value::Array(vec![])),
         ("other_config", empty_map()),
+        ("sm_config", empty_map()),
+    ])
+}
+
+/// A storage repository of driver `kind` (`SR.type`).
+pub(super) fn sr_record(name: &str, kind: &str, shared: bool) -> BTreeMap<String, Value> {
+    fields([
+        ("uuid", Value::str(new_uuid())),
+        ("name_label", Value::str(name)),
+        ("name_description", Value::str("")),
+        ("type", Value::str(kind)),
+        ("content_type", Value::str("user")),
+        ("shared", Value::Bool(shared)),
+        ("VDIs", Value::Array(vec![])),
+        ("PBDs", Value::Array(vec![])),
+        ("other_config", empty_map()),
+        ("sm_config", empty_map()),
+        ("tags", Value::Array(vec![])),
     ])
 }
 
@@ -183,6 +213,13 @@ pub(super) fn vif_record(vm: &str, device: u32, mac: &str) -> BTreeMap<String, V
         ("MTU", Value::int64(1500)),
         ("other_config", empty_map()),
     ])
+}
+
+/// Removes `item` from the ref list `field` of object `r`.
+pub(super) fn remove_ref(db: &mut Db, r: &str, field: &str, item: &str) {
+    if let Some(Value::Array(a)) = db.objects.get_mut(r).and_then(|o| o.fields.get_mut(field)) {
+        a.retain(|v| v.as_str() != Some(item));
+    }
 }
 
 /// Appends `item` to the ref list `field` of object `r` (a VM's `VIFs`, `VBDs`).

@@ -194,6 +194,7 @@ fn main() -> anyhow::Result<()> {
                         me: String::new(),
                         run_dir: c.run_dir.clone(),
                         disk_dir: c.disk_dir,
+                        sr_run_dir: xenft_agent::xapi::sr_disk::sr_run_dir(),
                         blkback,
                         secret_file: secret_file.clone(),
                         disk_size: c.disk_size_bytes,

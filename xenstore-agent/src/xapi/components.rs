@@ -15,6 +15,11 @@
 //! ([`super::relay_plan`]), and at level 3 the checkpoint engine (`xenft-checkpoint
 //! primary|secondary --control`, [`super::engine_plan`]). The disk copy is sized from the VM's
 //! disk (its `VDI`'s `virtual_size`), or from [`HostFacts::disk_size`] when xapi names no disk.
+//!
+//! A VM whose disk is on the xenft SR gets no blkback from the agent: the SR's own blkback of
+//! that volume mirrors it already (primary where xapi activated the volume, i.e. where the VM
+//! runs), and a second mirror would be of nothing the VM writes. The agent drives the SR's
+//! blkback instead ([`super::sr_disk`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,9 @@ pub struct HostFacts {
     pub run_dir: PathBuf,
     /// Disk copies live here.
     pub disk_dir: PathBuf,
+    /// The xenft SR's per-volume runtime directories on this host (its host configuration's
+    /// `run_dir`: [`super::sr_disk::sr_run_dir`]).
+    pub sr_run_dir: PathBuf,
     /// `xenft-blkback`.
     pub blkback: PathBuf,
     /// The pool secret (A-link key), a file.
@@ -150,53 +158,30 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
         }
         let name = |u: &str| d.hosts.get(u).map_or(u.to_string(), |h| h.name.clone());
         let dir = f.run_dir.join(&v.uuid);
-        let s = |p: &Path| p.display().to_string();
-        let Some(size) = v.devices.disk.as_ref().map(|k| k.size).or(f.disk_size) else {
-            problems.insert(
-                v.uuid.clone(),
-                "xapi names no disk for the VM and disk_size_bytes is not set: the mirror's size is unknown".into(),
-            );
-            continue;
-        };
-        if !v.devices.other_disks.is_empty() {
-            note(
+        match super::sr_disk::volume(v) {
+            // The SR's blkback mirrors it: none of ours.
+            Some(_) if !v.devices.off_xenft_sr.is_empty() => note(
                 &mut problems,
                 &v.uuid,
                 format!(
-                    "only the disk at userdevice {} is mirrored; disks {:?} are not",
-                    v.devices.disk.as_ref().map_or(0, |k| k.userdevice),
-                    v.devices.other_disks
+                    "disks {:?} are not on the xenft SR: not mirrored",
+                    v.devices.off_xenft_sr
                 ),
-            );
+            ),
+            Some(_) => {}
+            None => match blkback(v, f, role, &name(&f.me), &name(&peer), &paths, &dir) {
+                Ok((spec, why)) => {
+                    out.push(spec);
+                    if let Some(why) = why {
+                        note(&mut problems, &v.uuid, why);
+                    }
+                }
+                Err(why) => {
+                    problems.insert(v.uuid.clone(), why);
+                    continue;
+                }
+            },
         }
-        let mut args = vec![
-            "--role".into(),
-            role.into(),
-            "--disk".into(),
-            s(&f.disk_dir.join(format!("{}.img", v.uuid))),
-            "--size".into(),
-            size.to_string(),
-            "--nbd-unix".into(),
-            s(&dir.join("nbd.sock")),
-            "--control".into(),
-            s(&dir.join("blkback.sock")),
-            "--host".into(),
-            name(&f.me),
-            "--peer-host".into(),
-            name(&peer),
-            "--secret-file".into(),
-            s(&f.secret_file),
-        ];
-        for p in paths {
-            args.push("--alink-path".into());
-            args.push(p);
-        }
-        out.push(ProcSpec {
-            vm: v.uuid.clone(),
-            name: "blkback",
-            program: f.blkback.clone(),
-            args,
-        });
         if let Some(relay) = &f.relay {
             let spec = paths_at(RELAY_PORT).and_then(|paths| {
                 super::relay_plan::spec(
@@ -238,6 +223,62 @@ pub fn plan(d: &Desired, f: &HostFacts) -> (Vec<ProcSpec>, BTreeMap<String, Stri
         }
     }
     (out, problems)
+}
+
+/// The agent's own `xenft-blkback` of VM `v` (a disk on no xenft SR), and a note.
+fn blkback(
+    v: &super::desired::VmDesired,
+    f: &HostFacts,
+    role: &str,
+    me: &str,
+    peer: &str,
+    paths: &[String],
+    dir: &Path,
+) -> Result<(ProcSpec, Option<String>), String> {
+    let s = |p: &Path| p.display().to_string();
+    let Some(size) = v.devices.disk.as_ref().map(|k| k.size).or(f.disk_size) else {
+        return Err(
+            "xapi names no disk for the VM and disk_size_bytes is not set: the mirror's size is unknown".into(),
+        );
+    };
+    let why = (!v.devices.other_disks.is_empty()).then(|| {
+        format!(
+            "only the disk at userdevice {} is mirrored; disks {:?} are not",
+            v.devices.disk.as_ref().map_or(0, |k| k.userdevice),
+            v.devices.other_disks
+        )
+    });
+    let mut args = vec![
+        "--role".into(),
+        role.into(),
+        "--disk".into(),
+        s(&f.disk_dir.join(format!("{}.img", v.uuid))),
+        "--size".into(),
+        size.to_string(),
+        "--nbd-unix".into(),
+        s(&dir.join("nbd.sock")),
+        "--control".into(),
+        s(&dir.join("blkback.sock")),
+        "--host".into(),
+        me.into(),
+        "--peer-host".into(),
+        peer.into(),
+        "--secret-file".into(),
+        s(&f.secret_file),
+    ];
+    for p in paths {
+        args.push("--alink-path".into());
+        args.push(p.clone());
+    }
+    Ok((
+        ProcSpec {
+            vm: v.uuid.clone(),
+            name: "blkback",
+            program: f.blkback.clone(),
+            args,
+        },
+        why,
+    ))
 }
 
 /// Adds `why` to the VM's problems.
@@ -653,6 +694,7 @@ pub(crate) mod tests {
             me: me.into(),
             run_dir: "/run/xenft".into(),
             disk_dir: "/var/lib/xenft".into(),
+            sr_run_dir: "/run/xenft/sr".into(),
             blkback: "/usr/bin/xenft-blkback".into(),
             secret_file: "/etc/xenft/secret".into(),
             disk_size: Some(1 << 30),

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use xenft_xapi::api::{HostRecord, PoolRecord, Ref, VmRecord};
-use xenft_xapi::devices::{VbdRecord, VdiRecord, VifRecord};
+use xenft_xapi::devices::{SrRecord, VbdRecord, VdiRecord, VifRecord};
 
 use super::devices::VmDevices;
 use xenft_xapi::registry::{
@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub vbds: BTreeMap<Ref, VbdRecord>,
     /// Disks.
     pub vdis: BTreeMap<Ref, VdiRecord>,
+    /// Storage repositories (which disks the xenft SR holds).
+    pub srs: BTreeMap<Ref, SrRecord>,
 }
 
 /// A host of the pool.

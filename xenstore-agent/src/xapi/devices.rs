@@ -1,6 +1,7 @@
 //! A protected VM's devices, as its components need them: its domain id, its network
 //! interfaces (`VIF`: device number and MAC, for the relay) and its disk (`VBD` → `VDI`: the
-//! size the mirror must have). Derived purely from the registry snapshot; a device xapi
+//! size the mirror must have; `VDI` → `SR`: whether the xenft SR mirrors it already, and as
+//! which volume). Derived purely from the registry snapshot; a device xapi
 //! describes badly (a MAC that is not one, a negative size) is left out with the reason in
 //! [`VmDevices::problems`], never passed to a component.
 
@@ -18,6 +19,16 @@ pub struct Vif {
     pub mac: String,
 }
 
+/// A volume of the xenft SR: where its blkbacks live on each host
+/// (`<SR run_dir>/<sr>/<key>/`, crate `xenft-sr`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SrVolume {
+    /// The SR's uuid (the `sr` of the SR plugin's calls).
+    pub sr: String,
+    /// The volume's key: the VDI's `location`.
+    pub key: String,
+}
+
 /// The VM's boot disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Disk {
@@ -27,6 +38,8 @@ pub struct Disk {
     pub vdi: String,
     /// The VDI's `virtual_size`, bytes.
     pub size: u64,
+    /// On the xenft SR: the volume (its blkbacks mirror the disk already).
+    pub xenft: Option<SrVolume>,
 }
 
 /// What the components need to know of a VM's devices.
@@ -40,6 +53,8 @@ pub struct VmDevices {
     pub disk: Option<Disk>,
     /// Further disks (userdevices) the VM has: xenft mirrors one disk per VM.
     pub other_disks: Vec<u32>,
+    /// The disks (userdevices) on no xenft SR.
+    pub off_xenft_sr: Vec<u32>,
     /// Devices left out, with why.
     pub problems: Vec<String>,
 }
@@ -58,6 +73,18 @@ pub fn normalise_mac(mac: &str) -> Result<String, String> {
             "MAC {mac:?} is not six hex octets separated by ':'"
         ))
     }
+}
+
+/// The xenft SR's volume `key` of SR `sr`, both checked: they become path components
+/// (`xenft_sr::config::check_id`, the SR's own rule).
+fn sr_volume(sr: &str, key: &str) -> Result<SrVolume, String> {
+    let sr = xenft_sr::config::check_id("SR uuid", sr).map_err(|e| e.to_string())?;
+    let key = xenft_sr::config::check_id("VDI location (the volume key)", key)
+        .map_err(|e| e.to_string())?;
+    Ok(SrVolume {
+        sr: sr.to_string(),
+        key: key.to_string(),
+    })
 }
 
 /// The devices of the VM `vm_ref` in `s`.
@@ -99,11 +126,22 @@ pub fn of(s: &Snapshot, vm_ref: &Ref) -> VmDevices {
                 .push(format!("disk {userdevice}: its VDI {} is not known", b.vdi));
             continue;
         };
+        let xenft = match s.srs.get(&vdi.sr) {
+            Some(sr) if sr.is_xenft() => match sr_volume(&sr.uuid, &vdi.location) {
+                Ok(v) => Some(v),
+                Err(why) => {
+                    d.problems.push(format!("disk {userdevice}: {why}"));
+                    continue;
+                }
+            },
+            _ => None,
+        };
         match u64::try_from(vdi.virtual_size) {
             Ok(size) if size > 0 => disks.push(Disk {
                 userdevice,
                 vdi: vdi.uuid.clone(),
                 size,
+                xenft,
             }),
             _ => d.problems.push(format!(
                 "disk {userdevice}: VDI {} has virtual_size {}",
@@ -112,6 +150,11 @@ pub fn of(s: &Snapshot, vm_ref: &Ref) -> VmDevices {
         }
     }
     disks.sort_by_key(|k| k.userdevice);
+    d.off_xenft_sr = disks
+        .iter()
+        .filter(|k| k.xenft.is_none())
+        .map(|k| k.userdevice)
+        .collect();
     let mut disks = disks.into_iter();
     d.disk = disks.next();
     d.other_disks = disks.map(|k| k.userdevice).collect();
@@ -122,7 +165,7 @@ pub fn of(s: &Snapshot, vm_ref: &Ref) -> VmDevices {
 mod tests {
     use super::*;
     use xenft_xapi::api::VmRecord;
-    use xenft_xapi::devices::{VbdRecord, VdiRecord, VifRecord};
+    use xenft_xapi::devices::{SrRecord, VbdRecord, VdiRecord, VifRecord};
 
     fn snap() -> Snapshot {
         let mut s = Snapshot::default();
@@ -170,7 +213,8 @@ mod tests {
                 VdiRecord {
                     uuid: format!("uuid-{dev}"),
                     virtual_size: size.parse().unwrap(),
-                    sr: String::new(),
+                    location: format!("vol-{dev}"),
+                    ..VdiRecord::default()
                 },
             );
         }
@@ -215,6 +259,43 @@ mod tests {
         assert!(all.contains("virtual_size -5"), "{all}");
         assert!(all.contains("\"eth0\""), "{all}");
         assert!(all.contains("OpaqueRef:gone"), "{all}");
+    }
+
+    #[test]
+    fn a_disk_on_the_xenft_sr_is_its_volume_and_a_hostile_location_is_refused() {
+        let mut s = snap();
+        for (r, uuid, kind) in [
+            ("OpaqueRef:x", "sr-x", "xenft"),
+            ("OpaqueRef:n", "sr-n", "nfs"),
+        ] {
+            s.srs.insert(
+                r.into(),
+                SrRecord {
+                    uuid: uuid.into(),
+                    kind: kind.into(),
+                    ..SrRecord::default()
+                },
+            );
+        }
+        s.vdis.get_mut("OpaqueRef:vdi0").unwrap().sr = "OpaqueRef:x".into();
+        s.vdis.get_mut("OpaqueRef:vdi1").unwrap().sr = "OpaqueRef:n".into();
+        let d = of(&s, &"OpaqueRef:vm".to_string());
+        let disk = d.disk.unwrap();
+        assert_eq!(
+            disk.xenft,
+            Some(SrVolume {
+                sr: "sr-x".into(),
+                key: "vol-0".into()
+            })
+        );
+        s.vdis.get_mut("OpaqueRef:vdi0").unwrap().location = "../../etc".into();
+        let d = of(&s, &"OpaqueRef:vm".to_string());
+        assert_eq!(d.disk.map(|k| k.userdevice), Some(1), "disk 0 left out");
+        assert!(
+            d.problems.iter().any(|p| p.contains("../../etc")),
+            "{:?}",
+            d.problems
+        );
     }
 
     #[test]

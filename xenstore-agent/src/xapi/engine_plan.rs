@@ -296,6 +296,7 @@ mod tests {
             me: me.into(),
             run_dir: "/run/xenft".into(),
             disk_dir: "/var/lib/xenft".into(),
+            sr_run_dir: "/run/xenft/sr".into(),
             blkback: "/usr/bin/xenft-blkback".into(),
             secret_file: "/etc/xenft/secret".into(),
             disk_size: Some(1 << 30),

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use xenft_xapi::api::{EventOp, EventStream, HostRecord, PoolRecord, VmRecord};
 use xenft_xapi::client::{ConnectOptions, Credentials, XenApi};
-use xenft_xapi::devices::{VbdRecord, VdiRecord, VifRecord};
+use xenft_xapi::devices::{SrRecord, VbdRecord, VdiRecord, VifRecord};
 use xenft_xapi::error::XapiError;
 use xenft_xapi::transport::{Endpoint, TlsOptions};
 
@@ -237,7 +237,7 @@ async fn follow(
     api.login().await?;
     api_tx.send_replace(Some(Arc::clone(api)));
     tracing::info!(endpoint = ?api.endpoint(), "following the pool registry");
-    let mut stream = EventStream::new(&["pool", "host", "vm", "vif", "vbd", "vdi"]);
+    let mut stream = EventStream::new(&["pool", "host", "vm", "vif", "vbd", "vdi", "sr"]);
     let mut snap = Snapshot::default();
     let mut first = true;
     loop {
@@ -277,6 +277,7 @@ fn apply(snap: &mut Snapshot, ev: &xenft_xapi::api::Event) -> Result<(), XapiErr
         snap.vifs.remove(&r);
         snap.vbds.remove(&r);
         snap.vdis.remove(&r);
+        snap.srs.remove(&r);
         if snap.pool.as_ref().is_some_and(|(p, _)| *p == r) {
             snap.pool = None;
         }
@@ -312,6 +313,12 @@ fn apply(snap: &mut Snapshot, ev: &xenft_xapi::api::Event) -> Result<(), XapiErr
                 snap.vdis.insert(r, rec);
             }
             Err(e) => tracing::warn!(obj = %r, error = %e, "VDI record ignored"),
+        },
+        "sr" => match SrRecord::from_value(v) {
+            Ok(rec) => {
+                snap.srs.insert(r, rec);
+            }
+            Err(e) => tracing::warn!(obj = %r, error = %e, "SR record ignored"),
         },
         _ => {}
     }

@@ -8,7 +8,8 @@
 //!   `xenft.level` / `xenft.secondary`), every request checked, refusals with their reason;
 //!   this host's [`desired::Role`] per VM;
 //! - [`devices`]: a protected VM's domain id, network interfaces and disk, from its `VIF`,
-//!   `VBD` and `VDI` records (what the relay and the mirror are started with);
+//!   `VBD`, `VDI` and `SR` records (what the relay and the mirror are started with, and
+//!   whether the xenft SR mirrors the disk already);
 //! - [`domain`]: the VM's domain through XenAPI on xapi hosts (`VM.start_on` on the
 //!   surviving host after a take-over, pause / unpause for fencing, hard shutdown);
 //! - [`domain_command`]: the domains run by the agent itself from one host-wide command
@@ -23,6 +24,8 @@
 //! - [`relay_plan`]: the relay (`xenft-netback`) of a protected VM in the component plan;
 //! - [`reservation`]: the memory each protected VM keeps on its secondary, re-checked while
 //!   the pool changes;
+//! - [`sr_disk`]: a VM whose disk is on the xenft SR: no mirror of the agent's own, the disk
+//!   seam led to the SR volume's blkback;
 //! - [`roles`]: a component that took the VM over is kept when the plan turns it primary;
 //! - [`plane`]: all of it on one host: follower, inputs for the core, states back;
 //! - [`state`]: the agent's report back into xapi (`xenft.state`, the `xenft-status` custom
@@ -41,4 +44,5 @@ pub mod plane;
 pub mod relay_plan;
 pub mod reservation;
 pub mod roles;
+pub mod sr_disk;
 pub mod state;

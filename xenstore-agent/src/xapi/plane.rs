@@ -57,40 +57,55 @@ impl Followers {
     ) {
         for c in changes {
             match c {
-                Change::Started { vm, name, .. } | Change::Adopted { vm, name, .. }
-                    if !self.0.contains_key(&(vm.clone(), *name)) =>
-                {
-                    let Ok(id) = crate::ids::VmId::new(vm.as_str()) else {
-                        continue;
-                    };
-                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let sock = run_dir.join(vm).join(format!("{name}.sock"));
-                    let Some(followed) = crate::drivers::events::follow_supervised(
-                        name,
-                        &id,
-                        &sock,
-                        Duration::from_secs(5),
-                        inputs,
-                        &stop,
-                    ) else {
-                        continue;
-                    };
-                    match followed {
-                        Ok(t) => {
-                            self.0.insert((vm.clone(), *name), (stop, t));
-                        }
-                        Err(e) => {
-                            tracing::warn!(%vm, error = %e, "cannot follow the component's events");
-                        }
-                    }
+                Change::Started { vm, name, .. } | Change::Adopted { vm, name, .. } => {
+                    self.follow(vm, name, run_dir, inputs);
                 }
-                Change::Stopped { vm, name } => {
-                    if let Some((stop, _)) = self.0.remove(&(vm.clone(), *name)) {
-                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
+                Change::Stopped { vm, name } => self.unfollow(vm, name),
                 _ => {}
             }
+        }
+    }
+
+    /// Follows the events of component `name` of `vm` at `<run_dir>/<vm>/<name>.sock`, unless
+    /// followed already.
+    fn follow(
+        &mut self,
+        vm: &str,
+        name: &'static str,
+        run_dir: &std::path::Path,
+        inputs: &mpsc::Sender<Input>,
+    ) {
+        if self.0.contains_key(&(vm.to_string(), name)) {
+            return;
+        }
+        let Ok(id) = crate::ids::VmId::new(vm) else {
+            return;
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sock = run_dir.join(vm).join(format!("{name}.sock"));
+        let Some(followed) = crate::drivers::events::follow_supervised(
+            name,
+            &id,
+            &sock,
+            Duration::from_secs(5),
+            inputs,
+            &stop,
+        ) else {
+            return;
+        };
+        match followed {
+            Ok(t) => {
+                self.0.insert((vm.to_string(), name), (stop, t));
+            }
+            Err(e) => {
+                tracing::warn!(%vm, error = %e, "cannot follow the component's events");
+            }
+        }
+    }
+
+    fn unfollow(&mut self, vm: &str, name: &'static str) {
+        if let Some((stop, _)) = self.0.remove(&(vm.to_string(), name)) {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -325,6 +340,25 @@ fn supervise(
     for (vm, why) in &problems {
         tracing::debug!(%vm, reason = %why, "no components for this VM");
     }
+    // A VM whose disk the xenft SR mirrors: the disk seam (and a level-3 engine) reach the SR
+    // volume's blkback, whose events are followed as those of our own. Linked before the
+    // components are reconciled: a link goes before a blkback of ours needs the path, and
+    // replaces that blkback's socket only once it has stopped (the next tick).
+    let links = super::sr_disk::links(d, &c.facts);
+    let (linked, r) = tokio::task::block_in_place(|| {
+        super::sr_disk::apply(&c.facts.run_dir, &links, |vm| {
+            c.supervisor.pid(vm, "blkback").is_some()
+        })
+    });
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "the disk seam's link to an SR volume");
+    }
+    for l in &linked {
+        tracing::info!(change = ?l, "SR volume");
+        if let super::sr_disk::LinkChange::Unlinked { vm } = l {
+            followers.unfollow(vm, "blkback");
+        }
+    }
     // Where the core holds the copy (the VM runs on the peer, nothing runs here), a
     // component that took the VM over earlier is no secondary any more.
     let is_secondary = |vm: &str| {
@@ -345,6 +379,11 @@ fn supervise(
         tracing::info!(change = ?ch, "component");
     }
     followers.apply(&changes, &c.facts.run_dir, inputs);
+    for l in &links {
+        if l.target.exists() {
+            followers.follow(&l.vm, "blkback", &c.facts.run_dir, inputs);
+        }
+    }
 }
 
 /// A level-3 replica whose stream broke is stale: after the A-links were all cut (the core

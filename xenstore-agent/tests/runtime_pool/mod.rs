@@ -237,6 +237,7 @@ pub fn host_facts(
         me: me.into(),
         run_dir: dir.join(format!("run-{me}")),
         disk_dir,
+        sr_run_dir: dir.join(format!("sr-run-{me}")),
         blkback: blkback.to_path_buf(),
         secret_file: secret,
         disk_size: Some(16 << 20),
