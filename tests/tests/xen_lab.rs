@@ -6,7 +6,7 @@
 //! `XENFT_XEN_LAB=1` does not ask to build them, or when the machine lacks the memory (each
 //! nested host takes ~2.1 GB). With `XENFT_XEN_LAB=1` a missing image is built first
 //! (`scripts/xen-lab build`, ~3 min from scratch). The two-host tests (checkpoint ~3.5 min,
-//! mirror ~1.5 min, vif ~1 min, ha ~1 min, level2 ~1.5 min) only run with `XENFT_XEN_LAB=1`; xenstore (~30 s) and domain (~45 s) run
+//! mirror ~1.5 min, vif ~1 min, ha ~1 min, level2 ~3.5 min) only run with `XENFT_XEN_LAB=1`; xenstore (~30 s) and domain (~45 s) run
 //! whenever the images are there.
 
 use std::path::{Path, PathBuf};

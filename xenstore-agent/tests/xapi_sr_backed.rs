@@ -175,6 +175,7 @@ async fn the_agents_drive_the_xenft_srs_blkbacks_start_no_mirror_of_their_own_an
                 disk_size: Some(DISK as u64),
                 relay: None,
                 engine: None,
+                alink_path_timeout_ms: None,
             },
             supervisor: Supervisor::new(run_dir),
         };

@@ -183,6 +183,7 @@ mod tests {
                 vif_name: crate::xapi::relay_plan::DEFAULT_VIF_NAME.into(),
             }),
             engine: None,
+            alink_path_timeout_ms: None,
         }
     }
 
