@@ -231,7 +231,10 @@ fn main() -> anyhow::Result<()> {
                     seams: Some(console_facts.2),
                     pool_secret: console_facts.0,
                     expected_failover_ms: console_facts.1,
-                    xapi_login: Some(xenft_agent::console::xapi_checker(endpoint, tls, f.api())),
+                    xapi_login: Some(
+                        xenft_agent::console::xapi_checker(c, endpoint, tls, f.api())
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    ),
                 };
                 let c = xenft_agent::console::Console::start(c, deps)
                     .await

@@ -72,6 +72,17 @@ pub struct ConsoleFile {
     /// Log in with xapi credentials, checked against the pool's xapi.
     #[serde(default)]
     pub xapi_login: bool,
+    /// Where xapi logins are checked (`https://<pool master>`); default: where the agent
+    /// talks to xapi, unless that is dom0's local socket, on which xapi lets root in without
+    /// checking the password — then this is required for `xapi_login`.
+    #[serde(default)]
+    pub xapi_url: Option<String>,
+    /// HTTPS trust for `xapi_url`: the pool's CA (PEM file).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTPS trust for `xapi_url`: the certificate's SHA-256 fingerprint.
+    #[serde(default)]
+    pub pin_sha256: Option<String>,
     /// How long a login lasts (hours, 1..=168, default 8).
     #[serde(default = "default_session_hours")]
     pub session_hours: u64,
@@ -452,20 +463,55 @@ fn now_ms() -> u64 {
 }
 
 /// Checks xapi credentials with `session.login_with_password` (then logs out) against the
-/// pool's xapi: the master the follower talks to, else `configured`; trust as the agent's.
-#[must_use]
+/// pool's xapi: `file.xapi_url` with its trust, else the master the follower talks to (else
+/// `configured`) with the agent's trust (`tls`). Never over xapi's local socket, which lets
+/// root in without a password.
+///
+/// # Errors
+/// `xapi_url` unreadable or without HTTPS trust.
 pub fn xapi_checker(
+    file: &ConsoleFile,
     configured: xenft_xapi::transport::Endpoint,
     tls: xenft_xapi::transport::TlsOptions,
     api: watch::Receiver<Option<Arc<XenApi>>>,
-) -> XapiLogin {
-    Arc::new(move |user, password| {
-        let endpoint = api
-            .borrow()
-            .as_ref()
-            .map_or_else(|| configured.clone(), |a| a.endpoint().clone());
-        let tls = tls.clone();
+) -> Result<XapiLogin, String> {
+    use xenft_xapi::transport::{Endpoint, TlsOptions};
+    let own = match &file.xapi_url {
+        None => None,
+        Some(u) => {
+            let e = Endpoint::parse(u).map_err(|e| format!("console.xapi_url {u:?}: {e}"))?;
+            if matches!(e, Endpoint::Unix(_)) {
+                return Err("console.xapi_url: an https address, not xapi's local socket (which lets root in without a password)".into());
+            }
+            if u.starts_with("https://") && file.ca_file.is_none() && file.pin_sha256.is_none() {
+                return Err("console.xapi_url: https needs ca_file or pin_sha256".into());
+            }
+            Some((
+                e,
+                TlsOptions {
+                    ca_file: file.ca_file.clone(),
+                    pin_sha256: file.pin_sha256.clone(),
+                    insecure: false,
+                },
+            ))
+        }
+    };
+    Ok(Arc::new(move |user, password| {
+        let (endpoint, tls) = own.clone().unwrap_or_else(|| {
+            let e = api
+                .borrow()
+                .as_ref()
+                .map_or_else(|| configured.clone(), |a| a.endpoint().clone());
+            (e, tls.clone())
+        });
         Box::pin(async move {
+            if matches!(endpoint, Endpoint::Unix(_)) {
+                return Err(LoginError::Unavailable(
+                    "xapi logins are not checked over xapi's local socket (it lets root in \
+                     without a password): set console.xapi_url, or use the console's token"
+                        .into(),
+                ));
+            }
             let mut opts = xenft_xapi::ConnectOptions::new(
                 endpoint,
                 xenft_xapi::client::Credentials { user, password },
@@ -488,5 +534,8 @@ pub fn xapi_checker(
                 ))),
             }
         })
-    })
+    }))
 }
+
+#[cfg(test)]
+mod server_tests;

@@ -295,10 +295,16 @@ fn vm_json(v: &RegVm, reg: &RegistryView, ok: &[(&str, &Value)]) -> Value {
         (None, ..) => (None, "-".to_string()),
         (Some(1), ..) => (None, "restart from the VM's disk (level 1)".into()),
         (_, Some("primary"), Some("in_sync")) => (Some(0), "0 B: mirrored synchronously".into()),
+        (_, Some("local"), _) => (None, "no copy: the disk has no mirror".into()),
+        (_, Some("primary"), _) if disk["remote_mode"] == Value::Bool(true) => (
+            Some(0),
+            "0 B: the disk is served from the copy (remote mode)".into(),
+        ),
         (_, Some("primary"), Some(link)) => {
             let d = disk["dirty_bytes"].as_u64().unwrap_or(0);
             (Some(d), format!("{d} B not on the copy ({link})"))
         }
+        _ if primary_view.is_none() => (None, "unknown (the VM's host is not reachable)".into()),
         _ => (None, "unknown (no mirror report)".into()),
     };
     let resync = &disk["resync"];
