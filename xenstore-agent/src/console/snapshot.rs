@@ -105,13 +105,14 @@ pub fn registry_view(d: &Desired, vms: &BTreeMap<Ref, VmRecord>) -> RegistryView
 /// A host's agent as its console reported it, or why it could not be reached.
 pub type AgentView = (String, Result<Value, String>);
 
-/// The page's words for a path id (`"Mgmt"`, `{"Alink": 0}` → `mgmt`, `alink1`).
+/// The agent's words for a path id (`"Mgmt"`, `{"Alink": 0}` → `mgmt`, `alink0`), as its
+/// decisions and metrics name it.
 fn path_name(v: &Value) -> String {
     match v {
         Value::String(s) => s.to_lowercase(),
         Value::Object(m) => m
             .iter()
-            .map(|(k, n)| format!("{}{}", k.to_lowercase(), n.as_u64().map_or(0, |n| n + 1)))
+            .map(|(k, n)| format!("{}{}", k.to_lowercase(), n.as_u64().unwrap_or(0)))
             .collect(),
         _ => "?".into(),
     }
@@ -415,7 +416,7 @@ mod tests {
         assert_eq!(web["protected"], false);
         assert_eq!(s["pool"]["hosts"][1]["up"], true);
         assert_eq!(s["pool"]["hosts"][1]["heard_by"], json!(["host1"]));
-        assert_eq!(s["alinks"][0]["path"], "alink1");
+        assert_eq!(s["alinks"][0]["path"], "alink0");
         assert_eq!(s["events"][0]["what"], "peer_silent: fail_over (vm1)");
         assert_eq!(s["events"][0]["t_ms"], 1_000_500);
         assert_eq!(s["events"][0]["why"], "primary silent");
