@@ -196,20 +196,7 @@ pub fn form(body: &[u8]) -> Vec<(String, Option<String>)> {
 /// `%XX` escapes decoded; `None` for a malformed escape or non-UTF-8.
 #[must_use]
 pub fn url_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    crate::status::percent_decode(s)
 }
 
 /// The reason phrase of a status code.
