@@ -47,6 +47,15 @@ fn main() -> anyhow::Result<()> {
     let mgmt_port = file.xapi.as_ref().map(|x| x.mgmt_port);
     let secret_file = file.config.secret_file.clone();
     let console_file = file.console.clone();
+    // The console's settings are checked with the rest (`--check` included).
+    if let Some(c) = &console_file {
+        if file.xapi.is_none() {
+            anyhow::bail!("configuration {}: console: it needs the xapi section (the console shows the pool's registry)", args.config.display());
+        }
+        c.token()
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("configuration {}", args.config.display()))?;
+    }
     let xapi_trust = xapi.as_ref().map(|x| (x.endpoint.clone(), x.tls.clone()));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     // The registry in the pool's xapi, followed from the start: the pool's membership may
@@ -236,15 +245,18 @@ fn main() -> anyhow::Result<()> {
                             .map_err(|e| anyhow::anyhow!(e))?,
                     ),
                 };
-                let c = xenft_agent::console::Console::start(c, deps)
-                    .await
-                    .with_context(|| format!("console on {}", c.listen))?;
-                println!("console {}", c.addr());
-                Some(c)
+                // Protection never waits for the console: one that cannot listen is logged.
+                match xenft_agent::console::Console::start(c, deps).await {
+                    Ok(c) => {
+                        println!("console {}", c.addr());
+                        Some(c)
+                    }
+                    Err(e) => {
+                        tracing::error!(listen = %c.listen, error = %e, "the console is not served");
+                        None
+                    }
+                }
             }
-            (Some(_), ..) => anyhow::bail!(
-                "console: it needs the xapi section (the console shows the pool's registry)"
-            ),
             _ => None,
         };
         // The components' own state (disk role and resync progress, relay mode) in /status.
