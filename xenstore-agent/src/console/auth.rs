@@ -17,6 +17,9 @@ use sha2::Sha256;
 
 /// Longest user name a session carries.
 pub const MAX_USER: usize = 128;
+/// The user of the consoles' sessions to one another (`agent:<host>`): they read
+/// `/api/local` only.
+pub const PEER_PREFIX: &str = "agent:";
 /// Longest session token accepted.
 const MAX_TOKEN: usize = 1024;
 
@@ -114,7 +117,11 @@ impl Auth {
     /// A short session for this agent's requests to the other consoles.
     #[must_use]
     pub fn mint_peer(&self, me: &str) -> String {
-        self.mint_at(&format!("agent:{me}"), Duration::from_secs(60), unix_now())
+        self.mint_at(
+            &format!("{PEER_PREFIX}{me}"),
+            Duration::from_secs(60),
+            unix_now(),
+        )
     }
 
     /// The user of a valid session at `now` (Unix s); `None` for anything else.
@@ -176,6 +183,11 @@ impl Auth {
         };
         if user.is_empty() || user.len() > MAX_USER || password.len() > 4096 {
             return Err(LoginError::Refused("give a user and a password".into()));
+        }
+        if user.starts_with(PEER_PREFIX) {
+            return Err(LoginError::Refused(format!(
+                "{PEER_PREFIX}… names are the consoles' own"
+            )));
         }
         check(user.to_string(), password.to_string()).await?;
         Ok(self.mint(&format!("xapi:{user}")))

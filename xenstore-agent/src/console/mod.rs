@@ -304,7 +304,10 @@ fn login_page(s: &Shared, status: u16, message: &str) -> Answer {
 }
 
 async fn route(s: &Shared, req: &Request) -> Answer {
+    // The consoles' own sessions (`agent:<host>`) read `/api/local` and nothing else.
+    let peer_only = |u: &String| u.starts_with(auth::PEER_PREFIX);
     let bearer_user = req.bearer().and_then(|b| s.auth.check(b));
+    let peer = bearer_user.as_ref().is_some_and(peer_only);
     match (req.method.as_str(), req.path.as_str()) {
         ("OPTIONS", _) => Answer::new(204, "text/plain", "")
             .with("Access-Control-Allow-Methods: GET, POST".into())
@@ -318,13 +321,16 @@ async fn route(s: &Shared, req: &Request) -> Answer {
                 "Set-Cookie: {COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
             )),
         ("GET", "/") => {
-            let session = req
+            let user = req
                 .cookie(COOKIE)
-                .filter(|c| s.auth.check(c).is_some())
-                .or(req.bearer().filter(|_| bearer_user.is_some()));
-            match session {
+                .and_then(|c| s.auth.check(c))
+                .or(bearer_user)
+                .filter(|u| !peer_only(u));
+            match user {
                 None => login_page(s, 401, "log in to see the pool"),
-                Some(session) => {
+                Some(user) => {
+                    // The page's own session, never the credential it came with (a token).
+                    let session = s.auth.mint(&user);
                     let snap = state(s).await;
                     let page = PAGE
                         .replace("/*INITIAL*/null", &script_json(&snap))
@@ -338,6 +344,9 @@ async fn route(s: &Shared, req: &Request) -> Answer {
             "log in first: Authorization: Bearer <session or token>",
         )
         .with("WWW-Authenticate: Bearer realm=\"xenft console\"".into()),
+        (_, p) if peer && p != "/api/local" => {
+            Answer::error(403, "a console's session reads /api/local only")
+        }
         ("GET", "/api/state") => Answer::json(200, &state(s).await),
         ("GET", "/api/local") => {
             let comps = s.components.read().map(|g| g.clone()).unwrap_or_default();

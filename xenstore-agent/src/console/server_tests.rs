@@ -148,7 +148,10 @@ async fn a_token_login_opens_the_page_and_its_session_opens_the_api() {
     let session = session_of(&answer);
     let (code, page) = get(&f, "/", &format!("Cookie: xenft_session={session}\r\n")).await;
     assert_eq!(code, 200);
-    assert!(page.contains(&format!("const SESSION = \"{session}\"")));
+    assert!(
+        page.contains("const SESSION = \"s1."),
+        "a session for the page"
+    );
     assert!(
         page.contains("\"served_by\":\"host1\""),
         "the first snapshot is embedded"
@@ -360,4 +363,25 @@ async fn xapi_logins_are_never_checked_over_the_local_socket() {
         );
         assert!(r.is_err(), "{bad}");
     }
+}
+
+#[tokio::test]
+async fn a_consoles_own_session_reads_its_agent_and_nothing_else() {
+    let f = start(b"pool").await;
+    let peer =
+        super::auth::Auth::new(b"pool", None, None, Duration::from_secs(60)).mint_peer("host2");
+    let auth = format!("Authorization: Bearer {peer}\r\n");
+    let (code, _) = get(&f, "/api/local", &auth).await;
+    assert_eq!(code, 200);
+    let (code, _) = get(&f, "/api/state", &auth).await;
+    assert_eq!(code, 403);
+    let (code, _) = post(&f, "/api/vm/vm1/unprotect", &auth, "").await;
+    assert_eq!(code, 403);
+    let (code, _) = get(&f, "/", &auth).await;
+    assert_eq!(code, 401);
+    // The token as a bearer opens the page, which gets a session, not the token.
+    let (code, page) = get(&f, "/", &format!("Authorization: Bearer {TOKEN}\r\n")).await;
+    assert_eq!(code, 200);
+    assert!(!page.contains(TOKEN), "the token was put into the page");
+    f.console.shutdown().await;
 }
