@@ -51,14 +51,11 @@
 //! - [`pool`]: `up` / `down` / `status`, the lab's agent timing.
 //! - [`drill`]: the fire drill and its report.
 //! - [`compat`]: what this machine supports per level (Xen and local pool), and why.
-//! - [`console`]: the availability console (HTML + server-sent events, protect/unprotect
-//!   through XenAPI) served by each host.
 //! - [`demo`]: up (the `protect` row), a series of drills, a summary table, down.
 //! - [`xapi_pool`]: the pool's xapi, each host's process, the VM, the `protect` row.
 
 pub mod client;
 pub mod compat;
-pub mod console;
 pub mod demo;
 pub mod drill;
 pub mod pool;

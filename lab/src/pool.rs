@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::state::{NodeRole, NodeStatus, PoolRecord, StateDir};
-use crate::topology::{self, Host, NS_CLIENT};
+use crate::topology::{self, Host};
 use crate::{now_ms, require_root, LabError};
 
 /// How `up` builds the pool.
@@ -327,9 +327,13 @@ pub fn status(dir: &StateDir) -> Result<String, LabError> {
     }
     let _ = writeln!(
         out,
-        "console: {} or {} (from the client namespace: ip netns exec {NS_CLIENT} ...)",
-        crate::console::url(Host::Host1),
-        crate::console::url(Host::Host2)
+        "console: {} or {} (the management network: ip netns exec {} chromium ...; log in \
+         with the pool's xapi user root and {}, or the token in {})",
+        crate::xapi_pool::console_url(Host::Host1),
+        crate::xapi_pool::console_url(Host::Host2),
+        crate::topology::NS_QUORUM,
+        dir.file("xapi-password").display(),
+        dir.file("console-token").display()
     );
     let acks = dir.acks()?;
     match acks.last() {

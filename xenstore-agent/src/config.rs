@@ -203,6 +203,8 @@ pub struct AgentFile {
     pub vm_drivers: BTreeMap<VmId, VmDriversFile>,
     /// The pool's xapi, when the agent follows the registry (`xapi`).
     pub xapi: Option<XapiFile>,
+    /// The availability console (`console`), served when present.
+    pub console: Option<crate::console::ConsoleFile>,
 }
 
 /// Where the agent reaches the pool's xapi (`"xapi": {...}` in its config): the registry is
@@ -333,12 +335,17 @@ impl AgentFile {
             }
         }
         let d: DriversPart = serde_json::from_value(serde_json::Value::Object(part))?;
+        let console = top
+            .remove("console")
+            .map(serde_json::from_value)
+            .transpose()?;
         let config: ConfigFile = serde_json::from_value(serde_json::Value::Object(top))?;
         Ok(Self {
             config,
             drivers: d.drivers,
             vm_drivers: d.vm_drivers,
             xapi: d.xapi,
+            console,
         })
     }
 

@@ -48,6 +48,8 @@
 //! - [`xenstore`]: the xenstore seam (trait, in-process store with xenstored semantics, the
 //!   xenstore-rs backend plus a wire-protocol client for transactions) and the agent's
 //!   xenstore bridge;
+//! - [`console`]: the availability console (page, login, snapshot from the registry, this
+//!   agent and the other hosts' consoles, protect / unprotect through XenAPI);
 //! - [`status`]: the status API (JSON, bounded decision log, server-sent events, Prometheus);
 //! - [`sim`]: a deterministic simulated pool (seeded faults, split-brain / false-failover /
 //!   missed-failover checker);
@@ -66,6 +68,7 @@
 //! | — | primary without lease or peer promise | fence (pause its copy) |
 
 pub mod config;
+pub mod console;
 pub mod core;
 pub mod decision;
 pub mod drivers;

@@ -274,7 +274,8 @@ impl StatusServer {
     }
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+/// Constant-time equality of two secrets (the length is not secret).
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -344,7 +345,7 @@ async fn read_body(sock: &mut TcpStream, head: &str, mut rest: Vec<u8>) -> Resul
 }
 
 /// `%XX` escapes of a path segment decoded; `None` for a malformed one or non-UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -120,7 +120,7 @@ enum Cmd {
         #[arg(long)]
         nbd: PathBuf,
     },
-    /// (internal) One host of the pool: its agent, hypervisor stand-in, status and console.
+    /// (internal) One host of the pool: its agent (which serves the console), hypervisor stand-in and status.
     #[command(hide = true)]
     Host {
         #[arg(long)]

@@ -3,20 +3,16 @@
 //! systemd's `Restart=always` does — it exits on purpose when the pool's membership
 //! changes), the hypervisor stand-in ([`super::hypervisor`]), and what the lab needs to watch
 //! from outside: the status file and the agent's decisions in the event log
-//! ([`super::status`]) and the availability console, whose protect / unprotect go through
-//! XenAPI (`xenft_xapi::ops::protect`, what `xenft vm-protect` does).
+//! ([`super::status`]). The availability console is the agent's own (its `console` section).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use xenft_xapi::registry::Level;
-use xenft_xapi::XenApi;
-
 use super::hypervisor::{self, HypervisorConfig};
 use super::status::{self, Pending};
-use super::{xapi_url, VM_NAME};
+use super::xapi_url;
 use crate::state::{Event, StateDir};
 use crate::topology::Host;
 use crate::{now_ms, LabError};
@@ -110,89 +106,11 @@ pub fn run(cfg: &HostConfig) -> Result<(), LabError> {
         let (dir, pending) = (cfg.dir.clone(), Arc::clone(&pending));
         std::thread::spawn(move || status::follow_decisions(h, &dir, &pending));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| LabError::component("host runtime", e))?;
-    let control = Arc::new(XapiControl {
-        host: h,
-        credential_file: cfg.dir.file("xapi-credentials"),
-    });
-    rt.spawn(crate::console::serve(cfg.dir.clone(), h, control));
-    std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
     loop {
         let st = status::snapshot(h, &cfg.dir, &run_dir, &pending);
         if let Err(e) = cfg.dir.write_json(&cfg.dir.status_file(h), &st) {
             tracing::warn!(error = %e, "cannot write the status file");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The console's protect / unprotect: through XenAPI, like `xenft vm-protect` (level 3, the
-/// other host as secondary) and `xenft vm-unprotect`.
-struct XapiControl {
-    host: Host,
-    credential_file: PathBuf,
-}
-
-impl XapiControl {
-    fn api(&self) -> Result<XenApi, String> {
-        super::connect(
-            &xapi_url(self.host),
-            &self.credential_file,
-            Duration::from_secs(5),
-        )
-        .map_err(|e| e.to_string())
-    }
-}
-
-impl crate::console::Control for XapiControl {
-    fn set_protection(&self, on: bool, _forwarded: bool) -> Result<String, String> {
-        let api = self.api()?;
-        // Called from the console's runtime: the XenAPI calls run on a runtime of their own,
-        // on a thread of their own.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                rt.block_on(async {
-                    if on {
-                        let vms = api.vm_get_all_records().await.map_err(|e| e.to_string())?;
-                        let hosts = api
-                            .host_get_all_records()
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        let on_host = vms
-                            .values()
-                            .find(|v| v.name_label == VM_NAME)
-                            .and_then(|v| hosts.get(&v.resident_on))
-                            .map(|h| h.name_label.clone())
-                            .ok_or_else(|| format!("{VM_NAME} does not run"))?;
-                        let secondary = if on_host == Host::Host1.name() {
-                            Host::Host2
-                        } else {
-                            Host::Host1
-                        };
-                        xenft_xapi::ops::protect(&api, VM_NAME, Level::System, secondary.name())
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        Ok(format!(
-                            "{VM_NAME} protected at level 3 through XenAPI (secondary {})",
-                            secondary.name()
-                        ))
-                    } else {
-                        xenft_xapi::ops::unprotect(&api, VM_NAME)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        Ok(format!("{VM_NAME} unprotected through XenAPI"))
-                    }
-                })
-            })
-            .join()
-            .unwrap_or_else(|_| Err("the XenAPI call panicked".into()))
-        })
     }
 }

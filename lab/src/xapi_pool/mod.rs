@@ -44,6 +44,16 @@ use crate::{now_ms, LabError};
 pub const XAPI_PORT: u16 = 8080;
 /// The protected VM's name in xapi.
 pub const VM_NAME: &str = "vm1";
+/// Port of the agents' availability console (on every address of the host; the page lists
+/// the consoles by management address).
+pub const CONSOLE_PORT: u16 = 8080;
+
+/// Host `h`'s console, on the management network (reach it from the quorum namespace, which
+/// routes that network).
+#[must_use]
+pub fn console_url(h: Host) -> String {
+    format!("http://{}:{CONSOLE_PORT}/", h.mgmt_ip())
+}
 
 /// What the `protect` row found.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -200,6 +210,12 @@ fn agent_config(dir: &StateDir, cfg: &UpConfig, h: Host) -> serde_json::Value {
         "state_file": home.join("agent-state.json"),
         "timing": crate::pool::agent_timing(cfg.product_timing),
         "status": {"listen": format!("127.0.0.1:{STATUS_PORT}")},
+        // The availability console: a login with the pool's xapi credentials or the token.
+        "console": {
+            "listen": format!("0.0.0.0:{CONSOLE_PORT}"),
+            "token_file": dir.file("console-token"),
+            "xapi_login": true
+        },
         "xapi": {
             "url": xapi_url(h),
             "credential_file": dir.file("xapi-credentials"),
@@ -271,6 +287,9 @@ pub(crate) fn build(dir: &StateDir, cfg: &UpConfig) -> Result<(PoolRecord, Start
     write_file(&dir.file("secret"), hex.as_bytes(), 0o600)?;
     write_file(&dir.file("xapi-password"), b"xenroot\n", 0o600)?;
     write_file(&dir.file("xapi-credentials"), b"root\nxenroot\n", 0o600)?;
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
+    let token: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    write_file(&dir.file("console-token"), token.as_bytes(), 0o600)?;
     topology::create()?;
     let root = dir.root().display().to_string();
     let lease = crate::pool::agent_timing(cfg.product_timing)

@@ -2,7 +2,7 @@
 //! host's `xenft-agent` says (its status API: `GET /status`, and every decision as it is made
 //! on `GET /events`), what the VM's components say on their control sockets (`xenft-blkback`,
 //! `xenft-netback`, `xenft-checkpoint`, through the control contract), and what the VM
-//! process wrote when it started serving. The drills, `status` and the console read these
+//! process wrote when it started serving. The drills and `status` read these
 //! files; nothing here acts on the pool.
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -50,6 +50,17 @@ fn main() -> anyhow::Result<()> {
     let components_file = file.xapi.as_ref().and_then(|x| x.components.clone());
     let mgmt_port = file.xapi.as_ref().map(|x| x.mgmt_port);
     let secret_file = file.config.secret_file.clone();
+    let console_file = file.console.clone();
+    // The console's settings are checked with the rest (`--check` included).
+    if let Some(c) = &console_file {
+        if file.xapi.is_none() {
+            anyhow::bail!("configuration {}: console: it needs the xapi section (the console shows the pool's registry)", args.config.display());
+        }
+        c.token()
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("configuration {}", args.config.display()))?;
+    }
+    let xapi_trust = xapi.as_ref().map(|x| (x.endpoint.clone(), x.tls.clone()));
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     // The registry in the pool's xapi, followed from the start: the pool's membership may
     // come from it, the domains may go through it, and the plane feeds the core from it.
@@ -214,6 +225,12 @@ fn main() -> anyhow::Result<()> {
         let agent_me = me.clone();
         let vm_names: Vec<_> = cfg.vms.iter().map(|v| v.vm.clone()).collect();
         let (configured, pool_hosts) = (cfg.vms.clone(), cfg.core.peers.clone());
+        let t = &cfg.core.timing;
+        let console_facts = (
+            cfg.secret.clone(),
+            t.peer_dead_ms.max(t.lease_ms) + t.heartbeat_ms,
+            seams.clone(),
+        );
         let agent = Agent::start_with_links(cfg, seams.clone(), links).await?;
         // Protect / unprotect through the status API: into the registry when the agent
         // follows one (as `xenft vm-protect`), straight to the core otherwise.
@@ -226,6 +243,37 @@ fn main() -> anyhow::Result<()> {
                 pool_hosts,
                 &configured,
             ),
+        };
+        // The availability console: the registry, this agent and the other hosts' consoles.
+        let console = match (&console_file, &follower, xapi_trust) {
+            (Some(c), Some(f), Some((endpoint, tls))) => {
+                let deps = xenft_agent::console::ConsoleDeps {
+                    me: agent_me.to_string(),
+                    hub: agent.hub(),
+                    desired: f.desired(),
+                    api: f.api(),
+                    protection: std::sync::Arc::clone(&protection),
+                    seams: Some(console_facts.2),
+                    pool_secret: console_facts.0,
+                    expected_failover_ms: console_facts.1,
+                    xapi_login: Some(
+                        xenft_agent::console::xapi_checker(c, endpoint, tls, f.api())
+                            .map_err(|e| anyhow::anyhow!(e))?,
+                    ),
+                };
+                // Protection never waits for the console: one that cannot listen is logged.
+                match xenft_agent::console::Console::start(c, deps).await {
+                    Ok(c) => {
+                        println!("console {}", c.addr());
+                        Some(c)
+                    }
+                    Err(e) => {
+                        tracing::error!(listen = %c.listen, error = %e, "the console is not served");
+                        None
+                    }
+                }
+            }
+            _ => None,
         };
         // The components' own state (disk role and resync progress, relay mode) in /status.
         let (stop_reports, stop_rx) = tokio::sync::watch::channel(false);
@@ -284,6 +332,9 @@ fn main() -> anyhow::Result<()> {
             }
         };
         status.shutdown().await;
+        if let Some(c) = console {
+            c.shutdown().await;
+        }
         let _ = stop_reports.send(true);
         if let Some(r) = reports {
             let _ = r.await;
