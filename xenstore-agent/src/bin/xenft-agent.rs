@@ -229,7 +229,6 @@ fn main() -> anyhow::Result<()> {
         let console_facts = (
             cfg.secret.clone(),
             t.peer_dead_ms.max(t.lease_ms) + t.heartbeat_ms,
-            seams.clone(),
         );
         let agent = Agent::start_with_links(cfg, seams.clone(), links).await?;
         // Protect / unprotect through the status API: into the registry when the agent
@@ -253,7 +252,6 @@ fn main() -> anyhow::Result<()> {
                     desired: f.desired(),
                     api: f.api(),
                     protection: std::sync::Arc::clone(&protection),
-                    seams: Some(console_facts.2),
                     pool_secret: console_facts.0,
                     expected_failover_ms: console_facts.1,
                     xapi_login: Some(

@@ -28,10 +28,9 @@ pub mod http;
 pub mod snapshot;
 pub mod sources;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -45,7 +44,6 @@ use self::http::{Answer, Request};
 use self::snapshot::RegistryView;
 use self::sources::Registry;
 use crate::protection_api::{Action, ProtectionApi};
-use crate::seams::Seams;
 use crate::status::StatusHub;
 use crate::xapi::desired::Desired;
 
@@ -148,8 +146,6 @@ pub struct ConsoleDeps {
     pub api: watch::Receiver<Option<Arc<XenApi>>>,
     /// Protect / unprotect.
     pub protection: Arc<ProtectionApi>,
-    /// The VMs' components, for their reports (disk mirror, resync, checkpoints).
-    pub seams: Option<Seams>,
     /// The pool secret (sessions are signed with a key derived from it).
     pub pool_secret: Vec<u8>,
     /// The failover time this agent's timing gives.
@@ -165,7 +161,6 @@ struct Shared {
     registry: Registry,
     protection: Arc<ProtectionApi>,
     auth: Auth,
-    components: Arc<RwLock<BTreeMap<String, Value>>>,
     expected_failover_ms: u64,
     last: tokio::sync::Mutex<Option<(Instant, Value)>>,
     logins: Semaphore,
@@ -193,16 +188,7 @@ impl Console {
             None
         };
         let (stop, stop_rx) = watch::channel(false);
-        let components = Arc::new(RwLock::new(BTreeMap::new()));
         let mut tasks = Vec::new();
-        if let Some(seams) = deps.seams {
-            tasks.push(tokio::spawn(sources::follow_components(
-                seams,
-                Arc::clone(&deps.hub),
-                Arc::clone(&components),
-                stop_rx.clone(),
-            )));
-        }
         let shared = Arc::new(Shared {
             me: deps.me,
             port: addr.port(),
@@ -215,7 +201,6 @@ impl Console {
                 xapi,
                 Duration::from_secs(file.session_hours * 3600),
             ),
-            components,
             expected_failover_ms: deps.expected_failover_ms,
             last: tokio::sync::Mutex::new(None),
             logins: Semaphore::new(4),
@@ -349,7 +334,7 @@ async fn route(s: &Shared, req: &Request) -> Answer {
         }
         ("GET", "/api/state") => Answer::json(200, &state(s).await),
         ("GET", "/api/local") => {
-            let comps = s.components.read().map(|g| g.clone()).unwrap_or_default();
+            let comps = s.hub.snapshot().components;
             Answer::json(
                 200,
                 &sources::local_view(&s.me, &s.hub, &comps, s.expected_failover_ms),
@@ -436,7 +421,7 @@ async fn state(s: &Shared) -> Value {
         }
     }
     let reg: RegistryView = s.registry.view().await;
-    let comps = s.components.read().map(|g| g.clone()).unwrap_or_default();
+    let comps = s.hub.snapshot().components;
     let mine = sources::local_view(&s.me, &s.hub, &comps, s.expected_failover_ms);
     let session = s.auth.mint_peer(&s.me);
     let others = reg.hosts.iter().filter(|h| h.name != s.me);

@@ -51,7 +51,6 @@ async fn start(secret: &[u8]) -> Fixture {
         desired,
         api: api.clone(),
         protection: ProtectionApi::xapi(api),
-        seams: None,
         pool_secret: secret.to_vec(),
         expected_failover_ms: 1600,
         xapi_login: Some(check),

@@ -1,12 +1,12 @@
-//! Where a console's snapshot comes from: this agent's status hub and its VMs' components
-//! (reported by their control sockets), the registry in the pool's xapi (read through the
+//! Where a console's snapshot comes from: this agent's status hub (with what its VMs'
+//! components report, `drivers::publish_reports`), the registry in the pool's xapi (read through the
 //! follower's session, at most every [`REGISTRY_EVERY`], the last good read kept while xapi
 //! is unreachable), and the other hosts' consoles over the management network
 //! (`GET /api/local`, each at most [`PEER_WAIT`]). A host that is down costs one timeout, in
 //! parallel with the others: the page stays live.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -15,8 +15,6 @@ use tokio::sync::watch;
 use xenft_xapi::XenApi;
 
 use super::snapshot::{registry_view, RegistryView};
-use crate::ids::VmId;
-use crate::seams::Seams;
 use crate::status::StatusHub;
 use crate::xapi::desired::Desired;
 
@@ -51,47 +49,6 @@ pub fn local_view(
         "components": components,
         "expected_failover_ms": expected_failover_ms,
     })
-}
-
-/// Keeps the components' reports of the VMs this agent protects, refreshed every second
-/// (control-socket requests on a blocking thread), until `stop`.
-pub async fn follow_components(
-    seams: Seams,
-    hub: Arc<StatusHub>,
-    out: Arc<RwLock<BTreeMap<String, Value>>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let vms: Vec<VmId> = hub
-            .snapshot()
-            .vms
-            .into_iter()
-            .map(|v| v.record.vm)
-            .collect();
-        let s = seams.clone();
-        let reports = tokio::task::spawn_blocking(move || {
-            vms.iter()
-                .map(|vm| {
-                    let mut v = serde_json::Map::new();
-                    if let Some(d) = s.disk.report(vm) {
-                        v.insert("disk".into(), d);
-                    }
-                    if let Some(c) = s.checkpoint.report(vm) {
-                        v.insert("checkpoint".into(), c);
-                    }
-                    (vm.as_str().to_string(), Value::Object(v))
-                })
-                .collect::<BTreeMap<_, _>>()
-        })
-        .await;
-        if let (Ok(r), Ok(mut g)) = (reports, out.write()) {
-            *g = r;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return,
-        }
-    }
 }
 
 /// The registry, read through the follower.

@@ -493,7 +493,8 @@ pub fn real_seams(
 }
 
 /// Publishes what each VM's components report into the status API every second, until
-/// `stop` turns true. (Blocking control-socket requests run on a blocking thread.)
+/// `stop` turns true: the configured `vms` and every VM the core protects (those of the
+/// registry, in xapi mode). (Blocking control-socket requests run on a blocking thread.)
 pub async fn publish_reports(
     seams: Seams,
     vms: Vec<VmId>,
@@ -501,7 +502,13 @@ pub async fn publish_reports(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let (s, list) = (seams.clone(), vms.clone());
+        let mut list = vms.clone();
+        for v in hub.snapshot().vms {
+            if !list.contains(&v.record.vm) {
+                list.push(v.record.vm);
+            }
+        }
+        let s = seams.clone();
         let reports = tokio::task::spawn_blocking(move || {
             list.iter()
                 .map(|vm| {
