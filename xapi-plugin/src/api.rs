@@ -344,7 +344,8 @@ fn refs(v: &Value, what: &str) -> Result<Vec<Ref>, XapiError> {
         .collect()
 }
 
-fn records<T>(
+/// A `get_all_records` reply (`{ref: record}`), each record parsed; `what` names it in errors.
+pub(crate) fn records<T>(
     v: &Value,
     what: &str,
     parse: fn(&Value) -> Result<T, XapiError>,

@@ -121,34 +121,22 @@ impl Storage {
     }
 }
 
-fn parse_records<T>(
-    v: &Value,
-    what: &str,
-    parse: fn(&Value) -> Result<T, XapiError>,
-) -> Result<BTreeMap<Ref, T>, XapiError> {
-    v.as_struct()
-        .ok_or_else(|| XapiError::type_err(what, v))?
-        .iter()
-        .map(|(r, rec)| Ok((r.clone(), parse(rec)?)))
-        .collect()
-}
-
 /// Reads the disks of VM `vm_ref` and the pool's SRs (`VBD`, `VDI`, `SR.get_all_records`).
 ///
 /// # Errors
 /// A failed call or a reply that is not a record map.
 pub async fn storage_of(api: &XenApi, vm_ref: &str) -> Result<Storage, XapiError> {
-    let vbds = parse_records(
+    let vbds = crate::api::records(
         &api.call("VBD.get_all_records", vec![]).await?,
         "VBD records",
         VbdRecord::from_value,
     )?;
-    let vdis = parse_records(
+    let vdis = crate::api::records(
         &api.call("VDI.get_all_records", vec![]).await?,
         "VDI records",
         VdiRecord::from_value,
     )?;
-    let srs = parse_records(
+    let srs = crate::api::records(
         &api.call("SR.get_all_records", vec![]).await?,
         "SR records",
         SrRecord::from_value,
