@@ -71,7 +71,8 @@ pub struct CommandDomain {
     procs: Mutex<BTreeMap<VmId, VmProc>>,
 }
 
-fn seam(op: &'static str, vm: &VmId, e: &dyn std::fmt::Display) -> SeamError {
+/// A failed domain operation, with why.
+pub(crate) fn seam(op: &'static str, vm: &VmId, e: &dyn std::fmt::Display) -> SeamError {
     SeamError {
         component: "domain",
         operation: op,

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use super::desired::{Desired, VmDesired};
 use super::domain::{run_bounded, XapiDomain};
-use crate::drivers::domain::{AfterResume, CommandDomain};
+use crate::drivers::domain::{seam, AfterResume, CommandDomain};
 use crate::drivers::MAX_COMMAND_ARGS;
 use crate::ids::VmId;
 use crate::seams::{DomainStarter, SeamError};
@@ -127,15 +127,6 @@ pub struct RegistryCommandDomain {
     procs: CommandDomain,
 }
 
-fn seam(op: &'static str, vm: &VmId, reason: impl std::fmt::Display) -> SeamError {
-    SeamError {
-        component: "domain",
-        operation: op,
-        vm: vm.clone(),
-        reason: reason.to_string(),
-    }
-}
-
 /// A VM name as xapi gave it, if it is safe as one argument.
 fn checked_name(name: &str) -> Result<&str, String> {
     if name.is_empty() || name.len() > MAX_NAME {
@@ -230,12 +221,18 @@ impl RegistryCommandDomain {
             .desired
             .borrow()
             .clone()
-            .ok_or_else(|| seam(op, vm, "the registry was never read"))?;
+            .ok_or_else(|| seam(op, vm, &"the registry was never read"))?;
         let v = d
             .vms
             .get(vm.as_str())
-            .ok_or_else(|| seam(op, vm, "no such protected VM in the registry"))?;
-        expand(argv, v, self.run_dir.as_ref()).map_err(|e| seam(op, vm, e))
+            .ok_or_else(|| seam(op, vm, &"no such protected VM in the registry"))?;
+        expand(argv, v, self.run_dir.as_ref()).map_err(|e| seam(op, vm, &e))
+    }
+
+    /// Runs `args` (a template filled by [`Self::argv`]) for `op`, bounded.
+    fn run(op: &'static str, vm: &VmId, args: &[String]) -> Result<(), SeamError> {
+        tracing::warn!(%vm, op, command = ?args, "domain command");
+        run_bounded(op, vm, args, COMMAND_TIMEOUT)
     }
 
     /// The configured command for `op`, or the signal to the VM's process.
@@ -246,11 +243,7 @@ impl RegistryCommandDomain {
         argv: Option<&Vec<String>>,
     ) -> Result<(), SeamError> {
         match argv {
-            Some(argv) => {
-                let args = self.argv(op, vm, argv)?;
-                tracing::warn!(%vm, op, command = ?args, "domain command");
-                run_bounded(op, vm, &args, COMMAND_TIMEOUT)
-            }
+            Some(argv) => Self::run(op, vm, &self.argv(op, vm, argv)?),
             None => self.procs.stop_or_continue(op, vm, op == "pause"),
         }
     }
@@ -273,7 +266,7 @@ impl DomainStarter for RegistryCommandDomain {
                     return Err(seam(
                         "start",
                         vm,
-                        format!("the start command {} exited with {st}", argv[0]),
+                        &format!("the start command {} exited with {st}", argv[0]),
                     ));
                 }
             }
@@ -292,11 +285,7 @@ impl DomainStarter for RegistryCommandDomain {
 
     fn destroy(&self, vm: &VmId) -> Result<(), SeamError> {
         let result = match &self.commands.destroy {
-            Some(argv) => {
-                let args = self.argv("destroy", vm, argv)?;
-                tracing::warn!(%vm, command = ?args, "domain command");
-                run_bounded("destroy", vm, &args, COMMAND_TIMEOUT)
-            }
+            Some(argv) => Self::run("destroy", vm, &self.argv("destroy", vm, argv)?),
             None => Ok(()),
         };
         self.procs.destroy(vm)?;
