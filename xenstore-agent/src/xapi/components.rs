@@ -689,7 +689,8 @@ pub(crate) mod tests {
         d
     }
 
-    fn facts(me: &str) -> HostFacts {
+    /// Host `me`'s facts as the plan tests use them (no relay, no engine).
+    pub(crate) fn facts(me: &str) -> HostFacts {
         HostFacts {
             me: me.into(),
             run_dir: "/run/xenft".into(),

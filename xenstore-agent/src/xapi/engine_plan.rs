@@ -293,20 +293,12 @@ mod tests {
 
     fn facts(me: &str, guest: Option<EngineGuest>) -> HostFacts {
         HostFacts {
-            me: me.into(),
-            run_dir: "/run/xenft".into(),
-            disk_dir: "/var/lib/xenft".into(),
-            sr_run_dir: "/run/xenft/sr".into(),
-            blkback: "/usr/bin/xenft-blkback".into(),
-            secret_file: "/etc/xenft/secret".into(),
-            disk_size: Some(1 << 30),
-            relay: None,
             engine: guest.map(|guest| EngineFacts {
                 binary: "/usr/bin/xenft-checkpoint".into(),
                 guest,
                 epoch_ms: 25,
             }),
-            alink_path_timeout_ms: None,
+            ..crate::xapi::components::tests::facts(me)
         }
     }
 

@@ -170,20 +170,12 @@ mod tests {
 
     fn facts(me: &str) -> HostFacts {
         HostFacts {
-            me: me.into(),
-            run_dir: "/run/xenft".into(),
-            disk_dir: "/var/lib/xenft".into(),
-            sr_run_dir: "/run/xenft/sr".into(),
-            blkback: "/usr/bin/xenft-blkback".into(),
-            secret_file: "/etc/xenft/secret".into(),
-            disk_size: Some(1 << 30),
             relay: Some(crate::xapi::relay_plan::RelayFacts {
                 netback: "/usr/bin/xenft-netback".into(),
                 uplink: "eth0".into(),
                 vif_name: crate::xapi::relay_plan::DEFAULT_VIF_NAME.into(),
             }),
-            engine: None,
-            alink_path_timeout_ms: None,
+            ..crate::xapi::components::tests::facts(me)
         }
     }
 
